@@ -1,0 +1,1 @@
+//! GGUF reading, dequantization and import into HF folders.

@@ -1,0 +1,150 @@
+//! Outputs appear whole or not at all: write to a temporary sibling, then rename.
+//!
+//! A reader of the output path never sees a half-written file, a crash leaves the previous
+//! version intact, and inputs are never opened for writing.
+
+use crate::error::{Error, Result};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Temporary sibling path in the same directory (so that the final rename is atomic).
+fn temp_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let tmp = format!(".peftkit-tmp-{}-{}", std::process::id(), name);
+    path.with_file_name(tmp)
+}
+
+/// Write `bytes` to `path` atomically (temp file, fsync, rename).
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_file_with(path, |f| f.write_all(bytes))
+}
+
+/// Write to `path` atomically through a callback that receives the temporary file.
+pub fn write_file_with(
+    path: &Path,
+    fill: impl FnOnce(&mut fs::File) -> std::io::Result<()>,
+) -> Result<()> {
+    let tmp = temp_sibling(path);
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        fill(&mut f)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+/// An output directory built under a temporary name and renamed into place by `commit`.
+/// Dropped without `commit`, it removes itself, so a failed run leaves nothing behind.
+pub struct AtomicDir {
+    final_path: PathBuf,
+    tmp_path: PathBuf,
+    committed: bool,
+}
+
+impl AtomicDir {
+    /// Start a new output directory. `inputs` are paths that must not be overwritten.
+    pub fn create(final_path: &Path, inputs: &[&Path]) -> Result<Self> {
+        refuse_overwriting_inputs(final_path, inputs)?;
+        if let Some(parent) = final_path.parent() {
+            if !parent.as_os_str().is_empty() {
+                fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            }
+        }
+        let tmp_path = temp_sibling(final_path);
+        if tmp_path.exists() {
+            let _ = fs::remove_dir_all(&tmp_path);
+        }
+        fs::create_dir(&tmp_path).map_err(|e| Error::io(final_path, e))?;
+        Ok(Self {
+            final_path: final_path.to_path_buf(),
+            tmp_path,
+            committed: false,
+        })
+    }
+
+    /// Path of a file inside the (temporary) directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.tmp_path.join(name)
+    }
+
+    pub fn write(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let p = self.join(name);
+        fs::write(&p, bytes).map_err(|e| Error::io(self.final_path.join(name), e))
+    }
+
+    /// Move the finished directory into place. An existing output directory is replaced
+    /// only after the new one is complete.
+    pub fn commit(mut self) -> Result<()> {
+        sync_dir_files(&self.tmp_path).map_err(|e| Error::io(&self.final_path, e))?;
+        if self.final_path.exists() {
+            let old = self.final_path.with_file_name(format!(
+                ".peftkit-old-{}-{}",
+                std::process::id(),
+                self.final_path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ));
+            fs::rename(&self.final_path, &old).map_err(|e| Error::io(&self.final_path, e))?;
+            fs::rename(&self.tmp_path, &self.final_path)
+                .map_err(|e| Error::io(&self.final_path, e))?;
+            let _ = fs::remove_dir_all(&old);
+        } else {
+            fs::rename(&self.tmp_path, &self.final_path)
+                .map_err(|e| Error::io(&self.final_path, e))?;
+        }
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for AtomicDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.tmp_path);
+        }
+    }
+}
+
+fn sync_dir_files(dir: &Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuse an output path that is, or contains, one of the inputs.
+pub fn refuse_overwriting_inputs(out: &Path, inputs: &[&Path]) -> Result<()> {
+    let out_abs = absolute(out);
+    for input in inputs {
+        let in_abs = absolute(input);
+        if in_abs == out_abs || in_abs.starts_with(&out_abs) {
+            return Err(Error::usage(format!(
+                "{}: output path would overwrite the input {}; choose another --out",
+                out.display(),
+                input.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    fs::canonicalize(p).unwrap_or_else(|_| {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    })
+}

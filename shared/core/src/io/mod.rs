@@ -1,0 +1,4 @@
+//! File formats and safe writing.
+
+pub mod atomic;
+pub mod safetensors_file;

@@ -1,0 +1,23 @@
+//! Numeric kernels on plain f32 slices: matrix products and the fused element-wise operations
+//! of the transformer blocks. Hot paths of training get hand-written backward passes here.
+
+pub mod gemm;
+pub mod ops;
+
+/// Set the number of worker threads used by all kernels (0 = one per core).
+pub fn set_threads(n: usize) {
+    let n = if n == 0 {
+        std::thread::available_parallelism()
+            .map(|p| p.get())
+            .unwrap_or(1)
+    } else {
+        n
+    };
+    // The global pool can only be built once; a second call keeps the first setting.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+}
+
+/// Threads the kernels use.
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}

@@ -1,0 +1,81 @@
+//! Helpers shared by the workspace tests: find the built tools, run them, check their errors.
+//!
+//! The tools are separate packages, so Cargo's `CARGO_BIN_EXE_*` does not reach them from here;
+//! they are found next to the test executable (`target/<profile>/`). `make test` builds them
+//! first (`cargo build --release --bins`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Directory of the built binaries of the profile these tests were built with.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test-binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// Path of a tool binary; panics with the command to run when it has not been built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is not built; run `cargo build --release --bins` (make test does)",
+        p.display()
+    );
+    p
+}
+
+/// Run a tool with arguments and return its output.
+pub fn run(name: &str, args: &[&str]) -> Output {
+    Command::new(bin(name))
+        .args(args)
+        .env("PEFTKIT_NO_PROGRESS", "1")
+        .output()
+        .expect("spawn tool")
+}
+
+/// Committed fixtures (tests/fixtures).
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// Assert that a failed run ended the way every peftkit tool must: non-zero exit, a single
+/// line on stderr that starts with "error:" and contains `needle`, and no panic.
+pub fn assert_clean_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "tool panicked instead of reporting an error: {stderr}"
+    );
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
+    assert!(
+        lines[0].contains(needle),
+        "error line {:?} does not mention {needle:?}",
+        lines[0]
+    );
+}
+
+/// Copy a fixture directory into a fresh temporary directory (for tests that corrupt it).
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+}
