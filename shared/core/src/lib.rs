@@ -2,10 +2,17 @@
 //!
 //! The tools are thin (argument parsing plus one call in here). See docs/architecture.md.
 
+pub mod cli;
+pub mod data;
 pub mod error;
+pub mod eval;
+pub mod generate;
 pub mod gguf;
 pub mod io;
 pub mod kernels;
+pub mod model;
+pub mod progress;
 pub mod rng;
+pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -1,1 +1,82 @@
-fn main() {}
+//! peft-eval: loss, perplexity and per-token log-probabilities of a text file under a model.
+
+use clap::Parser;
+use peftkit_core::eval::{evaluate, EvalOptions};
+use peftkit_core::model::{ForwardOptions, Model};
+use peftkit_core::progress::Progress;
+use peftkit_core::tokenizer::TextTokenizer;
+use peftkit_core::{cli, data, kernels, Result};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Loss and perplexity of a text file under a Hugging Face causal LM",
+    after_help = "Examples:
+  peft-eval --model models/smollm2 --data data/wiki.txt
+  peft-eval --model models/smollm2 --data eval.jsonl --per-token --json > logprobs.json
+
+Data: JSON Lines with a \"text\" field per line, a JSON array of such objects, or a .txt file
+with one sample per line. Tokenization follows the tokenizer's own config (BOS only where
+add_bos_token says so). Loss is the mean negative log-likelihood per predicted token."
+)]
+struct Args {
+    /// Model folder (config.json, model.safetensors, tokenizer.json)
+    #[arg(long)]
+    model: PathBuf,
+    /// Text file (.jsonl with "text", .json array, or .txt one sample per line)
+    #[arg(long)]
+    data: PathBuf,
+    /// Include each sample's token ids and per-token log-probabilities in the JSON
+    #[arg(long)]
+    per_token: bool,
+    /// Print one JSON object instead of a summary line
+    #[arg(long)]
+    json: bool,
+    /// Truncate samples to this many tokens (default: the model's context length)
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Tokens per forward pass
+    #[arg(long, default_value_t = 4096)]
+    batch_tokens: usize,
+    /// Worker threads (0 = one per core)
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// No progress bar
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    cli::run(|| run(args))
+}
+
+fn run(args: Args) -> Result<()> {
+    kernels::set_threads(args.threads);
+    let texts = data::read_text_samples(&args.data)?;
+    let tok = TextTokenizer::load(&args.model)?;
+    let model = Model::load(&args.model)?;
+    let opts = EvalOptions {
+        max_len: args.max_len.unwrap_or(model.config.max_positions).max(2),
+        batch_tokens: args.batch_tokens.max(1),
+        per_token: args.per_token,
+        forward: ForwardOptions::default(),
+    };
+    let report = evaluate(&model, &tok, &texts, &opts, &Progress::new(args.quiet))?;
+    if report.truncated > 0 {
+        cli::warn(format!(
+            "{} sample(s) truncated to {} tokens",
+            report.truncated, opts.max_len
+        ));
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report).expect("json"));
+    } else {
+        println!(
+            "loss {:.4}  perplexity {:.3}  tokens {}  samples {}  ({:.0} tokens/s)",
+            report.loss, report.perplexity, report.tokens, report.samples, report.tokens_per_second
+        );
+    }
+    Ok(())
+}

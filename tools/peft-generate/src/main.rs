@@ -1,1 +1,194 @@
-fn main() {}
+//! peft-generate: text generation with the KV cache, streamed to stdout or as JSON lines.
+
+use clap::Parser;
+use peftkit_core::data::{keys_hint, read_records};
+use peftkit_core::generate::{generate, stop_tokens, SamplingParams};
+use peftkit_core::model::{ForwardOptions, Model};
+use peftkit_core::rng::Rng;
+use peftkit_core::tokenizer::{Message, TextTokenizer};
+use peftkit_core::{cli, kernels, Error, Result};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Generate text with a Hugging Face causal LM (KV cache; greedy or sampling)",
+    after_help = "Examples:
+  peft-generate --model models/smollm2 --chat --prompt 'What is the capital of France?'
+  peft-generate --model models/smollm2 --prompt 'Once upon a time' --temperature 0.8 --top-p 0.9 --seed 1
+  peft-generate --model models/smollm2 --prompts prompts.jsonl --chat --json > out.jsonl
+
+A prompts file has one JSON object per line: {\"prompt\": \"...\"} (or \"text\"), or
+{\"messages\": [{\"role\": \"user\", \"content\": \"...\"}]} for chat. Temperature 0 (the
+default) is greedy decoding; top-k and top-p apply after the temperature, as in transformers."
+)]
+struct Args {
+    /// Model folder
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt text (repeatable)
+    #[arg(long, conflicts_with = "prompts")]
+    prompt: Vec<String>,
+    /// JSON Lines file of prompts
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Apply the model's chat template (each prompt becomes a user message)
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 = greedy
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 = off
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// One JSON object per prompt: prompt, text, token_ids, stop_reason
+    #[arg(long)]
+    json: bool,
+    /// Worker threads (0 = one per core)
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+/// A prompt as given: plain text or chat messages.
+enum Prompt {
+    Text(String),
+    Chat(Vec<Message>),
+}
+
+fn main() {
+    let args = Args::parse();
+    cli::run(|| run(args))
+}
+
+fn run(args: Args) -> Result<()> {
+    kernels::set_threads(args.threads);
+    if !(args.temperature >= 0.0) || !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        return Err(Error::usage(
+            "--temperature must be ≥ 0 and --top-p in (0, 1]",
+        ));
+    }
+    let prompts = collect_prompts(&args)?;
+    let tok = TextTokenizer::load(&args.model)?;
+    let model = Model::load(&args.model)?;
+    let eos = stop_tokens(&args.model, &model.config, &tok)?;
+    let params = SamplingParams {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+    };
+    let mut rng = Rng::new(args.seed);
+    let opts = ForwardOptions::default();
+    let stdout = std::io::stdout();
+    for prompt in prompts {
+        let (shown, ids) = encode_prompt(&prompt, &args, &tok)?;
+        let start = std::time::Instant::now();
+        let mut printed = String::new();
+        let mut generated: Vec<u32> = Vec::new();
+        let (out, reason) = generate(&model, &ids, &params, &eos, &mut rng, &opts, |t| {
+            if args.json {
+                return;
+            }
+            // Stream: print what decoding added, once it is no longer a partial character.
+            generated.push(t);
+            if let Ok(text) = tok.decode(&generated, true) {
+                if !text.ends_with('\u{FFFD}') && text.len() > printed.len() && text.starts_with(&printed) {
+                    let mut lock = stdout.lock();
+                    let _ = lock.write_all(text[printed.len()..].as_bytes());
+                    let _ = lock.flush();
+                    printed = text;
+                }
+            }
+        })?;
+        let text = tok.decode(&out, true)?;
+        let secs = start.elapsed().as_secs_f64();
+        let mut lock = stdout.lock();
+        if args.json {
+            let line = json!({
+                "prompt": shown,
+                "text": text,
+                "token_ids": out,
+                "stop_reason": reason,
+                "prompt_tokens": ids.len(),
+                "tokens_per_second": out.len() as f64 / secs.max(1e-9),
+            });
+            writeln!(lock, "{line}").map_err(|e| Error::io("stdout", e))?;
+        } else {
+            if text.len() > printed.len() && text.starts_with(&printed) {
+                let _ = lock.write_all(text[printed.len()..].as_bytes());
+            }
+            writeln!(lock).map_err(|e| Error::io("stdout", e))?;
+        }
+    }
+    Ok(())
+}
+
+fn collect_prompts(args: &Args) -> Result<Vec<Prompt>> {
+    if let Some(path) = &args.prompts {
+        let (records, _) = read_records(path, false)?;
+        return records
+            .into_iter()
+            .map(|r| {
+                let v = &r.value;
+                if let Some(s) = v.get("prompt").or_else(|| v.get("text")).and_then(Value::as_str) {
+                    return Ok(Prompt::Text(s.to_string()));
+                }
+                if let Some(m) = v.get("messages") {
+                    let msgs: Vec<Message> = serde_json::from_value(m.clone()).map_err(|e| {
+                        Error::bad_input(path, format!("line {}: bad \"messages\": {e}", r.line))
+                    })?;
+                    return Ok(Prompt::Chat(msgs));
+                }
+                Err(Error::bad_input(
+                    path,
+                    format!(
+                        "line {}: expected \"prompt\", \"text\" or \"messages\"{}",
+                        r.line,
+                        keys_hint(v)
+                    ),
+                ))
+            })
+            .collect();
+    }
+    if args.prompt.is_empty() {
+        return Err(Error::usage("give --prompt TEXT (repeatable) or --prompts FILE.jsonl"));
+    }
+    Ok(args.prompt.iter().cloned().map(Prompt::Text).collect())
+}
+
+/// The text shown as "prompt" in JSON output and the token ids fed to the model.
+fn encode_prompt(p: &Prompt, args: &Args, tok: &TextTokenizer) -> Result<(String, Vec<u32>)> {
+    let messages = match p {
+        Prompt::Text(t) if !args.chat => return Ok((t.clone(), tok.encode(t)?)),
+        Prompt::Text(t) => {
+            let mut m = Vec::new();
+            if let Some(s) = &args.system {
+                m.push(Message {
+                    role: "system".into(),
+                    content: s.clone(),
+                });
+            }
+            m.push(Message {
+                role: "user".into(),
+                content: t.clone(),
+            });
+            m
+        }
+        Prompt::Chat(m) => m.clone(),
+    };
+    let rendered = tok.apply_chat_template(&messages, true)?;
+    // The template already holds BOS where the model wants it.
+    let ids = tok.encode_plain(&rendered)?;
+    Ok((rendered, ids))
+}

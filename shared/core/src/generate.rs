@@ -1,0 +1,196 @@
+//! Text generation with the KV cache: greedy (temperature 0) or sampling with temperature,
+//! top-k and top-p applied in transformers' order.
+
+use crate::error::Result;
+use crate::model::{ForwardOptions, KvCache, Model, SeqInput};
+use crate::rng::Rng;
+
+#[derive(Clone, Debug)]
+pub struct SamplingParams {
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 1.0 = off.
+    pub top_p: f32,
+    /// 0 = off.
+    pub top_k: usize,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 128,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+        }
+    }
+}
+
+/// Why generation stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    Eos,
+    MaxTokens,
+    ContextFull,
+}
+
+/// Generate after `prompt`. `on_token` sees each new token as soon as it is chosen (for
+/// streaming). The returned ids include the EOS token when one ended the text.
+pub fn generate(
+    model: &Model,
+    prompt: &[u32],
+    params: &SamplingParams,
+    eos: &[u32],
+    rng: &mut Rng,
+    opts: &ForwardOptions,
+    mut on_token: impl FnMut(u32),
+) -> Result<(Vec<u32>, StopReason)> {
+    let mut cache = vec![KvCache::new(model.config.layers)];
+    let mut out = Vec::new();
+    let mut next: Vec<u32> = prompt.to_vec();
+    let h = model.config.hidden;
+    let limit = model.config.max_positions;
+    for _ in 0..params.max_new_tokens {
+        if cache[0].len + next.len() > limit {
+            return Ok((out, StopReason::ContextFull));
+        }
+        let hidden = model.forward(&[SeqInput { ids: &next }], Some(&mut cache), opts)?;
+        let last = &hidden[hidden.len() - h..];
+        let logits = model.logits(last, 1, opts);
+        let tok = choose(&logits, params, rng);
+        out.push(tok);
+        on_token(tok);
+        if eos.contains(&tok) {
+            return Ok((out, StopReason::Eos));
+        }
+        next = vec![tok];
+    }
+    Ok((out, StopReason::MaxTokens))
+}
+
+/// Pick the next token from one row of logits.
+pub fn choose(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
+    if p.temperature <= 0.0 {
+        return argmax(logits);
+    }
+    let mut cand: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l / p.temperature))
+        .collect();
+    // Sorted by logit, descending; ties keep the lower id first (stable sort).
+    cand.sort_by(|a, b| b.1.total_cmp(&a.1));
+    if p.top_k > 0 && p.top_k < cand.len() {
+        cand.truncate(p.top_k);
+    }
+    let max = cand[0].1;
+    let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+    let sum: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|v| *v /= sum);
+    if p.top_p < 1.0 {
+        // Keep the smallest prefix whose mass reaches top_p (at least one token).
+        let mut acc = 0.0;
+        let mut keep = probs.len();
+        for (i, &v) in probs.iter().enumerate() {
+            acc += v;
+            if acc >= p.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        cand.truncate(keep);
+        let s: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|v| *v /= s);
+    }
+    let u = rng.uniform_f64();
+    let mut acc = 0.0;
+    for (c, pr) in cand.iter().zip(&probs) {
+        acc += pr;
+        if u < acc {
+            return c.0;
+        }
+    }
+    cand.last().map(|c| c.0).unwrap_or(0)
+}
+
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_and_filters() {
+        let logits = [1.0f32, 3.0, 2.0, -1.0];
+        let mut rng = Rng::new(1);
+        assert_eq!(choose(&logits, &SamplingParams::default(), &mut rng), 1);
+        // top_k = 1 at any temperature is greedy.
+        let p = SamplingParams {
+            temperature: 5.0,
+            top_k: 1,
+            ..Default::default()
+        };
+        for _ in 0..20 {
+            assert_eq!(choose(&logits, &p, &mut rng), 1);
+        }
+        // top_p small keeps only the best token.
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.1,
+            ..Default::default()
+        };
+        assert_eq!(choose(&logits, &p, &mut rng), 1);
+        // Sampling follows the softmax roughly.
+        let p = SamplingParams {
+            temperature: 1.0,
+            ..Default::default()
+        };
+        let n = 20000;
+        let ones = (0..n).filter(|_| choose(&logits, &p, &mut rng) == 1).count();
+        let want = 3f64.exp() / (1f64.exp() + 3f64.exp() + 2f64.exp() + (-1f64).exp());
+        assert!((ones as f64 / n as f64 - want).abs() < 0.02);
+    }
+}
+
+/// Token ids that end generation: generation_config.json's `eos_token_id` (one id or a
+/// list), else config.json's, plus the tokenizer's EOS token.
+pub fn stop_tokens(
+    dir: &std::path::Path,
+    config: &crate::model::ModelConfig,
+    tok: &crate::tokenizer::TextTokenizer,
+) -> Result<Vec<u32>> {
+    let path = dir.join("generation_config.json");
+    let mut ids: Vec<u32> = Vec::new();
+    if path.exists() {
+        let text = std::fs::read_to_string(&path).map_err(|e| crate::Error::io(&path, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| crate::Error::bad_input(&path, format!("invalid JSON: {e}")))?;
+        match v.get("eos_token_id") {
+            Some(serde_json::Value::Array(a)) => {
+                ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32))
+            }
+            Some(x) => ids.extend(x.as_u64().map(|x| x as u32)),
+            None => {}
+        }
+    }
+    if ids.is_empty() {
+        ids.extend(&config.eos_token_ids);
+    }
+    if let Some(e) = tok.eos_id() {
+        if !ids.contains(&e) {
+            ids.push(e);
+        }
+    }
+    Ok(ids)
+}

@@ -1,0 +1,119 @@
+//! Hugging Face causal LMs (Llama family, Mistral, Qwen2, GPT-2) in one block structure.
+//!
+//! The architectures differ only in a few places (norm kind, gated or plain MLP, rotary or
+//! learned positions, fused or separate q/k/v); these are data here, not separate model types,
+//! so PEFT methods attach to one structure (see `hooks`).
+
+pub mod config;
+pub mod forward;
+pub mod hooks;
+pub mod linear;
+pub mod load;
+pub mod rope;
+pub mod weights;
+
+pub use config::{Arch, ModelConfig};
+pub use forward::{KvCache, SeqInput};
+pub use hooks::ForwardOptions;
+pub use linear::Linear;
+
+/// A normalisation layer's parameters.
+pub struct Norm {
+    pub name: String,
+    pub weight: Vec<f32>,
+    /// LayerNorm only.
+    pub bias: Option<Vec<f32>>,
+}
+
+pub enum QkvProj {
+    Separate { q: Linear, k: Linear, v: Linear },
+    /// GPT-2's `c_attn`: one product giving [q | k | v].
+    Fused(Linear),
+}
+
+pub struct Attention {
+    pub qkv: QkvProj,
+    pub o: Linear,
+    /// Prefix keys/values per adapter slot.
+    pub prefixes: Vec<Option<Box<dyn hooks::KvPrefix>>>,
+}
+
+pub enum Mlp {
+    /// down(act(gate(x)) · up(x))
+    Gated {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+    /// proj(act(fc(x))) — GPT-2
+    Plain { fc: Linear, proj: Linear },
+}
+
+pub struct Block {
+    pub attn_norm: Norm,
+    pub attn: Attention,
+    pub mlp_norm: Norm,
+    pub mlp: Mlp,
+    pub adapters: Vec<Option<Box<dyn hooks::BlockAdapter>>>,
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    /// `[vocab, hidden]`
+    pub embed: Vec<f32>,
+    pub embed_name: String,
+    /// GPT-2 learned positions `[max_positions, hidden]`.
+    pub pos_embed: Option<Vec<f32>>,
+    pub blocks: Vec<Block>,
+    pub final_norm: Norm,
+    /// None when tied to the input embeddings.
+    pub lm_head: Option<Linear>,
+    pub inv_freq: Vec<f32>,
+    /// Virtual input tokens per adapter slot.
+    pub input_prefixes: Vec<Option<Box<dyn hooks::InputPrefix>>>,
+}
+
+impl Model {
+    /// Every linear layer with its module path (the targets PEFT methods choose from).
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out = Vec::new();
+        for b in &self.blocks {
+            match &b.attn.qkv {
+                QkvProj::Separate { q, k, v } => out.extend([q, k, v]),
+                QkvProj::Fused(l) => out.push(l),
+            }
+            out.push(&b.attn.o);
+            match &b.mlp {
+                Mlp::Gated { gate, up, down } => out.extend([gate, up, down]),
+                Mlp::Plain { fc, proj } => out.extend([fc, proj]),
+            }
+        }
+        out
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = Vec::new();
+        for b in &mut self.blocks {
+            match &mut b.attn.qkv {
+                QkvProj::Separate { q, k, v } => out.extend([q, k, v]),
+                QkvProj::Fused(l) => out.push(l),
+            }
+            out.push(&mut b.attn.o);
+            match &mut b.mlp {
+                Mlp::Gated { gate, up, down } => out.extend([gate, up, down]),
+                Mlp::Plain { fc, proj } => out.extend([fc, proj]),
+            }
+        }
+        out
+    }
+
+    /// Output-head weight `[vocab, hidden]` (the embeddings when tied).
+    pub fn head_weight(&self) -> &[f32] {
+        match &self.lm_head {
+            Some(l) => match &l.weight {
+                linear::Weight::F32(w) => w,
+            },
+            None => &self.embed,
+        }
+    }
+}
