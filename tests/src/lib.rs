@@ -54,10 +54,7 @@ pub fn assert_clean_error(out: &Output, needle: &str) {
         !stderr.contains("panicked"),
         "tool panicked instead of reporting an error: {stderr}"
     );
-    let lines: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("error:"))
-        .collect();
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
     assert!(
         lines[0].contains(needle),

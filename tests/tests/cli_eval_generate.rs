@@ -30,20 +30,42 @@ fn eval_per_token_json_matches_reference() {
     for name in ["llama_untied", "gpt2", "qwen2"] {
         let r = reference(name);
         let samples = r["samples"].as_array().unwrap();
-        let texts: Vec<&str> = samples.iter().map(|s| s["text"].as_str().unwrap()).collect();
+        let texts: Vec<&str> = samples
+            .iter()
+            .map(|s| s["text"].as_str().unwrap())
+            .collect();
         let data = write_samples(tmp.path(), &texts);
         let out = run(
             "peft-eval",
-            &["--model", model_dir(name).to_str().unwrap(), "--data", data.to_str().unwrap(), "--per-token", "--json"],
+            &[
+                "--model",
+                model_dir(name).to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--per-token",
+                "--json",
+            ],
         );
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let got: Value = serde_json::from_slice(&out.stdout).unwrap();
         let mut nll = 0.0;
         let mut n = 0;
         for (g, want) in got["per_sample"].as_array().unwrap().iter().zip(samples) {
             assert_eq!(g["token_ids"], want["input_ids"], "{name}");
-            for (a, b) in g["logprobs"].as_array().unwrap().iter().zip(want["logprobs"].as_array().unwrap()) {
-                assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() <= 1e-4, "{name}");
+            for (a, b) in g["logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(want["logprobs"].as_array().unwrap())
+            {
+                assert!(
+                    (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() <= 1e-4,
+                    "{name}"
+                );
             }
             nll += want["nll_sum"].as_f64().unwrap();
             n += want["n_tokens"].as_u64().unwrap();
@@ -72,7 +94,11 @@ fn generate_json_greedy_matches_reference() {
                 "--json",
             ],
         );
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let got: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(got["token_ids"], g["new_token_ids"], "{name}");
     }
@@ -81,7 +107,15 @@ fn generate_json_greedy_matches_reference() {
 #[test]
 fn generate_streams_the_same_text_as_json() {
     let m = model_dir("llama_gqa");
-    let args = ["--model", m.to_str().unwrap(), "--chat", "--prompt", "Hello", "--max-new-tokens", "8"];
+    let args = [
+        "--model",
+        m.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "8",
+    ];
     let plain = run("peft-generate", &args);
     let mut with_json = args.to_vec();
     with_json.push("--json");
@@ -94,17 +128,43 @@ fn generate_streams_the_same_text_as_json() {
 #[test]
 fn sampling_is_reproducible_with_a_seed() {
     let m = model_dir("gpt2");
-    let args = ["--model", m.to_str().unwrap(), "--prompt", "The", "--temperature", "1.0", "--top-k", "50", "--top-p", "0.9", "--seed", "7", "--json"];
+    let args = [
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "The",
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "7",
+        "--json",
+    ];
     let a = run("peft-generate", &args);
     let b = run("peft-generate", &args);
     assert!(a.status.success());
-    let (a, b): (Value, Value) = (serde_json::from_slice(&a.stdout).unwrap(), serde_json::from_slice(&b.stdout).unwrap());
+    let (a, b): (Value, Value) = (
+        serde_json::from_slice(&a.stdout).unwrap(),
+        serde_json::from_slice(&b.stdout).unwrap(),
+    );
     assert_eq!(a["token_ids"], b["token_ids"]);
     assert_eq!(a["token_ids"].as_array().unwrap().len(), 128);
-    let greedy = run("peft-generate", &["--model", m.to_str().unwrap(), "--prompt", "The", "--json"]);
+    let greedy = run(
+        "peft-generate",
+        &["--model", m.to_str().unwrap(), "--prompt", "The", "--json"],
+    );
     let greedy: Value = serde_json::from_slice(&greedy.stdout).unwrap();
-    assert_ne!(a["token_ids"], greedy["token_ids"], "sampling should differ from greedy");
+    assert_ne!(
+        a["token_ids"], greedy["token_ids"],
+        "sampling should differ from greedy"
+    );
 }
+
+/// Something that breaks a copied model folder.
+type Breaker = Box<dyn FnOnce(&Path)>;
 
 /// A model folder copy that a test may break.
 fn broken_model(tmp: &Path, break_it: impl FnOnce(&Path)) -> PathBuf {
@@ -115,7 +175,15 @@ fn broken_model(tmp: &Path, break_it: impl FnOnce(&Path)) -> PathBuf {
 }
 
 fn eval_error(model: &Path, data: &Path, needle: &str) {
-    let out = run("peft-eval", &["--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()]);
+    let out = run(
+        "peft-eval",
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ],
+    );
     assert_clean_error(&out, needle);
 }
 
@@ -128,29 +196,72 @@ fn edit_config(dir: &Path, f: impl FnOnce(&mut Value)) {
 
 #[test]
 fn bad_model_folders_give_one_line_errors() {
-    let cases: Vec<(&str, Box<dyn FnOnce(&Path)>)> = vec![
-        ("config.json is missing", Box::new(|d: &Path| std::fs::remove_file(d.join("config.json")).unwrap())),
-        ("invalid JSON", Box::new(|d: &Path| std::fs::write(d.join("config.json"), "{\"hidden_size\": 64,").unwrap())),
-        ("unsupported architecture BertForMaskedLM", Box::new(|d: &Path| edit_config(d, |v| v["architectures"] = serde_json::json!(["BertForMaskedLM"])))),
-        ("unknown dtype float8", Box::new(|d: &Path| edit_config(d, |v| v["dtype"] = "float8".into()))),
-        ("\"hidden_size\" must be a positive integer", Box::new(|d: &Path| edit_config(d, |v| v["hidden_size"] = "big".into()))),
-        ("unsupported rope scaling type yarn", Box::new(|d: &Path| edit_config(d, |v| v["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0})))),
+    let cases: Vec<(&str, Breaker)> = vec![
+        (
+            "config.json is missing",
+            Box::new(|d: &Path| std::fs::remove_file(d.join("config.json")).unwrap()),
+        ),
+        (
+            "invalid JSON",
+            Box::new(|d: &Path| {
+                std::fs::write(d.join("config.json"), "{\"hidden_size\": 64,").unwrap()
+            }),
+        ),
+        (
+            "unsupported architecture BertForMaskedLM",
+            Box::new(|d: &Path| {
+                edit_config(d, |v| {
+                    v["architectures"] = serde_json::json!(["BertForMaskedLM"])
+                })
+            }),
+        ),
+        (
+            "unknown dtype float8",
+            Box::new(|d: &Path| edit_config(d, |v| v["dtype"] = "float8".into())),
+        ),
+        (
+            "\"hidden_size\" must be a positive integer",
+            Box::new(|d: &Path| edit_config(d, |v| v["hidden_size"] = "big".into())),
+        ),
+        (
+            "unsupported rope scaling type yarn",
+            Box::new(|d: &Path| {
+                edit_config(d, |v| {
+                    v["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0})
+                })
+            }),
+        ),
         // The config says 128, the weights are 64 wide.
-        ("expected [454, 128] from config.json", Box::new(|d: &Path| edit_config(d, |v| v["hidden_size"] = 128.into()))),
-        ("not a valid safetensors file", Box::new(|d: &Path| {
-            let p = d.join("model.safetensors");
-            let bytes = std::fs::read(&p).unwrap();
-            std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-        })),
-        ("not a valid safetensors file", Box::new(|d: &Path| {
-            // Header length far past the end of the file.
-            let p = d.join("model.safetensors");
-            let mut bytes = std::fs::read(&p).unwrap();
-            bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
-            std::fs::write(&p, bytes).unwrap();
-        })),
-        ("no model.safetensors", Box::new(|d: &Path| std::fs::remove_file(d.join("model.safetensors")).unwrap())),
-        ("tokenizer.json is missing", Box::new(|d: &Path| std::fs::remove_file(d.join("tokenizer.json")).unwrap())),
+        (
+            "expected [454, 128] from config.json",
+            Box::new(|d: &Path| edit_config(d, |v| v["hidden_size"] = 128.into())),
+        ),
+        (
+            "not a valid safetensors file",
+            Box::new(|d: &Path| {
+                let p = d.join("model.safetensors");
+                let bytes = std::fs::read(&p).unwrap();
+                std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+            }),
+        ),
+        (
+            "not a valid safetensors file",
+            Box::new(|d: &Path| {
+                // Header length far past the end of the file.
+                let p = d.join("model.safetensors");
+                let mut bytes = std::fs::read(&p).unwrap();
+                bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+                std::fs::write(&p, bytes).unwrap();
+            }),
+        ),
+        (
+            "no model.safetensors",
+            Box::new(|d: &Path| std::fs::remove_file(d.join("model.safetensors")).unwrap()),
+        ),
+        (
+            "tokenizer.json is missing",
+            Box::new(|d: &Path| std::fs::remove_file(d.join("tokenizer.json")).unwrap()),
+        ),
     ];
     for (needle, f) in cases {
         let tmp = tempfile::tempdir().unwrap();
@@ -175,7 +286,11 @@ fn bad_data_files_name_file_and_line() {
     eval_error(&m, &bad_json, "bad.jsonl: line 2: invalid JSON");
     let no_text = tmp.path().join("notext.jsonl");
     std::fs::write(&no_text, "{\"content\": \"ok\"}\n").unwrap();
-    eval_error(&m, &no_text, "line 1: expected an object with a string \"text\" field (found keys: content)");
+    eval_error(
+        &m,
+        &no_text,
+        "line 1: expected an object with a string \"text\" field (found keys: content)",
+    );
     let missing = tmp.path().join("missing.jsonl");
     eval_error(&m, &missing, "missing.jsonl");
 }
@@ -185,9 +300,29 @@ fn generate_bad_prompts_file() {
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("prompts.jsonl");
     std::fs::write(&p, "{\"prompt\": \"hi\"}\n{\"question\": \"x\"}\n").unwrap();
-    let out = run("peft-generate", &["--model", model_dir("gpt2").to_str().unwrap(), "--prompts", p.to_str().unwrap()]);
-    assert_clean_error(&out, "prompts.jsonl: line 2: expected \"prompt\", \"text\" or \"messages\"");
+    let out = run(
+        "peft-generate",
+        &[
+            "--model",
+            model_dir("gpt2").to_str().unwrap(),
+            "--prompts",
+            p.to_str().unwrap(),
+        ],
+    );
+    assert_clean_error(
+        &out,
+        "prompts.jsonl: line 2: expected \"prompt\", \"text\" or \"messages\"",
+    );
     // gpt2's tokenizer has no chat template.
-    let out = run("peft-generate", &["--model", model_dir("gpt2").to_str().unwrap(), "--chat", "--prompt", "hi"]);
+    let out = run(
+        "peft-generate",
+        &[
+            "--model",
+            model_dir("gpt2").to_str().unwrap(),
+            "--chat",
+            "--prompt",
+            "hi",
+        ],
+    );
     assert_clean_error(&out, "no chat_template");
 }

@@ -59,7 +59,10 @@ fn logprobs_match_transformers_batched() {
             row += i.len();
         }
         let got = model.target_logprobs(&hidden, &targets, &opts);
-        let want: Vec<f32> = samples.iter().flat_map(|s| floats(&s["logprobs"])).collect();
+        let want: Vec<f32> = samples
+            .iter()
+            .flat_map(|s| floats(&s["logprobs"]))
+            .collect();
         assert_eq!(got.len(), want.len());
         let max = got
             .iter()
@@ -92,12 +95,19 @@ fn greedy_with_kv_cache_matches_transformers() {
                 let best = logits
                     .iter()
                     .enumerate()
-                    .fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+                    .fold(
+                        (0, f32::NEG_INFINITY),
+                        |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                    )
                     .0 as u32;
                 got.push(best);
                 next = vec![best];
             }
-            assert_eq!(got, want, "{name}: greedy continuation of {:?}", g["prompt"]);
+            assert_eq!(
+                got, want,
+                "{name}: greedy continuation of {:?}",
+                g["prompt"]
+            );
         }
     }
 }

@@ -4,7 +4,14 @@ use peftkit_core::tokenizer::{Message, TextTokenizer};
 use peftkit_tests::fixtures;
 use serde_json::Value;
 
-const MODELS: &[&str] = &["llama_gqa", "llama_untied", "llama3_rope", "qwen2", "mistral", "gpt2"];
+const MODELS: &[&str] = &[
+    "llama_gqa",
+    "llama_untied",
+    "llama3_rope",
+    "qwen2",
+    "mistral",
+    "gpt2",
+];
 
 fn reference(name: &str) -> Value {
     let p = fixtures().join("models").join(name).join("reference.json");
@@ -12,7 +19,11 @@ fn reference(name: &str) -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -20,9 +31,23 @@ fn encode_matches_transformers() {
     for name in MODELS {
         let tok = TextTokenizer::load(&fixtures().join("models").join(name)).unwrap();
         let r = reference(name);
-        for s in r["samples"].as_array().unwrap().iter().chain(r["greedy"].as_array().unwrap()) {
-            let text = s.get("text").or_else(|| s.get("prompt")).unwrap().as_str().unwrap();
-            assert_eq!(tok.encode(text).unwrap(), ids(&s["input_ids"]), "{name}: {text:?}");
+        for s in r["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(r["greedy"].as_array().unwrap())
+        {
+            let text = s
+                .get("text")
+                .or_else(|| s.get("prompt"))
+                .unwrap()
+                .as_str()
+                .unwrap();
+            assert_eq!(
+                tok.encode(text).unwrap(),
+                ids(&s["input_ids"]),
+                "{name}: {text:?}"
+            );
         }
     }
 }
@@ -37,7 +62,11 @@ fn chat_template_matches_transformers() {
         let messages: Vec<Message> = serde_json::from_value(chat["messages"].clone()).unwrap();
         let rendered = tok.apply_chat_template(&messages, true).unwrap();
         assert_eq!(rendered, chat["rendered"].as_str().unwrap(), "{name}");
-        assert_eq!(tok.encode_plain(&rendered).unwrap(), ids(&chat["input_ids"]), "{name}");
+        assert_eq!(
+            tok.encode_plain(&rendered).unwrap(),
+            ids(&chat["input_ids"]),
+            "{name}"
+        );
         checked += 1;
     }
     assert!(checked >= 3, "chat fixtures checked: {checked}");

@@ -20,7 +20,11 @@ pub fn read_utf8(path: &Path) -> Result<String> {
         Ok(s) => Ok(s),
         Err(e) => {
             let valid = e.utf8_error().valid_up_to();
-            let line = e.as_bytes()[..valid].iter().filter(|&&b| b == b'\n').count() + 1;
+            let line = e.as_bytes()[..valid]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1;
             Err(Error::bad_input(
                 path,
                 format!("line {line}: not valid UTF-8 (byte offset {valid})"),
@@ -39,12 +43,14 @@ pub fn read_records(path: &Path, skip_bad: bool) -> Result<(Vec<Record>, usize)>
     }
     // A JSON array file (alpaca style), recognised by content rather than extension.
     if trimmed.starts_with('[') {
-        let v: Value = serde_json::from_str(&text).map_err(|e| {
-            Error::bad_input(path, format!("line {}: invalid JSON: {e}", e.line()))
-        })?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::bad_input(path, format!("line {}: invalid JSON: {e}", e.line())))?;
         let items = v.as_array().cloned().unwrap_or_default();
         if items.is_empty() {
-            return Err(Error::bad_input(path, "the JSON array is empty: no samples"));
+            return Err(Error::bad_input(
+                path,
+                "the JSON array is empty: no samples",
+            ));
         }
         return Ok((
             items
@@ -62,10 +68,7 @@ pub fn read_records(path: &Path, skip_bad: bool) -> Result<(Vec<Record>, usize)>
             continue;
         }
         match serde_json::from_str::<Value>(line) {
-            Ok(value) => out.push(Record {
-                line: i + 1,
-                value,
-            }),
+            Ok(value) => out.push(Record { line: i + 1, value }),
             Err(e) if skip_bad => {
                 let _ = e;
                 skipped += 1;

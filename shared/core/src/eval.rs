@@ -100,7 +100,11 @@ pub fn evaluate(
     bar.finish();
     let tokens: usize = results.iter().map(|r| r.tokens).sum();
     let nll: f64 = results.iter().map(|r| r.nll).sum();
-    let loss = if tokens > 0 { nll / tokens as f64 } else { f64::NAN };
+    let loss = if tokens > 0 {
+        nll / tokens as f64
+    } else {
+        f64::NAN
+    };
     let seconds = start.elapsed().as_secs_f64();
     Ok(EvalReport {
         loss,

@@ -126,6 +126,38 @@ pub fn argmax(x: &[f32]) -> u32 {
     best as u32
 }
 
+/// Token ids that end generation: generation_config.json's `eos_token_id` (one id or a
+/// list), else config.json's, plus the tokenizer's EOS token.
+pub fn stop_tokens(
+    dir: &std::path::Path,
+    config: &crate::model::ModelConfig,
+    tok: &crate::tokenizer::TextTokenizer,
+) -> Result<Vec<u32>> {
+    let path = dir.join("generation_config.json");
+    let mut ids: Vec<u32> = Vec::new();
+    if path.exists() {
+        let text = std::fs::read_to_string(&path).map_err(|e| crate::Error::io(&path, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| crate::Error::bad_input(&path, format!("invalid JSON: {e}")))?;
+        match v.get("eos_token_id") {
+            Some(serde_json::Value::Array(a)) => {
+                ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32))
+            }
+            Some(x) => ids.extend(x.as_u64().map(|x| x as u32)),
+            None => {}
+        }
+    }
+    if ids.is_empty() {
+        ids.extend(&config.eos_token_ids);
+    }
+    if let Some(e) = tok.eos_id() {
+        if !ids.contains(&e) {
+            ids.push(e);
+        }
+    }
+    Ok(ids)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,40 +189,10 @@ mod tests {
             ..Default::default()
         };
         let n = 20000;
-        let ones = (0..n).filter(|_| choose(&logits, &p, &mut rng) == 1).count();
+        let ones = (0..n)
+            .filter(|_| choose(&logits, &p, &mut rng) == 1)
+            .count();
         let want = 3f64.exp() / (1f64.exp() + 3f64.exp() + 2f64.exp() + (-1f64).exp());
         assert!((ones as f64 / n as f64 - want).abs() < 0.02);
     }
-}
-
-/// Token ids that end generation: generation_config.json's `eos_token_id` (one id or a
-/// list), else config.json's, plus the tokenizer's EOS token.
-pub fn stop_tokens(
-    dir: &std::path::Path,
-    config: &crate::model::ModelConfig,
-    tok: &crate::tokenizer::TextTokenizer,
-) -> Result<Vec<u32>> {
-    let path = dir.join("generation_config.json");
-    let mut ids: Vec<u32> = Vec::new();
-    if path.exists() {
-        let text = std::fs::read_to_string(&path).map_err(|e| crate::Error::io(&path, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| crate::Error::bad_input(&path, format!("invalid JSON: {e}")))?;
-        match v.get("eos_token_id") {
-            Some(serde_json::Value::Array(a)) => {
-                ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32))
-            }
-            Some(x) => ids.extend(x.as_u64().map(|x| x as u32)),
-            None => {}
-        }
-    }
-    if ids.is_empty() {
-        ids.extend(&config.eos_token_ids);
-    }
-    if let Some(e) = tok.eos_id() {
-        if !ids.contains(&e) {
-            ids.push(e);
-        }
-    }
-    Ok(ids)
 }

@@ -11,8 +11,9 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(quiet: bool) -> Self {
-        let enabled =
-            !quiet && std::env::var_os("PEFTKIT_NO_PROGRESS").is_none() && std::io::stderr().is_terminal();
+        let enabled = !quiet
+            && std::env::var_os("PEFTKIT_NO_PROGRESS").is_none()
+            && std::io::stderr().is_terminal();
         Self { enabled }
     }
 

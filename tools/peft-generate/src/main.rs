@@ -110,7 +110,10 @@ fn run(args: Args) -> Result<()> {
             // Stream: print what decoding added, once it is no longer a partial character.
             generated.push(t);
             if let Ok(text) = tok.decode(&generated, true) {
-                if !text.ends_with('\u{FFFD}') && text.len() > printed.len() && text.starts_with(&printed) {
+                if !text.ends_with('\u{FFFD}')
+                    && text.len() > printed.len()
+                    && text.starts_with(&printed)
+                {
                     let mut lock = stdout.lock();
                     let _ = lock.write_all(text[printed.len()..].as_bytes());
                     let _ = lock.flush();
@@ -148,7 +151,11 @@ fn collect_prompts(args: &Args) -> Result<Vec<Prompt>> {
             .into_iter()
             .map(|r| {
                 let v = &r.value;
-                if let Some(s) = v.get("prompt").or_else(|| v.get("text")).and_then(Value::as_str) {
+                if let Some(s) = v
+                    .get("prompt")
+                    .or_else(|| v.get("text"))
+                    .and_then(Value::as_str)
+                {
                     return Ok(Prompt::Text(s.to_string()));
                 }
                 if let Some(m) = v.get("messages") {
@@ -169,7 +176,9 @@ fn collect_prompts(args: &Args) -> Result<Vec<Prompt>> {
             .collect();
     }
     if args.prompt.is_empty() {
-        return Err(Error::usage("give --prompt TEXT (repeatable) or --prompts FILE.jsonl"));
+        return Err(Error::usage(
+            "give --prompt TEXT (repeatable) or --prompts FILE.jsonl",
+        ));
     }
     Ok(args.prompt.iter().cloned().map(Prompt::Text).collect())
 }

@@ -283,7 +283,7 @@ fn header_bytes(specs: &[TensorSpec], metadata: &BTreeMap<String, String>) -> Re
     }
     let mut bytes = serde_json::to_vec(&Value::Object(map)).expect("json");
     // The data section starts 8-byte aligned, as the reference writer does.
-    while (bytes.len() + 8) % 8 != 0 {
+    while !bytes.len().is_multiple_of(8) {
         bytes.push(b' ');
     }
     Ok(bytes)

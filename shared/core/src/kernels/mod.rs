@@ -14,7 +14,9 @@ pub fn set_threads(n: usize) {
         n
     };
     // The global pool can only be built once; a second call keeps the first setting.
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
 }
 
 /// Threads the kernels use.

@@ -153,13 +153,18 @@ mod tests {
         assert!((out[1] - (-2.0 / r * 2.0)).abs() < 1e-6);
         layer_norm(&x, &w, &[0.0, 1.0, 0.0], 1e-5, &mut out);
         let mean = 2.0 / 3.0;
-        let var = ((1.0f32 - mean).powi(2) + (-2.0f32 - mean).powi(2) + (3.0f32 - mean).powi(2)) / 3.0;
+        let var =
+            ((1.0f32 - mean).powi(2) + (-2.0f32 - mean).powi(2) + (3.0f32 - mean).powi(2)) / 3.0;
         assert!((out[0] - (1.0 - mean) / (var + 1e-5).sqrt()).abs() < 1e-5);
     }
 
     #[test]
     fn erf_is_accurate() {
-        for &(x, want) in &[(0.5f32, 0.520_499_9f32), (1.0, 0.842_700_8), (-2.0, -0.995_322_3)] {
+        for &(x, want) in &[
+            (0.5f32, 0.520_499_9f32),
+            (1.0, 0.842_700_8),
+            (-2.0, -0.995_322_3),
+        ] {
             assert!((erf(x) - want).abs() < 2e-7, "{x}");
         }
     }

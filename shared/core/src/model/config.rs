@@ -105,9 +105,10 @@ impl ModelConfig {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                Error::bad_input(&path, "config.json is missing: is this a Hugging Face model folder?")
-            }
+            std::io::ErrorKind::NotFound => Error::bad_input(
+                &path,
+                "config.json is missing: is this a Hugging Face model folder?",
+            ),
             std::io::ErrorKind::InvalidData => Error::bad_input(&path, "not valid UTF-8"),
             _ => Error::io(&path, e),
         })?;
@@ -142,7 +143,9 @@ impl ModelConfig {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(format!("head_dim {head_dim} must be even for rotary embeddings"));
+            return Err(format!(
+                "head_dim {head_dim} must be even for rotary embeddings"
+            ));
         }
         let layers = r.usize("num_hidden_layers")?;
         let act = activation(r.opt_str("hidden_act")?.unwrap_or("silu"))?;
@@ -188,7 +191,9 @@ impl ModelConfig {
     pub fn param_count(&self) -> usize {
         let h = self.hidden;
         let (q, kv) = (self.q_dim(), self.kv_dim());
-        let attn = h * q + 2 * h * kv + q * h
+        let attn = h * q
+            + 2 * h * kv
+            + q * h
             + if self.qkv_bias { q + 2 * kv } else { 0 }
             + if self.o_bias { h } else { 0 };
         let norm_params = match self.norm {
@@ -212,7 +217,11 @@ impl ModelConfig {
         } else {
             0
         };
-        let head = if self.tie_embeddings { 0 } else { self.vocab * h };
+        let head = if self.tie_embeddings {
+            0
+        } else {
+            self.vocab * h
+        };
         self.vocab * h + pos + self.layers * per_layer + norm_params + head
     }
 }
@@ -259,9 +268,15 @@ fn gpt2_config(r: &Reader, raw: Value) -> std::result::Result<ModelConfig, Strin
     let hidden = r.usize("n_embd")?;
     let heads = r.usize("n_head")?;
     if heads == 0 || hidden % heads != 0 {
-        return Err(format!("n_embd {hidden} is not divisible by n_head {heads}"));
+        return Err(format!(
+            "n_embd {hidden} is not divisible by n_head {heads}"
+        ));
     }
-    for flag in ["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"] {
+    for flag in [
+        "scale_attn_by_inverse_layer_idx",
+        "reorder_and_upcast_attn",
+        "add_cross_attention",
+    ] {
         if r.opt_bool(flag)?.unwrap_or(false) {
             return Err(format!("{flag}=true is not supported"));
         }
@@ -377,9 +392,9 @@ fn sliding_windows(
             .iter()
             .map(|t| match t.as_str() {
                 Some("full_attention") => Ok(None),
-                Some("sliding_attention") => window
-                    .map(Some)
-                    .ok_or_else(|| "layer_types names sliding_attention but sliding_window is not set".to_string()),
+                Some("sliding_attention") => window.map(Some).ok_or_else(|| {
+                    "layer_types names sliding_attention but sliding_window is not set".to_string()
+                }),
                 other => Err(format!(
                     "unsupported layer type {other:?}; supported: full_attention, sliding_attention"
                 )),
@@ -390,7 +405,9 @@ fn sliding_windows(
         Arch::Mistral => vec![window; layers],
         Arch::Qwen2 if r.opt_bool("use_sliding_window")?.unwrap_or(false) => {
             let from = r.opt_usize("max_window_layers")?.unwrap_or(layers);
-            (0..layers).map(|l| if l >= from { window } else { None }).collect()
+            (0..layers)
+                .map(|l| if l >= from { window } else { None })
+                .collect()
         }
         _ => vec![None; layers],
     })

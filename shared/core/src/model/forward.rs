@@ -289,7 +289,15 @@ impl Model {
             Some(l) => l.forward_alloc(hidden, rows, opts),
             None => {
                 let mut out = vec![0.0f32; rows * c.vocab];
-                gemm::matmul_nt(hidden, &self.embed, &mut out, rows, c.vocab, c.hidden, false);
+                gemm::matmul_nt(
+                    hidden,
+                    &self.embed,
+                    &mut out,
+                    rows,
+                    c.vocab,
+                    c.hidden,
+                    false,
+                );
                 out
             }
         }

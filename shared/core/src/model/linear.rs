@@ -22,7 +22,13 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(name: String, weight: Vec<f32>, bias: Option<Vec<f32>>, out: usize, inp: usize) -> Self {
+    pub fn new(
+        name: String,
+        weight: Vec<f32>,
+        bias: Option<Vec<f32>>,
+        out: usize,
+        inp: usize,
+    ) -> Self {
         Self {
             name,
             in_features: inp,

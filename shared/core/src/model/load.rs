@@ -23,13 +23,7 @@ impl Model {
     }
 }
 
-fn linear(
-    w: &WeightFiles,
-    name: &str,
-    out: usize,
-    inp: usize,
-    bias: bool,
-) -> Result<Linear> {
+fn linear(w: &WeightFiles, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
     let weight = w.f32(&format!("{name}.weight"), &[out, inp])?;
     let b = if bias {
         Some(w.f32(&format!("{name}.bias"), &[out])?)

@@ -25,8 +25,14 @@ pub struct Norm {
     pub bias: Option<Vec<f32>>,
 }
 
+// One per layer: the size difference between variants costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 pub enum QkvProj {
-    Separate { q: Linear, k: Linear, v: Linear },
+    Separate {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
     /// GPT-2's `c_attn`: one product giving [q | k | v].
     Fused(Linear),
 }

@@ -1,0 +1,41 @@
+"""The reference side of `make bench`: transformers on CPU, same model folder, same data, same
+thread count. Prints one JSON object. Run one task per process so peak RSS is per task."""
+import argparse, json, resource, time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+p = argparse.ArgumentParser()
+p.add_argument("task", choices=["eval", "generate"])
+p.add_argument("--model", required=True)
+p.add_argument("--data")
+p.add_argument("--threads", type=int, default=2)
+p.add_argument("--max-len", type=int, default=256)
+p.add_argument("--new-tokens", type=int, default=128)
+a = p.parse_args()
+torch.set_num_threads(a.threads)
+tok = AutoTokenizer.from_pretrained(a.model)
+model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+
+if a.task == "eval":
+    texts = [json.loads(l)["text"] for l in open(a.data, encoding="utf-8")]
+    ids = torch.tensor([tok(t)["input_ids"][: a.max_len] for t in texts])
+    with torch.no_grad():
+        model(ids[:1, :8])  # warm-up
+        t = time.perf_counter()
+        loss = model(ids, labels=ids).loss.item()
+        dt = time.perf_counter() - t
+    res = {"tokens": ids.numel(), "seconds": dt, "tokens_per_second": ids.numel() / dt, "loss": loss}
+else:
+    msgs = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+    prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
+        t = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False)
+        dt = time.perf_counter() - t
+    n = out.shape[1] - ids.shape[1]
+    res = {"tokens": n, "seconds": dt, "tokens_per_second": n / dt}
+res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(res))

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# make bench: peftkit and transformers side by side on the same machine, model and data.
+# Results go to bench/out/results.json and a markdown table on stdout (for docs/benchmarks.md).
+set -euo pipefail
+MODEL=${MODEL:-models/smollm2}
+BIN=${BIN:-target/release}
+VENV=${VENV:-$HOME/.cache/peftkit/venv}
+THREADS=${THREADS:-2}
+OUT=bench/out
+mkdir -p "$OUT"
+PY="$VENV/bin/python"
+"$PY" bench/make_data.py "$OUT/eval.jsonl"
+
+# Peak RSS of a command in MB, its stdout (one JSON line) saved to a file.
+measure() { # name, command...
+  local name=$1; shift
+  /usr/bin/time -f "%M" -o "$OUT/$name.rss" "$@" > "$OUT/$name.json"
+  echo "  $name: $(cat "$OUT/$name.json" | head -c 200) rss $(( $(cat "$OUT/$name.rss") / 1024 )) MB" >&2
+}
+
+PROMPT="Write a short story about a lighthouse keeper."
+echo "==> peft-eval vs transformers (8 x 256 tokens, $THREADS threads)" >&2
+measure ours_eval "$BIN/peft-eval" --model "$MODEL" --data "$OUT/eval.jsonl" --max-len 256 --threads "$THREADS" --json --quiet
+measure hf_eval "$PY" bench/hf_reference.py eval --model "$MODEL" --data "$OUT/eval.jsonl" --threads "$THREADS"
+echo "==> generation, greedy, 128 new tokens" >&2
+measure ours_gen "$BIN/peft-generate" --model "$MODEL" --chat --prompt "$PROMPT" --max-new-tokens 128 --ignore-eos --threads "$THREADS" --json
+measure hf_gen "$PY" bench/hf_reference.py generate --model "$MODEL" --threads "$THREADS"
+
+"$PY" - "$OUT" <<'PY'
+import json, sys, platform, os
+out = sys.argv[1]
+def load(n):
+    d = json.loads(open(f"{out}/{n}.json").read().strip().splitlines()[-1])
+    d["rss_mb"] = int(open(f"{out}/{n}.rss").read()) / 1024
+    return d
+r = {n: load(n) for n in ["ours_eval", "hf_eval", "ours_gen", "hf_gen"]}
+json.dump(r, open(f"{out}/results.json", "w"), indent=2)
+print("| task | peftkit tokens/s | transformers tokens/s | speed-up | peftkit peak RSS | transformers peak RSS |")
+print("|---|---|---|---|---|---|")
+for task, a, b in [("eval 8x256 (f32)", "ours_eval", "hf_eval"), ("generate 128 greedy (f32)", "ours_gen", "hf_gen")]:
+    x, y = r[a]["tokens_per_second"], r[b]["tokens_per_second"]
+    print(f"| {task} | {x:.1f} | {y:.1f} | {x / y:.2f}x | {r[a]['rss_mb']:.0f} MB | {r[b]['rss_mb']:.0f} MB |")
+print(f"\nloss: peftkit {r['ours_eval']['loss']:.5f}, transformers {r['hf_eval']['loss']:.5f}")
+PY
