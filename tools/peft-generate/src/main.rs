@@ -76,7 +76,9 @@ fn main() {
 
 fn run(args: Args) -> Result<()> {
     kernels::set_threads(args.threads);
-    if !(args.temperature >= 0.0) || !(args.top_p > 0.0 && args.top_p <= 1.0) {
+    let temperature_ok = args.temperature >= 0.0; // false for NaN too
+    let top_p_ok = args.top_p > 0.0 && args.top_p <= 1.0;
+    if !temperature_ok || !top_p_ok {
         return Err(Error::usage(
             "--temperature must be ≥ 0 and --top-p in (0, 1]",
         ));
@@ -115,7 +117,7 @@ fn run(args: Args) -> Result<()> {
                     && text.starts_with(&printed)
                 {
                     let mut lock = stdout.lock();
-                    let _ = lock.write_all(text[printed.len()..].as_bytes());
+                    let _ = lock.write_all(&text.as_bytes()[printed.len()..]);
                     let _ = lock.flush();
                     printed = text;
                 }
@@ -136,7 +138,7 @@ fn run(args: Args) -> Result<()> {
             writeln!(lock, "{line}").map_err(|e| Error::io("stdout", e))?;
         } else {
             if text.len() > printed.len() && text.starts_with(&printed) {
-                let _ = lock.write_all(text[printed.len()..].as_bytes());
+                let _ = lock.write_all(&text.as_bytes()[printed.len()..]);
             }
             writeln!(lock).map_err(|e| Error::io("stdout", e))?;
         }

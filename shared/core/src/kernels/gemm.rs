@@ -142,6 +142,20 @@ pub fn sgemm(
 /// Products smaller than this (m·n·k) run on the calling thread only.
 const PARALLEL_MIN: usize = 1 << 18;
 
+thread_local! {
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` with every product it makes on the calling thread only. For callers that already
+/// spread independent products over the threads (attention per sequence and head): nesting
+/// parallel products there only adds scheduling overhead.
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    let before = SERIAL.with(|s| s.replace(true));
+    let r = f();
+    SERIAL.with(|s| s.set(before));
+    r
+}
+
 /// [`sgemm`] through an explicit implementation (falls back to the best available path when
 /// the CPU lacks `path`). For tests and benchmarks.
 #[allow(clippy::too_many_arguments)]
@@ -184,7 +198,7 @@ pub fn sgemm_with(
     } else {
         GemmPath::best()
     };
-    let threads = if m * n * k < PARALLEL_MIN {
+    let threads = if m * n * k < PARALLEL_MIN || SERIAL.with(|s| s.get()) {
         1
     } else {
         rayon::current_num_threads()

@@ -197,52 +197,19 @@ impl Model {
             .map(|&(s, head)| {
                 let span = spans[s];
                 let (keys, values) = kv_views[s];
-                let kvh = head / group;
-                let total = span.past + span.len;
-                let mut scores = vec![0.0f32; span.len * total];
-                gemm::sgemm(
-                    span.len,
-                    total,
-                    d,
-                    &q[span.start * qd + head * d..],
-                    qd,
-                    1,
-                    &keys[kvh * d..],
-                    1,
-                    kvd,
-                    &mut scores,
-                    total,
-                    false,
-                );
-                for i in 0..span.len {
-                    let qpos = span.past + i;
-                    let row = &mut scores[i * total..(i + 1) * total];
-                    let lo = window.map_or(0, |w| (qpos + 1).saturating_sub(w));
-                    for (j, sc) in row.iter_mut().enumerate() {
-                        *sc = if j > qpos || j < lo {
-                            f32::NEG_INFINITY
-                        } else {
-                            *sc * scale
-                        };
-                    }
-                    ops::softmax_row(row);
-                }
-                let mut out = vec![0.0f32; span.len * d];
-                gemm::sgemm(
-                    span.len,
-                    d,
-                    total,
-                    &scores,
-                    total,
-                    1,
-                    &values[kvh * d..],
-                    kvd,
-                    1,
-                    &mut out,
-                    d,
-                    false,
-                );
-                out
+                gemm::serial(|| {
+                    attend_one_head(
+                        &q[span.start * qd + head * d..],
+                        qd,
+                        &keys[(head / group) * d..],
+                        &values[(head / group) * d..],
+                        kvd,
+                        d,
+                        span,
+                        window,
+                        scale,
+                    )
+                })
             })
             .collect();
         let mut merged = vec![0.0f32; rows * qd];
@@ -330,6 +297,75 @@ impl Model {
         }
         out
     }
+}
+
+/// Causal attention of one head of one sequence: queries `[len, d]` (row stride `q_rs`) over
+/// keys/values `[past + len, d]` (row stride `kv_rs`). Each query row only looks at the keys it
+/// may see (causal, sliding window), so masked scores are never computed.
+#[allow(clippy::too_many_arguments)]
+fn attend_one_head(
+    q: &[f32],
+    q_rs: usize,
+    keys: &[f32],
+    values: &[f32],
+    kv_rs: usize,
+    d: usize,
+    span: Span,
+    window: Option<usize>,
+    scale: f32,
+) -> Vec<f32> {
+    let total = span.past + span.len;
+    let mut out = vec![0.0f32; span.len * d];
+    // Query rows in blocks: one product per block over the keys the block's last row sees.
+    const BLOCK: usize = 64;
+    let mut scores = vec![0.0f32; BLOCK.min(span.len) * total];
+    let mut i0 = 0;
+    while i0 < span.len {
+        let rows = BLOCK.min(span.len - i0);
+        let last_pos = span.past + i0 + rows - 1;
+        let lo = window.map_or(0, |w| (span.past + i0 + 1).saturating_sub(w));
+        let width = last_pos + 1 - lo;
+        gemm::sgemm(
+            rows,
+            width,
+            d,
+            &q[i0 * q_rs..],
+            q_rs,
+            1,
+            &keys[lo * kv_rs..],
+            1,
+            kv_rs,
+            &mut scores,
+            width,
+            false,
+        );
+        for r in 0..rows {
+            let qpos = span.past + i0 + r;
+            let row = &mut scores[r * width..(r + 1) * width];
+            let row_lo = window.map_or(0, |w| (qpos + 1).saturating_sub(w)) - lo;
+            let row_hi = qpos + 1 - lo;
+            row[..row_lo].fill(f32::NEG_INFINITY);
+            row[row_hi..].fill(f32::NEG_INFINITY);
+            row[row_lo..row_hi].iter_mut().for_each(|v| *v *= scale);
+            ops::softmax_row(row);
+        }
+        gemm::sgemm(
+            rows,
+            d,
+            width,
+            &scores,
+            width,
+            1,
+            &values[lo * kv_rs..],
+            kv_rs,
+            1,
+            &mut out[i0 * d..],
+            d,
+            false,
+        );
+        i0 += rows;
+    }
+    out
 }
 
 fn apply_norm(n: &Norm, kind: NormKind, x: &[f32], out: &mut [f32]) {
