@@ -14,5 +14,6 @@ pub mod model;
 pub mod progress;
 pub mod rng;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -17,8 +17,9 @@ pub trait LinearAdapter: Send + Sync {
     fn input_scale(&self) -> Option<&[f32]> {
         None
     }
-    /// Modify the base output `y [rows, out]` given the layer input `x [rows, in]`.
-    fn forward_output(&self, x: &[f32], rows: usize, y: &mut [f32]);
+    /// Modify the base output `y [rows, out]` (bias included) given the layer input
+    /// `x [rows, in]` and the layer's bias (DoRA rescales only the bias-free part).
+    fn forward_output(&self, x: &[f32], rows: usize, y: &mut [f32], bias: Option<&[f32]>);
 }
 
 /// Addition to a block's sub-layer output, applied before the residual add.

@@ -72,7 +72,12 @@ impl Linear {
             ops::add_bias(&mut y[..rows * self.out_features], b);
         }
         if let Some(a) = adapter {
-            a.forward_output(xin, rows, &mut y[..rows * self.out_features]);
+            a.forward_output(
+                xin,
+                rows,
+                &mut y[..rows * self.out_features],
+                self.bias.as_deref(),
+            );
         }
     }
 

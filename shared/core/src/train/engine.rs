@@ -1,0 +1,1092 @@
+//! The training forward pass (keeping what the backward pass needs) and the hand-written
+//! backward pass, over the same [`Model`] structure inference uses.
+//!
+//! Sequences of a batch are concatenated without padding; attention never crosses sequence
+//! boundaries. Frozen weights get no gradient buffers; the backward pass stops at the lowest
+//! layer that holds a trainable tensor; the LM head and cross-entropy run in chunks of rows
+//! that carry a loss, so the full logits never exist.
+
+use super::loss;
+use super::params::{linears_per_block, LoraParams, Slot, TrainState};
+use crate::error::{Error, Result};
+use crate::kernels::{gemm, ops};
+use crate::model::config::{Activation, NormKind};
+use crate::model::linear::{Linear, Weight};
+use crate::model::rope::RopeTable;
+use crate::model::{Mlp, Model, Norm, QkvProj};
+use crate::rng::Rng;
+use rayon::prelude::*;
+
+/// A batch: sequences (token ids) and their labels (−100 = no loss), each label aligned with
+/// its token (label i is predicted from tokens < i, as in transformers).
+pub struct Batch<'a> {
+    pub ids: Vec<&'a [u32]>,
+    pub labels: Vec<&'a [i32]>,
+}
+
+impl Batch<'_> {
+    /// Tokens that carry a loss (label ≠ −100, not the first token of a sequence).
+    pub fn loss_tokens(&self) -> usize {
+        self.labels
+            .iter()
+            .map(|l| l.iter().skip(1).filter(|&&v| v != -100).count())
+            .sum()
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepStats {
+    /// Σ of per-token negative log-likelihoods.
+    pub nll_sum: f64,
+    pub loss_tokens: usize,
+}
+
+#[derive(Clone, Copy)]
+struct Span {
+    start: usize,
+    len: usize,
+}
+
+/// What a linear layer's backward pass needs beyond its input.
+#[derive(Default)]
+struct LinSaved {
+    /// x·Aᵀ of the (dropped-out) input, `[rows, r]`
+    u: Option<Vec<f32>>,
+    /// dropout keep-scale per input element (0 or 1/(1−p)), `[rows, in]`
+    keep: Option<Vec<f32>>,
+    /// DoRA: pre-scale output `x·Wᵀ + s·B·A·x` `[rows, out]`, and the row norms of W + sBA.
+    dora_z: Option<Vec<f32>>,
+    dora_norm: Option<Vec<f32>>,
+}
+
+struct NormSaved {
+    /// 1/rms (RMSNorm) or 1/std (LayerNorm) per row
+    inv: Vec<f32>,
+    /// LayerNorm mean per row
+    mean: Option<Vec<f32>>,
+}
+
+struct LayerSaved {
+    x_in: Vec<f32>,
+    n1: Vec<f32>,
+    s1: NormSaved,
+    qkv_saved: Vec<LinSaved>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Attention probabilities per (sequence, head), `[len, len]`.
+    probs: Vec<Vec<f32>>,
+    attn: Vec<f32>,
+    o_saved: LinSaved,
+    x_mid: Vec<f32>,
+    n2: Vec<f32>,
+    s2: NormSaved,
+    /// gate pre-activation (gated) or fc output (plain)
+    pre: Vec<f32>,
+    pre_saved: LinSaved,
+    /// up projection (gated only)
+    up: Vec<f32>,
+    up_saved: LinSaved,
+    act: Vec<f32>,
+    down_saved: LinSaved,
+}
+
+/// Training step machinery bound to one model and its trainable state.
+pub struct Engine<'m> {
+    pub model: &'m Model,
+    lpb: usize,
+    /// Lowest block whose backward pass is needed.
+    stop_layer: usize,
+    embed_grad: bool,
+}
+
+impl<'m> Engine<'m> {
+    pub fn new(model: &'m Model, state: &TrainState) -> Self {
+        let lpb = linears_per_block(model);
+        let nb = model.blocks.len();
+        let embed_grad =
+            state.is_trainable(Slot::Embedding) || state.is_trainable(Slot::PositionEmbedding);
+        let mut stop = nb;
+        for l in 0..nb {
+            let lin_trainable = (l * lpb..(l + 1) * lpb).any(|i| {
+                state.lora[i].is_some()
+                    || state.is_trainable(Slot::LinearWeight(i))
+                    || state.is_trainable(Slot::LinearBias(i))
+            });
+            let norm_trainable = [2 * l, 2 * l + 1].iter().any(|&n| {
+                state.is_trainable(Slot::NormWeight(n)) || state.is_trainable(Slot::NormBias(n))
+            });
+            if lin_trainable || norm_trainable {
+                stop = l;
+                break;
+            }
+        }
+        if embed_grad {
+            stop = 0;
+        }
+        Self {
+            model,
+            lpb,
+            stop_layer: stop,
+            embed_grad,
+        }
+    }
+
+    /// Forward and backward over one micro-batch. Gradients are accumulated (added) into
+    /// `state`, scaled by `loss_scale` (1 / loss tokens of the whole accumulation window).
+    pub fn forward_backward(
+        &self,
+        state: &mut TrainState,
+        batch: &Batch,
+        loss_scale: f32,
+        rng: &mut Rng,
+    ) -> Result<StepStats> {
+        let m = self.model;
+        let c = &m.config;
+        let (h, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
+        let mut spans = Vec::new();
+        let mut total = 0;
+        for (ids, labels) in batch.ids.iter().zip(&batch.labels) {
+            if ids.len() != labels.len() {
+                return Err(Error::usage("internal: ids and labels differ in length"));
+            }
+            if let Some(&bad) = ids.iter().find(|&&t| t as usize >= c.vocab) {
+                return Err(Error::usage(format!(
+                    "token id {bad} is outside the model's vocabulary of {}",
+                    c.vocab
+                )));
+            }
+            if c.rope.is_none() && ids.len() > c.max_positions {
+                return Err(Error::usage(format!(
+                    "sequence of {} tokens is longer than the model's {} positions",
+                    ids.len(),
+                    c.max_positions
+                )));
+            }
+            spans.push(Span {
+                start: total,
+                len: ids.len(),
+            });
+            total += ids.len();
+        }
+        let max_len = spans.iter().map(|s| s.len).max().unwrap_or(0);
+        let rope = (!m.inv_freq.is_empty()).then(|| RopeTable::new(&m.inv_freq, max_len));
+
+        // Embeddings.
+        let mut x = vec![0.0f32; total * h];
+        for (ids, span) in batch.ids.iter().zip(&spans) {
+            for (j, &id) in ids.iter().enumerate() {
+                let row = &mut x[(span.start + j) * h..(span.start + j + 1) * h];
+                row.copy_from_slice(&m.embed[id as usize * h..(id as usize + 1) * h]);
+                if let Some(pe) = &m.pos_embed {
+                    row.iter_mut()
+                        .zip(&pe[j * h..(j + 1) * h])
+                        .for_each(|(a, b)| *a += b);
+                }
+            }
+        }
+
+        // Blocks.
+        let mut saved: Vec<Option<LayerSaved>> = Vec::with_capacity(m.blocks.len());
+        for (li, block) in m.blocks.iter().enumerate() {
+            let keep = li >= self.stop_layer;
+            let base = li * self.lpb;
+            let (n1, s1) = norm_forward(&block.attn_norm, c.norm, &x);
+            let mut qkv_saved = Vec::new();
+            let (mut q, mut k, v) = match &block.attn.qkv {
+                QkvProj::Separate { q, k, v } => {
+                    let (yq, sq) = lin_forward(q, state.lora[base].as_ref(), &n1, total, rng);
+                    let (yk, sk) = lin_forward(k, state.lora[base + 1].as_ref(), &n1, total, rng);
+                    let (yv, sv) = lin_forward(v, state.lora[base + 2].as_ref(), &n1, total, rng);
+                    qkv_saved.extend([sq, sk, sv]);
+                    (yq, yk, yv)
+                }
+                QkvProj::Fused(l) => {
+                    let (y, s) = lin_forward(l, state.lora[base].as_ref(), &n1, total, rng);
+                    qkv_saved.push(s);
+                    split3(&y, total, qd, kvd)
+                }
+            };
+            if let Some(rope) = &rope {
+                for span in &spans {
+                    for j in 0..span.len {
+                        let t = span.start + j;
+                        rope.apply(&mut q[t * qd..(t + 1) * qd], j);
+                        rope.apply(&mut k[t * kvd..(t + 1) * kvd], j);
+                    }
+                }
+            }
+            let (attn, probs) = attention_forward(m, li, &q, &k, &v, &spans, total);
+            let o_idx = base + qkv_saved.len();
+            let (o_out, o_saved) =
+                lin_forward(&block.attn.o, state.lora[o_idx].as_ref(), &attn, total, rng);
+            let x_in = if keep { x.clone() } else { Vec::new() };
+            ops::add_assign(&mut x, &o_out);
+            let (n2, s2) = norm_forward(&block.mlp_norm, c.norm, &x);
+            let x_mid = if keep { x.clone() } else { Vec::new() };
+            let (pre, pre_saved, up, up_saved, act, down_out, down_saved) = match &block.mlp {
+                Mlp::Gated { gate, up, down } => {
+                    let (g, gs) =
+                        lin_forward(gate, state.lora[o_idx + 1].as_ref(), &n2, total, rng);
+                    let (u, us) = lin_forward(up, state.lora[o_idx + 2].as_ref(), &n2, total, rng);
+                    let mut a = vec![0.0f32; g.len()];
+                    match c.act {
+                        Activation::Silu => ops::swiglu(&g, &u, &mut a),
+                        act => {
+                            let f = act_fn(act);
+                            a.iter_mut()
+                                .zip(g.iter().zip(&u))
+                                .for_each(|(o, (g, u))| *o = f(*g) * u);
+                        }
+                    }
+                    let (d, ds) = lin_forward(down, state.lora[o_idx + 3].as_ref(), &a, total, rng);
+                    (g, gs, u, us, a, d, ds)
+                }
+                Mlp::Plain { fc, proj } => {
+                    let (f, fs) = lin_forward(fc, state.lora[o_idx + 1].as_ref(), &n2, total, rng);
+                    let mut a = f.clone();
+                    ops::activate(&mut a, act_fn(c.act));
+                    let (d, ds) = lin_forward(proj, state.lora[o_idx + 2].as_ref(), &a, total, rng);
+                    (f, fs, Vec::new(), LinSaved::default(), a, d, ds)
+                }
+            };
+            ops::add_assign(&mut x, &down_out);
+            saved.push(keep.then_some(LayerSaved {
+                x_in,
+                n1,
+                s1,
+                qkv_saved,
+                q,
+                k,
+                v,
+                probs,
+                attn,
+                o_saved,
+                x_mid,
+                n2,
+                s2,
+                pre,
+                pre_saved,
+                up,
+                up_saved,
+                act,
+                down_saved,
+            }));
+        }
+        let (hf, sf) = norm_forward(&m.final_norm, c.norm, &x);
+
+        // Loss over the rows that predict a labelled token.
+        let mut rows = Vec::new();
+        for (labels, span) in batch.labels.iter().zip(&spans) {
+            for j in 0..span.len.saturating_sub(1) {
+                let t = labels[j + 1];
+                if t != -100 {
+                    if t < 0 || t as usize >= c.vocab {
+                        return Err(Error::usage(format!(
+                            "label {t} is outside the vocabulary of {}",
+                            c.vocab
+                        )));
+                    }
+                    rows.push((span.start + j, t as u32));
+                }
+            }
+        }
+        let head_w: &[f32] = m.head_weight();
+        let head_slot = if m.lm_head.is_some() {
+            Slot::Head
+        } else {
+            Slot::Embedding
+        };
+        let mut dh = vec![0.0f32; total * h];
+        let nll_sum = loss::cross_entropy_fwd_bwd(
+            &hf,
+            h,
+            head_w,
+            c.vocab,
+            &rows,
+            loss_scale,
+            &mut dh,
+            state.grad_mut(head_slot).map(|g| &mut g[..]),
+        );
+        if !nll_sum.is_finite() {
+            return Err(Error::Numeric(format!(
+                "loss is not finite ({nll_sum}); lower the learning rate or check the data"
+            )));
+        }
+
+        // Backward.
+        let nb = m.blocks.len();
+        let mut dx = norm_backward(&m.final_norm, c.norm, &x, &sf, &dh, state, 2 * nb);
+        drop(dh);
+        for li in (self.stop_layer..nb).rev() {
+            let block = &m.blocks[li];
+            let s = saved[li].take().expect("saved layer");
+            let base = li * self.lpb;
+            let o_idx = base + s.qkv_saved.len();
+            let need_input_grad = li > self.stop_layer || self.embed_grad;
+            // MLP
+            let dn2 = match &block.mlp {
+                Mlp::Gated { gate, up, down } => {
+                    let da = lin_backward(
+                        down,
+                        o_idx + 3,
+                        &s.act,
+                        &s.down_saved,
+                        &dx,
+                        total,
+                        state,
+                        true,
+                    )
+                    .expect("dx");
+                    let mut dg = vec![0.0f32; da.len()];
+                    let mut du = vec![0.0f32; da.len()];
+                    gated_act_backward(c.act, &s.pre, &s.up, &da, &mut dg, &mut du);
+                    let mut dn = lin_backward(
+                        gate,
+                        o_idx + 1,
+                        &s.n2,
+                        &s.pre_saved,
+                        &dg,
+                        total,
+                        state,
+                        true,
+                    )
+                    .expect("dx");
+                    let dnu =
+                        lin_backward(up, o_idx + 2, &s.n2, &s.up_saved, &du, total, state, true)
+                            .expect("dx");
+                    ops::add_assign(&mut dn, &dnu);
+                    dn
+                }
+                Mlp::Plain { fc, proj } => {
+                    let mut da = lin_backward(
+                        proj,
+                        o_idx + 2,
+                        &s.act,
+                        &s.down_saved,
+                        &dx,
+                        total,
+                        state,
+                        true,
+                    )
+                    .expect("dx");
+                    let d = act_derivative(c.act);
+                    da.iter_mut().zip(&s.pre).for_each(|(g, &p)| *g *= d(p));
+                    lin_backward(fc, o_idx + 1, &s.n2, &s.pre_saved, &da, total, state, true)
+                        .expect("dx")
+                }
+            };
+            let dmid = norm_backward(
+                &block.mlp_norm,
+                c.norm,
+                &s.x_mid,
+                &s.s2,
+                &dn2,
+                state,
+                2 * li + 1,
+            );
+            ops::add_assign(&mut dx, &dmid);
+            // Attention
+            let dattn = lin_backward(
+                &block.attn.o,
+                o_idx,
+                &s.attn,
+                &s.o_saved,
+                &dx,
+                total,
+                state,
+                true,
+            )
+            .expect("dx");
+            let (mut dq, mut dk, dv) =
+                attention_backward(m, &s.q, &s.k, &s.v, &s.probs, &dattn, &spans, total);
+            if let Some(rope) = &rope {
+                for span in &spans {
+                    for j in 0..span.len {
+                        let t = span.start + j;
+                        rope_backward(rope, &mut dq[t * qd..(t + 1) * qd], j);
+                        rope_backward(rope, &mut dk[t * kvd..(t + 1) * kvd], j);
+                    }
+                }
+            }
+            let dn1 = match &block.attn.qkv {
+                QkvProj::Separate { q, k, v } => {
+                    let a = lin_backward(
+                        q,
+                        base,
+                        &s.n1,
+                        &s.qkv_saved[0],
+                        &dq,
+                        total,
+                        state,
+                        need_input_grad,
+                    );
+                    let b = lin_backward(
+                        k,
+                        base + 1,
+                        &s.n1,
+                        &s.qkv_saved[1],
+                        &dk,
+                        total,
+                        state,
+                        need_input_grad,
+                    );
+                    let cc = lin_backward(
+                        v,
+                        base + 2,
+                        &s.n1,
+                        &s.qkv_saved[2],
+                        &dv,
+                        total,
+                        state,
+                        need_input_grad,
+                    );
+                    match (a, b, cc) {
+                        (Some(mut a), Some(b), Some(cc)) => {
+                            ops::add_assign(&mut a, &b);
+                            ops::add_assign(&mut a, &cc);
+                            Some(a)
+                        }
+                        _ => None,
+                    }
+                }
+                QkvProj::Fused(l) => {
+                    let dy = join3(&dq, &dk, &dv, total, qd, kvd);
+                    lin_backward(
+                        l,
+                        base,
+                        &s.n1,
+                        &s.qkv_saved[0],
+                        &dy,
+                        total,
+                        state,
+                        need_input_grad,
+                    )
+                }
+            };
+            if let Some(dn1) = dn1 {
+                let din = norm_backward(
+                    &block.attn_norm,
+                    c.norm,
+                    &s.x_in,
+                    &s.s1,
+                    &dn1,
+                    state,
+                    2 * li,
+                );
+                ops::add_assign(&mut dx, &din);
+            } else {
+                // Still give the norm its weight gradient when it is trained.
+                break;
+            }
+        }
+        if self.embed_grad {
+            if let Some(g) = state.grad_mut(Slot::Embedding) {
+                for (ids, span) in batch.ids.iter().zip(&spans) {
+                    for (j, &id) in ids.iter().enumerate() {
+                        let src = &dx[(span.start + j) * h..(span.start + j + 1) * h];
+                        g[id as usize * h..(id as usize + 1) * h]
+                            .iter_mut()
+                            .zip(src)
+                            .for_each(|(a, b)| *a += b);
+                    }
+                }
+            }
+            if let Some(g) = state.grad_mut(Slot::PositionEmbedding) {
+                for span in &spans {
+                    for j in 0..span.len {
+                        let src = &dx[(span.start + j) * h..(span.start + j + 1) * h];
+                        g[j * h..(j + 1) * h]
+                            .iter_mut()
+                            .zip(src)
+                            .for_each(|(a, b)| *a += b);
+                    }
+                }
+            }
+        }
+        Ok(StepStats {
+            nll_sum,
+            loss_tokens: rows.len(),
+        })
+    }
+}
+
+fn weight(l: &Linear) -> &[f32] {
+    match &l.weight {
+        Weight::F32(w) => w,
+    }
+}
+
+/// y = x·Wᵀ (+ LoRA/DoRA) + b, keeping what the backward pass needs.
+fn lin_forward(
+    l: &Linear,
+    lora: Option<&LoraParams>,
+    x: &[f32],
+    rows: usize,
+    rng: &mut Rng,
+) -> (Vec<f32>, LinSaved) {
+    let (inp, out) = (l.in_features, l.out_features);
+    let mut y = vec![0.0f32; rows * out];
+    gemm::matmul_nt(x, weight(l), &mut y, rows, out, inp, false);
+    let mut saved = LinSaved::default();
+    if let Some(lo) = lora {
+        let xd_owned;
+        let xd: &[f32] = if lo.dropout > 0.0 {
+            let scale = 1.0 / (1.0 - lo.dropout);
+            let keep: Vec<f32> = (0..x.len())
+                .map(|_| {
+                    if rng.uniform() < lo.dropout {
+                        0.0
+                    } else {
+                        scale
+                    }
+                })
+                .collect();
+            xd_owned = x.iter().zip(&keep).map(|(a, k)| a * k).collect::<Vec<_>>();
+            saved.keep = Some(keep);
+            &xd_owned
+        } else {
+            x
+        };
+        let r = lo.rank;
+        let mut u = vec![0.0f32; rows * r];
+        gemm::matmul_nt(xd, &lo.a, &mut u, rows, r, inp, false);
+        let mut delta = vec![0.0f32; rows * out];
+        gemm::matmul_nt(&u, &lo.b, &mut delta, rows, out, r, false);
+        match &lo.magnitude {
+            None => y
+                .iter_mut()
+                .zip(&delta)
+                .for_each(|(a, d)| *a += lo.scale * d),
+            Some(mag) => {
+                let norm = dora_weight_norm(weight(l), lo);
+                y.iter_mut()
+                    .zip(&delta)
+                    .for_each(|(a, d)| *a += lo.scale * d);
+                let z = y.clone();
+                for row in y.chunks_exact_mut(out) {
+                    for ((v, m), n) in row.iter_mut().zip(mag).zip(&norm) {
+                        *v *= m / n;
+                    }
+                }
+                saved.dora_z = Some(z);
+                saved.dora_norm = Some(norm);
+            }
+        }
+        saved.u = Some(u);
+    }
+    if let Some(b) = &l.bias {
+        ops::add_bias(&mut y, b);
+    }
+    (y, saved)
+}
+
+/// Row norms of W + s·B·A (DoRA's weight norm, treated as a constant for gradients).
+pub fn dora_weight_norm(w: &[f32], lo: &LoraParams) -> Vec<f32> {
+    let (inp, out, r) = (lo.in_features, lo.out_features, lo.rank);
+    let mut ba = vec![0.0f32; out * inp];
+    gemm::matmul_nn(&lo.b, &lo.a, &mut ba, out, inp, r, false);
+    (0..out)
+        .map(|o| {
+            let wr = &w[o * inp..(o + 1) * inp];
+            let br = &ba[o * inp..(o + 1) * inp];
+            wr.iter()
+                .zip(br)
+                .map(|(a, b)| {
+                    let v = a + lo.scale * b;
+                    v * v
+                })
+                .sum::<f32>()
+                .sqrt()
+        })
+        .collect()
+}
+
+/// Backward through a linear layer: accumulates the gradients of its trainable tensors and
+/// returns dL/dx when asked.
+#[allow(clippy::too_many_arguments)]
+fn lin_backward(
+    l: &Linear,
+    idx: usize,
+    x: &[f32],
+    saved: &LinSaved,
+    dy: &[f32],
+    rows: usize,
+    state: &mut TrainState,
+    need_dx: bool,
+) -> Option<Vec<f32>> {
+    let (inp, out) = (l.in_features, l.out_features);
+    if let Some(g) = state.grad_mut(Slot::LinearBias(idx)) {
+        for row in dy.chunks_exact(out) {
+            g.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+        }
+    }
+    // DoRA rescales the whole (base + LoRA) output per output feature.
+    let scaled_dy;
+    let dy: &[f32] = match (&saved.dora_z, &saved.dora_norm) {
+        (Some(z), Some(norm)) => {
+            let lo = state.lora[idx].as_ref().expect("lora");
+            let mag = lo.magnitude.clone().expect("magnitude");
+            let mut dm = vec![0.0f32; out];
+            for (zr, dr) in z.chunks_exact(out).zip(dy.chunks_exact(out)) {
+                for o in 0..out {
+                    dm[o] += dr[o] * zr[o] / norm[o];
+                }
+            }
+            if let Some(g) = state.grad_mut(Slot::LoraMagnitude(idx)) {
+                g.iter_mut().zip(&dm).for_each(|(a, b)| *a += b);
+            }
+            let factor: Vec<f32> = mag.iter().zip(norm).map(|(m, n)| m / n).collect();
+            scaled_dy = dy
+                .chunks_exact(out)
+                .flat_map(|r| r.iter().zip(&factor).map(|(g, f)| g * f))
+                .collect::<Vec<f32>>();
+            &scaled_dy
+        }
+        _ => dy,
+    };
+    if let Some(g) = state.grad_mut(Slot::LinearWeight(idx)) {
+        gemm::matmul_tn(dy, x, g, out, inp, rows, true);
+    }
+    let mut dx = need_dx.then(|| {
+        let mut dx = vec![0.0f32; rows * inp];
+        gemm::matmul_nn(dy, weight(l), &mut dx, rows, inp, out, false);
+        dx
+    });
+    if let (Some(lo), Some(u)) = (state.lora[idx].clone(), &saved.u) {
+        let r = lo.rank;
+        let ds: Vec<f32> = dy.iter().map(|v| v * lo.scale).collect();
+        if let Some(g) = state.grad_mut(Slot::LoraB(idx)) {
+            gemm::matmul_tn(&ds, u, g, out, r, rows, true);
+        }
+        let mut du = vec![0.0f32; rows * r];
+        gemm::matmul_nn(&ds, &lo.b, &mut du, rows, r, out, false);
+        let xd_owned;
+        let xd: &[f32] = match &saved.keep {
+            Some(keep) => {
+                xd_owned = x.iter().zip(keep).map(|(a, k)| a * k).collect::<Vec<_>>();
+                &xd_owned
+            }
+            None => x,
+        };
+        if let Some(g) = state.grad_mut(Slot::LoraA(idx)) {
+            gemm::matmul_tn(&du, xd, g, r, inp, rows, true);
+        }
+        if let Some(dx) = dx.as_mut() {
+            let mut dxl = vec![0.0f32; rows * inp];
+            gemm::matmul_nn(&du, &lo.a, &mut dxl, rows, inp, r, false);
+            if let Some(keep) = &saved.keep {
+                dxl.iter_mut().zip(keep).for_each(|(a, k)| *a *= k);
+            }
+            ops::add_assign(dx, &dxl);
+        }
+    }
+    dx
+}
+
+fn norm_forward(n: &Norm, kind: NormKind, x: &[f32]) -> (Vec<f32>, NormSaved) {
+    let h = n.weight.len();
+    let rows = x.len() / h;
+    let mut y = vec![0.0f32; x.len()];
+    let mut inv = vec![0.0f32; rows];
+    match kind {
+        NormKind::Rms { eps } => {
+            for ((yr, xr), iv) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(&mut inv) {
+                let ss: f32 = xr.iter().map(|v| v * v).sum();
+                *iv = 1.0 / (ss / h as f32 + eps).sqrt();
+                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(&n.weight) {
+                    *o = g * (v * *iv);
+                }
+            }
+            (y, NormSaved { inv, mean: None })
+        }
+        NormKind::Layer { eps } => {
+            let b = n.bias.as_deref().expect("layernorm bias");
+            let mut means = vec![0.0f32; rows];
+            for (((yr, xr), iv), mu) in y
+                .chunks_exact_mut(h)
+                .zip(x.chunks_exact(h))
+                .zip(&mut inv)
+                .zip(&mut means)
+            {
+                *mu = xr.iter().sum::<f32>() / h as f32;
+                let var = xr.iter().map(|v| (v - *mu) * (v - *mu)).sum::<f32>() / h as f32;
+                *iv = 1.0 / (var + eps).sqrt();
+                for (((o, &v), &g), &bb) in yr.iter_mut().zip(xr).zip(&n.weight).zip(b) {
+                    *o = (v - *mu) * *iv * g + bb;
+                }
+            }
+            (
+                y,
+                NormSaved {
+                    inv,
+                    mean: Some(means),
+                },
+            )
+        }
+    }
+}
+
+/// dL/dx of a norm layer (and its weight/bias gradients when trainable).
+fn norm_backward(
+    n: &Norm,
+    kind: NormKind,
+    x: &[f32],
+    s: &NormSaved,
+    dy: &[f32],
+    state: &mut TrainState,
+    norm_idx: usize,
+) -> Vec<f32> {
+    let h = n.weight.len();
+    let mut dx = vec![0.0f32; x.len()];
+    let want_w = state.is_trainable(Slot::NormWeight(norm_idx));
+    let want_b = state.is_trainable(Slot::NormBias(norm_idx));
+    let mut dw = if want_w { vec![0.0f32; h] } else { Vec::new() };
+    let mut db = if want_b { vec![0.0f32; h] } else { Vec::new() };
+    for (r, ((dxr, xr), dyr)) in dx
+        .chunks_exact_mut(h)
+        .zip(x.chunks_exact(h))
+        .zip(dy.chunks_exact(h))
+        .enumerate()
+    {
+        let inv = s.inv[r];
+        match kind {
+            NormKind::Rms { .. } => {
+                // y = w ⊙ x·inv; dx = inv·(w⊙dy) − x·inv³/h·Σ(w⊙dy⊙x)
+                let dot: f32 = (0..h).map(|i| n.weight[i] * dyr[i] * xr[i]).sum();
+                let c = inv * inv * inv * dot / h as f32;
+                for i in 0..h {
+                    dxr[i] = inv * n.weight[i] * dyr[i] - xr[i] * c;
+                }
+                if want_w {
+                    for i in 0..h {
+                        dw[i] += dyr[i] * xr[i] * inv;
+                    }
+                }
+            }
+            NormKind::Layer { .. } => {
+                let mu = s.mean.as_ref().expect("mean")[r];
+                let mut mean_g = 0.0f32;
+                let mut mean_gx = 0.0f32;
+                for i in 0..h {
+                    let g = dyr[i] * n.weight[i];
+                    let xh = (xr[i] - mu) * inv;
+                    mean_g += g;
+                    mean_gx += g * xh;
+                }
+                mean_g /= h as f32;
+                mean_gx /= h as f32;
+                for i in 0..h {
+                    let xh = (xr[i] - mu) * inv;
+                    dxr[i] = inv * (dyr[i] * n.weight[i] - mean_g - xh * mean_gx);
+                    if want_w {
+                        dw[i] += dyr[i] * xh;
+                    }
+                    if want_b {
+                        db[i] += dyr[i];
+                    }
+                }
+            }
+        }
+    }
+    if want_w {
+        let g = state.grad_mut(Slot::NormWeight(norm_idx)).expect("grad");
+        g.iter_mut().zip(&dw).for_each(|(a, b)| *a += b);
+    }
+    if want_b {
+        let g = state.grad_mut(Slot::NormBias(norm_idx)).expect("grad");
+        g.iter_mut().zip(&db).for_each(|(a, b)| *a += b);
+    }
+    dx
+}
+
+/// Causal attention over each sequence; returns the merged heads `[rows, q_dim]` and the
+/// probabilities per (sequence, head).
+fn attention_forward(
+    m: &Model,
+    layer: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    spans: &[Span],
+    rows: usize,
+) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let c = &m.config;
+    let (qd, kvd, d) = (c.q_dim(), c.kv_dim(), c.head_dim);
+    let group = c.heads / c.kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let window = c.sliding_window[layer];
+    let tasks: Vec<(usize, usize)> = (0..spans.len())
+        .flat_map(|s| (0..c.heads).map(move |h| (s, h)))
+        .collect();
+    let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
+        .par_iter()
+        .map(|&(s, head)| {
+            let sp = spans[s];
+            let l = sp.len;
+            let kvh = head / group;
+            gemm::serial(|| {
+                let mut p = vec![0.0f32; l * l];
+                gemm::sgemm(
+                    l,
+                    l,
+                    d,
+                    &q[sp.start * qd + head * d..],
+                    qd,
+                    1,
+                    &k[sp.start * kvd + kvh * d..],
+                    1,
+                    kvd,
+                    &mut p,
+                    l,
+                    false,
+                );
+                for i in 0..l {
+                    let row = &mut p[i * l..(i + 1) * l];
+                    let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = if j > i || j < lo {
+                            f32::NEG_INFINITY
+                        } else {
+                            *v * scale
+                        };
+                    }
+                    ops::softmax_row(row);
+                }
+                let mut o = vec![0.0f32; l * d];
+                gemm::sgemm(
+                    l,
+                    d,
+                    l,
+                    &p,
+                    l,
+                    1,
+                    &v[sp.start * kvd + kvh * d..],
+                    kvd,
+                    1,
+                    &mut o,
+                    d,
+                    false,
+                );
+                (o, p)
+            })
+        })
+        .collect();
+    let mut merged = vec![0.0f32; rows * qd];
+    let mut probs = Vec::with_capacity(tasks.len());
+    for (&(s, head), (o, p)) in tasks.iter().zip(results) {
+        let sp = spans[s];
+        for i in 0..sp.len {
+            let t = sp.start + i;
+            merged[t * qd + head * d..t * qd + (head + 1) * d]
+                .copy_from_slice(&o[i * d..(i + 1) * d]);
+        }
+        probs.push(p);
+    }
+    (merged, probs)
+}
+
+/// Per (sequence, kv head): dQ of each query head in the group, dK, dV.
+type HeadGrads = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
+
+/// Gradients of q, k, v from the gradient of the merged attention output.
+#[allow(clippy::too_many_arguments)]
+fn attention_backward(
+    m: &Model,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    probs: &[Vec<f32>],
+    dattn: &[f32],
+    spans: &[Span],
+    rows: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let c = &m.config;
+    let (qd, kvd, d) = (c.q_dim(), c.kv_dim(), c.head_dim);
+    let group = c.heads / c.kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    // One task per (sequence, kv head): the query heads of a group add into the same dK, dV.
+    let tasks: Vec<(usize, usize)> = (0..spans.len())
+        .flat_map(|s| (0..c.kv_heads).map(move |h| (s, h)))
+        .collect();
+    let results: Vec<HeadGrads> = tasks
+        .par_iter()
+        .map(|&(s, kvh)| {
+            let sp = spans[s];
+            let l = sp.len;
+            gemm::serial(|| {
+                let mut dk = vec![0.0f32; l * d];
+                let mut dv = vec![0.0f32; l * d];
+                let mut dqs = Vec::with_capacity(group);
+                for head in kvh * group..(kvh + 1) * group {
+                    let p = &probs[s * c.heads + head];
+                    let dout = &dattn[sp.start * qd + head * d..];
+                    // dP = dO·Vᵀ
+                    let mut dp = vec![0.0f32; l * l];
+                    gemm::sgemm(
+                        l,
+                        l,
+                        d,
+                        dout,
+                        qd,
+                        1,
+                        &v[sp.start * kvd + kvh * d..],
+                        1,
+                        kvd,
+                        &mut dp,
+                        l,
+                        false,
+                    );
+                    // dV += Pᵀ·dO
+                    gemm::sgemm(l, d, l, p, 1, l, dout, qd, 1, &mut dv, d, true);
+                    // dS = P ⊙ (dP − Σ_j dP⊙P), times the score scale
+                    for i in 0..l {
+                        let pr = &p[i * l..(i + 1) * l];
+                        let dr = &mut dp[i * l..(i + 1) * l];
+                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                        for (g, &pp) in dr.iter_mut().zip(pr) {
+                            *g = pp * (*g - dot) * scale;
+                        }
+                    }
+                    // dQ = dS·K, dK += dSᵀ·Q
+                    let mut dq = vec![0.0f32; l * d];
+                    gemm::sgemm(
+                        l,
+                        d,
+                        l,
+                        &dp,
+                        l,
+                        1,
+                        &k[sp.start * kvd + kvh * d..],
+                        kvd,
+                        1,
+                        &mut dq,
+                        d,
+                        false,
+                    );
+                    gemm::sgemm(
+                        l,
+                        d,
+                        l,
+                        &dp,
+                        1,
+                        l,
+                        &q[sp.start * qd + head * d..],
+                        qd,
+                        1,
+                        &mut dk,
+                        d,
+                        true,
+                    );
+                    dqs.push(dq);
+                }
+                (dqs, dk, dv)
+            })
+        })
+        .collect();
+    let mut dq = vec![0.0f32; rows * qd];
+    let mut dk = vec![0.0f32; rows * kvd];
+    let mut dv = vec![0.0f32; rows * kvd];
+    for (&(s, kvh), (dqs, dkh, dvh)) in tasks.iter().zip(results) {
+        let sp = spans[s];
+        for i in 0..sp.len {
+            let t = sp.start + i;
+            for (gi, dqh) in dqs.iter().enumerate() {
+                let head = kvh * group + gi;
+                dq[t * qd + head * d..t * qd + (head + 1) * d]
+                    .copy_from_slice(&dqh[i * d..(i + 1) * d]);
+            }
+            dk[t * kvd + kvh * d..t * kvd + (kvh + 1) * d]
+                .copy_from_slice(&dkh[i * d..(i + 1) * d]);
+            dv[t * kvd + kvh * d..t * kvd + (kvh + 1) * d]
+                .copy_from_slice(&dvh[i * d..(i + 1) * d]);
+        }
+    }
+    (dq, dk, dv)
+}
+
+/// Transpose of the rotation: rotate the gradient by −angle.
+fn rope_backward(rope: &RopeTable, g: &mut [f32], pos: usize) {
+    let h = rope.half;
+    let cos = &rope.cos[pos * h..pos * h + h];
+    let sin = &rope.sin[pos * h..pos * h + h];
+    for head in g.chunks_exact_mut(2 * h) {
+        let (a, b) = head.split_at_mut(h);
+        for i in 0..h {
+            let (ga, gb) = (a[i], b[i]);
+            a[i] = ga * cos[i] + gb * sin[i];
+            b[i] = gb * cos[i] - ga * sin[i];
+        }
+    }
+}
+
+fn gated_act_backward(
+    act: Activation,
+    g: &[f32],
+    u: &[f32],
+    da: &[f32],
+    dg: &mut [f32],
+    du: &mut [f32],
+) {
+    let f = act_fn(act);
+    let df = act_derivative(act);
+    for i in 0..g.len() {
+        du[i] = da[i] * f(g[i]);
+        dg[i] = da[i] * u[i] * df(g[i]);
+    }
+}
+
+fn act_fn(a: Activation) -> fn(f32) -> f32 {
+    match a {
+        Activation::Silu => ops::silu,
+        Activation::GeluTanh => ops::gelu_tanh,
+        Activation::Gelu => ops::gelu_erf,
+    }
+}
+
+fn act_derivative(a: Activation) -> fn(f32) -> f32 {
+    match a {
+        Activation::Silu => |x| {
+            let s = 1.0 / (1.0 + ops::exp_fast(-x));
+            s * (1.0 + x * (1.0 - s))
+        },
+        Activation::GeluTanh => |x| {
+            const C: f32 = 0.797_884_6;
+            let inner = C * (x + 0.044715 * x * x * x);
+            let t = inner.tanh();
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C * (1.0 + 3.0 * 0.044715 * x * x)
+        },
+        Activation::Gelu => |x| {
+            let cdf = ops::gelu_erf(x) / if x == 0.0 { 1.0 } else { x };
+            let pdf = (-0.5 * x * x).exp() / (2.0 * std::f32::consts::PI).sqrt();
+            if x == 0.0 {
+                0.5
+            } else {
+                cdf + x * pdf
+            }
+        },
+    }
+}
+
+fn split3(y: &[f32], rows: usize, qd: usize, kvd: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let w = qd + 2 * kvd;
+    let mut q = Vec::with_capacity(rows * qd);
+    let mut k = Vec::with_capacity(rows * kvd);
+    let mut v = Vec::with_capacity(rows * kvd);
+    for r in y.chunks_exact(w) {
+        q.extend_from_slice(&r[..qd]);
+        k.extend_from_slice(&r[qd..qd + kvd]);
+        v.extend_from_slice(&r[qd + kvd..]);
+    }
+    (q, k, v)
+}
+
+fn join3(q: &[f32], k: &[f32], v: &[f32], rows: usize, qd: usize, kvd: usize) -> Vec<f32> {
+    let mut y = Vec::with_capacity(rows * (qd + 2 * kvd));
+    for t in 0..rows {
+        y.extend_from_slice(&q[t * qd..(t + 1) * qd]);
+        y.extend_from_slice(&k[t * kvd..(t + 1) * kvd]);
+        y.extend_from_slice(&v[t * kvd..(t + 1) * kvd]);
+    }
+    y
+}

@@ -1,0 +1,85 @@
+//! Full and frozen fine-tuning: base tensors selected by name train in place.
+//!
+//! Names are the Hugging Face tensor names of the model's own checkpoint
+//! (`model.layers.3.mlp.up_proj.weight`, `lm_head.weight`, ...).
+
+use super::params::{norm_ref, ParamState, Slot, TrainState};
+use crate::model::Model;
+
+/// Every base tensor of the model with its slot, HF name and shape (stored orientation is
+/// [out, in] in memory; GPT-2 Conv1D weights are transposed on save).
+pub fn base_tensors(model: &Model) -> Vec<(Slot, String, Vec<usize>)> {
+    let mut v = Vec::new();
+    let h = model.config.hidden;
+    v.push((
+        Slot::Embedding,
+        format!("{}.weight", model.embed_name),
+        vec![model.config.vocab, h],
+    ));
+    if model.pos_embed.is_some() {
+        let name = model.embed_name.replace("wte", "wpe");
+        v.push((
+            Slot::PositionEmbedding,
+            format!("{name}.weight"),
+            vec![model.config.max_positions, h],
+        ));
+    }
+    for (i, l) in model.linears().iter().enumerate() {
+        v.push((
+            Slot::LinearWeight(i),
+            format!("{}.weight", l.name),
+            vec![l.out_features, l.in_features],
+        ));
+        if let Some(b) = &l.bias {
+            v.push((
+                Slot::LinearBias(i),
+                format!("{}.bias", l.name),
+                vec![b.len()],
+            ));
+        }
+    }
+    for i in 0..2 * model.blocks.len() + 1 {
+        let n = norm_ref(model, i);
+        v.push((
+            Slot::NormWeight(i),
+            format!("{}.weight", n.name),
+            vec![n.weight.len()],
+        ));
+        if let Some(b) = &n.bias {
+            v.push((Slot::NormBias(i), format!("{}.bias", n.name), vec![b.len()]));
+        }
+    }
+    if let Some(l) = &model.lm_head {
+        v.push((
+            Slot::Head,
+            "lm_head.weight".into(),
+            vec![l.out_features, l.in_features],
+        ));
+    }
+    v
+}
+
+/// Make every base tensor whose HF name passes `select` trainable. `decay_all` applies weight
+/// decay to every tensor (torch AdamW's default); otherwise biases and norm weights are
+/// exempt, as transformers' Trainer does. Returns the number of tensors selected.
+pub fn register(
+    model: &Model,
+    state: &mut TrainState,
+    select: impl Fn(&str) -> bool,
+    decay_all: bool,
+) -> usize {
+    let mut n = 0;
+    for (slot, name, shape) in base_tensors(model) {
+        if !select(&name) || state.is_trainable(slot) {
+            continue;
+        }
+        let decay = decay_all
+            || !(matches!(
+                slot,
+                Slot::LinearBias(_) | Slot::NormWeight(_) | Slot::NormBias(_)
+            ));
+        state.add(slot, ParamState::new(name, shape, decay));
+        n += 1;
+    }
+    n
+}

@@ -1,0 +1,64 @@
+//! Cross-entropy over the vocabulary, fused with the LM head and its backward pass, in chunks
+//! of rows so that the logits of a whole batch never exist at once.
+
+use crate::kernels::{gemm, ops};
+use rayon::prelude::*;
+
+const CHUNK: usize = 256;
+
+/// For each (row of `hidden`, target token) pair: loss −log softmax(h·Wᵀ)[target]. Adds
+/// `scale`·dL/dh into `dh` (same layout as `hidden`) and, when given, `scale`·dL/dW into
+/// `dw` (`[vocab, h]`). Returns Σ loss (unscaled).
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_fwd_bwd(
+    hidden: &[f32],
+    h: usize,
+    w: &[f32],
+    vocab: usize,
+    rows: &[(usize, u32)],
+    scale: f32,
+    dh: &mut [f32],
+    mut dw: Option<&mut [f32]>,
+) -> f64 {
+    let mut total = 0.0f64;
+    let mut x = vec![0.0f32; CHUNK.min(rows.len().max(1)) * h];
+    let mut logits = vec![0.0f32; CHUNK.min(rows.len().max(1)) * vocab];
+    for chunk in rows.chunks(CHUNK) {
+        let n = chunk.len();
+        for (i, &(r, _)) in chunk.iter().enumerate() {
+            x[i * h..(i + 1) * h].copy_from_slice(&hidden[r * h..(r + 1) * h]);
+        }
+        let lg = &mut logits[..n * vocab];
+        gemm::matmul_nt(&x[..n * h], w, lg, n, vocab, h, false);
+        // softmax in place → gradient (p − onehot)·scale; collect the losses.
+        let losses: Vec<f64> = lg
+            .par_chunks_mut(vocab)
+            .zip(chunk.par_iter())
+            .map(|(row, &(_, t))| {
+                let max = ops::max_of(row);
+                let sum = ops::sum_exp_shifted(row, max);
+                let lse = max + sum.ln();
+                let loss = (lse - row[t as usize]) as f64;
+                let inv = scale / sum;
+                for v in row.iter_mut() {
+                    *v = ops::exp_fast(*v - max) * inv;
+                }
+                row[t as usize] -= scale;
+                loss
+            })
+            .collect();
+        total += losses.iter().sum::<f64>();
+        let mut dx = vec![0.0f32; n * h];
+        gemm::matmul_nn(lg, w, &mut dx, n, h, vocab, false);
+        for (i, &(r, _)) in chunk.iter().enumerate() {
+            dh[r * h..(r + 1) * h]
+                .iter_mut()
+                .zip(&dx[i * h..(i + 1) * h])
+                .for_each(|(a, b)| *a += b);
+        }
+        if let Some(g) = dw.as_deref_mut() {
+            gemm::matmul_tn(lg, &x[..n * h], g, vocab, h, n, true);
+        }
+    }
+    total
+}

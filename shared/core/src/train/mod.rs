@@ -1,0 +1,11 @@
+//! Training: data pipeline, trainable parameters (PEFT methods and full/frozen fine-tuning),
+//! a forward pass that keeps what the backward pass needs, hand-written backward passes,
+//! loss, optimizer and checkpoints.
+
+pub mod data;
+pub mod engine;
+pub mod full;
+pub mod lora;
+pub mod loss;
+pub mod optim;
+pub mod params;

@@ -1,0 +1,241 @@
+//! Trainable tensors: which parameters a run trains, their gradients and optimizer moments.
+//!
+//! Frozen base weights stay in the [`Model`] and never get a gradient buffer. A trainable
+//! tensor is a [`Slot`]: either an adapter tensor owned here (LoRA A/B, DoRA magnitude) or a
+//! base tensor that full/frozen fine-tuning updates in place inside the model.
+
+use crate::model::{linear::Weight, Mlp, Model, QkvProj};
+use std::collections::HashMap;
+
+/// Where a trainable tensor lives. Linear and norm indices follow [`Model::linears`] and
+/// [`norm_names`] order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Slot {
+    LoraA(usize),
+    LoraB(usize),
+    LoraMagnitude(usize),
+    LinearWeight(usize),
+    LinearBias(usize),
+    NormWeight(usize),
+    NormBias(usize),
+    Embedding,
+    PositionEmbedding,
+    /// Untied LM head weight.
+    Head,
+}
+
+/// Gradient and AdamW moments of one trainable tensor.
+#[derive(Clone, Debug)]
+pub struct ParamState {
+    /// Name in the output file (PEFT key or HF tensor name).
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub grad: Vec<f32>,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    /// Whether AdamW's weight decay applies (HF Trainer exempts biases and norm weights).
+    pub decay: bool,
+}
+
+impl ParamState {
+    pub fn new(name: String, shape: Vec<usize>, decay: bool) -> Self {
+        let n = shape.iter().product();
+        Self {
+            name,
+            shape,
+            grad: vec![0.0; n],
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            decay,
+        }
+    }
+    pub fn numel(&self) -> usize {
+        self.grad.len()
+    }
+}
+
+/// One LoRA (or DoRA) adapter on a linear layer: y += s·B·A·dropout(x).
+#[derive(Clone, Debug)]
+pub struct LoraParams {
+    pub rank: usize,
+    pub alpha: f32,
+    pub scale: f32,
+    pub dropout: f32,
+    pub in_features: usize,
+    pub out_features: usize,
+    /// `[rank, in]`
+    pub a: Vec<f32>,
+    /// `[out, rank]`
+    pub b: Vec<f32>,
+    /// DoRA magnitude `[out]`.
+    pub magnitude: Option<Vec<f32>>,
+}
+
+/// All trainable state of a run.
+#[derive(Default)]
+pub struct TrainState {
+    /// LoRA adapter per linear index (None = no adapter).
+    pub lora: Vec<Option<LoraParams>>,
+    pub params: Vec<(Slot, ParamState)>,
+    index: HashMap<Slot, usize>,
+}
+
+impl TrainState {
+    pub fn new(linears: usize) -> Self {
+        Self {
+            lora: vec![None; linears],
+            params: Vec::new(),
+            index: HashMap::new(),
+        }
+    }
+
+    pub fn add(&mut self, slot: Slot, state: ParamState) {
+        self.index.insert(slot, self.params.len());
+        self.params.push((slot, state));
+    }
+
+    pub fn is_trainable(&self, slot: Slot) -> bool {
+        self.index.contains_key(&slot)
+    }
+
+    pub fn grad_mut(&mut self, slot: Slot) -> Option<&mut Vec<f32>> {
+        let i = *self.index.get(&slot)?;
+        Some(&mut self.params[i].1.grad)
+    }
+
+    pub fn get(&self, slot: Slot) -> Option<&ParamState> {
+        self.index.get(&slot).map(|&i| &self.params[i].1)
+    }
+
+    pub fn zero_grads(&mut self) {
+        for (_, p) in &mut self.params {
+            p.grad.iter_mut().for_each(|g| *g = 0.0);
+        }
+    }
+
+    pub fn trainable_count(&self) -> usize {
+        self.params.iter().map(|(_, p)| p.numel()).sum()
+    }
+
+    /// The current value of a trainable tensor (adapter tensors here, base tensors in the model).
+    pub fn value<'a>(&'a self, model: &'a Model, slot: Slot) -> &'a [f32] {
+        match slot {
+            Slot::LoraA(i) => &self.lora[i].as_ref().expect("lora").a,
+            Slot::LoraB(i) => &self.lora[i].as_ref().expect("lora").b,
+            Slot::LoraMagnitude(i) => self.lora[i]
+                .as_ref()
+                .and_then(|l| l.magnitude.as_deref())
+                .expect("dora"),
+            _ => base_tensor(model, slot),
+        }
+    }
+
+    /// Mutable value and the optimizer state of parameter `k` (for the update step).
+    pub fn value_and_state_mut<'a>(
+        &'a mut self,
+        model: &'a mut Model,
+        k: usize,
+    ) -> (&'a mut [f32], &'a mut ParamState) {
+        let (slot, state) = &mut self.params[k];
+        let value: &mut [f32] = match *slot {
+            Slot::LoraA(i) => &mut self.lora[i].as_mut().expect("lora").a,
+            Slot::LoraB(i) => &mut self.lora[i].as_mut().expect("lora").b,
+            Slot::LoraMagnitude(i) => self.lora[i]
+                .as_mut()
+                .and_then(|l| l.magnitude.as_deref_mut())
+                .expect("dora"),
+            s => base_tensor_mut(model, s),
+        };
+        (value, state)
+    }
+}
+
+/// Norm layers in a fixed order: per block (attention norm, MLP norm), then the final norm.
+pub fn norm_names(model: &Model) -> Vec<String> {
+    let mut v: Vec<String> = model
+        .blocks
+        .iter()
+        .flat_map(|b| [b.attn_norm.name.clone(), b.mlp_norm.name.clone()])
+        .collect();
+    v.push(model.final_norm.name.clone());
+    v
+}
+
+fn norm_mut(model: &mut Model, i: usize) -> &mut crate::model::Norm {
+    let nb = model.blocks.len();
+    if i == 2 * nb {
+        &mut model.final_norm
+    } else if i.is_multiple_of(2) {
+        &mut model.blocks[i / 2].attn_norm
+    } else {
+        &mut model.blocks[i / 2].mlp_norm
+    }
+}
+
+pub fn norm_ref(model: &Model, i: usize) -> &crate::model::Norm {
+    let nb = model.blocks.len();
+    if i == 2 * nb {
+        &model.final_norm
+    } else if i.is_multiple_of(2) {
+        &model.blocks[i / 2].attn_norm
+    } else {
+        &model.blocks[i / 2].mlp_norm
+    }
+}
+
+fn weight_vec(w: &Weight) -> &Vec<f32> {
+    match w {
+        Weight::F32(v) => v,
+    }
+}
+
+fn weight_vec_mut(w: &mut Weight) -> &mut Vec<f32> {
+    match w {
+        Weight::F32(v) => v,
+    }
+}
+
+fn base_tensor(model: &Model, slot: Slot) -> &[f32] {
+    match slot {
+        Slot::LinearWeight(i) => weight_vec(&model.linears()[i].weight),
+        Slot::LinearBias(i) => model.linears()[i].bias.as_deref().expect("bias"),
+        Slot::NormWeight(i) => &norm_ref(model, i).weight,
+        Slot::NormBias(i) => norm_ref(model, i).bias.as_deref().expect("bias"),
+        Slot::Embedding => &model.embed,
+        Slot::PositionEmbedding => model.pos_embed.as_deref().expect("positions"),
+        Slot::Head => weight_vec(&model.lm_head.as_ref().expect("head").weight),
+        _ => unreachable!("adapter slot"),
+    }
+}
+
+fn base_tensor_mut(model: &mut Model, slot: Slot) -> &mut [f32] {
+    match slot {
+        Slot::LinearWeight(i) => weight_vec_mut(&mut model.linears_mut().swap_remove(i).weight),
+        Slot::LinearBias(i) => model
+            .linears_mut()
+            .swap_remove(i)
+            .bias
+            .as_deref_mut()
+            .expect("bias"),
+        Slot::NormWeight(i) => &mut norm_mut(model, i).weight,
+        Slot::NormBias(i) => norm_mut(model, i).bias.as_deref_mut().expect("bias"),
+        Slot::Embedding => &mut model.embed,
+        Slot::PositionEmbedding => model.pos_embed.as_deref_mut().expect("positions"),
+        Slot::Head => weight_vec_mut(&mut model.lm_head.as_mut().expect("head").weight),
+        _ => unreachable!("adapter slot"),
+    }
+}
+
+/// Number of linear layers per block, in [`Model::linears`] order.
+pub fn linears_per_block(model: &Model) -> usize {
+    let b = &model.blocks[0];
+    let attn = match b.attn.qkv {
+        QkvProj::Separate { .. } => 4,
+        QkvProj::Fused(_) => 2,
+    };
+    let mlp = match b.mlp {
+        Mlp::Gated { .. } => 3,
+        Mlp::Plain { .. } => 2,
+    };
+    attn + mlp
+}
