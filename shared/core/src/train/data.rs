@@ -496,10 +496,12 @@ fn convert_record(
         DataFormat::Messages => {
             let list = match v.get("messages") {
                 Some(Value::Array(a)) => a,
-                Some(other) => return Err(format!(
+                Some(other) => {
+                    return Err(format!(
                     "\"messages\" must be a list of {{\"role\", \"content\"}} objects, found {}",
                     type_name(other)
-                )),
+                ))
+                }
                 None => return Err(missing("messages", v, format)),
             };
             let msgs = parse_messages(list, "messages")?;

@@ -98,6 +98,8 @@ pub struct Engine<'m> {
     /// Lowest block whose backward pass is needed.
     stop_layer: usize,
     embed_grad: bool,
+    /// False for evaluation: forward and loss only, no gradients touched.
+    backward: bool,
 }
 
 impl<'m> Engine<'m> {
@@ -129,6 +131,19 @@ impl<'m> Engine<'m> {
             lpb,
             stop_layer: stop,
             embed_grad,
+            backward: true,
+        }
+    }
+
+    /// An engine that only computes the loss (evaluation): nothing is kept for a backward
+    /// pass and no gradient changes.
+    pub fn for_eval(model: &'m Model) -> Self {
+        Self {
+            model,
+            lpb: linears_per_block(model),
+            stop_layer: model.blocks.len(),
+            embed_grad: false,
+            backward: false,
         }
     }
 
@@ -306,7 +321,11 @@ impl<'m> Engine<'m> {
             &rows,
             loss_scale,
             &mut dh,
-            state.grad_mut(head_slot).map(|g| &mut g[..]),
+            if self.backward {
+                state.grad_mut(head_slot).map(|g| &mut g[..])
+            } else {
+                None
+            },
         );
         if !nll_sum.is_finite() {
             return Err(Error::Numeric(format!(
@@ -314,6 +333,12 @@ impl<'m> Engine<'m> {
             )));
         }
 
+        if !self.backward {
+            return Ok(StepStats {
+                nll_sum,
+                loss_tokens: rows.len(),
+            });
+        }
         // Backward.
         let nb = m.blocks.len();
         let mut dx = norm_backward(&m.final_norm, c.norm, &x, &sf, &dh, state, 2 * nb);

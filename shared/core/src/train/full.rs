@@ -83,3 +83,70 @@ pub fn register(
     }
     n
 }
+
+/// Which base tensors `--method freeze --trainable ...` trains. Forms (comma-separated):
+/// `last:N` (the top N blocks), `lm_head`, `norms`, `embed`, or a regular expression searched
+/// in the HF tensor name (e.g. `layers\.(28|29)\.mlp`).
+pub struct Selector {
+    layers_from: Option<usize>,
+    head: bool,
+    norms: bool,
+    embed: bool,
+    res: Vec<regex::Regex>,
+}
+
+impl Selector {
+    pub fn parse(specs: &[String], layers: usize) -> crate::Result<Self> {
+        let mut s = Selector {
+            layers_from: None,
+            head: false,
+            norms: false,
+            embed: false,
+            res: Vec::new(),
+        };
+        for spec in specs
+            .iter()
+            .flat_map(|x| x.split(','))
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+        {
+            if let Some(n) = spec.strip_prefix("last:") {
+                let n: usize = n.parse().map_err(|_| {
+                    crate::Error::usage(format!("--trainable {spec}: expected last:N"))
+                })?;
+                s.layers_from = Some(layers.saturating_sub(n));
+            } else if spec == "lm_head" {
+                s.head = true;
+            } else if spec == "norms" {
+                s.norms = true;
+            } else if spec == "embed" {
+                s.embed = true;
+            } else {
+                s.res.push(regex::Regex::new(spec).map_err(|e| {
+                    crate::Error::usage(format!("--trainable {spec}: not a valid regex: {e}"))
+                })?);
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        let layer = super::lora::layer_index(name);
+        if let (Some(from), Some(l)) = (self.layers_from, layer) {
+            if l >= from {
+                return true;
+            }
+        }
+        if self.head && name == "lm_head.weight" {
+            return true;
+        }
+        let is_embed = name.ends_with("embed_tokens.weight") || name.ends_with("wte.weight");
+        if self.embed && is_embed {
+            return true;
+        }
+        if self.norms && (name.contains("norm") || name.contains("ln_")) {
+            return true;
+        }
+        self.res.iter().any(|r| r.is_match(name))
+    }
+}

@@ -2,10 +2,14 @@
 //! a forward pass that keeps what the backward pass needs, hand-written backward passes,
 //! loss, optimizer and checkpoints.
 
+pub mod checkpoint;
 pub mod data;
 pub mod engine;
 pub mod full;
 pub mod lora;
 pub mod loss;
 pub mod optim;
+pub mod output;
 pub mod params;
+pub mod plan;
+pub mod trainer;

@@ -1,0 +1,460 @@
+//! The training loop of peft-train: data order, micro-batches and gradient accumulation,
+//! optimizer steps with schedule and clipping, evaluation, JSONL metrics, checkpoints, resume,
+//! Ctrl-C, and the final output (a PEFT adapter or an HF model folder).
+
+use super::checkpoint::{self, Progress as CkptProgress};
+use super::data::{self, DataOptions, Example};
+use super::engine::{Batch, Engine};
+use super::lora::{self, LoraConfig};
+use super::optim::{clip_grad_norm, AdamW, Schedule};
+use super::params::TrainState;
+use super::{full, output};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::progress::Progress;
+use crate::rng::Rng;
+use crate::tokenizer::TextTokenizer;
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Lora,
+    Dora,
+    Full,
+    Freeze,
+}
+
+impl Method {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "lora" => Ok(Self::Lora),
+            "dora" => Ok(Self::Dora),
+            "full" => Ok(Self::Full),
+            "freeze" => Ok(Self::Freeze),
+            _ => Err(Error::usage(format!(
+                "unknown --method {s}; supported: lora, dora, full, freeze"
+            ))),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub method: Method,
+    pub lora: LoraConfig,
+    /// freeze: which base tensors train (regexes over HF tensor names, or `last:N`,
+    /// `lm_head`, `norms`, `embed`).
+    pub trainable: Vec<String>,
+    pub data_opts: DataOptions,
+    pub pack: bool,
+    pub optim: AdamW,
+    pub schedule: Schedule,
+    pub warmup: u64,
+    pub batch: usize,
+    pub grad_accum: usize,
+    pub epochs: f64,
+    pub steps: Option<u64>,
+    pub clip: Option<f32>,
+    pub seed: u64,
+    pub val_data: Option<PathBuf>,
+    pub val_split: f64,
+    pub eval_every: u64,
+    pub save_every: u64,
+    pub resume: Option<PathBuf>,
+    pub log: Option<PathBuf>,
+    pub plan: bool,
+    pub check_data: Option<usize>,
+    pub quiet: bool,
+}
+
+pub struct TrainSummary {
+    pub steps: u64,
+    pub final_loss: f64,
+    pub eval_loss_before: Option<f64>,
+    pub eval_loss_after: Option<f64>,
+    pub interrupted: bool,
+}
+
+/// Everything a run needs, in the order the loop uses it.
+pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
+    let progress = Progress::new(opts.quiet);
+    let tok = TextTokenizer::load(&opts.model)?;
+    let (mut examples, stats) = data::load_examples(&opts.data, &tok, &opts.data_opts)?;
+    if let Some(n) = opts.check_data {
+        print!("{}", data::check_data_report(&examples, &tok, n));
+        return Ok(TrainSummary {
+            steps: 0,
+            final_loss: f64::NAN,
+            eval_loss_before: None,
+            eval_loss_after: None,
+            interrupted: false,
+        });
+    }
+    eprintln!(
+        "data: {} examples ({} format), {} tokens, {} with loss; {} truncated, {} dropped, {} bad lines skipped",
+        examples.len(),
+        stats.format,
+        stats.tokens,
+        stats.loss_tokens,
+        stats.truncated,
+        stats.dropped,
+        stats.skipped_bad_lines
+    );
+    let mut split_rng = Rng::new(opts.seed ^ 0x5EED_DA7A);
+    let val: Vec<Example> = match &opts.val_data {
+        Some(p) => data::load_examples(p, &tok, &opts.data_opts)?.0,
+        None if opts.val_split > 0.0 => {
+            let mut idx: Vec<usize> = (0..examples.len()).collect();
+            split_rng.shuffle(&mut idx);
+            let n_val = ((examples.len() as f64 * opts.val_split).round() as usize)
+                .clamp(1, examples.len() - 1);
+            let mut is_val = vec![false; examples.len()];
+            idx[..n_val].iter().for_each(|&i| is_val[i] = true);
+            let mut train = Vec::new();
+            let mut val = Vec::new();
+            for (e, v) in examples.into_iter().zip(is_val) {
+                if v {
+                    val.push(e)
+                } else {
+                    train.push(e)
+                }
+            }
+            examples = train;
+            val
+        }
+        None => Vec::new(),
+    };
+
+    let mut model = Model::load(&opts.model)?;
+    let mut state = TrainState::new(model.linears().len());
+    let mut init_rng = Rng::new(opts.seed);
+    let mut lora_cfg = opts.lora.clone();
+    match opts.method {
+        Method::Lora | Method::Dora => {
+            lora_cfg.dora = opts.method == Method::Dora;
+            if lora_cfg.base_model_name_or_path.is_none() {
+                lora_cfg.base_model_name_or_path = Some(opts.model.display().to_string());
+            }
+            lora::attach(&model, &mut state, &lora_cfg, &mut init_rng)?;
+            if !lora_cfg.modules_to_save.is_empty() {
+                let mts = lora_cfg.modules_to_save.clone();
+                full::register(
+                    &model,
+                    &mut state,
+                    |n| {
+                        mts.iter().any(|m| {
+                            n.starts_with(&format!("{m}.")) || n.contains(&format!(".{m}."))
+                        })
+                    },
+                    false,
+                );
+                // Saved under the PEFT names (base_model.model.<path>).
+                for (slot, p) in &mut state.params {
+                    if !matches!(
+                        slot,
+                        super::params::Slot::LoraA(_)
+                            | super::params::Slot::LoraB(_)
+                            | super::params::Slot::LoraMagnitude(_)
+                    ) && !p.name.starts_with("base_model.model.")
+                    {
+                        p.name = format!("base_model.model.{}", p.name);
+                    }
+                }
+            }
+        }
+        Method::Full => {
+            full::register(&model, &mut state, |_| true, false);
+        }
+        Method::Freeze => {
+            let sel = full::Selector::parse(&opts.trainable, model.blocks.len())?;
+            let n = full::register(&model, &mut state, |name| sel.matches(name), false);
+            if n == 0 {
+                return Err(Error::usage(
+                    "--trainable selects no tensor; see --help for the forms",
+                ));
+            }
+        }
+    }
+    let trainable = state.trainable_count();
+    let all = model.config.param_count()
+        + if matches!(opts.method, Method::Lora | Method::Dora) {
+            trainable
+        } else {
+            0
+        };
+    println!(
+        "trainable params: {trainable} || all params: {all} || trainable%: {:.4}",
+        100.0 * trainable as f64 / all as f64
+    );
+
+    // Micro-batches: rows of examples (one example each, or packed groups).
+    let rows: Vec<Vec<usize>> = if opts.pack {
+        data::pack(&examples, opts.data_opts.max_len)
+    } else {
+        (0..examples.len()).map(|i| vec![i]).collect()
+    };
+    let batches_per_epoch = rows.len().div_ceil(opts.batch.max(1)) as u64;
+    let steps_per_epoch = batches_per_epoch.div_ceil(opts.grad_accum.max(1) as u64);
+    let total_steps = opts
+        .steps
+        .unwrap_or(((steps_per_epoch as f64) * opts.epochs).ceil() as u64)
+        .max(1);
+    if opts.plan {
+        print!(
+            "{}",
+            super::plan::report(&model, &state, opts, &examples, total_steps)
+        );
+        return Ok(TrainSummary {
+            steps: 0,
+            final_loss: f64::NAN,
+            eval_loss_before: None,
+            eval_loss_after: None,
+            interrupted: false,
+        });
+    }
+
+    let mut prog = CkptProgress {
+        step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        rng: Rng::new(opts.seed.wrapping_add(1)).state(),
+        tokens: 0,
+    };
+    if let Some(r) = &opts.resume {
+        let dir = checkpoint::resolve(r)?;
+        prog = checkpoint::load(&dir, &mut model, &mut state)?;
+        eprintln!("resumed from {} at step {}", dir.display(), prog.step);
+    }
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+    crate::io::atomic::refuse_overwriting_inputs(&opts.out, &[&opts.model, &opts.data])?;
+    let mut log = match &opts.log {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| Error::io(p, e))?,
+        ),
+        None => None,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second Ctrl-C while saving falls through to the default (the checkpoint on disk
+        // stays whole either way: it is written to a temporary name first).
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+    }
+
+    let eval = |model: &Model, state: &TrainState| -> Option<f64> {
+        if val.is_empty() {
+            return None;
+        }
+        let engine = Engine::for_eval(model);
+        // The evaluation engine only reads the adapters; it runs on a copy of them (small)
+        // so that no gradient or moment of the run can change.
+        let mut st = TrainState::new(state.lora.len());
+        st.lora = state.lora.clone();
+        let (mut nll, mut n) = (0.0, 0usize);
+        for chunk in val.chunks(opts.batch.max(1)) {
+            let batch = Batch {
+                ids: chunk.iter().map(|e| &e.ids[..]).collect(),
+                labels: chunk.iter().map(|e| &e.labels[..]).collect(),
+            };
+            if let Ok(s) = engine.forward_backward(&mut st, &batch, 0.0, &mut Rng::new(0)) {
+                nll += s.nll_sum;
+                n += s.loss_tokens;
+            }
+        }
+        (n > 0).then(|| nll / n as f64)
+    };
+    let eval_before = if prog.step == 0 {
+        eval(&model, &state)
+    } else {
+        None
+    };
+    if let Some(l) = eval_before {
+        eprintln!(
+            "eval loss before training: {l:.4} (perplexity {:.2})",
+            l.exp()
+        );
+        write_log(
+            &mut log,
+            json!({"step": 0, "eval_loss": l, "eval_perplexity": l.exp()}),
+        )?;
+    }
+
+    let bar = progress.bar(total_steps, "train");
+    bar.set_position(prog.step);
+    let mut dropout_rng = Rng::from_state(prog.rng);
+    let mut last_loss = f64::NAN;
+    let mut interrupted = false;
+    let start = std::time::Instant::now();
+    let mut tokens_since = 0u64;
+    while prog.step < total_steps {
+        // This window's micro-batches (following the epoch's shuffled order).
+        let mut window: Vec<Vec<usize>> = Vec::new();
+        while window.len() < opts.grad_accum.max(1) {
+            if prog.batch_in_epoch >= batches_per_epoch {
+                prog.epoch += 1;
+                prog.batch_in_epoch = 0;
+                if opts.steps.is_none() && !window.is_empty() {
+                    break; // a short last window of the epoch
+                }
+            }
+            let order = epoch_order(rows.len(), opts.seed, prog.epoch);
+            let b = prog.batch_in_epoch as usize * opts.batch;
+            let ex: Vec<usize> = order[b..(b + opts.batch).min(order.len())]
+                .iter()
+                .flat_map(|&r| rows[r].iter().copied())
+                .collect();
+            window.push(ex);
+            prog.batch_in_epoch += 1;
+        }
+        let window_tokens: usize = window
+            .iter()
+            .flat_map(|b| b.iter())
+            .map(|&i| {
+                examples[i]
+                    .labels
+                    .iter()
+                    .skip(1)
+                    .filter(|&&l| l != -100)
+                    .count()
+            })
+            .sum();
+        state.zero_grads();
+        let mut nll = 0.0;
+        let mut step_tokens = 0u64;
+        {
+            let engine = Engine::new(&model, &state);
+            for mb in &window {
+                let batch = Batch {
+                    ids: mb.iter().map(|&i| &examples[i].ids[..]).collect(),
+                    labels: mb.iter().map(|&i| &examples[i].labels[..]).collect(),
+                };
+                step_tokens += batch.ids.iter().map(|s| s.len() as u64).sum::<u64>();
+                let s = engine.forward_backward(
+                    &mut state,
+                    &batch,
+                    1.0 / window_tokens.max(1) as f32,
+                    &mut dropout_rng,
+                )?;
+                nll += s.nll_sum;
+            }
+        }
+        let loss = nll / window_tokens.max(1) as f64;
+        if !loss.is_finite() {
+            return Err(Error::Numeric(format!(
+                "loss is {loss} at step {}; stopped (the last checkpoint is intact)",
+                prog.step + 1
+            )));
+        }
+        let grad_norm = clip_grad_norm(&mut state, opts.clip);
+        let lr = opts.optim.lr * opts.schedule.factor(prog.step, opts.warmup, total_steps);
+        prog.step += 1;
+        opts.optim.step(&mut state, &mut model, lr, prog.step);
+        prog.tokens += step_tokens;
+        tokens_since += step_tokens;
+        prog.rng = dropout_rng.state();
+        last_loss = loss;
+        let tps = tokens_since as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        bar.set_position(prog.step);
+        bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
+        write_log(
+            &mut log,
+            json!({"step": prog.step, "epoch": prog.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": prog.tokens, "tokens_per_second": tps}),
+        )?;
+        if opts.eval_every > 0 && prog.step.is_multiple_of(opts.eval_every) {
+            if let Some(l) = eval(&model, &state) {
+                write_log(
+                    &mut log,
+                    json!({"step": prog.step, "eval_loss": l, "eval_perplexity": l.exp()}),
+                )?;
+                bar.println(format!("step {}: eval loss {l:.4}", prog.step));
+            }
+        }
+        let interrupted_now = stop.load(Ordering::SeqCst);
+        if (opts.save_every > 0 && prog.step.is_multiple_of(opts.save_every)) || interrupted_now {
+            save_checkpoint(&opts.out, &model, &state, &prog)?;
+        }
+        if interrupted_now {
+            interrupted = true;
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    if !interrupted {
+        save_checkpoint(&opts.out, &model, &state, &prog)?;
+    }
+    let eval_after = eval(&model, &state);
+    if let Some(l) = eval_after {
+        eprintln!(
+            "eval loss after training: {l:.4} (perplexity {:.2})",
+            l.exp()
+        );
+        write_log(
+            &mut log,
+            json!({"step": prog.step, "eval_loss": l, "eval_perplexity": l.exp()}),
+        )?;
+    }
+    if interrupted {
+        eprintln!(
+            "interrupted: checkpoint saved at step {}; continue with --resume {}",
+            prog.step,
+            opts.out.display()
+        );
+    } else {
+        match opts.method {
+            Method::Lora | Method::Dora => {
+                lora::save_adapter(&opts.out, &lora_cfg, &model, &state, "CAUSAL_LM")?
+            }
+            Method::Full | Method::Freeze => output::save_model(&opts.out, &opts.model, &model)?,
+        }
+    }
+    Ok(TrainSummary {
+        steps: prog.step,
+        final_loss: last_loss,
+        eval_loss_before: eval_before,
+        eval_loss_after: eval_after,
+        interrupted,
+    })
+}
+
+/// The permutation of rows for an epoch: a fixed function of seed and epoch, so that a resumed
+/// run sees the same order.
+fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    Rng::new(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xDA7A).shuffle(&mut order);
+    order
+}
+
+fn save_checkpoint(
+    out: &Path,
+    model: &Model,
+    state: &TrainState,
+    prog: &CkptProgress,
+) -> Result<()> {
+    let dir = out.join("checkpoints");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    checkpoint::save(&dir.join(format!("step-{}", prog.step)), model, state, prog)?;
+    // Keep the two newest.
+    let all = checkpoint::list(&dir);
+    for old in all.iter().take(all.len().saturating_sub(2)) {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok(())
+}
+
+fn write_log(log: &mut Option<std::fs::File>, v: serde_json::Value) -> Result<()> {
+    if let Some(f) = log {
+        writeln!(f, "{v}").map_err(|e| Error::io("metrics log", e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,257 @@
+//! peft-train: LoRA / DoRA / full / frozen fine-tuning of a Hugging Face causal LM.
+
+use clap::Parser;
+use peftkit_core::train::data::{DataFormat, DataOptions};
+use peftkit_core::train::lora::{LoraConfig, Targets};
+use peftkit_core::train::optim::{AdamW, Schedule};
+use peftkit_core::train::trainer::{self, Method, TrainOptions};
+use peftkit_core::{cli, kernels, Error, Result};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Fine-tune a Hugging Face causal LM: LoRA, rsLoRA, DoRA, full or frozen",
+    after_help = "Examples:
+  # LoRA on q,v of SmolLM2 with alpaca data, 200 steps, adapter in out/
+  peft-train --model models/smollm2 --data alpaca.json --method lora --rank 16 --alpha 32 \\
+             --steps 200 --batch 4 --max-len 256 --lr 2e-4 --out out/ --log out/metrics.jsonl
+  # all linear layers, rsLoRA, cosine schedule with warm-up, 10% held out for evaluation
+  peft-train --model M --data chat.jsonl --method lora --target all-linear --rslora \\
+             --schedule cosine --warmup 20 --val-split 0.1 --eval-every 50 --out out/
+  # frozen fine-tuning of the top 2 blocks and the norms
+  peft-train --model M --data text.jsonl --method freeze --trainable last:2,norms --out out/
+  # look before training
+  peft-train --model M --data data.json --check-data 3
+  peft-train --model M --data data.json --method lora --plan
+
+The adapter (adapter_config.json + adapter_model.safetensors) loads with PEFT's
+PeftModel.from_pretrained; full/freeze write an HF model folder. Checkpoints go to
+OUT/checkpoints/step-N (atomically); Ctrl-C saves one and stops; --resume OUT continues
+bit-identically."
+)]
+struct Args {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    /// auto, text, alpaca, prompt-completion, messages, sharegpt
+    #[arg(long, default_value = "auto")]
+    format: String,
+    /// lora, dora, full, freeze
+    #[arg(long, default_value = "lora")]
+    method: String,
+    #[arg(long)]
+    out: PathBuf,
+    /// Target modules: names (q_proj,v_proj), all-linear, or re:REGEX (default: PEFT's per architecture)
+    #[arg(long)]
+    target: Option<String>,
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+    /// Per-module rank, e.g. k_proj=4,o_proj=16
+    #[arg(long)]
+    rank_pattern: Option<String>,
+    /// Per-module alpha, e.g. o_proj=32
+    #[arg(long)]
+    alpha_pattern: Option<String>,
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f32,
+    #[arg(long)]
+    rslora: bool,
+    /// none, all, lora_only
+    #[arg(long, default_value = "none")]
+    bias: String,
+    /// Modules trained fully and saved with the adapter (e.g. lm_head)
+    #[arg(long, value_delimiter = ',')]
+    modules_to_save: Vec<String>,
+    /// Only these block indices get adapters (e.g. 0-3,8)
+    #[arg(long)]
+    layers: Option<String>,
+    /// freeze: tensors to train (last:N, lm_head, norms, embed, or regexes)
+    #[arg(long, value_delimiter = ',')]
+    trainable: Vec<String>,
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f32,
+    /// constant, linear, cosine
+    #[arg(long, default_value = "linear")]
+    schedule: String,
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value_t = 512)]
+    max_len: usize,
+    /// Drop over-long samples instead of truncating them
+    #[arg(long)]
+    drop_long: bool,
+    /// Pack several samples into each row (attention never crosses samples)
+    #[arg(long)]
+    pack: bool,
+    #[arg(long, default_value_t = 1.0)]
+    epochs: f64,
+    /// Optimizer steps (overrides --epochs)
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Gradient-norm clipping
+    #[arg(long)]
+    clip: Option<f32>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long)]
+    val_data: Option<PathBuf>,
+    #[arg(long, default_value_t = 0.0)]
+    val_split: f64,
+    #[arg(long, default_value_t = 0)]
+    eval_every: u64,
+    #[arg(long, default_value_t = 0)]
+    save_every: u64,
+    /// Continue from OUT (or a checkpoint directory)
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// JSON Lines metrics log
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// Print the memory and time plan and exit
+    #[arg(long)]
+    plan: bool,
+    /// Print N rendered samples with the loss-bearing tokens marked, and exit
+    #[arg(long)]
+    check_data: Option<usize>,
+    /// Loss on prompt tokens too (instruction formats)
+    #[arg(long)]
+    train_on_prompt: bool,
+    /// Skip malformed data lines instead of stopping
+    #[arg(long)]
+    skip_bad_lines: bool,
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    cli::run(|| run(args))
+}
+
+fn parse_layers(s: &str) -> Result<Vec<usize>> {
+    let mut v = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || Error::usage(format!("--layers {s}: expected e.g. 0-3,8"));
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                v.extend(a..=b);
+            }
+            None => v.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    Ok(v)
+}
+
+fn parse_pattern<T: std::str::FromStr>(
+    s: &Option<String>,
+    what: &str,
+) -> Result<BTreeMap<String, T>> {
+    let mut m = BTreeMap::new();
+    if let Some(s) = s {
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| Error::usage(format!("{what} {part}: expected NAME=VALUE")))?;
+            let v = v
+                .parse()
+                .map_err(|_| Error::usage(format!("{what} {part}: bad value")))?;
+            m.insert(k.to_string(), v);
+        }
+    }
+    Ok(m)
+}
+
+fn run(a: Args) -> Result<()> {
+    kernels::set_threads(a.threads);
+    if a.rank == 0 {
+        return Err(Error::usage("--rank must be at least 1"));
+    }
+    if !(0.0..1.0).contains(&a.dropout) {
+        return Err(Error::usage("--dropout must be in [0, 1)"));
+    }
+    if !["none", "all", "lora_only"].contains(&a.bias.as_str()) {
+        return Err(Error::usage("--bias must be none, all or lora_only"));
+    }
+    let method = Method::parse(&a.method)?;
+    let config = peftkit_core::model::ModelConfig::load(&a.model)?;
+    let targets = match &a.target {
+        Some(t) => Targets::parse(t),
+        None => Targets::default_for(config.arch),
+    };
+    let format: DataFormat = a.format.parse().map_err(Error::usage)?;
+    let opts = TrainOptions {
+        model: a.model.clone(),
+        data: a.data.clone(),
+        out: a.out.clone(),
+        method,
+        lora: LoraConfig {
+            rank: a.rank,
+            alpha: a.alpha,
+            dropout: a.dropout,
+            targets,
+            rslora: a.rslora,
+            dora: method == Method::Dora,
+            bias: a.bias.clone(),
+            modules_to_save: a.modules_to_save.clone(),
+            layers_to_transform: a.layers.as_deref().map(parse_layers).transpose()?,
+            rank_pattern: parse_pattern(&a.rank_pattern, "--rank-pattern")?,
+            alpha_pattern: parse_pattern(&a.alpha_pattern, "--alpha-pattern")?,
+            base_model_name_or_path: None,
+        },
+        trainable: a.trainable.clone(),
+        data_opts: DataOptions {
+            format,
+            max_len: a.max_len.max(2),
+            train_on_prompt: a.train_on_prompt,
+            skip_bad_lines: a.skip_bad_lines,
+            drop_long: a.drop_long,
+        },
+        pack: a.pack,
+        optim: AdamW {
+            lr: a.lr,
+            weight_decay: a.weight_decay,
+            ..AdamW::default()
+        },
+        schedule: Schedule::parse(&a.schedule)
+            .ok_or_else(|| Error::usage("--schedule must be constant, linear or cosine"))?,
+        warmup: a.warmup,
+        batch: a.batch.max(1),
+        grad_accum: a.grad_accum.max(1),
+        epochs: a.epochs,
+        steps: a.steps,
+        clip: a.clip,
+        seed: a.seed,
+        val_data: a.val_data.clone(),
+        val_split: a.val_split,
+        eval_every: a.eval_every,
+        save_every: a.save_every,
+        resume: a.resume.clone(),
+        log: a.log.clone(),
+        plan: a.plan,
+        check_data: a.check_data,
+        quiet: a.quiet,
+    };
+    let s = trainer::run(&opts)?;
+    if s.steps > 0 {
+        eprintln!("done: {} steps, final loss {:.4}", s.steps, s.final_loss);
+    }
+    if s.interrupted {
+        std::process::exit(130);
+    }
+    Ok(())
+}
