@@ -8,7 +8,7 @@ MODEL    ?= models/smollm2
 VENV     ?= $(HOME)/.cache/peftkit/venv
 PYTHON   ?= python3
 
-.PHONY: help build test lint demo model bench venv fixtures clean
+.PHONY: help build test lint demo model data bench venv fixtures clean
 
 help:
 	@echo "make demo      fetch SmolLM2-135M-Instruct, import it, answer a question (no GPU)"
@@ -33,8 +33,13 @@ model: $(MODEL)/config.json
 $(MODEL)/config.json: | build
 	CACHE=$(CACHE) MODEL=$(MODEL) BIN=$(BIN) PYTHON=$(PYTHON) bash scripts/fetch-model.sh
 
-demo: build model
-	MODEL=$(MODEL) BIN=$(BIN) bash scripts/demo.sh
+data: data/alpaca_en_demo.json
+
+data/alpaca_en_demo.json:
+	CACHE=$(CACHE) DATA=data PYTHON=$(PYTHON) bash scripts/fetch-data.sh
+
+demo: build model data
+	MODEL=$(MODEL) BIN=$(BIN) PYTHON=$(PYTHON) bash scripts/demo.sh
 
 venv: $(VENV)/bin/python
 

@@ -15,6 +15,7 @@ use std::path::PathBuf;
     after_help = "Examples:
   peft-eval --model models/smollm2 --data data/wiki.txt
   peft-eval --model models/smollm2 --data eval.jsonl --per-token --json > logprobs.json
+  peft-eval --model models/smollm2 --adapter out/lora --data held-out.jsonl
 
 Data: JSON Lines with a \"text\" field per line, a JSON array of such objects, or a .txt file
 with one sample per line. Tokenization follows the tokenizer's own config (BOS only where
@@ -39,6 +40,12 @@ struct Args {
     /// Tokens per forward pass
     #[arg(long, default_value_t = 4096)]
     batch_tokens: usize,
+    /// LoRA/DoRA adapter to apply, NAME=DIR or DIR (repeatable; the base is loaded once)
+    #[arg(long)]
+    adapter: Vec<String>,
+    /// Which adapter to evaluate with (default: the last one given; "base" for none)
+    #[arg(long = "use")]
+    use_adapter: Option<String>,
     /// Worker threads (0 = one per core)
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -56,12 +63,23 @@ fn run(args: Args) -> Result<()> {
     kernels::set_threads(args.threads);
     let texts = data::read_text_samples(&args.data)?;
     let tok = TextTokenizer::load(&args.model)?;
-    let model = Model::load(&args.model)?;
+    let mut model = Model::load(&args.model)?;
+    let names = peftkit_core::train::lora::load_adapters(&mut model, &args.adapter)?;
+    let active = match args.use_adapter.as_deref() {
+        Some("base") => None,
+        Some(n) => Some(names.iter().position(|x| x == n).ok_or_else(|| {
+            peftkit_core::Error::usage(format!(
+                "--use {n}: no adapter of that name (given: {})",
+                names.join(", ")
+            ))
+        })?),
+        None => names.len().checked_sub(1),
+    };
     let opts = EvalOptions {
         max_len: args.max_len.unwrap_or(model.config.max_positions).max(2),
         batch_tokens: args.batch_tokens.max(1),
         per_token: args.per_token,
-        forward: ForwardOptions::default(),
+        forward: ForwardOptions { adapter: active },
     };
     let report = evaluate(&model, &tok, &texts, &opts, &Progress::new(args.quiet))?;
     if report.truncated > 0 {

@@ -20,6 +20,8 @@ use std::path::PathBuf;
   peft-generate --model models/smollm2 --prompt 'Once upon a time' --temperature 0.8 --top-p 0.9 --seed 1
   peft-generate --model models/smollm2 --prompts prompts.jsonl --chat --json > out.jsonl
 
+With --adapter NAME=DIR (repeatable) a prompts line may pick its adapter: \"adapter\": NAME,
+or null for the base model; switching adapters never reloads the base weights.
 A prompts file has one JSON object per line: {\"prompt\": \"...\"} (or \"text\"), or
 {\"messages\": [{\"role\": \"user\", \"content\": \"...\"}]} for chat. Temperature 0 (the
 default) is greedy decoding; top-k and top-p apply after the temperature, as in transformers."
@@ -58,15 +60,33 @@ struct Args {
     /// Keep generating past EOS until --max-new-tokens (benchmarks)
     #[arg(long)]
     ignore_eos: bool,
+    /// LoRA/DoRA adapter, NAME=DIR or DIR (repeatable; switching never reloads the base)
+    #[arg(long)]
+    adapter: Vec<String>,
+    /// Adapter for prompts that do not name one (default: the first given; "base" for none)
+    #[arg(long = "use")]
+    use_adapter: Option<String>,
     /// Worker threads (0 = one per core)
     #[arg(long, default_value_t = 0)]
     threads: usize,
 }
 
 /// A prompt as given: plain text or chat messages.
-enum Prompt {
+enum PromptBody {
     Text(String),
     Chat(Vec<Message>),
+}
+
+/// Which adapter a prompt asks for: the default, the base model (null), or a name.
+enum Choice {
+    Default,
+    Base,
+    Named(String),
+}
+
+struct Prompt {
+    body: PromptBody,
+    adapter: Choice,
 }
 
 fn main() {
@@ -85,7 +105,27 @@ fn run(args: Args) -> Result<()> {
     }
     let prompts = collect_prompts(&args)?;
     let tok = TextTokenizer::load(&args.model)?;
-    let model = Model::load(&args.model)?;
+    let mut model = Model::load(&args.model)?;
+    let names = peftkit_core::train::lora::load_adapters(&mut model, &args.adapter)?;
+    let slot_of = |name: &str| -> Result<Option<usize>> {
+        if name == "base" {
+            return Ok(None);
+        }
+        names
+            .iter()
+            .position(|n| n == name)
+            .map(Some)
+            .ok_or_else(|| {
+                Error::usage(format!(
+                    "adapter {name} is not loaded (given: {})",
+                    names.join(", ")
+                ))
+            })
+    };
+    let default_slot = match args.use_adapter.as_deref() {
+        Some(n) => slot_of(n)?,
+        None => (!names.is_empty()).then_some(0),
+    };
     let eos = if args.ignore_eos {
         Vec::new()
     } else {
@@ -98,10 +138,15 @@ fn run(args: Args) -> Result<()> {
         top_k: args.top_k,
     };
     let mut rng = Rng::new(args.seed);
-    let opts = ForwardOptions::default();
     let stdout = std::io::stdout();
     for prompt in prompts {
-        let (shown, ids) = encode_prompt(&prompt, &args, &tok)?;
+        let adapter = match &prompt.adapter {
+            Choice::Default => default_slot,
+            Choice::Base => None,
+            Choice::Named(n) => slot_of(n)?,
+        };
+        let opts = ForwardOptions { adapter };
+        let (shown, ids) = encode_prompt(&prompt.body, &args, &tok)?;
         let start = std::time::Instant::now();
         let mut printed = String::new();
         let mut generated: Vec<u32> = Vec::new();
@@ -132,6 +177,7 @@ fn run(args: Args) -> Result<()> {
                 "text": text,
                 "token_ids": out,
                 "stop_reason": reason,
+                "adapter": adapter.map(|s| names[s].clone()),
                 "prompt_tokens": ids.len(),
                 "tokens_per_second": out.len() as f64 / secs.max(1e-9),
             });
@@ -153,18 +199,38 @@ fn collect_prompts(args: &Args) -> Result<Vec<Prompt>> {
             .into_iter()
             .map(|r| {
                 let v = &r.value;
+                let adapter = match v.get("adapter") {
+                    None => Choice::Default,
+                    Some(Value::Null) => Choice::Base,
+                    Some(Value::String(s)) => Choice::Named(s.clone()),
+                    Some(other) => {
+                        return Err(Error::bad_input(
+                            path,
+                            format!(
+                                "line {}: \"adapter\" must be a name or null, found {other}",
+                                r.line
+                            ),
+                        ))
+                    }
+                };
                 if let Some(s) = v
                     .get("prompt")
                     .or_else(|| v.get("text"))
                     .and_then(Value::as_str)
                 {
-                    return Ok(Prompt::Text(s.to_string()));
+                    return Ok(Prompt {
+                        body: PromptBody::Text(s.to_string()),
+                        adapter,
+                    });
                 }
                 if let Some(m) = v.get("messages") {
                     let msgs: Vec<Message> = serde_json::from_value(m.clone()).map_err(|e| {
                         Error::bad_input(path, format!("line {}: bad \"messages\": {e}", r.line))
                     })?;
-                    return Ok(Prompt::Chat(msgs));
+                    return Ok(Prompt {
+                        body: PromptBody::Chat(msgs),
+                        adapter,
+                    });
                 }
                 Err(Error::bad_input(
                     path,
@@ -182,14 +248,21 @@ fn collect_prompts(args: &Args) -> Result<Vec<Prompt>> {
             "give --prompt TEXT (repeatable) or --prompts FILE.jsonl",
         ));
     }
-    Ok(args.prompt.iter().cloned().map(Prompt::Text).collect())
+    Ok(args
+        .prompt
+        .iter()
+        .map(|t| Prompt {
+            body: PromptBody::Text(t.clone()),
+            adapter: Choice::Default,
+        })
+        .collect())
 }
 
 /// The text shown as "prompt" in JSON output and the token ids fed to the model.
-fn encode_prompt(p: &Prompt, args: &Args, tok: &TextTokenizer) -> Result<(String, Vec<u32>)> {
+fn encode_prompt(p: &PromptBody, args: &Args, tok: &TextTokenizer) -> Result<(String, Vec<u32>)> {
     let messages = match p {
-        Prompt::Text(t) if !args.chat => return Ok((t.clone(), tok.encode(t)?)),
-        Prompt::Text(t) => {
+        PromptBody::Text(t) if !args.chat => return Ok((t.clone(), tok.encode(t)?)),
+        PromptBody::Text(t) => {
             let mut m = Vec::new();
             if let Some(s) = &args.system {
                 m.push(Message {
@@ -203,7 +276,7 @@ fn encode_prompt(p: &Prompt, args: &Args, tok: &TextTokenizer) -> Result<(String
             });
             m
         }
-        Prompt::Chat(m) => m.clone(),
+        PromptBody::Chat(m) => m.clone(),
     };
     let rendered = tok.apply_chat_template(&messages, true)?;
     // The template already holds BOS where the model wants it.

@@ -533,3 +533,41 @@ pub fn install(model: &mut Model, state: TrainState, slot: usize) {
         }
     }
 }
+
+/// Load a PEFT LoRA/DoRA adapter directory into adapter slot `slot` of `model` for inference
+/// (the base weights are shared by every slot; nothing is copied or merged).
+pub fn load_for_inference(model: &mut Model, dir: &Path, slot: usize) -> Result<()> {
+    let mut state = TrainState::new(model.linears().len());
+    load_adapter(dir, model, &mut state)?;
+    install(model, state, slot);
+    Ok(())
+}
+
+/// Parse `NAME=DIR` (or a bare `DIR`, named after its last path component).
+pub fn parse_adapter_arg(s: &str) -> (String, std::path::PathBuf) {
+    match s.split_once('=') {
+        Some((n, d)) if !n.is_empty() && !n.contains('/') => (n.to_string(), d.into()),
+        _ => {
+            let p = std::path::PathBuf::from(s);
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| s.to_string());
+            (name, p)
+        }
+    }
+}
+
+/// Load every `--adapter` argument into consecutive slots; returns the names by slot.
+pub fn load_adapters(model: &mut Model, args: &[String]) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for a in args {
+        let (name, dir) = parse_adapter_arg(a);
+        if names.contains(&name) {
+            return Err(Error::usage(format!("adapter name {name} given twice")));
+        }
+        load_for_inference(model, &dir, names.len())?;
+        names.push(name);
+    }
+    Ok(names)
+}
