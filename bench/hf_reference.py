@@ -6,12 +6,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 p = argparse.ArgumentParser()
-p.add_argument("task", choices=["eval", "generate"])
+p.add_argument("task", choices=["eval", "generate", "train"])
 p.add_argument("--model", required=True)
 p.add_argument("--data")
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--max-len", type=int, default=256)
 p.add_argument("--new-tokens", type=int, default=128)
+p.add_argument("--steps", type=int, default=4)
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 tok = AutoTokenizer.from_pretrained(a.model)
@@ -26,6 +27,23 @@ if a.task == "eval":
         loss = model(ids, labels=ids).loss.item()
         dt = time.perf_counter() - t
     res = {"tokens": ids.numel(), "seconds": dt, "tokens_per_second": ids.numel() / dt, "loss": loss}
+elif a.task == "train":
+    from peft import LoraConfig, get_peft_model
+    texts = [json.loads(l)["text"] for l in open(a.data, encoding="utf-8")][:4]
+    ids = torch.tensor([tok(t)["input_ids"][: a.max_len] for t in texts])
+    model.train()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    times = []
+    for step in range(a.steps):
+        t = time.perf_counter()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t)
+    dt = sum(times[1:]) / max(1, len(times) - 1)  # first step is warm-up
+    res = {"tokens": ids.numel(), "seconds_per_step": dt, "tokens_per_second": ids.numel() / dt, "loss": loss.item()}
 else:
     msgs = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
     prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)

@@ -26,6 +26,17 @@ echo "==> generation, greedy, 128 new tokens" >&2
 measure ours_gen "$BIN/peft-generate" --model "$MODEL" --chat --prompt "$PROMPT" --max-new-tokens 128 --ignore-eos --threads "$THREADS" --json
 measure hf_gen "$PY" bench/hf_reference.py generate --model "$MODEL" --threads "$THREADS"
 
+echo "==> LoRA r16 on q,v, batch 4 x 256, f32" >&2
+head -n 4 "$OUT/eval.jsonl" > "$OUT/train.jsonl"
+rm -rf "$OUT/lora"
+/usr/bin/time -f "%M" -o "$OUT/ours_train.rss" "$BIN/peft-train" --model "$MODEL" --data "$OUT/train.jsonl" --format text \
+  --max-len 256 --batch 4 --steps 4 --rank 16 --alpha 32 --target q_proj,v_proj --lr 2e-4 --schedule constant \
+  --threads "$THREADS" --quiet --out "$OUT/lora" --log "$OUT/ours_train.log" > /dev/null
+# tokens/s over the whole run (step 1 included; transformers' number leaves its first step out)
+"$PY" -c "import json; r=[json.loads(l) for l in open('$OUT/ours_train.log') if '\"loss\"' in l]; print(json.dumps({'tokens_per_second': r[-1]['tokens_per_second'], 'loss': r[-1]['loss']}))" > "$OUT/ours_train.json"
+echo "  ours_train: $(cat "$OUT/ours_train.json") rss $(( $(cat "$OUT/ours_train.rss") / 1024 )) MB" >&2
+measure hf_train "$PY" bench/hf_reference.py train --model "$MODEL" --data "$OUT/train.jsonl" --threads "$THREADS"
+
 "$PY" - "$OUT" <<'PY'
 import json, sys, platform, os
 out = sys.argv[1]
@@ -33,11 +44,11 @@ def load(n):
     d = json.loads(open(f"{out}/{n}.json").read().strip().splitlines()[-1])
     d["rss_mb"] = int(open(f"{out}/{n}.rss").read()) / 1024
     return d
-r = {n: load(n) for n in ["ours_eval", "hf_eval", "ours_gen", "hf_gen"]}
+r = {n: load(n) for n in ["ours_eval", "hf_eval", "ours_gen", "hf_gen", "ours_train", "hf_train"]}
 json.dump(r, open(f"{out}/results.json", "w"), indent=2)
 print("| task | peftkit tokens/s | transformers tokens/s | speed-up | peftkit peak RSS | transformers peak RSS |")
 print("|---|---|---|---|---|---|")
-for task, a, b in [("eval 8x256 (f32)", "ours_eval", "hf_eval"), ("generate 128 greedy (f32)", "ours_gen", "hf_gen")]:
+for task, a, b in [("eval 8x256 (f32)", "ours_eval", "hf_eval"), ("generate 128 greedy (f32)", "ours_gen", "hf_gen"), ("LoRA r16 q,v train 4x256 (f32)", "ours_train", "hf_train")]:
     x, y = r[a]["tokens_per_second"], r[b]["tokens_per_second"]
     print(f"| {task} | {x:.1f} | {y:.1f} | {x / y:.2f}x | {r[a]['rss_mb']:.0f} MB | {r[b]['rss_mb']:.0f} MB |")
 print(f"\nloss: peftkit {r['ours_eval']['loss']:.5f}, transformers {r['hf_eval']['loss']:.5f}")
