@@ -98,6 +98,158 @@ pub fn matmul_tn(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usi
     sgemm(m, n, k, a, 1, m, b, n, 1, c, n, acc);
 }
 
+/// A frozen weight `[n, k]` (a linear layer's `[out, in]`) packed once in the GEMM driver's
+/// layout, so that products `x · Wᵀ` with it ([`matmul_nt_packed`]) skip packing the weight.
+/// Worth it when the same weight multiplies several inputs (the LM head over row chunks, a
+/// layer over several sub-batches); for very short products (m ≤ 4) the plain
+/// [`matmul_nt`] is faster.
+pub struct PackedWeight {
+    path: GemmPath,
+    n: usize,
+    k: usize,
+    buf: Vec<f32>,
+    off: usize,
+}
+
+impl Default for PackedWeight {
+    fn default() -> Self {
+        Self {
+            path: GemmPath::Scalar,
+            n: 0,
+            k: 0,
+            buf: Vec::new(),
+            off: 0,
+        }
+    }
+}
+
+impl PackedWeight {
+    /// Pack `w` (`[n, k]`, row-major) for the selected path.
+    pub fn new(w: &[f32], n: usize, k: usize) -> Self {
+        Self::with_path(GemmPath::selected(), w, n, k)
+    }
+
+    /// Pack for an explicit path (the `gemm` crate path packs for the best one). For tests.
+    pub fn with_path(path: GemmPath, w: &[f32], n: usize, k: usize) -> Self {
+        let mut p = Self::default();
+        p.repack_with(path, w, n, k);
+        p
+    }
+
+    /// Pack another weight into this buffer (reusing its memory).
+    pub fn repack(&mut self, w: &[f32], n: usize, k: usize) {
+        self.repack_with(GemmPath::selected(), w, n, k);
+    }
+
+    fn repack_with(&mut self, path: GemmPath, w: &[f32], n: usize, k: usize) {
+        assert!(w.len() >= n * k, "PackedWeight: weight size");
+        let path = match path {
+            GemmPath::Crate => GemmPath::best(),
+            p if !p.available() => GemmPath::best(),
+            p => p,
+        };
+        let len = match path {
+            #[cfg(target_arch = "x86_64")]
+            GemmPath::Avx512 => driver::packed_b_len::<avx512::Avx512>(n, k),
+            #[cfg(target_arch = "x86_64")]
+            GemmPath::Avx2 => driver::packed_b_len::<avx2::Avx2>(n, k),
+            _ => driver::packed_b_len::<scalar::Scalar>(n, k),
+        };
+        if self.buf.len() < len + 16 {
+            self.buf = vec![0.0; len + 16];
+        }
+        self.off = self.buf.as_ptr().align_offset(64).min(15);
+        self.path = path;
+        self.n = n;
+        self.k = k;
+        if n == 0 || k == 0 {
+            return;
+        }
+        let bv = View {
+            ptr: w.as_ptr(),
+            ls: k,
+            ks: 1,
+        };
+        let threads = if SERIAL.with(|s| s.get()) {
+            1
+        } else {
+            rayon::current_num_threads()
+        };
+        let dst = self.buf[self.off..].as_mut_ptr();
+        // SAFETY: `w` covers n×k (asserted), `dst` has room for `len` floats, and the path's
+        // instruction set is available (checked above).
+        unsafe {
+            match path {
+                #[cfg(target_arch = "x86_64")]
+                GemmPath::Avx512 => driver::pack_b_full::<avx512::Avx512>(n, k, bv, dst, threads),
+                #[cfg(target_arch = "x86_64")]
+                GemmPath::Avx2 => driver::pack_b_full::<avx2::Avx2>(n, k, bv, dst, threads),
+                _ => driver::pack_b_full::<scalar::Scalar>(n, k, bv, dst, threads),
+            }
+        }
+    }
+
+    /// Output features (rows of the weight).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input features (columns of the weight).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The path the weight was packed for.
+    pub fn path(&self) -> GemmPath {
+        self.path
+    }
+}
+
+/// C[m×n] (+)= A[m×k] · Wᵀ with a prepacked weight W `[n, k]` (same result as [`matmul_nt`]).
+pub fn matmul_nt_packed(a: &[f32], w: &PackedWeight, c: &mut [f32], m: usize, acc: bool) {
+    let (n, k) = (w.n, w.k);
+    assert!(
+        a.len() >= m * k && c.len() >= m * n,
+        "matmul_nt_packed operand sizes"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let threads = if m * n * k < PARALLEL_MIN || SERIAL.with(|s| s.get()) {
+        1
+    } else {
+        rayon::current_num_threads()
+    };
+    let av = View {
+        ptr: a.as_ptr(),
+        ls: k,
+        ks: 1,
+    };
+    let bsrc = driver::BSource::Prepacked(w.buf[w.off..].as_ptr());
+    let cp = c.as_mut_ptr();
+    // SAFETY: A covers m×k and C m×n (asserted), the buffer was packed by `pack_b_full` for
+    // this path, n and k, and the path's instruction set was checked when packing.
+    unsafe {
+        match w.path {
+            #[cfg(target_arch = "x86_64")]
+            GemmPath::Avx512 => {
+                driver::gemm_driver::<avx512::Avx512>(m, n, k, av, bsrc, cp, n, acc, threads)
+            }
+            #[cfg(target_arch = "x86_64")]
+            GemmPath::Avx2 => {
+                driver::gemm_driver::<avx2::Avx2>(m, n, k, av, bsrc, cp, n, acc, threads)
+            }
+            _ => driver::gemm_driver::<scalar::Scalar>(m, n, k, av, bsrc, cp, n, acc, threads),
+        }
+    }
+}
+
 fn check(a: &[f32], la: usize, b: &[f32], lb: usize, c: &[f32], lc: usize) {
     assert!(
         a.len() >= la && b.len() >= lb && c.len() >= lc,
@@ -478,6 +630,46 @@ mod tests {
                     run_layout(path, layout, &a, &b, &mut c, m, n, k, false);
                     assert_close_ctx(&c, &want, &format!("{path:?} l{layout} {m}x{n}x{k}"));
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn prepacked_weights_every_path() {
+        let mut rng = crate::rng::Rng::new(21);
+        // Odd sizes, several KC blocks and (for every kernel) several NC blocks.
+        let shapes = [
+            (1, 1, 1),
+            (5, 7, 3),
+            (13, 33, 65),
+            (37, 70, 400),
+            (25, 3100, 40),
+            (30, 2100, 777),
+            (3, 1100, 20),
+            (0, 5, 5),
+            (4, 6, 0),
+        ];
+        for path in PATHS.into_iter().filter(|p| p.available()) {
+            let mut reused = PackedWeight::default();
+            for &(m, n, k) in &shapes {
+                let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+                let w: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
+                let want = naive(&a, &transpose(&w, n, k), m, n, k);
+                let pw = PackedWeight::with_path(path, &w, n, k);
+                assert_eq!((pw.n(), pw.k()), (n, k));
+                let mut c = vec![f32::NAN; m * n];
+                matmul_nt_packed(&a, &pw, &mut c, m, false);
+                assert_close_ctx(&c, &want, &format!("{path:?} packed {m}x{n}x{k}"));
+                let c0: Vec<f32> = (0..m * n).map(|_| rng.normal()).collect();
+                let mut c = c0.clone();
+                reused.repack_with(path, &w, n, k);
+                matmul_nt_packed(&a, &reused, &mut c, m, true);
+                let want_acc: Vec<f32> = want.iter().zip(&c0).map(|(w, c)| w + c).collect();
+                assert_close_ctx(&c, &want_acc, &format!("{path:?} packed acc {m}x{n}x{k}"));
+                // Serial (single-thread) products give the same result.
+                let mut c = vec![f32::NAN; m * n];
+                serial(|| matmul_nt_packed(&a, &pw, &mut c, m, false));
+                assert_close_ctx(&c, &want, &format!("{path:?} packed serial {m}x{n}x{k}"));
             }
         }
     }

@@ -18,13 +18,34 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         .zip(x.par_chunks(cr))
         .for_each(|(o, xi)| {
             for (orow, xrow) in o.chunks_exact_mut(width).zip(xi.chunks_exact(width)) {
-                let ss: f32 = xrow.iter().map(|v| v * v).sum();
-                let inv = 1.0 / (ss / width as f32 + eps).sqrt();
-                for ((o, &v), &g) in orow.iter_mut().zip(xrow).zip(w) {
-                    *o = g * (v * inv);
+                #[cfg(target_arch = "x86_64")]
+                if avx512() {
+                    // SAFETY: AVX-512F is available; the rows have `width` elements.
+                    unsafe { x86::rms_norm_row(xrow, w, eps, orow) };
+                    continue;
                 }
+                rms_norm_row_scalar(xrow, w, eps, orow);
             }
         });
+}
+
+fn rms_norm_row_scalar(xrow: &[f32], w: &[f32], eps: f32, orow: &mut [f32]) {
+    let ss: f32 = xrow.iter().map(|v| v * v).sum();
+    let inv = 1.0 / (ss / w.len() as f32 + eps).sqrt();
+    for ((o, &v), &g) in orow.iter_mut().zip(xrow).zip(w) {
+        *o = g * (v * inv);
+    }
+}
+
+/// Whether the AVX-512 element-wise kernels run (`PEFTKIT_OPS=scalar` forces the portable
+/// ones).
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        is_x86_feature_detected!("avx512f")
+            && std::env::var("PEFTKIT_OPS").map_or(true, |v| v.trim() != "scalar")
+    })
 }
 
 /// LayerNorm with biased variance (GPT-2): out = (x − mean)/sqrt(var + eps) · w + b.
@@ -49,7 +70,15 @@ pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
 pub fn add_assign(x: &mut [f32], y: &[f32]) {
     x.par_chunks_mut(16384)
         .zip(y.par_chunks(16384))
-        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+        .for_each(|(a, b)| {
+            #[cfg(target_arch = "x86_64")]
+            if avx512() {
+                // SAFETY: AVX-512F is available.
+                unsafe { x86::add_assign(a, b) };
+                return;
+            }
+            a.iter_mut().zip(b).for_each(|(a, b)| *a += b)
+        });
 }
 
 /// Add a bias row to every row of x.
@@ -86,6 +115,15 @@ pub fn exp_fast(x: f32) -> f32 {
 
 /// Σ exp(x − shift), accumulated in 16 lanes so that it vectorizes.
 pub fn sum_exp_shifted(x: &[f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is available.
+        return unsafe { x86::sum_exp_shifted(x, shift) };
+    }
+    sum_exp_shifted_scalar(x, shift)
+}
+
+fn sum_exp_shifted_scalar(x: &[f32], shift: f32) -> f32 {
     let mut acc = [0.0f32; 16];
     let chunks = x.chunks_exact(16);
     let tail = chunks.remainder();
@@ -101,6 +139,15 @@ pub fn sum_exp_shifted(x: &[f32], shift: f32) -> f32 {
 
 /// Maximum of a row, 16 lanes at a time.
 pub fn max_of(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is available.
+        return unsafe { x86::max_of(x) };
+    }
+    max_of_scalar(x)
+}
+
+fn max_of_scalar(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 16];
     let chunks = x.chunks_exact(16);
     let tail = chunks.remainder();
@@ -156,10 +203,20 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(16384)
         .zip(gate.par_chunks(16384).zip(up.par_chunks(16384)))
         .for_each(|(o, (g, u))| {
-            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = silu(g) * u;
+            #[cfg(target_arch = "x86_64")]
+            if avx512() {
+                // SAFETY: AVX-512F is available.
+                unsafe { x86::swiglu(g, u, o) };
+                return;
             }
+            swiglu_scalar(g, u, o)
         });
+}
+
+fn swiglu_scalar(g: &[f32], u: &[f32], o: &mut [f32]) {
+    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+        *o = silu(g) * u;
+    }
 }
 
 /// Apply an activation in place.
@@ -187,11 +244,246 @@ pub fn softmax_row(row: &mut [f32]) {
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// In-place softmax of `scale · row` (all entries finite): attention scores.
+pub fn softmax_scaled(row: &mut [f32], scale: f32) {
+    if row.is_empty() {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is available.
+        unsafe { x86::softmax_scaled(row, scale) };
+        return;
+    }
+    softmax_scaled_scalar(row, scale)
+}
+
+fn softmax_scaled_scalar(row: &mut [f32], scale: f32) {
+    row.iter_mut().for_each(|v| *v *= scale);
+    let max = max_of_scalar(row);
+    row.iter_mut().for_each(|v| *v = exp_fast(*v - max));
+    let inv = 1.0 / row.iter().sum::<f32>();
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// One step of an online log-sum-exp: given the running maximum `max` and the running
+/// `sum` of exp(v − max) over earlier values, fold in `row`; returns the new (max, sum).
+pub fn logsumexp_update(row: &[f32], max: f32, sum: f32) -> (f32, f32) {
+    let m = max_of(row).max(max);
+    if m == f32::NEG_INFINITY {
+        return (m, sum);
+    }
+    let old = if max == f32::NEG_INFINITY {
+        0.0
+    } else {
+        sum * exp_fast(max - m)
+    };
+    (m, old + sum_exp_shifted(row, m))
+}
+
 /// log-softmax value of entry `target` of a row, computed stably.
 pub fn log_softmax_at(row: &[f32], target: usize) -> f32 {
     let max = max_of(row);
     let sum = sum_exp_shifted(row, max);
     (row[target] - max) - sum.ln()
+}
+
+/// AVX-512 versions of the row kernels (same arithmetic as the portable ones, 16 lanes).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    fn mask(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+
+    /// e^x per lane, as [`super::exp_fast`].
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub fn exp(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-87.33)),
+            _mm512_set1_ps(88.72),
+        );
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, n)
+    }
+
+    /// # Safety
+    /// AVX-512F; slices of equal length.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+        let n = x.len().min(w.len()).min(out.len());
+        // SAFETY: masked accesses stay below n.
+        unsafe {
+            let mut acc = _mm512_setzero_ps();
+            let mut i = 0;
+            while i < n {
+                let m = mask(n - i);
+                let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
+                acc = _mm512_fmadd_ps(v, v, acc);
+                i += 16;
+            }
+            let ss = _mm512_reduce_add_ps(acc);
+            let inv = _mm512_set1_ps(1.0 / (ss / n as f32 + eps).sqrt());
+            let mut i = 0;
+            while i < n {
+                let m = mask(n - i);
+                let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
+                let g = _mm512_maskz_loadu_ps(m, w.as_ptr().add(i));
+                let o = _mm512_mul_ps(g, _mm512_mul_ps(v, inv));
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, o);
+                i += 16;
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn add_assign(a: &mut [f32], b: &[f32]) {
+        let n = a.len().min(b.len());
+        let mut i = 0;
+        // SAFETY: masked accesses stay below n.
+        unsafe {
+            while i < n {
+                let m = mask(n - i);
+                let p = a.as_mut_ptr().add(i);
+                let v = _mm512_add_ps(
+                    _mm512_maskz_loadu_ps(m, p),
+                    _mm512_maskz_loadu_ps(m, b.as_ptr().add(i)),
+                );
+                _mm512_mask_storeu_ps(p, m, v);
+                i += 16;
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn swiglu(g: &[f32], u: &[f32], o: &mut [f32]) {
+        let n = g.len().min(u.len()).min(o.len());
+        let one = _mm512_set1_ps(1.0);
+        let mut i = 0;
+        // SAFETY: masked accesses stay below n.
+        unsafe {
+            while i < n {
+                let m = mask(n - i);
+                let gv = _mm512_maskz_loadu_ps(m, g.as_ptr().add(i));
+                let uv = _mm512_maskz_loadu_ps(m, u.as_ptr().add(i));
+                let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+                let s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+                _mm512_mask_storeu_ps(o.as_mut_ptr().add(i), m, _mm512_mul_ps(s, uv));
+                i += 16;
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn max_of(x: &[f32]) -> f32 {
+        let n = x.len();
+        let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        // SAFETY: masked loads stay below n.
+        unsafe {
+            while i + 16 <= n {
+                acc = _mm512_max_ps(acc, _mm512_loadu_ps(x.as_ptr().add(i)));
+                i += 16;
+            }
+            if i < n {
+                acc = _mm512_mask_max_ps(acc, mask(n - i), acc, _mm512_loadu_ps_masked(x, i));
+            }
+        }
+        _mm512_reduce_max_ps(acc)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn _mm512_loadu_ps_masked(x: &[f32], i: usize) -> __m512 {
+        // SAFETY: the mask covers only elements below x.len().
+        unsafe { _mm512_maskz_loadu_ps(mask(x.len() - i), x.as_ptr().add(i)) }
+    }
+
+    /// # Safety
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn sum_exp_shifted(x: &[f32], shift: f32) -> f32 {
+        let n = x.len();
+        let sh = _mm512_set1_ps(shift);
+        let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut i = 0;
+        // SAFETY: loads stay below n.
+        unsafe {
+            while i + 32 <= n {
+                let p = x.as_ptr().add(i);
+                a0 = _mm512_add_ps(a0, exp(_mm512_sub_ps(_mm512_loadu_ps(p), sh)));
+                a1 = _mm512_add_ps(a1, exp(_mm512_sub_ps(_mm512_loadu_ps(p.add(16)), sh)));
+                i += 32;
+            }
+            while i < n {
+                let m = mask(n - i);
+                let e = exp(_mm512_sub_ps(_mm512_loadu_ps_masked(x, i), sh));
+                a0 = _mm512_mask_add_ps(a0, m, a0, e);
+                i += 16;
+            }
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(a0, a1))
+    }
+
+    /// # Safety
+    /// AVX-512F; `row` is not empty.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn softmax_scaled(row: &mut [f32], scale: f32) {
+        let n = row.len();
+        let sc = _mm512_set1_ps(scale);
+        let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+        let p = row.as_mut_ptr();
+        // SAFETY: masked accesses stay below n.
+        unsafe {
+            let mut i = 0;
+            while i < n {
+                let m = mask(n - i);
+                let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(i)), sc);
+                mx = _mm512_mask_max_ps(mx, m, mx, v);
+                i += 16;
+            }
+            let mx = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+            let mut sum = _mm512_setzero_ps();
+            let mut i = 0;
+            while i < n {
+                let m = mask(n - i);
+                let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(i)), sc);
+                let e = exp(_mm512_sub_ps(v, mx));
+                sum = _mm512_mask_add_ps(sum, m, sum, e);
+                _mm512_mask_storeu_ps(p.add(i), m, e);
+                i += 16;
+            }
+            let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+            let mut i = 0;
+            while i < n {
+                let m = mask(n - i);
+                let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(i)), inv);
+                _mm512_mask_storeu_ps(p.add(i), m, v);
+                i += 16;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -244,5 +536,111 @@ mod tests {
         softmax_row(&mut row);
         assert!((row[2].ln() - lp).abs() < 1e-6);
         assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    }
+
+    /// Odd-size inputs for the kernel comparisons.
+    fn data(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut rng = crate::rng::Rng::new(seed);
+        (0..n).map(|_| rng.normal() * scale).collect()
+    }
+
+    fn close(a: &[f32], b: &[f32], tol: f32, ctx: &str) {
+        assert_eq!(a.len(), b.len(), "{ctx}");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * (1.0 + y.abs()),
+                "{ctx} [{i}]: {x} vs {y}"
+            );
+        }
+    }
+
+    const SIZES: [usize; 9] = [1, 3, 15, 16, 17, 31, 33, 100, 577];
+
+    #[test]
+    fn row_kernels_match_naive_both_paths() {
+        for &n in &SIZES {
+            let x = data(n, n as u64, 3.0);
+            let w = data(n, 99 + n as u64, 1.0);
+            let y = data(n, 7 + n as u64, 1.0);
+            // Naive references in f64.
+            let ss: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+            let inv = 1.0 / (ss / n as f64 + 1e-5).sqrt();
+            let rms: Vec<f32> = x
+                .iter()
+                .zip(&w)
+                .map(|(&v, &g)| (v as f64 * inv * g as f64) as f32)
+                .collect();
+            let swi: Vec<f32> = x
+                .iter()
+                .zip(&y)
+                .map(|(&g, &u)| (g as f64 / (1.0 + (-g as f64).exp()) * u as f64) as f32)
+                .collect();
+            let mx = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let se: f64 = x.iter().map(|&v| ((v - 1.5) as f64).exp()).sum();
+            let sm: Vec<f32> = {
+                let z: Vec<f64> = x.iter().map(|&v| ((v - mx) as f64 * 0.7).exp()).collect();
+                let t: f64 = z.iter().sum();
+                z.iter().map(|v| (v / t) as f32).collect()
+            };
+            let sum: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
+            let ctx = format!("n={n}");
+            let mut o = vec![0.0; n];
+            rms_norm_row_scalar(&x, &w, 1e-5, &mut o);
+            close(&o, &rms, 1e-5, &ctx);
+            swiglu_scalar(&x, &y, &mut o);
+            close(&o, &swi, 1e-5, &ctx);
+            assert_eq!(max_of_scalar(&x), mx);
+            close(&[sum_exp_shifted_scalar(&x, 1.5)], &[se as f32], 1e-5, &ctx);
+            let mut r = x.clone();
+            softmax_scaled_scalar(&mut r, 0.7);
+            close(&r, &sm, 1e-5, &ctx);
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx512f") {
+                // SAFETY: AVX-512F checked above.
+                unsafe {
+                    x86::rms_norm_row(&x, &w, 1e-5, &mut o);
+                    close(&o, &rms, 1e-5, &ctx);
+                    x86::swiglu(&x, &y, &mut o);
+                    close(&o, &swi, 1e-5, &ctx);
+                    assert_eq!(x86::max_of(&x), mx);
+                    close(&[x86::sum_exp_shifted(&x, 1.5)], &[se as f32], 1e-5, &ctx);
+                    r.copy_from_slice(&x);
+                    x86::softmax_scaled(&mut r, 0.7);
+                    close(&r, &sm, 1e-5, &ctx);
+                    let mut a = x.clone();
+                    x86::add_assign(&mut a, &y);
+                    close(&a, &sum, 0.0, &ctx);
+                    for &v in &x {
+                        let e = x86::exp(std::arch::x86_64::_mm512_set1_ps(v));
+                        let mut out = [0.0f32; 16];
+                        std::arch::x86_64::_mm512_storeu_ps(out.as_mut_ptr(), e);
+                        close(&out[..1], &[v.exp()], 5e-7, &ctx);
+                    }
+                }
+            }
+            // Public entry points (whichever path this CPU takes).
+            let mut a = x.clone();
+            add_assign(&mut a, &y);
+            close(&a, &sum, 0.0, &ctx);
+            rms_norm(&x, &w, 1e-5, &mut o);
+            close(&o, &rms, 1e-5, &ctx);
+        }
+    }
+
+    #[test]
+    fn online_logsumexp_matches_direct() {
+        let x = data(1000, 5, 4.0);
+        let want = {
+            let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+        };
+        for block in [1, 7, 16, 333, 1000] {
+            let (mut m, mut s) = (f32::NEG_INFINITY, 0.0);
+            for c in x.chunks(block) {
+                (m, s) = logsumexp_update(c, m, s);
+            }
+            let got = m as f64 + (s as f64).ln();
+            assert!((got - want).abs() < 1e-5, "block {block}: {got} vs {want}");
+        }
     }
 }

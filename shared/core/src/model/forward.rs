@@ -6,6 +6,7 @@
 
 use super::config::{Activation, NormKind};
 use super::hooks::ForwardOptions;
+use super::linear::{Linear, Weight};
 use super::rope::RopeTable;
 use super::{Block, Mlp, Model, Norm, QkvProj};
 use crate::error::{Error, Result};
@@ -48,8 +49,19 @@ impl Model {
     pub fn forward(
         &self,
         seqs: &[SeqInput],
+        caches: Option<&mut [KvCache]>,
+        opts: &ForwardOptions,
+    ) -> Result<Vec<f32>> {
+        self.forward_grouped(seqs, caches, opts, group_tokens())
+    }
+
+    /// [`Model::forward`] with sub-batches of at most `group` tokens (whole sequences).
+    fn forward_grouped(
+        &self,
+        seqs: &[SeqInput],
         mut caches: Option<&mut [KvCache]>,
         opts: &ForwardOptions,
+        group: usize,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
         if let Some(cs) = caches.as_deref() {
@@ -97,29 +109,51 @@ impl Model {
             }
         }
 
+        // Whole sequences are grouped into sub-batches of about GROUP_TOKENS rows: each layer
+        // runs group by group, so that the activations of a group stay in cache between the
+        // ops of a layer, and each weight is packed once per layer for all groups.
+        let groups = group_sequences(&spans, group);
+        let mut packs = Packs::new(groups.len() > 1);
         let mut normed = vec![0.0f32; total * h];
         for (li, block) in self.blocks.iter().enumerate() {
-            apply_norm(&block.attn_norm, c.norm, &x, &mut normed);
-            let mut attn_out = self.attention(
-                li,
-                block,
-                &normed,
-                total,
-                &spans,
-                rope.as_ref(),
-                caches.as_deref_mut(),
-                opts,
-            );
-            if let Some(Some(a)) = opts.adapter.and_then(|s| block.adapters.get(s)) {
-                a.after_attention(&mut attn_out, total);
+            packs.clear();
+            for &(g0, g1) in &groups {
+                let r0 = spans[g0].start;
+                let r1 = spans[g1 - 1].start + spans[g1 - 1].len;
+                let rows = r1 - r0;
+                let gspans: Vec<Span> = spans[g0..g1]
+                    .iter()
+                    .map(|s| Span {
+                        start: s.start - r0,
+                        ..*s
+                    })
+                    .collect();
+                let xg = &mut x[r0 * h..r1 * h];
+                let ng = &mut normed[r0 * h..r1 * h];
+                apply_norm(&block.attn_norm, c.norm, xg, ng);
+                let mut attn_out = self.attention(
+                    li,
+                    block,
+                    ng,
+                    rows,
+                    &gspans,
+                    rope.as_ref(),
+                    caches.as_deref_mut().map(|cs| &mut cs[g0..g1]),
+                    opts,
+                    &mut packs,
+                );
+                if let Some(Some(a)) = opts.adapter.and_then(|s| block.adapters.get(s)) {
+                    a.after_attention(&mut attn_out, rows);
+                }
+                ops::add_assign(xg, &attn_out);
+                drop(attn_out);
+                apply_norm(&block.mlp_norm, c.norm, xg, ng);
+                let mut mlp_out = self.mlp(block, ng, rows, opts, &mut packs);
+                if let Some(Some(a)) = opts.adapter.and_then(|s| block.adapters.get(s)) {
+                    a.after_mlp(&mut mlp_out, rows);
+                }
+                ops::add_assign(xg, &mlp_out);
             }
-            ops::add_assign(&mut x, &attn_out);
-            apply_norm(&block.mlp_norm, c.norm, &x, &mut normed);
-            let mut mlp_out = self.mlp(block, &normed, total, opts);
-            if let Some(Some(a)) = opts.adapter.and_then(|s| block.adapters.get(s)) {
-                a.after_mlp(&mut mlp_out, total);
-            }
-            ops::add_assign(&mut x, &mlp_out);
         }
         if let Some(cs) = caches {
             for (cache, span) in cs.iter_mut().zip(&spans) {
@@ -141,16 +175,17 @@ impl Model {
         rope: Option<&RopeTable>,
         caches: Option<&mut [KvCache]>,
         opts: &ForwardOptions,
+        packs: &mut Packs,
     ) -> Vec<f32> {
         let c = &self.config;
         let (qd, kvd, d) = (c.q_dim(), c.kv_dim(), c.head_dim);
         let (mut q, mut k, v) = match &block.attn.qkv {
             QkvProj::Separate { q, k, v } => (
-                q.forward_alloc(x, rows, opts),
-                k.forward_alloc(x, rows, opts),
-                v.forward_alloc(x, rows, opts),
+                packs.linear(q, x, rows, opts),
+                packs.linear(k, x, rows, opts),
+                packs.linear(v, x, rows, opts),
             ),
-            QkvProj::Fused(l) => split_qkv(&l.forward_alloc(x, rows, opts), rows, qd, kvd),
+            QkvProj::Fused(l) => split_qkv(&packs.linear(l, x, rows, opts), rows, qd, kvd),
         };
         if let Some(rope) = rope {
             for span in spans {
@@ -221,14 +256,22 @@ impl Model {
                     .copy_from_slice(&out[i * d..(i + 1) * d]);
             }
         }
-        block.attn.o.forward_alloc(&merged, rows, opts)
+        drop(results);
+        packs.linear(&block.attn.o, &merged, rows, opts)
     }
 
-    fn mlp(&self, block: &Block, x: &[f32], rows: usize, opts: &ForwardOptions) -> Vec<f32> {
+    fn mlp(
+        &self,
+        block: &Block,
+        x: &[f32],
+        rows: usize,
+        opts: &ForwardOptions,
+        packs: &mut Packs,
+    ) -> Vec<f32> {
         match &block.mlp {
             Mlp::Gated { gate, up, down } => {
-                let g = gate.forward_alloc(x, rows, opts);
-                let u = up.forward_alloc(x, rows, opts);
+                let g = packs.linear(gate, x, rows, opts);
+                let u = packs.linear(up, x, rows, opts);
                 let mut a = vec![0.0f32; g.len()];
                 match self.config.act {
                     Activation::Silu => ops::swiglu(&g, &u, &mut a),
@@ -239,12 +282,13 @@ impl Model {
                             .for_each(|(o, (g, u))| *o = f(*g) * u);
                     }
                 }
-                down.forward_alloc(&a, rows, opts)
+                drop((g, u));
+                packs.linear(down, &a, rows, opts)
             }
             Mlp::Plain { fc, proj } => {
-                let mut a = fc.forward_alloc(x, rows, opts);
+                let mut a = packs.linear(fc, x, rows, opts);
                 ops::activate(&mut a, act_fn(self.config.act));
-                proj.forward_alloc(&a, rows, opts)
+                packs.linear(proj, &a, rows, opts)
             }
         }
     }
@@ -270,9 +314,32 @@ impl Model {
         }
     }
 
-    /// log p(target | row) for each (hidden row, target token) pair, computed in chunks so
-    /// that the logits of all rows never exist at once.
+    /// log p(target | row) for each (hidden row, target token) pair, computed so that the
+    /// logits of all rows never exist at once.
     pub fn target_logprobs(
+        &self,
+        hidden: &[f32],
+        targets: &[(usize, u32)],
+        opts: &ForwardOptions,
+    ) -> Vec<f32> {
+        // Plain head weight (no bias, no adapter): the fused vocabulary-blocked path.
+        let head = match &self.lm_head {
+            None => Some(&self.embed[..]),
+            Some(l) if l.bias.is_none() && l.adapter(opts).is_none() => match &l.weight {
+                Weight::F32(w) => Some(&w[..]),
+            },
+            Some(_) => None,
+        };
+        match head {
+            Some(w) if targets.len() >= FUSED_HEAD_MIN_ROWS => {
+                fused_head_logprobs(w, self.config.vocab, self.config.hidden, hidden, targets)
+            }
+            _ => self.target_logprobs_chunked(hidden, targets, opts),
+        }
+    }
+
+    /// [`Model::target_logprobs`] through [`Model::logits`] on row chunks (any head).
+    fn target_logprobs_chunked(
         &self,
         hidden: &[f32],
         targets: &[(usize, u32)],
@@ -282,7 +349,7 @@ impl Model {
         let h = self.config.hidden;
         let vocab = self.config.vocab;
         let mut out = Vec::with_capacity(targets.len());
-        let mut rows = vec![0.0f32; CHUNK * h];
+        let mut rows = vec![0.0f32; CHUNK.min(targets.len()) * h];
         for chunk in targets.chunks(CHUNK) {
             for (i, &(r, _)) in chunk.iter().enumerate() {
                 rows[i * h..(i + 1) * h].copy_from_slice(&hidden[r * h..(r + 1) * h]);
@@ -296,6 +363,137 @@ impl Model {
             out.extend(lps);
         }
         out
+    }
+}
+
+/// Fewer target rows than this go through the plain chunked head.
+const FUSED_HEAD_MIN_ROWS: usize = 48;
+
+/// log-softmax at the targets of `x[rows] · Wᵀ` for a head weight `w [vocab, h]`, vocabulary
+/// block by block: each block of the weight is packed once for all rows, and per row a running
+/// maximum and sum of exponentials (online log-sum-exp) replace the full logits row.
+fn fused_head_logprobs(
+    w: &[f32],
+    vocab: usize,
+    h: usize,
+    hidden: &[f32],
+    targets: &[(usize, u32)],
+) -> Vec<f32> {
+    const VB: usize = 3072;
+    const R: usize = 192;
+    let t = targets.len();
+    let mut x = vec![0.0f32; t * h];
+    x.par_chunks_mut(h)
+        .zip(targets.par_iter())
+        .for_each(|(row, &(r, _))| row.copy_from_slice(&hidden[r * h..(r + 1) * h]));
+    // Per row: (running max, running sum of exp(logit − max), target logit).
+    let mut state = vec![(f32::NEG_INFINITY, 0.0f32, 0.0f32); t];
+    let mut packed = gemm::PackedWeight::default();
+    let mut logits = vec![0.0f32; R.min(t) * VB.min(vocab)];
+    for v0 in (0..vocab).step_by(VB) {
+        let vb = VB.min(vocab - v0);
+        packed.repack(&w[v0 * h..(v0 + vb) * h], vb, h);
+        for r0 in (0..t).step_by(R) {
+            let rows = R.min(t - r0);
+            let lg = &mut logits[..rows * vb];
+            gemm::matmul_nt_packed(&x[r0 * h..(r0 + rows) * h], &packed, lg, rows, false);
+            lg.par_chunks(vb)
+                .zip(state[r0..r0 + rows].par_iter_mut())
+                .zip(targets[r0..r0 + rows].par_iter())
+                .with_min_len(8)
+                .for_each(|((row, st), &(_, tgt))| {
+                    let (mx, sum) = ops::logsumexp_update(row, st.0, st.1);
+                    st.0 = mx;
+                    st.1 = sum;
+                    let tgt = tgt as usize;
+                    if (v0..v0 + vb).contains(&tgt) {
+                        st.2 = row[tgt - v0];
+                    }
+                });
+        }
+    }
+    state
+        .iter()
+        .map(|&(mx, sum, tl)| (tl - mx) - sum.ln())
+        .collect()
+}
+
+/// Tokens per sub-batch of [`Model::forward`] (`PEFTKIT_GROUP_TOKENS` overrides, for tuning).
+fn group_tokens() -> usize {
+    static G: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *G.get_or_init(|| {
+        std::env::var("PEFTKIT_GROUP_TOKENS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|&g| g > 0)
+            .unwrap_or(512)
+    })
+}
+
+/// Consecutive sequences grouped into sub-batches of at most `budget` tokens (a longer sequence
+/// forms a group of its own): `(first, end)` sequence index ranges.
+fn group_sequences(spans: &[Span], budget: usize) -> Vec<(usize, usize)> {
+    let mut groups = Vec::new();
+    let mut i = 0;
+    while i < spans.len() {
+        let mut j = i;
+        let mut tokens = 0;
+        while j < spans.len() && (j == i || tokens + spans[j].len <= budget) {
+            tokens += spans[j].len;
+            j += 1;
+        }
+        groups.push((i, j));
+        i = j;
+    }
+    groups
+}
+
+/// Weights of the current layer packed once for all sub-batches (buffers reused across layers).
+struct Packs {
+    on: bool,
+    slots: Vec<(*const Linear, gemm::PackedWeight)>,
+    used: usize,
+}
+
+impl Packs {
+    /// Products with fewer rows use the plain path (generation steps).
+    const MIN_ROWS: usize = 16;
+
+    fn new(on: bool) -> Self {
+        Self {
+            on,
+            slots: Vec::new(),
+            used: 0,
+        }
+    }
+
+    /// Forget the packed weights (a new layer starts), keeping the buffers.
+    fn clear(&mut self) {
+        self.used = 0;
+    }
+
+    fn linear(&mut self, l: &Linear, x: &[f32], rows: usize, opts: &ForwardOptions) -> Vec<f32> {
+        if !self.on || rows < Self::MIN_ROWS {
+            return l.forward_alloc(x, rows, opts);
+        }
+        let key = l as *const Linear;
+        let idx = match self.slots[..self.used].iter().position(|(p, _)| *p == key) {
+            Some(i) => i,
+            None => {
+                if self.used == self.slots.len() {
+                    self.slots
+                        .push((std::ptr::null(), gemm::PackedWeight::default()));
+                }
+                let slot = &mut self.slots[self.used];
+                slot.0 = key;
+                l.pack_into(&mut slot.1);
+                self.used += 1;
+                self.used - 1
+            }
+        };
+        let mut y = vec![0.0; rows * l.out_features];
+        l.forward_with(x, rows, &mut y, opts, Some(&self.slots[idx].1));
+        y
     }
 }
 
@@ -344,10 +542,9 @@ fn attend_one_head(
             let row = &mut scores[r * width..(r + 1) * width];
             let row_lo = window.map_or(0, |w| (qpos + 1).saturating_sub(w)) - lo;
             let row_hi = qpos + 1 - lo;
-            row[..row_lo].fill(f32::NEG_INFINITY);
-            row[row_hi..].fill(f32::NEG_INFINITY);
-            row[row_lo..row_hi].iter_mut().for_each(|v| *v *= scale);
-            ops::softmax_row(row);
+            row[..row_lo].fill(0.0);
+            row[row_hi..].fill(0.0);
+            ops::softmax_scaled(&mut row[row_lo..row_hi], scale);
         }
         gemm::sgemm(
             rows,
@@ -396,4 +593,76 @@ fn split_qkv(fused: &[f32], rows: usize, qd: usize, kvd: usize) -> (Vec<f32>, Ve
         v.extend_from_slice(&row[qd + kvd..]);
     }
     (q, k, v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Model {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models")
+            .join(name);
+        Model::load(&dir).unwrap()
+    }
+
+    fn close(a: &[f32], b: &[f32], ctx: &str) {
+        assert_eq!(a.len(), b.len(), "{ctx}");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                "{ctx} [{i}]: {x} vs {y}"
+            );
+        }
+    }
+
+    #[test]
+    fn sub_batches_and_fused_head_match_the_plain_paths() {
+        let opts = ForwardOptions::default();
+        for name in ["llama_gqa", "llama_untied", "gpt2", "qwen2"] {
+            let model = fixture(name);
+            let mut rng = crate::rng::Rng::new(3);
+            let ids: Vec<Vec<u32>> = [5usize, 40, 17, 33, 1, 60, 9]
+                .iter()
+                .map(|&n| {
+                    (0..n)
+                        .map(|_| rng.below(model.config.vocab) as u32)
+                        .collect()
+                })
+                .collect();
+            let seqs: Vec<SeqInput> = ids.iter().map(|i| SeqInput { ids: i }).collect();
+            let one = model
+                .forward_grouped(&seqs, None, &opts, usize::MAX)
+                .unwrap();
+            for group in [1, 50, 64] {
+                let grouped = model.forward_grouped(&seqs, None, &opts, group).unwrap();
+                close(&grouped, &one, &format!("{name} group {group}"));
+                // With KV caches: same hidden states and the same cache contents.
+                let layers = model.blocks.len();
+                let mut ca = vec![KvCache::new(layers); seqs.len()];
+                let mut cb = vec![KvCache::new(layers); seqs.len()];
+                let a = model
+                    .forward_grouped(&seqs, Some(&mut ca), &opts, usize::MAX)
+                    .unwrap();
+                let b = model
+                    .forward_grouped(&seqs, Some(&mut cb), &opts, group)
+                    .unwrap();
+                close(&b, &a, &format!("{name} cached group {group}"));
+                for (x, y) in ca.iter().zip(&cb) {
+                    assert_eq!(x.len, y.len);
+                    for (lx, ly) in x.layers.iter().zip(&y.layers) {
+                        close(&ly.0, &lx.0, name);
+                        close(&ly.1, &lx.1, name);
+                    }
+                }
+            }
+            let rows = one.len() / model.config.hidden;
+            let targets: Vec<(usize, u32)> = (0..rows)
+                .map(|r| (r, rng.below(model.config.vocab) as u32))
+                .collect();
+            let fused = model.target_logprobs(&one, &targets, &opts);
+            let chunked = model.target_logprobs_chunked(&one, &targets, &opts);
+            close(&fused, &chunked, &format!("{name} head"));
+        }
+    }
 }

@@ -48,6 +48,26 @@ impl Linear {
 
     /// y[rows, out] = x[rows, in] · Wᵀ + b, then the active adapter's contribution.
     pub fn forward(&self, x: &[f32], rows: usize, y: &mut [f32], opts: &ForwardOptions) {
+        self.forward_with(x, rows, y, opts, None);
+    }
+
+    /// Pack the base weight for [`Linear::forward_with`] into `dst` (reusing its memory).
+    pub fn pack_into(&self, dst: &mut gemm::PackedWeight) {
+        match &self.weight {
+            Weight::F32(w) => dst.repack(w, self.out_features, self.in_features),
+        }
+    }
+
+    /// [`Linear::forward`] with the base weight optionally prepacked by
+    /// [`Linear::pack_into`] (same result, no packing of the weight in the product).
+    pub fn forward_with(
+        &self,
+        x: &[f32],
+        rows: usize,
+        y: &mut [f32],
+        opts: &ForwardOptions,
+        packed: Option<&gemm::PackedWeight>,
+    ) {
         let adapter = self.adapter(opts);
         let scaled;
         let xin = match adapter.and_then(|a| a.input_scale()) {
@@ -57,8 +77,16 @@ impl Linear {
             }
             None => x,
         };
-        match &self.weight {
-            Weight::F32(w) => gemm::matmul_nt(
+        match (&self.weight, packed) {
+            (_, Some(p)) => {
+                assert_eq!(
+                    (p.n(), p.k()),
+                    (self.out_features, self.in_features),
+                    "packed weight shape"
+                );
+                gemm::matmul_nt_packed(xin, p, &mut y[..rows * self.out_features], rows, false)
+            }
+            (Weight::F32(w), None) => gemm::matmul_nt(
                 xin,
                 w,
                 &mut y[..rows * self.out_features],

@@ -714,42 +714,32 @@ fn norm_forward(n: &Norm, kind: NormKind, x: &[f32]) -> (Vec<f32>, NormSaved) {
     let rows = x.len() / h;
     let mut y = vec![0.0f32; x.len()];
     let mut inv = vec![0.0f32; rows];
-    match kind {
-        NormKind::Rms { eps } => {
-            for ((yr, xr), iv) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)).zip(&mut inv) {
+    let mut means = vec![0.0f32; rows];
+    let w = &n.weight;
+    let b = n.bias.as_deref();
+    y.par_chunks_mut(h)
+        .zip(x.par_chunks(h))
+        .zip(inv.par_iter_mut().zip(means.par_iter_mut()))
+        .for_each(|((yr, xr), (iv, mu))| match kind {
+            NormKind::Rms { eps } => {
                 let ss: f32 = xr.iter().map(|v| v * v).sum();
                 *iv = 1.0 / (ss / h as f32 + eps).sqrt();
-                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(&n.weight) {
+                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
                     *o = g * (v * *iv);
                 }
             }
-            (y, NormSaved { inv, mean: None })
-        }
-        NormKind::Layer { eps } => {
-            let b = n.bias.as_deref().expect("layernorm bias");
-            let mut means = vec![0.0f32; rows];
-            for (((yr, xr), iv), mu) in y
-                .chunks_exact_mut(h)
-                .zip(x.chunks_exact(h))
-                .zip(&mut inv)
-                .zip(&mut means)
-            {
+            NormKind::Layer { eps } => {
+                let b = b.expect("layernorm bias");
                 *mu = xr.iter().sum::<f32>() / h as f32;
                 let var = xr.iter().map(|v| (v - *mu) * (v - *mu)).sum::<f32>() / h as f32;
                 *iv = 1.0 / (var + eps).sqrt();
-                for (((o, &v), &g), &bb) in yr.iter_mut().zip(xr).zip(&n.weight).zip(b) {
+                for (((o, &v), &g), &bb) in yr.iter_mut().zip(xr).zip(w).zip(b) {
                     *o = (v - *mu) * *iv * g + bb;
                 }
             }
-            (
-                y,
-                NormSaved {
-                    inv,
-                    mean: Some(means),
-                },
-            )
-        }
-    }
+        });
+    let mean = matches!(kind, NormKind::Layer { .. }).then_some(means);
+    (y, NormSaved { inv, mean })
 }
 
 /// dL/dx of a norm layer (and its weight/bias gradients when trainable).
@@ -763,64 +753,81 @@ fn norm_backward(
     norm_idx: usize,
 ) -> Vec<f32> {
     let h = n.weight.len();
+    let w = &n.weight;
     let mut dx = vec![0.0f32; x.len()];
     let want_w = state.is_trainable(Slot::NormWeight(norm_idx));
     let want_b = state.is_trainable(Slot::NormBias(norm_idx));
-    let mut dw = if want_w { vec![0.0f32; h] } else { Vec::new() };
-    let mut db = if want_b { vec![0.0f32; h] } else { Vec::new() };
-    for (r, ((dxr, xr), dyr)) in dx
-        .chunks_exact_mut(h)
-        .zip(x.chunks_exact(h))
-        .zip(dy.chunks_exact(h))
+    const ROWS: usize = 32;
+    // Rows in parallel; weight/bias gradients as per-chunk partial sums, added in a fixed
+    // order afterwards so the result does not depend on scheduling.
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(ROWS * h)
+        .zip(x.par_chunks(ROWS * h).zip(dy.par_chunks(ROWS * h)))
         .enumerate()
-    {
-        let inv = s.inv[r];
-        match kind {
-            NormKind::Rms { .. } => {
-                // y = w ⊙ x·inv; dx = inv·(w⊙dy) − x·inv³/h·Σ(w⊙dy⊙x)
-                let dot: f32 = (0..h).map(|i| n.weight[i] * dyr[i] * xr[i]).sum();
-                let c = inv * inv * inv * dot / h as f32;
-                for i in 0..h {
-                    dxr[i] = inv * n.weight[i] * dyr[i] - xr[i] * c;
-                }
-                if want_w {
-                    for i in 0..h {
-                        dw[i] += dyr[i] * xr[i] * inv;
+        .map(|(ci, (dxc, (xc, dyc)))| {
+            let mut dw = if want_w { vec![0.0f32; h] } else { Vec::new() };
+            let mut db = if want_b { vec![0.0f32; h] } else { Vec::new() };
+            for (j, ((dxr, xr), dyr)) in dxc
+                .chunks_exact_mut(h)
+                .zip(xc.chunks_exact(h))
+                .zip(dyc.chunks_exact(h))
+                .enumerate()
+            {
+                let r = ci * ROWS + j;
+                let inv = s.inv[r];
+                match kind {
+                    NormKind::Rms { .. } => {
+                        // y = w ⊙ x·inv; dx = inv·(w⊙dy) − x·inv³/h·Σ(w⊙dy⊙x)
+                        let dot: f32 = (0..h).map(|i| w[i] * dyr[i] * xr[i]).sum();
+                        let c = inv * inv * inv * dot / h as f32;
+                        for i in 0..h {
+                            dxr[i] = inv * w[i] * dyr[i] - xr[i] * c;
+                        }
+                        if want_w {
+                            for i in 0..h {
+                                dw[i] += dyr[i] * xr[i] * inv;
+                            }
+                        }
+                    }
+                    NormKind::Layer { .. } => {
+                        let mu = s.mean.as_ref().expect("mean")[r];
+                        let mut mean_g = 0.0f32;
+                        let mut mean_gx = 0.0f32;
+                        for i in 0..h {
+                            let g = dyr[i] * w[i];
+                            let xh = (xr[i] - mu) * inv;
+                            mean_g += g;
+                            mean_gx += g * xh;
+                        }
+                        mean_g /= h as f32;
+                        mean_gx /= h as f32;
+                        for i in 0..h {
+                            let xh = (xr[i] - mu) * inv;
+                            dxr[i] = inv * (dyr[i] * w[i] - mean_g - xh * mean_gx);
+                            if want_w {
+                                dw[i] += dyr[i] * xh;
+                            }
+                            if want_b {
+                                db[i] += dyr[i];
+                            }
+                        }
                     }
                 }
             }
-            NormKind::Layer { .. } => {
-                let mu = s.mean.as_ref().expect("mean")[r];
-                let mut mean_g = 0.0f32;
-                let mut mean_gx = 0.0f32;
-                for i in 0..h {
-                    let g = dyr[i] * n.weight[i];
-                    let xh = (xr[i] - mu) * inv;
-                    mean_g += g;
-                    mean_gx += g * xh;
-                }
-                mean_g /= h as f32;
-                mean_gx /= h as f32;
-                for i in 0..h {
-                    let xh = (xr[i] - mu) * inv;
-                    dxr[i] = inv * (dyr[i] * n.weight[i] - mean_g - xh * mean_gx);
-                    if want_w {
-                        dw[i] += dyr[i] * xh;
-                    }
-                    if want_b {
-                        db[i] += dyr[i];
-                    }
-                }
-            }
-        }
-    }
+            (dw, db)
+        })
+        .collect();
     if want_w {
         let g = state.grad_mut(Slot::NormWeight(norm_idx)).expect("grad");
-        g.iter_mut().zip(&dw).for_each(|(a, b)| *a += b);
+        for (dw, _) in &partials {
+            g.iter_mut().zip(dw).for_each(|(a, b)| *a += b);
+        }
     }
     if want_b {
         let g = state.grad_mut(Slot::NormBias(norm_idx)).expect("grad");
-        g.iter_mut().zip(&db).for_each(|(a, b)| *a += b);
+        for (_, db) in &partials {
+            g.iter_mut().zip(db).for_each(|(a, b)| *a += b);
+        }
     }
     dx
 }
@@ -1055,10 +1062,18 @@ fn gated_act_backward(
 ) {
     let f = act_fn(act);
     let df = act_derivative(act);
-    for i in 0..g.len() {
-        du[i] = da[i] * f(g[i]);
-        dg[i] = da[i] * u[i] * df(g[i]);
-    }
+    const C: usize = 4096;
+    dg.par_chunks_mut(C)
+        .zip(du.par_chunks_mut(C))
+        .enumerate()
+        .for_each(|(ci, (dgc, duc))| {
+            let o = ci * C;
+            for i in 0..dgc.len() {
+                let (gi, ui, di) = (g[o + i], u[o + i], da[o + i]);
+                duc[i] = di * f(gi);
+                dgc[i] = di * ui * df(gi);
+            }
+        });
 }
 
 fn act_fn(a: Activation) -> fn(f32) -> f32 {

@@ -169,16 +169,109 @@ pub(crate) unsafe fn gemm_packed<K: Kernel>(
     acc: bool,
     threads: usize,
 ) {
-    let (mr, nr) = (K::MR, K::NR);
-    let nkb = k.div_ceil(K::KC);
+    // SAFETY: forwarded contract.
+    unsafe { gemm_driver::<K>(m, n, k, a, BSource::Pack(b), c, c_rs, acc, threads) }
+}
+
+/// Where the driver gets its packed B blocks from.
+#[derive(Clone, Copy)]
+pub(crate) enum BSource {
+    /// Pack each block from this view into a scratch buffer.
+    Pack(View),
+    /// Already packed by [`pack_b_full`] for the same kernel, n and k.
+    Prepacked(*const f32),
+}
+
+/// Block sizes of the driver for an n×k B operand: (kc_max, nc_max).
+pub(crate) fn b_blocking<K: Kernel>(n: usize, k: usize) -> (usize, usize) {
+    let nkb = k.div_ceil(K::KC).max(1);
     let kc_max = k.div_ceil(nkb);
-    let nnb = n.div_ceil(K::NC);
-    let nc_max = n.div_ceil(nnb).div_ceil(nr) * nr;
+    let nnb = n.div_ceil(K::NC).max(1);
+    let nc_max = n.div_ceil(nnb).div_ceil(K::NR) * K::NR;
+    (kc_max, nc_max)
+}
+
+/// Floats [`pack_b_full`] writes for an n×k B operand.
+pub(crate) fn packed_b_len<K: Kernel>(n: usize, k: usize) -> usize {
+    n.div_ceil(K::NR) * K::NR * k
+}
+
+/// Offset of the packed (jc, pc) block inside a [`pack_b_full`] buffer: blocks are stored
+/// NC-column block by block, each block KC-deep slice by slice, each slice panel by panel.
+fn prepacked_offset<K: Kernel>(n: usize, k: usize, nc_max: usize, jc: usize, pc: usize) -> usize {
+    let nc = nc_max.min(n - jc);
+    let ncp = nc.div_ceil(K::NR) * K::NR;
+    jc * k + ncp * pc
+}
+
+/// Pack the whole B operand (n×k, element (kk, j) at `b.at(j, kk)`) in the driver's block
+/// layout, so that products with it skip packing.
+///
+/// # Safety
+/// `b` covers the operand, `dst` holds [`packed_b_len`] floats; the CPU supports `K`.
+pub(crate) unsafe fn pack_b_full<K: Kernel>(
+    n: usize,
+    k: usize,
+    b: View,
+    dst: *mut f32,
+    threads: usize,
+) {
+    let nr = K::NR;
+    let (kc_max, nc_max) = b_blocking::<K>(n, k);
+    let dp = SendPtr(dst);
+    let mut jobs = Vec::new();
+    for jc in (0..n).step_by(nc_max) {
+        let nc = nc_max.min(n - jc);
+        for pc in (0..k).step_by(kc_max) {
+            let kc = kc_max.min(k - pc);
+            let off = prepacked_offset::<K>(n, k, nc_max, jc, pc);
+            for p in 0..nc.div_ceil(nr) {
+                jobs.push((jc + p * nr, pc, kc, off + p * kc * nr));
+            }
+        }
+    }
+    let job = |&(j0, pc, kc, off): &(usize, usize, usize, usize)| {
+        let src = View {
+            // SAFETY: (pc, j0) is inside B.
+            ptr: unsafe { b.at(j0, pc) },
+            ..b
+        };
+        // SAFETY: the panel lies inside dst (layout above).
+        unsafe { K::pack(src, nr.min(n - j0), kc, dp.get().add(off), nr) };
+    };
+    if threads > 1 && n * k >= 1 << 15 {
+        jobs.par_iter().for_each(job);
+    } else {
+        jobs.iter().for_each(job);
+    }
+}
+
+/// [`gemm_packed`] with an explicit B source.
+///
+/// # Safety
+/// As [`gemm_packed`]; a prepacked source was packed by [`pack_b_full`] for `K`, n and k.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_driver<K: Kernel>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: View,
+    bsrc: BSource,
+    c: *mut f32,
+    c_rs: usize,
+    acc: bool,
+    threads: usize,
+) {
+    let (mr, nr) = (K::MR, K::NR);
+    let (kc_max, nc_max) = b_blocking::<K>(n, k);
     let m_panels = m.div_ceil(mr);
     let mc_panels = (K::MC / mr).max(1);
 
-    let mut bbuf = Scratch::take(&SCRATCH_B, kc_max * nc_max);
-    let bp = SendPtr(bbuf.ptr());
+    let mut bbuf = match bsrc {
+        BSource::Pack(_) => Some(Scratch::take(&SCRATCH_B, kc_max * nc_max)),
+        BSource::Prepacked(_) => None,
+    };
+    let scratch_b = SendPtr(bbuf.as_mut().map_or(std::ptr::null_mut(), |s| s.ptr()));
     let cp = SendPtr(c);
 
     for jc in (0..n).step_by(nc_max) {
@@ -187,6 +280,21 @@ pub(crate) unsafe fn gemm_packed<K: Kernel>(
         for (pi, pc) in (0..k).step_by(kc_max).enumerate() {
             let kc = kc_max.min(k - pc);
             let overwrite = pi == 0 && !acc;
+            let b = match bsrc {
+                BSource::Pack(b) => b,
+                BSource::Prepacked(_) => View {
+                    ptr: std::ptr::null(),
+                    ls: 0,
+                    ks: 0,
+                },
+            };
+            let bp = match bsrc {
+                BSource::Pack(_) => scratch_b,
+                // SAFETY: the block lies inside the prepacked buffer (pack_b_full layout).
+                BSource::Prepacked(p) => SendPtr(unsafe {
+                    p.add(prepacked_offset::<K>(n, k, nc_max, jc, pc)) as *mut f32
+                }),
+            };
             // Pack the B block: panels of NR columns, kc deep.
             let pack_b = |p: usize| {
                 let j0 = jc + p * nr;
@@ -199,10 +307,12 @@ pub(crate) unsafe fn gemm_packed<K: Kernel>(
                 // SAFETY: panel p of the block buffer holds kc*nr floats.
                 unsafe { K::pack(src, cols, kc, bp.get().add(p * kc * nr), nr) };
             };
-            if threads > 1 && n_panels > 1 && kc * nc >= 1 << 15 {
-                (0..n_panels).into_par_iter().for_each(pack_b);
-            } else {
-                (0..n_panels).for_each(pack_b);
+            if let BSource::Pack(_) = bsrc {
+                if threads > 1 && n_panels > 1 && kc * nc >= 1 << 15 {
+                    (0..n_panels).into_par_iter().for_each(pack_b);
+                } else {
+                    (0..n_panels).for_each(pack_b);
+                }
             }
 
             let m_chunks = chunks(m_panels, mc_panels, threads);
@@ -263,5 +373,7 @@ pub(crate) unsafe fn gemm_packed<K: Kernel>(
             }
         }
     }
-    bbuf.give_back(&SCRATCH_B);
+    if let Some(b) = bbuf {
+        b.give_back(&SCRATCH_B);
+    }
 }
