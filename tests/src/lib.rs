@@ -76,3 +76,28 @@ pub fn copy_dir(src: &Path, dst: &Path) {
         }
     }
 }
+
+/// reference.json of a fixture model (tests/fixtures/models/NAME).
+pub fn model_reference(name: &str) -> serde_json::Value {
+    let p = fixtures().join("models").join(name).join("reference.json");
+    serde_json::from_str(&std::fs::read_to_string(p).expect("reference.json")).expect("json")
+}
+
+/// A JSON array of token ids.
+pub fn json_ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// The fixture models of every supported architecture.
+pub const FIXTURE_MODELS: &[&str] = &[
+    "llama_gqa",
+    "llama_untied",
+    "llama3_rope",
+    "qwen2",
+    "mistral",
+    "gpt2",
+];

@@ -1,30 +1,9 @@
 //! Tokenization, chat templates and decoding against transformers' fast tokenizers.
 
 use peftkit_core::tokenizer::{Message, TextTokenizer};
-use peftkit_tests::fixtures;
-use serde_json::Value;
-
-const MODELS: &[&str] = &[
-    "llama_gqa",
-    "llama_untied",
-    "llama3_rope",
-    "qwen2",
-    "mistral",
-    "gpt2",
-];
-
-fn reference(name: &str) -> Value {
-    let p = fixtures().join("models").join(name).join("reference.json");
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
+use peftkit_tests::{
+    fixtures, json_ids as ids, model_reference as reference, FIXTURE_MODELS as MODELS,
+};
 
 #[test]
 fn encode_matches_transformers() {

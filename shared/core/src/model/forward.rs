@@ -574,7 +574,8 @@ fn apply_norm(n: &Norm, kind: NormKind, x: &[f32], out: &mut [f32]) {
     }
 }
 
-fn act_fn(a: Activation) -> fn(f32) -> f32 {
+/// The activation function of a config (shared with the training engine).
+pub(crate) fn act_fn(a: Activation) -> fn(f32) -> f32 {
     match a {
         Activation::Silu => ops::silu,
         Activation::GeluTanh => ops::gelu_tanh,
@@ -582,7 +583,13 @@ fn act_fn(a: Activation) -> fn(f32) -> f32 {
     }
 }
 
-fn split_qkv(fused: &[f32], rows: usize, qd: usize, kvd: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// Split GPT-2's fused `[q | k | v]` rows (shared with the training engine).
+pub(crate) fn split_qkv(
+    fused: &[f32],
+    rows: usize,
+    qd: usize,
+    kvd: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let w = qd + 2 * kvd;
     let mut q = Vec::with_capacity(rows * qd);
     let mut k = Vec::with_capacity(rows * kvd);

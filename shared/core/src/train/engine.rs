@@ -11,6 +11,7 @@ use super::params::{linears_per_block, LoraParams, Slot, TrainState};
 use crate::error::{Error, Result};
 use crate::kernels::{gemm, ops};
 use crate::model::config::{Activation, NormKind};
+use crate::model::forward::{act_fn, split_qkv};
 use crate::model::linear::{Linear, Weight};
 use crate::model::rope::RopeTable;
 use crate::model::{Mlp, Model, Norm, QkvProj};
@@ -219,7 +220,7 @@ impl<'m> Engine<'m> {
                 QkvProj::Fused(l) => {
                     let (y, s) = lin_forward(l, state.lora[base].as_ref(), &n1, total, rng);
                     qkv_saved.push(s);
-                    split3(&y, total, qd, kvd)
+                    split_qkv(&y, total, qd, kvd)
                 }
             };
             if let Some(rope) = &rope {
@@ -348,7 +349,12 @@ impl<'m> Engine<'m> {
             let s = saved[li].take().expect("saved layer");
             let base = li * self.lpb;
             let o_idx = base + s.qkv_saved.len();
-            let need_input_grad = li > self.stop_layer || self.embed_grad;
+            // The lowest block needs dL/d(norm output) when something below trains, or when
+            // its own attention norm does (its weight gradient comes from that).
+            let need_input_grad = li > self.stop_layer
+                || self.embed_grad
+                || state.is_trainable(Slot::NormWeight(2 * li))
+                || state.is_trainable(Slot::NormBias(2 * li));
             // MLP
             let dn2 = match &block.mlp {
                 Mlp::Gated { gate, up, down } => {
@@ -501,7 +507,7 @@ impl<'m> Engine<'m> {
                 );
                 ops::add_assign(&mut dx, &din);
             } else {
-                // Still give the norm its weight gradient when it is trained.
+                // The lowest block, and neither its norm nor anything below it trains.
                 break;
             }
         }
@@ -1076,14 +1082,6 @@ fn gated_act_backward(
         });
 }
 
-fn act_fn(a: Activation) -> fn(f32) -> f32 {
-    match a {
-        Activation::Silu => ops::silu,
-        Activation::GeluTanh => ops::gelu_tanh,
-        Activation::Gelu => ops::gelu_erf,
-    }
-}
-
 fn act_derivative(a: Activation) -> fn(f32) -> f32 {
     match a {
         Activation::Silu => |x| {
@@ -1106,19 +1104,6 @@ fn act_derivative(a: Activation) -> fn(f32) -> f32 {
             }
         },
     }
-}
-
-fn split3(y: &[f32], rows: usize, qd: usize, kvd: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let w = qd + 2 * kvd;
-    let mut q = Vec::with_capacity(rows * qd);
-    let mut k = Vec::with_capacity(rows * kvd);
-    let mut v = Vec::with_capacity(rows * kvd);
-    for r in y.chunks_exact(w) {
-        q.extend_from_slice(&r[..qd]);
-        k.extend_from_slice(&r[qd..qd + kvd]);
-        v.extend_from_slice(&r[qd + kvd..]);
-    }
-    (q, k, v)
 }
 
 fn join3(q: &[f32], k: &[f32], v: &[f32], rows: usize, qd: usize, kvd: usize) -> Vec<f32> {

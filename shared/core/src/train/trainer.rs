@@ -84,6 +84,22 @@ pub struct TrainSummary {
 
 /// Everything a run needs, in the order the loop uses it.
 pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
+    // Models with learned positions (GPT-2) cannot take sequences longer than their position
+    // table: truncate (or pack) to that length instead of failing in the middle of training.
+    let config = crate::model::ModelConfig::load(&opts.model)?;
+    let clamped;
+    let opts = if config.rope.is_none() && opts.data_opts.max_len > config.max_positions {
+        crate::cli::warn(format!(
+            "--max-len {} exceeds the model's {} positions; using {}",
+            opts.data_opts.max_len, config.max_positions, config.max_positions
+        ));
+        let mut o = opts.clone();
+        o.data_opts.max_len = config.max_positions;
+        clamped = o;
+        &clamped
+    } else {
+        opts
+    };
     let progress = Progress::new(opts.quiet);
     let tok = TextTokenizer::load(&opts.model)?;
     let (mut examples, stats) = data::load_examples(&opts.data, &tok, &opts.data_opts)?;
@@ -232,8 +248,10 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
         prog = checkpoint::load(&dir, &mut model, &mut state)?;
         eprintln!("resumed from {} at step {}", dir.display(), prog.step);
     }
-    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+    // Refuse before creating anything: `--out` naming the data file must not fail on
+    // create_dir_all with a confusing I/O error, and must leave nothing behind.
     crate::io::atomic::refuse_overwriting_inputs(&opts.out, &[&opts.model, &opts.data])?;
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     let mut log = match &opts.log {
         Some(p) => Some(
             std::fs::OpenOptions::new()
@@ -245,6 +263,11 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
         None => None,
     };
     let stop = Arc::new(AtomicBool::new(false));
+    // Test hook (undocumented for users): behave as if Ctrl-C arrived during step N, so that
+    // the interrupt-and-resume path can be tested without racing a signal against the loop.
+    let stop_after: Option<u64> = std::env::var("PEFTKIT_STOP_AFTER_STEP")
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
     {
         let stop = stop.clone();
         // A second Ctrl-C while saving falls through to the default (the checkpoint on disk
@@ -340,12 +363,22 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
                     labels: mb.iter().map(|&i| &examples[i].labels[..]).collect(),
                 };
                 step_tokens += batch.ids.iter().map(|s| s.len() as u64).sum::<u64>();
-                let s = engine.forward_backward(
-                    &mut state,
-                    &batch,
-                    1.0 / window_tokens.max(1) as f32,
-                    &mut dropout_rng,
-                )?;
+                let s = engine
+                    .forward_backward(
+                        &mut state,
+                        &batch,
+                        1.0 / window_tokens.max(1) as f32,
+                        &mut dropout_rng,
+                    )
+                    .map_err(|e| match e {
+                        // The engine does not know the step; the user needs it (and to know
+                        // that the checkpoints on disk predate the failure).
+                        Error::Numeric(m) => Error::Numeric(format!(
+                            "at step {}: {m} (the last checkpoint is intact)",
+                            prog.step + 1
+                        )),
+                        e => e,
+                    })?;
                 nll += s.nll_sum;
             }
         }
@@ -380,7 +413,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
                 bar.println(format!("step {}: eval loss {l:.4}", prog.step));
             }
         }
-        let interrupted_now = stop.load(Ordering::SeqCst);
+        let interrupted_now = stop.load(Ordering::SeqCst) || stop_after == Some(prog.step);
         if (opts.save_every > 0 && prog.step.is_multiple_of(opts.save_every)) || interrupted_now {
             save_checkpoint(&opts.out, &model, &state, &prog)?;
         }
