@@ -1154,3 +1154,122 @@ fn our_adapters_give_peft_logits() {
         }
     }
 }
+
+/// `--config FILE` supplies options with the long options' names; the command line wins.
+#[test]
+fn config_file_options_and_command_line_override() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = alpaca_data(tmp.path(), "a.json", 8, |_| 1);
+    let cfg = tmp.path().join("run.json");
+    std::fs::write(
+        &cfg,
+        r#"{"rank": 2, "alpha": 4, "target": ["q_proj", "k_proj"], "rslora": true, "steps": 1, "batch": 4, "quiet": true}"#,
+    )
+    .unwrap();
+    let read_cfg = |out: &Path| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap()
+    };
+    let out1 = tmp.path().join("o1");
+    let m = model("llama_gqa");
+    train_ok(&[
+        "--config",
+        s(&cfg),
+        "--model",
+        s(&m),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out1),
+    ]);
+    let c = read_cfg(&out1);
+    assert_eq!(c["r"], 2);
+    assert_eq!(c["use_rslora"], true);
+    assert_eq!(c["target_modules"], json!(["q_proj", "k_proj"]));
+    let out2 = tmp.path().join("o2");
+    train_ok(&[
+        "--config",
+        s(&cfg),
+        "--model",
+        s(&m),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out2),
+        "--rank",
+        "3",
+    ]);
+    assert_eq!(read_cfg(&out2)["r"], 3);
+    // A config that is not a JSON object is a clean error naming the file.
+    std::fs::write(&cfg, "[1, 2]").unwrap();
+    let out = train(&[
+        "--config",
+        s(&cfg),
+        "--model",
+        s(&m),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out2),
+    ]);
+    peftkit_tests::assert_clean_error(&out, "run.json: expected a JSON object");
+}
+
+/// A checkpoint write that fails (file-size limit, as on a full disk) stops the run with one
+/// error line and leaves the previous checkpoint whole and resumable, with no partial folder.
+#[test]
+fn failed_checkpoint_write_keeps_the_previous_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = alpaca_data(tmp.path(), "a.json", 8, |_| 1);
+    let out = tmp.path().join("out");
+    let m = model("llama_gqa");
+    let common = [
+        "--model",
+        s(&m),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--save-every",
+        "1",
+        "--quiet",
+    ];
+    let mut first = common.to_vec();
+    first.extend(["--steps", "2"]);
+    train_ok(&first);
+    let ck = out.join("checkpoints");
+    let before = std::fs::read(ck.join("step-2").join("params.safetensors")).unwrap();
+    // RLIMIT_FSIZE of 4 KiB with SIGXFSZ ignored: writes past it fail with EFBIG.
+    let bin = peftkit_tests::bin("peft-train");
+    let mut cmd = format!("trap '' XFSZ; ulimit -f 4; exec {}", bin.display());
+    for a in common
+        .iter()
+        .chain(["--steps", "4", "--resume", s(&out)].iter())
+    {
+        cmd.push_str(&format!(" '{a}'"));
+    }
+    let res = std::process::Command::new("bash")
+        .args(["-c", &cmd])
+        .env("PEFTKIT_NO_PROGRESS", "1")
+        .output()
+        .unwrap();
+    peftkit_tests::assert_clean_error(&res, "checkpoints/step-3");
+    let names: Vec<String> = std::fs::read_dir(&ck)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| n.starts_with("step-")),
+        "partial files left: {names:?}"
+    );
+    assert!(!ck.join("step-3").exists());
+    assert_eq!(
+        std::fs::read(ck.join("step-2").join("params.safetensors")).unwrap(),
+        before
+    );
+    // ... and the run continues from it once the disk has room again.
+    let mut again = common.to_vec();
+    again.extend(["--steps", "4", "--resume", s(&out)]);
+    train_ok(&again);
+    assert!(out.join("adapter_model.safetensors").exists());
+}

@@ -12,6 +12,8 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(
     version,
+    // A --config file's values come first on the command line; later flags override them.
+    args_override_self = true,
     about = "Fine-tune a Hugging Face causal LM: LoRA, rsLoRA, DoRA, full or frozen",
     after_help = "Examples:
   # LoRA on q,v of SmolLM2 with alpaca data, 200 steps, adapter in out/
@@ -25,6 +27,8 @@ use std::path::PathBuf;
   # look before training
   peft-train --model M --data data.json --check-data 3
   peft-train --model M --data data.json --method lora --plan
+  # options from a file (same keys as the long options); the command line wins
+  peft-train --config run.json --model M --data data.json --out out/
 
 The adapter (adapter_config.json + adapter_model.safetensors) loads with PEFT's
 PeftModel.from_pretrained; full/freeze write an HF model folder. Checkpoints go to
@@ -32,6 +36,10 @@ OUT/checkpoints/step-N (atomically); Ctrl-C saves one and stops; --resume OUT co
 bit-identically."
 )]
 struct Args {
+    /// JSON file with the same keys as the long options (e.g. {"rank": 16, "target": "all-linear",
+    /// "rslora": true}); options given on the command line win
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[arg(long)]
     model: PathBuf,
     #[arg(long)]
@@ -137,8 +145,72 @@ struct Args {
 }
 
 fn main() {
-    let args = Args::parse();
-    cli::run(|| run(args))
+    cli::run(|| {
+        let argv = with_config_file(std::env::args().collect())?;
+        let args = Args::try_parse_from(argv).unwrap_or_else(|e| e.exit());
+        run(args)
+    })
+}
+
+/// Expand `--config FILE` into command-line options placed before the user's own, so that
+/// options given explicitly override the file.
+fn with_config_file(argv: Vec<String>) -> Result<Vec<String>> {
+    let Some(pos) = argv
+        .iter()
+        .position(|a| a == "--config" || a.starts_with("--config="))
+    else {
+        return Ok(argv);
+    };
+    let path = match argv[pos].strip_prefix("--config=") {
+        Some(p) => p.to_string(),
+        None => argv
+            .get(pos + 1)
+            .cloned()
+            .ok_or_else(|| Error::usage("--config needs a file"))?,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::bad_input(&path, format!("invalid JSON: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| {
+        Error::bad_input(&path, "expected a JSON object of option names and values")
+    })?;
+    let mut from_file = Vec::new();
+    for (k, val) in obj {
+        let flag = format!("--{}", k.replace('_', "-"));
+        match val {
+            serde_json::Value::Bool(true) => from_file.push(flag),
+            serde_json::Value::Bool(false) | serde_json::Value::Null => {}
+            serde_json::Value::String(s) => from_file.extend([flag, s.clone()]),
+            serde_json::Value::Number(n) => from_file.extend([flag, n.to_string()]),
+            serde_json::Value::Array(items) => {
+                let parts: Vec<String> = items
+                    .iter()
+                    .map(|x| {
+                        x.as_str()
+                            .map(String::from)
+                            .unwrap_or_else(|| x.to_string())
+                    })
+                    .collect();
+                from_file.extend([flag, parts.join(",")]);
+            }
+            serde_json::Value::Object(_) => {
+                return Err(Error::bad_input(
+                    &path,
+                    format!("option {k}: nested objects are not options"),
+                ))
+            }
+        }
+    }
+    let skip = if argv[pos].starts_with("--config=") {
+        1
+    } else {
+        2
+    };
+    let mut out = vec![argv[0].clone()];
+    out.extend(from_file);
+    out.extend(argv[1..pos].iter().cloned());
+    out.extend(argv[pos + skip..].iter().cloned());
+    Ok(out)
 }
 
 fn parse_layers(s: &str) -> Result<Vec<usize>> {

@@ -76,6 +76,26 @@ impl AtomicDir {
         self.tmp_path.join(name)
     }
 
+    /// Report an error about a file inside the temporary directory under its final path
+    /// (users never see the temporary name).
+    pub fn rename_error(&self, e: Error) -> Error {
+        let fix = |p: PathBuf| match p.strip_prefix(&self.tmp_path) {
+            Ok(rest) => self.final_path.join(rest),
+            Err(_) => p,
+        };
+        match e {
+            Error::Io { path, source } => Error::Io {
+                path: fix(path),
+                source,
+            },
+            Error::BadInput { path, msg } => Error::BadInput {
+                path: fix(path),
+                msg,
+            },
+            other => other,
+        }
+    }
+
     pub fn write(&self, name: &str, bytes: &[u8]) -> Result<()> {
         let p = self.join(name);
         fs::write(&p, bytes).map_err(|e| Error::io(self.final_path.join(name), e))

@@ -43,7 +43,8 @@ pub fn save(dir: &Path, model: &Model, state: &TrainState, progress: &Progress) 
             )
         })
         .collect();
-    write_f32_tensors(&out.join(PARAMS), &values, OutDtype::F32, &meta)?;
+    write_f32_tensors(&out.join(PARAMS), &values, OutDtype::F32, &meta)
+        .map_err(|e| out.rename_error(e))?;
     let moments: Vec<(String, Vec<usize>, Vec<f32>)> = state
         .params
         .iter()
@@ -58,7 +59,8 @@ pub fn save(dir: &Path, model: &Model, state: &TrainState, progress: &Progress) 
             ]
         })
         .collect();
-    write_f32_tensors(&out.join(OPTIM), &moments, OutDtype::F32, &meta)?;
+    write_f32_tensors(&out.join(OPTIM), &moments, OutDtype::F32, &meta)
+        .map_err(|e| out.rename_error(e))?;
     out.write(
         STATE,
         serde_json::to_string_pretty(progress)
