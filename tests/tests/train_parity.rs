@@ -3,6 +3,7 @@
 //! patterns), rsLoRA, DoRA and full fine-tuning on a tiny Llama and a tiny GPT-2.
 
 use peftkit_core::io::safetensors_file::{to_f32, SafetensorsFile};
+use peftkit_core::kernels::ops::transpose;
 use peftkit_core::model::{ForwardOptions, Model, SeqInput};
 use peftkit_core::rng::Rng;
 use peftkit_core::train::engine::{Batch, Engine};
@@ -57,23 +58,23 @@ fn tensors(p: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         .collect()
 }
 
-/// Stored orientation of a tensor as the reference has it (GPT-2 Conv1D weights are [in, out]).
-fn as_stored(model: &Model, state: &TrainState, slot: Slot, v: &[f32]) -> Vec<f32> {
-    if let Slot::LinearWeight(i) = slot {
-        let l = model.linears()[i];
-        if l.conv1d {
-            let (o, n) = (l.out_features, l.in_features);
-            let mut t = vec![0.0; v.len()];
-            for r in 0..o {
-                for c in 0..n {
-                    t[c * o + r] = v[r * n + c];
-                }
-            }
-            return t;
+/// The Conv1D (out, in) dims of a trainable GPT-2 weight, whose file layout is [in, out].
+fn conv1d_dims(model: &Model, slot: Slot) -> Option<(usize, usize)> {
+    match slot {
+        Slot::LinearWeight(i) if model.linears()[i].conv1d => {
+            let l = model.linears()[i];
+            Some((l.out_features, l.in_features))
         }
+        _ => None,
     }
-    let _ = state;
-    v.to_vec()
+}
+
+/// Our in-memory [out, in] tensor in the orientation the reference stores.
+fn as_stored(model: &Model, slot: Slot, v: &[f32]) -> Vec<f32> {
+    match conv1d_dims(model, slot) {
+        Some((o, n)) => transpose(v, o, n),
+        None => v.to_vec(),
+    }
 }
 
 fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
@@ -130,7 +131,7 @@ fn run_case(model_name: &str, case: &str) {
             .iter()
             .find(|(_, p)| &p.name == name)
             .unwrap_or_else(|| panic!("{name} not trained"));
-        let got = as_stored(&model, &state, *slot, &p.grad);
+        let got = as_stored(&model, *slot, &p.grad);
         assert_close(
             &format!("{model_name}/{case} grad {name}"),
             &got,
@@ -149,22 +150,9 @@ fn run_case(model_name: &str, case: &str) {
             .iter_mut()
             .find(|(_, p)| &p.name == name)
             .unwrap();
-        let g = if let Slot::LinearWeight(i) = *slot {
-            let l = model.linears()[i];
-            if l.conv1d {
-                let (o, n) = (l.out_features, l.in_features);
-                let mut t = vec![0.0; want.len()];
-                for r in 0..o {
-                    for c in 0..n {
-                        t[r * n + c] = want[c * o + r];
-                    }
-                }
-                t
-            } else {
-                want.clone()
-            }
-        } else {
-            want.clone()
+        let g = match conv1d_dims(&model, *slot) {
+            Some((o, n)) => transpose(want, n, o),
+            None => want.clone(),
         };
         p.grad = g;
     }
@@ -178,7 +166,7 @@ fn run_case(model_name: &str, case: &str) {
     opt.step(&mut state, &mut model, opt.lr, 1);
     for (name, _, want) in tensors(&dir.join("updated.safetensors")) {
         let (slot, _) = state.params.iter().find(|(_, p)| p.name == name).unwrap();
-        let got = as_stored(&model, &state, *slot, state.value(&model, *slot));
+        let got = as_stored(&model, *slot, state.value(&model, *slot));
         assert_close(
             &format!("{model_name}/{case} updated {name}"),
             &got,

@@ -66,6 +66,17 @@ pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
         });
 }
 
+/// Transpose a row-major `[rows, cols]` matrix (GPT-2's Conv1D weights are stored `[in, out]`).
+pub fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = x[r * cols + c];
+        }
+    }
+    t
+}
+
 /// x += y
 pub fn add_assign(x: &mut [f32], y: &[f32]) {
     x.par_chunks_mut(16384)

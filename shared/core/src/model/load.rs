@@ -111,12 +111,7 @@ fn gpt2_prefix(w: &WeightFiles) -> Result<&'static str> {
 /// Conv1D stores `[in, out]`; keep the Linear orientation `[out, in]` in memory.
 fn conv1d(w: &WeightFiles, name: &str, inp: usize, out: usize) -> Result<Linear> {
     let stored = w.f32(&format!("{name}.weight"), &[inp, out])?;
-    let mut t = vec![0.0f32; inp * out];
-    for i in 0..inp {
-        for o in 0..out {
-            t[o * inp + i] = stored[i * out + o];
-        }
-    }
+    let t = crate::kernels::ops::transpose(&stored, inp, out);
     let bias = w.f32(&format!("{name}.bias"), &[out])?;
     let mut l = Linear::new(name.to_string(), t, Some(bias), out, inp);
     l.conv1d = true;

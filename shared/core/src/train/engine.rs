@@ -652,12 +652,17 @@ fn lin_backward(
             g.iter_mut().zip(row).for_each(|(a, b)| *a += b);
         }
     }
+    // The adapter is moved out of the state while its gradients are accumulated into the same
+    // state (no copy of A and B), and put back at the end.
+    let lora = state.lora[idx].take();
     // DoRA rescales the whole (base + LoRA) output per output feature.
     let scaled_dy;
     let dy: &[f32] = match (&saved.dora_z, &saved.dora_norm) {
         (Some(z), Some(norm)) => {
-            let lo = state.lora[idx].as_ref().expect("lora");
-            let mag = lo.magnitude.clone().expect("magnitude");
+            let mag = lora
+                .as_ref()
+                .and_then(|lo| lo.magnitude.as_deref())
+                .expect("magnitude");
             let mut dm = vec![0.0f32; out];
             for (zr, dr) in z.chunks_exact(out).zip(dy.chunks_exact(out)) {
                 for o in 0..out {
@@ -684,7 +689,7 @@ fn lin_backward(
         gemm::matmul_nn(dy, weight(l), &mut dx, rows, inp, out, false);
         dx
     });
-    if let (Some(lo), Some(u)) = (state.lora[idx].clone(), &saved.u) {
+    if let (Some(lo), Some(u)) = (&lora, &saved.u) {
         let r = lo.rank;
         let ds: Vec<f32> = dy.iter().map(|v| v * lo.scale).collect();
         if let Some(g) = state.grad_mut(Slot::LoraB(idx)) {
@@ -712,6 +717,7 @@ fn lin_backward(
             ops::add_assign(dx, &dxl);
         }
     }
+    state.lora[idx] = lora;
     dx
 }
 

@@ -1,7 +1,7 @@
 //! Writing a fine-tuned model as a Hugging Face folder that transformers loads.
 
 use super::full::base_tensors;
-use super::params::TrainState;
+use super::params::base_tensor;
 use crate::error::{Error, Result};
 use crate::io::atomic::write_file;
 use crate::io::safetensors_file::{encode_f32, write_streaming, OutDtype, TensorSpec};
@@ -21,7 +21,6 @@ const SIDE_FILES: &[&str] = &[
 /// Write config.json, model.safetensors (f32, tensors streamed one at a time, GPT-2 Conv1D
 /// weights back in their [in, out] layout) and the tokenizer files into `out`.
 pub fn save_model(out: &Path, base: &Path, model: &Model) -> Result<()> {
-    let empty = TrainState::new(model.linears().len());
     let tensors: Vec<_> = base_tensors(model)
         .into_iter()
         .filter(|(slot, _, _)| {
@@ -39,7 +38,7 @@ pub fn save_model(out: &Path, base: &Path, model: &Model) -> Result<()> {
     let meta: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     write_streaming(&out.join("model.safetensors"), &specs, &meta, |i| {
         let (slot, _, _) = &tensors[i];
-        let v = empty.value(model, *slot);
+        let v = base_tensor(model, *slot);
         Ok(encode_f32(&stored_values(model, *slot, v), OutDtype::F32))
     })?;
     let mut cfg = model.config.raw.clone();
@@ -80,15 +79,7 @@ fn stored_shape(model: &Model, slot: super::params::Slot, shape: &[usize]) -> Ve
 
 fn stored_values(model: &Model, slot: super::params::Slot, v: &[f32]) -> Vec<f32> {
     match conv1d_dims(model, slot) {
-        Some((o, n)) => {
-            let mut t = vec![0.0; v.len()];
-            for r in 0..o {
-                for c in 0..n {
-                    t[c * o + r] = v[r * n + c];
-                }
-            }
-            t
-        }
+        Some((o, n)) => crate::kernels::ops::transpose(v, o, n),
         None => v.to_vec(),
     }
 }

@@ -195,7 +195,8 @@ fn weight_vec_mut(w: &mut Weight) -> &mut Vec<f32> {
     }
 }
 
-fn base_tensor(model: &Model, slot: Slot) -> &[f32] {
+/// A base tensor of the model (not an adapter tensor).
+pub(crate) fn base_tensor(model: &Model, slot: Slot) -> &[f32] {
     match slot {
         Slot::LinearWeight(i) => weight_vec(&model.linears()[i].weight),
         Slot::LinearBias(i) => model.linears()[i].bias.as_deref().expect("bias"),

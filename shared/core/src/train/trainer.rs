@@ -320,6 +320,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
     let mut interrupted = false;
     let start = std::time::Instant::now();
     let mut tokens_since = 0u64;
+    let mut order: (u64, Vec<usize>) = (u64::MAX, Vec::new());
     while prog.step < total_steps {
         // This window's micro-batches (following the epoch's shuffled order).
         let mut window: Vec<Vec<usize>> = Vec::new();
@@ -331,9 +332,11 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
                     break; // a short last window of the epoch
                 }
             }
-            let order = epoch_order(rows.len(), opts.seed, prog.epoch);
+            if order.0 != prog.epoch {
+                order = (prog.epoch, epoch_order(rows.len(), opts.seed, prog.epoch));
+            }
             let b = prog.batch_in_epoch as usize * opts.batch;
-            let ex: Vec<usize> = order[b..(b + opts.batch).min(order.len())]
+            let ex: Vec<usize> = order.1[b..(b + opts.batch).min(order.1.len())]
                 .iter()
                 .flat_map(|&r| rows[r].iter().copied())
                 .collect();
