@@ -27,6 +27,7 @@ pub fn run(body: impl FnOnce() -> Result<()>) -> ! {
         }
         Err(_) => 70,
     };
+    crate::profile::report();
     std::process::exit(code)
 }
 

@@ -11,6 +11,7 @@ pub mod gguf;
 pub mod io;
 pub mod kernels;
 pub mod model;
+pub mod profile;
 pub mod progress;
 pub mod rng;
 pub mod tokenizer;

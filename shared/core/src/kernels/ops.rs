@@ -230,6 +230,35 @@ fn swiglu_scalar(g: &[f32], u: &[f32], o: &mut [f32]) {
     }
 }
 
+/// Backward of `a = silu(g)·u`: `du = da·silu(g)`, `dg = da·u·σ(g)·(1 + g·(1 − σ(g)))`.
+pub fn swiglu_backward(gate: &[f32], up: &[f32], da: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    const C: usize = 16384;
+    dg.par_chunks_mut(C)
+        .zip(du.par_chunks_mut(C))
+        .zip(
+            gate.par_chunks(C)
+                .zip(up.par_chunks(C))
+                .zip(da.par_chunks(C)),
+        )
+        .for_each(|((dg, du), ((g, u), da))| {
+            #[cfg(target_arch = "x86_64")]
+            if avx512() {
+                // SAFETY: AVX-512F is available.
+                unsafe { x86::swiglu_backward(g, u, da, dg, du) };
+                return;
+            }
+            swiglu_backward_scalar(g, u, da, dg, du)
+        });
+}
+
+fn swiglu_backward_scalar(g: &[f32], u: &[f32], da: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    for i in 0..dg.len() {
+        let s = 1.0 / (1.0 + exp_fast(-g[i]));
+        du[i] = da[i] * g[i] * s;
+        dg[i] = da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+    }
+}
+
 /// Apply an activation in place.
 pub fn activate(x: &mut [f32], f: fn(f32) -> f32) {
     x.par_chunks_mut(16384)
@@ -399,6 +428,44 @@ mod x86 {
                 let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), gv));
                 let s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
                 _mm512_mask_storeu_ps(o.as_mut_ptr().add(i), m, _mm512_mul_ps(s, uv));
+                i += 16;
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn swiglu_backward(
+        g: &[f32],
+        u: &[f32],
+        da: &[f32],
+        dg: &mut [f32],
+        du: &mut [f32],
+    ) {
+        let n = g
+            .len()
+            .min(u.len())
+            .min(da.len())
+            .min(dg.len())
+            .min(du.len());
+        let one = _mm512_set1_ps(1.0);
+        let mut i = 0;
+        // SAFETY: masked accesses stay below n.
+        unsafe {
+            while i < n {
+                let m = mask(n - i);
+                let gv = _mm512_maskz_loadu_ps(m, g.as_ptr().add(i));
+                let uv = _mm512_maskz_loadu_ps(m, u.as_ptr().add(i));
+                let dv = _mm512_maskz_loadu_ps(m, da.as_ptr().add(i));
+                let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+                let s = _mm512_div_ps(one, _mm512_add_ps(one, e));
+                let gs = _mm512_mul_ps(gv, s);
+                _mm512_mask_storeu_ps(du.as_mut_ptr().add(i), m, _mm512_mul_ps(dv, gs));
+                // σ(g)·(1 + g − g·σ(g)) = s + gs − gs·s
+                let d = _mm512_fnmadd_ps(gs, s, _mm512_add_ps(s, gs));
+                let out = _mm512_mul_ps(_mm512_mul_ps(dv, uv), d);
+                _mm512_mask_storeu_ps(dg.as_mut_ptr().add(i), m, out);
                 i += 16;
             }
         }
@@ -594,7 +661,28 @@ mod tests {
                 z.iter().map(|v| (v / t) as f32).collect()
             };
             let sum: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
+            // swiglu backward with da = w: du = w·silu(x), dg = w·y·silu'(x)
+            let (bdg, bdu): (Vec<f32>, Vec<f32>) = x
+                .iter()
+                .zip(&y)
+                .zip(&w)
+                .map(|((&g, &u), &d)| {
+                    let (g, u, d) = (g as f64, u as f64, d as f64);
+                    let s = 1.0 / (1.0 + (-g).exp());
+                    (
+                        (d * u * s * (1.0 + g * (1.0 - s))) as f32,
+                        (d * g * s) as f32,
+                    )
+                })
+                .unzip();
             let ctx = format!("n={n}");
+            let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
+            swiglu_backward_scalar(&x, &y, &w, &mut dg, &mut du);
+            close(&dg, &bdg, 1e-5, &ctx);
+            close(&du, &bdu, 1e-5, &ctx);
+            swiglu_backward(&x, &y, &w, &mut dg, &mut du);
+            close(&dg, &bdg, 1e-5, &ctx);
+            close(&du, &bdu, 1e-5, &ctx);
             let mut o = vec![0.0; n];
             rms_norm_row_scalar(&x, &w, 1e-5, &mut o);
             close(&o, &rms, 1e-5, &ctx);

@@ -6,6 +6,7 @@
 //! layer that holds a trainable tensor; the LM head and cross-entropy run in chunks of rows
 //! that carry a loss, so the full logits never exist.
 
+use super::attention;
 use super::loss;
 use super::params::{linears_per_block, LoraParams, Slot, TrainState};
 use crate::error::{Error, Result};
@@ -43,9 +44,9 @@ pub struct StepStats {
 }
 
 #[derive(Clone, Copy)]
-struct Span {
-    start: usize,
-    len: usize,
+pub(super) struct Span {
+    pub start: usize,
+    pub len: usize,
 }
 
 /// What a linear layer's backward pass needs beyond its input.
@@ -101,6 +102,8 @@ pub struct Engine<'m> {
     embed_grad: bool,
     /// False for evaluation: forward and loss only, no gradients touched.
     backward: bool,
+    /// The LM head weight packed for the forward product (see [`Engine::with_head_pack`]).
+    head_pack: Option<&'m gemm::PackedWeight>,
 }
 
 impl<'m> Engine<'m> {
@@ -133,6 +136,7 @@ impl<'m> Engine<'m> {
             stop_layer: stop,
             embed_grad,
             backward: true,
+            head_pack: None,
         }
     }
 
@@ -145,7 +149,21 @@ impl<'m> Engine<'m> {
             stop_layer: model.blocks.len(),
             embed_grad: false,
             backward: false,
+            head_pack: None,
         }
+    }
+
+    /// Use `p`, the current head weight ([`Model::head_weight`]) packed by
+    /// [`gemm::PackedWeight::repack`], for the loss: packing the 49k×576 head of a small model
+    /// once per step instead of once per chunk of rows saves a sizeable share of the step.
+    pub fn with_head_pack(mut self, p: &'m gemm::PackedWeight) -> Self {
+        assert_eq!(
+            (p.n(), p.k()),
+            (self.model.config.vocab, self.model.config.hidden),
+            "head pack shape"
+        );
+        self.head_pack = Some(p);
+        self
     }
 
     /// Forward and backward over one micro-batch. Gradients are accumulated (added) into
@@ -203,6 +221,7 @@ impl<'m> Engine<'m> {
         }
 
         // Blocks.
+        let _pf = crate::profile::scope("forward_blocks");
         let mut saved: Vec<Option<LayerSaved>> = Vec::with_capacity(m.blocks.len());
         for (li, block) in m.blocks.iter().enumerate() {
             let keep = li >= self.stop_layer;
@@ -232,7 +251,8 @@ impl<'m> Engine<'m> {
                     }
                 }
             }
-            let (attn, probs) = attention_forward(m, li, &q, &k, &v, &spans, total);
+            let window = c.sliding_window[li];
+            let (attn, probs) = attention::forward(c, window, &q, &k, &v, &spans, total);
             let o_idx = base + qkv_saved.len();
             let (o_out, o_saved) =
                 lin_forward(&block.attn.o, state.lora[o_idx].as_ref(), &attn, total, rng);
@@ -289,6 +309,7 @@ impl<'m> Engine<'m> {
                 down_saved,
             }));
         }
+        drop(_pf);
         let (hf, sf) = norm_forward(&m.final_norm, c.norm, &x);
 
         // Loss over the rows that predict a labelled token.
@@ -314,10 +335,12 @@ impl<'m> Engine<'m> {
             Slot::Embedding
         };
         let mut dh = vec![0.0f32; total * h];
+        let _p = crate::profile::scope("loss_head");
         let nll_sum = loss::cross_entropy_fwd_bwd(
             &hf,
             h,
             head_w,
+            self.head_pack,
             c.vocab,
             &rows,
             loss_scale,
@@ -328,6 +351,7 @@ impl<'m> Engine<'m> {
                 None
             },
         );
+        drop(_p);
         if !nll_sum.is_finite() {
             return Err(Error::Numeric(format!(
                 "loss is not finite ({nll_sum}); lower the learning rate or check the data"
@@ -341,6 +365,7 @@ impl<'m> Engine<'m> {
             });
         }
         // Backward.
+        let _pb = crate::profile::scope("backward_blocks");
         let nb = m.blocks.len();
         let mut dx = norm_backward(&m.final_norm, c.norm, &x, &sf, &dh, state, 2 * nb);
         drop(dh);
@@ -369,9 +394,16 @@ impl<'m> Engine<'m> {
                         true,
                     )
                     .expect("dx");
+                    let _pa = crate::profile::scope("act_backward");
                     let mut dg = vec![0.0f32; da.len()];
                     let mut du = vec![0.0f32; da.len()];
-                    gated_act_backward(c.act, &s.pre, &s.up, &da, &mut dg, &mut du);
+                    match c.act {
+                        Activation::Silu => {
+                            ops::swiglu_backward(&s.pre, &s.up, &da, &mut dg, &mut du)
+                        }
+                        act => gated_act_backward(act, &s.pre, &s.up, &da, &mut dg, &mut du),
+                    }
+                    drop(_pa);
                     let mut dn = lin_backward(
                         gate,
                         o_idx + 1,
@@ -429,8 +461,17 @@ impl<'m> Engine<'m> {
                 true,
             )
             .expect("dx");
-            let (mut dq, mut dk, dv) =
-                attention_backward(m, &s.q, &s.k, &s.v, &s.probs, &dattn, &spans, total);
+            let (mut dq, mut dk, dv) = attention::backward(
+                c,
+                c.sliding_window[li],
+                &s.q,
+                &s.k,
+                &s.v,
+                &s.probs,
+                &dattn,
+                &spans,
+                total,
+            );
             if let Some(rope) = &rope {
                 for span in &spans {
                     for j in 0..span.len {
@@ -558,6 +599,7 @@ fn lin_forward(
 ) -> (Vec<f32>, LinSaved) {
     let (inp, out) = (l.in_features, l.out_features);
     let mut y = vec![0.0f32; rows * out];
+    let _p = crate::profile::scope("lin_forward");
     gemm::matmul_nt(x, weight(l), &mut y, rows, out, inp, false);
     let mut saved = LinSaved::default();
     if let Some(lo) = lora {
@@ -646,6 +688,7 @@ fn lin_backward(
     state: &mut TrainState,
     need_dx: bool,
 ) -> Option<Vec<f32>> {
+    let _p = crate::profile::scope("lin_backward");
     let (inp, out) = (l.in_features, l.out_features);
     if let Some(g) = state.grad_mut(Slot::LinearBias(idx)) {
         for row in dy.chunks_exact(out) {
@@ -685,11 +728,13 @@ fn lin_backward(
         gemm::matmul_tn(dy, x, g, out, inp, rows, true);
     }
     let mut dx = need_dx.then(|| {
+        let _p = crate::profile::scope("lin_backward.base_dx");
         let mut dx = vec![0.0f32; rows * inp];
         gemm::matmul_nn(dy, weight(l), &mut dx, rows, inp, out, false);
         dx
     });
     if let (Some(lo), Some(u)) = (&lora, &saved.u) {
+        let _p = crate::profile::scope("lin_backward.lora");
         let r = lo.rank;
         let ds: Vec<f32> = dy.iter().map(|v| v * lo.scale).collect();
         if let Some(g) = state.grad_mut(Slot::LoraB(idx)) {
@@ -722,6 +767,7 @@ fn lin_backward(
 }
 
 fn norm_forward(n: &Norm, kind: NormKind, x: &[f32]) -> (Vec<f32>, NormSaved) {
+    let _p = crate::profile::scope("norm_forward");
     let h = n.weight.len();
     let rows = x.len() / h;
     let mut y = vec![0.0f32; x.len()];
@@ -764,6 +810,7 @@ fn norm_backward(
     state: &mut TrainState,
     norm_idx: usize,
 ) -> Vec<f32> {
+    let _p = crate::profile::scope("norm_backward");
     let h = n.weight.len();
     let w = &n.weight;
     let mut dx = vec![0.0f32; x.len()];
@@ -842,211 +889,6 @@ fn norm_backward(
         }
     }
     dx
-}
-
-/// Causal attention over each sequence; returns the merged heads `[rows, q_dim]` and the
-/// probabilities per (sequence, head).
-fn attention_forward(
-    m: &Model,
-    layer: usize,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    spans: &[Span],
-    rows: usize,
-) -> (Vec<f32>, Vec<Vec<f32>>) {
-    let c = &m.config;
-    let (qd, kvd, d) = (c.q_dim(), c.kv_dim(), c.head_dim);
-    let group = c.heads / c.kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
-    let window = c.sliding_window[layer];
-    let tasks: Vec<(usize, usize)> = (0..spans.len())
-        .flat_map(|s| (0..c.heads).map(move |h| (s, h)))
-        .collect();
-    let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
-        .par_iter()
-        .map(|&(s, head)| {
-            let sp = spans[s];
-            let l = sp.len;
-            let kvh = head / group;
-            gemm::serial(|| {
-                let mut p = vec![0.0f32; l * l];
-                gemm::sgemm(
-                    l,
-                    l,
-                    d,
-                    &q[sp.start * qd + head * d..],
-                    qd,
-                    1,
-                    &k[sp.start * kvd + kvh * d..],
-                    1,
-                    kvd,
-                    &mut p,
-                    l,
-                    false,
-                );
-                for i in 0..l {
-                    let row = &mut p[i * l..(i + 1) * l];
-                    let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
-                    for (j, v) in row.iter_mut().enumerate() {
-                        *v = if j > i || j < lo {
-                            f32::NEG_INFINITY
-                        } else {
-                            *v * scale
-                        };
-                    }
-                    ops::softmax_row(row);
-                }
-                let mut o = vec![0.0f32; l * d];
-                gemm::sgemm(
-                    l,
-                    d,
-                    l,
-                    &p,
-                    l,
-                    1,
-                    &v[sp.start * kvd + kvh * d..],
-                    kvd,
-                    1,
-                    &mut o,
-                    d,
-                    false,
-                );
-                (o, p)
-            })
-        })
-        .collect();
-    let mut merged = vec![0.0f32; rows * qd];
-    let mut probs = Vec::with_capacity(tasks.len());
-    for (&(s, head), (o, p)) in tasks.iter().zip(results) {
-        let sp = spans[s];
-        for i in 0..sp.len {
-            let t = sp.start + i;
-            merged[t * qd + head * d..t * qd + (head + 1) * d]
-                .copy_from_slice(&o[i * d..(i + 1) * d]);
-        }
-        probs.push(p);
-    }
-    (merged, probs)
-}
-
-/// Per (sequence, kv head): dQ of each query head in the group, dK, dV.
-type HeadGrads = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
-
-/// Gradients of q, k, v from the gradient of the merged attention output.
-#[allow(clippy::too_many_arguments)]
-fn attention_backward(
-    m: &Model,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    probs: &[Vec<f32>],
-    dattn: &[f32],
-    spans: &[Span],
-    rows: usize,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let c = &m.config;
-    let (qd, kvd, d) = (c.q_dim(), c.kv_dim(), c.head_dim);
-    let group = c.heads / c.kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
-    // One task per (sequence, kv head): the query heads of a group add into the same dK, dV.
-    let tasks: Vec<(usize, usize)> = (0..spans.len())
-        .flat_map(|s| (0..c.kv_heads).map(move |h| (s, h)))
-        .collect();
-    let results: Vec<HeadGrads> = tasks
-        .par_iter()
-        .map(|&(s, kvh)| {
-            let sp = spans[s];
-            let l = sp.len;
-            gemm::serial(|| {
-                let mut dk = vec![0.0f32; l * d];
-                let mut dv = vec![0.0f32; l * d];
-                let mut dqs = Vec::with_capacity(group);
-                for head in kvh * group..(kvh + 1) * group {
-                    let p = &probs[s * c.heads + head];
-                    let dout = &dattn[sp.start * qd + head * d..];
-                    // dP = dO·Vᵀ
-                    let mut dp = vec![0.0f32; l * l];
-                    gemm::sgemm(
-                        l,
-                        l,
-                        d,
-                        dout,
-                        qd,
-                        1,
-                        &v[sp.start * kvd + kvh * d..],
-                        1,
-                        kvd,
-                        &mut dp,
-                        l,
-                        false,
-                    );
-                    // dV += Pᵀ·dO
-                    gemm::sgemm(l, d, l, p, 1, l, dout, qd, 1, &mut dv, d, true);
-                    // dS = P ⊙ (dP − Σ_j dP⊙P), times the score scale
-                    for i in 0..l {
-                        let pr = &p[i * l..(i + 1) * l];
-                        let dr = &mut dp[i * l..(i + 1) * l];
-                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                        for (g, &pp) in dr.iter_mut().zip(pr) {
-                            *g = pp * (*g - dot) * scale;
-                        }
-                    }
-                    // dQ = dS·K, dK += dSᵀ·Q
-                    let mut dq = vec![0.0f32; l * d];
-                    gemm::sgemm(
-                        l,
-                        d,
-                        l,
-                        &dp,
-                        l,
-                        1,
-                        &k[sp.start * kvd + kvh * d..],
-                        kvd,
-                        1,
-                        &mut dq,
-                        d,
-                        false,
-                    );
-                    gemm::sgemm(
-                        l,
-                        d,
-                        l,
-                        &dp,
-                        1,
-                        l,
-                        &q[sp.start * qd + head * d..],
-                        qd,
-                        1,
-                        &mut dk,
-                        d,
-                        true,
-                    );
-                    dqs.push(dq);
-                }
-                (dqs, dk, dv)
-            })
-        })
-        .collect();
-    let mut dq = vec![0.0f32; rows * qd];
-    let mut dk = vec![0.0f32; rows * kvd];
-    let mut dv = vec![0.0f32; rows * kvd];
-    for (&(s, kvh), (dqs, dkh, dvh)) in tasks.iter().zip(results) {
-        let sp = spans[s];
-        for i in 0..sp.len {
-            let t = sp.start + i;
-            for (gi, dqh) in dqs.iter().enumerate() {
-                let head = kvh * group + gi;
-                dq[t * qd + head * d..t * qd + (head + 1) * d]
-                    .copy_from_slice(&dqh[i * d..(i + 1) * d]);
-            }
-            dk[t * kvd + kvh * d..t * kvd + (kvh + 1) * d]
-                .copy_from_slice(&dkh[i * d..(i + 1) * d]);
-            dv[t * kvd + kvh * d..t * kvd + (kvh + 1) * d]
-                .copy_from_slice(&dvh[i * d..(i + 1) * d]);
-        }
-    }
-    (dq, dk, dv)
 }
 
 /// Transpose of the rotation: rotate the gradient by −angle.

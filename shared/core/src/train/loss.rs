@@ -8,12 +8,14 @@ const CHUNK: usize = 256;
 
 /// For each (row of `hidden`, target token) pair: loss −log softmax(h·Wᵀ)[target]. Adds
 /// `scale`·dL/dh into `dh` (same layout as `hidden`) and, when given, `scale`·dL/dW into
-/// `dw` (`[vocab, h]`). Returns Σ loss (unscaled).
+/// `dw` (`[vocab, h]`). Returns Σ loss (unscaled). `packed`, when given, is `w` packed for
+/// the forward product (it is then packed once, not once per chunk of rows).
 #[allow(clippy::too_many_arguments)]
 pub fn cross_entropy_fwd_bwd(
     hidden: &[f32],
     h: usize,
     w: &[f32],
+    packed: Option<&gemm::PackedWeight>,
     vocab: usize,
     rows: &[(usize, u32)],
     scale: f32,
@@ -29,7 +31,10 @@ pub fn cross_entropy_fwd_bwd(
             x[i * h..(i + 1) * h].copy_from_slice(&hidden[r * h..(r + 1) * h]);
         }
         let lg = &mut logits[..n * vocab];
-        gemm::matmul_nt(&x[..n * h], w, lg, n, vocab, h, false);
+        match packed {
+            Some(p) => gemm::matmul_nt_packed(&x[..n * h], p, lg, n, false),
+            None => gemm::matmul_nt(&x[..n * h], w, lg, n, vocab, h, false),
+        }
         // softmax in place → gradient (p − onehot)·scale; collect the losses.
         let losses: Vec<f64> = lg
             .par_chunks_mut(vocab)

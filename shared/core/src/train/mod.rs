@@ -2,6 +2,7 @@
 //! a forward pass that keeps what the backward pass needs, hand-written backward passes,
 //! loss, optimizer and checkpoints.
 
+mod attention;
 pub mod checkpoint;
 pub mod data;
 pub mod engine;

@@ -7,9 +7,10 @@ use super::data::{self, DataOptions, Example};
 use super::engine::{Batch, Engine};
 use super::lora::{self, LoraConfig};
 use super::optim::{clip_grad_norm, AdamW, Schedule};
-use super::params::TrainState;
+use super::params::{Slot, TrainState};
 use super::{full, output};
 use crate::error::{Error, Result};
+use crate::kernels::gemm;
 use crate::model::Model;
 use crate::progress::Progress;
 use crate::rng::Rng;
@@ -275,11 +276,28 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
         let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
     }
 
-    let eval = |model: &Model, state: &TrainState| -> Option<f64> {
+    // The LM head packed for the loss's forward product: once per run when the head is
+    // frozen, again after each optimizer step when it trains.
+    let head_trains = state.is_trainable(if model.lm_head.is_some() {
+        Slot::Head
+    } else {
+        Slot::Embedding
+    });
+    let mut head_pack = gemm::PackedWeight::default();
+    let mut head_pack_fresh = false;
+    let refresh_head = |p: &mut gemm::PackedWeight, fresh: &mut bool, model: &Model| {
+        if !*fresh {
+            let c = &model.config;
+            p.repack(model.head_weight(), c.vocab, c.hidden);
+            *fresh = true;
+        }
+    };
+
+    let eval = |model: &Model, state: &TrainState, head: &gemm::PackedWeight| -> Option<f64> {
         if val.is_empty() {
             return None;
         }
-        let engine = Engine::for_eval(model);
+        let engine = Engine::for_eval(model).with_head_pack(head);
         // The evaluation engine only reads the adapters; it runs on a copy of them (small)
         // so that no gradient or moment of the run can change.
         let mut st = TrainState::new(state.lora.len());
@@ -297,8 +315,9 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
         }
         (n > 0).then(|| nll / n as f64)
     };
-    let eval_before = if prog.step == 0 {
-        eval(&model, &state)
+    let eval_before = if prog.step == 0 && !val.is_empty() {
+        refresh_head(&mut head_pack, &mut head_pack_fresh, &model);
+        eval(&model, &state, &head_pack)
     } else {
         None
     };
@@ -359,13 +378,15 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
         let mut nll = 0.0;
         let mut step_tokens = 0u64;
         {
-            let engine = Engine::new(&model, &state);
+            refresh_head(&mut head_pack, &mut head_pack_fresh, &model);
+            let engine = Engine::new(&model, &state).with_head_pack(&head_pack);
             for mb in &window {
                 let batch = Batch {
                     ids: mb.iter().map(|&i| &examples[i].ids[..]).collect(),
                     labels: mb.iter().map(|&i| &examples[i].labels[..]).collect(),
                 };
                 step_tokens += batch.ids.iter().map(|s| s.len() as u64).sum::<u64>();
+                let _p = crate::profile::scope("step.forward_backward");
                 let s = engine
                     .forward_backward(
                         &mut state,
@@ -392,10 +413,13 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
                 prog.step + 1
             )));
         }
+        let _p = crate::profile::scope("step.optimizer");
         let grad_norm = clip_grad_norm(&mut state, opts.clip);
         let lr = opts.optim.lr * opts.schedule.factor(prog.step, opts.warmup, total_steps);
         prog.step += 1;
         opts.optim.step(&mut state, &mut model, lr, prog.step);
+        head_pack_fresh &= !head_trains;
+        drop(_p);
         prog.tokens += step_tokens;
         tokens_since += step_tokens;
         prog.rng = dropout_rng.state();
@@ -408,7 +432,8 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
             json!({"step": prog.step, "epoch": prog.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": prog.tokens, "tokens_per_second": tps}),
         )?;
         if opts.eval_every > 0 && prog.step.is_multiple_of(opts.eval_every) {
-            if let Some(l) = eval(&model, &state) {
+            refresh_head(&mut head_pack, &mut head_pack_fresh, &model);
+            if let Some(l) = eval(&model, &state, &head_pack) {
                 write_log(
                     &mut log,
                     json!({"step": prog.step, "eval_loss": l, "eval_perplexity": l.exp()}),
@@ -429,7 +454,8 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
     if !interrupted {
         save_checkpoint(&opts.out, &model, &state, &prog)?;
     }
-    let eval_after = eval(&model, &state);
+    refresh_head(&mut head_pack, &mut head_pack_fresh, &model);
+    let eval_after = eval(&model, &state, &head_pack);
     if let Some(l) = eval_after {
         eprintln!(
             "eval loss after training: {l:.4} (perplexity {:.2})",
