@@ -13,6 +13,7 @@ pub mod kernels;
 pub mod model;
 pub mod profile;
 pub mod progress;
+pub mod quant;
 pub mod rng;
 pub mod tokenizer;
 pub mod train;
