@@ -50,9 +50,15 @@ $(VENV)/bin/python:
 bench: build model venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/run.sh
 
-fixtures: venv
+# Order matters: the later generators read the tiny models of generate.py; the interop one
+# also runs our release binaries.
+fixtures: venv build
 	$(VENV)/bin/python tests/fixtures/generate.py
 	$(VENV)/bin/python tests/fixtures/generate_gguf.py
+	$(VENV)/bin/python tests/fixtures/generate_train.py
+	$(VENV)/bin/python tests/fixtures/generate_interop.py
+	$(VENV)/bin/python tests/fixtures/generate_nf4.py
+	$(VENV)/bin/python tests/fixtures/generate_qlora.py
 
 clean:
 	$(CARGO) clean

@@ -37,6 +37,17 @@ rm -rf "$OUT/lora"
 echo "  ours_train: $(cat "$OUT/ours_train.json") rss $(( $(cat "$OUT/ours_train.rss") / 1024 )) MB" >&2
 measure hf_train "$PY" bench/hf_reference.py train --model "$MODEL" --data "$OUT/train.jsonl" --threads "$THREADS"
 
+echo "==> QLoRA r16 on q,v over the NF4 base (double quant), batch 4 x 256, f32 compute" >&2
+QMODEL="$OUT/model-nf4"
+[ -f "$QMODEL/config.json" ] || "$BIN/quantize-nf4" --model "$MODEL" --out "$QMODEL" --quiet
+rm -rf "$OUT/qlora"
+/usr/bin/time -f "%M" -o "$OUT/ours_qlora.rss" "$BIN/peft-train" --model "$QMODEL" --data "$OUT/train.jsonl" --format text \
+  --max-len 256 --batch 4 --steps 4 --rank 16 --alpha 32 --target q_proj,v_proj --lr 2e-4 --schedule constant \
+  --threads "$THREADS" --quiet --out "$OUT/qlora" --log "$OUT/ours_qlora.log" > /dev/null
+"$PY" -c "import json; r=[json.loads(l) for l in open('$OUT/ours_qlora.log') if '\"loss\"' in l]; print(json.dumps({'tokens_per_second': r[-1]['tokens_per_second'], 'loss': r[-1]['loss']}))" > "$OUT/ours_qlora.json"
+echo "  ours_qlora: $(cat "$OUT/ours_qlora.json") rss $(( $(cat "$OUT/ours_qlora.rss") / 1024 )) MB" >&2
+measure hf_qlora "$PY" bench/hf_reference.py qlora-train --model "$MODEL" --data "$OUT/train.jsonl" --threads "$THREADS"
+
 "$PY" - "$OUT" <<'PY'
 import json, sys, platform, os
 out = sys.argv[1]
@@ -44,12 +55,14 @@ def load(n):
     d = json.loads(open(f"{out}/{n}.json").read().strip().splitlines()[-1])
     d["rss_mb"] = int(open(f"{out}/{n}.rss").read()) / 1024
     return d
-r = {n: load(n) for n in ["ours_eval", "hf_eval", "ours_gen", "hf_gen", "ours_train", "hf_train"]}
+r = {n: load(n) for n in ["ours_eval", "hf_eval", "ours_gen", "hf_gen", "ours_train", "hf_train", "ours_qlora", "hf_qlora"]}
 json.dump(r, open(f"{out}/results.json", "w"), indent=2)
 print("| task | peftkit tokens/s | transformers tokens/s | speed-up | peftkit peak RSS | transformers peak RSS |")
 print("|---|---|---|---|---|---|")
-for task, a, b in [("eval 8x256 (f32)", "ours_eval", "hf_eval"), ("generate 128 greedy (f32)", "ours_gen", "hf_gen"), ("LoRA r16 q,v train 4x256 (f32)", "ours_train", "hf_train")]:
+for task, a, b in [("eval 8x256 (f32)", "ours_eval", "hf_eval"), ("generate 128 greedy (f32)", "ours_gen", "hf_gen"), ("LoRA r16 q,v train 4x256 (f32)", "ours_train", "hf_train"), ("QLoRA r16 q,v train 4x256 (NF4 base, f32 compute)", "ours_qlora", "hf_qlora")]:
     x, y = r[a]["tokens_per_second"], r[b]["tokens_per_second"]
     print(f"| {task} | {x:.1f} | {y:.1f} | {x / y:.2f}x | {r[a]['rss_mb']:.0f} MB | {r[b]['rss_mb']:.0f} MB |")
+q, f = r["ours_qlora"], r["ours_train"]
+print(f"\nQLoRA vs our f32 LoRA: {q['tokens_per_second'] / f['tokens_per_second']:.2f}x tokens/s, peak RSS {q['rss_mb']:.0f} vs {f['rss_mb']:.0f} MB")
 print(f"\nloss: peftkit {r['ours_eval']['loss']:.5f}, transformers {r['hf_eval']['loss']:.5f}")
 PY

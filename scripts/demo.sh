@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# make demo: SmolLM2-135M-Instruct on the CPU — answer a question, then LoRA instruction
-# tuning on a slice of alpaca_en_demo with eval loss before/after, and the same prompt
-# answered with and without the adapter.
+# make demo: SmolLM2-135M-Instruct on the CPU — answer a question, quantize the model to 4-bit
+# NF4 (the bitsandbytes layout transformers loads), QLoRA instruction tuning on that 4-bit base
+# with a slice of alpaca_en_demo (eval loss before/after), and the same prompt answered with
+# and without the adapter.
 set -euo pipefail
 MODEL=${MODEL:-models/smollm2}
 BIN=${BIN:-target/release}
@@ -19,9 +20,17 @@ if ! grep -q "Paris" <<<"$answer"; then
   exit 1
 fi
 
-echo "==> LoRA instruction tuning (r 16 on q,v; $STEPS steps of 4 x <=256 tokens; 5% held out)"
+QMODEL=${QMODEL:-$MODEL-nf4}
+echo "==> 4-bit NF4 quantization (double quantization, block 64) into $QMODEL"
+if [ ! -f "$QMODEL/config.json" ]; then
+  "$BIN/quantize-nf4" --model "$MODEL" --out "$QMODEL"
+fi
+answer=$("$BIN/peft-generate" --model "$QMODEL" --chat --prompt "$Q" --max-new-tokens 32)
+echo "4-bit model: $answer"
+
+echo "==> QLoRA instruction tuning on the 4-bit base (r 16 on q,v; $STEPS steps of 4 x <=256 tokens; 5% held out)"
 "$PYTHON" -c "import json,sys; d=json.load(open('$DATA/alpaca_en_demo.json')); json.dump(d[:400], open('$DATA/alpaca_demo_400.json','w'))"
-"$BIN/peft-train" --model "$MODEL" --data "$DATA/alpaca_demo_400.json" --format alpaca \
+"$BIN/peft-train" --model "$QMODEL" --data "$DATA/alpaca_demo_400.json" --format alpaca \
   --method lora --rank 16 --alpha 32 --lr 1e-3 --schedule cosine --warmup 2 \
   --steps "$STEPS" --batch 4 --max-len 256 --val-split 0.05 --seed 1 \
   --out "$RUNS/demo-lora" --log "$RUNS/demo-lora.jsonl"
@@ -32,7 +41,7 @@ printf '%s\n%s\n' \
   "$("$PYTHON" -c "import json,sys; print(json.dumps({'prompt': sys.argv[1], 'adapter': None}))" "$PROMPT")" \
   "$("$PYTHON" -c "import json,sys; print(json.dumps({'prompt': sys.argv[1], 'adapter': 'demo'}))" "$PROMPT")" \
   > "$RUNS/demo-prompts.jsonl"
-"$BIN/peft-generate" --model "$MODEL" --adapter demo="$RUNS/demo-lora" --prompts "$RUNS/demo-prompts.jsonl" \
+"$BIN/peft-generate" --model "$QMODEL" --adapter demo="$RUNS/demo-lora" --prompts "$RUNS/demo-prompts.jsonl" \
   --max-new-tokens 48 --json | "$PYTHON" -c "
 import json, sys
 for line in sys.stdin:

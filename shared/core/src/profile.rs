@@ -56,7 +56,7 @@ pub fn report() {
     }
     let m = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
     let mut v: Vec<_> = m.iter().collect();
-    v.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+    v.sort_by_key(|e| std::cmp::Reverse(e.1 .0));
     eprintln!("profile (wall time per phase; nested phases overlap):");
     for (name, (d, n)) in v {
         eprintln!("  {name:<28} {:>9.3} s  {n:>7} calls", d.as_secs_f64());

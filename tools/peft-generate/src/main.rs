@@ -66,6 +66,16 @@ struct Args {
     /// Adapter for prompts that do not name one (default: the first given; "base" for none)
     #[arg(long = "use")]
     use_adapter: Option<String>,
+    /// Quantize the model's linear weights to 4 bits while loading (nf4 or fp4), as
+    /// peft-train --quantize does: evaluate an adapter on the base it was trained on
+    #[arg(long)]
+    quantize: Option<String>,
+    /// Block size of --quantize
+    #[arg(long, default_value_t = 64)]
+    quant_blocksize: usize,
+    /// --quantize without double quantization of the block scales
+    #[arg(long)]
+    no_double_quant: bool,
     /// Worker threads (0 = one per core)
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -105,7 +115,12 @@ fn run(args: Args) -> Result<()> {
     }
     let prompts = collect_prompts(&args)?;
     let tok = TextTokenizer::load(&args.model)?;
-    let mut model = Model::load(&args.model)?;
+    let quantize = peftkit_core::model::QuantizeOnLoad::from_options(
+        args.quantize.as_deref(),
+        args.quant_blocksize,
+        !args.no_double_quant,
+    )?;
+    let mut model = Model::load_with(&args.model, quantize)?;
     let names = peftkit_core::train::lora::load_adapters(&mut model, &args.adapter)?;
     let slot_of = |name: &str| -> Result<Option<usize>> {
         if name == "base" {

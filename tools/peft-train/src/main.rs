@@ -1,6 +1,7 @@
 //! peft-train: LoRA / DoRA / full / frozen fine-tuning of a Hugging Face causal LM.
 
 use clap::Parser;
+use peftkit_core::model::QuantizeOnLoad;
 use peftkit_core::train::data::{DataFormat, DataOptions};
 use peftkit_core::train::lora::{LoraConfig, Targets};
 use peftkit_core::train::optim::{AdamW, Schedule};
@@ -22,6 +23,10 @@ use std::path::PathBuf;
   # all linear layers, rsLoRA, cosine schedule with warm-up, 10% held out for evaluation
   peft-train --model M --data chat.jsonl --method lora --target all-linear --rslora \\
              --schedule cosine --warmup 20 --val-split 0.1 --eval-every 50 --out out/
+  # QLoRA: a 4-bit base written by quantize-nf4 (or by transformers), or quantized on load
+  quantize-nf4 --model models/smollm2 --out models/smollm2-nf4
+  peft-train --model models/smollm2-nf4 --data alpaca.json --method lora --target all-linear --out out/
+  peft-train --model models/smollm2 --quantize nf4 --data alpaca.json --method lora --out out/
   # frozen fine-tuning of the top 2 blocks and the norms
   peft-train --model M --data text.jsonl --method freeze --trainable last:2,norms --out out/
   # look before training
@@ -138,6 +143,16 @@ struct Args {
     /// Skip malformed data lines instead of stopping
     #[arg(long)]
     skip_bad_lines: bool,
+    /// QLoRA on a plain model: quantize its linear weights to 4 bits while loading (nf4 or
+    /// fp4; a model already stored 4-bit, e.g. by quantize-nf4, needs no flag)
+    #[arg(long)]
+    quantize: Option<String>,
+    /// Block size of --quantize
+    #[arg(long, default_value_t = 64)]
+    quant_blocksize: usize,
+    /// --quantize without double quantization of the block scales
+    #[arg(long)]
+    no_double_quant: bool,
     #[arg(long, default_value_t = 0)]
     threads: usize,
     #[arg(long, short)]
@@ -317,6 +332,7 @@ fn run(a: Args) -> Result<()> {
         plan: a.plan,
         check_data: a.check_data,
         quiet: a.quiet,
+        quantize: quantize_option(&a)?,
     };
     let s = trainer::run(&opts)?;
     if s.steps > 0 {
@@ -326,4 +342,8 @@ fn run(a: Args) -> Result<()> {
         std::process::exit(130);
     }
     Ok(())
+}
+
+fn quantize_option(a: &Args) -> Result<Option<QuantizeOnLoad>> {
+    QuantizeOnLoad::from_options(a.quantize.as_deref(), a.quant_blocksize, !a.no_double_quant)
 }

@@ -18,9 +18,11 @@ mod avx512;
 mod driver;
 #[cfg(target_arch = "x86_64")]
 mod gemv;
+mod q4;
 mod scalar;
 
 use driver::View;
+pub use q4::{decode as decode_q4, matmul_nn_q4, matmul_nt_q4, Q4Weight};
 use std::sync::OnceLock;
 
 /// Implementation behind the matrix products.
@@ -181,10 +183,24 @@ impl PackedWeight {
         unsafe {
             match path {
                 #[cfg(target_arch = "x86_64")]
-                GemmPath::Avx512 => driver::pack_b_full::<avx512::Avx512>(n, k, bv, dst, threads),
+                GemmPath::Avx512 => driver::pack_b_full::<avx512::Avx512>(
+                    n,
+                    k,
+                    driver::BSource::Pack(bv),
+                    dst,
+                    threads,
+                ),
                 #[cfg(target_arch = "x86_64")]
-                GemmPath::Avx2 => driver::pack_b_full::<avx2::Avx2>(n, k, bv, dst, threads),
-                _ => driver::pack_b_full::<scalar::Scalar>(n, k, bv, dst, threads),
+                GemmPath::Avx2 => {
+                    driver::pack_b_full::<avx2::Avx2>(n, k, driver::BSource::Pack(bv), dst, threads)
+                }
+                _ => driver::pack_b_full::<scalar::Scalar>(
+                    n,
+                    k,
+                    driver::BSource::Pack(bv),
+                    dst,
+                    threads,
+                ),
             }
         }
     }

@@ -6,7 +6,7 @@
 
 use super::config::{Activation, NormKind};
 use super::hooks::ForwardOptions;
-use super::linear::{Linear, Weight};
+use super::linear::Linear;
 use super::rope::RopeTable;
 use super::{Block, Mlp, Model, Norm, QkvProj};
 use crate::error::{Error, Result};
@@ -325,9 +325,7 @@ impl Model {
         // Plain head weight (no bias, no adapter): the fused vocabulary-blocked path.
         let head = match &self.lm_head {
             None => Some(&self.embed[..]),
-            Some(l) if l.bias.is_none() && l.adapter(opts).is_none() => match &l.weight {
-                Weight::F32(w) => Some(&w[..]),
-            },
+            Some(l) if l.bias.is_none() && l.adapter(opts).is_none() => l.weight.as_f32(),
             Some(_) => None,
         };
         match head {

@@ -2,10 +2,32 @@
 
 use super::hooks::{ForwardOptions, LinearAdapter};
 use crate::kernels::{gemm, ops};
+use crate::quant::QuantizedTensor;
 
 /// Storage of a frozen base weight `[out, in]`.
 pub enum Weight {
     F32(Vec<f32>),
+    /// 4-bit NF4/FP4 (bitsandbytes layout, Linear orientation): decoded block by block
+    /// inside every product, never expanded to a full-precision copy.
+    Q4(Box<QuantizedTensor>),
+}
+
+impl Weight {
+    /// The weight as a plain f32 matrix, if that is how it is stored.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match self {
+            Weight::F32(w) => Some(w),
+            Weight::Q4(_) => None,
+        }
+    }
+
+    /// Bytes the weight occupies in memory.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weight::F32(w) => w.len() * 4,
+            Weight::Q4(q) => q.packed.len() + q.absmax.len() * 4,
+        }
+    }
 }
 
 pub struct Linear {
@@ -51,10 +73,72 @@ impl Linear {
         self.forward_with(x, rows, y, opts, None);
     }
 
+    /// A linear layer with a 4-bit base weight.
+    pub fn new_q4(name: String, weight: QuantizedTensor, bias: Option<Vec<f32>>) -> Self {
+        let (out, inp) = (weight.shape()[0], weight.shape()[1]);
+        Self {
+            name,
+            in_features: inp,
+            out_features: out,
+            weight: Weight::Q4(Box::new(weight)),
+            bias,
+            conv1d: false,
+            adapters: Vec::new(),
+        }
+    }
+
+    /// The 4-bit weight `q` (this layer's) as a GEMM operand.
+    fn q4<'a>(&self, q: &'a QuantizedTensor) -> gemm::Q4Weight<'a> {
+        gemm::Q4Weight {
+            packed: &q.packed,
+            absmax: &q.absmax,
+            code: &q.code,
+            blocksize: q.blocksize(),
+            n: self.out_features,
+            k: self.in_features,
+        }
+    }
+
     /// Pack the base weight for [`Linear::forward_with`] into `dst` (reusing its memory).
     pub fn pack_into(&self, dst: &mut gemm::PackedWeight) {
         match &self.weight {
             Weight::F32(w) => dst.repack(w, self.out_features, self.in_features),
+            Weight::Q4(q) => dst.repack_q4(&self.q4(q)),
+        }
+    }
+
+    /// y[rows, out] (+)= x[rows, in] · Wᵀ with the base weight only (no bias, no adapter).
+    pub fn matmul_base(&self, x: &[f32], rows: usize, y: &mut [f32], acc: bool) {
+        let (out, inp) = (self.out_features, self.in_features);
+        match &self.weight {
+            Weight::F32(w) => gemm::matmul_nt(x, w, &mut y[..rows * out], rows, out, inp, acc),
+            Weight::Q4(q) => gemm::matmul_nt_q4(x, &self.q4(q), &mut y[..rows * out], rows, acc),
+        }
+    }
+
+    /// dx[rows, in] (+)= dy[rows, out] · W: the base weight's share of the input gradient.
+    pub fn matmul_base_backward(&self, dy: &[f32], rows: usize, dx: &mut [f32], acc: bool) {
+        let (out, inp) = (self.out_features, self.in_features);
+        match &self.weight {
+            Weight::F32(w) => gemm::matmul_nn(dy, w, &mut dx[..rows * inp], rows, inp, out, acc),
+            Weight::Q4(q) => gemm::matmul_nn_q4(dy, &self.q4(q), &mut dx[..rows * inp], rows, acc),
+        }
+    }
+
+    /// Row `o` of the base weight in f32 (DoRA's weight norms, merging).
+    pub fn weight_row(&self, o: usize, out: &mut [f32]) {
+        let k = self.in_features;
+        match &self.weight {
+            Weight::F32(w) => out.copy_from_slice(&w[o * k..(o + 1) * k]),
+            Weight::Q4(q) => gemm::decode_q4(&self.q4(q), o * k, &mut out[..k]),
+        }
+    }
+
+    /// The whole base weight in f32 (a temporary copy for 4-bit weights).
+    pub fn weight_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        match &self.weight {
+            Weight::F32(w) => std::borrow::Cow::Borrowed(&w[..]),
+            Weight::Q4(q) => std::borrow::Cow::Owned(q.dequantize()),
         }
     }
 
@@ -86,15 +170,7 @@ impl Linear {
                 );
                 gemm::matmul_nt_packed(xin, p, &mut y[..rows * self.out_features], rows, false)
             }
-            (Weight::F32(w), None) => gemm::matmul_nt(
-                xin,
-                w,
-                &mut y[..rows * self.out_features],
-                rows,
-                self.out_features,
-                self.in_features,
-                false,
-            ),
+            (_, None) => self.matmul_base(xin, rows, y, false),
         }
         if let Some(b) = &self.bias {
             ops::add_bias(&mut y[..rows * self.out_features], b);

@@ -16,21 +16,167 @@ impl Model {
     }
 
     pub fn from_weights(config: ModelConfig, w: &WeightFiles) -> Result<Self> {
+        Self::from_weights_with(config, w, None)
+    }
+
+    /// [`Model::load`], quantizing every linear weight (not the LM head) to 4 bits while
+    /// loading, one tensor at a time: the full-precision model never exists in memory
+    /// (QLoRA on a plain checkpoint). Weights already stored 4-bit load as they are.
+    pub fn load_quantized(dir: &Path, q: QuantizeOnLoad) -> Result<Self> {
+        let config = ModelConfig::load(dir)?;
+        let files = WeightFiles::open(dir)?;
+        Self::from_weights_with(config, &files, Some(q))
+    }
+
+    fn from_weights_with(
+        config: ModelConfig,
+        w: &WeightFiles,
+        quantize: Option<QuantizeOnLoad>,
+    ) -> Result<Self> {
+        let ctx = Ctx { files: w, quantize };
         match config.arch {
-            Arch::Gpt2 => load_gpt2(config, w),
-            _ => load_llama_like(config, w),
+            Arch::Gpt2 => load_gpt2(config, &ctx),
+            _ => load_llama_like(config, &ctx),
         }
     }
 }
 
-fn linear(w: &WeightFiles, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-    let weight = w.f32(&format!("{name}.weight"), &[out, inp])?;
+/// How [`Model::load_quantized`] quantizes (bitsandbytes' `quantize_4bit` semantics).
+#[derive(Clone, Copy, Debug)]
+pub struct QuantizeOnLoad {
+    pub quant_type: crate::quant::QuantType,
+    pub blocksize: usize,
+    pub double_quant: bool,
+}
+
+impl QuantizeOnLoad {
+    /// From the tools' `--quantize TYPE --quant-blocksize N [--no-double-quant]` options.
+    pub fn from_options(
+        quant_type: Option<&str>,
+        blocksize: usize,
+        double_quant: bool,
+    ) -> Result<Option<Self>> {
+        let Some(t) = quant_type else {
+            return Ok(None);
+        };
+        let quant_type = crate::quant::QuantType::parse(t)?;
+        if !crate::quant::blockwise::valid_blocksize(blocksize) {
+            return Err(Error::usage(
+                "--quant-blocksize must be a power of two from 32 to 4096",
+            ));
+        }
+        Ok(Some(Self {
+            quant_type,
+            blocksize,
+            double_quant,
+        }))
+    }
+}
+
+impl Model {
+    /// [`Model::load`] or [`Model::load_quantized`].
+    pub fn load_with(dir: &Path, quantize: Option<QuantizeOnLoad>) -> Result<Self> {
+        match quantize {
+            Some(q) => Self::load_quantized(dir, q),
+            None => Self::load(dir),
+        }
+    }
+}
+
+/// The weight files plus what to do with plain linear weights.
+struct Ctx<'a> {
+    files: &'a WeightFiles,
+    quantize: Option<QuantizeOnLoad>,
+}
+
+impl std::ops::Deref for Ctx<'_> {
+    type Target = WeightFiles;
+    fn deref(&self) -> &WeightFiles {
+        self.files
+    }
+}
+
+impl Ctx<'_> {
+    /// Quantize the f32 weight `[out, inp]` of linear layer `name` when asked to (never the
+    /// LM head, which transformers and quantize-nf4 keep in full precision).
+    fn maybe_quantize(
+        &self,
+        name: &str,
+        weight: &[f32],
+        out: usize,
+        inp: usize,
+    ) -> Result<Option<crate::quant::QuantizedTensor>> {
+        let Some(q) = self.quantize else {
+            return Ok(None);
+        };
+        if name == "lm_head" {
+            return Ok(None);
+        }
+        let wname = format!("{name}.weight");
+        let qw = crate::quant::quantize_weight(
+            crate::quant::Source::F32(weight),
+            &[out, inp],
+            crate::io::safetensors_file::OutDtype::F32,
+            q.quant_type,
+            q.blocksize,
+            q.double_quant,
+            crate::quant::torch_mean::TorchReduce::detect(),
+        )
+        .map_err(|e| {
+            Error::bad_input(
+                crate::quant::TensorSource::file_for(self.files, &wname),
+                format!("tensor {wname}: cannot quantize: {e}"),
+            )
+        })?;
+        Ok(Some(crate::quant::QuantizedTensor {
+            name: wname,
+            absmax: qw.absmax_f32(),
+            packed: qw.packed,
+            state: qw.state,
+            code: *q.quant_type.code(),
+        }))
+    }
+}
+
+fn linear(w: &Ctx, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
     let b = if bias {
         Some(w.f32(&format!("{name}.bias"), &[out])?)
     } else {
         None
     };
+    if let Some(q) = quantized(w, name, out, inp)? {
+        return Ok(Linear::new_q4(name.to_string(), q, b));
+    }
+    let weight = w.f32(&format!("{name}.weight"), &[out, inp])?;
+    if let Some(q) = w.maybe_quantize(name, &weight, out, inp)? {
+        return Ok(Linear::new_q4(name.to_string(), q, b));
+    }
     Ok(Linear::new(name.to_string(), weight, b, out, inp))
+}
+
+/// The 4-bit (bitsandbytes layout) weight of linear layer `name`, if it is stored that way;
+/// its recorded shape must be the layer's `[out, in]` (also for GPT-2's Conv1D layers, which
+/// transformers quantizes in Linear orientation).
+fn quantized(
+    w: &WeightFiles,
+    name: &str,
+    out: usize,
+    inp: usize,
+) -> Result<Option<crate::quant::QuantizedTensor>> {
+    let wname = format!("{name}.weight");
+    let Some(q) = crate::quant::read_quantized(w, &wname)? else {
+        return Ok(None);
+    };
+    if q.shape() != [out, inp] {
+        return Err(Error::bad_input(
+            crate::quant::TensorSource::file_for(w, &wname),
+            format!(
+                "4-bit tensor {wname} has shape {:?} in its quant state, expected [{out}, {inp}] from config.json",
+                q.shape()
+            ),
+        ));
+    }
+    Ok(Some(q))
 }
 
 fn norm(w: &WeightFiles, name: &str, h: usize, with_bias: bool) -> Result<Norm> {
@@ -45,7 +191,7 @@ fn norm(w: &WeightFiles, name: &str, h: usize, with_bias: bool) -> Result<Norm> 
     })
 }
 
-fn load_llama_like(config: ModelConfig, w: &WeightFiles) -> Result<Model> {
+fn load_llama_like(config: ModelConfig, w: &Ctx) -> Result<Model> {
     let c = &config;
     let (h, q, kv, f) = (c.hidden, c.q_dim(), c.kv_dim(), c.intermediate);
     let embed = w.f32("model.embed_tokens.weight", &[c.vocab, h])?;
@@ -109,16 +255,26 @@ fn gpt2_prefix(w: &WeightFiles) -> Result<&'static str> {
 }
 
 /// Conv1D stores `[in, out]`; keep the Linear orientation `[out, in]` in memory.
-fn conv1d(w: &WeightFiles, name: &str, inp: usize, out: usize) -> Result<Linear> {
+fn conv1d(w: &Ctx, name: &str, inp: usize, out: usize) -> Result<Linear> {
+    if let Some(q) = quantized(w, name, out, inp)? {
+        let bias = w.f32(&format!("{name}.bias"), &[out])?;
+        let mut l = Linear::new_q4(name.to_string(), q, Some(bias));
+        l.conv1d = true;
+        return Ok(l);
+    }
     let stored = w.f32(&format!("{name}.weight"), &[inp, out])?;
     let t = crate::kernels::ops::transpose(&stored, inp, out);
+    drop(stored);
     let bias = w.f32(&format!("{name}.bias"), &[out])?;
-    let mut l = Linear::new(name.to_string(), t, Some(bias), out, inp);
+    let mut l = match w.maybe_quantize(name, &t, out, inp)? {
+        Some(q) => Linear::new_q4(name.to_string(), q, Some(bias)),
+        None => Linear::new(name.to_string(), t, Some(bias), out, inp),
+    };
     l.conv1d = true;
     Ok(l)
 }
 
-fn load_gpt2(config: ModelConfig, w: &WeightFiles) -> Result<Model> {
+fn load_gpt2(config: ModelConfig, w: &Ctx) -> Result<Model> {
     let c = &config;
     let (h, f) = (c.hidden, c.intermediate);
     let pre = gpt2_prefix(w)?;

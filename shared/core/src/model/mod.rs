@@ -16,6 +16,7 @@ pub use config::{Arch, ModelConfig};
 pub use forward::{KvCache, SeqInput};
 pub use hooks::ForwardOptions;
 pub use linear::Linear;
+pub use load::QuantizeOnLoad;
 
 /// A normalisation layer's parameters.
 pub struct Norm {
@@ -113,12 +114,25 @@ impl Model {
         out
     }
 
+    /// (parameters, bytes in memory) of the linear layers' base weights (4-bit or f32).
+    pub fn linear_weight_memory(&self) -> (usize, usize) {
+        self.linears().iter().fold((0, 0), |(n, b), l| {
+            (n + l.in_features * l.out_features, b + l.weight.bytes())
+        })
+    }
+
+    /// True when some linear weight is stored 4-bit.
+    pub fn has_4bit_weights(&self) -> bool {
+        self.linears()
+            .iter()
+            .any(|l| matches!(l.weight, linear::Weight::Q4(_)))
+    }
+
     /// Output-head weight `[vocab, hidden]` (the embeddings when tied).
     pub fn head_weight(&self) -> &[f32] {
         match &self.lm_head {
-            Some(l) => match &l.weight {
-                linear::Weight::F32(w) => w,
-            },
+            // The output head is never stored 4-bit (quantize-nf4 and transformers skip it).
+            Some(l) => l.weight.as_f32().expect("the LM head is stored in f32"),
             None => &self.embed,
         }
     }

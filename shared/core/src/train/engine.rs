@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::kernels::{gemm, ops};
 use crate::model::config::{Activation, NormKind};
 use crate::model::forward::{act_fn, split_qkv};
-use crate::model::linear::{Linear, Weight};
+use crate::model::linear::Linear;
 use crate::model::rope::RopeTable;
 use crate::model::{Mlp, Model, Norm, QkvProj};
 use crate::rng::Rng;
@@ -583,12 +583,6 @@ impl<'m> Engine<'m> {
     }
 }
 
-fn weight(l: &Linear) -> &[f32] {
-    match &l.weight {
-        Weight::F32(w) => w,
-    }
-}
-
 /// y = x·Wᵀ (+ LoRA/DoRA) + b, keeping what the backward pass needs.
 fn lin_forward(
     l: &Linear,
@@ -600,7 +594,7 @@ fn lin_forward(
     let (inp, out) = (l.in_features, l.out_features);
     let mut y = vec![0.0f32; rows * out];
     let _p = crate::profile::scope("lin_forward");
-    gemm::matmul_nt(x, weight(l), &mut y, rows, out, inp, false);
+    l.matmul_base(x, rows, &mut y, false);
     let mut saved = LinSaved::default();
     if let Some(lo) = lora {
         let xd_owned;
@@ -632,7 +626,7 @@ fn lin_forward(
                 .zip(&delta)
                 .for_each(|(a, d)| *a += lo.scale * d),
             Some(mag) => {
-                let norm = dora_weight_norm(weight(l), lo);
+                let norm = dora_weight_norm(l, lo);
                 y.iter_mut()
                     .zip(&delta)
                     .for_each(|(a, d)| *a += lo.scale * d);
@@ -655,13 +649,14 @@ fn lin_forward(
 }
 
 /// Row norms of W + s·B·A (DoRA's weight norm, treated as a constant for gradients).
-pub fn dora_weight_norm(w: &[f32], lo: &LoraParams) -> Vec<f32> {
+pub fn dora_weight_norm(l: &Linear, lo: &LoraParams) -> Vec<f32> {
     let (inp, out, r) = (lo.in_features, lo.out_features, lo.rank);
     let mut ba = vec![0.0f32; out * inp];
     gemm::matmul_nn(&lo.b, &lo.a, &mut ba, out, inp, r, false);
+    let mut wr = vec![0.0f32; inp];
     (0..out)
         .map(|o| {
-            let wr = &w[o * inp..(o + 1) * inp];
+            l.weight_row(o, &mut wr);
             let br = &ba[o * inp..(o + 1) * inp];
             wr.iter()
                 .zip(br)
@@ -730,7 +725,7 @@ fn lin_backward(
     let mut dx = need_dx.then(|| {
         let _p = crate::profile::scope("lin_backward.base_dx");
         let mut dx = vec![0.0f32; rows * inp];
-        gemm::matmul_nn(dy, weight(l), &mut dx, rows, inp, out, false);
+        l.matmul_base_backward(dy, rows, &mut dx, false);
         dx
     });
     if let (Some(lo), Some(u)) = (&lora, &saved.u) {

@@ -59,6 +59,28 @@ pub fn base_tensors(model: &Model) -> Vec<(Slot, String, Vec<usize>)> {
     v
 }
 
+/// 4-bit base weights stay frozen (QLoRA trains adapters on them): a request to train one
+/// directly is an error naming the first such tensor.
+pub fn refuse_4bit_trainables(
+    model: &Model,
+    state: &TrainState,
+    model_dir: &std::path::Path,
+) -> crate::Result<()> {
+    for (i, l) in model.linears().iter().enumerate() {
+        if state.is_trainable(Slot::LinearWeight(i))
+            && matches!(l.weight, crate::model::linear::Weight::Q4(_))
+        {
+            return Err(crate::Error::usage(format!(
+                "{}.weight in {} is stored 4-bit and cannot be trained directly; train LoRA \
+                 on it (QLoRA) or dequantize the model first (quantize-nf4 --dequantize)",
+                l.name,
+                model_dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Make every base tensor whose HF name passes `select` trainable. `decay_all` applies weight
 /// decay to every tensor (torch AdamW's default); otherwise biases and norm weights are
 /// exempt, as transformers' Trainer does. Returns the number of tensors selected.

@@ -9,7 +9,7 @@ use super::params::{LoraParams, ParamState, Slot, TrainState};
 use crate::error::{Error, Result};
 use crate::io::safetensors_file::{to_f32, write_f32_tensors, OutDtype, SafetensorsFile};
 use crate::model::hooks::LinearAdapter;
-use crate::model::linear::Weight;
+use crate::model::linear::Linear;
 use crate::model::{Arch, Model};
 use crate::rng::Rng;
 use regex::Regex;
@@ -175,8 +175,7 @@ pub fn attach(
             magnitude: None,
         };
         if cfg.dora {
-            let Weight::F32(w) = &l.weight;
-            lp.magnitude = Some(dora_weight_norm(w, &lp));
+            lp.magnitude = Some(dora_weight_norm(l, &lp));
         }
         state.lora[i] = Some(lp);
         register(model, state, cfg, i);
@@ -486,9 +485,9 @@ pub struct LoraHook {
 }
 
 impl LoraHook {
-    pub fn new(p: LoraParams, base_weight: &[f32]) -> Self {
+    pub fn new(p: LoraParams, base: &Linear) -> Self {
         let dora_factor = p.magnitude.as_ref().map(|m| {
-            let n = dora_weight_norm(base_weight, &p);
+            let n = dora_weight_norm(base, &p);
             m.iter().zip(&n).map(|(m, n)| m / n).collect()
         });
         Self { p, dora_factor }
@@ -524,8 +523,7 @@ pub fn install(model: &mut Model, state: TrainState, slot: usize) {
     let lora = state.lora;
     for (l, p) in model.linears_mut().into_iter().zip(lora) {
         if let Some(p) = p {
-            let Weight::F32(w) = &l.weight;
-            let hook = LoraHook::new(p, w);
+            let hook = LoraHook::new(p, l);
             if l.adapters.len() <= slot {
                 l.adapters.resize_with(slot + 1, || None);
             }

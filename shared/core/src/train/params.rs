@@ -183,15 +183,19 @@ pub fn norm_ref(model: &Model, i: usize) -> &crate::model::Norm {
     }
 }
 
+// Trainable base weights are f32: selecting a 4-bit weight for training is refused when the
+// trainable set is built (train::full).
 fn weight_vec(w: &Weight) -> &Vec<f32> {
     match w {
         Weight::F32(v) => v,
+        Weight::Q4(_) => unreachable!("a 4-bit weight is never a trainable tensor"),
     }
 }
 
 fn weight_vec_mut(w: &mut Weight) -> &mut Vec<f32> {
     match w {
         Weight::F32(v) => v,
+        Weight::Q4(_) => unreachable!("a 4-bit weight is never a trainable tensor"),
     }
 }
 

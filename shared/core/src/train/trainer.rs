@@ -73,6 +73,8 @@ pub struct TrainOptions {
     pub plan: bool,
     pub check_data: Option<usize>,
     pub quiet: bool,
+    /// Quantize the base's linear weights to 4 bits while loading (QLoRA on a plain model).
+    pub quantize: Option<crate::model::QuantizeOnLoad>,
 }
 
 pub struct TrainSummary {
@@ -149,7 +151,16 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
         None => Vec::new(),
     };
 
-    let mut model = Model::load(&opts.model)?;
+    let mut model = Model::load_with(&opts.model, opts.quantize)?;
+    if model.has_4bit_weights() && !opts.quiet {
+        let (n, b) = model.linear_weight_memory();
+        eprintln!(
+            "4-bit base: {:.1} MB for {:.1}M linear weights ({:.3} byte/param; embeddings, norms and head in f32)",
+            b as f64 / 1e6,
+            n as f64 / 1e6,
+            b as f64 / n.max(1) as f64
+        );
+    }
     let mut state = TrainState::new(model.linears().len());
     let mut init_rng = Rng::new(opts.seed);
     let mut lora_cfg = opts.lora.clone();
@@ -199,6 +210,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
             }
         }
     }
+    full::refuse_4bit_trainables(&model, &state, &opts.model)?;
     let trainable = state.trainable_count();
     let all = model.config.param_count()
         + if matches!(opts.method, Method::Lora | Method::Dora) {

@@ -173,14 +173,27 @@ pub(crate) unsafe fn gemm_packed<K: Kernel>(
     unsafe { gemm_driver::<K>(m, n, k, a, BSource::Pack(b), c, c_rs, acc, threads) }
 }
 
+/// Packs one B panel: `(j0, cols, pc, kc, dst)` writes columns `j0..j0+cols` over k-steps
+/// `pc..pc+kc` to `dst[kk*NR + lane]`, zero filling lanes `cols..NR`. For B operands that are
+/// not plain f32 (4-bit weights decoded while packing).
+pub(crate) type PanelPacker<'a> = &'a (dyn Fn(usize, usize, usize, usize, *mut f32) + Sync);
+
 /// Where the driver gets its packed B blocks from.
 #[derive(Clone, Copy)]
-pub(crate) enum BSource {
+pub(crate) enum BSource<'a> {
     /// Pack each block from this view into a scratch buffer.
     Pack(View),
+    /// Pack each block with this function into a scratch buffer.
+    Custom(PanelPacker<'a>),
     /// Already packed by [`pack_b_full`] for the same kernel, n and k.
     Prepacked(*const f32),
 }
+
+// SAFETY: the prepacked pointer is a read-only buffer that outlives the product; the other
+// variants are Sync themselves.
+unsafe impl Send for BSource<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for BSource<'_> {}
 
 /// Block sizes of the driver for an n×k B operand: (kc_max, nc_max).
 pub(crate) fn b_blocking<K: Kernel>(n: usize, k: usize) -> (usize, usize) {
@@ -212,7 +225,7 @@ fn prepacked_offset<K: Kernel>(n: usize, k: usize, nc_max: usize, jc: usize, pc:
 pub(crate) unsafe fn pack_b_full<K: Kernel>(
     n: usize,
     k: usize,
-    b: View,
+    b: BSource,
     dst: *mut f32,
     threads: usize,
 ) {
@@ -230,14 +243,19 @@ pub(crate) unsafe fn pack_b_full<K: Kernel>(
             }
         }
     }
-    let job = |&(j0, pc, kc, off): &(usize, usize, usize, usize)| {
-        let src = View {
-            // SAFETY: (pc, j0) is inside B.
-            ptr: unsafe { b.at(j0, pc) },
-            ..b
-        };
-        // SAFETY: the panel lies inside dst (layout above).
-        unsafe { K::pack(src, nr.min(n - j0), kc, dp.get().add(off), nr) };
+    let job = |&(j0, pc, kc, off): &(usize, usize, usize, usize)| match b {
+        BSource::Pack(b) => {
+            let src = View {
+                // SAFETY: (pc, j0) is inside B.
+                ptr: unsafe { b.at(j0, pc) },
+                ..b
+            };
+            // SAFETY: the panel lies inside dst (layout above).
+            unsafe { K::pack(src, nr.min(n - j0), kc, dp.get().add(off), nr) };
+        }
+        // SAFETY: as above.
+        BSource::Custom(f) => f(j0, nr.min(n - j0), pc, kc, unsafe { dp.get().add(off) }),
+        BSource::Prepacked(_) => unreachable!("pack_b_full from a packed source"),
     };
     if threads > 1 && n * k >= 1 << 15 {
         jobs.par_iter().for_each(job);
@@ -268,7 +286,7 @@ pub(crate) unsafe fn gemm_driver<K: Kernel>(
     let mc_panels = (K::MC / mr).max(1);
 
     let mut bbuf = match bsrc {
-        BSource::Pack(_) => Some(Scratch::take(&SCRATCH_B, kc_max * nc_max)),
+        BSource::Pack(_) | BSource::Custom(_) => Some(Scratch::take(&SCRATCH_B, kc_max * nc_max)),
         BSource::Prepacked(_) => None,
     };
     let scratch_b = SendPtr(bbuf.as_mut().map_or(std::ptr::null_mut(), |s| s.ptr()));
@@ -280,16 +298,8 @@ pub(crate) unsafe fn gemm_driver<K: Kernel>(
         for (pi, pc) in (0..k).step_by(kc_max).enumerate() {
             let kc = kc_max.min(k - pc);
             let overwrite = pi == 0 && !acc;
-            let b = match bsrc {
-                BSource::Pack(b) => b,
-                BSource::Prepacked(_) => View {
-                    ptr: std::ptr::null(),
-                    ls: 0,
-                    ks: 0,
-                },
-            };
             let bp = match bsrc {
-                BSource::Pack(_) => scratch_b,
+                BSource::Pack(_) | BSource::Custom(_) => scratch_b,
                 // SAFETY: the block lies inside the prepacked buffer (pack_b_full layout).
                 BSource::Prepacked(p) => SendPtr(unsafe {
                     p.add(prepacked_offset::<K>(n, k, nc_max, jc, pc)) as *mut f32
@@ -299,15 +309,23 @@ pub(crate) unsafe fn gemm_driver<K: Kernel>(
             let pack_b = |p: usize| {
                 let j0 = jc + p * nr;
                 let cols = nr.min(n - j0);
-                let src = View {
-                    // SAFETY: (pc, j0) is inside B.
-                    ptr: unsafe { b.at(j0, pc) },
-                    ..b
-                };
                 // SAFETY: panel p of the block buffer holds kc*nr floats.
-                unsafe { K::pack(src, cols, kc, bp.get().add(p * kc * nr), nr) };
+                let dst = unsafe { bp.get().add(p * kc * nr) };
+                match bsrc {
+                    BSource::Pack(b) => {
+                        let src = View {
+                            // SAFETY: (pc, j0) is inside B.
+                            ptr: unsafe { b.at(j0, pc) },
+                            ..b
+                        };
+                        // SAFETY: as above.
+                        unsafe { K::pack(src, cols, kc, dst, nr) };
+                    }
+                    BSource::Custom(f) => f(j0, cols, pc, kc, dst),
+                    BSource::Prepacked(_) => {}
+                }
             };
-            if let BSource::Pack(_) = bsrc {
+            if !matches!(bsrc, BSource::Prepacked(_)) {
                 if threads > 1 && n_panels > 1 && kc * nc >= 1 << 15 {
                     (0..n_panels).into_par_iter().for_each(pack_b);
                 } else {

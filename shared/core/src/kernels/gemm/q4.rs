@@ -1,0 +1,448 @@
+//! Products with 4-bit weights (NF4/FP4 in the bitsandbytes layout): the weight is decoded
+//! panel by panel while the GEMM driver packs it, so no full-precision copy of it ever exists.
+//! The forward product `x·Wᵀ` and the input gradient `dy·W` both decode straight into the
+//! driver's panel layout; the decode itself is an AVX-512 table lookup (`vpermps` over the 16
+//! code values) when available.
+
+use super::driver::{self, BSource, Kernel, View};
+use super::{GemmPath, PackedWeight, PARALLEL_MIN, SERIAL};
+use std::cell::Cell;
+
+/// A borrowed 4-bit weight `[n, k]` (a linear layer's `[out, in]`), row-major when decoded.
+#[derive(Clone, Copy)]
+pub struct Q4Weight<'a> {
+    /// Two code indices per byte; the element with the even index is in the high nibble.
+    pub packed: &'a [u8],
+    /// Scale of each block of `blocksize` consecutive elements.
+    pub absmax: &'a [f32],
+    /// The 16 code values (NF4 or FP4 table).
+    pub code: &'a [f32; 16],
+    pub blocksize: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl Q4Weight<'_> {
+    fn check(&self) {
+        let len = self.n * self.k;
+        assert!(
+            self.packed.len() >= len.div_ceil(2)
+                && self.blocksize > 0
+                && self.absmax.len() >= len.div_ceil(self.blocksize),
+            "Q4Weight: storage too small for its shape"
+        );
+    }
+}
+
+/// Decode elements `start..start + out.len()` of the flattened weight: `code[q]·absmax[block]`
+/// in f32, as bitsandbytes' dequantize does.
+pub fn decode(w: &Q4Weight, start: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if start.is_multiple_of(32) && w.blocksize.is_multiple_of(32) && avx512() {
+        let whole = out.len() / 32 * 32;
+        // SAFETY: AVX-512F is available; the chunks lie inside the weight (caller contract,
+        // checked by the slice indexing inside).
+        unsafe { decode32_avx512(w, start, &mut out[..whole]) };
+        decode_scalar(w, start + whole, &mut out[whole..]);
+        return;
+    }
+    decode_scalar(w, start, out)
+}
+
+fn decode_scalar(w: &Q4Weight, start: usize, out: &mut [f32]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        let e = start + i;
+        let byte = w.packed[e / 2];
+        let q = if e.is_multiple_of(2) {
+            byte >> 4
+        } else {
+            byte & 15
+        };
+        *o = w.code[q as usize] * w.absmax[e / w.blocksize];
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
+}
+
+/// 32 elements at a time (`start` and `out.len()` multiples of 32, blocks multiples of 32,
+/// so each group of 32 shares one scale).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn decode32_avx512(w: &Q4Weight, start: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let bytes = &w.packed[start / 2..(start + out.len()) / 2];
+    // SAFETY: every load reads 16 bytes inside `bytes` and every store 32 floats inside `out`.
+    unsafe {
+        let code = _mm512_loadu_ps(w.code.as_ptr());
+        let fifteen = _mm512_set1_epi32(15);
+        // Interleave even (high nibble) and odd (low nibble) elements back into order.
+        let lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let hi_idx =
+            _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        for (g, (o, b)) in out
+            .chunks_exact_mut(32)
+            .zip(bytes.chunks_exact(16))
+            .enumerate()
+        {
+            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(b.as_ptr() as *const __m128i));
+            let even = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), code);
+            let odd = _mm512_permutexvar_ps(_mm512_and_si512(v, fifteen), code);
+            let s = _mm512_set1_ps(w.absmax[(start + g * 32) / w.blocksize]);
+            let o0 = _mm512_mul_ps(_mm512_permutex2var_ps(even, lo_idx, odd), s);
+            let o1 = _mm512_mul_ps(_mm512_permutex2var_ps(even, hi_idx, odd), s);
+            _mm512_storeu_ps(o.as_mut_ptr(), o0);
+            _mm512_storeu_ps(o.as_mut_ptr().add(16), o1);
+        }
+    }
+}
+
+thread_local! {
+    /// Rows decoded for one transposing panel pack (reused between panels).
+    static ROWS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Packs panels of B(kk, j) = W[j, kk] (the forward product x·Wᵀ): decode the panel's rows,
+/// then the kernel's own transposing pack.
+fn nt_packer<K: Kernel>(
+    w: Q4Weight<'_>,
+) -> impl Fn(usize, usize, usize, usize, *mut f32) + Sync + '_ {
+    move |j0, cols, pc, kc, dst| {
+        let mut rows = ROWS.with(|c| c.take());
+        rows.resize(cols * kc, 0.0);
+        for r in 0..cols {
+            decode(&w, (j0 + r) * w.k + pc, &mut rows[r * kc..(r + 1) * kc]);
+        }
+        let src = View {
+            ptr: rows.as_ptr(),
+            ls: kc,
+            ks: 1,
+        };
+        // SAFETY: `rows` holds cols × kc floats; the driver hands a dst of kc × NR floats.
+        unsafe { K::pack(src, cols, kc, dst, K::NR) };
+        ROWS.with(|c| c.set(rows));
+    }
+}
+
+/// Packs panels of B(kk, j) = W[kk, j] (the input gradient dy·W): each k-step is a row
+/// segment of W, decoded straight into the panel.
+fn nn_packer<K: Kernel>(
+    w: Q4Weight<'_>,
+) -> impl Fn(usize, usize, usize, usize, *mut f32) + Sync + '_ {
+    move |j0, cols, pc, kc, dst| {
+        for kk in 0..kc {
+            // SAFETY: the driver's panel holds kc × NR floats.
+            let row = unsafe { std::slice::from_raw_parts_mut(dst.add(kk * K::NR), K::NR) };
+            decode(&w, (pc + kk) * w.k + j0, &mut row[..cols]);
+            row[cols..].fill(0.0);
+        }
+    }
+}
+
+/// The driver kernel for the selected path (the `gemm` crate path has no custom packing; it
+/// uses the best of ours).
+macro_rules! with_kernel {
+    ($path:expr, $K:ident => $body:expr) => {
+        match $path {
+            #[cfg(target_arch = "x86_64")]
+            GemmPath::Avx512 => {
+                type $K = super::avx512::Avx512;
+                $body
+            }
+            #[cfg(target_arch = "x86_64")]
+            GemmPath::Avx2 => {
+                type $K = super::avx2::Avx2;
+                $body
+            }
+            _ => {
+                type $K = super::scalar::Scalar;
+                $body
+            }
+        }
+    };
+}
+
+fn path() -> GemmPath {
+    match GemmPath::selected() {
+        GemmPath::Crate => GemmPath::best(),
+        p if !p.available() => GemmPath::best(),
+        p => p,
+    }
+}
+
+fn threads(m: usize, n: usize, k: usize) -> usize {
+    if m * n * k < PARALLEL_MIN || SERIAL.with(|s| s.get()) {
+        1
+    } else {
+        rayon::current_num_threads()
+    }
+}
+
+/// Rows up to which [`matmul_nt_q4`] decodes each weight row once and takes dot products
+/// (generation) instead of going through the packed GEMM.
+const GEMV_MAX_M: usize = 4;
+
+/// C[m×n] (+)= A[m×k] · Wᵀ for a 4-bit W `[n, k]` (a linear layer's forward pass).
+pub fn matmul_nt_q4(a: &[f32], w: &Q4Weight, c: &mut [f32], m: usize, acc: bool) {
+    w.check();
+    let (n, k) = (w.n, w.k);
+    assert!(
+        a.len() >= m * k && c.len() >= m * n,
+        "matmul_nt_q4 operand sizes"
+    );
+    if m == 0 || n == 0 || k == 0 {
+        if !acc {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    if m <= GEMV_MAX_M {
+        return gemv_q4(a, w, c, m, acc);
+    }
+    let av = View {
+        ptr: a.as_ptr(),
+        ls: k,
+        ks: 1,
+    };
+    let t = threads(m, n, k);
+    with_kernel!(path(), K => {
+        let packer = nt_packer::<K>(*w);
+        // SAFETY: A covers m×k and C m×n (asserted); the packer writes whole panels; the
+        // kernel's instruction set is available (path()).
+        unsafe {
+            driver::gemm_driver::<K>(m, n, k, av, BSource::Custom(&packer), c.as_mut_ptr(), n, acc, t)
+        }
+    })
+}
+
+/// Few rows: every weight row is decoded once (into a small buffer) and dotted with each
+/// input row; output rows in parallel chunks. Reads half a byte per weight.
+fn gemv_q4(a: &[f32], w: &Q4Weight, c: &mut [f32], m: usize, acc: bool) {
+    use rayon::prelude::*;
+    let (n, k) = (w.n, w.k);
+    const CHUNK: usize = 64;
+    let cp = driver::SendPtr(c.as_mut_ptr());
+    let work = |j0: usize| {
+        let mut row = vec![0.0f32; k];
+        for j in j0..(j0 + CHUNK).min(n) {
+            decode(w, j * k, &mut row);
+            for i in 0..m {
+                let v = dot(&a[i * k..(i + 1) * k], &row);
+                // SAFETY: (i, j) is inside C (asserted by the caller); chunks own disjoint j.
+                unsafe {
+                    let p = cp.get().add(i * n + j);
+                    *p = if acc { *p + v } else { v };
+                }
+            }
+        }
+    };
+    if threads(m, n, k) > 1 {
+        (0..n).into_par_iter().step_by(CHUNK).for_each(work);
+    } else {
+        (0..n).step_by(CHUNK).for_each(work);
+    }
+}
+
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is available.
+        return unsafe { dot_avx512(x, y) };
+    }
+    x.iter().zip(y).map(|(a, b)| a * b).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(x: &[f32], y: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = x.len().min(y.len());
+    let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut i = 0;
+    // SAFETY: every access is below n (masked for the tail).
+    unsafe {
+        while i + 32 <= n {
+            s0 = _mm512_fmadd_ps(
+                _mm512_loadu_ps(x.as_ptr().add(i)),
+                _mm512_loadu_ps(y.as_ptr().add(i)),
+                s0,
+            );
+            s1 = _mm512_fmadd_ps(
+                _mm512_loadu_ps(x.as_ptr().add(i + 16)),
+                _mm512_loadu_ps(y.as_ptr().add(i + 16)),
+                s1,
+            );
+            i += 32;
+        }
+        while i < n {
+            let mk: __mmask16 = if n - i >= 16 {
+                0xffff
+            } else {
+                ((1u32 << (n - i)) - 1) as u16
+            };
+            s0 = _mm512_fmadd_ps(
+                _mm512_maskz_loadu_ps(mk, x.as_ptr().add(i)),
+                _mm512_maskz_loadu_ps(mk, y.as_ptr().add(i)),
+                s0,
+            );
+            i += 16;
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+    }
+}
+
+/// C[m×k] (+)= A[m×n] · W for a 4-bit W `[n, k]` (the input gradient of a linear layer:
+/// A is the output gradient).
+pub fn matmul_nn_q4(a: &[f32], w: &Q4Weight, c: &mut [f32], m: usize, acc: bool) {
+    w.check();
+    let (n_out, k_in) = (w.n, w.k);
+    assert!(
+        a.len() >= m * n_out && c.len() >= m * k_in,
+        "matmul_nn_q4 operand sizes"
+    );
+    if m == 0 || k_in == 0 || n_out == 0 {
+        if !acc {
+            c[..m * k_in].fill(0.0);
+        }
+        return;
+    }
+    let av = View {
+        ptr: a.as_ptr(),
+        ls: n_out,
+        ks: 1,
+    };
+    let t = threads(m, k_in, n_out);
+    with_kernel!(path(), K => {
+        let packer = nn_packer::<K>(*w);
+        // SAFETY: as in matmul_nt_q4, with the product's n = k_in and k = n_out.
+        unsafe {
+            driver::gemm_driver::<K>(
+                m, k_in, n_out, av, BSource::Custom(&packer), c.as_mut_ptr(), k_in, acc, t,
+            )
+        }
+    })
+}
+
+impl PackedWeight {
+    /// Decode and pack a 4-bit weight for [`super::matmul_nt_packed`] (reusing this buffer).
+    pub fn repack_q4(&mut self, w: &Q4Weight) {
+        w.check();
+        let path = path();
+        let (n, k) = (w.n, w.k);
+        let len = with_kernel!(path, K => driver::packed_b_len::<K>(n, k));
+        if self.buf.len() < len + 16 {
+            self.buf = vec![0.0; len + 16];
+        }
+        self.off = self.buf.as_ptr().align_offset(64).min(15);
+        self.path = path;
+        self.n = n;
+        self.k = k;
+        if n == 0 || k == 0 {
+            return;
+        }
+        let t = if SERIAL.with(|s| s.get()) {
+            1
+        } else {
+            rayon::current_num_threads()
+        };
+        let dst = self.buf[self.off..].as_mut_ptr();
+        with_kernel!(path, K => {
+            let packer = nt_packer::<K>(*w);
+            // SAFETY: dst has room for the packed length of this kernel, n and k.
+            unsafe { driver::pack_b_full::<K>(n, k, BSource::Custom(&packer), dst, t) }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::gemm::{matmul_nn, matmul_nt, matmul_nt_packed};
+
+    /// A random 4-bit weight and its f32 decoding by the scalar rule.
+    fn weight(n: usize, k: usize, blocksize: usize, seed: u64) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
+        let mut s = seed;
+        let mut next = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 33) as u32
+        };
+        let packed: Vec<u8> = (0..(n * k).div_ceil(2)).map(|_| next() as u8).collect();
+        let absmax: Vec<f32> = (0..(n * k).div_ceil(blocksize))
+            .map(|_| (next() % 1000) as f32 / 500.0)
+            .collect();
+        let code = CODE;
+        let dense = (0..n * k)
+            .map(|e| {
+                let b = packed[e / 2];
+                let q = if e % 2 == 0 { b >> 4 } else { b & 15 };
+                code[q as usize] * absmax[e / blocksize]
+            })
+            .collect();
+        (packed, absmax, dense)
+    }
+
+    const CODE: [f32; 16] = [
+        -1.0, -0.696, -0.525, -0.395, -0.284, -0.185, -0.091, 0.0, 0.0796, 0.161, 0.246, 0.338,
+        0.441, 0.563, 0.723, 1.0,
+    ];
+
+    fn close(a: &[f32], b: &[f32], what: &str) {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                "{what}[{i}]: {x} vs {y}"
+            );
+        }
+    }
+
+    #[test]
+    fn products_with_4bit_weights_match_dense() {
+        // Shapes with k a multiple of 32 (SIMD decode) and not (scalar decode), odd sizes.
+        for &(m, n, k, bs) in &[
+            (37, 96, 64, 64),
+            (130, 70, 576, 64),
+            (5, 33, 40, 32),
+            (64, 64, 1536, 128),
+            (1, 200, 96, 256),
+            (3, 70, 576, 64),
+            (4, 130, 40, 32),
+        ] {
+            let (packed, absmax, dense) = weight(n, k, bs, (m * n + k) as u64);
+            let w = Q4Weight {
+                packed: &packed,
+                absmax: &absmax,
+                code: &CODE,
+                blocksize: bs,
+                n,
+                k,
+            };
+            let mut dec = vec![0.0; n * k];
+            decode(&w, 0, &mut dec);
+            assert_eq!(dec, dense, "decode {n}x{k}");
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7) % 13) as f32 / 6.0 - 1.0)
+                .collect();
+            let (mut want, mut got) = (vec![0.0; m * n], vec![0.0; m * n]);
+            matmul_nt(&a, &dense, &mut want, m, n, k, false);
+            matmul_nt_q4(&a, &w, &mut got, m, false);
+            close(&got, &want, &format!("nt {m}x{n}x{k}"));
+            let mut p = PackedWeight::default();
+            p.repack_q4(&w);
+            matmul_nt_packed(&a, &p, &mut got, m, false);
+            close(&got, &want, &format!("packed {m}x{n}x{k}"));
+            let dy: Vec<f32> = (0..m * n)
+                .map(|i| ((i * 5) % 11) as f32 / 5.0 - 1.0)
+                .collect();
+            let (mut want, mut got) = (vec![0.0; m * k], vec![1.0; m * k]);
+            matmul_nn(&dy, &dense, &mut want, m, k, n, false);
+            matmul_nn_q4(&dy, &w, &mut got, m, false);
+            close(&got, &want, &format!("nn {m}x{n}x{k}"));
+        }
+    }
+}
