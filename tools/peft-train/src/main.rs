@@ -3,6 +3,7 @@
 use clap::Parser;
 use peftkit_core::model::QuantizeOnLoad;
 use peftkit_core::train::data::{DataFormat, DataOptions};
+use peftkit_core::train::ia3::Ia3Config;
 use peftkit_core::train::lora::{LoraConfig, Targets};
 use peftkit_core::train::optim::{AdamW, Schedule};
 use peftkit_core::train::trainer::{self, Method, TrainOptions};
@@ -27,6 +28,8 @@ use std::path::PathBuf;
   quantize-nf4 --model models/smollm2 --out models/smollm2-nf4
   peft-train --model models/smollm2-nf4 --data alpaca.json --method lora --target all-linear --out out/
   peft-train --model models/smollm2 --quantize nf4 --data alpaca.json --method lora --out out/
+  # IA3 (PEFT's default targets: k_proj, v_proj, and down_proj scaled on its input)
+  peft-train --model M --data alpaca.json --method ia3 --lr 3e-3 --out out/
   # frozen fine-tuning of the top 2 blocks and the norms
   peft-train --model M --data text.jsonl --method freeze --trainable last:2,norms --out out/
   # look before training
@@ -52,7 +55,7 @@ struct Args {
     /// auto, text, alpaca, prompt-completion, messages, sharegpt
     #[arg(long, default_value = "auto")]
     format: String,
-    /// lora, dora, full, freeze
+    /// lora, dora, ia3, full, freeze
     #[arg(long, default_value = "lora")]
     method: String,
     #[arg(long)]
@@ -147,6 +150,9 @@ struct Args {
     /// fp4; a model already stored 4-bit, e.g. by quantize-nf4, needs no flag)
     #[arg(long)]
     quantize: Option<String>,
+    /// IA3: target modules whose input (not output) is scaled (default: PEFT's, down_proj)
+    #[arg(long)]
+    feedforward: Option<String>,
     /// Block size of --quantize
     #[arg(long, default_value_t = 64)]
     quant_blocksize: usize,
@@ -333,6 +339,20 @@ fn run(a: Args) -> Result<()> {
         check_data: a.check_data,
         quiet: a.quiet,
         quantize: quantize_option(&a)?,
+        ia3: (method == Method::Ia3).then(|| {
+            let mut c = Ia3Config::default_for(config.arch);
+            if let Some(t) = &a.target {
+                c.targets = Targets::parse(t);
+            }
+            if let Some(ff) = &a.feedforward {
+                c.feedforward = ff
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+            }
+            c
+        }),
     };
     let s = trainer::run(&opts)?;
     if s.steps > 0 {

@@ -259,6 +259,22 @@ fn swiglu_backward_scalar(g: &[f32], u: &[f32], da: &[f32], dg: &mut [f32], du: 
     }
 }
 
+/// `x ⊙ s` per row (`s` has one entry per column).
+pub fn scale_columns(x: &[f32], s: &[f32]) -> Vec<f32> {
+    let mut y = x.to_vec();
+    scale_columns_in_place(&mut y, s);
+    y
+}
+
+/// `x ⊙= s` per row (`s` has one entry per column).
+pub fn scale_columns_in_place(x: &mut [f32], s: &[f32]) {
+    x.par_chunks_mut(s.len() * 64.max(1)).for_each(|c| {
+        for row in c.chunks_exact_mut(s.len()) {
+            row.iter_mut().zip(s).for_each(|(v, k)| *v *= k);
+        }
+    });
+}
+
 /// Apply an activation in place.
 pub fn activate(x: &mut [f32], f: fn(f32) -> f32) {
     x.par_chunks_mut(16384)

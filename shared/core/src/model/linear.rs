@@ -156,7 +156,7 @@ impl Linear {
         let scaled;
         let xin = match adapter.and_then(|a| a.input_scale()) {
             Some(s) => {
-                scaled = scale_columns(x, s);
+                scaled = ops::scale_columns(x, s);
                 &scaled[..]
             }
             None => x,
@@ -190,10 +190,4 @@ impl Linear {
         self.forward(x, rows, &mut y, opts);
         y
     }
-}
-
-fn scale_columns(x: &[f32], s: &[f32]) -> Vec<f32> {
-    x.chunks_exact(s.len())
-        .flat_map(|row| row.iter().zip(s).map(|(a, b)| a * b))
-        .collect()
 }

@@ -56,6 +56,8 @@ struct LinSaved {
     u: Option<Vec<f32>>,
     /// dropout keep-scale per input element (0 or 1/(1−p)), `[rows, in]`
     keep: Option<Vec<f32>>,
+    /// IA3 on the output: the layer output before the scaling, `[rows, out]`.
+    ia3_pre: Option<Vec<f32>>,
     /// DoRA: pre-scale output `x·Wᵀ + s·B·A·x` `[rows, out]`, and the row norms of W + sBA.
     dora_z: Option<Vec<f32>>,
     dora_norm: Option<Vec<f32>>,
@@ -116,6 +118,7 @@ impl<'m> Engine<'m> {
         for l in 0..nb {
             let lin_trainable = (l * lpb..(l + 1) * lpb).any(|i| {
                 state.lora[i].is_some()
+                    || state.ia3[i].is_some()
                     || state.is_trainable(Slot::LinearWeight(i))
                     || state.is_trainable(Slot::LinearBias(i))
             });
@@ -230,14 +233,14 @@ impl<'m> Engine<'m> {
             let mut qkv_saved = Vec::new();
             let (mut q, mut k, v) = match &block.attn.qkv {
                 QkvProj::Separate { q, k, v } => {
-                    let (yq, sq) = lin_forward(q, state.lora[base].as_ref(), &n1, total, rng);
-                    let (yk, sk) = lin_forward(k, state.lora[base + 1].as_ref(), &n1, total, rng);
-                    let (yv, sv) = lin_forward(v, state.lora[base + 2].as_ref(), &n1, total, rng);
+                    let (yq, sq) = lin_forward(q, state, base, &n1, total, rng);
+                    let (yk, sk) = lin_forward(k, state, base + 1, &n1, total, rng);
+                    let (yv, sv) = lin_forward(v, state, base + 2, &n1, total, rng);
                     qkv_saved.extend([sq, sk, sv]);
                     (yq, yk, yv)
                 }
                 QkvProj::Fused(l) => {
-                    let (y, s) = lin_forward(l, state.lora[base].as_ref(), &n1, total, rng);
+                    let (y, s) = lin_forward(l, state, base, &n1, total, rng);
                     qkv_saved.push(s);
                     split_qkv(&y, total, qd, kvd)
                 }
@@ -254,17 +257,15 @@ impl<'m> Engine<'m> {
             let window = c.sliding_window[li];
             let (attn, probs) = attention::forward(c, window, &q, &k, &v, &spans, total);
             let o_idx = base + qkv_saved.len();
-            let (o_out, o_saved) =
-                lin_forward(&block.attn.o, state.lora[o_idx].as_ref(), &attn, total, rng);
+            let (o_out, o_saved) = lin_forward(&block.attn.o, state, o_idx, &attn, total, rng);
             let x_in = if keep { x.clone() } else { Vec::new() };
             ops::add_assign(&mut x, &o_out);
             let (n2, s2) = norm_forward(&block.mlp_norm, c.norm, &x);
             let x_mid = if keep { x.clone() } else { Vec::new() };
             let (pre, pre_saved, up, up_saved, act, down_out, down_saved) = match &block.mlp {
                 Mlp::Gated { gate, up, down } => {
-                    let (g, gs) =
-                        lin_forward(gate, state.lora[o_idx + 1].as_ref(), &n2, total, rng);
-                    let (u, us) = lin_forward(up, state.lora[o_idx + 2].as_ref(), &n2, total, rng);
+                    let (g, gs) = lin_forward(gate, state, o_idx + 1, &n2, total, rng);
+                    let (u, us) = lin_forward(up, state, o_idx + 2, &n2, total, rng);
                     let mut a = vec![0.0f32; g.len()];
                     match c.act {
                         Activation::Silu => ops::swiglu(&g, &u, &mut a),
@@ -275,14 +276,14 @@ impl<'m> Engine<'m> {
                                 .for_each(|(o, (g, u))| *o = f(*g) * u);
                         }
                     }
-                    let (d, ds) = lin_forward(down, state.lora[o_idx + 3].as_ref(), &a, total, rng);
+                    let (d, ds) = lin_forward(down, state, o_idx + 3, &a, total, rng);
                     (g, gs, u, us, a, d, ds)
                 }
                 Mlp::Plain { fc, proj } => {
-                    let (f, fs) = lin_forward(fc, state.lora[o_idx + 1].as_ref(), &n2, total, rng);
+                    let (f, fs) = lin_forward(fc, state, o_idx + 1, &n2, total, rng);
                     let mut a = f.clone();
                     ops::activate(&mut a, act_fn(c.act));
-                    let (d, ds) = lin_forward(proj, state.lora[o_idx + 2].as_ref(), &a, total, rng);
+                    let (d, ds) = lin_forward(proj, state, o_idx + 2, &a, total, rng);
                     (f, fs, Vec::new(), LinSaved::default(), a, d, ds)
                 }
             };
@@ -586,16 +587,36 @@ impl<'m> Engine<'m> {
 /// y = x·Wᵀ (+ LoRA/DoRA) + b, keeping what the backward pass needs.
 fn lin_forward(
     l: &Linear,
-    lora: Option<&LoraParams>,
+    state: &TrainState,
+    idx: usize,
     x: &[f32],
     rows: usize,
     rng: &mut Rng,
 ) -> (Vec<f32>, LinSaved) {
+    let lora = state.lora[idx].as_ref();
     let (inp, out) = (l.in_features, l.out_features);
     let mut y = vec![0.0f32; rows * out];
     let _p = crate::profile::scope("lin_forward");
-    l.matmul_base(x, rows, &mut y, false);
     let mut saved = LinSaved::default();
+    if let Some(ia3) = &state.ia3[idx] {
+        // IA3: scale the input (feed-forward) or the output, bias included (PEFT's order).
+        if ia3.feedforward {
+            let xs = ops::scale_columns(x, &ia3.l);
+            l.matmul_base(&xs, rows, &mut y, false);
+            if let Some(b) = &l.bias {
+                ops::add_bias(&mut y, b);
+            }
+        } else {
+            l.matmul_base(x, rows, &mut y, false);
+            if let Some(b) = &l.bias {
+                ops::add_bias(&mut y, b);
+            }
+            saved.ia3_pre = Some(y.clone());
+            ops::scale_columns_in_place(&mut y, &ia3.l);
+        }
+        return (y, saved);
+    }
+    l.matmul_base(x, rows, &mut y, false);
     if let Some(lo) = lora {
         let xd_owned;
         let xd: &[f32] = if lo.dropout > 0.0 {
@@ -648,6 +669,59 @@ fn lin_forward(
     (y, saved)
 }
 
+/// Backward through an IA3-scaled linear layer: the vector's gradient and dL/dx.
+#[allow(clippy::too_many_arguments)]
+fn ia3_backward(
+    l: &Linear,
+    idx: usize,
+    ia3: &super::ia3::Ia3Params,
+    x: &[f32],
+    saved: &LinSaved,
+    dy: &[f32],
+    rows: usize,
+    state: &mut TrainState,
+    need_dx: bool,
+) -> Option<Vec<f32>> {
+    let (inp, out) = (l.in_features, l.out_features);
+    if ia3.feedforward {
+        // y = (x ⊙ l)·Wᵀ + b: d(x⊙l) = dy·W; dl = Σ_rows d(x⊙l) ⊙ x; dx = d(x⊙l) ⊙ l
+        let mut dxs = vec![0.0f32; rows * inp];
+        l.matmul_base_backward(dy, rows, &mut dxs, false);
+        if let Some(g) = state.grad_mut(Slot::Ia3(idx)) {
+            for (dr, xr) in dxs.chunks_exact(inp).zip(x.chunks_exact(inp)) {
+                for ((g, d), xv) in g.iter_mut().zip(dr).zip(xr) {
+                    *g += d * xv;
+                }
+            }
+        }
+        need_dx.then(|| {
+            ops::scale_columns_in_place(&mut dxs, &ia3.l);
+            dxs
+        })
+    } else {
+        // y = (x·Wᵀ + b) ⊙ l: dl = Σ_rows dy ⊙ pre; d(pre) = dy ⊙ l
+        let pre = saved.ia3_pre.as_ref().expect("ia3 pre-scale output");
+        if let Some(g) = state.grad_mut(Slot::Ia3(idx)) {
+            for (dr, pr) in dy.chunks_exact(out).zip(pre.chunks_exact(out)) {
+                for ((g, d), p) in g.iter_mut().zip(dr).zip(pr) {
+                    *g += d * p;
+                }
+            }
+        }
+        let dpre = ops::scale_columns(dy, &ia3.l);
+        if let Some(g) = state.grad_mut(Slot::LinearBias(idx)) {
+            for row in dpre.chunks_exact(out) {
+                g.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+            }
+        }
+        need_dx.then(|| {
+            let mut dx = vec![0.0f32; rows * inp];
+            l.matmul_base_backward(&dpre, rows, &mut dx, false);
+            dx
+        })
+    }
+}
+
 /// Row norms of W + s·B·A (DoRA's weight norm, treated as a constant for gradients).
 pub fn dora_weight_norm(l: &Linear, lo: &LoraParams) -> Vec<f32> {
     let (inp, out, r) = (lo.in_features, lo.out_features, lo.rank);
@@ -685,6 +759,11 @@ fn lin_backward(
 ) -> Option<Vec<f32>> {
     let _p = crate::profile::scope("lin_backward");
     let (inp, out) = (l.in_features, l.out_features);
+    if let Some(ia3) = state.ia3[idx].take() {
+        let r = ia3_backward(l, idx, &ia3, x, saved, dy, rows, state, need_dx);
+        state.ia3[idx] = Some(ia3);
+        return r;
+    }
     if let Some(g) = state.grad_mut(Slot::LinearBias(idx)) {
         for row in dy.chunks_exact(out) {
             g.iter_mut().zip(row).for_each(|(a, b)| *a += b);

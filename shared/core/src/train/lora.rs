@@ -92,7 +92,12 @@ impl Default for LoraConfig {
 
 /// PEFT's `check_target_module_exists` for one module path.
 pub fn is_target(cfg: &LoraConfig, path: &str) -> Result<bool> {
-    let hit = match &cfg.targets {
+    is_target_module(&cfg.targets, cfg.layers_to_transform.as_deref(), path)
+}
+
+/// [`is_target`] for any method: target list plus an optional layer selection.
+pub fn is_target_module(targets: &Targets, layers: Option<&[usize]>, path: &str) -> Result<bool> {
+    let hit = match targets {
         Targets::AllLinear => true,
         Targets::Names(names) => names
             .iter()
@@ -104,7 +109,7 @@ pub fn is_target(cfg: &LoraConfig, path: &str) -> Result<bool> {
     if !hit {
         return Ok(false);
     }
-    if let Some(layers) = &cfg.layers_to_transform {
+    if let Some(layers) = layers {
         return Ok(layer_index(path).is_some_and(|l| layers.contains(&l)));
     }
     Ok(true)
@@ -536,8 +541,20 @@ pub fn install(model: &mut Model, state: TrainState, slot: usize) {
 /// (the base weights are shared by every slot; nothing is copied or merged).
 pub fn load_for_inference(model: &mut Model, dir: &Path, slot: usize) -> Result<()> {
     let mut state = TrainState::new(model.linears().len());
-    load_adapter(dir, model, &mut state)?;
-    install(model, state, slot);
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::bad_input(&cfg_path, format!("invalid JSON: {e}")))?;
+    match v.get("peft_type").and_then(Value::as_str) {
+        Some("IA3") => {
+            super::ia3::load_adapter(dir, &v, model, &mut state)?;
+            super::ia3::install(model, state, slot);
+        }
+        _ => {
+            load_adapter(dir, model, &mut state)?;
+            install(model, state, slot);
+        }
+    }
     Ok(())
 }
 

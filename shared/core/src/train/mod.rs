@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod engine;
 pub mod full;
+pub mod ia3;
 pub mod lora;
 pub mod loss;
 pub mod optim;

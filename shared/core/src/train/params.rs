@@ -14,6 +14,8 @@ pub enum Slot {
     LoraA(usize),
     LoraB(usize),
     LoraMagnitude(usize),
+    /// IA3 vector of linear layer i.
+    Ia3(usize),
     LinearWeight(usize),
     LinearBias(usize),
     NormWeight(usize),
@@ -76,6 +78,8 @@ pub struct LoraParams {
 pub struct TrainState {
     /// LoRA adapter per linear index (None = no adapter).
     pub lora: Vec<Option<LoraParams>>,
+    /// IA3 vector per linear index.
+    pub ia3: Vec<Option<super::ia3::Ia3Params>>,
     pub params: Vec<(Slot, ParamState)>,
     index: HashMap<Slot, usize>,
 }
@@ -84,6 +88,7 @@ impl TrainState {
     pub fn new(linears: usize) -> Self {
         Self {
             lora: vec![None; linears],
+            ia3: vec![None; linears],
             params: Vec::new(),
             index: HashMap::new(),
         }
@@ -126,6 +131,7 @@ impl TrainState {
                 .as_ref()
                 .and_then(|l| l.magnitude.as_deref())
                 .expect("dora"),
+            Slot::Ia3(i) => &self.ia3[i].as_ref().expect("ia3").l,
             _ => base_tensor(model, slot),
         }
     }
@@ -144,6 +150,7 @@ impl TrainState {
                 .as_mut()
                 .and_then(|l| l.magnitude.as_deref_mut())
                 .expect("dora"),
+            Slot::Ia3(i) => &mut self.ia3[i].as_mut().expect("ia3").l,
             s => base_tensor_mut(model, s),
         };
         (value, state)

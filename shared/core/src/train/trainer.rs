@@ -27,6 +27,7 @@ pub enum Method {
     Dora,
     Full,
     Freeze,
+    Ia3,
 }
 
 impl Method {
@@ -36,8 +37,9 @@ impl Method {
             "dora" => Ok(Self::Dora),
             "full" => Ok(Self::Full),
             "freeze" => Ok(Self::Freeze),
+            "ia3" => Ok(Self::Ia3),
             _ => Err(Error::usage(format!(
-                "unknown --method {s}; supported: lora, dora, full, freeze"
+                "unknown --method {s}; supported: lora, dora, ia3, full, freeze"
             ))),
         }
     }
@@ -75,6 +77,8 @@ pub struct TrainOptions {
     pub quiet: bool,
     /// Quantize the base's linear weights to 4 bits while loading (QLoRA on a plain model).
     pub quantize: Option<crate::model::QuantizeOnLoad>,
+    /// IA3 targets and feed-forward modules (None = PEFT's defaults for the architecture).
+    pub ia3: Option<super::ia3::Ia3Config>,
 }
 
 pub struct TrainSummary {
@@ -164,6 +168,10 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
     let mut state = TrainState::new(model.linears().len());
     let mut init_rng = Rng::new(opts.seed);
     let mut lora_cfg = opts.lora.clone();
+    let mut ia3_cfg = opts
+        .ia3
+        .clone()
+        .unwrap_or_else(|| super::ia3::Ia3Config::default_for(model.config.arch));
     match opts.method {
         Method::Lora | Method::Dora => {
             lora_cfg.dora = opts.method == Method::Dora;
@@ -197,6 +205,10 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
                 }
             }
         }
+        Method::Ia3 => {
+            ia3_cfg.base_model_name_or_path = Some(opts.model.display().to_string());
+            super::ia3::attach(&model, &mut state, &ia3_cfg)?;
+        }
         Method::Full => {
             full::register(&model, &mut state, |_| true, false);
         }
@@ -213,7 +225,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
     full::refuse_4bit_trainables(&model, &state, &opts.model)?;
     let trainable = state.trainable_count();
     let all = model.config.param_count()
-        + if matches!(opts.method, Method::Lora | Method::Dora) {
+        + if matches!(opts.method, Method::Lora | Method::Dora | Method::Ia3) {
             trainable
         } else {
             0
@@ -488,6 +500,9 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
         match opts.method {
             Method::Lora | Method::Dora => {
                 lora::save_adapter(&opts.out, &lora_cfg, &model, &state, "CAUSAL_LM")?
+            }
+            Method::Ia3 => {
+                super::ia3::save_adapter(&opts.out, &ia3_cfg, &model, &state, "CAUSAL_LM")?
             }
             Method::Full | Method::Freeze => output::save_model(&opts.out, &opts.model, &model)?,
         }

@@ -1,0 +1,232 @@
+//! PEFT's other methods against PEFT 0.21 (tests/fixtures/generate_methods.py): logits of
+//! PEFT-written adapters and one training step's loss and gradients, on a tiny Llama.
+
+use peftkit_core::io::safetensors_file::{to_f32, SafetensorsFile};
+use peftkit_core::model::{ForwardOptions, Model, SeqInput};
+use peftkit_core::rng::Rng;
+use peftkit_core::train::engine::{Batch, Engine};
+use peftkit_core::train::ia3;
+use peftkit_core::train::params::TrainState;
+use peftkit_tests::{fixtures, run};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn tensors(p: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let f = SafetensorsFile::open(p).unwrap();
+    f.names()
+        .into_iter()
+        .map(|n| {
+            let t = f.get(&n).unwrap();
+            (n.clone(), t.shape.to_vec(), to_f32(&n, &t).unwrap())
+        })
+        .collect()
+}
+
+fn batch() -> (Vec<Vec<u32>>, Vec<Vec<i32>>) {
+    let b = read_json(&fixtures().join("methods").join("batch.json"));
+    let ids = b["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            s.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect();
+    let labels = b["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            s.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap() as i32)
+                .collect()
+        })
+        .collect();
+    (ids, labels)
+}
+
+fn case_dir(case: &str) -> PathBuf {
+    fixtures().join("methods").join(case)
+}
+
+fn base() -> Model {
+    Model::load(&fixtures().join("models").join("llama_gqa")).unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+fn load_ia3(model: &Model, dir: &Path) -> TrainState {
+    let cfg: Value = read_json(&dir.join("adapter_config.json"));
+    let mut state = TrainState::new(model.linears().len());
+    ia3::load_adapter(dir, &cfg, model, &mut state).unwrap();
+    state
+}
+
+#[test]
+fn ia3_adapter_from_peft_gives_peft_logits() {
+    let dir = case_dir("ia3");
+    let mut model = base();
+    let state = load_ia3(&model, &dir.join("adapter"));
+    ia3::install(&mut model, state, 0);
+    let want = tensors(&dir.join("logits.safetensors"));
+    let (ids, _) = batch();
+    let opts = ForwardOptions { adapter: Some(0) };
+    for (i, seq) in ids.iter().enumerate() {
+        let hidden = model
+            .forward(&[SeqInput { ids: seq }], None, &opts)
+            .unwrap();
+        let logits = model.logits(&hidden, seq.len(), &opts);
+        let (_, _, w) = want
+            .iter()
+            .find(|(n, _, _)| n == &format!("logits.{i}"))
+            .unwrap();
+        let err = max_diff(&logits, w);
+        assert!(err <= 1e-4, "ia3 seq {i}: max |Δ logit| {err}");
+    }
+}
+
+#[test]
+fn ia3_step_matches_peft() {
+    let dir = case_dir("ia3");
+    let reference = read_json(&dir.join("reference.json"));
+    let model = base();
+    let mut state = load_ia3(&model, &dir.join("adapter"));
+    let (ids, labels) = batch();
+    let batch = Batch {
+        ids: ids.iter().map(|v| &v[..]).collect(),
+        labels: labels.iter().map(|v| &v[..]).collect(),
+    };
+    let n = batch.loss_tokens();
+    let stats = Engine::new(&model, &state)
+        .forward_backward(&mut state, &batch, 1.0 / n as f32, &mut Rng::new(0))
+        .unwrap();
+    let loss = stats.nll_sum / n as f64;
+    let want = reference["loss"].as_f64().unwrap();
+    assert!((loss - want).abs() < 1e-5, "ia3 loss {loss} vs {want}");
+    let grads = tensors(&dir.join("grads.safetensors"));
+    assert_eq!(grads.len(), state.params.len(), "trainable tensors");
+    for (name, shape, want) in &grads {
+        // PEFT's parameter names end in the adapter name; the saved (and our) names do not.
+        let ours = name.strip_suffix(".default").unwrap_or(name);
+        let (_, p) = state
+            .params
+            .iter()
+            .find(|(_, p)| p.name == ours)
+            .unwrap_or_else(|| panic!("{ours} not trained"));
+        assert_eq!(&p.shape, shape, "{name}: shape");
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let err = max_diff(&p.grad, want);
+        assert!(
+            err <= 1e-4 * scale,
+            "{name}: max |Δ| {err} vs max |ref| {scale}"
+        );
+    }
+    assert_eq!(
+        state.trainable_count() as u64,
+        reference["trainable_params"].as_u64().unwrap(),
+        "trainable parameter count"
+    );
+}
+
+/// peft-train --method ia3 writes what PEFT wrote for the same configuration (config keys,
+/// tensor names and shapes) and peft-eval reads it back.
+#[test]
+fn ia3_training_writes_a_peft_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ia3");
+    let model = fixtures().join("models").join("llama_gqa");
+    let data = fixtures().join("data").join("text.jsonl");
+    let o = run(
+        "peft-train",
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--method",
+            "ia3",
+            "--steps",
+            "3",
+            "--batch",
+            "2",
+            "--lr",
+            "0.01",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours = read_json(&out.join("adapter_config.json"));
+    let peft = read_json(&case_dir("ia3").join("adapter").join("adapter_config.json"));
+    for k in [
+        "peft_type",
+        "task_type",
+        "fan_in_fan_out",
+        "init_ia3_weights",
+    ] {
+        assert_eq!(ours[k], peft[k], "adapter_config.json {k}");
+    }
+    let set = |v: &Value| {
+        let mut s: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect();
+        s.sort();
+        s
+    };
+    assert_eq!(set(&ours["target_modules"]), set(&peft["target_modules"]));
+    assert_eq!(
+        set(&ours["feedforward_modules"]),
+        set(&peft["feedforward_modules"])
+    );
+    let a = tensors(&out.join("adapter_model.safetensors"));
+    let b = tensors(
+        &case_dir("ia3")
+            .join("adapter")
+            .join("adapter_model.safetensors"),
+    );
+    let shapes = |t: &[(String, Vec<usize>, Vec<f32>)]| {
+        let mut v: Vec<(String, Vec<usize>)> =
+            t.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(shapes(&a), shapes(&b), "adapter tensors");
+    assert!(
+        a.iter()
+            .any(|(_, _, v)| v.iter().any(|x| (x - 1.0).abs() > 1e-6)),
+        "training moved the IA3 vectors"
+    );
+    let o = run(
+        "peft-eval",
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--adapter",
+            out.to_str().unwrap(),
+            "--json",
+            "--quiet",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
