@@ -268,7 +268,7 @@ pub fn scale_columns(x: &[f32], s: &[f32]) -> Vec<f32> {
 
 /// `x ⊙= s` per row (`s` has one entry per column).
 pub fn scale_columns_in_place(x: &mut [f32], s: &[f32]) {
-    x.par_chunks_mut(s.len() * 64.max(1)).for_each(|c| {
+    x.par_chunks_mut((s.len() * 64).max(1)).for_each(|c| {
         for row in c.chunks_exact_mut(s.len()) {
             row.iter_mut().zip(s).for_each(|(v, k)| *v *= k);
         }
