@@ -230,3 +230,195 @@ fn ia3_training_writes_a_peft_adapter() {
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+fn load_prefix_adapter(model: &Model, dir: &Path) -> TrainState {
+    let cfg: Value = read_json(&dir.join("adapter_config.json"));
+    let mut state = TrainState::new(model.linears().len());
+    peftkit_core::train::prefix::load_adapter(dir, &cfg, model, &mut state).unwrap();
+    state
+}
+
+/// PEFT's prefix adapters (P-Tuning v2, and prefix tuning whose MLP output PEFT saves) give
+/// PEFT's logits: the prefix is a pre-filled KV cache, positions start after it.
+#[test]
+fn prefix_adapters_from_peft_give_peft_logits() {
+    for case in ["prefix", "prefix_proj"] {
+        let dir = case_dir(case);
+        let mut model = base();
+        let state = load_prefix_adapter(&model, &dir.join("adapter"));
+        peftkit_core::train::prefix::install(&mut model, state, 0);
+        let want = tensors(&dir.join("logits.safetensors"));
+        let (ids, _) = batch();
+        let opts = ForwardOptions { adapter: Some(0) };
+        for (i, seq) in ids.iter().enumerate() {
+            let hidden = model
+                .forward(&[SeqInput { ids: seq }], None, &opts)
+                .unwrap();
+            let logits = model.logits(&hidden, seq.len(), &opts);
+            let (_, _, w) = want
+                .iter()
+                .find(|(n, _, _)| n == &format!("logits.{i}"))
+                .unwrap();
+            let err = max_diff(&logits, w);
+            assert!(err <= 1e-4, "{case} seq {i}: max |Δ logit| {err}");
+        }
+    }
+}
+
+fn check_step(case: &str, mut state: TrainState, model: &Model) {
+    let dir = case_dir(case);
+    let reference = read_json(&dir.join("reference.json"));
+    let (ids, labels) = batch();
+    let batch = Batch {
+        ids: ids.iter().map(|v| &v[..]).collect(),
+        labels: labels.iter().map(|v| &v[..]).collect(),
+    };
+    let n = batch.loss_tokens();
+    let stats = Engine::new(model, &state)
+        .forward_backward(&mut state, &batch, 1.0 / n as f32, &mut Rng::new(0))
+        .unwrap();
+    let loss = stats.nll_sum / n as f64;
+    let want = reference["loss"].as_f64().unwrap();
+    assert!((loss - want).abs() < 1e-5, "{case} loss {loss} vs {want}");
+    let grads = tensors(&dir.join("grads.safetensors"));
+    assert_eq!(grads.len(), state.params.len(), "{case}: trainable tensors");
+    for (name, shape, want) in &grads {
+        let ours = name.strip_suffix(".default").unwrap_or(name);
+        let (_, p) = state
+            .params
+            .iter()
+            .find(|(_, p)| p.name == *ours || p.name == *name)
+            .unwrap_or_else(|| panic!("{case}: {name} not trained"));
+        assert_eq!(&p.shape, shape, "{case} {name}: shape");
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let err = max_diff(&p.grad, want);
+        assert!(
+            err <= 1e-4 * scale,
+            "{case} {name}: max |Δ| {err} vs max |ref| {scale}"
+        );
+    }
+    assert_eq!(
+        state.trainable_count() as u64,
+        reference["trainable_params"].as_u64().unwrap(),
+        "{case}: trainable parameter count"
+    );
+}
+
+#[test]
+fn ptuning_v2_step_matches_peft() {
+    let model = base();
+    let state = load_prefix_adapter(&model, &case_dir("prefix").join("adapter"));
+    check_step("prefix", state, &model);
+}
+
+/// Prefix tuning through the reparameterization MLP, from PEFT's initial parameters.
+#[test]
+fn prefix_projection_step_matches_peft() {
+    use peftkit_core::train::prefix::{set_trainable, PrefixMlp, PrefixParams};
+    let model = base();
+    let init = tensors(&case_dir("prefix_proj").join("params_init.safetensors"));
+    let get = |suffix: &str| {
+        init.iter()
+            .find(|(n, _, _)| n.ends_with(suffix))
+            .map(|(_, s, v)| (s.clone(), v.clone()))
+            .unwrap()
+    };
+    let (es, emb) = get("embedding.weight");
+    let (w1s, w1) = get("transform.0.weight");
+    let c = &model.config;
+    let mut state = TrainState::new(model.linears().len());
+    set_trainable(
+        &mut state,
+        PrefixParams {
+            n: es[0],
+            layers: c.layers,
+            kv_dim: c.kv_dim(),
+            emb,
+            mlp: Some(PrefixMlp {
+                hidden: w1s[0],
+                w1,
+                b1: get("transform.0.bias").1,
+                w2: get("transform.2.weight").1,
+                b2: get("transform.2.bias").1,
+            }),
+        },
+    );
+    check_step("prefix_proj", state, &model);
+}
+
+/// peft-train --method prefix / ptuning-v2 write adapters shaped like PEFT's; peft-eval and
+/// peft-generate run them.
+#[test]
+fn prefix_training_writes_peft_adapters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures().join("models").join("llama_gqa");
+    let data = fixtures().join("data").join("text.jsonl");
+    for (method, case) in [("ptuning-v2", "prefix"), ("prefix", "prefix_proj")] {
+        let out = tmp.path().join(method);
+        let o = run(
+            "peft-train",
+            &[
+                "--model",
+                model.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--method",
+                method,
+                "--num-virtual-tokens",
+                "4",
+                "--steps",
+                "3",
+                "--batch",
+                "2",
+                "--lr",
+                "0.01",
+                "--quiet",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let ours = read_json(&out.join("adapter_config.json"));
+        let peft = read_json(&case_dir(case).join("adapter").join("adapter_config.json"));
+        for k in [
+            "peft_type",
+            "task_type",
+            "num_virtual_tokens",
+            "token_dim",
+            "num_layers",
+            "num_attention_heads",
+            "num_transformer_submodules",
+            "prefix_projection",
+        ] {
+            assert_eq!(ours[k], peft[k], "{method}: adapter_config.json {k}");
+        }
+        let a = tensors(&out.join("adapter_model.safetensors"));
+        let b = tensors(
+            &case_dir(case)
+                .join("adapter")
+                .join("adapter_model.safetensors"),
+        );
+        assert_eq!(a.len(), 1);
+        assert_eq!((&a[0].0, &a[0].1), (&b[0].0, &b[0].1), "{method}: tensor");
+        for tool in ["peft-eval", "peft-generate"] {
+            let extra: &[&str] = if tool == "peft-eval" {
+                &["--data", data.to_str().unwrap(), "--json", "--quiet"]
+            } else {
+                &["--prompt", "hello", "--max-new-tokens", "3"]
+            };
+            let mut args = vec![
+                "--model",
+                model.to_str().unwrap(),
+                "--adapter",
+                out.to_str().unwrap(),
+            ];
+            args.extend_from_slice(extra);
+            let o = run(tool, &args);
+            assert!(
+                o.status.success(),
+                "{tool} {method}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+}

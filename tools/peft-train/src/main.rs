@@ -6,6 +6,7 @@ use peftkit_core::train::data::{DataFormat, DataOptions};
 use peftkit_core::train::ia3::Ia3Config;
 use peftkit_core::train::lora::{LoraConfig, Targets};
 use peftkit_core::train::optim::{AdamW, Schedule};
+use peftkit_core::train::prefix::PrefixConfig;
 use peftkit_core::train::trainer::{self, Method, TrainOptions};
 use peftkit_core::{cli, kernels, Error, Result};
 use std::collections::BTreeMap;
@@ -30,6 +31,9 @@ use std::path::PathBuf;
   peft-train --model models/smollm2 --quantize nf4 --data alpaca.json --method lora --out out/
   # IA3 (PEFT's default targets: k_proj, v_proj, and down_proj scaled on its input)
   peft-train --model M --data alpaca.json --method ia3 --lr 3e-3 --out out/
+  # prefix tuning (with its MLP) and P-Tuning v2 (per-layer prefixes trained directly)
+  peft-train --model M --data alpaca.json --method prefix --num-virtual-tokens 20 --lr 1e-2 --out out/
+  peft-train --model M --data alpaca.json --method ptuning-v2 --num-virtual-tokens 20 --lr 1e-2 --out out/
   # frozen fine-tuning of the top 2 blocks and the norms
   peft-train --model M --data text.jsonl --method freeze --trainable last:2,norms --out out/
   # look before training
@@ -55,7 +59,7 @@ struct Args {
     /// auto, text, alpaca, prompt-completion, messages, sharegpt
     #[arg(long, default_value = "auto")]
     format: String,
-    /// lora, dora, ia3, full, freeze
+    /// lora, dora, ia3, prefix, ptuning-v2, full, freeze
     #[arg(long, default_value = "lora")]
     method: String,
     #[arg(long)]
@@ -150,6 +154,12 @@ struct Args {
     /// fp4; a model already stored 4-bit, e.g. by quantize-nf4, needs no flag)
     #[arg(long)]
     quantize: Option<String>,
+    /// prefix / ptuning-v2: virtual tokens in front of every layer's keys and values
+    #[arg(long, default_value_t = 20)]
+    num_virtual_tokens: usize,
+    /// prefix: hidden size of the reparameterization MLP (default: the model's kv dimension)
+    #[arg(long)]
+    prefix_hidden: Option<usize>,
     /// IA3: target modules whose input (not output) is scaled (default: PEFT's, down_proj)
     #[arg(long)]
     feedforward: Option<String>,
@@ -339,6 +349,11 @@ fn run(a: Args) -> Result<()> {
         check_data: a.check_data,
         quiet: a.quiet,
         quantize: quantize_option(&a)?,
+        prefix: PrefixConfig {
+            num_virtual_tokens: a.num_virtual_tokens,
+            projection: a.prefix_hidden,
+            base_model_name_or_path: None,
+        },
         ia3: (method == Method::Ia3).then(|| {
             let mut c = Ia3Config::default_for(config.arch);
             if let Some(t) = &a.target {

@@ -52,7 +52,45 @@ impl Model {
         caches: Option<&mut [KvCache]>,
         opts: &ForwardOptions,
     ) -> Result<Vec<f32>> {
-        self.forward_grouped(seqs, caches, opts, group_tokens())
+        match caches {
+            // A prefix (prefix tuning) is a pre-filled cache: without a cache, use fresh ones.
+            None if self.kv_prefix_len(opts) > 0 => {
+                let mut local = vec![self.new_cache(opts); seqs.len()];
+                self.forward_grouped(seqs, Some(&mut local), opts, group_tokens())
+            }
+            caches => self.forward_grouped(seqs, caches, opts, group_tokens()),
+        }
+    }
+
+    /// Virtual tokens the active adapter puts in front of every sequence's keys and values.
+    pub fn kv_prefix_len(&self, opts: &ForwardOptions) -> usize {
+        self.blocks
+            .first()
+            .and_then(|b| opts.adapter.and_then(|s| b.attn.prefixes.get(s)))
+            .and_then(|p| p.as_ref())
+            .map_or(0, |p| p.len())
+    }
+
+    /// An empty KV cache for one sequence, holding the active adapter's prefix keys/values
+    /// when it has one (the sequence's positions then start after the prefix, as with
+    /// transformers' past_key_values).
+    pub fn new_cache(&self, opts: &ForwardOptions) -> KvCache {
+        let mut cache = KvCache::new(self.blocks.len());
+        let n = self.kv_prefix_len(opts);
+        if n == 0 {
+            return cache;
+        }
+        for (li, b) in self.blocks.iter().enumerate() {
+            let p = opts
+                .adapter
+                .and_then(|s| b.attn.prefixes.get(s))
+                .and_then(|p| p.as_ref())
+                .expect("prefix in every layer");
+            let (k, v) = p.keys_values(li);
+            cache.layers[li] = (k.to_vec(), v.to_vec());
+        }
+        cache.len = n;
+        cache
     }
 
     /// [`Model::forward`] with sub-batches of at most `group` tokens (whole sequences).

@@ -130,7 +130,8 @@ impl<'m> Engine<'m> {
                 break;
             }
         }
-        if embed_grad {
+        // A prefix enters every layer's attention.
+        if embed_grad || state.prefix.is_some() {
             stop = 0;
         }
         Self {
@@ -207,7 +208,23 @@ impl<'m> Engine<'m> {
             total += ids.len();
         }
         let max_len = spans.iter().map(|s| s.len).max().unwrap_or(0);
-        let rope = (!m.inv_freq.is_empty()).then(|| RopeTable::new(&m.inv_freq, max_len));
+        // Prefix tuning: the prefix's keys/values, and the sequence's positions start after it.
+        let prefix_vals = state.prefix.as_ref().map(|p| p.values());
+        let (n_prefix, prefix_stride, prefix_kv) = match &state.prefix {
+            Some(p) => (p.n, p.out_dim(), p.kv_dim),
+            None => (0, 0, 0),
+        };
+        let prefix_at = |li: usize| {
+            prefix_vals.as_ref().map(|v| attention::PrefixKv {
+                data: &v.p,
+                n: n_prefix,
+                stride: prefix_stride,
+                k_off: 2 * li * prefix_kv,
+                v_off: (2 * li + 1) * prefix_kv,
+            })
+        };
+        let rope =
+            (!m.inv_freq.is_empty()).then(|| RopeTable::new(&m.inv_freq, max_len + n_prefix));
 
         // Embeddings.
         let mut x = vec![0.0f32; total * h];
@@ -216,8 +233,16 @@ impl<'m> Engine<'m> {
                 let row = &mut x[(span.start + j) * h..(span.start + j + 1) * h];
                 row.copy_from_slice(&m.embed[id as usize * h..(id as usize + 1) * h]);
                 if let Some(pe) = &m.pos_embed {
+                    let pos = n_prefix + j;
+                    if pos >= c.max_positions {
+                        return Err(Error::usage(format!(
+                            "prefix and sequence of {} tokens exceed the model's {} positions",
+                            n_prefix + ids.len(),
+                            c.max_positions
+                        )));
+                    }
                     row.iter_mut()
-                        .zip(&pe[j * h..(j + 1) * h])
+                        .zip(&pe[pos * h..(pos + 1) * h])
                         .for_each(|(a, b)| *a += b);
                 }
             }
@@ -249,13 +274,14 @@ impl<'m> Engine<'m> {
                 for span in &spans {
                     for j in 0..span.len {
                         let t = span.start + j;
-                        rope.apply(&mut q[t * qd..(t + 1) * qd], j);
-                        rope.apply(&mut k[t * kvd..(t + 1) * kvd], j);
+                        rope.apply(&mut q[t * qd..(t + 1) * qd], n_prefix + j);
+                        rope.apply(&mut k[t * kvd..(t + 1) * kvd], n_prefix + j);
                     }
                 }
             }
             let window = c.sliding_window[li];
-            let (attn, probs) = attention::forward(c, window, &q, &k, &v, &spans, total);
+            let (attn, probs) =
+                attention::forward(c, window, &q, &k, &v, &spans, total, prefix_at(li));
             let o_idx = base + qkv_saved.len();
             let (o_out, o_saved) = lin_forward(&block.attn.o, state, o_idx, &attn, total, rng);
             let x_in = if keep { x.clone() } else { Vec::new() };
@@ -369,6 +395,7 @@ impl<'m> Engine<'m> {
         let _pb = crate::profile::scope("backward_blocks");
         let nb = m.blocks.len();
         let mut dx = norm_backward(&m.final_norm, c.norm, &x, &sf, &dh, state, 2 * nb);
+        let mut dp_prefix = prefix_vals.as_ref().map(|v| vec![0.0f32; v.p.len()]);
         drop(dh);
         for li in (self.stop_layer..nb).rev() {
             let block = &m.blocks[li];
@@ -462,7 +489,7 @@ impl<'m> Engine<'m> {
                 true,
             )
             .expect("dx");
-            let (mut dq, mut dk, dv) = attention::backward(
+            let (mut dq, mut dk, dv, dprefix) = attention::backward(
                 c,
                 c.sliding_window[li],
                 &s.q,
@@ -472,13 +499,29 @@ impl<'m> Engine<'m> {
                 &dattn,
                 &spans,
                 total,
+                prefix_at(li),
             );
+            if let (Some((dpk, dpv)), Some(dp)) = (dprefix, dp_prefix.as_mut()) {
+                let kv = prefix_kv;
+                for t in 0..n_prefix {
+                    let r = t * prefix_stride;
+                    let (ko, vo) = (r + 2 * li * kv, r + (2 * li + 1) * kv);
+                    dp[ko..ko + kv]
+                        .iter_mut()
+                        .zip(&dpk[t * kv..(t + 1) * kv])
+                        .for_each(|(a, b)| *a += b);
+                    dp[vo..vo + kv]
+                        .iter_mut()
+                        .zip(&dpv[t * kv..(t + 1) * kv])
+                        .for_each(|(a, b)| *a += b);
+                }
+            }
             if let Some(rope) = &rope {
                 for span in &spans {
                     for j in 0..span.len {
                         let t = span.start + j;
-                        rope_backward(rope, &mut dq[t * qd..(t + 1) * qd], j);
-                        rope_backward(rope, &mut dk[t * kvd..(t + 1) * kvd], j);
+                        rope_backward(rope, &mut dq[t * qd..(t + 1) * qd], n_prefix + j);
+                        rope_backward(rope, &mut dk[t * kvd..(t + 1) * kvd], n_prefix + j);
                     }
                 }
             }
@@ -552,6 +595,9 @@ impl<'m> Engine<'m> {
                 // The lowest block, and neither its norm nor anything below it trains.
                 break;
             }
+        }
+        if let (Some(vals), Some(dp)) = (&prefix_vals, &dp_prefix) {
+            super::prefix::backward(state, vals, dp);
         }
         if self.embed_grad {
             if let Some(g) = state.grad_mut(Slot::Embedding) {

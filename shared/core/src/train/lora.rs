@@ -550,6 +550,16 @@ pub fn load_for_inference(model: &mut Model, dir: &Path, slot: usize) -> Result<
             super::ia3::load_adapter(dir, &v, model, &mut state)?;
             super::ia3::install(model, state, slot);
         }
+        Some("PREFIX_TUNING") => {
+            super::prefix::load_adapter(dir, &v, model, &mut state)?;
+            super::prefix::install(model, state, slot);
+        }
+        Some(t @ ("PROMPT_TUNING" | "P_TUNING" | "ADAPTION_PROMPT")) => {
+            return Err(Error::bad_input(
+                &cfg_path,
+                format!("peft_type {t} is not supported yet (LORA, IA3 and PREFIX_TUNING are)"),
+            ))
+        }
         _ => {
             load_adapter(dir, model, &mut state)?;
             install(model, state, slot);

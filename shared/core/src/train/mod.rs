@@ -14,4 +14,5 @@ pub mod optim;
 pub mod output;
 pub mod params;
 pub mod plan;
+pub mod prefix;
 pub mod trainer;

@@ -16,6 +16,12 @@ pub enum Slot {
     LoraMagnitude(usize),
     /// IA3 vector of linear layer i.
     Ia3(usize),
+    /// Prefix tuning: the prefix (or its embedding) and the reparameterization MLP.
+    PrefixEmbedding,
+    PrefixW1,
+    PrefixB1,
+    PrefixW2,
+    PrefixB2,
     LinearWeight(usize),
     LinearBias(usize),
     NormWeight(usize),
@@ -80,6 +86,8 @@ pub struct TrainState {
     pub lora: Vec<Option<LoraParams>>,
     /// IA3 vector per linear index.
     pub ia3: Vec<Option<super::ia3::Ia3Params>>,
+    /// Prefix tuning / P-Tuning v2.
+    pub prefix: Option<super::prefix::PrefixParams>,
     pub params: Vec<(Slot, ParamState)>,
     index: HashMap<Slot, usize>,
 }
@@ -89,6 +97,7 @@ impl TrainState {
         Self {
             lora: vec![None; linears],
             ia3: vec![None; linears],
+            prefix: None,
             params: Vec::new(),
             index: HashMap::new(),
         }
@@ -132,6 +141,20 @@ impl TrainState {
                 .and_then(|l| l.magnitude.as_deref())
                 .expect("dora"),
             Slot::Ia3(i) => &self.ia3[i].as_ref().expect("ia3").l,
+            Slot::PrefixEmbedding => &self.prefix.as_ref().expect("prefix").emb,
+            Slot::PrefixW1 | Slot::PrefixB1 | Slot::PrefixW2 | Slot::PrefixB2 => {
+                let m = self
+                    .prefix
+                    .as_ref()
+                    .and_then(|p| p.mlp.as_ref())
+                    .expect("prefix mlp");
+                match slot {
+                    Slot::PrefixW1 => &m.w1,
+                    Slot::PrefixB1 => &m.b1,
+                    Slot::PrefixW2 => &m.w2,
+                    _ => &m.b2,
+                }
+            }
             _ => base_tensor(model, slot),
         }
     }
@@ -151,6 +174,20 @@ impl TrainState {
                 .and_then(|l| l.magnitude.as_deref_mut())
                 .expect("dora"),
             Slot::Ia3(i) => &mut self.ia3[i].as_mut().expect("ia3").l,
+            Slot::PrefixEmbedding => &mut self.prefix.as_mut().expect("prefix").emb,
+            s @ (Slot::PrefixW1 | Slot::PrefixB1 | Slot::PrefixW2 | Slot::PrefixB2) => {
+                let m = self
+                    .prefix
+                    .as_mut()
+                    .and_then(|p| p.mlp.as_mut())
+                    .expect("prefix mlp");
+                match s {
+                    Slot::PrefixW1 => &mut m.w1,
+                    Slot::PrefixB1 => &mut m.b1,
+                    Slot::PrefixW2 => &mut m.w2,
+                    _ => &mut m.b2,
+                }
+            }
             s => base_tensor_mut(model, s),
         };
         (value, state)

@@ -28,6 +28,10 @@ pub enum Method {
     Full,
     Freeze,
     Ia3,
+    /// Prefix tuning with the reparameterization MLP (Li & Liang).
+    Prefix,
+    /// P-Tuning v2: per-layer prefixes trained directly.
+    PtuningV2,
 }
 
 impl Method {
@@ -38,8 +42,10 @@ impl Method {
             "full" => Ok(Self::Full),
             "freeze" => Ok(Self::Freeze),
             "ia3" => Ok(Self::Ia3),
+            "prefix" => Ok(Self::Prefix),
+            "ptuning-v2" => Ok(Self::PtuningV2),
             _ => Err(Error::usage(format!(
-                "unknown --method {s}; supported: lora, dora, ia3, full, freeze"
+                "unknown --method {s}; supported: lora, dora, ia3, prefix, ptuning-v2, full, freeze"
             ))),
         }
     }
@@ -79,6 +85,8 @@ pub struct TrainOptions {
     pub quantize: Option<crate::model::QuantizeOnLoad>,
     /// IA3 targets and feed-forward modules (None = PEFT's defaults for the architecture).
     pub ia3: Option<super::ia3::Ia3Config>,
+    /// Prefix tuning / P-Tuning v2: virtual tokens and the MLP's hidden size (prefix only).
+    pub prefix: super::prefix::PrefixConfig,
 }
 
 pub struct TrainSummary {
@@ -168,6 +176,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
     let mut state = TrainState::new(model.linears().len());
     let mut init_rng = Rng::new(opts.seed);
     let mut lora_cfg = opts.lora.clone();
+    let mut prefix_cfg = opts.prefix.clone();
     let mut ia3_cfg = opts
         .ia3
         .clone()
@@ -209,6 +218,16 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
             ia3_cfg.base_model_name_or_path = Some(opts.model.display().to_string());
             super::ia3::attach(&model, &mut state, &ia3_cfg)?;
         }
+        Method::Prefix | Method::PtuningV2 => {
+            prefix_cfg.base_model_name_or_path = Some(opts.model.display().to_string());
+            if opts.method == Method::PtuningV2 {
+                prefix_cfg.projection = None;
+            } else if prefix_cfg.projection.is_none() {
+                // PEFT's default encoder_hidden_size is the token dimension.
+                prefix_cfg.projection = Some(model.config.kv_dim());
+            }
+            super::prefix::attach(&model, &mut state, &prefix_cfg, &mut init_rng)?;
+        }
         Method::Full => {
             full::register(&model, &mut state, |_| true, false);
         }
@@ -225,7 +244,10 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
     full::refuse_4bit_trainables(&model, &state, &opts.model)?;
     let trainable = state.trainable_count();
     let all = model.config.param_count()
-        + if matches!(opts.method, Method::Lora | Method::Dora | Method::Ia3) {
+        + if matches!(
+            opts.method,
+            Method::Lora | Method::Dora | Method::Ia3 | Method::Prefix | Method::PtuningV2
+        ) {
             trainable
         } else {
             0
@@ -503,6 +525,9 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
             }
             Method::Ia3 => {
                 super::ia3::save_adapter(&opts.out, &ia3_cfg, &model, &state, "CAUSAL_LM")?
+            }
+            Method::Prefix | Method::PtuningV2 => {
+                super::prefix::save_adapter(&opts.out, &prefix_cfg, &model, &state, "CAUSAL_LM")?
             }
             Method::Full | Method::Freeze => output::save_model(&opts.out, &opts.model, &model)?,
         }
