@@ -49,6 +49,7 @@ $(VENV)/bin/python:
 
 bench: build model venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/run.sh
+	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/quantize.sh
 
 # Order matters: the later generators read the tiny models of generate.py; the interop one
 # also runs our release binaries.

@@ -28,23 +28,23 @@ measure hf_gen "$PY" bench/hf_reference.py generate --model "$MODEL" --threads "
 
 echo "==> LoRA r16 on q,v, batch 4 x 256, f32" >&2
 head -n 4 "$OUT/eval.jsonl" > "$OUT/train.jsonl"
-rm -rf "$OUT/lora"
+rm -rf "$OUT/lora" "$OUT/ours_train.log"
 /usr/bin/time -f "%M" -o "$OUT/ours_train.rss" "$BIN/peft-train" --model "$MODEL" --data "$OUT/train.jsonl" --format text \
   --max-len 256 --batch 4 --steps 4 --rank 16 --alpha 32 --target q_proj,v_proj --lr 2e-4 --schedule constant \
   --threads "$THREADS" --quiet --out "$OUT/lora" --log "$OUT/ours_train.log" > /dev/null
-# tokens/s over the whole run (step 1 included; transformers' number leaves its first step out)
-"$PY" -c "import json; r=[json.loads(l) for l in open('$OUT/ours_train.log') if '\"loss\"' in l]; print(json.dumps({'tokens_per_second': r[-1]['tokens_per_second'], 'loss': r[-1]['loss']}))" > "$OUT/ours_train.json"
+# tokens/s after the first step, as transformers' number leaves its first (warm-up) step out
+"$PY" bench/steady_tps.py "$OUT/ours_train.log" > "$OUT/ours_train.json"
 echo "  ours_train: $(cat "$OUT/ours_train.json") rss $(( $(cat "$OUT/ours_train.rss") / 1024 )) MB" >&2
 measure hf_train "$PY" bench/hf_reference.py train --model "$MODEL" --data "$OUT/train.jsonl" --threads "$THREADS"
 
 echo "==> QLoRA r16 on q,v over the NF4 base (double quant), batch 4 x 256, f32 compute" >&2
 QMODEL="$OUT/model-nf4"
 [ -f "$QMODEL/config.json" ] || "$BIN/quantize-nf4" --model "$MODEL" --out "$QMODEL" --quiet
-rm -rf "$OUT/qlora"
+rm -rf "$OUT/qlora" "$OUT/ours_qlora.log"
 /usr/bin/time -f "%M" -o "$OUT/ours_qlora.rss" "$BIN/peft-train" --model "$QMODEL" --data "$OUT/train.jsonl" --format text \
   --max-len 256 --batch 4 --steps 4 --rank 16 --alpha 32 --target q_proj,v_proj --lr 2e-4 --schedule constant \
   --threads "$THREADS" --quiet --out "$OUT/qlora" --log "$OUT/ours_qlora.log" > /dev/null
-"$PY" -c "import json; r=[json.loads(l) for l in open('$OUT/ours_qlora.log') if '\"loss\"' in l]; print(json.dumps({'tokens_per_second': r[-1]['tokens_per_second'], 'loss': r[-1]['loss']}))" > "$OUT/ours_qlora.json"
+"$PY" bench/steady_tps.py "$OUT/ours_qlora.log" > "$OUT/ours_qlora.json"
 echo "  ours_qlora: $(cat "$OUT/ours_qlora.json") rss $(( $(cat "$OUT/ours_qlora.rss") / 1024 )) MB" >&2
 measure hf_qlora "$PY" bench/hf_reference.py qlora-train --model "$MODEL" --data "$OUT/train.jsonl" --threads "$THREADS"
 

@@ -422,3 +422,166 @@ fn prefix_training_writes_peft_adapters() {
         }
     }
 }
+
+fn load_prompt_adapter(model: &Model, dir: &Path) -> TrainState {
+    let cfg: Value = read_json(&dir.join("adapter_config.json"));
+    let mut state = TrainState::new(model.linears().len());
+    peftkit_core::train::prompt::load_adapter(dir, &cfg, model, &mut state).unwrap();
+    state
+}
+
+/// A PEFT prompt-tuning adapter gives PEFT's logits on the real tokens (PEFT's logits also
+/// cover the virtual positions, which come first).
+#[test]
+fn prompt_adapter_from_peft_gives_peft_logits() {
+    let dir = case_dir("prompt");
+    let mut model = base();
+    let state = load_prompt_adapter(&model, &dir.join("adapter"));
+    let n = state.prompt.as_ref().unwrap().n;
+    peftkit_core::train::prompt::install(&mut model, state, 0);
+    let want = tensors(&dir.join("logits.safetensors"));
+    let (ids, _) = batch();
+    let opts = ForwardOptions { adapter: Some(0) };
+    let vocab = model.config.vocab;
+    for (i, seq) in ids.iter().enumerate() {
+        let hidden = model
+            .forward(&[SeqInput { ids: seq }], None, &opts)
+            .unwrap();
+        let logits = model.logits(&hidden, seq.len(), &opts);
+        let (_, shape, w) = want
+            .iter()
+            .find(|(nm, _, _)| nm == &format!("logits.{i}"))
+            .unwrap();
+        assert_eq!(
+            shape[0],
+            n + seq.len(),
+            "PEFT's logits include the virtual tokens"
+        );
+        let err = max_diff(&logits, &w[n * vocab..]);
+        assert!(err <= 1e-4, "prompt seq {i}: max |Δ logit| {err}");
+    }
+}
+
+#[test]
+fn prompt_step_matches_peft() {
+    let model = base();
+    let state = load_prompt_adapter(&model, &case_dir("prompt").join("adapter"));
+    check_step("prompt", state, &model);
+}
+
+/// TEXT initialization takes the text's token embeddings, cut to the number of virtual tokens.
+#[test]
+fn prompt_text_init_matches_peft() {
+    use peftkit_core::train::prompt::{attach, PromptConfig};
+    let model = base();
+    let reference = read_json(&case_dir("prompt_text").join("reference.json"));
+    let ids: Vec<u32> = reference["init_text_token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let tok =
+        peftkit_core::tokenizer::TextTokenizer::load(&fixtures().join("models").join("llama_gqa"))
+            .unwrap();
+    let text = reference["prompt_tuning_init_text"].as_str().unwrap();
+    assert_eq!(
+        tok.encode(text).unwrap(),
+        ids,
+        "tokenization of the init text"
+    );
+    let mut state = TrainState::new(model.linears().len());
+    let cfg = PromptConfig {
+        num_virtual_tokens: 4,
+        init_text: Some((text.to_string(), ids)),
+        base_model_name_or_path: None,
+    };
+    attach(&model, &mut state, &cfg, &mut Rng::new(0)).unwrap();
+    let init = tensors(&case_dir("prompt_text").join("params_init.safetensors"));
+    assert_eq!(
+        state.prompt.as_ref().unwrap().emb,
+        init[0].2,
+        "init embeddings"
+    );
+    check_step("prompt_text", state, &model);
+}
+
+#[test]
+fn prompt_training_writes_a_peft_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("prompt");
+    let model = fixtures().join("models").join("llama_gqa");
+    let data = fixtures().join("data").join("text.jsonl");
+    let o = run(
+        "peft-train",
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--method",
+            "prompt",
+            "--num-virtual-tokens",
+            "4",
+            "--steps",
+            "3",
+            "--batch",
+            "2",
+            "--lr",
+            "0.01",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours = read_json(&out.join("adapter_config.json"));
+    let peft = read_json(
+        &case_dir("prompt")
+            .join("adapter")
+            .join("adapter_config.json"),
+    );
+    for k in [
+        "peft_type",
+        "task_type",
+        "num_virtual_tokens",
+        "token_dim",
+        "num_layers",
+        "num_attention_heads",
+        "num_transformer_submodules",
+        "prompt_tuning_init",
+    ] {
+        assert_eq!(ours[k], peft[k], "adapter_config.json {k}");
+    }
+    let a = tensors(&out.join("adapter_model.safetensors"));
+    let b = tensors(
+        &case_dir("prompt")
+            .join("adapter")
+            .join("adapter_model.safetensors"),
+    );
+    assert_eq!((&a[0].0, &a[0].1), (&b[0].0, &b[0].1), "tensor");
+    for (tool, extra) in [
+        (
+            "peft-eval",
+            vec!["--data", data.to_str().unwrap(), "--json", "--quiet"],
+        ),
+        (
+            "peft-generate",
+            vec!["--prompt", "hello", "--max-new-tokens", "3"],
+        ),
+    ] {
+        let mut args = vec![
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = run(tool, &args);
+        assert!(
+            o.status.success(),
+            "{tool}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}

@@ -34,6 +34,9 @@ use std::path::PathBuf;
   # prefix tuning (with its MLP) and P-Tuning v2 (per-layer prefixes trained directly)
   peft-train --model M --data alpaca.json --method prefix --num-virtual-tokens 20 --lr 1e-2 --out out/
   peft-train --model M --data alpaca.json --method ptuning-v2 --num-virtual-tokens 20 --lr 1e-2 --out out/
+  # prompt tuning, virtual tokens initialised from a text
+  peft-train --model M --data alpaca.json --method prompt --num-virtual-tokens 8 \\
+             --prompt-init-text 'Answer the instruction:' --lr 3e-2 --out out/
   # frozen fine-tuning of the top 2 blocks and the norms
   peft-train --model M --data text.jsonl --method freeze --trainable last:2,norms --out out/
   # look before training
@@ -59,7 +62,7 @@ struct Args {
     /// auto, text, alpaca, prompt-completion, messages, sharegpt
     #[arg(long, default_value = "auto")]
     format: String,
-    /// lora, dora, ia3, prefix, ptuning-v2, full, freeze
+    /// lora, dora, ia3, prefix, ptuning-v2, prompt, full, freeze
     #[arg(long, default_value = "lora")]
     method: String,
     #[arg(long)]
@@ -154,9 +157,12 @@ struct Args {
     /// fp4; a model already stored 4-bit, e.g. by quantize-nf4, needs no flag)
     #[arg(long)]
     quantize: Option<String>,
-    /// prefix / ptuning-v2: virtual tokens in front of every layer's keys and values
+    /// prefix / ptuning-v2 / prompt: virtual tokens in front of every sequence
     #[arg(long, default_value_t = 20)]
     num_virtual_tokens: usize,
+    /// prompt: initialize the virtual tokens from this text's token embeddings (default random)
+    #[arg(long)]
+    prompt_init_text: Option<String>,
     /// prefix: hidden size of the reparameterization MLP (default: the model's kv dimension)
     #[arg(long)]
     prefix_hidden: Option<usize>,
@@ -349,6 +355,7 @@ fn run(a: Args) -> Result<()> {
         check_data: a.check_data,
         quiet: a.quiet,
         quantize: quantize_option(&a)?,
+        prompt_init_text: a.prompt_init_text.clone(),
         prefix: PrefixConfig {
             num_virtual_tokens: a.num_virtual_tokens,
             projection: a.prefix_hidden,

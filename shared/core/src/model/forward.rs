@@ -53,13 +53,22 @@ impl Model {
         opts: &ForwardOptions,
     ) -> Result<Vec<f32>> {
         match caches {
-            // A prefix (prefix tuning) is a pre-filled cache: without a cache, use fresh ones.
-            None if self.kv_prefix_len(opts) > 0 => {
+            // A prefix (prefix or prompt tuning) is a pre-filled cache: without a cache, use
+            // fresh ones.
+            None if self.kv_prefix_len(opts) > 0 || self.input_prefix(opts).is_some() => {
                 let mut local = vec![self.new_cache(opts); seqs.len()];
-                self.forward_grouped(seqs, Some(&mut local), opts, group_tokens())
+                self.forward_grouped(seqs, Some(&mut local), opts, group_tokens(), None)
             }
-            caches => self.forward_grouped(seqs, caches, opts, group_tokens()),
+            caches => self.forward_grouped(seqs, caches, opts, group_tokens(), None),
         }
+    }
+
+    /// The active adapter's virtual input tokens (prompt tuning): `[n, hidden]` and n.
+    pub fn input_prefix(&self, opts: &ForwardOptions) -> Option<(&[f32], usize)> {
+        opts.adapter
+            .and_then(|s| self.input_prefixes.get(s))
+            .and_then(|p| p.as_ref())
+            .map(|p| p.embeddings())
     }
 
     /// Virtual tokens the active adapter puts in front of every sequence's keys and values.
@@ -76,6 +85,20 @@ impl Model {
     /// transformers' past_key_values).
     pub fn new_cache(&self, opts: &ForwardOptions) -> KvCache {
         let mut cache = KvCache::new(self.blocks.len());
+        if let Some((emb, n)) = self.input_prefix(opts) {
+            // Prompt tuning: the virtual tokens run through the model once, at positions
+            // 0..n, and stay in the cache like a prompt.
+            let ids = vec![0u32; n];
+            self.forward_grouped(
+                &[SeqInput { ids: &ids }],
+                Some(std::slice::from_mut(&mut cache)),
+                opts,
+                group_tokens(),
+                Some(emb),
+            )
+            .expect("virtual tokens fit the model");
+            return cache;
+        }
         let n = self.kv_prefix_len(opts);
         if n == 0 {
             return cache;
@@ -93,13 +116,15 @@ impl Model {
         cache
     }
 
-    /// [`Model::forward`] with sub-batches of at most `group` tokens (whole sequences).
+    /// [`Model::forward`] with sub-batches of at most `group` tokens (whole sequences);
+    /// `embeds` replaces the token embeddings of the input rows (virtual tokens).
     fn forward_grouped(
         &self,
         seqs: &[SeqInput],
         mut caches: Option<&mut [KvCache]>,
         opts: &ForwardOptions,
         group: usize,
+        embeds: Option<&[f32]>,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
         if let Some(cs) = caches.as_deref() {
@@ -137,7 +162,10 @@ impl Model {
         for (s, span) in seqs.iter().zip(&spans) {
             for (j, &id) in s.ids.iter().enumerate() {
                 let row = &mut x[(span.start + j) * h..(span.start + j + 1) * h];
-                row.copy_from_slice(&self.embed[id as usize * h..(id as usize + 1) * h]);
+                row.copy_from_slice(match embeds {
+                    Some(e) => &e[(span.start + j) * h..(span.start + j + 1) * h],
+                    None => &self.embed[id as usize * h..(id as usize + 1) * h],
+                });
                 if let Some(pe) = &self.pos_embed {
                     let p = span.past + j;
                     row.iter_mut()
@@ -675,20 +703,22 @@ mod tests {
                 .collect();
             let seqs: Vec<SeqInput> = ids.iter().map(|i| SeqInput { ids: i }).collect();
             let one = model
-                .forward_grouped(&seqs, None, &opts, usize::MAX)
+                .forward_grouped(&seqs, None, &opts, usize::MAX, None)
                 .unwrap();
             for group in [1, 50, 64] {
-                let grouped = model.forward_grouped(&seqs, None, &opts, group).unwrap();
+                let grouped = model
+                    .forward_grouped(&seqs, None, &opts, group, None)
+                    .unwrap();
                 close(&grouped, &one, &format!("{name} group {group}"));
                 // With KV caches: same hidden states and the same cache contents.
                 let layers = model.blocks.len();
                 let mut ca = vec![KvCache::new(layers); seqs.len()];
                 let mut cb = vec![KvCache::new(layers); seqs.len()];
                 let a = model
-                    .forward_grouped(&seqs, Some(&mut ca), &opts, usize::MAX)
+                    .forward_grouped(&seqs, Some(&mut ca), &opts, usize::MAX, None)
                     .unwrap();
                 let b = model
-                    .forward_grouped(&seqs, Some(&mut cb), &opts, group)
+                    .forward_grouped(&seqs, Some(&mut cb), &opts, group, None)
                     .unwrap();
                 close(&b, &a, &format!("{name} cached group {group}"));
                 for (x, y) in ca.iter().zip(&cb) {

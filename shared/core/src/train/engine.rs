@@ -112,8 +112,10 @@ impl<'m> Engine<'m> {
     pub fn new(model: &'m Model, state: &TrainState) -> Self {
         let lpb = linears_per_block(model);
         let nb = model.blocks.len();
-        let embed_grad =
-            state.is_trainable(Slot::Embedding) || state.is_trainable(Slot::PositionEmbedding);
+        // Prompt tuning needs the gradient of the input rows (its virtual tokens).
+        let embed_grad = state.is_trainable(Slot::Embedding)
+            || state.is_trainable(Slot::PositionEmbedding)
+            || state.prompt.is_some();
         let mut stop = nb;
         for l in 0..nb {
             let lin_trainable = (l * lpb..(l + 1) * lpb).any(|i| {
@@ -182,6 +184,8 @@ impl<'m> Engine<'m> {
         let m = self.model;
         let c = &m.config;
         let (h, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
+        // Prompt tuning: n virtual tokens in front of every sequence (positions 0..n).
+        let n_prompt = state.prompt.as_ref().map_or(0, |p| p.n);
         let mut spans = Vec::new();
         let mut total = 0;
         for (ids, labels) in batch.ids.iter().zip(&batch.labels) {
@@ -194,18 +198,18 @@ impl<'m> Engine<'m> {
                     c.vocab
                 )));
             }
-            if c.rope.is_none() && ids.len() > c.max_positions {
+            if c.rope.is_none() && n_prompt + ids.len() > c.max_positions {
                 return Err(Error::usage(format!(
                     "sequence of {} tokens is longer than the model's {} positions",
-                    ids.len(),
+                    n_prompt + ids.len(),
                     c.max_positions
                 )));
             }
             spans.push(Span {
                 start: total,
-                len: ids.len(),
+                len: n_prompt + ids.len(),
             });
-            total += ids.len();
+            total += n_prompt + ids.len();
         }
         let max_len = spans.iter().map(|s| s.len).max().unwrap_or(0);
         // Prefix tuning: the prefix's keys/values, and the sequence's positions start after it.
@@ -229,9 +233,15 @@ impl<'m> Engine<'m> {
         // Embeddings.
         let mut x = vec![0.0f32; total * h];
         for (ids, span) in batch.ids.iter().zip(&spans) {
-            for (j, &id) in ids.iter().enumerate() {
+            for j in 0..span.len {
                 let row = &mut x[(span.start + j) * h..(span.start + j + 1) * h];
-                row.copy_from_slice(&m.embed[id as usize * h..(id as usize + 1) * h]);
+                if j < n_prompt {
+                    let p = state.prompt.as_ref().expect("prompt");
+                    row.copy_from_slice(&p.emb[j * h..(j + 1) * h]);
+                } else {
+                    let id = ids[j - n_prompt] as usize;
+                    row.copy_from_slice(&m.embed[id * h..(id + 1) * h]);
+                }
                 if let Some(pe) = &m.pos_embed {
                     let pos = n_prefix + j;
                     if pos >= c.max_positions {
@@ -343,7 +353,12 @@ impl<'m> Engine<'m> {
         let mut rows = Vec::new();
         for (labels, span) in batch.labels.iter().zip(&spans) {
             for j in 0..span.len.saturating_sub(1) {
-                let t = labels[j + 1];
+                // Virtual tokens carry no label; the last one predicts the first real token.
+                let t = if j + 1 < n_prompt {
+                    -100
+                } else {
+                    labels[j + 1 - n_prompt]
+                };
                 if t != -100 {
                     if t < 0 || t as usize >= c.vocab {
                         return Err(Error::usage(format!(
@@ -600,10 +615,22 @@ impl<'m> Engine<'m> {
             super::prefix::backward(state, vals, dp);
         }
         if self.embed_grad {
+            if let Some(g) = state.grad_mut(Slot::PromptEmbedding) {
+                for span in &spans {
+                    for j in 0..n_prompt {
+                        let src = &dx[(span.start + j) * h..(span.start + j + 1) * h];
+                        g[j * h..(j + 1) * h]
+                            .iter_mut()
+                            .zip(src)
+                            .for_each(|(a, b)| *a += b);
+                    }
+                }
+            }
             if let Some(g) = state.grad_mut(Slot::Embedding) {
                 for (ids, span) in batch.ids.iter().zip(&spans) {
                     for (j, &id) in ids.iter().enumerate() {
-                        let src = &dx[(span.start + j) * h..(span.start + j + 1) * h];
+                        let r = span.start + n_prompt + j;
+                        let src = &dx[r * h..(r + 1) * h];
                         g[id as usize * h..(id as usize + 1) * h]
                             .iter_mut()
                             .zip(src)

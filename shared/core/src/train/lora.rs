@@ -554,10 +554,14 @@ pub fn load_for_inference(model: &mut Model, dir: &Path, slot: usize) -> Result<
             super::prefix::load_adapter(dir, &v, model, &mut state)?;
             super::prefix::install(model, state, slot);
         }
-        Some(t @ ("PROMPT_TUNING" | "P_TUNING" | "ADAPTION_PROMPT")) => {
+        Some("PROMPT_TUNING") => {
+            super::prompt::load_adapter(dir, &v, model, &mut state)?;
+            super::prompt::install(model, state, slot);
+        }
+        Some(t @ ("P_TUNING" | "ADAPTION_PROMPT" | "MULTITASK_PROMPT_TUNING")) => {
             return Err(Error::bad_input(
                 &cfg_path,
-                format!("peft_type {t} is not supported yet (LORA, IA3 and PREFIX_TUNING are)"),
+                format!("peft_type {t} is not supported (LORA, IA3, PREFIX_TUNING and PROMPT_TUNING are)"),
             ))
         }
         _ => {

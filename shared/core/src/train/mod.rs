@@ -15,4 +15,5 @@ pub mod output;
 pub mod params;
 pub mod plan;
 pub mod prefix;
+pub mod prompt;
 pub mod trainer;

@@ -16,6 +16,8 @@ pub enum Slot {
     LoraMagnitude(usize),
     /// IA3 vector of linear layer i.
     Ia3(usize),
+    /// Prompt tuning: the virtual token embeddings.
+    PromptEmbedding,
     /// Prefix tuning: the prefix (or its embedding) and the reparameterization MLP.
     PrefixEmbedding,
     PrefixW1,
@@ -88,6 +90,8 @@ pub struct TrainState {
     pub ia3: Vec<Option<super::ia3::Ia3Params>>,
     /// Prefix tuning / P-Tuning v2.
     pub prefix: Option<super::prefix::PrefixParams>,
+    /// Prompt tuning.
+    pub prompt: Option<super::prompt::PromptParams>,
     pub params: Vec<(Slot, ParamState)>,
     index: HashMap<Slot, usize>,
 }
@@ -98,6 +102,7 @@ impl TrainState {
             lora: vec![None; linears],
             ia3: vec![None; linears],
             prefix: None,
+            prompt: None,
             params: Vec::new(),
             index: HashMap::new(),
         }
@@ -142,6 +147,7 @@ impl TrainState {
                 .expect("dora"),
             Slot::Ia3(i) => &self.ia3[i].as_ref().expect("ia3").l,
             Slot::PrefixEmbedding => &self.prefix.as_ref().expect("prefix").emb,
+            Slot::PromptEmbedding => &self.prompt.as_ref().expect("prompt").emb,
             Slot::PrefixW1 | Slot::PrefixB1 | Slot::PrefixW2 | Slot::PrefixB2 => {
                 let m = self
                     .prefix
@@ -175,6 +181,7 @@ impl TrainState {
                 .expect("dora"),
             Slot::Ia3(i) => &mut self.ia3[i].as_mut().expect("ia3").l,
             Slot::PrefixEmbedding => &mut self.prefix.as_mut().expect("prefix").emb,
+            Slot::PromptEmbedding => &mut self.prompt.as_mut().expect("prompt").emb,
             s @ (Slot::PrefixW1 | Slot::PrefixB1 | Slot::PrefixW2 | Slot::PrefixB2) => {
                 let m = self
                     .prefix

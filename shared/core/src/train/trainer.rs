@@ -30,6 +30,8 @@ pub enum Method {
     Ia3,
     /// Prefix tuning with the reparameterization MLP (Li & Liang).
     Prefix,
+    /// Prompt tuning: virtual input tokens.
+    Prompt,
     /// P-Tuning v2: per-layer prefixes trained directly.
     PtuningV2,
 }
@@ -44,8 +46,9 @@ impl Method {
             "ia3" => Ok(Self::Ia3),
             "prefix" => Ok(Self::Prefix),
             "ptuning-v2" => Ok(Self::PtuningV2),
+            "prompt" => Ok(Self::Prompt),
             _ => Err(Error::usage(format!(
-                "unknown --method {s}; supported: lora, dora, ia3, prefix, ptuning-v2, full, freeze"
+                "unknown --method {s}; supported: lora, dora, ia3, prefix, ptuning-v2, prompt, full, freeze"
             ))),
         }
     }
@@ -87,6 +90,8 @@ pub struct TrainOptions {
     pub ia3: Option<super::ia3::Ia3Config>,
     /// Prefix tuning / P-Tuning v2: virtual tokens and the MLP's hidden size (prefix only).
     pub prefix: super::prefix::PrefixConfig,
+    /// Prompt tuning: text to initialize the virtual tokens from (None = random).
+    pub prompt_init_text: Option<String>,
 }
 
 pub struct TrainSummary {
@@ -177,6 +182,11 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
     let mut init_rng = Rng::new(opts.seed);
     let mut lora_cfg = opts.lora.clone();
     let mut prefix_cfg = opts.prefix.clone();
+    let mut prompt_cfg = super::prompt::PromptConfig {
+        num_virtual_tokens: opts.prefix.num_virtual_tokens,
+        init_text: None,
+        base_model_name_or_path: None,
+    };
     let mut ia3_cfg = opts
         .ia3
         .clone()
@@ -228,6 +238,13 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
             }
             super::prefix::attach(&model, &mut state, &prefix_cfg, &mut init_rng)?;
         }
+        Method::Prompt => {
+            prompt_cfg.base_model_name_or_path = Some(opts.model.display().to_string());
+            if let Some(t) = &opts.prompt_init_text {
+                prompt_cfg.init_text = Some((t.clone(), tok.encode(t)?));
+            }
+            super::prompt::attach(&model, &mut state, &prompt_cfg, &mut init_rng)?;
+        }
         Method::Full => {
             full::register(&model, &mut state, |_| true, false);
         }
@@ -246,7 +263,12 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
     let all = model.config.param_count()
         + if matches!(
             opts.method,
-            Method::Lora | Method::Dora | Method::Ia3 | Method::Prefix | Method::PtuningV2
+            Method::Lora
+                | Method::Dora
+                | Method::Ia3
+                | Method::Prefix
+                | Method::PtuningV2
+                | Method::Prompt
         ) {
             trainable
         } else {
@@ -412,10 +434,11 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
             .iter()
             .flat_map(|b| b.iter())
             .map(|&i| {
+                // With prompt tuning the first token is predicted too (by the last virtual one).
                 examples[i]
                     .labels
                     .iter()
-                    .skip(1)
+                    .skip(usize::from(state.prompt.is_none()))
                     .filter(|&&l| l != -100)
                     .count()
             })
@@ -528,6 +551,9 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
             }
             Method::Prefix | Method::PtuningV2 => {
                 super::prefix::save_adapter(&opts.out, &prefix_cfg, &model, &state, "CAUSAL_LM")?
+            }
+            Method::Prompt => {
+                super::prompt::save_adapter(&opts.out, &prompt_cfg, &model, &state, "CAUSAL_LM")?
             }
             Method::Full | Method::Freeze => output::save_model(&opts.out, &opts.model, &model)?,
         }

@@ -1,0 +1,178 @@
+//! Prompt tuning (Lester et al. 2021): trainable virtual token embeddings put in front of every
+//! sequence's input, with PEFT's semantics and file format (`PROMPT_TUNING`,
+//! `prompt_embeddings [n, hidden]`).
+//!
+//! The virtual tokens take positions 0..n and the sequence's tokens follow them; the last
+//! virtual token predicts the first real one (PEFT pads the labels with n × −100 in front).
+//! Initialization: random N(0, 1) (PEFT's `RANDOM`, torch.nn.Embedding's init) or the
+//! embeddings of a text's tokens (`TEXT`: cut to n, or repeated when shorter).
+
+use super::params::{ParamState, Slot, TrainState};
+use crate::error::{Error, Result};
+use crate::io::safetensors_file::{to_f32, write_f32_tensors, OutDtype, SafetensorsFile};
+use crate::model::hooks::InputPrefix;
+use crate::model::Model;
+use crate::rng::Rng;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Clone, Debug)]
+pub struct PromptConfig {
+    pub num_virtual_tokens: usize,
+    /// `TEXT` initialization: the text and its token ids (tokenized without special tokens).
+    pub init_text: Option<(String, Vec<u32>)>,
+    pub base_model_name_or_path: Option<String>,
+}
+
+/// The trainable virtual tokens of a run.
+#[derive(Clone, Debug)]
+pub struct PromptParams {
+    pub n: usize,
+    /// `[n, hidden]`
+    pub emb: Vec<f32>,
+}
+
+const PARAM: &str = "prompt_encoder.default.embedding.weight";
+
+/// Token ids of the text initialization as PEFT takes them: cut to n, or repeated then cut.
+pub fn init_ids(text_ids: &[u32], n: usize) -> Vec<u32> {
+    text_ids.iter().copied().cycle().take(n).collect()
+}
+
+/// Build the virtual tokens and register them.
+pub fn attach(
+    model: &Model,
+    state: &mut TrainState,
+    cfg: &PromptConfig,
+    rng: &mut Rng,
+) -> Result<()> {
+    let (n, h) = (cfg.num_virtual_tokens, model.config.hidden);
+    if n == 0 {
+        return Err(Error::usage("--num-virtual-tokens must be at least 1"));
+    }
+    let emb = match &cfg.init_text {
+        Some((text, ids)) => {
+            if ids.is_empty() {
+                return Err(Error::usage(format!(
+                    "--prompt-init-text {text:?} has no tokens"
+                )));
+            }
+            init_ids(ids, n)
+                .iter()
+                .flat_map(|&id| model.embed[id as usize * h..(id as usize + 1) * h].to_vec())
+                .collect()
+        }
+        None => (0..n * h).map(|_| rng.normal()).collect(),
+    };
+    set_trainable(state, PromptParams { n, emb });
+    Ok(())
+}
+
+/// Make `p` the run's trainable prompt.
+pub fn set_trainable(state: &mut TrainState, p: PromptParams) {
+    let h = p.emb.len() / p.n.max(1);
+    state.add(
+        Slot::PromptEmbedding,
+        ParamState::new(PARAM.to_string(), vec![p.n, h], true),
+    );
+    state.prompt = Some(p);
+}
+
+/// adapter_config.json as PEFT 0.21 writes it for prompt tuning.
+pub fn config_json(cfg: &PromptConfig, model: &Model, task_type: &str) -> String {
+    let c = &model.config;
+    let v = json!({
+        "auto_mapping": null,
+        "base_model_name_or_path": cfg.base_model_name_or_path,
+        "inference_mode": true,
+        "modules_to_save": null,
+        "num_attention_heads": c.heads,
+        "num_layers": c.layers,
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": cfg.num_virtual_tokens,
+        "peft_type": "PROMPT_TUNING",
+        "prompt_tuning_init": if cfg.init_text.is_some() { "TEXT" } else { "RANDOM" },
+        "prompt_tuning_init_text": cfg.init_text.as_ref().map(|(t, _)| t.clone()),
+        "revision": null,
+        "task_type": task_type,
+        "token_dim": c.hidden,
+        "tokenizer_kwargs": null,
+        "tokenizer_name_or_path": cfg.init_text.as_ref().and(cfg.base_model_name_or_path.clone()),
+    });
+    let sorted: BTreeMap<String, Value> =
+        v.as_object().expect("object").clone().into_iter().collect();
+    serde_json::to_string_pretty(&sorted).expect("json")
+}
+
+/// Write the adapter (`prompt_embeddings`).
+pub fn save_adapter(
+    dir: &Path,
+    cfg: &PromptConfig,
+    model: &Model,
+    state: &TrainState,
+    task_type: &str,
+) -> Result<()> {
+    let p = state.prompt.as_ref().expect("prompt");
+    let meta: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    write_f32_tensors(
+        &dir.join("adapter_model.safetensors"),
+        &[(
+            "prompt_embeddings".to_string(),
+            vec![p.n, model.config.hidden],
+            p.emb.clone(),
+        )],
+        OutDtype::F32,
+        &meta,
+    )?;
+    crate::io::atomic::write_file(
+        &dir.join("adapter_config.json"),
+        config_json(cfg, model, task_type).as_bytes(),
+    )
+}
+
+/// Read a PEFT prompt-tuning adapter into `state` (trainable).
+pub fn load_adapter(dir: &Path, cfg: &Value, model: &Model, state: &mut TrainState) -> Result<()> {
+    let h = model.config.hidden;
+    let cfg_path = dir.join("adapter_config.json");
+    let st_path = dir.join("adapter_model.safetensors");
+    let n = cfg
+        .get("num_virtual_tokens")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| Error::bad_input(&cfg_path, "num_virtual_tokens is missing"))?
+        as usize;
+    let file = SafetensorsFile::open(&st_path)?;
+    let t = file.require("prompt_embeddings")?;
+    if *t.shape != [n, h] {
+        return Err(Error::bad_input(
+            &st_path,
+            format!(
+                "prompt_embeddings has shape {:?}, expected [{n}, {h}] (num_virtual_tokens × hidden)",
+                t.shape
+            ),
+        ));
+    }
+    let emb = to_f32("prompt_embeddings", &t).map_err(|m| Error::bad_input(&st_path, m))?;
+    set_trainable(state, PromptParams { n, emb });
+    Ok(())
+}
+
+/// The virtual tokens as an inference hook.
+pub struct PromptHook {
+    p: PromptParams,
+}
+
+impl InputPrefix for PromptHook {
+    fn embeddings(&self) -> (&[f32], usize) {
+        (&self.p.emb, self.p.n)
+    }
+}
+
+/// Install the prompt of `state` into adapter slot `slot`.
+pub fn install(model: &mut Model, state: TrainState, slot: usize) {
+    let Some(p) = state.prompt else { return };
+    if model.input_prefixes.len() <= slot {
+        model.input_prefixes.resize_with(slot + 1, || None);
+    }
+    model.input_prefixes[slot] = Some(Box::new(PromptHook { p }));
+}
