@@ -101,3 +101,49 @@ pub const FIXTURE_MODELS: &[&str] = &[
     "mistral",
     "gpt2",
 ];
+
+/// A JSON file (panics with the path on error: test fixtures).
+pub fn read_json(p: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Every tensor of a safetensors file as (name, shape, f32 values), in file order.
+pub fn read_tensors(p: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    use peftkit_core::io::safetensors_file::{to_f32, SafetensorsFile};
+    let f = SafetensorsFile::open(p).unwrap();
+    f.names()
+        .into_iter()
+        .map(|n| {
+            let t = f.get(&n).unwrap();
+            (n.clone(), t.shape.to_vec(), to_f32(&n, &t).unwrap())
+        })
+        .collect()
+}
+
+/// A fixture batch.json: the sequences' `input_ids` and `labels` (unpadded).
+pub fn read_batch(p: &Path) -> (Vec<Vec<u32>>, Vec<Vec<i32>>) {
+    let b = read_json(p);
+    let rows = |k: &str| -> Vec<Vec<i64>> {
+        b[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                s.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_i64().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let ids = rows("input_ids")
+        .into_iter()
+        .map(|s| s.into_iter().map(|v| v as u32).collect())
+        .collect();
+    let labels = rows("labels")
+        .into_iter()
+        .map(|s| s.into_iter().map(|v| v as i32).collect())
+        .collect();
+    (ids, labels)
+}

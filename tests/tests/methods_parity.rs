@@ -1,59 +1,18 @@
 //! PEFT's other methods against PEFT 0.21 (tests/fixtures/generate_methods.py): logits of
 //! PEFT-written adapters and one training step's loss and gradients, on a tiny Llama.
 
-use peftkit_core::io::safetensors_file::{to_f32, SafetensorsFile};
 use peftkit_core::model::{ForwardOptions, Model, SeqInput};
 use peftkit_core::rng::Rng;
 use peftkit_core::train::engine::{Batch, Engine};
 use peftkit_core::train::ia3;
 use peftkit_core::train::params::TrainState;
-use peftkit_tests::{fixtures, run};
-use serde_json::Value;
-use std::path::{Path, PathBuf};
-
-fn read_json(p: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn tensors(p: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let f = SafetensorsFile::open(p).unwrap();
-    f.names()
-        .into_iter()
-        .map(|n| {
-            let t = f.get(&n).unwrap();
-            (n.clone(), t.shape.to_vec(), to_f32(&n, &t).unwrap())
-        })
-        .collect()
-}
+use peftkit_tests::{fixtures, read_batch, read_json, read_tensors as tensors, run};
 
 fn batch() -> (Vec<Vec<u32>>, Vec<Vec<i32>>) {
-    let b = read_json(&fixtures().join("methods").join("batch.json"));
-    let ids = b["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            s.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect();
-    let labels = b["labels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            s.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_i64().unwrap() as i32)
-                .collect()
-        })
-        .collect();
-    (ids, labels)
+    read_batch(&fixtures().join("methods").join("batch.json"))
 }
+use serde_json::Value;
+use std::path::{Path, PathBuf};
 
 fn case_dir(case: &str) -> PathBuf {
     fixtures().join("methods").join(case)

@@ -2,7 +2,6 @@
 //! gradient of every trainable tensor and the AdamW update, for LoRA (q/v, all-linear,
 //! patterns), rsLoRA, DoRA and full fine-tuning on a tiny Llama and a tiny GPT-2.
 
-use peftkit_core::io::safetensors_file::{to_f32, SafetensorsFile};
 use peftkit_core::kernels::ops::transpose;
 use peftkit_core::model::{ForwardOptions, Model, SeqInput};
 use peftkit_core::rng::Rng;
@@ -10,52 +9,11 @@ use peftkit_core::train::engine::{Batch, Engine};
 use peftkit_core::train::optim::AdamW;
 use peftkit_core::train::params::{Slot, TrainState};
 use peftkit_core::train::{full, lora};
-use peftkit_tests::fixtures;
-use serde_json::Value;
-use std::path::{Path, PathBuf};
-
-fn read_json(p: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
+use peftkit_tests::{fixtures, read_batch, read_json, read_tensors as tensors};
+use std::path::PathBuf;
 
 fn batch_of(model: &str) -> (Vec<Vec<u32>>, Vec<Vec<i32>>) {
-    let b = read_json(&fixtures().join("train").join(model).join("batch.json"));
-    let ids = b["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            s.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect();
-    let labels = b["labels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            s.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_i64().unwrap() as i32)
-                .collect()
-        })
-        .collect();
-    (ids, labels)
-}
-
-fn tensors(p: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let f = SafetensorsFile::open(p).unwrap();
-    f.names()
-        .into_iter()
-        .map(|n| {
-            let t = f.get(&n).unwrap();
-            (n.clone(), t.shape.to_vec(), to_f32(&n, &t).unwrap())
-        })
-        .collect()
+    read_batch(&fixtures().join("train").join(model).join("batch.json"))
 }
 
 /// The Conv1D (out, in) dims of a trainable GPT-2 weight, whose file layout is [in, out].
