@@ -125,12 +125,30 @@ fn ia3_training_writes_a_peft_adapter() {
             "2",
             "--lr",
             "0.01",
+            "--val-data",
+            data.to_str().unwrap(),
             "--quiet",
             "--out",
             out.to_str().unwrap(),
         ],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Evaluation runs with the IA3 vectors (all ones before training, so "before" is the
+    // base model's loss; after training they have moved).
+    let err = String::from_utf8_lossy(&o.stderr);
+    let eval_loss = |when: &str| -> f64 {
+        err.lines()
+            .find_map(|l| l.strip_prefix(&format!("eval loss {when} training: ")))
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no eval loss {when} training in: {err}"))
+            .parse()
+            .unwrap()
+    };
+    assert_ne!(
+        eval_loss("before"),
+        eval_loss("after"),
+        "eval uses the adapter"
+    );
     let ours = read_json(&out.join("adapter_config.json"));
     let peft = read_json(&case_dir("ia3").join("adapter").join("adapter_config.json"));
     for k in [

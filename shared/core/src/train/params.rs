@@ -108,6 +108,19 @@ impl TrainState {
         }
     }
 
+    /// A copy of the adapters (LoRA, IA3, prefix, prompt) without gradients or optimizer
+    /// state: what evaluation needs, and nothing it could change.
+    pub fn adapters_only(&self) -> Self {
+        Self {
+            lora: self.lora.clone(),
+            ia3: self.ia3.clone(),
+            prefix: self.prefix.clone(),
+            prompt: self.prompt.clone(),
+            params: Vec::new(),
+            index: HashMap::new(),
+        }
+    }
+
     pub fn add(&mut self, slot: Slot, state: ParamState) {
         self.index.insert(slot, self.params.len());
         self.params.push((slot, state));

@@ -368,8 +368,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
         let engine = Engine::for_eval(model).with_head_pack(head);
         // The evaluation engine only reads the adapters; it runs on a copy of them (small)
         // so that no gradient or moment of the run can change.
-        let mut st = TrainState::new(state.lora.len());
-        st.lora = state.lora.clone();
+        let mut st = state.adapters_only();
         let (mut nll, mut n) = (0.0, 0usize);
         for chunk in val.chunks(opts.batch.max(1)) {
             let batch = Batch {
