@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use peftkit_core::model::QuantizeOnLoad;
+use peftkit_core::train::bottleneck::{Activation, BottleneckConfig, Variant};
 use peftkit_core::train::data::{DataFormat, DataOptions};
 use peftkit_core::train::ia3::Ia3Config;
 use peftkit_core::train::lora::{LoraConfig, Targets};
@@ -34,6 +35,8 @@ use std::path::PathBuf;
   # prefix tuning (with its MLP) and P-Tuning v2 (per-layer prefixes trained directly)
   peft-train --model M --data alpaca.json --method prefix --num-virtual-tokens 20 --lr 1e-2 --out out/
   peft-train --model M --data alpaca.json --method ptuning-v2 --num-virtual-tokens 20 --lr 1e-2 --out out/
+  # bottleneck adapters (Houlsby: after attention and after the MLP), width hidden/16
+  peft-train --model M --data alpaca.json --method adapter --adapter-variant houlsby --lr 1e-3 --out out/
   # prompt tuning, virtual tokens initialised from a text
   peft-train --model M --data alpaca.json --method prompt --num-virtual-tokens 8 \\
              --prompt-init-text 'Answer the instruction:' --lr 3e-2 --out out/
@@ -62,7 +65,7 @@ struct Args {
     /// auto, text, alpaca, prompt-completion, messages, sharegpt
     #[arg(long, default_value = "auto")]
     format: String,
-    /// lora, dora, ia3, prefix, ptuning-v2, prompt, full, freeze
+    /// lora, dora, ia3, adapter, prefix, ptuning-v2, prompt, full, freeze
     #[arg(long, default_value = "lora")]
     method: String,
     #[arg(long)]
@@ -160,6 +163,18 @@ struct Args {
     /// prefix / ptuning-v2 / prompt: virtual tokens in front of every sequence
     #[arg(long, default_value_t = 20)]
     num_virtual_tokens: usize,
+    /// adapter: houlsby (after attention and MLP), pfeiffer (after the MLP) or parallel
+    #[arg(long, default_value = "houlsby")]
+    adapter_variant: String,
+    /// adapter: bottleneck width (default hidden / --reduction-factor)
+    #[arg(long, default_value_t = 0)]
+    adapter_size: usize,
+    /// adapter: hidden size divided by this gives the bottleneck width
+    #[arg(long, default_value_t = 16)]
+    reduction_factor: usize,
+    /// adapter: relu or silu
+    #[arg(long, default_value = "relu")]
+    adapter_activation: String,
     /// prompt: initialize the virtual tokens from this text's token embeddings (default random)
     #[arg(long)]
     prompt_init_text: Option<String>,
@@ -356,6 +371,13 @@ fn run(a: Args) -> Result<()> {
         quiet: a.quiet,
         quantize: quantize_option(&a)?,
         prompt_init_text: a.prompt_init_text.clone(),
+        bottleneck: BottleneckConfig {
+            variant: Variant::parse(&a.adapter_variant)?,
+            size: a.adapter_size,
+            reduction_factor: a.reduction_factor.max(1),
+            activation: Activation::parse(&a.adapter_activation)?,
+            base_model_name_or_path: None,
+        },
         prefix: PrefixConfig {
             num_virtual_tokens: a.num_virtual_tokens,
             projection: a.prefix_hidden,

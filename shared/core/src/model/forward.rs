@@ -209,14 +209,14 @@ impl Model {
                     &mut packs,
                 );
                 if let Some(Some(a)) = opts.adapter.and_then(|s| block.adapters.get(s)) {
-                    a.after_attention(&mut attn_out, rows);
+                    a.after_attention(ng, &mut attn_out, rows);
                 }
                 ops::add_assign(xg, &attn_out);
                 drop(attn_out);
                 apply_norm(&block.mlp_norm, c.norm, xg, ng);
                 let mut mlp_out = self.mlp(block, ng, rows, opts, &mut packs);
                 if let Some(Some(a)) = opts.adapter.and_then(|s| block.adapters.get(s)) {
-                    a.after_mlp(&mut mlp_out, rows);
+                    a.after_mlp(ng, &mut mlp_out, rows);
                 }
                 ops::add_assign(xg, &mlp_out);
             }

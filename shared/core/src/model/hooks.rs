@@ -22,10 +22,11 @@ pub trait LinearAdapter: Send + Sync {
     fn forward_output(&self, x: &[f32], rows: usize, y: &mut [f32], bias: Option<&[f32]>);
 }
 
-/// Addition to a block's sub-layer output, applied before the residual add.
+/// Addition to a block's sub-layer output `h`, applied before the residual add; `input` is
+/// the sub-layer's (normalized) input, for adapters that run parallel to it.
 pub trait BlockAdapter: Send + Sync {
-    fn after_attention(&self, _h: &mut [f32], _rows: usize) {}
-    fn after_mlp(&self, _h: &mut [f32], _rows: usize) {}
+    fn after_attention(&self, _input: &[f32], _h: &mut [f32], _rows: usize) {}
+    fn after_mlp(&self, _input: &[f32], _h: &mut [f32], _rows: usize) {}
 }
 
 /// Keys and values prepended to every sequence in one layer: `[n, kv_dim]` each, already in

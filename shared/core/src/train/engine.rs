@@ -71,6 +71,9 @@ struct NormSaved {
 }
 
 struct LayerSaved {
+    /// Bottleneck adapters after attention and after the MLP.
+    ad_attn: Option<AdapterSaved>,
+    ad_mlp: Option<AdapterSaved>,
     x_in: Vec<f32>,
     n1: Vec<f32>,
     s1: NormSaved,
@@ -118,12 +121,17 @@ impl<'m> Engine<'m> {
             || state.prompt.is_some();
         let mut stop = nb;
         for l in 0..nb {
-            let lin_trainable = (l * lpb..(l + 1) * lpb).any(|i| {
-                state.lora[i].is_some()
-                    || state.ia3[i].is_some()
-                    || state.is_trainable(Slot::LinearWeight(i))
-                    || state.is_trainable(Slot::LinearBias(i))
-            });
+            let adapters = state
+                .bottleneck
+                .as_ref()
+                .is_some_and(|b| b.unit(l, 0).is_some() || b.unit(l, 1).is_some());
+            let lin_trainable = adapters
+                || (l * lpb..(l + 1) * lpb).any(|i| {
+                    state.lora[i].is_some()
+                        || state.ia3[i].is_some()
+                        || state.is_trainable(Slot::LinearWeight(i))
+                        || state.is_trainable(Slot::LinearBias(i))
+                });
             let norm_trainable = [2 * l, 2 * l + 1].iter().any(|&n| {
                 state.is_trainable(Slot::NormWeight(n)) || state.is_trainable(Slot::NormBias(n))
             });
@@ -293,7 +301,8 @@ impl<'m> Engine<'m> {
             let (attn, probs) =
                 attention::forward(c, window, &q, &k, &v, &spans, total, prefix_at(li));
             let o_idx = base + qkv_saved.len();
-            let (o_out, o_saved) = lin_forward(&block.attn.o, state, o_idx, &attn, total, rng);
+            let (mut o_out, o_saved) = lin_forward(&block.attn.o, state, o_idx, &attn, total, rng);
+            let ad_attn = adapter_forward(state, li, 0, &n1, &mut o_out, total);
             let x_in = if keep { x.clone() } else { Vec::new() };
             ops::add_assign(&mut x, &o_out);
             let (n2, s2) = norm_forward(&block.mlp_norm, c.norm, &x);
@@ -323,8 +332,12 @@ impl<'m> Engine<'m> {
                     (f, fs, Vec::new(), LinSaved::default(), a, d, ds)
                 }
             };
+            let mut down_out = down_out;
+            let ad_mlp = adapter_forward(state, li, 1, &n2, &mut down_out, total);
             ops::add_assign(&mut x, &down_out);
             saved.push(keep.then_some(LayerSaved {
+                ad_attn,
+                ad_mlp,
                 x_in,
                 n1,
                 s1,
@@ -423,15 +436,17 @@ impl<'m> Engine<'m> {
                 || self.embed_grad
                 || state.is_trainable(Slot::NormWeight(2 * li))
                 || state.is_trainable(Slot::NormBias(2 * li));
-            // MLP
-            let dn2 = match &block.mlp {
+            // MLP (and the adapter on its output)
+            let (dy_mlp, par_mlp) =
+                adapter_backward(state, li, 1, &s.n2, s.ad_mlp.as_ref(), &dx, total);
+            let mut dn2 = match &block.mlp {
                 Mlp::Gated { gate, up, down } => {
                     let da = lin_backward(
                         down,
                         o_idx + 3,
                         &s.act,
                         &s.down_saved,
-                        &dx,
+                        &dy_mlp,
                         total,
                         state,
                         true,
@@ -470,7 +485,7 @@ impl<'m> Engine<'m> {
                         o_idx + 2,
                         &s.act,
                         &s.down_saved,
-                        &dx,
+                        &dy_mlp,
                         total,
                         state,
                         true,
@@ -482,6 +497,9 @@ impl<'m> Engine<'m> {
                         .expect("dx")
                 }
             };
+            if let Some(d) = par_mlp {
+                ops::add_assign(&mut dn2, &d);
+            }
             let dmid = norm_backward(
                 &block.mlp_norm,
                 c.norm,
@@ -492,13 +510,15 @@ impl<'m> Engine<'m> {
                 2 * li + 1,
             );
             ops::add_assign(&mut dx, &dmid);
-            // Attention
+            // Attention (and the adapter on its output)
+            let (dy_attn, par_attn) =
+                adapter_backward(state, li, 0, &s.n1, s.ad_attn.as_ref(), &dx, total);
             let dattn = lin_backward(
                 &block.attn.o,
                 o_idx,
                 &s.attn,
                 &s.o_saved,
-                &dx,
+                &dy_attn,
                 total,
                 state,
                 true,
@@ -595,7 +615,10 @@ impl<'m> Engine<'m> {
                     )
                 }
             };
-            if let Some(dn1) = dn1 {
+            if let Some(mut dn1) = dn1 {
+                if let Some(d) = par_attn {
+                    ops::add_assign(&mut dn1, &d);
+                }
                 let din = norm_backward(
                     &block.attn_norm,
                     c.norm,
@@ -740,6 +763,60 @@ fn lin_forward(
         ops::add_bias(&mut y, b);
     }
     (y, saved)
+}
+
+/// What a bottleneck adapter's backward pass needs.
+struct AdapterSaved {
+    unit: super::bottleneck::UnitSaved,
+    /// Sequential adapters: the sub-layer output they read (before their addition).
+    src: Option<Vec<f32>>,
+}
+
+/// Add the bottleneck adapter of (block, site), if any, to the sub-layer output `h` (whose
+/// input was `input`).
+fn adapter_forward(
+    state: &TrainState,
+    block: usize,
+    site: usize,
+    input: &[f32],
+    h: &mut [f32],
+    rows: usize,
+) -> Option<AdapterSaved> {
+    let bp = state.bottleneck.as_ref()?;
+    let u = bp.unit(block, site)?;
+    let src = (!bp.parallel()).then(|| h.to_vec());
+    let (out, unit) =
+        super::bottleneck::forward_unit(u, bp.activation, src.as_deref().unwrap_or(input), rows);
+    ops::add_assign(h, &out);
+    Some(AdapterSaved { unit, src })
+}
+
+/// Backward through the adapter of (block, site): the gradient for the sub-layer output below
+/// it and, for a parallel adapter, the gradient of the sub-layer input.
+fn adapter_backward<'a>(
+    state: &mut TrainState,
+    block: usize,
+    site: usize,
+    input: &[f32],
+    saved: Option<&AdapterSaved>,
+    dout: &'a [f32],
+    rows: usize,
+) -> (std::borrow::Cow<'a, [f32]>, Option<Vec<f32>>) {
+    use std::borrow::Cow;
+    let Some(sv) = saved else {
+        return (Cow::Borrowed(dout), None);
+    };
+    let src = sv.src.as_deref().unwrap_or(input);
+    let dsrc = super::bottleneck::backward_unit(state, block, site, src, &sv.unit, dout, rows);
+    match sv.src {
+        // h' = h + adapter(h): dL/dh = dL/dh' + adapter's input gradient
+        Some(_) => {
+            let mut d = dout.to_vec();
+            ops::add_assign(&mut d, &dsrc);
+            (Cow::Owned(d), None)
+        }
+        None => (Cow::Borrowed(dout), Some(dsrc)),
+    }
 }
 
 /// Backward through an IA3-scaled linear layer: the vector's gradient and dL/dx.

@@ -554,6 +554,10 @@ pub fn load_for_inference(model: &mut Model, dir: &Path, slot: usize) -> Result<
             super::prefix::load_adapter(dir, &v, model, &mut state)?;
             super::prefix::install(model, state, slot);
         }
+        Some("BOTTLENECK") => {
+            super::bottleneck::load_adapter(dir, &v, model, &mut state)?;
+            super::bottleneck::install(model, state, slot);
+        }
         Some("PROMPT_TUNING") => {
             super::prompt::load_adapter(dir, &v, model, &mut state)?;
             super::prompt::install(model, state, slot);

@@ -3,6 +3,7 @@
 //! loss, optimizer and checkpoints.
 
 mod attention;
+pub mod bottleneck;
 pub mod checkpoint;
 pub mod data;
 pub mod engine;

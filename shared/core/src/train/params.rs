@@ -18,6 +18,9 @@ pub enum Slot {
     Ia3(usize),
     /// Prompt tuning: the virtual token embeddings.
     PromptEmbedding,
+    /// Bottleneck adapter of (block, site 0 = attention / 1 = MLP, part 0..4 = down weight,
+    /// down bias, up weight, up bias).
+    Bottleneck(usize, usize, usize),
     /// Prefix tuning: the prefix (or its embedding) and the reparameterization MLP.
     PrefixEmbedding,
     PrefixW1,
@@ -92,6 +95,8 @@ pub struct TrainState {
     pub prefix: Option<super::prefix::PrefixParams>,
     /// Prompt tuning.
     pub prompt: Option<super::prompt::PromptParams>,
+    /// Bottleneck adapters.
+    pub bottleneck: Option<super::bottleneck::BottleneckParams>,
     pub params: Vec<(Slot, ParamState)>,
     index: HashMap<Slot, usize>,
 }
@@ -103,6 +108,7 @@ impl TrainState {
             ia3: vec![None; linears],
             prefix: None,
             prompt: None,
+            bottleneck: None,
             params: Vec::new(),
             index: HashMap::new(),
         }
@@ -116,6 +122,7 @@ impl TrainState {
             ia3: self.ia3.clone(),
             prefix: self.prefix.clone(),
             prompt: self.prompt.clone(),
+            bottleneck: self.bottleneck.clone(),
             params: Vec::new(),
             index: HashMap::new(),
         }
@@ -161,6 +168,14 @@ impl TrainState {
             Slot::Ia3(i) => &self.ia3[i].as_ref().expect("ia3").l,
             Slot::PrefixEmbedding => &self.prefix.as_ref().expect("prefix").emb,
             Slot::PromptEmbedding => &self.prompt.as_ref().expect("prompt").emb,
+            Slot::Bottleneck(b, site, part) => {
+                let u = self
+                    .bottleneck
+                    .as_ref()
+                    .and_then(|p| p.unit(b, site))
+                    .expect("adapter unit");
+                [&u.down_w, &u.down_b, &u.up_w, &u.up_b][part]
+            }
             Slot::PrefixW1 | Slot::PrefixB1 | Slot::PrefixW2 | Slot::PrefixB2 => {
                 let m = self
                     .prefix
@@ -195,6 +210,20 @@ impl TrainState {
             Slot::Ia3(i) => &mut self.ia3[i].as_mut().expect("ia3").l,
             Slot::PrefixEmbedding => &mut self.prefix.as_mut().expect("prefix").emb,
             Slot::PromptEmbedding => &mut self.prompt.as_mut().expect("prompt").emb,
+            Slot::Bottleneck(b, site, part) => {
+                let u = self
+                    .bottleneck
+                    .as_mut()
+                    .and_then(|p| p.units.get_mut(b))
+                    .and_then(|s| s[site].as_mut())
+                    .expect("adapter unit");
+                match part {
+                    0 => &mut u.down_w,
+                    1 => &mut u.down_b,
+                    2 => &mut u.up_w,
+                    _ => &mut u.up_b,
+                }
+            }
             s @ (Slot::PrefixW1 | Slot::PrefixB1 | Slot::PrefixW2 | Slot::PrefixB2) => {
                 let m = self
                     .prefix

@@ -32,6 +32,8 @@ pub enum Method {
     Prefix,
     /// Prompt tuning: virtual input tokens.
     Prompt,
+    /// Bottleneck adapters (Houlsby, Pfeiffer, parallel).
+    Adapter,
     /// P-Tuning v2: per-layer prefixes trained directly.
     PtuningV2,
 }
@@ -47,8 +49,9 @@ impl Method {
             "prefix" => Ok(Self::Prefix),
             "ptuning-v2" => Ok(Self::PtuningV2),
             "prompt" => Ok(Self::Prompt),
+            "adapter" => Ok(Self::Adapter),
             _ => Err(Error::usage(format!(
-                "unknown --method {s}; supported: lora, dora, ia3, prefix, ptuning-v2, prompt, full, freeze"
+                "unknown --method {s}; supported: lora, dora, ia3, adapter, prefix, ptuning-v2, prompt, full, freeze"
             ))),
         }
     }
@@ -92,6 +95,8 @@ pub struct TrainOptions {
     pub prefix: super::prefix::PrefixConfig,
     /// Prompt tuning: text to initialize the virtual tokens from (None = random).
     pub prompt_init_text: Option<String>,
+    /// Bottleneck adapters.
+    pub bottleneck: super::bottleneck::BottleneckConfig,
 }
 
 pub struct TrainSummary {
@@ -182,6 +187,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
     let mut init_rng = Rng::new(opts.seed);
     let mut lora_cfg = opts.lora.clone();
     let mut prefix_cfg = opts.prefix.clone();
+    let mut bottleneck_cfg = opts.bottleneck.clone();
     let mut prompt_cfg = super::prompt::PromptConfig {
         num_virtual_tokens: opts.prefix.num_virtual_tokens,
         init_text: None,
@@ -238,6 +244,10 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
             }
             super::prefix::attach(&model, &mut state, &prefix_cfg, &mut init_rng)?;
         }
+        Method::Adapter => {
+            bottleneck_cfg.base_model_name_or_path = Some(opts.model.display().to_string());
+            super::bottleneck::attach(&model, &mut state, &bottleneck_cfg, &mut init_rng)?;
+        }
         Method::Prompt => {
             prompt_cfg.base_model_name_or_path = Some(opts.model.display().to_string());
             if let Some(t) = &opts.prompt_init_text {
@@ -269,6 +279,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
                 | Method::Prefix
                 | Method::PtuningV2
                 | Method::Prompt
+                | Method::Adapter
         ) {
             trainable
         } else {
@@ -553,6 +564,9 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
             }
             Method::Prompt => {
                 super::prompt::save_adapter(&opts.out, &prompt_cfg, &model, &state, "CAUSAL_LM")?
+            }
+            Method::Adapter => {
+                super::bottleneck::save_adapter(&opts.out, &bottleneck_cfg, &model, &state)?
             }
             Method::Full | Method::Freeze => output::save_model(&opts.out, &opts.model, &model)?,
         }
