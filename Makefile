@@ -8,13 +8,14 @@ MODEL    ?= models/smollm2
 VENV     ?= $(HOME)/.cache/peftkit/venv
 PYTHON   ?= python3
 
-.PHONY: help build test lint demo model data bench venv fixtures clean
+.PHONY: help build test lint demo model data bench bench-methods venv fixtures clean
 
 help:
 	@echo "make demo      fetch SmolLM2-135M-Instruct, import it, answer a question (no GPU)"
 	@echo "make test      build and run every test (no downloads, no Python)"
 	@echo "make lint      cargo fmt --check and clippy -D warnings"
 	@echo "make bench     benchmarks side by side with transformers (needs the Python venv)"
+	@echo "make bench-methods  every training method on the same data: params, speed, memory, loss"
 	@echo "make fixtures  regenerate the committed test fixtures (needs the Python venv)"
 
 build:
@@ -50,6 +51,9 @@ $(VENV)/bin/python:
 bench: build model venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/run.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/quantize.sh
+
+bench-methods: build model data venv
+	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/methods.sh
 
 # Order matters: the later generators read the tiny models of generate.py; the interop one
 # also runs our release binaries.
