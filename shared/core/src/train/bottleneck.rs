@@ -254,8 +254,9 @@ fn register(model: &Model, state: &mut TrainState, bp: &BottleneckParams) {
     }
 }
 
-/// Fresh adapters on every block: down ~ N(0, 0.01²)... as in Houlsby's near-identity init,
-/// up = 0 and zero biases, so the model starts exactly as the base.
+/// Fresh adapters on every block: the down projection initialised as torch initializes a
+/// Linear, the up projection and both biases zero, so the model starts exactly as the base
+/// (Houlsby's near-identity start, made exact).
 pub fn attach(
     model: &Model,
     state: &mut TrainState,
