@@ -47,7 +47,7 @@ pub fn generate(
     opts: &ForwardOptions,
     mut on_token: impl FnMut(u32),
 ) -> Result<(Vec<u32>, StopReason)> {
-    let mut cache = vec![model.new_cache(opts)];
+    let mut cache = vec![model.new_cache(opts)?];
     let mut out = Vec::new();
     let mut next: Vec<u32> = prompt.to_vec();
     let h = model.config.hidden;

@@ -56,7 +56,7 @@ impl Model {
             // A prefix (prefix or prompt tuning) is a pre-filled cache: without a cache, use
             // fresh ones.
             None if self.kv_prefix_len(opts) > 0 || self.input_prefix(opts).is_some() => {
-                let mut local = vec![self.new_cache(opts); seqs.len()];
+                let mut local = vec![self.new_cache(opts)?; seqs.len()];
                 self.forward_grouped(seqs, Some(&mut local), opts, group_tokens(), None)
             }
             caches => self.forward_grouped(seqs, caches, opts, group_tokens(), None),
@@ -83,7 +83,7 @@ impl Model {
     /// An empty KV cache for one sequence, holding the active adapter's prefix keys/values
     /// when it has one (the sequence's positions then start after the prefix, as with
     /// transformers' past_key_values).
-    pub fn new_cache(&self, opts: &ForwardOptions) -> KvCache {
+    pub fn new_cache(&self, opts: &ForwardOptions) -> Result<KvCache> {
         let mut cache = KvCache::new(self.blocks.len());
         if let Some((emb, n)) = self.input_prefix(opts) {
             // Prompt tuning: the virtual tokens run through the model once, at positions
@@ -96,12 +96,12 @@ impl Model {
                 group_tokens(),
                 Some(emb),
             )
-            .expect("virtual tokens fit the model");
-            return cache;
+            .map_err(|e| Error::usage(format!("the adapter's {n} virtual tokens: {e}")))?;
+            return Ok(cache);
         }
         let n = self.kv_prefix_len(opts);
         if n == 0 {
-            return cache;
+            return Ok(cache);
         }
         for (li, b) in self.blocks.iter().enumerate() {
             let p = opts
@@ -113,7 +113,7 @@ impl Model {
             cache.layers[li] = (k.to_vec(), v.to_vec());
         }
         cache.len = n;
-        cache
+        Ok(cache)
     }
 
     /// [`Model::forward`] with sub-batches of at most `group` tokens (whole sequences);
