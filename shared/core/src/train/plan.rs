@@ -17,7 +17,14 @@ pub fn report(
     steps: u64,
 ) -> String {
     let c = &model.config;
-    let weights = c.param_count() as f64 * 4.0;
+    // Linear weights as stored (4-bit ones at about half a byte each), everything else f32.
+    let (linear_params, linear_bytes) = model.linear_weight_memory();
+    let weights = (c.param_count() - linear_params) as f64 * 4.0 + linear_bytes as f64;
+    let weights_label = if model.has_4bit_weights() {
+        "weights (4-bit linear)"
+    } else {
+        "weights (f32)         "
+    };
     let trainable = state.trainable_count() as f64;
     let lens: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
     let mean_len = lens.iter().sum::<usize>() as f64 / lens.len().max(1) as f64;
@@ -50,10 +57,11 @@ pub fn report(
     } * c.param_count() as f64;
     let seconds = steps as f64 * tokens_per_step * flops_per_token / 120e9;
     format!(
-        "plan for {} ({} layers, {} parameters)\n  weights (f32)          {}\n  trainable parameters   {} ({})\n  gradients + AdamW      {}\n  activations (micro-batch of ~{:.0} tokens) {}\n  logits chunk           {}\n  total (estimate)       {}\n  steps {}  tokens/step ~{:.0}  time at ~120 GFLOP/s ~{:.0} min\n",
+        "plan for {} ({} layers, {} parameters)\n  {} {}\n  trainable parameters   {} ({})\n  gradients + AdamW      {}\n  activations (micro-batch of ~{:.0} tokens) {}\n  logits chunk           {}\n  total (estimate)       {}\n  steps {}  tokens/step ~{:.0}  time at ~120 GFLOP/s ~{:.0} min\n",
         opts.model.display(),
         c.layers,
         c.param_count(),
+        weights_label,
         gb(weights),
         trainable as u64,
         gb(trainable * 4.0),
