@@ -147,3 +147,14 @@ pub fn read_batch(p: &Path) -> (Vec<Vec<u32>>, Vec<Vec<i32>>) {
         .collect();
     (ids, labels)
 }
+
+/// The held-out loss peft-train printed `before` or `after` training (from its stderr).
+pub fn eval_loss(stderr: &str, when: &str) -> f64 {
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("eval loss {when} training: ")))
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no eval loss {when} training in: {stderr}"))
+        .parse()
+        .unwrap()
+}

@@ -8,7 +8,7 @@ use peftkit_core::rng::Rng;
 use peftkit_core::train::bottleneck::{self, Activation, BottleneckConfig, Variant};
 use peftkit_core::train::engine::{Batch, Engine};
 use peftkit_core::train::params::TrainState;
-use peftkit_tests::{fixtures, read_batch, read_tensors, run};
+use peftkit_tests::{eval_loss, fixtures, read_batch, read_tensors, run};
 
 fn base() -> Model {
     Model::load(&fixtures().join("models").join("llama_gqa")).unwrap()
@@ -225,14 +225,7 @@ fn a_short_training_run_lowers_the_loss() {
         );
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{err}");
-        let eval_loss = |when: &str| -> f64 {
-            err.lines()
-                .find_map(|l| l.strip_prefix(&format!("eval loss {when} training: ")))
-                .and_then(|r| r.split_whitespace().next())
-                .unwrap_or_else(|| panic!("no eval loss {when} training in: {err}"))
-                .parse()
-                .unwrap()
-        };
+        let eval_loss = |when: &str| eval_loss(&err, when);
         assert!(
             eval_loss("after") < eval_loss("before") - 1e-3,
             "{variant}: {err}"

@@ -6,7 +6,7 @@ use peftkit_core::rng::Rng;
 use peftkit_core::train::engine::{Batch, Engine};
 use peftkit_core::train::ia3;
 use peftkit_core::train::params::TrainState;
-use peftkit_tests::{fixtures, read_batch, read_json, read_tensors as tensors, run};
+use peftkit_tests::{eval_loss, fixtures, read_batch, read_json, read_tensors as tensors, run};
 
 fn batch() -> (Vec<Vec<u32>>, Vec<Vec<i32>>) {
     read_batch(&fixtures().join("methods").join("batch.json"))
@@ -29,6 +29,28 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
+/// The model's logits with adapter slot 0, per batch sequence, against PEFT's recorded ones
+/// (whose first `skip` rows belong to virtual tokens PEFT returns logits for).
+fn assert_peft_logits(model: &Model, case: &str, skip: usize) {
+    let want = tensors(&case_dir(case).join("logits.safetensors"));
+    let (ids, _) = batch();
+    let opts = ForwardOptions { adapter: Some(0) };
+    let vocab = model.config.vocab;
+    for (i, seq) in ids.iter().enumerate() {
+        let hidden = model
+            .forward(&[SeqInput { ids: seq }], None, &opts)
+            .unwrap();
+        let logits = model.logits(&hidden, seq.len(), &opts);
+        let (_, shape, w) = want
+            .iter()
+            .find(|(n, _, _)| n == &format!("logits.{i}"))
+            .unwrap();
+        assert_eq!(shape[0], skip + seq.len(), "{case}: PEFT's logit rows");
+        let err = max_diff(&logits, &w[skip * vocab..]);
+        assert!(err <= 1e-4, "{case} seq {i}: max |Δ logit| {err}");
+    }
+}
+
 fn load_ia3(model: &Model, dir: &Path) -> TrainState {
     let cfg: Value = read_json(&dir.join("adapter_config.json"));
     let mut state = TrainState::new(model.linears().len());
@@ -42,21 +64,7 @@ fn ia3_adapter_from_peft_gives_peft_logits() {
     let mut model = base();
     let state = load_ia3(&model, &dir.join("adapter"));
     ia3::install(&mut model, state, 0);
-    let want = tensors(&dir.join("logits.safetensors"));
-    let (ids, _) = batch();
-    let opts = ForwardOptions { adapter: Some(0) };
-    for (i, seq) in ids.iter().enumerate() {
-        let hidden = model
-            .forward(&[SeqInput { ids: seq }], None, &opts)
-            .unwrap();
-        let logits = model.logits(&hidden, seq.len(), &opts);
-        let (_, _, w) = want
-            .iter()
-            .find(|(n, _, _)| n == &format!("logits.{i}"))
-            .unwrap();
-        let err = max_diff(&logits, w);
-        assert!(err <= 1e-4, "ia3 seq {i}: max |Δ logit| {err}");
-    }
+    assert_peft_logits(&model, "ia3", 0);
 }
 
 #[test]
@@ -136,14 +144,7 @@ fn ia3_training_writes_a_peft_adapter() {
     // Evaluation runs with the IA3 vectors (all ones before training, so "before" is the
     // base model's loss; after training they have moved).
     let err = String::from_utf8_lossy(&o.stderr);
-    let eval_loss = |when: &str| -> f64 {
-        err.lines()
-            .find_map(|l| l.strip_prefix(&format!("eval loss {when} training: ")))
-            .and_then(|r| r.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no eval loss {when} training in: {err}"))
-            .parse()
-            .unwrap()
-    };
+    let eval_loss = |when: &str| eval_loss(&err, when);
     assert_ne!(
         eval_loss("before"),
         eval_loss("after"),
@@ -224,21 +225,7 @@ fn prefix_adapters_from_peft_give_peft_logits() {
         let mut model = base();
         let state = load_prefix_adapter(&model, &dir.join("adapter"));
         peftkit_core::train::prefix::install(&mut model, state, 0);
-        let want = tensors(&dir.join("logits.safetensors"));
-        let (ids, _) = batch();
-        let opts = ForwardOptions { adapter: Some(0) };
-        for (i, seq) in ids.iter().enumerate() {
-            let hidden = model
-                .forward(&[SeqInput { ids: seq }], None, &opts)
-                .unwrap();
-            let logits = model.logits(&hidden, seq.len(), &opts);
-            let (_, _, w) = want
-                .iter()
-                .find(|(n, _, _)| n == &format!("logits.{i}"))
-                .unwrap();
-            let err = max_diff(&logits, w);
-            assert!(err <= 1e-4, "{case} seq {i}: max |Δ logit| {err}");
-        }
+        assert_peft_logits(&model, case, 0);
     }
 }
 
@@ -416,27 +403,7 @@ fn prompt_adapter_from_peft_gives_peft_logits() {
     let state = load_prompt_adapter(&model, &dir.join("adapter"));
     let n = state.prompt.as_ref().unwrap().n;
     peftkit_core::train::prompt::install(&mut model, state, 0);
-    let want = tensors(&dir.join("logits.safetensors"));
-    let (ids, _) = batch();
-    let opts = ForwardOptions { adapter: Some(0) };
-    let vocab = model.config.vocab;
-    for (i, seq) in ids.iter().enumerate() {
-        let hidden = model
-            .forward(&[SeqInput { ids: seq }], None, &opts)
-            .unwrap();
-        let logits = model.logits(&hidden, seq.len(), &opts);
-        let (_, shape, w) = want
-            .iter()
-            .find(|(nm, _, _)| nm == &format!("logits.{i}"))
-            .unwrap();
-        assert_eq!(
-            shape[0],
-            n + seq.len(),
-            "PEFT's logits include the virtual tokens"
-        );
-        let err = max_diff(&logits, &w[n * vocab..]);
-        assert!(err <= 1e-4, "prompt seq {i}: max |Δ logit| {err}");
-    }
+    assert_peft_logits(&model, "prompt", n);
 }
 
 #[test]

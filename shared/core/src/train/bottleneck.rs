@@ -11,15 +11,15 @@
 //!
 //! The up projection starts at zero, so training starts exactly from the base model.
 
+use super::adapter_files::{sorted_json, trainable_tensors, write_adapter};
 use super::params::{ParamState, Slot, TrainState};
 use crate::error::{Error, Result};
-use crate::io::safetensors_file::{to_f32, write_f32_tensors, OutDtype, SafetensorsFile};
+use crate::io::safetensors_file::{to_f32, SafetensorsFile};
 use crate::kernels::{gemm, ops};
 use crate::model::hooks::BlockAdapter;
 use crate::model::Model;
 use crate::rng::Rng;
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
 use std::path::Path;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -311,9 +311,7 @@ pub fn config_json(cfg: &BottleneckConfig, model: &Model) -> String {
         "task_type": "CAUSAL_LM",
         "variant": cfg.variant.name(),
     });
-    let sorted: BTreeMap<String, Value> =
-        v.as_object().expect("object").clone().into_iter().collect();
-    serde_json::to_string_pretty(&sorted).expect("json")
+    sorted_json(v)
 }
 
 pub fn save_adapter(
@@ -322,16 +320,10 @@ pub fn save_adapter(
     model: &Model,
     state: &TrainState,
 ) -> Result<()> {
-    let meta: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    write_f32_tensors(
-        &dir.join("adapter_model.safetensors"),
-        &super::lora::adapter_tensors(model, state),
-        OutDtype::F32,
-        &meta,
-    )?;
-    crate::io::atomic::write_file(
-        &dir.join("adapter_config.json"),
-        config_json(cfg, model).as_bytes(),
+    write_adapter(
+        dir,
+        &trainable_tensors(model, state),
+        &config_json(cfg, model),
     )
 }
 

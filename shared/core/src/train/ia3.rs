@@ -6,14 +6,14 @@
 //! included), shape `[out, 1]`; on a feed-forward layer it scales the input, shape `[1, in]`
 //! (PEFT's `IA3Layer`). Vectors start at one, so training starts from the base model.
 
-use super::lora::{adapter_tensors, is_target_module, layer_index, Targets};
+use super::adapter_files::{sorted_json, trainable_tensors, write_adapter};
+use super::lora::{is_target_module, layer_index, Targets};
 use super::params::{ParamState, Slot, TrainState};
 use crate::error::{Error, Result};
-use crate::io::safetensors_file::{to_f32, write_f32_tensors, OutDtype, SafetensorsFile};
+use crate::io::safetensors_file::{to_f32, SafetensorsFile};
 use crate::model::hooks::LinearAdapter;
 use crate::model::{Arch, Model};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
 use std::path::Path;
 
 /// One IA3 vector on a linear layer.
@@ -129,9 +129,7 @@ pub fn config_json(cfg: &Ia3Config, model: &Model, task_type: &str) -> String {
         "target_modules": targets,
         "task_type": task_type,
     });
-    let sorted: BTreeMap<String, Value> =
-        v.as_object().expect("object").clone().into_iter().collect();
-    serde_json::to_string_pretty(&sorted).expect("json")
+    sorted_json(v)
 }
 
 /// Write adapter_config.json and adapter_model.safetensors into `dir`.
@@ -142,16 +140,10 @@ pub fn save_adapter(
     state: &TrainState,
     task_type: &str,
 ) -> Result<()> {
-    let meta: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    write_f32_tensors(
-        &dir.join("adapter_model.safetensors"),
-        &adapter_tensors(model, state),
-        OutDtype::F32,
-        &meta,
-    )?;
-    crate::io::atomic::write_file(
-        &dir.join("adapter_config.json"),
-        config_json(cfg, model, task_type).as_bytes(),
+    write_adapter(
+        dir,
+        &trainable_tensors(model, state),
+        &config_json(cfg, model, task_type),
     )
 }
 

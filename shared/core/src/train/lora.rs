@@ -4,10 +4,11 @@
 //! adapters are read from and written to `adapter_config.json` + `adapter_model.safetensors`
 //! with `base_model.model.` keys, so PEFT loads ours and we load PEFT's.
 
+use super::adapter_files::{sorted_json, trainable_tensors, write_adapter};
 use super::engine::dora_weight_norm;
 use super::params::{LoraParams, ParamState, Slot, TrainState};
 use crate::error::{Error, Result};
-use crate::io::safetensors_file::{to_f32, write_f32_tensors, OutDtype, SafetensorsFile};
+use crate::io::safetensors_file::{to_f32, SafetensorsFile};
 use crate::model::hooks::LinearAdapter;
 use crate::model::linear::Linear;
 use crate::model::{Arch, Model};
@@ -440,25 +441,7 @@ pub fn config_json(cfg: &LoraConfig, model: &Model, task_type: &str) -> String {
         "use_dora": cfg.dora,
         "use_rslora": cfg.rslora,
     });
-    // serde_json with preserve_order keeps insertion order; sort for PEFT's sort_keys=True.
-    let sorted: BTreeMap<String, Value> =
-        v.as_object().expect("object").clone().into_iter().collect();
-    serde_json::to_string_pretty(&sorted).expect("json")
-}
-
-/// Adapter tensors with their PEFT names (what adapter_model.safetensors holds).
-pub fn adapter_tensors(model: &Model, state: &TrainState) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    state
-        .params
-        .iter()
-        .map(|(slot, p)| {
-            (
-                p.name.clone(),
-                p.shape.clone(),
-                state.value(model, *slot).to_vec(),
-            )
-        })
-        .collect()
+    sorted_json(v)
 }
 
 /// Write adapter_config.json and adapter_model.safetensors into `dir` (an existing directory).
@@ -469,16 +452,10 @@ pub fn save_adapter(
     state: &TrainState,
     task_type: &str,
 ) -> Result<()> {
-    let meta: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    write_f32_tensors(
-        &dir.join("adapter_model.safetensors"),
-        &adapter_tensors(model, state),
-        OutDtype::F32,
-        &meta,
-    )?;
-    crate::io::atomic::write_file(
-        &dir.join("adapter_config.json"),
-        config_json(cfg, model, task_type).as_bytes(),
+    write_adapter(
+        dir,
+        &trainable_tensors(model, state),
+        &config_json(cfg, model, task_type),
     )
 }
 

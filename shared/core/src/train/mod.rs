@@ -2,6 +2,7 @@
 //! a forward pass that keeps what the backward pass needs, hand-written backward passes,
 //! loss, optimizer and checkpoints.
 
+pub mod adapter_files;
 mod attention;
 pub mod bottleneck;
 pub mod checkpoint;

@@ -9,15 +9,15 @@
 //! itself as `prompt_embeddings`, as PEFT saves it. Prefix keys get no rotary embedding and
 //! the sequence's positions start after the prefix (transformers' past-key-values semantics).
 
+use super::adapter_files::{sorted_json, write_adapter};
 use super::params::{ParamState, Slot, TrainState};
 use crate::error::{Error, Result};
-use crate::io::safetensors_file::{to_f32, write_f32_tensors, OutDtype, SafetensorsFile};
+use crate::io::safetensors_file::{to_f32, SafetensorsFile};
 use crate::kernels::gemm;
 use crate::model::hooks::KvPrefix;
 use crate::model::Model;
 use crate::rng::Rng;
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
 use std::path::Path;
 
 #[derive(Clone, Debug)]
@@ -245,9 +245,7 @@ pub fn config_json(cfg: &PrefixConfig, model: &Model, task_type: &str) -> String
         "task_type": task_type,
         "token_dim": c.kv_dim(),
     });
-    let sorted: BTreeMap<String, Value> =
-        v.as_object().expect("object").clone().into_iter().collect();
-    serde_json::to_string_pretty(&sorted).expect("json")
+    sorted_json(v)
 }
 
 /// Write the adapter: `prompt_embeddings` = P (the MLP's output when reparameterized).
@@ -259,21 +257,12 @@ pub fn save_adapter(
     task_type: &str,
 ) -> Result<()> {
     let p = state.prefix.as_ref().expect("prefix");
-    let meta: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    write_f32_tensors(
-        &dir.join("adapter_model.safetensors"),
-        &[(
-            "prompt_embeddings".to_string(),
-            vec![p.n, p.out_dim()],
-            p.values().p,
-        )],
-        OutDtype::F32,
-        &meta,
-    )?;
-    crate::io::atomic::write_file(
-        &dir.join("adapter_config.json"),
-        config_json(cfg, model, task_type).as_bytes(),
-    )
+    let tensor = (
+        "prompt_embeddings".to_string(),
+        vec![p.n, p.out_dim()],
+        p.values().p,
+    );
+    write_adapter(dir, &[tensor], &config_json(cfg, model, task_type))
 }
 
 /// Read a PEFT prefix-tuning adapter: P `[n, layers·2·kv_dim]` (trainable as P-Tuning v2).

@@ -7,14 +7,14 @@
 //! Initialization: random N(0, 1) (PEFT's `RANDOM`, torch.nn.Embedding's init) or the
 //! embeddings of a text's tokens (`TEXT`: cut to n, or repeated when shorter).
 
+use super::adapter_files::{sorted_json, write_adapter};
 use super::params::{ParamState, Slot, TrainState};
 use crate::error::{Error, Result};
-use crate::io::safetensors_file::{to_f32, write_f32_tensors, OutDtype, SafetensorsFile};
+use crate::io::safetensors_file::{to_f32, SafetensorsFile};
 use crate::model::hooks::InputPrefix;
 use crate::model::Model;
 use crate::rng::Rng;
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
 use std::path::Path;
 
 #[derive(Clone, Debug)]
@@ -100,9 +100,7 @@ pub fn config_json(cfg: &PromptConfig, model: &Model, task_type: &str) -> String
         "tokenizer_kwargs": null,
         "tokenizer_name_or_path": cfg.init_text.as_ref().and(cfg.base_model_name_or_path.clone()),
     });
-    let sorted: BTreeMap<String, Value> =
-        v.as_object().expect("object").clone().into_iter().collect();
-    serde_json::to_string_pretty(&sorted).expect("json")
+    sorted_json(v)
 }
 
 /// Write the adapter (`prompt_embeddings`).
@@ -114,21 +112,12 @@ pub fn save_adapter(
     task_type: &str,
 ) -> Result<()> {
     let p = state.prompt.as_ref().expect("prompt");
-    let meta: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    write_f32_tensors(
-        &dir.join("adapter_model.safetensors"),
-        &[(
-            "prompt_embeddings".to_string(),
-            vec![p.n, model.config.hidden],
-            p.emb.clone(),
-        )],
-        OutDtype::F32,
-        &meta,
-    )?;
-    crate::io::atomic::write_file(
-        &dir.join("adapter_config.json"),
-        config_json(cfg, model, task_type).as_bytes(),
-    )
+    let tensor = (
+        "prompt_embeddings".to_string(),
+        vec![p.n, model.config.hidden],
+        p.emb.clone(),
+    );
+    write_adapter(dir, &[tensor], &config_json(cfg, model, task_type))
 }
 
 /// Read a PEFT prompt-tuning adapter into `state` (trainable).
