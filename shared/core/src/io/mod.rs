@@ -1,4 +1,5 @@
 //! File formats and safe writing.
 
 pub mod atomic;
+pub mod model_folder;
 pub mod safetensors_file;

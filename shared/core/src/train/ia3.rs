@@ -47,7 +47,7 @@ impl Ia3Config {
         }
     }
 
-    fn is_feedforward(&self, path: &str) -> bool {
+    pub(crate) fn is_feedforward(&self, path: &str) -> bool {
         self.feedforward
             .iter()
             .any(|t| path == t || path.ends_with(&format!(".{t}")))
@@ -147,7 +147,7 @@ pub fn save_adapter(
     )
 }
 
-fn config_from_json(v: &Value) -> std::result::Result<Ia3Config, String> {
+pub(crate) fn config_from_json(v: &Value) -> std::result::Result<Ia3Config, String> {
     let strings = |k: &str| -> Vec<String> {
         match v.get(k) {
             Some(Value::Array(a)) => a

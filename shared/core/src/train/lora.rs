@@ -122,7 +122,10 @@ pub fn layer_index(path: &str) -> Option<usize> {
 }
 
 /// First pattern key matching `(.*\.)?(key)$` wins (PEFT's get_pattern_key).
-fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Result<Option<T>> {
+pub(crate) fn pattern_value<T: Copy>(
+    patterns: &BTreeMap<String, T>,
+    path: &str,
+) -> Result<Option<T>> {
     for (k, v) in patterns {
         let re = Regex::new(&format!("^(.*\\.)?(?:{k})$"))
             .map_err(|e| Error::usage(format!("pattern {k:?}: {e}")))?;
@@ -133,7 +136,7 @@ fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Result<
     Ok(None)
 }
 
-fn scale_of(cfg: &LoraConfig, r: usize, alpha: f32) -> f32 {
+pub(crate) fn scale_of(cfg: &LoraConfig, r: usize, alpha: f32) -> f32 {
     if cfg.rslora {
         alpha / (r as f32).sqrt()
     } else {
@@ -329,7 +332,7 @@ pub fn load_adapter(dir: &Path, model: &Model, state: &mut TrainState) -> Result
     Ok(cfg)
 }
 
-fn config_from_json(v: &Value) -> std::result::Result<LoraConfig, String> {
+pub(crate) fn config_from_json(v: &Value) -> std::result::Result<LoraConfig, String> {
     let peft_type = v.get("peft_type").and_then(Value::as_str).unwrap_or("");
     if peft_type != "LORA" {
         return Err(format!("peft_type is {peft_type:?}; expected \"LORA\""));

@@ -1,0 +1,1 @@
+//! What is inside an adapter, model or checkpoint (the body of `adapter-inspect`).
