@@ -73,6 +73,41 @@ pub fn singular_values(b: &[f32], a: &[f32], out: usize, r: usize, inp: usize) -
     svd_of_product(b, a, out, r, inp, r).s
 }
 
+/// Truncated SVD of a dense row-major `m [rows, cols]` (for pruned ΔW, which is no longer
+/// low-rank), computed in f64 and sign-normalized like [`svd_of_product`].
+pub fn svd_dense(m: &[f32], rows: usize, cols: usize, k: usize) -> LowRankSvd {
+    assert_eq!(m.len(), rows * cols, "matrix is not [rows, cols]");
+    // nalgebra's SVD wants rows ≥ cols for its bidiagonalization to be cheap either way; the
+    // identity B = I, A = M through svd_of_product would cost a QR of an identity, so go direct.
+    let mat = DMatrix::<f64>::from_fn(rows, cols, |i, j| m[i * cols + j] as f64);
+    let svd = mat.svd(true, true);
+    let (u, vt) = (svd.u.expect("u requested"), svd.v_t.expect("v_t requested"));
+    let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
+    order.sort_by(|&x, &y| svd.singular_values[y].total_cmp(&svd.singular_values[x]));
+    let k = k.min(order.len());
+    let mut res = LowRankSvd {
+        u: vec![0f32; rows * k],
+        s: vec![0f32; k],
+        vt: vec![0f32; k * cols],
+        k,
+    };
+    for (c, &j) in order.iter().take(k).enumerate() {
+        let row = vt.row(j);
+        let big = row
+            .iter()
+            .fold(0f64, |m, &x| if x.abs() > m.abs() { x } else { m });
+        let sign = if big < 0.0 { -1.0 } else { 1.0 };
+        res.s[c] = svd.singular_values[j] as f32;
+        for i in 0..rows {
+            res.u[i * k + c] = (u[(i, j)] * sign) as f32;
+        }
+        for i in 0..cols {
+            res.vt[c * cols + i] = (row[i] * sign) as f32;
+        }
+    }
+    res
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
