@@ -51,6 +51,7 @@ $(VENV)/bin/python:
 bench: build model venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/run.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/quantize.sh
+	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/merge.sh
 
 bench-methods: build model data venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/methods.sh

@@ -134,11 +134,16 @@ fn check_logits(case: &str, model_dir: &Path, key: &str, tol: f32) {
             .iter()
             .map(|x| x.as_u64().unwrap() as u32)
             .collect();
-        let hidden = model.forward(&[SeqInput { ids: &ids }], None, &opts).unwrap();
+        let hidden = model
+            .forward(&[SeqInput { ids: &ids }], None, &opts)
+            .unwrap();
         let got = model.logits(&hidden, ids.len(), &opts);
         let (_, want) = &logits[&format!("{key}.{i}")];
         let err = max_diff(&got, want);
-        assert!(err <= tol, "{case} seq {i}: max |Δ logit| {err} vs PEFT {key}");
+        assert!(
+            err <= tol,
+            "{case} seq {i}: max |Δ logit| {err} vs PEFT {key}"
+        );
     }
 }
 
@@ -210,7 +215,9 @@ fn qlora_merge_uses_the_dequantized_weights() {
         assert!(err <= 1e-5, "{key}: max |Δ| {err} from dequantized + ΔW");
     }
     // a plain model: no 4-bit parts, no quantization_config
-    assert!(ours.keys().all(|k| !k.contains("quant_state") && !k.ends_with("absmax")));
+    assert!(ours
+        .keys()
+        .all(|k| !k.contains("quant_state") && !k.ends_with("absmax")));
     assert!(read_json(&out.join("config.json"))
         .get("quantization_config")
         .is_none());
@@ -244,7 +251,10 @@ fn qlora_requantize_is_byte_identical_to_peft() {
         let (x, y) = (ours.get(name).unwrap(), theirs.get(name).unwrap());
         assert_eq!(x.dtype, y.dtype, "{name}");
         assert_eq!(x.shape, y.shape, "{name}");
-        assert!(x.bytes == y.bytes, "{name}: bytes differ from PEFT's re-quantized model");
+        assert!(
+            x.bytes == y.bytes,
+            "{name}: bytes differ from PEFT's re-quantized model"
+        );
     }
     assert!(read_json(&out.join("config.json"))
         .get("quantization_config")
@@ -408,7 +418,11 @@ fn assert_same_tensors(name: &str, tol: f32) {
     let (c, out) = combine_case(name);
     check_combine_config(&c, &out);
     let ours = tensor_map(&out.join("adapter_model.safetensors"));
-    let theirs = tensor_map(&merge_dir("combine").join(name).join("adapter_model.safetensors"));
+    let theirs = tensor_map(
+        &merge_dir("combine")
+            .join(name)
+            .join("adapter_model.safetensors"),
+    );
     assert_eq!(
         ours.keys().collect::<Vec<_>>(),
         theirs.keys().collect::<Vec<_>>(),
@@ -429,7 +443,10 @@ fn assert_same_products(name: &str) {
     check_combine_config(&c, &out);
     let ours = products(&out);
     let theirs = products(&merge_dir("combine").join(name));
-    assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
     for (k, w) in &theirs {
         let err = max_diff(&ours[k], w);
         assert!(err <= 1e-5, "{name}: {k}: B·A max |Δ| {err}");
@@ -438,7 +455,14 @@ fn assert_same_products(name: &str) {
 
 #[test]
 fn linear_and_cat_combinations_match_peft() {
-    for name in ["linear_ab", "linear_ab_neg", "linear_single_a", "cat_ab", "cat_ac", "cat_g1g2"] {
+    for name in [
+        "linear_ab",
+        "linear_ab_neg",
+        "linear_single_a",
+        "cat_ab",
+        "cat_ac",
+        "cat_g1g2",
+    ] {
         assert_same_tensors(name, 1e-6);
     }
 }
@@ -500,7 +524,10 @@ fn dare_keeps_about_density_and_rescales() {
             if *g != 0.0 {
                 kept += 1;
                 let want = x * scale / density;
-                assert!((g - want).abs() <= 1e-5 * want.abs().max(1.0), "{k}: {g} vs {want}");
+                assert!(
+                    (g - want).abs() <= 1e-5 * want.abs().max(1.0),
+                    "{k}: {g} vs {want}"
+                );
             }
         }
     }
@@ -548,14 +575,33 @@ fn combine_refuses_what_peft_refuses() {
         "equal rank",
     );
     assert_clean_error(
-        &go(&["--combine", "ties", "--adapter", &a, "--adapter", &a.replace("a=", "a2=")]),
+        &go(&[
+            "--combine",
+            "ties",
+            "--adapter",
+            &a,
+            "--adapter",
+            &a.replace("a=", "a2="),
+        ]),
         "--density",
     );
     assert_clean_error(
-        &go(&["--combine", "cat", "--adapter", &a, "--adapter", &c, "--weights", "1"]),
+        &go(&[
+            "--combine",
+            "cat",
+            "--adapter",
+            &a,
+            "--adapter",
+            &c,
+            "--weights",
+            "1",
+        ]),
         "one weight per adapter",
     );
-    assert_clean_error(&go(&["--combine", "mean", "--adapter", &a]), "expected one of");
+    assert_clean_error(
+        &go(&["--combine", "mean", "--adapter", &a]),
+        "expected one of",
+    );
     let dora = merge_dir("dora_llama").join("adapter");
     assert_clean_error(
         &go(&[

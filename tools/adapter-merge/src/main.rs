@@ -53,7 +53,12 @@ struct Args {
     #[arg(long, value_name = "HOW")]
     combine: Option<String>,
     /// One weight per adapter, comma-separated (default: 1 each)
-    #[arg(long, value_name = "W,W,...", value_delimiter = ',', allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_name = "W,W,...",
+        value_delimiter = ',',
+        allow_hyphen_values = true
+    )]
     weights: Vec<f32>,
     /// Fraction of entries kept by ties / dare_* / magnitude_prune
     #[arg(long, value_name = "D")]

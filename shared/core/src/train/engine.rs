@@ -43,6 +43,109 @@ pub struct StepStats {
     pub loss_tokens: usize,
 }
 
+/// What a training objective sees of a forward pass.
+pub struct ObjectiveCtx<'a> {
+    pub model: &'a Model,
+    /// Final hidden states after the last norm, `[rows, hidden]`, sequences one after another.
+    pub hidden: &'a [f32],
+    pub batch: &'a Batch<'a>,
+    /// Per sequence: the row of its first real token and its number of real tokens (rows of
+    /// prompt-tuning virtual tokens come before).
+    pub seq_rows: Vec<(usize, usize)>,
+    pub n_prompt: usize,
+    /// The LM head packed for the forward product, when the caller packed it.
+    pub head_pack: Option<&'a gemm::PackedWeight>,
+    /// Whether gradients are wanted (false in evaluation).
+    pub backward: bool,
+}
+
+/// A loss of the final hidden states. `apply` returns its statistics and, when
+/// `ctx.backward`, adds dL/d(hidden) into `dh` and the gradients of any head it owns.
+pub trait Objective {
+    fn apply(
+        &mut self,
+        ctx: &ObjectiveCtx,
+        state: &mut TrainState,
+        dh: &mut [f32],
+    ) -> Result<StepStats>;
+}
+
+/// Next-token cross-entropy on the batch labels (causal LM training).
+pub struct NextToken {
+    pub loss_scale: f32,
+}
+
+impl Objective for NextToken {
+    fn apply(
+        &mut self,
+        ctx: &ObjectiveCtx,
+        state: &mut TrainState,
+        dh: &mut [f32],
+    ) -> Result<StepStats> {
+        let m = ctx.model;
+        let c = &m.config;
+        let n_prompt = ctx.n_prompt;
+        // Loss over the rows that predict a labelled token.
+        let mut rows = Vec::new();
+        for (labels, &(first, len)) in ctx.batch.labels.iter().zip(&ctx.seq_rows) {
+            let start = first - n_prompt;
+            for j in 0..(len + n_prompt).saturating_sub(1) {
+                // Virtual tokens carry no label; the last one predicts the first real token.
+                let t = if j + 1 < n_prompt {
+                    -100
+                } else {
+                    labels[j + 1 - n_prompt]
+                };
+                if t != -100 {
+                    if t < 0 || t as usize >= c.vocab {
+                        return Err(Error::usage(format!(
+                            "label {t} is outside the vocabulary of {}",
+                            c.vocab
+                        )));
+                    }
+                    rows.push((start + j, t as u32));
+                }
+            }
+        }
+        let head_slot = if m.lm_head.is_some() {
+            Slot::Head
+        } else {
+            Slot::Embedding
+        };
+        let _p = crate::profile::scope("loss_head");
+        let mut per_row = vec![0f64; rows.len()];
+        let scale = self.loss_scale;
+        // evaluation skips the gradient products of the head (a third of its work)
+        let (dh, dw) = if ctx.backward {
+            (Some(dh), state.grad_mut(head_slot).map(|g| &mut g[..]))
+        } else {
+            (None, None)
+        };
+        loss::cross_entropy_rows(
+            ctx.hidden,
+            c.hidden,
+            m.head_weight(),
+            ctx.head_pack,
+            c.vocab,
+            &rows,
+            &|_| scale,
+            dh,
+            dw,
+            &mut per_row,
+        );
+        let nll_sum: f64 = per_row.iter().sum();
+        if !nll_sum.is_finite() {
+            return Err(Error::Numeric(format!(
+                "loss is not finite ({nll_sum}); lower the learning rate or check the data"
+            )));
+        }
+        Ok(StepStats {
+            nll_sum,
+            loss_tokens: rows.len(),
+        })
+    }
+}
+
 #[derive(Clone, Copy)]
 pub(super) struct Span {
     pub start: usize,
@@ -180,14 +283,27 @@ impl<'m> Engine<'m> {
         self
     }
 
-    /// Forward and backward over one micro-batch. Gradients are accumulated (added) into
-    /// `state`, scaled by `loss_scale` (1 / loss tokens of the whole accumulation window).
+    /// Forward and backward over one micro-batch for next-token prediction. Gradients are
+    /// accumulated (added) into `state`, scaled by `loss_scale` (1 / loss tokens of the whole
+    /// accumulation window).
     pub fn forward_backward(
         &self,
         state: &mut TrainState,
         batch: &Batch,
         loss_scale: f32,
         rng: &mut Rng,
+    ) -> Result<StepStats> {
+        self.forward_backward_with(state, batch, rng, &mut NextToken { loss_scale })
+    }
+
+    /// Forward and backward over one micro-batch for any objective of the final hidden states
+    /// (next-token prediction, a reward model's score, DPO's sequence log-probabilities).
+    pub fn forward_backward_with(
+        &self,
+        state: &mut TrainState,
+        batch: &Batch,
+        rng: &mut Rng,
+        objective: &mut dyn Objective,
     ) -> Result<StepStats> {
         let m = self.model;
         let c = &m.config;
@@ -362,62 +478,23 @@ impl<'m> Engine<'m> {
         drop(_pf);
         let (hf, sf) = norm_forward(&m.final_norm, c.norm, &x);
 
-        // Loss over the rows that predict a labelled token.
-        let mut rows = Vec::new();
-        for (labels, span) in batch.labels.iter().zip(&spans) {
-            for j in 0..span.len.saturating_sub(1) {
-                // Virtual tokens carry no label; the last one predicts the first real token.
-                let t = if j + 1 < n_prompt {
-                    -100
-                } else {
-                    labels[j + 1 - n_prompt]
-                };
-                if t != -100 {
-                    if t < 0 || t as usize >= c.vocab {
-                        return Err(Error::usage(format!(
-                            "label {t} is outside the vocabulary of {}",
-                            c.vocab
-                        )));
-                    }
-                    rows.push((span.start + j, t as u32));
-                }
-            }
-        }
-        let head_w: &[f32] = m.head_weight();
-        let head_slot = if m.lm_head.is_some() {
-            Slot::Head
-        } else {
-            Slot::Embedding
-        };
+        // The objective: a loss of the final hidden states and its gradient dL/dh.
         let mut dh = vec![0.0f32; total * h];
-        let _p = crate::profile::scope("loss_head");
-        let nll_sum = loss::cross_entropy_fwd_bwd(
-            &hf,
-            h,
-            head_w,
-            self.head_pack,
-            c.vocab,
-            &rows,
-            loss_scale,
-            &mut dh,
-            if self.backward {
-                state.grad_mut(head_slot).map(|g| &mut g[..])
-            } else {
-                None
-            },
-        );
-        drop(_p);
-        if !nll_sum.is_finite() {
-            return Err(Error::Numeric(format!(
-                "loss is not finite ({nll_sum}); lower the learning rate or check the data"
-            )));
-        }
-
+        let ctx = ObjectiveCtx {
+            model: m,
+            hidden: &hf,
+            batch,
+            seq_rows: spans
+                .iter()
+                .map(|s| (s.start + n_prompt, s.len - n_prompt))
+                .collect(),
+            n_prompt,
+            head_pack: self.head_pack,
+            backward: self.backward,
+        };
+        let stats = objective.apply(&ctx, state, &mut dh)?;
         if !self.backward {
-            return Ok(StepStats {
-                nll_sum,
-                loss_tokens: rows.len(),
-            });
+            return Ok(stats);
         }
         // Backward.
         let _pb = crate::profile::scope("backward_blocks");
@@ -673,10 +750,7 @@ impl<'m> Engine<'m> {
                 }
             }
         }
-        Ok(StepStats {
-            nll_sum,
-            loss_tokens: rows.len(),
-        })
+        Ok(stats)
     }
 }
 

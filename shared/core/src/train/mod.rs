@@ -16,6 +16,7 @@ pub mod optim;
 pub mod output;
 pub mod params;
 pub mod plan;
+pub mod preference;
 pub mod prefix;
 pub mod prompt;
 pub mod trainer;

@@ -35,6 +35,8 @@ pub enum Slot {
     PositionEmbedding,
     /// Untied LM head weight.
     Head,
+    /// A reward model's scalar head (`score`, Linear hidden → 1 without bias).
+    Score,
 }
 
 /// Gradient and AdamW moments of one trainable tensor.
@@ -97,6 +99,8 @@ pub struct TrainState {
     pub prompt: Option<super::prompt::PromptParams>,
     /// Bottleneck adapters.
     pub bottleneck: Option<super::bottleneck::BottleneckParams>,
+    /// Reward model head `[hidden]` (saved as `score.weight` `[1, hidden]`).
+    pub score: Option<Vec<f32>>,
     pub params: Vec<(Slot, ParamState)>,
     index: HashMap<Slot, usize>,
 }
@@ -109,6 +113,7 @@ impl TrainState {
             prefix: None,
             prompt: None,
             bottleneck: None,
+            score: None,
             params: Vec::new(),
             index: HashMap::new(),
         }
@@ -123,6 +128,7 @@ impl TrainState {
             prefix: self.prefix.clone(),
             prompt: self.prompt.clone(),
             bottleneck: self.bottleneck.clone(),
+            score: self.score.clone(),
             params: Vec::new(),
             index: HashMap::new(),
         }
@@ -168,6 +174,7 @@ impl TrainState {
             Slot::Ia3(i) => &self.ia3[i].as_ref().expect("ia3").l,
             Slot::PrefixEmbedding => &self.prefix.as_ref().expect("prefix").emb,
             Slot::PromptEmbedding => &self.prompt.as_ref().expect("prompt").emb,
+            Slot::Score => self.score.as_deref().expect("score head"),
             Slot::Bottleneck(b, site, part) => {
                 let u = self
                     .bottleneck
@@ -210,6 +217,7 @@ impl TrainState {
             Slot::Ia3(i) => &mut self.ia3[i].as_mut().expect("ia3").l,
             Slot::PrefixEmbedding => &mut self.prefix.as_mut().expect("prefix").emb,
             Slot::PromptEmbedding => &mut self.prompt.as_mut().expect("prompt").emb,
+            Slot::Score => self.score.as_deref_mut().expect("score head"),
             Slot::Bottleneck(b, site, part) => {
                 let u = self
                     .bottleneck
