@@ -571,7 +571,7 @@ pub fn alpaca_prompt(instruction: &str, input: &str) -> String {
     }
 }
 
-fn tok_err(e: Error) -> String {
+pub(crate) fn tok_err(e: Error) -> String {
     match e {
         Error::BadInput { msg, .. } => msg,
         other => other.to_string(),
@@ -594,7 +594,7 @@ fn text_example(tok: &TextTokenizer, text: &str) -> RecResult<Example> {
 }
 
 /// Prompt (with BOS as configured) + target + EOS; the prompt is masked unless train_on_prompt.
-fn prompt_target_example(
+pub(crate) fn prompt_target_example(
     tok: &TextTokenizer,
     prompt: &str,
     target: &str,
@@ -619,7 +619,7 @@ fn prompt_target_example(
     Ok(Example { ids, labels })
 }
 
-fn parse_messages(list: &[Value], what: &str) -> RecResult<Vec<Message>> {
+pub(crate) fn parse_messages(list: &[Value], what: &str) -> RecResult<Vec<Message>> {
     list.iter()
         .enumerate()
         .map(|(i, m)| {
@@ -658,7 +658,7 @@ fn parse_messages(list: &[Value], what: &str) -> RecResult<Vec<Message>> {
         .collect()
 }
 
-fn parse_sharegpt(list: &[Value]) -> RecResult<Vec<Message>> {
+pub(crate) fn parse_sharegpt(list: &[Value]) -> RecResult<Vec<Message>> {
     list.iter()
         .enumerate()
         .map(|(i, m)| {
@@ -717,7 +717,7 @@ fn render(tok: &TextTokenizer, msgs: &[Message], gen: bool) -> RecResult<String>
 
 /// Render a conversation with the chat template and put loss on the assistant turns at index
 /// `first_target` or later (all tokens but the first with `train_on_prompt`).
-fn chat_example(
+pub(crate) fn chat_example(
     tok: &TextTokenizer,
     msgs: &[Message],
     first_target: usize,

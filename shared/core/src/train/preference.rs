@@ -381,6 +381,64 @@ impl Objective for DpoObjective {
     }
 }
 
+/// A reward-model adapter (LoRA with `score` in modules_to_save, as rm-train and PEFT write
+/// it) loaded for scoring.
+pub fn load_reward_adapter(
+    model: &crate::model::Model,
+    dir: &std::path::Path,
+) -> Result<TrainState> {
+    let mut state = TrainState::new(model.linears().len());
+    super::lora::load_adapter(dir, model, &mut state)?;
+    let st = dir.join("adapter_model.safetensors");
+    let f = crate::io::safetensors_file::SafetensorsFile::open(&st)?;
+    let key = "base_model.model.score.weight";
+    let t = f.get(key).ok_or_else(|| {
+        Error::bad_input(
+            &st,
+            format!("no {key}: not a reward-model adapter (rm-train writes one; PEFT does for task_type SEQ_CLS)"),
+        )
+    })?;
+    let h = model.config.hidden;
+    if t.shape != [1, h] {
+        return Err(Error::bad_input(
+            &st,
+            format!(
+                "{key} has shape {:?}; expected [1, {h}] (num_labels 1)",
+                t.shape
+            ),
+        ));
+    }
+    state.score =
+        Some(crate::io::safetensors_file::to_f32(key, &t).map_err(|m| Error::bad_input(&st, m))?);
+    Ok(state)
+}
+
+/// Scores of `seqs` (one forward per `batch` sequences).
+pub fn score_sequences(
+    model: &crate::model::Model,
+    state: &mut TrainState,
+    seqs: &[Vec<u32>],
+    pad: Option<u32>,
+    batch: usize,
+) -> Result<Vec<f32>> {
+    let engine = super::engine::Engine::for_eval(model);
+    let mut out = Vec::with_capacity(seqs.len());
+    for chunk in seqs.chunks(batch.max(1)) {
+        let labels: Vec<Vec<i32>> = chunk.iter().map(|s| vec![-100; s.len()]).collect();
+        let b = super::engine::Batch {
+            ids: chunk.iter().map(Vec::as_slice).collect(),
+            labels: labels.iter().map(Vec::as_slice).collect(),
+        };
+        let mut obj = Scores {
+            pad,
+            scores: Vec::new(),
+        };
+        engine.forward_backward_with(state, &b, &mut crate::rng::Rng::new(0), &mut obj)?;
+        out.extend(obj.scores);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

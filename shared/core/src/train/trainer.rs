@@ -185,89 +185,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
     }
     let mut state = TrainState::new(model.linears().len());
     let mut init_rng = Rng::new(opts.seed);
-    let mut lora_cfg = opts.lora.clone();
-    let mut prefix_cfg = opts.prefix.clone();
-    let mut bottleneck_cfg = opts.bottleneck.clone();
-    let mut prompt_cfg = super::prompt::PromptConfig {
-        num_virtual_tokens: opts.prefix.num_virtual_tokens,
-        init_text: None,
-        base_model_name_or_path: None,
-    };
-    let mut ia3_cfg = opts
-        .ia3
-        .clone()
-        .unwrap_or_else(|| super::ia3::Ia3Config::default_for(model.config.arch));
-    match opts.method {
-        Method::Lora | Method::Dora => {
-            lora_cfg.dora = opts.method == Method::Dora;
-            if lora_cfg.base_model_name_or_path.is_none() {
-                lora_cfg.base_model_name_or_path = Some(opts.model.display().to_string());
-            }
-            lora::attach(&model, &mut state, &lora_cfg, &mut init_rng)?;
-            if !lora_cfg.modules_to_save.is_empty() {
-                let mts = lora_cfg.modules_to_save.clone();
-                full::register(
-                    &model,
-                    &mut state,
-                    |n| {
-                        mts.iter().any(|m| {
-                            n.starts_with(&format!("{m}.")) || n.contains(&format!(".{m}."))
-                        })
-                    },
-                    false,
-                );
-                // Saved under the PEFT names (base_model.model.<path>).
-                for (slot, p) in &mut state.params {
-                    if !matches!(
-                        slot,
-                        super::params::Slot::LoraA(_)
-                            | super::params::Slot::LoraB(_)
-                            | super::params::Slot::LoraMagnitude(_)
-                    ) && !p.name.starts_with("base_model.model.")
-                    {
-                        p.name = format!("base_model.model.{}", p.name);
-                    }
-                }
-            }
-        }
-        Method::Ia3 => {
-            ia3_cfg.base_model_name_or_path = Some(opts.model.display().to_string());
-            super::ia3::attach(&model, &mut state, &ia3_cfg)?;
-        }
-        Method::Prefix | Method::PtuningV2 => {
-            prefix_cfg.base_model_name_or_path = Some(opts.model.display().to_string());
-            if opts.method == Method::PtuningV2 {
-                prefix_cfg.projection = None;
-            } else if prefix_cfg.projection.is_none() {
-                // PEFT's default encoder_hidden_size is the token dimension.
-                prefix_cfg.projection = Some(model.config.kv_dim());
-            }
-            super::prefix::attach(&model, &mut state, &prefix_cfg, &mut init_rng)?;
-        }
-        Method::Adapter => {
-            bottleneck_cfg.base_model_name_or_path = Some(opts.model.display().to_string());
-            super::bottleneck::attach(&model, &mut state, &bottleneck_cfg, &mut init_rng)?;
-        }
-        Method::Prompt => {
-            prompt_cfg.base_model_name_or_path = Some(opts.model.display().to_string());
-            if let Some(t) = &opts.prompt_init_text {
-                prompt_cfg.init_text = Some((t.clone(), tok.encode(t)?));
-            }
-            super::prompt::attach(&model, &mut state, &prompt_cfg, &mut init_rng)?;
-        }
-        Method::Full => {
-            full::register(&model, &mut state, |_| true, false);
-        }
-        Method::Freeze => {
-            let sel = full::Selector::parse(&opts.trainable, model.blocks.len())?;
-            let n = full::register(&model, &mut state, |name| sel.matches(name), false);
-            if n == 0 {
-                return Err(Error::usage(
-                    "--trainable selects no tensor; see --help for the forms",
-                ));
-            }
-        }
-    }
+    let attached = attach_method(opts, &model, &mut state, &tok, &mut init_rng)?;
     full::refuse_4bit_trainables(&model, &state, &opts.model)?;
     let trainable = state.trainable_count();
     let all = model.config.param_count()
@@ -552,24 +470,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
             opts.out.display()
         );
     } else {
-        match opts.method {
-            Method::Lora | Method::Dora => {
-                lora::save_adapter(&opts.out, &lora_cfg, &model, &state, "CAUSAL_LM")?
-            }
-            Method::Ia3 => {
-                super::ia3::save_adapter(&opts.out, &ia3_cfg, &model, &state, "CAUSAL_LM")?
-            }
-            Method::Prefix | Method::PtuningV2 => {
-                super::prefix::save_adapter(&opts.out, &prefix_cfg, &model, &state, "CAUSAL_LM")?
-            }
-            Method::Prompt => {
-                super::prompt::save_adapter(&opts.out, &prompt_cfg, &model, &state, "CAUSAL_LM")?
-            }
-            Method::Adapter => {
-                super::bottleneck::save_adapter(&opts.out, &bottleneck_cfg, &model, &state)?
-            }
-            Method::Full | Method::Freeze => output::save_model(&opts.out, &opts.model, &model)?,
-        }
+        save_output(opts, &attached, &model, &state, "CAUSAL_LM")?;
     }
     Ok(TrainSummary {
         steps: prog.step,
@@ -580,15 +481,151 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
     })
 }
 
+/// The method's settings as attached (what the output writer needs).
+pub struct Attached {
+    pub lora: LoraConfig,
+    pub ia3: super::ia3::Ia3Config,
+    pub prefix: super::prefix::PrefixConfig,
+    pub prompt: super::prompt::PromptConfig,
+    pub bottleneck: super::bottleneck::BottleneckConfig,
+}
+
+/// Attach the method's trainable tensors (adapters, or base tensors for full/freeze) to
+/// `state`.
+pub fn attach_method(
+    opts: &TrainOptions,
+    model: &Model,
+    state: &mut TrainState,
+    tok: &TextTokenizer,
+    init_rng: &mut Rng,
+) -> Result<Attached> {
+    let mut lora_cfg = opts.lora.clone();
+    let mut prefix_cfg = opts.prefix.clone();
+    let mut bottleneck_cfg = opts.bottleneck.clone();
+    let mut prompt_cfg = super::prompt::PromptConfig {
+        num_virtual_tokens: opts.prefix.num_virtual_tokens,
+        init_text: None,
+        base_model_name_or_path: None,
+    };
+    let mut ia3_cfg = opts
+        .ia3
+        .clone()
+        .unwrap_or_else(|| super::ia3::Ia3Config::default_for(model.config.arch));
+    match opts.method {
+        Method::Lora | Method::Dora => {
+            lora_cfg.dora = opts.method == Method::Dora;
+            if lora_cfg.base_model_name_or_path.is_none() {
+                lora_cfg.base_model_name_or_path = Some(opts.model.display().to_string());
+            }
+            lora::attach(model, state, &lora_cfg, init_rng)?;
+            if !lora_cfg.modules_to_save.is_empty() {
+                let mts = lora_cfg.modules_to_save.clone();
+                full::register(
+                    model,
+                    state,
+                    |n| {
+                        mts.iter().any(|m| {
+                            n.starts_with(&format!("{m}.")) || n.contains(&format!(".{m}."))
+                        })
+                    },
+                    false,
+                );
+                // Saved under the PEFT names (base_model.model.<path>).
+                for (slot, p) in &mut state.params {
+                    if !matches!(
+                        slot,
+                        super::params::Slot::LoraA(_)
+                            | super::params::Slot::LoraB(_)
+                            | super::params::Slot::LoraMagnitude(_)
+                    ) && !p.name.starts_with("base_model.model.")
+                    {
+                        p.name = format!("base_model.model.{}", p.name);
+                    }
+                }
+            }
+        }
+        Method::Ia3 => {
+            ia3_cfg.base_model_name_or_path = Some(opts.model.display().to_string());
+            super::ia3::attach(model, state, &ia3_cfg)?;
+        }
+        Method::Prefix | Method::PtuningV2 => {
+            prefix_cfg.base_model_name_or_path = Some(opts.model.display().to_string());
+            if opts.method == Method::PtuningV2 {
+                prefix_cfg.projection = None;
+            } else if prefix_cfg.projection.is_none() {
+                // PEFT's default encoder_hidden_size is the token dimension.
+                prefix_cfg.projection = Some(model.config.kv_dim());
+            }
+            super::prefix::attach(model, state, &prefix_cfg, init_rng)?;
+        }
+        Method::Adapter => {
+            bottleneck_cfg.base_model_name_or_path = Some(opts.model.display().to_string());
+            super::bottleneck::attach(model, state, &bottleneck_cfg, init_rng)?;
+        }
+        Method::Prompt => {
+            prompt_cfg.base_model_name_or_path = Some(opts.model.display().to_string());
+            if let Some(t) = &opts.prompt_init_text {
+                prompt_cfg.init_text = Some((t.clone(), tok.encode(t)?));
+            }
+            super::prompt::attach(model, state, &prompt_cfg, init_rng)?;
+        }
+        Method::Full => {
+            full::register(model, state, |_| true, false);
+        }
+        Method::Freeze => {
+            let sel = full::Selector::parse(&opts.trainable, model.blocks.len())?;
+            let n = full::register(model, state, |name| sel.matches(name), false);
+            if n == 0 {
+                return Err(Error::usage(
+                    "--trainable selects no tensor; see --help for the forms",
+                ));
+            }
+        }
+    }
+    Ok(Attached {
+        lora: lora_cfg,
+        ia3: ia3_cfg,
+        prefix: prefix_cfg,
+        prompt: prompt_cfg,
+        bottleneck: bottleneck_cfg,
+    })
+}
+
+/// Write the run's result: a PEFT adapter (`task_type` as given) or, for full/freeze, a model
+/// folder.
+pub fn save_output(
+    opts: &TrainOptions,
+    a: &Attached,
+    model: &Model,
+    state: &TrainState,
+    task_type: &str,
+) -> Result<()> {
+    match opts.method {
+        Method::Lora | Method::Dora => {
+            lora::save_adapter(&opts.out, &a.lora, model, state, task_type)?
+        }
+        Method::Ia3 => super::ia3::save_adapter(&opts.out, &a.ia3, model, state, task_type)?,
+        Method::Prefix | Method::PtuningV2 => {
+            super::prefix::save_adapter(&opts.out, &a.prefix, model, state, task_type)?
+        }
+        Method::Prompt => {
+            super::prompt::save_adapter(&opts.out, &a.prompt, model, state, task_type)?
+        }
+        Method::Adapter => super::bottleneck::save_adapter(&opts.out, &a.bottleneck, model, state)?,
+        Method::Full | Method::Freeze => output::save_model(&opts.out, &opts.model, model)?,
+    }
+    Ok(())
+}
+
 /// The permutation of rows for an epoch: a fixed function of seed and epoch, so that a resumed
 /// run sees the same order.
-fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+pub(crate) fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     Rng::new(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xDA7A).shuffle(&mut order);
     order
 }
 
-fn save_checkpoint(
+pub(crate) fn save_checkpoint(
     out: &Path,
     model: &Model,
     state: &TrainState,
@@ -605,7 +642,7 @@ fn save_checkpoint(
     Ok(())
 }
 
-fn write_log(log: &mut Option<std::fs::File>, v: serde_json::Value) -> Result<()> {
+pub(crate) fn write_log(log: &mut Option<std::fs::File>, v: serde_json::Value) -> Result<()> {
     if let Some(f) = log {
         writeln!(f, "{v}").map_err(|e| Error::io("metrics log", e))?;
     }

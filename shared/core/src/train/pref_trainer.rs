@@ -1,0 +1,516 @@
+//! The training loop of rm-train and dpo-train: preference pairs in micro-batches (chosen rows
+//! then rejected rows), gradient accumulation, AdamW with schedule and clipping, held-out
+//! accuracy, JSONL metrics, checkpoints and resume, and the output (a PEFT adapter or a model
+//! folder). Methods attach exactly as in peft-train ([`super::trainer::attach_method`]).
+
+use super::checkpoint::{self, Progress as CkptProgress};
+use super::engine::{Batch, Engine};
+use super::optim::clip_grad_norm;
+use super::pairs::{load_pairs, Pair, PairOptions};
+use super::params::{ParamState, Slot, TrainState};
+use super::preference::{DpoLoss, DpoObjective, RewardLoss, SeqLogprobs};
+use super::trainer::{
+    attach_method, epoch_order, save_checkpoint, save_output, write_log, Method, TrainOptions,
+};
+use crate::error::{Error, Result};
+use crate::kernels::gemm;
+use crate::model::Model;
+use crate::progress::Progress;
+use crate::rng::Rng;
+use crate::tokenizer::TextTokenizer;
+use serde_json::json;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Clone, Debug)]
+pub enum PrefTask {
+    /// A reward model: score head on the last non-pad token, pairwise loss.
+    Reward { center: Option<f32> },
+    /// DPO against the base model with the adapter off (or given reference log-probs).
+    Dpo {
+        loss: DpoLoss,
+        beta: f32,
+        label_smoothing: f32,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct PrefOptions {
+    /// Model, data, method, optimizer, schedule, batch (in pairs), steps, evaluation,
+    /// checkpoints and logging, as peft-train takes them.
+    pub train: TrainOptions,
+    pub task: PrefTask,
+    pub pairs: PairOptions,
+}
+
+pub struct PrefSummary {
+    pub steps: u64,
+    pub final_loss: f64,
+    pub eval_before: Option<Metrics>,
+    pub eval_after: Option<Metrics>,
+    pub interrupted: bool,
+}
+
+/// Loss and preference metrics over a set of pairs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Metrics {
+    pub loss: f64,
+    /// Fraction of pairs where the chosen one scores higher (reward, or DPO's implicit reward).
+    pub accuracy: f64,
+    /// Mean of (chosen − rejected) reward.
+    pub margin: f64,
+    pub chosen: f64,
+    pub rejected: f64,
+    pub pairs: usize,
+}
+
+impl Metrics {
+    fn add(&mut self, loss_sum: f64, rewards: &[(f64, f64)]) {
+        self.loss += loss_sum;
+        for &(c, r) in rewards {
+            self.accuracy += f64::from(u8::from(c > r));
+            self.margin += c - r;
+            self.chosen += c;
+            self.rejected += r;
+        }
+        self.pairs += rewards.len();
+    }
+
+    fn finish(mut self) -> Self {
+        let n = self.pairs.max(1) as f64;
+        self.loss /= n;
+        self.accuracy /= n;
+        self.margin /= n;
+        self.chosen /= n;
+        self.rejected /= n;
+        self
+    }
+
+    fn json(&self, prefix: &str) -> serde_json::Value {
+        json!({
+            format!("{prefix}loss"): self.loss,
+            format!("{prefix}accuracy"): self.accuracy,
+            format!("{prefix}margin"): self.margin,
+            format!("{prefix}rewards_chosen"): self.chosen,
+            format!("{prefix}rewards_rejected"): self.rejected,
+        })
+    }
+}
+
+/// Rows of a micro-batch: chosen sequences of `pairs`, then their rejected ones.
+fn pair_batch<'a>(data: &'a [Pair], pairs: &[usize]) -> Batch<'a> {
+    let mut ids: Vec<&[u32]> = pairs.iter().map(|&i| &data[i].chosen.ids[..]).collect();
+    ids.extend(pairs.iter().map(|&i| &data[i].rejected.ids[..]));
+    let mut labels: Vec<&[i32]> = pairs.iter().map(|&i| &data[i].chosen.labels[..]).collect();
+    labels.extend(pairs.iter().map(|&i| &data[i].rejected.labels[..]));
+    Batch { ids, labels }
+}
+
+/// Run one micro-batch of `pairs` with the task's objective; returns (loss sum, rewards).
+#[allow(clippy::too_many_arguments)]
+fn run_pairs(
+    engine: &Engine,
+    state: &mut TrainState,
+    task: &PrefTask,
+    data: &[Pair],
+    reference: &[(f64, f64)],
+    pairs: &[usize],
+    pad: Option<u32>,
+    loss_scale: f32,
+    rng: &mut Rng,
+) -> Result<(f64, Vec<(f64, f64)>)> {
+    let batch = pair_batch(data, pairs);
+    match task {
+        PrefTask::Reward { center } => {
+            let mut obj = RewardLoss {
+                pad,
+                margins: pairs.iter().map(|&i| data[i].margin).collect(),
+                center: *center,
+                loss_scale,
+                rewards: Vec::new(),
+            };
+            let s = engine.forward_backward_with(state, &batch, rng, &mut obj)?;
+            let r = obj
+                .rewards
+                .iter()
+                .map(|&(c, r)| (c as f64, r as f64))
+                .collect();
+            Ok((s.nll_sum, r))
+        }
+        PrefTask::Dpo {
+            loss,
+            beta,
+            label_smoothing,
+        } => {
+            let refs: Vec<(f64, f64)> = pairs.iter().map(|&i| reference[i]).collect();
+            let mut obj = DpoObjective {
+                kind: *loss,
+                beta: *beta,
+                label_smoothing: *label_smoothing,
+                reference: refs.clone(),
+                loss_scale,
+                policy: Vec::new(),
+            };
+            let s = engine.forward_backward_with(state, &batch, rng, &mut obj)?;
+            let b = *beta as f64;
+            let r = obj
+                .policy
+                .iter()
+                .zip(&refs)
+                .map(|(&(pc, pr), &(rc, rr))| (b * (pc - rc), b * (pr - rr)))
+                .collect();
+            Ok((s.nll_sum, r))
+        }
+    }
+}
+
+/// DPO's reference: log-probabilities of every pair under the base model (no adapter), in
+/// batches, unless the data gave them.
+fn reference_logps(
+    model: &Model,
+    data: &[Pair],
+    batch: usize,
+    head: &gemm::PackedWeight,
+) -> Result<Vec<(f64, f64)>> {
+    let engine = Engine::for_eval(model).with_head_pack(head);
+    let mut base = TrainState::new(model.linears().len());
+    let mut out = vec![(0.0, 0.0); data.len()];
+    let todo: Vec<usize> = (0..data.len())
+        .filter(|&i| data[i].reference.is_none())
+        .collect();
+    for i in 0..data.len() {
+        if let Some(r) = data[i].reference {
+            out[i] = r;
+        }
+    }
+    for chunk in todo.chunks(batch.max(1)) {
+        let b = pair_batch(data, chunk);
+        let mut obj = SeqLogprobs::default();
+        engine.forward_backward_with(&mut base, &b, &mut Rng::new(0), &mut obj)?;
+        let n = chunk.len();
+        for (k, &i) in chunk.iter().enumerate() {
+            out[i] = (obj.logps[k], obj.logps[k + n]);
+        }
+    }
+    Ok(out)
+}
+
+/// Train a reward model or a DPO policy.
+pub fn run(opts: &PrefOptions) -> Result<PrefSummary> {
+    let t = &opts.train;
+    let progress = Progress::new(t.quiet);
+    let tok = TextTokenizer::load(&t.model)?;
+    let (mut data, stats) = load_pairs(&t.data, &tok, &opts.pairs)?;
+    eprintln!(
+        "data: {} pairs from {} records; {} truncated, {} dropped as longer than {} tokens, {} lost their completion, {} bad records skipped",
+        stats.pairs,
+        stats.records,
+        stats.truncated,
+        stats.dropped_long,
+        opts.pairs.max_len,
+        stats.dropped_empty,
+        stats.skipped_bad_lines
+    );
+    let val: Vec<Pair> = match &t.val_data {
+        Some(p) => load_pairs(p, &tok, &opts.pairs)?.0,
+        None if t.val_split > 0.0 && data.len() > 1 => {
+            let mut idx: Vec<usize> = (0..data.len()).collect();
+            Rng::new(t.seed ^ 0x5EED_DA7A).shuffle(&mut idx);
+            let n_val =
+                ((data.len() as f64 * t.val_split).round() as usize).clamp(1, data.len() - 1);
+            let mut is_val = vec![false; data.len()];
+            idx[..n_val].iter().for_each(|&i| is_val[i] = true);
+            let (mut train, mut val) = (Vec::new(), Vec::new());
+            for (p, v) in data.into_iter().zip(is_val) {
+                if v {
+                    val.push(p)
+                } else {
+                    train.push(p)
+                }
+            }
+            data = train;
+            val
+        }
+        None => Vec::new(),
+    };
+
+    let mut model = Model::load_with(&t.model, t.quantize)?;
+    let pad = tok.pad_id().or(model.config.pad_token_id).or(tok.eos_id());
+    let mut state = TrainState::new(model.linears().len());
+    let mut init_rng = Rng::new(t.seed);
+    let mut topts = t.clone();
+    let is_reward = matches!(opts.task, PrefTask::Reward { .. });
+    if is_reward {
+        // what PEFT writes for task_type SEQ_CLS
+        for m in ["classifier", "score"] {
+            if !topts.lora.modules_to_save.iter().any(|x| x == m) {
+                topts.lora.modules_to_save.push(m.to_string());
+            }
+        }
+    }
+    let attached = attach_method(&topts, &model, &mut state, &tok, &mut init_rng)?;
+    super::full::refuse_4bit_trainables(&model, &state, &t.model)?;
+    if is_reward {
+        // transformers initialises the head with N(0, initializer_range = 0.02)
+        let h = model.config.hidden;
+        state.score = Some((0..h).map(|_| init_rng.normal() * 0.02).collect());
+        let name = if matches!(t.method, Method::Full | Method::Freeze) {
+            "score.weight"
+        } else {
+            "base_model.model.score.weight"
+        };
+        state.add(Slot::Score, ParamState::new(name.into(), vec![1, h], true));
+    }
+    println!(
+        "trainable params: {} || all params: {}",
+        state.trainable_count(),
+        model.config.param_count() + state.trainable_count()
+    );
+
+    let c = &model.config;
+    let mut head_pack = gemm::PackedWeight::default();
+    head_pack.repack(model.head_weight(), c.vocab, c.hidden);
+    let (reference, val_reference) = match opts.task {
+        PrefTask::Dpo { .. } => {
+            let _p = crate::profile::scope("dpo.reference");
+            (
+                reference_logps(&model, &data, t.batch, &head_pack)?,
+                reference_logps(&model, &val, t.batch, &head_pack)?,
+            )
+        }
+        PrefTask::Reward { .. } => (Vec::new(), Vec::new()),
+    };
+    let head_trains = state.is_trainable(if model.lm_head.is_some() {
+        Slot::Head
+    } else {
+        Slot::Embedding
+    });
+
+    let batches_per_epoch = data.len().div_ceil(t.batch.max(1)) as u64;
+    let steps_per_epoch = batches_per_epoch.div_ceil(t.grad_accum.max(1) as u64);
+    let total_steps = t
+        .steps
+        .unwrap_or(((steps_per_epoch as f64) * t.epochs).ceil() as u64)
+        .max(1);
+    let mut prog = CkptProgress {
+        step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        rng: Rng::new(t.seed.wrapping_add(1)).state(),
+        tokens: 0,
+    };
+    if let Some(r) = &t.resume {
+        let dir = checkpoint::resolve(r)?;
+        prog = checkpoint::load(&dir, &mut model, &mut state)?;
+        eprintln!("resumed from {} at step {}", dir.display(), prog.step);
+        if head_trains {
+            head_pack.repack(model.head_weight(), model.config.vocab, model.config.hidden);
+        }
+    }
+    crate::io::atomic::refuse_overwriting_inputs(&t.out, &[&t.model, &t.data])?;
+    std::fs::create_dir_all(&t.out).map_err(|e| Error::io(&t.out, e))?;
+    let mut log = match &t.log {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| Error::io(p, e))?,
+        ),
+        None => None,
+    };
+    write_log(
+        &mut log,
+        json!({"data": {"pairs": stats.pairs, "records": stats.records, "truncated": stats.truncated, "dropped_long": stats.dropped_long, "dropped_empty": stats.dropped_empty, "skipped_bad_lines": stats.skipped_bad_lines, "val_pairs": val.len()}}),
+    )?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+    }
+
+    let evaluate =
+        |model: &Model, state: &TrainState, head: &gemm::PackedWeight| -> Result<Option<Metrics>> {
+            if val.is_empty() {
+                return Ok(None);
+            }
+            let engine = Engine::for_eval(model).with_head_pack(head);
+            let mut st = state.adapters_only();
+            let mut m = Metrics::default();
+            let idx: Vec<usize> = (0..val.len()).collect();
+            for chunk in idx.chunks(t.batch.max(1)) {
+                let (l, r) = run_pairs(
+                    &engine,
+                    &mut st,
+                    &opts.task,
+                    &val,
+                    &val_reference,
+                    chunk,
+                    pad,
+                    1.0,
+                    &mut Rng::new(0),
+                )?;
+                m.add(l, &r);
+            }
+            Ok(Some(m.finish()))
+        };
+    let report = |when: &str, m: &Metrics| {
+        eprintln!(
+            "eval {when}: loss {:.4}, accuracy {:.3}, margin {:.4} ({} pairs)",
+            m.loss, m.accuracy, m.margin, m.pairs
+        );
+    };
+    let eval_before = if prog.step == 0 {
+        evaluate(&model, &state, &head_pack)?
+    } else {
+        None
+    };
+    if let Some(m) = &eval_before {
+        report("before training", m);
+        let mut v = m.json("eval_");
+        v["step"] = json!(0);
+        write_log(&mut log, v)?;
+    }
+
+    let bar = progress.bar(total_steps, "train");
+    bar.set_position(prog.step);
+    let mut dropout_rng = Rng::from_state(prog.rng);
+    let mut last_loss = f64::NAN;
+    let mut interrupted = false;
+    let start = std::time::Instant::now();
+    let mut tokens_since = 0u64;
+    let mut order: (u64, Vec<usize>) = (u64::MAX, Vec::new());
+    while prog.step < total_steps {
+        let mut window: Vec<Vec<usize>> = Vec::new();
+        while window.len() < t.grad_accum.max(1) {
+            if prog.batch_in_epoch >= batches_per_epoch {
+                prog.epoch += 1;
+                prog.batch_in_epoch = 0;
+                if t.steps.is_none() && !window.is_empty() {
+                    break;
+                }
+            }
+            if order.0 != prog.epoch {
+                order = (prog.epoch, epoch_order(data.len(), t.seed, prog.epoch));
+            }
+            let b = prog.batch_in_epoch as usize * t.batch;
+            window.push(order.1[b..(b + t.batch).min(order.1.len())].to_vec());
+            prog.batch_in_epoch += 1;
+        }
+        let window_pairs: usize = window.iter().map(Vec::len).sum();
+        state.zero_grads();
+        let mut metrics = Metrics::default();
+        let mut step_tokens = 0u64;
+        {
+            let engine = Engine::new(&model, &state).with_head_pack(&head_pack);
+            for mb in &window {
+                step_tokens += mb
+                    .iter()
+                    .map(|&i| (data[i].chosen.len() + data[i].rejected.len()) as u64)
+                    .sum::<u64>();
+                let (l, r) = run_pairs(
+                    &engine,
+                    &mut state,
+                    &opts.task,
+                    &data,
+                    &reference,
+                    mb,
+                    pad,
+                    1.0 / window_pairs.max(1) as f32,
+                    &mut dropout_rng,
+                )
+                .map_err(|e| match e {
+                    Error::Numeric(m) => Error::Numeric(format!(
+                        "at step {}: {m} (the last checkpoint is intact)",
+                        prog.step + 1
+                    )),
+                    e => e,
+                })?;
+                metrics.add(l, &r);
+            }
+        }
+        let m = metrics.finish();
+        let grad_norm = clip_grad_norm(&mut state, t.clip);
+        let lr = t.optim.lr * t.schedule.factor(prog.step, t.warmup, total_steps);
+        prog.step += 1;
+        t.optim.step(&mut state, &mut model, lr, prog.step);
+        if head_trains {
+            head_pack.repack(model.head_weight(), model.config.vocab, model.config.hidden);
+        }
+        prog.tokens += step_tokens;
+        tokens_since += step_tokens;
+        prog.rng = dropout_rng.state();
+        last_loss = m.loss;
+        let tps = tokens_since as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        bar.set_position(prog.step);
+        bar.set_message(format!(
+            "loss {:.4} acc {:.2} {tps:.0} tok/s",
+            m.loss, m.accuracy
+        ));
+        let mut v = m.json("");
+        for (k, x) in [
+            ("step", json!(prog.step)),
+            ("epoch", json!(prog.epoch)),
+            ("lr", json!(lr)),
+            ("grad_norm", json!(grad_norm)),
+            ("pairs", json!(m.pairs)),
+            ("tokens", json!(prog.tokens)),
+            ("tokens_per_second", json!(tps)),
+        ] {
+            v[k] = x;
+        }
+        write_log(&mut log, v)?;
+        if t.eval_every > 0 && prog.step.is_multiple_of(t.eval_every) {
+            if let Some(e) = evaluate(&model, &state, &head_pack)? {
+                let mut v = e.json("eval_");
+                v["step"] = json!(prog.step);
+                write_log(&mut log, v)?;
+                bar.println(format!(
+                    "step {}: eval loss {:.4}, accuracy {:.3}",
+                    prog.step, e.loss, e.accuracy
+                ));
+            }
+        }
+        let interrupted_now = stop.load(Ordering::SeqCst);
+        if (t.save_every > 0 && prog.step.is_multiple_of(t.save_every)) || interrupted_now {
+            save_checkpoint(&t.out, &model, &state, &prog)?;
+        }
+        if interrupted_now {
+            interrupted = true;
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    if !interrupted {
+        save_checkpoint(&t.out, &model, &state, &prog)?;
+    }
+    let eval_after = evaluate(&model, &state, &head_pack)?;
+    if let Some(m) = &eval_after {
+        report("after training", m);
+        let mut v = m.json("eval_");
+        v["step"] = json!(prog.step);
+        write_log(&mut log, v)?;
+    }
+    if interrupted {
+        eprintln!(
+            "interrupted: checkpoint saved at step {}; continue with --resume {}",
+            prog.step,
+            t.out.display()
+        );
+    } else if is_reward {
+        if matches!(t.method, Method::Full | Method::Freeze) {
+            super::output::save_reward_model(&t.out, &t.model, &model, &state, pad)?;
+        } else {
+            save_output(&topts, &attached, &model, &state, "SEQ_CLS")?;
+        }
+    } else {
+        save_output(&topts, &attached, &model, &state, "CAUSAL_LM")?;
+    }
+    Ok(PrefSummary {
+        steps: prog.step,
+        final_loss: last_loss,
+        eval_before,
+        eval_after,
+        interrupted,
+    })
+}

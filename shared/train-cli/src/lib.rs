@@ -1,0 +1,360 @@
+//! The training options shared by peft-train, rm-train and dpo-train: one clap argument group
+//! (flattened into each tool's own parser), `--config FILE` expansion, and the conversion into
+//! the core's [`TrainOptions`].
+
+use peftkit_core::model::QuantizeOnLoad;
+use peftkit_core::train::bottleneck::{Activation, BottleneckConfig, Variant};
+use peftkit_core::train::data::{DataFormat, DataOptions};
+use peftkit_core::train::ia3::Ia3Config;
+use peftkit_core::train::lora::{LoraConfig, Targets};
+use peftkit_core::train::optim::{AdamW, Schedule};
+use peftkit_core::train::prefix::PrefixConfig;
+use peftkit_core::train::trainer::{Method, TrainOptions};
+use peftkit_core::{Error, Result};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct TrainArgs {
+    /// JSON file with the same keys as the long options (e.g. {"rank": 16, "target": "all-linear",
+    /// "rslora": true}); options given on the command line win
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub data: PathBuf,
+    /// auto, text, alpaca, prompt-completion, messages, sharegpt
+    #[arg(long, default_value = "auto")]
+    pub format: String,
+    /// lora, dora, ia3, adapter, prefix, ptuning-v2, prompt, full, freeze
+    #[arg(long, default_value = "lora")]
+    pub method: String,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Target modules: names (q_proj,v_proj), all-linear, or re:REGEX (default: PEFT's per architecture)
+    #[arg(long)]
+    pub target: Option<String>,
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f32,
+    /// Per-module rank, e.g. k_proj=4,o_proj=16
+    #[arg(long)]
+    pub rank_pattern: Option<String>,
+    /// Per-module alpha, e.g. o_proj=32
+    #[arg(long)]
+    pub alpha_pattern: Option<String>,
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f32,
+    #[arg(long)]
+    pub rslora: bool,
+    /// none, all, lora_only
+    #[arg(long, default_value = "none")]
+    pub bias: String,
+    /// Modules trained fully and saved with the adapter (e.g. lm_head)
+    #[arg(long, value_delimiter = ',')]
+    pub modules_to_save: Vec<String>,
+    /// Only these block indices get adapters (e.g. 0-3,8)
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// freeze: tensors to train (last:N, lm_head, norms, embed, or regexes)
+    #[arg(long, value_delimiter = ',')]
+    pub trainable: Vec<String>,
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f32,
+    /// constant, linear, cosine
+    #[arg(long, default_value = "linear")]
+    pub schedule: String,
+    #[arg(long, default_value_t = 0)]
+    pub warmup: u64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f32,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 512)]
+    pub max_len: usize,
+    /// Drop over-long samples instead of truncating them
+    #[arg(long)]
+    pub drop_long: bool,
+    /// Pack several samples into each row (attention never crosses samples)
+    #[arg(long)]
+    pub pack: bool,
+    #[arg(long, default_value_t = 1.0)]
+    pub epochs: f64,
+    /// Optimizer steps (overrides --epochs)
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Gradient-norm clipping
+    #[arg(long)]
+    pub clip: Option<f32>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long)]
+    pub val_data: Option<PathBuf>,
+    #[arg(long, default_value_t = 0.0)]
+    pub val_split: f64,
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: u64,
+    #[arg(long, default_value_t = 0)]
+    pub save_every: u64,
+    /// Continue from OUT (or a checkpoint directory)
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// JSON Lines metrics log
+    #[arg(long)]
+    pub log: Option<PathBuf>,
+    /// Print the memory and time plan and exit
+    #[arg(long)]
+    pub plan: bool,
+    /// Print N rendered samples with the loss-bearing tokens marked, and exit
+    #[arg(long)]
+    pub check_data: Option<usize>,
+    /// Loss on prompt tokens too (instruction formats)
+    #[arg(long)]
+    pub train_on_prompt: bool,
+    /// Skip malformed data lines instead of stopping
+    #[arg(long)]
+    pub skip_bad_lines: bool,
+    /// QLoRA on a plain model: quantize its linear weights to 4 bits while loading (nf4 or
+    /// fp4; a model already stored 4-bit, e.g. by quantize-nf4, needs no flag)
+    #[arg(long)]
+    pub quantize: Option<String>,
+    /// prefix / ptuning-v2 / prompt: virtual tokens in front of every sequence
+    #[arg(long, default_value_t = 20)]
+    pub num_virtual_tokens: usize,
+    /// adapter: houlsby (after attention and MLP), pfeiffer (after the MLP) or parallel
+    #[arg(long, default_value = "houlsby")]
+    pub adapter_variant: String,
+    /// adapter: bottleneck width (default hidden / --reduction-factor)
+    #[arg(long, default_value_t = 0)]
+    pub adapter_size: usize,
+    /// adapter: hidden size divided by this gives the bottleneck width
+    #[arg(long, default_value_t = 16)]
+    pub reduction_factor: usize,
+    /// adapter: relu or silu
+    #[arg(long, default_value = "relu")]
+    pub adapter_activation: String,
+    /// prompt: initialize the virtual tokens from this text's token embeddings (default random)
+    #[arg(long)]
+    pub prompt_init_text: Option<String>,
+    /// prefix: hidden size of the reparameterization MLP (default: the model's kv dimension)
+    #[arg(long)]
+    pub prefix_hidden: Option<usize>,
+    /// IA3: target modules whose input (not output) is scaled (default: PEFT's, down_proj)
+    #[arg(long)]
+    pub feedforward: Option<String>,
+    /// Block size of --quantize
+    #[arg(long, default_value_t = 64)]
+    pub quant_blocksize: usize,
+    /// --quantize without double quantization of the block scales
+    #[arg(long)]
+    pub no_double_quant: bool,
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Expand `--config FILE` into command-line options placed before the user's own, so that
+/// options given explicitly override the file.
+pub fn with_config_file(argv: Vec<String>) -> Result<Vec<String>> {
+    let Some(pos) = argv
+        .iter()
+        .position(|a| a == "--config" || a.starts_with("--config="))
+    else {
+        return Ok(argv);
+    };
+    let path = match argv[pos].strip_prefix("--config=") {
+        Some(p) => p.to_string(),
+        None => argv
+            .get(pos + 1)
+            .cloned()
+            .ok_or_else(|| Error::usage("--config needs a file"))?,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::bad_input(&path, format!("invalid JSON: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| {
+        Error::bad_input(&path, "expected a JSON object of option names and values")
+    })?;
+    let mut from_file = Vec::new();
+    for (k, val) in obj {
+        let flag = format!("--{}", k.replace('_', "-"));
+        match val {
+            serde_json::Value::Bool(true) => from_file.push(flag),
+            serde_json::Value::Bool(false) | serde_json::Value::Null => {}
+            serde_json::Value::String(s) => from_file.extend([flag, s.clone()]),
+            serde_json::Value::Number(n) => from_file.extend([flag, n.to_string()]),
+            serde_json::Value::Array(items) => {
+                let parts: Vec<String> = items
+                    .iter()
+                    .map(|x| {
+                        x.as_str()
+                            .map(String::from)
+                            .unwrap_or_else(|| x.to_string())
+                    })
+                    .collect();
+                from_file.extend([flag, parts.join(",")]);
+            }
+            serde_json::Value::Object(_) => {
+                return Err(Error::bad_input(
+                    &path,
+                    format!("option {k}: nested objects are not options"),
+                ))
+            }
+        }
+    }
+    let skip = if argv[pos].starts_with("--config=") {
+        1
+    } else {
+        2
+    };
+    let mut out = vec![argv[0].clone()];
+    out.extend(from_file);
+    out.extend(argv[1..pos].iter().cloned());
+    out.extend(argv[pos + skip..].iter().cloned());
+    Ok(out)
+}
+
+fn parse_layers(s: &str) -> Result<Vec<usize>> {
+    let mut v = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || Error::usage(format!("--layers {s}: expected e.g. 0-3,8"));
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                v.extend(a..=b);
+            }
+            None => v.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    Ok(v)
+}
+
+fn parse_pattern<T: std::str::FromStr>(
+    s: &Option<String>,
+    what: &str,
+) -> Result<BTreeMap<String, T>> {
+    let mut m = BTreeMap::new();
+    if let Some(s) = s {
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| Error::usage(format!("{what} {part}: expected NAME=VALUE")))?;
+            let v = v
+                .parse()
+                .map_err(|_| Error::usage(format!("{what} {part}: bad value")))?;
+            m.insert(k.to_string(), v);
+        }
+    }
+    Ok(m)
+}
+
+/// The training options these arguments describe.
+pub fn to_options(a: &TrainArgs) -> Result<TrainOptions> {
+    if a.rank == 0 {
+        return Err(Error::usage("--rank must be at least 1"));
+    }
+    if !(0.0..1.0).contains(&a.dropout) {
+        return Err(Error::usage("--dropout must be in [0, 1)"));
+    }
+    if !["none", "all", "lora_only"].contains(&a.bias.as_str()) {
+        return Err(Error::usage("--bias must be none, all or lora_only"));
+    }
+    let method = Method::parse(&a.method)?;
+    let config = peftkit_core::model::ModelConfig::load(&a.model)?;
+    let targets = match &a.target {
+        Some(t) => Targets::parse(t),
+        None => Targets::default_for(config.arch),
+    };
+    let format: DataFormat = a.format.parse().map_err(Error::usage)?;
+    let opts = TrainOptions {
+        model: a.model.clone(),
+        data: a.data.clone(),
+        out: a.out.clone(),
+        method,
+        lora: LoraConfig {
+            rank: a.rank,
+            alpha: a.alpha,
+            dropout: a.dropout,
+            targets,
+            rslora: a.rslora,
+            dora: method == Method::Dora,
+            bias: a.bias.clone(),
+            modules_to_save: a.modules_to_save.clone(),
+            layers_to_transform: a.layers.as_deref().map(parse_layers).transpose()?,
+            rank_pattern: parse_pattern(&a.rank_pattern, "--rank-pattern")?,
+            alpha_pattern: parse_pattern(&a.alpha_pattern, "--alpha-pattern")?,
+            base_model_name_or_path: None,
+        },
+        trainable: a.trainable.clone(),
+        data_opts: DataOptions {
+            format,
+            max_len: a.max_len.max(2),
+            train_on_prompt: a.train_on_prompt,
+            skip_bad_lines: a.skip_bad_lines,
+            drop_long: a.drop_long,
+        },
+        pack: a.pack,
+        optim: AdamW {
+            lr: a.lr,
+            weight_decay: a.weight_decay,
+            ..AdamW::default()
+        },
+        schedule: Schedule::parse(&a.schedule)
+            .ok_or_else(|| Error::usage("--schedule must be constant, linear or cosine"))?,
+        warmup: a.warmup,
+        batch: a.batch.max(1),
+        grad_accum: a.grad_accum.max(1),
+        epochs: a.epochs,
+        steps: a.steps,
+        clip: a.clip,
+        seed: a.seed,
+        val_data: a.val_data.clone(),
+        val_split: a.val_split,
+        eval_every: a.eval_every,
+        save_every: a.save_every,
+        resume: a.resume.clone(),
+        log: a.log.clone(),
+        plan: a.plan,
+        check_data: a.check_data,
+        quiet: a.quiet,
+        quantize: quantize_option(a)?,
+        prompt_init_text: a.prompt_init_text.clone(),
+        bottleneck: BottleneckConfig {
+            variant: Variant::parse(&a.adapter_variant)?,
+            size: a.adapter_size,
+            reduction_factor: a.reduction_factor.max(1),
+            activation: Activation::parse(&a.adapter_activation)?,
+            base_model_name_or_path: None,
+        },
+        prefix: PrefixConfig {
+            num_virtual_tokens: a.num_virtual_tokens,
+            projection: a.prefix_hidden,
+            base_model_name_or_path: None,
+        },
+        ia3: (method == Method::Ia3).then(|| {
+            let mut c = Ia3Config::default_for(config.arch);
+            if let Some(t) = &a.target {
+                c.targets = Targets::parse(t);
+            }
+            if let Some(ff) = &a.feedforward {
+                c.feedforward = ff
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+            }
+            c
+        }),
+    };
+    Ok(opts)
+}
+
+fn quantize_option(a: &TrainArgs) -> Result<Option<QuantizeOnLoad>> {
+    QuantizeOnLoad::from_options(a.quantize.as_deref(), a.quant_blocksize, !a.no_double_quant)
+}

@@ -1,0 +1,121 @@
+//! rm-score: score texts or preference pairs with a reward model trained by rm-train.
+
+use clap::Parser;
+use peftkit_core::data::read_records;
+use peftkit_core::model::Model;
+use peftkit_core::tokenizer::TextTokenizer;
+use peftkit_core::train::pairs::{load_pairs, PairOptions};
+use peftkit_core::train::preference::{load_reward_adapter, score_sequences};
+use peftkit_core::{cli, kernels, Error};
+use serde_json::json;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Score texts or preference pairs with a reward model (a base model plus an rm-train / \
+             PEFT SEQ_CLS adapter)",
+    after_help = "Examples:
+  rm-score --model models/smollm2 --adapter runs/rm --data held-out.json            # pairs: accuracy
+  rm-score --model models/smollm2 --adapter runs/rm --data answers.jsonl --json     # {\"text\"} lines
+
+Pairs ({prompt?, chosen, rejected}, message lists or LLaMA-Factory records) print the held-out
+accuracy; with --json one line per pair {\"chosen\", \"rejected\", \"margin\", \"correct\"} or per text
+{\"score\"} goes to stdout. The score is read at the last non-pad token, as transformers does."
+)]
+struct Args {
+    /// Base model folder
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// Reward-model adapter directory (adapter_config.json + adapter_model.safetensors with score)
+    #[arg(long, value_name = "DIR")]
+    adapter: PathBuf,
+    /// JSON / JSONL: preference pairs, or records with a "text" field
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    /// Longest sequence in tokens (longer ones are truncated, keeping the start)
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    max_len: usize,
+    /// Sequences per forward pass
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    batch: usize,
+    /// One JSON line per record on stdout
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    threads: usize,
+}
+
+fn main() {
+    let a = Args::parse();
+    cli::run(|| {
+        kernels::set_threads(a.threads);
+        let tok = TextTokenizer::load(&a.model)?;
+        let model = Model::load(&a.model)?;
+        let mut state = load_reward_adapter(&model, &a.adapter)?;
+        let pad = tok.pad_id().or(model.config.pad_token_id).or(tok.eos_id());
+        let (records, _) = read_records(&a.data, false)?;
+        let is_pairs = records
+            .first()
+            .is_some_and(|r| r.value.get("chosen").is_some());
+        if is_pairs {
+            let opts = PairOptions {
+                max_len: a.max_len.max(2),
+                drop_long: false,
+                margin_column: None,
+                skip_bad_lines: false,
+            };
+            let (pairs, _) = load_pairs(&a.data, &tok, &opts)?;
+            let mut seqs: Vec<Vec<u32>> = pairs.iter().map(|p| p.chosen.ids.clone()).collect();
+            seqs.extend(pairs.iter().map(|p| p.rejected.ids.clone()));
+            let s = score_sequences(&model, &mut state, &seqs, pad, a.batch)?;
+            let n = pairs.len();
+            let mut correct = 0;
+            for k in 0..n {
+                let (c, r) = (s[k], s[k + n]);
+                correct += usize::from(c > r);
+                if a.json {
+                    println!(
+                        "{}",
+                        json!({"chosen": c, "rejected": r, "margin": c - r, "correct": c > r})
+                    );
+                }
+            }
+            let acc = correct as f64 / n as f64;
+            if a.json {
+                eprintln!("accuracy {acc:.4} over {n} pairs");
+            } else {
+                println!("accuracy {acc:.4} over {n} pairs");
+            }
+        } else {
+            let mut seqs = Vec::new();
+            for r in &records {
+                let text = r
+                    .value
+                    .get("text")
+                    .and_then(|t| t.as_str())
+                    .ok_or_else(|| {
+                        Error::bad_input(
+                            &a.data,
+                            format!(
+                                "line {}: expected {{\"text\": ...}} or a preference pair",
+                                r.line
+                            ),
+                        )
+                    })?;
+                let mut ids = tok.encode(text)?;
+                ids.truncate(a.max_len.max(1));
+                seqs.push(ids);
+            }
+            let s = score_sequences(&model, &mut state, &seqs, pad, a.batch)?;
+            for v in s {
+                if a.json {
+                    println!("{}", json!({ "score": v }));
+                } else {
+                    println!("{v:.6}");
+                }
+            }
+        }
+        Ok(())
+    })
+}
