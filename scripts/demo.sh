@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # make demo: SmolLM2-135M-Instruct on the CPU — answer a question, quantize the model to 4-bit
 # NF4 (the bitsandbytes layout transformers loads), QLoRA instruction tuning on that 4-bit base
-# with a slice of alpaca_en_demo (eval loss before/after), and the same prompt answered with
-# and without the adapter.
+# with a slice of alpaca_en_demo (eval loss before/after), the same prompt answered with and
+# without the adapter, the adapter inspected and merged into one plain model, and a short
+# reward-model run on dpo_en_demo with its held-out accuracy.
 set -euo pipefail
 MODEL=${MODEL:-models/smollm2}
 BIN=${BIN:-target/release}
@@ -49,3 +50,16 @@ for line in sys.stdin:
     print('--- ' + ('base model' if r['adapter'] is None else 'with adapter ' + r['adapter']))
     print(r['text'].strip())
 "
+
+echo "==> what the adapter holds, checked against its base (adapter-inspect)"
+"$BIN/adapter-inspect" "$RUNS/demo-lora" --base "$QMODEL" | head -20
+
+echo "==> QLoRA-correct merge: dequantized NF4 weights + ΔW, one plain model (adapter-merge)"
+"$BIN/adapter-merge" --model "$QMODEL" --adapter "$RUNS/demo-lora" --out "$RUNS/demo-merged"
+"$BIN/peft-generate" --model "$RUNS/demo-merged" --prompt "$PROMPT" --max-new-tokens 48 | sed 's/^/merged model: /' | head -8
+
+RM_STEPS=${DEMO_RM_STEPS:-16}
+echo "==> reward model on dpo_en_demo (LoRA r 16 + score head; $RM_STEPS steps of 4 pairs x <=384 tokens; 10% held out)"
+"$BIN/rm-train" --model "$MODEL" --data "$DATA/dpo_en_demo.json" --method lora --rank 16 --alpha 32 \
+  --lr 1e-3 --steps "$RM_STEPS" --batch 4 --max-len 384 --val-split 0.1 --seed 1 \
+  --out "$RUNS/demo-rm" --log "$RUNS/demo-rm.jsonl"
