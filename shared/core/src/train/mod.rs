@@ -17,6 +17,7 @@ pub mod output;
 pub mod pairs;
 pub mod params;
 pub mod plan;
+pub mod ppo_math;
 pub mod pref_trainer;
 pub mod preference;
 pub mod prefix;
