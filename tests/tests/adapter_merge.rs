@@ -616,3 +616,52 @@ fn combine_refuses_what_peft_refuses() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn ia3_adapters_combine_linearly() {
+    // l = Σ wᵢ·lᵢ (PEFT's IA3 add_weighted_adapter): 0.25·l + 0.75·l = l
+    let ia3 = merge_dir("ia3_llama").join("adapter");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ia3");
+    run_ok(&[
+        "--combine",
+        "linear",
+        "--adapter",
+        &format!("x={}", ia3.display()),
+        "--adapter",
+        &format!("y={}", ia3.display()),
+        "--weights",
+        "0.25,0.75",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let got = tensor_map(&out.join("adapter_model.safetensors"));
+    let want = tensor_map(&ia3.join("adapter_model.safetensors"));
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (k, (s, w)) in &want {
+        assert_eq!(&got[k].0, s);
+        assert!(max_diff(&got[k].1, w) <= 1e-6, "{k}");
+    }
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["peft_type"], "IA3");
+    let r = run(
+        "adapter-merge",
+        &[
+            "--combine",
+            "ties",
+            "--density",
+            "0.5",
+            "--adapter",
+            ia3.to_str().unwrap(),
+            "--adapter",
+            ia3.to_str().unwrap(),
+            "--out",
+            tmp.path().join("t").to_str().unwrap(),
+        ],
+    );
+    assert_clean_error(&r, "linearly only");
+}
