@@ -18,6 +18,7 @@ pub mod pairs;
 pub mod params;
 pub mod plan;
 pub mod ppo_math;
+pub mod ppo_objective;
 pub mod pref_trainer;
 pub mod preference;
 pub mod prefix;

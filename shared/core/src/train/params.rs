@@ -37,6 +37,9 @@ pub enum Slot {
     Head,
     /// A reward model's scalar head (`score`, Linear hidden → 1 without bias).
     Score,
+    /// PPO's value head on the policy backbone (`v_head.summary`, Linear hidden → 1 with bias).
+    ValueHead,
+    ValueBias,
 }
 
 /// Gradient and AdamW moments of one trainable tensor.
@@ -101,6 +104,9 @@ pub struct TrainState {
     pub bottleneck: Option<super::bottleneck::BottleneckParams>,
     /// Reward model head `[hidden]` (saved as `score.weight` `[1, hidden]`).
     pub score: Option<Vec<f32>>,
+    /// PPO value head `[hidden]` and its bias.
+    pub value_head: Option<Vec<f32>>,
+    pub value_bias: Option<f32>,
     pub params: Vec<(Slot, ParamState)>,
     index: HashMap<Slot, usize>,
 }
@@ -114,6 +120,8 @@ impl TrainState {
             prompt: None,
             bottleneck: None,
             score: None,
+            value_head: None,
+            value_bias: None,
             params: Vec::new(),
             index: HashMap::new(),
         }
@@ -129,6 +137,8 @@ impl TrainState {
             prompt: self.prompt.clone(),
             bottleneck: self.bottleneck.clone(),
             score: self.score.clone(),
+            value_head: self.value_head.clone(),
+            value_bias: self.value_bias,
             params: Vec::new(),
             index: HashMap::new(),
         }
@@ -175,6 +185,8 @@ impl TrainState {
             Slot::PrefixEmbedding => &self.prefix.as_ref().expect("prefix").emb,
             Slot::PromptEmbedding => &self.prompt.as_ref().expect("prompt").emb,
             Slot::Score => self.score.as_deref().expect("score head"),
+            Slot::ValueHead => self.value_head.as_deref().expect("value head"),
+            Slot::ValueBias => std::slice::from_ref(self.value_bias.as_ref().expect("value bias")),
             Slot::Bottleneck(b, site, part) => {
                 let u = self
                     .bottleneck
@@ -218,6 +230,8 @@ impl TrainState {
             Slot::PrefixEmbedding => &mut self.prefix.as_mut().expect("prefix").emb,
             Slot::PromptEmbedding => &mut self.prompt.as_mut().expect("prompt").emb,
             Slot::Score => self.score.as_deref_mut().expect("score head"),
+            Slot::ValueHead => self.value_head.as_deref_mut().expect("value head"),
+            Slot::ValueBias => std::slice::from_mut(self.value_bias.as_mut().expect("value bias")),
             Slot::Bottleneck(b, site, part) => {
                 let u = self
                     .bottleneck
