@@ -52,6 +52,7 @@ bench: build model venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/run.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/quantize.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/merge.sh
+	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/rm.sh
 
 bench-methods: build model data venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/methods.sh
