@@ -10,7 +10,7 @@ use super::pairs::{load_pairs, Pair, PairOptions};
 use super::params::{ParamState, Slot, TrainState};
 use super::preference::{DpoLoss, DpoObjective, RewardLoss, SeqLogprobs};
 use super::trainer::{
-    attach_method, epoch_order, save_checkpoint, save_output, write_log, Method, TrainOptions,
+    attach_method, next_window, save_checkpoint, save_output, write_log, Method, TrainOptions,
 };
 use crate::error::{Error, Result};
 use crate::kernels::gemm;
@@ -381,22 +381,7 @@ pub fn run(opts: &PrefOptions) -> Result<PrefSummary> {
     let mut tokens_since = 0u64;
     let mut order: (u64, Vec<usize>) = (u64::MAX, Vec::new());
     while prog.step < total_steps {
-        let mut window: Vec<Vec<usize>> = Vec::new();
-        while window.len() < t.grad_accum.max(1) {
-            if prog.batch_in_epoch >= batches_per_epoch {
-                prog.epoch += 1;
-                prog.batch_in_epoch = 0;
-                if t.steps.is_none() && !window.is_empty() {
-                    break;
-                }
-            }
-            if order.0 != prog.epoch {
-                order = (prog.epoch, epoch_order(data.len(), t.seed, prog.epoch));
-            }
-            let b = prog.batch_in_epoch as usize * t.batch;
-            window.push(order.1[b..(b + t.batch).min(order.1.len())].to_vec());
-            prog.batch_in_epoch += 1;
-        }
+        let window = next_window(&mut prog, &mut order, data.len(), t);
         let window_pairs: usize = window.iter().map(Vec::len).sum();
         state.zero_grads();
         let mut metrics = Metrics::default();

@@ -338,26 +338,10 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
     let mut order: (u64, Vec<usize>) = (u64::MAX, Vec::new());
     while prog.step < total_steps {
         // This window's micro-batches (following the epoch's shuffled order).
-        let mut window: Vec<Vec<usize>> = Vec::new();
-        while window.len() < opts.grad_accum.max(1) {
-            if prog.batch_in_epoch >= batches_per_epoch {
-                prog.epoch += 1;
-                prog.batch_in_epoch = 0;
-                if opts.steps.is_none() && !window.is_empty() {
-                    break; // a short last window of the epoch
-                }
-            }
-            if order.0 != prog.epoch {
-                order = (prog.epoch, epoch_order(rows.len(), opts.seed, prog.epoch));
-            }
-            let b = prog.batch_in_epoch as usize * opts.batch;
-            let ex: Vec<usize> = order.1[b..(b + opts.batch).min(order.1.len())]
-                .iter()
-                .flat_map(|&r| rows[r].iter().copied())
-                .collect();
-            window.push(ex);
-            prog.batch_in_epoch += 1;
-        }
+        let window: Vec<Vec<usize>> = next_window(&mut prog, &mut order, rows.len(), opts)
+            .into_iter()
+            .map(|mb| mb.iter().flat_map(|&r| rows[r].iter().copied()).collect())
+            .collect();
         let window_tokens: usize = window
             .iter()
             .flat_map(|b| b.iter())
@@ -615,6 +599,34 @@ pub fn save_output(
         Method::Full | Method::Freeze => output::save_model(&opts.out, &opts.model, model)?,
     }
     Ok(())
+}
+
+/// The row indices of the next accumulation window's micro-batches, following each epoch's
+/// shuffled order (a short last window ends an epoch when training by epochs), advancing `prog`.
+pub(crate) fn next_window(
+    prog: &mut CkptProgress,
+    order: &mut (u64, Vec<usize>),
+    n_rows: usize,
+    opts: &TrainOptions,
+) -> Vec<Vec<usize>> {
+    let batches_per_epoch = n_rows.div_ceil(opts.batch.max(1)) as u64;
+    let mut window: Vec<Vec<usize>> = Vec::new();
+    while window.len() < opts.grad_accum.max(1) {
+        if prog.batch_in_epoch >= batches_per_epoch {
+            prog.epoch += 1;
+            prog.batch_in_epoch = 0;
+            if opts.steps.is_none() && !window.is_empty() {
+                break;
+            }
+        }
+        if order.0 != prog.epoch {
+            *order = (prog.epoch, epoch_order(n_rows, opts.seed, prog.epoch));
+        }
+        let b = prog.batch_in_epoch as usize * opts.batch;
+        window.push(order.1[b..(b + opts.batch).min(order.1.len())].to_vec());
+        prog.batch_in_epoch += 1;
+    }
+    window
 }
 
 /// The permutation of rows for an epoch: a fixed function of seed and epoch, so that a resumed
