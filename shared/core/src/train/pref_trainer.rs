@@ -10,7 +10,8 @@ use super::pairs::{load_pairs, Pair, PairOptions};
 use super::params::{ParamState, Slot, TrainState};
 use super::preference::{DpoLoss, DpoObjective, RewardLoss, SeqLogprobs};
 use super::trainer::{
-    attach_method, next_window, save_checkpoint, save_output, write_log, Method, TrainOptions,
+    attach_method, next_window, save_checkpoint, save_output, split_validation, write_log, Method,
+    TrainOptions,
 };
 use crate::error::{Error, Result};
 use crate::kernels::gemm;
@@ -213,21 +214,8 @@ pub fn run(opts: &PrefOptions) -> Result<PrefSummary> {
     );
     let val: Vec<Pair> = match &t.val_data {
         Some(p) => load_pairs(p, &tok, &opts.pairs)?.0,
-        None if t.val_split > 0.0 && data.len() > 1 => {
-            let mut idx: Vec<usize> = (0..data.len()).collect();
-            Rng::new(t.seed ^ 0x5EED_DA7A).shuffle(&mut idx);
-            let n_val =
-                ((data.len() as f64 * t.val_split).round() as usize).clamp(1, data.len() - 1);
-            let mut is_val = vec![false; data.len()];
-            idx[..n_val].iter().for_each(|&i| is_val[i] = true);
-            let (mut train, mut val) = (Vec::new(), Vec::new());
-            for (p, v) in data.into_iter().zip(is_val) {
-                if v {
-                    val.push(p)
-                } else {
-                    train.push(p)
-                }
-            }
+        None if t.val_split > 0.0 => {
+            let (train, val) = split_validation(data, t.val_split, t.seed);
             data = train;
             val
         }

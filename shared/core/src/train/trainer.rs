@@ -148,25 +148,10 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
         stats.dropped,
         stats.skipped_bad_lines
     );
-    let mut split_rng = Rng::new(opts.seed ^ 0x5EED_DA7A);
     let val: Vec<Example> = match &opts.val_data {
         Some(p) => data::load_examples(p, &tok, &opts.data_opts)?.0,
         None if opts.val_split > 0.0 => {
-            let mut idx: Vec<usize> = (0..examples.len()).collect();
-            split_rng.shuffle(&mut idx);
-            let n_val = ((examples.len() as f64 * opts.val_split).round() as usize)
-                .clamp(1, examples.len() - 1);
-            let mut is_val = vec![false; examples.len()];
-            idx[..n_val].iter().for_each(|&i| is_val[i] = true);
-            let mut train = Vec::new();
-            let mut val = Vec::new();
-            for (e, v) in examples.into_iter().zip(is_val) {
-                if v {
-                    val.push(e)
-                } else {
-                    train.push(e)
-                }
-            }
+            let (train, val) = split_validation(examples, opts.val_split, opts.seed);
             examples = train;
             val
         }
@@ -599,6 +584,28 @@ pub fn save_output(
         Method::Full | Method::Freeze => output::save_model(&opts.out, &opts.model, model)?,
     }
     Ok(())
+}
+
+/// Hold out `frac` of `items` (at least one, leaving at least one) for evaluation, chosen by a
+/// seeded shuffle; order within each part is kept. Fewer than two items are all for training.
+pub(crate) fn split_validation<T>(items: Vec<T>, frac: f64, seed: u64) -> (Vec<T>, Vec<T>) {
+    if items.len() < 2 {
+        return (items, Vec::new());
+    }
+    let mut idx: Vec<usize> = (0..items.len()).collect();
+    Rng::new(seed ^ 0x5EED_DA7A).shuffle(&mut idx);
+    let n_val = ((items.len() as f64 * frac).round() as usize).clamp(1, items.len() - 1);
+    let mut is_val = vec![false; items.len()];
+    idx[..n_val].iter().for_each(|&i| is_val[i] = true);
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (item, v) in items.into_iter().zip(is_val) {
+        if v {
+            val.push(item)
+        } else {
+            train.push(item)
+        }
+    }
+    (train, val)
 }
 
 /// The row indices of the next accumulation window's micro-batches, following each epoch's
