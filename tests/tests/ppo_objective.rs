@@ -7,7 +7,7 @@ use peftkit_core::rng::Rng;
 use peftkit_core::train::engine::{Batch, Engine};
 use peftkit_core::train::lora::{self, LoraConfig, Targets};
 use peftkit_core::train::params::{ParamState, Slot, TrainState};
-use peftkit_core::train::ppo_objective::{PpoObjective, RolloutSeq};
+use peftkit_core::train::ppo_objective::{PpoObjective, RolloutEval, RolloutSeq};
 use peftkit_tests::fixtures;
 
 fn setup() -> (Model, TrainState) {
@@ -60,11 +60,22 @@ fn loss(model: &Model, state: &mut TrainState, obj: &mut PpoObjective, backward:
 
 #[test]
 fn ppo_gradients_match_finite_differences() {
+    check(1.0, false);
+}
+
+/// Log-probs at the sampling temperature, and PPOv2's terminal position (a value one past the
+/// last token, no policy term).
+#[test]
+fn ppo_gradients_match_with_temperature_and_terminal_position() {
+    check(0.7, true);
+}
+
+fn check(temperature: f32, terminal: bool) {
     let (model, mut state) = setup();
     // current log-probs and values, then "old" ones offset so that some ratios and values clip
     let empty: Vec<RolloutSeq> = (0..2)
         .map(|i| {
-            let n = SEQS[i].len() - QUERY[i];
+            let n = SEQS[i].len() - QUERY[i] + usize::from(terminal && i == 0);
             RolloutSeq {
                 query_len: QUERY[i],
                 old_logp: vec![0.0; n],
@@ -77,7 +88,37 @@ fn ppo_gradients_match_finite_differences() {
         })
         .collect();
     let mut probe = PpoObjective::new(empty.clone(), 0.2, 0.2, 0.1);
+    probe.temperature = temperature;
     loss(&model, &mut state, &mut probe, false);
+    // the rollout pass computes the same log-probs and values (the ratio starts at 1)
+    let shape: Vec<(usize, usize, bool)> = (0..2)
+        .map(|i| (QUERY[i], SEQS[i].len() - QUERY[i], terminal && i == 0))
+        .collect();
+    let mut ev = RolloutEval::new(shape, temperature, true);
+    let labels: Vec<Vec<i32>> = SEQS.iter().map(|s| vec![-100; s.len()]).collect();
+    let batch = Batch {
+        ids: SEQS.to_vec(),
+        labels: labels.iter().map(Vec::as_slice).collect(),
+    };
+    Engine::for_eval(&model)
+        .forward_backward_with(&mut state, &batch, &mut Rng::new(0), &mut ev)
+        .unwrap();
+    let mut k = 0;
+    for i in 0..2 {
+        for t in 0..ev.values[i].len() {
+            assert!((ev.values[i][t] - probe.values[k]).abs() < 1e-5);
+            if t < ev.logp[i].len() {
+                assert!(
+                    (ev.logp[i][t] - probe.logp[k]).abs() < 1e-4,
+                    "logp {} vs {}",
+                    ev.logp[i][t],
+                    probe.logp[k]
+                );
+                assert!(ev.entropies[i][t] > 0.0);
+            }
+            k += 1;
+        }
+    }
     let offsets = [-0.5, 0.0, 0.05, 0.5, 0.02, -0.03, 0.4];
     let mut k = 0;
     let seqs: Vec<RolloutSeq> = empty
@@ -98,6 +139,7 @@ fn ppo_gradients_match_finite_differences() {
         })
         .collect();
     let mut obj = PpoObjective::new(seqs, 0.2, 0.2, 0.1);
+    obj.temperature = temperature;
     state.zero_grads();
     let l0 = loss(&model, &mut state, &mut obj, true);
     assert!(
@@ -135,6 +177,7 @@ fn ppo_gradients_match_finite_differences() {
                 _ => unreachable!(),
             }
             let mut o = PpoObjective::new(obj.seqs.clone(), 0.2, 0.2, 0.1);
+            o.temperature = temperature;
             loss(&model, &mut st, &mut o, false)
         };
         let num = (f(eps) - f(-eps)) / (2.0 * eps as f64);

@@ -22,7 +22,8 @@ pub struct TrainArgs {
     pub config: Option<PathBuf>,
     #[arg(long)]
     pub model: PathBuf,
-    #[arg(long)]
+    /// Training data (ppo-train: the prompts; --prompts is the same option)
+    #[arg(long, alias = "prompts")]
     pub data: PathBuf,
     /// auto, text, alpaca, prompt-completion, messages, sharegpt
     #[arg(long, default_value = "auto")]

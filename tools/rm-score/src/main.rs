@@ -1,11 +1,15 @@
-//! rm-score: score texts or preference pairs with a reward model trained by rm-train.
+//! rm-score: score texts or preference pairs with a reward model: a base model plus an
+//! rm-train / PEFT SEQ_CLS adapter, or a transformers `…ForSequenceClassification` folder
+//! (rm-train `--method full` writes one).
 
 use clap::Parser;
 use peftkit_core::data::read_records;
 use peftkit_core::model::Model;
 use peftkit_core::tokenizer::TextTokenizer;
 use peftkit_core::train::pairs::{load_pairs, PairOptions};
-use peftkit_core::train::preference::{load_reward_adapter, score_sequences};
+use peftkit_core::train::preference::{
+    load_reward_adapter, load_reward_model, reward_pad, score_sequences,
+};
 use peftkit_core::{cli, kernels, Error};
 use serde_json::json;
 use std::path::PathBuf;
@@ -13,23 +17,30 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(
     version,
-    about = "Score texts or preference pairs with a reward model (a base model plus an rm-train / \
-             PEFT SEQ_CLS adapter)",
+    about = "Score texts or preference pairs with a reward model: a base model plus an rm-train / \
+             PEFT SEQ_CLS adapter, or a ...ForSequenceClassification folder (num_labels 1)",
     after_help = "Examples:
   rm-score --model models/smollm2 --adapter runs/rm --data held-out.json            # pairs: accuracy
   rm-score --model models/smollm2 --adapter runs/rm --data answers.jsonl --json     # {\"text\"} lines
+  rm-score --model runs/rm-full --data held-out.json      # rm-train --method full output
+  rm-score --model models/qwen2-rm --data answers.jsonl --json   # ...ForSequenceClassification
+
+Without --adapter, --model is a Llama/Mistral/Qwen2/GPT2ForSequenceClassification folder with one
+label (as rm-train --method full or transformers' save_pretrained writes it): its score.weight is
+the head and its config pad_token_id the pad, as transformers reads them.
 
 Pairs ({prompt?, chosen, rejected}, message lists or LLaMA-Factory records) print the held-out
 accuracy; with --json one line per pair {\"chosen\", \"rejected\", \"margin\", \"correct\"} or per text
 {\"score\"} goes to stdout. The score is read at the last non-pad token, as transformers does."
 )]
 struct Args {
-    /// Base model folder
+    /// Base model folder (with --adapter), or a ...ForSequenceClassification folder
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
-    /// Reward-model adapter directory (adapter_config.json + adapter_model.safetensors with score)
+    /// Reward-model adapter directory (adapter_config.json + adapter_model.safetensors with
+    /// score); without it, --model must be a sequence-classification folder
     #[arg(long, value_name = "DIR")]
-    adapter: PathBuf,
+    adapter: Option<PathBuf>,
     /// JSON / JSONL: preference pairs, or records with a "text" field
     #[arg(long, value_name = "FILE")]
     data: PathBuf,
@@ -51,9 +62,15 @@ fn main() {
     cli::run(|| {
         kernels::set_threads(a.threads);
         let tok = TextTokenizer::load(&a.model)?;
-        let model = Model::load(&a.model)?;
-        let mut state = load_reward_adapter(&model, &a.adapter)?;
-        let pad = tok.pad_id().or(model.config.pad_token_id).or(tok.eos_id());
+        let (model, mut state) = match &a.adapter {
+            Some(adapter) => {
+                let model = Model::load(&a.model)?;
+                let state = load_reward_adapter(&model, adapter)?;
+                (model, state)
+            }
+            None => load_reward_model(&a.model, None)?,
+        };
+        let pad = reward_pad(&model, &tok);
         let (records, _) = read_records(&a.data, false)?;
         let is_pairs = records
             .first()

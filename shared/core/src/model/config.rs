@@ -17,7 +17,8 @@ pub enum Arch {
 
 impl Arch {
     pub const SUPPORTED: &'static str =
-        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel";
+        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel (and their \
+         ...ForSequenceClassification reward models)";
 
     pub fn hf_class(self) -> &'static str {
         match self {
@@ -90,6 +91,13 @@ pub struct ModelConfig {
     pub pad_token_id: Option<u32>,
     /// Stored dtype named by the config ("float32", "bfloat16", ...), if any.
     pub dtype: Option<String>,
+    /// A transformers sequence-classification checkpoint (`architectures[0]` is
+    /// `LlamaForSequenceClassification`, `MistralForSequenceClassification`,
+    /// `Qwen2ForSequenceClassification` or `GPT2ForSequenceClassification`): the same backbone
+    /// with a `score` head instead of an LM head. Such a model loads without `lm_head`; its LM
+    /// logits are meaningless (see [`crate::model::Model::lm_head`]) and the head is read by
+    /// `train::preference::load_reward_model`.
+    pub seq_cls: bool,
     /// The file as read, to be written back (with changes) by tools that save models.
     pub raw: Value,
 }
@@ -119,9 +127,9 @@ impl ModelConfig {
 
     pub fn from_json(raw: Value) -> std::result::Result<Self, String> {
         let r = Reader(&raw);
-        let arch = detect_arch(&raw)?;
+        let (arch, seq_cls) = detect_arch(&raw)?;
         if arch == Arch::Gpt2 {
-            return gpt2_config(&r, raw.clone());
+            return gpt2_config(&r, raw.clone(), seq_cls);
         }
         let hidden = r.usize("hidden_size")?;
         let heads = r.usize("num_attention_heads")?;
@@ -183,11 +191,13 @@ impl ModelConfig {
             eos_token_ids: r.token_list("eos_token_id")?,
             pad_token_id: r.opt_token("pad_token_id")?,
             dtype: dtype_name(&r)?,
+            seq_cls,
             raw,
         })
     }
 
-    /// Number of parameters the model has (tied embeddings counted once).
+    /// Number of parameters the model has (tied embeddings counted once; a
+    /// sequence-classification checkpoint has no LM head, its `score` head is not counted).
     pub fn param_count(&self) -> usize {
         let h = self.hidden;
         let (q, kv) = (self.q_dim(), self.kv_dim());
@@ -217,7 +227,7 @@ impl ModelConfig {
         } else {
             0
         };
-        let head = if self.tie_embeddings {
+        let head = if self.tie_embeddings || self.seq_cls {
             0
         } else {
             self.vocab * h
@@ -226,7 +236,8 @@ impl ModelConfig {
     }
 }
 
-fn detect_arch(raw: &Value) -> std::result::Result<Arch, String> {
+/// The architecture, and whether the checkpoint is its sequence-classification variant.
+fn detect_arch(raw: &Value) -> std::result::Result<(Arch, bool), String> {
     let archs: Vec<&str> = raw
         .get("architectures")
         .and_then(Value::as_array)
@@ -240,8 +251,18 @@ fn detect_arch(raw: &Value) -> std::result::Result<Arch, String> {
         "GPT2LMHeadModel" => Some(Arch::Gpt2),
         _ => None,
     };
+    let by_seq_cls_class = |c: &str| match c {
+        "LlamaForSequenceClassification" => Some(Arch::Llama),
+        "MistralForSequenceClassification" => Some(Arch::Mistral),
+        "Qwen2ForSequenceClassification" => Some(Arch::Qwen2),
+        "GPT2ForSequenceClassification" => Some(Arch::Gpt2),
+        _ => None,
+    };
     if let Some(first) = archs.first() {
-        return by_class(first).ok_or_else(|| {
+        if let Some(a) = by_seq_cls_class(first) {
+            return Ok((a, true));
+        }
+        return by_class(first).map(|a| (a, false)).ok_or_else(|| {
             format!(
                 "unsupported architecture {first}; supported: {}",
                 Arch::SUPPORTED
@@ -249,10 +270,10 @@ fn detect_arch(raw: &Value) -> std::result::Result<Arch, String> {
         });
     }
     match model_type {
-        "llama" => Ok(Arch::Llama),
-        "mistral" => Ok(Arch::Mistral),
-        "qwen2" => Ok(Arch::Qwen2),
-        "gpt2" => Ok(Arch::Gpt2),
+        "llama" => Ok((Arch::Llama, false)),
+        "mistral" => Ok((Arch::Mistral, false)),
+        "qwen2" => Ok((Arch::Qwen2, false)),
+        "gpt2" => Ok((Arch::Gpt2, false)),
         "" => Err(format!(
             "neither \"architectures\" nor \"model_type\" is set; supported: {}",
             Arch::SUPPORTED
@@ -264,7 +285,7 @@ fn detect_arch(raw: &Value) -> std::result::Result<Arch, String> {
     }
 }
 
-fn gpt2_config(r: &Reader, raw: Value) -> std::result::Result<ModelConfig, String> {
+fn gpt2_config(r: &Reader, raw: Value, seq_cls: bool) -> std::result::Result<ModelConfig, String> {
     let hidden = r.usize("n_embd")?;
     let heads = r.usize("n_head")?;
     if heads == 0 || hidden % heads != 0 {
@@ -309,6 +330,7 @@ fn gpt2_config(r: &Reader, raw: Value) -> std::result::Result<ModelConfig, Strin
         eos_token_ids: r.token_list("eos_token_id")?,
         pad_token_id: r.opt_token("pad_token_id")?,
         dtype: dtype_name(r)?,
+        seq_cls,
         raw,
     })
 }
@@ -493,5 +515,43 @@ impl Reader<'_> {
                 .map(|n| vec![n as u32])
                 .ok_or_else(|| format!("\"{k}\" must be a token id, found {v}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_class(class: &str) -> std::result::Result<ModelConfig, String> {
+        let mut v = if class.starts_with("GPT2") {
+            serde_json::json!({"n_embd": 32, "n_head": 4, "n_layer": 1, "n_positions": 16,
+                               "vocab_size": 16})
+        } else {
+            serde_json::json!({"hidden_size": 32, "intermediate_size": 64,
+                               "num_hidden_layers": 1, "num_attention_heads": 4,
+                               "vocab_size": 16})
+        };
+        v["architectures"] = serde_json::json!([class]);
+        ModelConfig::from_json(v)
+    }
+
+    #[test]
+    fn sequence_classification_classes_map_to_their_architecture() {
+        for (class, arch, seq_cls) in [
+            ("LlamaForCausalLM", Arch::Llama, false),
+            ("LlamaForSequenceClassification", Arch::Llama, true),
+            ("MistralForSequenceClassification", Arch::Mistral, true),
+            ("Qwen2ForSequenceClassification", Arch::Qwen2, true),
+            ("GPT2LMHeadModel", Arch::Gpt2, false),
+            ("GPT2ForSequenceClassification", Arch::Gpt2, true),
+        ] {
+            let c = with_class(class).unwrap();
+            assert_eq!((c.arch, c.seq_cls), (arch, seq_cls), "{class}");
+        }
+        let e = with_class("BertForSequenceClassification").unwrap_err();
+        assert!(
+            e.contains("unsupported architecture BertForSequenceClassification"),
+            "{e}"
+        );
     }
 }

@@ -9,6 +9,11 @@ use std::path::Path;
 impl Model {
     /// Load config.json and the safetensors weights of a model folder (weights converted to
     /// f32 for compute; the mapped files are released afterwards).
+    ///
+    /// A `…ForSequenceClassification` folder ([`ModelConfig::seq_cls`]) loads its backbone
+    /// only: `lm_head` is None and `score.weight` is left for
+    /// `train::preference::load_reward_model`. Such a model's LM logits (the input embeddings
+    /// standing in for the missing head) are meaningless and must not be used.
     pub fn load(dir: &Path) -> Result<Self> {
         let config = ModelConfig::load(dir)?;
         let files = WeightFiles::open(dir)?;
@@ -221,7 +226,8 @@ fn load_llama_like(config: ModelConfig, w: &Ctx) -> Result<Model> {
         });
     }
     let final_norm = norm(w, "model.norm", h, false)?;
-    let lm_head = if c.tie_embeddings {
+    // A sequence-classification checkpoint stores `score.weight` instead of an LM head.
+    let lm_head = if c.tie_embeddings || c.seq_cls {
         None
     } else {
         Some(linear(w, "lm_head", c.vocab, h, false)?)
@@ -299,7 +305,8 @@ fn load_gpt2(config: ModelConfig, w: &Ctx) -> Result<Model> {
         });
     }
     let final_norm = norm(w, &format!("{pre}ln_f"), h, true)?;
-    let lm_head = if c.tie_embeddings || !w.contains("lm_head.weight") {
+    // GPT2ForSequenceClassification: `transformer.*` plus `score.weight`, no LM head.
+    let lm_head = if c.tie_embeddings || c.seq_cls || !w.contains("lm_head.weight") {
         None
     } else {
         Some(linear(w, "lm_head", c.vocab, h, false)?)

@@ -73,7 +73,10 @@ pub struct Model {
     pub pos_embed: Option<Vec<f32>>,
     pub blocks: Vec<Block>,
     pub final_norm: Norm,
-    /// None when tied to the input embeddings.
+    /// None when tied to the input embeddings, and for a sequence-classification checkpoint
+    /// (`config.seq_cls`), which has no LM head: its LM logits ([`Model::head_weight`] then
+    /// gives the embeddings) are meaningless and must not be used; score it with
+    /// `train::preference::load_reward_model` / `score_sequences`.
     pub lm_head: Option<Linear>,
     pub inv_freq: Vec<f32>,
     /// Virtual input tokens per adapter slot.

@@ -22,6 +22,9 @@ pub struct Progress {
     pub rng: [u64; 4],
     /// Tokens trained on so far.
     pub tokens: u64,
+    /// What a loop keeps beyond these (ppo-train: KL coefficient and sampling RNG).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra: Option<serde_json::Value>,
 }
 
 const STATE: &str = "trainer_state.json";

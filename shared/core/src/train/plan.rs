@@ -75,3 +75,60 @@ pub fn report(
         seconds / 60.0
     )
 }
+
+/// ppo-train's `--plan`: what stays resident (one base shared by policy, reference and, when
+/// it is an adapter on the same base, the reward model) and what one step adds.
+pub fn ppo_report(
+    model: &Model,
+    state: &TrainState,
+    o: &super::ppo_trainer::PpoOptions,
+    separate_reward: Option<&Model>,
+    prompts: &[super::prompts::Prompt],
+) -> String {
+    let c = &model.config;
+    let base_bytes = |m: &Model| {
+        let (lp, lb) = m.linear_weight_memory();
+        (m.config.param_count() - lp) as f64 * 4.0 + lb as f64
+    };
+    let weights = base_bytes(model);
+    let reward = separate_reward.map_or(0.0, base_bytes);
+    let trainable = state.trainable_count() as f64;
+    let adapter_copies = trainable * 4.0 * 2.0; // sampling hooks + reference (at most)
+    let b = o.train.batch as f64;
+    let max_prompt = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0) as f64;
+    let seq = max_prompt + o.response_length as f64;
+    let kv = b * seq * c.layers as f64 * 2.0 * c.kv_dim() as f64 * 4.0;
+    let micro = (b / o.mini_batches.max(1) as f64 / o.train.grad_accum.max(1) as f64).ceil();
+    let per_token_layer =
+        (4 * c.hidden + 2 * c.q_dim() + 2 * c.kv_dim() + 3 * c.intermediate) as f64 * 4.0;
+    let activations = (per_token_layer * micro * seq + c.heads as f64 * seq * seq * 4.0 * micro)
+        * c.layers as f64;
+    let logits = 256.0 * c.vocab as f64 * 4.0 * 2.0;
+    let optimizer = trainable * 4.0 * 3.0;
+    let total =
+        weights + reward + adapter_copies + trainable * 4.0 + optimizer + kv + activations + logits;
+    format!(
+        "plan for ppo-train on {} ({} layers, {} parameters)\n  base weights (policy, reference{}) {}\n  reward model           {}\n  trainable (adapter + value head) {} ({})\n  gradients + AdamW      {}\n  adapter copies (sampling, reference) {}\n  KV cache ({} sequences × {:.0} tokens) {}\n  activations (micro-batch of {:.0} sequences) {}\n  logits chunk           {}\n  total (estimate)       {}\n  per step: {} prompts, ≤ {} response tokens each, {} PPO epochs × {} mini-batches\n",
+        o.train.model.display(),
+        c.layers,
+        c.param_count(),
+        if separate_reward.is_none() { ", reward" } else { "" },
+        gb(weights),
+        if separate_reward.is_some() { gb(reward) } else { "shared with the policy's base".into() },
+        trainable as u64,
+        gb(trainable * 4.0),
+        gb(optimizer),
+        gb(adapter_copies),
+        o.train.batch,
+        seq,
+        gb(kv),
+        micro,
+        gb(activations),
+        gb(logits),
+        gb(total),
+        o.train.batch,
+        o.response_length,
+        o.ppo_epochs,
+        o.mini_batches,
+    )
+}

@@ -286,6 +286,7 @@ pub fn run(opts: &PrefOptions) -> Result<PrefSummary> {
         batch_in_epoch: 0,
         rng: Rng::new(t.seed.wrapping_add(1)).state(),
         tokens: 0,
+        extra: None,
     };
     if let Some(r) = &t.resume {
         let dir = checkpoint::resolve(r)?;

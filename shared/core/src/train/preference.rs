@@ -439,6 +439,113 @@ pub fn score_sequences(
     Ok(out)
 }
 
+/// The pad id a reward model's score skips at the end of a sequence ([`score_position`]).
+///
+/// For a `…ForSequenceClassification` folder (`model.config.seq_cls`) it is the folder's
+/// config `pad_token_id`, exactly as transformers reads it (rm-train `--method full` writes the
+/// pad it trained with there); None when unset, so the last token is scored, as transformers
+/// does for one unpadded sequence. For a base model with an rm-train / PEFT SEQ_CLS adapter it
+/// is the pad rm-train trains with: the tokenizer's pad, else config `pad_token_id`, else EOS.
+pub fn reward_pad(
+    model: &crate::model::Model,
+    tok: &crate::tokenizer::TextTokenizer,
+) -> Option<u32> {
+    if model.config.seq_cls {
+        model.config.pad_token_id
+    } else {
+        tok.pad_id().or(model.config.pad_token_id).or(tok.eos_id())
+    }
+}
+
+/// A transformers sequence-classification checkpoint with one label, loaded for scoring:
+/// `LlamaForSequenceClassification`, `MistralForSequenceClassification`,
+/// `Qwen2ForSequenceClassification` or `GPT2ForSequenceClassification` as `save_pretrained`
+/// writes it (`model.*` / `transformer.*` plus `score.weight` `[1, hidden]`, no bias), or the
+/// folder rm-train `--method full` writes. Returns the backbone (no LM head: its LM logits
+/// are meaningless) and a state whose `score` is the head; score with [`score_sequences`] and
+/// [`reward_pad`]. `quantize` quantizes the backbone's linear weights while loading (the head
+/// stays f32).
+///
+/// An rm-train LoRA adapter is not such a folder: load its base with [`load_reward_adapter`].
+pub fn load_reward_model(
+    dir: &std::path::Path,
+    quantize: Option<crate::model::QuantizeOnLoad>,
+) -> Result<(crate::model::Model, TrainState)> {
+    let config = crate::model::ModelConfig::load(dir)?;
+    if !config.seq_cls {
+        let found = config
+            .raw
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(|a| a.as_str())
+            .map(|a| format!("architectures[0] is {a}"))
+            .unwrap_or_else(|| "config.json names no architectures".into());
+        return Err(Error::bad_input(
+            dir,
+            format!(
+                "not a sequence-classification reward model ({found}; expected \
+                 LlamaForSequenceClassification, MistralForSequenceClassification, \
+                 Qwen2ForSequenceClassification or GPT2ForSequenceClassification); an rm-train \
+                 LoRA reward adapter is given with --adapter / --reward-adapter next to its base \
+                 model"
+            ),
+        ));
+    }
+    let h = config.hidden;
+    let score = {
+        let w = crate::model::weights::WeightFiles::open(dir)?;
+        let key = "score.weight";
+        let file = |name: &str| {
+            w.file_of(name)
+                .map(|f| f.path().to_path_buf())
+                .unwrap_or_else(|| dir.to_path_buf())
+        };
+        if w.contains("score.bias") {
+            return Err(Error::bad_input(
+                file("score.bias"),
+                "tensor score.bias: a score head with a bias is not supported (transformers' \
+                 …ForSequenceClassification heads have none)",
+            ));
+        }
+        let t = w.get(key).ok_or_else(|| {
+            Error::bad_input(
+                dir,
+                format!(
+                    "tensor {key} is missing: config.json names a sequence-classification model \
+                     but the weights have no score head"
+                ),
+            )
+        })?;
+        match t.shape[..] {
+            [1, k] if k == h => {}
+            [n, k] if k == h => {
+                return Err(Error::bad_input(
+                    file(key),
+                    format!(
+                        "tensor {key} has shape [{n}, {k}] (num_labels {n}): a reward model \
+                         needs one label"
+                    ),
+                ))
+            }
+            _ => {
+                return Err(Error::bad_input(
+                    file(key),
+                    format!(
+                        "tensor {key} has shape {:?}; expected [1, {h}] (one label, hidden_size \
+                         {h})",
+                        t.shape
+                    ),
+                ))
+            }
+        }
+        w.f32(key, &[1, h])?
+    };
+    let model = crate::model::Model::load_with(dir, quantize)?;
+    let mut state = TrainState::new(model.linears().len());
+    state.score = Some(score);
+    Ok((model, state))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -225,6 +225,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
         batch_in_epoch: 0,
         rng: Rng::new(opts.seed.wrapping_add(1)).state(),
         tokens: 0,
+        extra: None,
     };
     if let Some(r) = &opts.resume {
         let dir = checkpoint::resolve(r)?;
