@@ -53,6 +53,7 @@ bench: build model venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/quantize.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/merge.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/rm.sh
+	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/ppo.sh
 
 bench-methods: build model data venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/methods.sh
