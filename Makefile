@@ -54,6 +54,7 @@ bench: build model venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/merge.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/rm.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/ppo.sh
+	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/dpo.sh
 
 bench-methods: build model data venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/methods.sh
