@@ -153,6 +153,10 @@ pub struct TrainArgs {
     /// --quantize without double quantization of the block scales
     #[arg(long)]
     pub no_double_quant: bool,
+    /// f32, or bf16: frozen linear weights multiply in bf16 with f32 accumulation (torch
+    /// autocast; AMX or AVX-512 BF16 when the CPU has them); adapters and the loss stay f32
+    #[arg(long, default_value = "f32")]
+    pub compute_dtype: String,
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     #[arg(long, short)]
@@ -325,6 +329,15 @@ pub fn to_options(a: &TrainArgs) -> Result<TrainOptions> {
         check_data: a.check_data,
         quiet: a.quiet,
         quantize: quantize_option(a)?,
+        compute_bf16: match a.compute_dtype.as_str() {
+            "f32" | "float32" => false,
+            "bf16" | "bfloat16" => true,
+            other => {
+                return Err(Error::usage(format!(
+                    "unknown --compute-dtype {other}; supported: f32, bf16"
+                )))
+            }
+        },
         prompt_init_text: a.prompt_init_text.clone(),
         bottleneck: BottleneckConfig {
             variant: Variant::parse(&a.adapter_variant)?,

@@ -41,6 +41,15 @@ pub struct Linear {
     pub conv1d: bool,
     /// Adapter per slot (index = slot of [`ForwardOptions::adapter`]).
     pub adapters: Vec<Option<Box<dyn LinearAdapter>>>,
+    /// bf16 compute (`--compute-dtype bf16`): the frozen f32 weight packed as bf16 for the
+    /// training products, as torch autocast computes them (bf16 inputs, f32 accumulation).
+    pub bf16: Option<Box<Bf16Packs>>,
+}
+
+/// A frozen weight in bf16, packed for the forward product and for the input gradient.
+pub struct Bf16Packs {
+    pub nt: gemm::PackedBf16,
+    pub nn: gemm::PackedBf16,
 }
 
 impl Linear {
@@ -59,6 +68,7 @@ impl Linear {
             bias,
             conv1d: false,
             adapters: Vec::new(),
+            bf16: None,
         }
     }
 
@@ -84,6 +94,7 @@ impl Linear {
             bias,
             conv1d: false,
             adapters: Vec::new(),
+            bf16: None,
         }
     }
 
@@ -107,9 +118,24 @@ impl Linear {
         }
     }
 
+    /// Compute this layer's base products in bf16 from now on (an f32 weight only; a 4-bit one
+    /// keeps its own path). The weight must stay frozen: the packs are not refreshed.
+    pub fn use_bf16(&mut self) {
+        if let Weight::F32(w) = &self.weight {
+            let (n, k) = (self.out_features, self.in_features);
+            self.bf16 = Some(Box::new(Bf16Packs {
+                nt: gemm::PackedBf16::for_nt(w, n, k),
+                nn: gemm::PackedBf16::for_nn(w, n, k),
+            }));
+        }
+    }
+
     /// y[rows, out] (+)= x[rows, in] · Wᵀ with the base weight only (no bias, no adapter).
     pub fn matmul_base(&self, x: &[f32], rows: usize, y: &mut [f32], acc: bool) {
         let (out, inp) = (self.out_features, self.in_features);
+        if let Some(p) = &self.bf16 {
+            return gemm::matmul_nt_bf16(x, &p.nt, &mut y[..rows * out], rows, acc);
+        }
         match &self.weight {
             Weight::F32(w) => gemm::matmul_nt(x, w, &mut y[..rows * out], rows, out, inp, acc),
             Weight::Q4(q) => gemm::matmul_nt_q4(x, &self.q4(q), &mut y[..rows * out], rows, acc),
@@ -119,6 +145,9 @@ impl Linear {
     /// dx[rows, in] (+)= dy[rows, out] · W: the base weight's share of the input gradient.
     pub fn matmul_base_backward(&self, dy: &[f32], rows: usize, dx: &mut [f32], acc: bool) {
         let (out, inp) = (self.out_features, self.in_features);
+        if let Some(p) = &self.bf16 {
+            return gemm::matmul_nn_bf16(dy, &p.nn, &mut dx[..rows * inp], rows, acc);
+        }
         match &self.weight {
             Weight::F32(w) => gemm::matmul_nn(dy, w, &mut dx[..rows * inp], rows, inp, out, acc),
             Weight::Q4(q) => gemm::matmul_nn_q4(dy, &self.q4(q), &mut dx[..rows * inp], rows, acc),

@@ -610,6 +610,7 @@ pub fn run(o: &PpoOptions) -> Result<PpoSummary> {
         ParamState::new("v_head.summary.bias".into(), vec![1], false),
     );
     super::full::refuse_4bit_trainables(&model, &state, &t.model)?;
+    super::trainer::apply_compute_dtype(&topts, &mut model, &state);
     let mut reward = Reward::load(o, &model, &tok)?;
     let stop = crate::generate::stop_tokens(&t.model, &model.config, &tok)?;
     println!(

@@ -237,6 +237,7 @@ pub fn run(opts: &PrefOptions) -> Result<PrefSummary> {
         }
     }
     let attached = attach_method(&topts, &model, &mut state, &tok, &mut init_rng)?;
+    super::trainer::apply_compute_dtype(&topts, &mut model, &state);
     super::full::refuse_4bit_trainables(&model, &state, &t.model)?;
     if is_reward {
         // transformers initialises the head with N(0, initializer_range = 0.02)

@@ -97,6 +97,10 @@ pub struct TrainOptions {
     pub prompt_init_text: Option<String>,
     /// Bottleneck adapters.
     pub bottleneck: super::bottleneck::BottleneckConfig,
+    /// `--compute-dtype bf16`: frozen f32 linear weights multiply in bf16 with f32
+    /// accumulation (torch autocast's semantics); adapters, norms, attention and the LM head
+    /// stay f32.
+    pub compute_bf16: bool,
 }
 
 pub struct TrainSummary {
@@ -171,6 +175,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
     let mut state = TrainState::new(model.linears().len());
     let mut init_rng = Rng::new(opts.seed);
     let attached = attach_method(opts, &model, &mut state, &tok, &mut init_rng)?;
+    apply_compute_dtype(opts, &mut model, &state);
     full::refuse_4bit_trainables(&model, &state, &opts.model)?;
     let trainable = state.trainable_count();
     let all = model.config.param_count()
@@ -559,6 +564,20 @@ pub fn attach_method(
         prompt: prompt_cfg,
         bottleneck: bottleneck_cfg,
     })
+}
+
+/// Apply `--compute-dtype`: with bf16, every frozen f32 linear weight gets its bf16 packs
+/// (trainable base weights of full/freeze runs stay f32, since the packs are not refreshed).
+pub(crate) fn apply_compute_dtype(opts: &TrainOptions, model: &mut Model, state: &TrainState) {
+    if !opts.compute_bf16 {
+        return;
+    }
+    let _p = crate::profile::scope("bf16.pack");
+    for (i, l) in model.linears_mut().into_iter().enumerate() {
+        if !state.is_trainable(Slot::LinearWeight(i)) {
+            l.use_bf16();
+        }
+    }
 }
 
 /// Write the run's result: a PEFT adapter (`task_type` as given) or, for full/freeze, a model
