@@ -67,8 +67,9 @@ echo "==> reward model on dpo_en_demo (LoRA r 16 + score head; $RM_STEPS steps o
 PPO_STEPS=${DEMO_PPO_STEPS:-6}
 echo "==> RLHF with PPO against that reward model ($PPO_STEPS steps of 4 prompts x <=32 sampled tokens; LoRA policy, reference = adapter off)"
 "$BIN/ppo-train" --model "$MODEL" --reward-model "$RUNS/demo-rm" --prompts "$DATA/dpo_en_demo.json" \
-  --batch 4 --response-length 32 --max-prompt-len 160 --steps "$PPO_STEPS" --lr 5e-4 --eval-prompts 8 \
+  --batch 4 --response-length 32 --max-prompt-len 160 --steps "$PPO_STEPS" --lr 5e-4 --eval-prompts 16 \
   --seed 1 --out "$RUNS/demo-ppo" --log "$RUNS/demo-ppo.jsonl"
-echo "   (score = the demo reward model's mean score of 8 sampled answers; KL = to the base model)"
+echo "   (score = the demo reward model's mean score of 16 sampled answers, KL = to the base model; the demo"
+echo "    reward model saw only 16 steps, so its scores are weak and a few PPO steps move them little)"
 "$BIN/peft-generate" --model "$MODEL" --adapter "$RUNS/demo-ppo" --prompt "$PROMPT" --max-new-tokens 48 \
   | sed 's/^/PPO policy: /' | head -8
