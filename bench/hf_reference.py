@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 p = argparse.ArgumentParser()
-p.add_argument("task", choices=["eval", "generate", "train", "qlora-train"])
+p.add_argument("task", choices=["eval", "generate", "train", "train-bf16", "qlora-train"])
 p.add_argument("--model", required=True)
 p.add_argument("--data")
 p.add_argument("--threads", type=int, default=2)
@@ -23,6 +23,9 @@ if a.task == "qlora-train":
                              bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, quantization_config=bnb,
                                                  device_map="cpu").eval()
+elif a.task == "train-bf16":
+    # plain PyTorch bf16: bf16 weights and matmuls (PEFT keeps the LoRA tensors f32)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).eval()
 else:
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
 
@@ -35,7 +38,7 @@ if a.task == "eval":
         loss = model(ids, labels=ids).loss.item()
         dt = time.perf_counter() - t
     res = {"tokens": ids.numel(), "seconds": dt, "tokens_per_second": ids.numel() / dt, "loss": loss}
-elif a.task in ("train", "qlora-train"):
+elif a.task in ("train", "train-bf16", "qlora-train"):
     from peft import LoraConfig, get_peft_model
     texts = [json.loads(l)["text"] for l in open(a.data, encoding="utf-8")][:4]
     ids = torch.tensor([tok(t)["input_ids"][: a.max_len] for t in texts])

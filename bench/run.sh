@@ -37,6 +37,15 @@ rm -rf "$OUT/lora" "$OUT/ours_train.log"
 echo "  ours_train: $(cat "$OUT/ours_train.json") rss $(( $(cat "$OUT/ours_train.rss") / 1024 )) MB" >&2
 measure hf_train "$PY" bench/hf_reference.py train --model "$MODEL" --data "$OUT/train.jsonl" --threads "$THREADS"
 
+echo "==> LoRA r16 on q,v, batch 4 x 256, bf16 (ours: --compute-dtype bf16; PyTorch: bf16 model)" >&2
+rm -rf "$OUT/lora_bf16" "$OUT/ours_train_bf16.log"
+/usr/bin/time -f "%M" -o "$OUT/ours_train_bf16.rss" "$BIN/peft-train" --model "$MODEL" --data "$OUT/train.jsonl" --format text \
+  --max-len 256 --batch 4 --steps 4 --rank 16 --alpha 32 --target q_proj,v_proj --lr 2e-4 --schedule constant \
+  --compute-dtype bf16 --threads "$THREADS" --quiet --out "$OUT/lora_bf16" --log "$OUT/ours_train_bf16.log" > /dev/null
+"$PY" bench/steady_tps.py "$OUT/ours_train_bf16.log" > "$OUT/ours_train_bf16.json"
+echo "  ours_train_bf16: $(cat "$OUT/ours_train_bf16.json") rss $(( $(cat "$OUT/ours_train_bf16.rss") / 1024 )) MB" >&2
+measure hf_train_bf16 "$PY" bench/hf_reference.py train-bf16 --model "$MODEL" --data "$OUT/train.jsonl" --threads "$THREADS"
+
 echo "==> QLoRA r16 on q,v over the NF4 base (double quant), batch 4 x 256, f32 compute" >&2
 QMODEL="$OUT/model-nf4"
 [ -f "$QMODEL/config.json" ] || "$BIN/quantize-nf4" --model "$MODEL" --out "$QMODEL" --quiet
@@ -55,11 +64,11 @@ def load(n):
     d = json.loads(open(f"{out}/{n}.json").read().strip().splitlines()[-1])
     d["rss_mb"] = int(open(f"{out}/{n}.rss").read()) / 1024
     return d
-r = {n: load(n) for n in ["ours_eval", "hf_eval", "ours_gen", "hf_gen", "ours_train", "hf_train", "ours_qlora", "hf_qlora"]}
+r = {n: load(n) for n in ["ours_eval", "hf_eval", "ours_gen", "hf_gen", "ours_train", "hf_train", "ours_train_bf16", "hf_train_bf16", "ours_qlora", "hf_qlora"]}
 json.dump(r, open(f"{out}/results.json", "w"), indent=2)
 print("| task | peftkit tokens/s | transformers tokens/s | speed-up | peftkit peak RSS | transformers peak RSS |")
 print("|---|---|---|---|---|---|")
-for task, a, b in [("eval 8x256 (f32)", "ours_eval", "hf_eval"), ("generate 128 greedy (f32)", "ours_gen", "hf_gen"), ("LoRA r16 q,v train 4x256 (f32)", "ours_train", "hf_train"), ("QLoRA r16 q,v train 4x256 (NF4 base, f32 compute)", "ours_qlora", "hf_qlora")]:
+for task, a, b in [("eval 8x256 (f32)", "ours_eval", "hf_eval"), ("generate 128 greedy (f32)", "ours_gen", "hf_gen"), ("LoRA r16 q,v train 4x256 (f32)", "ours_train", "hf_train"), ("LoRA r16 q,v train 4x256 (bf16: ours autocast-style, PyTorch bf16 model)", "ours_train_bf16", "hf_train_bf16"), ("QLoRA r16 q,v train 4x256 (NF4 base, f32 compute)", "ours_qlora", "hf_qlora")]:
     x, y = r[a]["tokens_per_second"], r[b]["tokens_per_second"]
     print(f"| {task} | {x:.1f} | {y:.1f} | {x / y:.2f}x | {r[a]['rss_mb']:.0f} MB | {r[b]['rss_mb']:.0f} MB |")
 q, f = r["ours_qlora"], r["ours_train"]
