@@ -103,15 +103,7 @@ trl() { # run mode
 }
 # With WAIT_FOR set, a run during which other processes took over 5 % of the CPUs is repeated
 # (twice at most).
-measure() { # side run mode
-  local attempt
-  for attempt in 1 2 3; do
-    wait_idle
-    "$@"
-    [ -n "$WAIT_FOR" ] && awk '{ exit !($1 > 0.05) }' "$OUT/$1_$3_$2.others" || break
-    echo "    (others were busy: measuring again)" >&2
-  done
-}
+measure() { measure_quiet "$1_$3_$2" "$@"; } # side run mode
 
 for run in $(seq "$RUNS"); do
   for mode in $MODES; do

@@ -37,3 +37,16 @@ timed() {
   return $rc
 }
 rss_mb() { awk -F': ' '/Maximum resident set size/ { printf "%.0f", $2 / 1024 }' "$1"; }
+
+# Run a command that times itself with `timed NAME ...` after waiting for an idle machine; with
+# WAIT_FOR set, a run during which other processes took over 5 % of the CPUs (NAME.others) is
+# repeated (twice at most).
+measure_quiet() { # NAME command...
+  local name=$1 attempt; shift
+  for attempt in 1 2 3; do
+    wait_idle
+    "$@"
+    [ -n "$WAIT_FOR" ] && awk '{ exit !($1 > 0.05) }' "$OUT/$name.others" || break
+    echo "    (others were busy: measuring again)" >&2
+  done
+}

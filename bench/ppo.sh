@@ -106,15 +106,7 @@ trl() { # run
 }
 # With WAIT_FOR set, a run during which other processes took over 5 % of the CPUs is repeated
 # (twice at most).
-measure() { # side run
-  local attempt
-  for attempt in 1 2 3; do
-    wait_idle
-    "$@"
-    [ -n "$WAIT_FOR" ] && awk '{ exit !($1 > 0.05) }' "$OUT/$1_$2.others" || break
-    echo "    (others were busy: measuring again)" >&2
-  done
-}
+measure() { measure_quiet "$1_$2" "$@"; } # side run
 
 for run in $(seq "$RUNS"); do
   measure ours "$run"

@@ -13,7 +13,7 @@
 //! epochs over mini-batches of the clipped policy and value losses. The formulas and which
 //! TRL generation each default follows are in docs/ppo-train.md.
 
-use super::checkpoint::{self, Progress as CkptProgress};
+use super::checkpoint;
 use super::engine::{Batch, Engine};
 use super::lora;
 use super::optim::clip_grad_norm;
@@ -23,8 +23,8 @@ use super::ppo_objective::{PpoObjective, RolloutEval, RolloutSeq};
 use super::prompts::{load_prompts, Prompt, PromptOptions};
 use super::rollout::{sample_responses, Response};
 use super::trainer::{
-    attach_method, next_window, save_checkpoint, save_output, split_validation, write_log, Method,
-    TrainOptions,
+    attach_method, next_window, prepare_output, save_checkpoint, save_output, split_validation,
+    start_progress, stop_on_ctrl_c, write_log, Method, TrainOptions,
 };
 use crate::error::{Error, Result};
 use crate::generate::SamplingParams;
@@ -35,8 +35,7 @@ use crate::rng::Rng;
 use crate::tokenizer::TextTokenizer;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 /// PPO's settings (the model, prompts, adapter, optimizer, batch = prompts per step, steps,
 /// checkpoints and logging come from `train`).
@@ -643,14 +642,7 @@ pub fn run(o: &PpoOptions) -> Result<PpoSummary> {
         adaptive: o.adaptive_kl,
     };
     let mut sample_rng = Rng::new(t.seed.wrapping_add(2));
-    let mut prog = CkptProgress {
-        step: 0,
-        epoch: 0,
-        batch_in_epoch: 0,
-        rng: Rng::new(t.seed.wrapping_add(1)).state(),
-        tokens: 0,
-        extra: None,
-    };
+    let mut prog = start_progress(t.seed);
     if let Some(r) = &t.resume {
         let dir = checkpoint::resolve(r)?;
         prog = checkpoint::load(&dir, &mut model, &mut state)?;
@@ -674,23 +666,12 @@ pub fn run(o: &PpoOptions) -> Result<PpoSummary> {
         }
         eprintln!("resumed from {} at step {}", dir.display(), prog.step);
     }
-    crate::io::atomic::refuse_overwriting_inputs(&t.out, &[&t.model, &t.data, &o.reward_model])?;
-    std::fs::create_dir_all(&t.out).map_err(|e| Error::io(&t.out, e))?;
-    let mut log = match &t.log {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| Error::io(p, e))?,
-        ),
-        None => None,
-    };
-    let stop_flag = Arc::new(AtomicBool::new(false));
-    {
-        let s = stop_flag.clone();
-        let _ = ctrlc::set_handler(move || s.store(true, Ordering::SeqCst));
-    }
+    let mut log = prepare_output(
+        &t.out,
+        &[&t.model, &t.data, &o.reward_model],
+        t.log.as_deref(),
+    )?;
+    let stop_flag = stop_on_ctrl_c();
     let eval_ids: Vec<&[u32]> = eval_set.iter().map(|p| p.ids.as_slice()).collect();
     let before = if prog.step == 0 {
         let e = evaluate(

@@ -3,15 +3,15 @@
 //! accuracy, JSONL metrics, checkpoints and resume, and the output (a PEFT adapter or a model
 //! folder). Methods attach exactly as in peft-train ([`super::trainer::attach_method`]).
 
-use super::checkpoint::{self, Progress as CkptProgress};
+use super::checkpoint;
 use super::engine::{Batch, Engine};
 use super::optim::clip_grad_norm;
 use super::pairs::{load_pairs, Pair, PairOptions};
 use super::params::{ParamState, Slot, TrainState};
 use super::preference::{DpoLoss, DpoObjective, RewardLoss, SeqLogprobs};
 use super::trainer::{
-    attach_method, next_window, save_checkpoint, save_output, split_validation, write_log, Method,
-    TrainOptions,
+    attach_method, next_window, prepare_output, save_checkpoint, save_output, split_validation,
+    start_progress, stop_on_ctrl_c, write_log, Method, TrainOptions,
 };
 use crate::error::{Error, Result};
 use crate::kernels::gemm;
@@ -20,8 +20,7 @@ use crate::progress::Progress;
 use crate::rng::Rng;
 use crate::tokenizer::TextTokenizer;
 use serde_json::json;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 #[derive(Clone, Debug)]
 pub enum PrefTask {
@@ -281,14 +280,7 @@ pub fn run(opts: &PrefOptions) -> Result<PrefSummary> {
         .steps
         .unwrap_or(((steps_per_epoch as f64) * t.epochs).ceil() as u64)
         .max(1);
-    let mut prog = CkptProgress {
-        step: 0,
-        epoch: 0,
-        batch_in_epoch: 0,
-        rng: Rng::new(t.seed.wrapping_add(1)).state(),
-        tokens: 0,
-        extra: None,
-    };
+    let mut prog = start_progress(t.seed);
     if let Some(r) = &t.resume {
         let dir = checkpoint::resolve(r)?;
         prog = checkpoint::load(&dir, &mut model, &mut state)?;
@@ -297,27 +289,12 @@ pub fn run(opts: &PrefOptions) -> Result<PrefSummary> {
             head_pack.repack(model.head_weight(), model.config.vocab, model.config.hidden);
         }
     }
-    crate::io::atomic::refuse_overwriting_inputs(&t.out, &[&t.model, &t.data])?;
-    std::fs::create_dir_all(&t.out).map_err(|e| Error::io(&t.out, e))?;
-    let mut log = match &t.log {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| Error::io(p, e))?,
-        ),
-        None => None,
-    };
+    let mut log = prepare_output(&t.out, &[&t.model, &t.data], t.log.as_deref())?;
     write_log(
         &mut log,
         json!({"data": {"pairs": stats.pairs, "records": stats.records, "truncated": stats.truncated, "dropped_long": stats.dropped_long, "dropped_empty": stats.dropped_empty, "skipped_bad_lines": stats.skipped_bad_lines, "val_pairs": val.len()}}),
     )?;
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
-    }
+    let stop = stop_on_ctrl_c();
 
     let evaluate =
         |model: &Model, state: &TrainState, head: &gemm::PackedWeight| -> Result<Option<Metrics>> {

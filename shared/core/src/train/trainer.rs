@@ -224,14 +224,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
         });
     }
 
-    let mut prog = CkptProgress {
-        step: 0,
-        epoch: 0,
-        batch_in_epoch: 0,
-        rng: Rng::new(opts.seed.wrapping_add(1)).state(),
-        tokens: 0,
-        extra: None,
-    };
+    let mut prog = start_progress(opts.seed);
     if let Some(r) = &opts.resume {
         let dir = checkpoint::resolve(r)?;
         prog = checkpoint::load(&dir, &mut model, &mut state)?;
@@ -239,30 +232,13 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
     }
     // Refuse before creating anything: `--out` naming the data file must not fail on
     // create_dir_all with a confusing I/O error, and must leave nothing behind.
-    crate::io::atomic::refuse_overwriting_inputs(&opts.out, &[&opts.model, &opts.data])?;
-    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
-    let mut log = match &opts.log {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| Error::io(p, e))?,
-        ),
-        None => None,
-    };
-    let stop = Arc::new(AtomicBool::new(false));
+    let mut log = prepare_output(&opts.out, &[&opts.model, &opts.data], opts.log.as_deref())?;
+    let stop = stop_on_ctrl_c();
     // Test hook (undocumented for users): behave as if Ctrl-C arrived during step N, so that
     // the interrupt-and-resume path can be tested without racing a signal against the loop.
     let stop_after: Option<u64> = std::env::var("PEFTKIT_STOP_AFTER_STEP")
         .ok()
         .and_then(|s| s.trim().parse().ok());
-    {
-        let stop = stop.clone();
-        // A second Ctrl-C while saving falls through to the default (the checkpoint on disk
-        // stays whole either way: it is written to a temporary name first).
-        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
-    }
 
     // The LM head packed for the loss's forward product: once per run when the head is
     // frozen, again after each optimizer step when it trains.
@@ -679,6 +655,48 @@ pub(crate) fn save_checkpoint(
         let _ = std::fs::remove_dir_all(old);
     }
     Ok(())
+}
+
+/// Progress of a run that starts at step 0 (the dropout RNG seeded from `seed`).
+pub(crate) fn start_progress(seed: u64) -> CkptProgress {
+    CkptProgress {
+        step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        rng: Rng::new(seed.wrapping_add(1)).state(),
+        tokens: 0,
+        extra: None,
+    }
+}
+
+/// Refuse an output that would overwrite an input (before creating anything, so that `--out`
+/// naming an input leaves nothing behind), create the output folder and open the JSONL log for
+/// appending.
+pub(crate) fn prepare_output(
+    out: &Path,
+    inputs: &[&Path],
+    log: Option<&Path>,
+) -> Result<Option<std::fs::File>> {
+    crate::io::atomic::refuse_overwriting_inputs(out, inputs)?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    log.map(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| Error::io(p, e))
+    })
+    .transpose()
+}
+
+/// A flag that Ctrl-C sets: the loops save a checkpoint and stop at the end of the step. A
+/// second Ctrl-C while saving falls through to the default (the checkpoint on disk stays whole
+/// either way: it is written to a temporary name first).
+pub(crate) fn stop_on_ctrl_c() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let _ = ctrlc::set_handler(move || s.store(true, Ordering::SeqCst));
+    stop
 }
 
 pub(crate) fn write_log(log: &mut Option<std::fs::File>, v: serde_json::Value) -> Result<()> {
