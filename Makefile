@@ -8,7 +8,7 @@ MODEL    ?= models/smollm2
 VENV     ?= $(HOME)/.cache/peftkit/venv
 PYTHON   ?= python3
 
-.PHONY: help build test lint demo model data bench bench-methods venv fixtures clean
+.PHONY: help build test lint demo model data bench bench-methods venv fixtures clean completions fuzz
 
 help:
 	@echo "make demo      fetch SmolLM2-135M-Instruct, import it, answer a question (no GPU)"
@@ -17,6 +17,8 @@ help:
 	@echo "make bench     benchmarks side by side with transformers (needs the Python venv)"
 	@echo "make bench-methods  every training method on the same data: params, speed, memory, loss"
 	@echo "make fixtures  regenerate the committed test fixtures (needs the Python venv)"
+	@echo "make completions  shell completions (target/completions) and man pages (target/man/man1)"
+	@echo "make fuzz      every fuzz target for FUZZ_SECONDS (default 600) each (installs cargo-fuzz)"
 
 build:
 	$(CARGO) build --release --bins
@@ -68,6 +70,16 @@ fixtures: venv build
 	$(VENV)/bin/python tests/fixtures/generate_interop.py
 	$(VENV)/bin/python tests/fixtures/generate_nf4.py
 	$(VENV)/bin/python tests/fixtures/generate_qlora.py
+
+completions: build
+	bash scripts/gen-completions.sh $(BIN)
+
+# Fuzzing (issue 10): every cargo-fuzz target in fuzz/ for FUZZ_SECONDS seconds each, one after
+# another. Needs a C++ compiler (libFuzzer); installs cargo-fuzz if missing; works on a stable
+# toolchain (RUSTC_BOOTSTRAP=1, see fuzz/run.sh and docs/reliability-fuzzing.md).
+FUZZ_SECONDS ?= 600
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) bash fuzz/run.sh
 
 clean:
 	$(CARGO) clean

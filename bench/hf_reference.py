@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 p = argparse.ArgumentParser()
-p.add_argument("task", choices=["eval", "generate", "train", "train-bf16", "qlora-train"])
+p.add_argument("task", choices=["eval", "generate", "train", "train-bf16", "qlora-train", "qlora-train-bf16"])
 p.add_argument("--model", required=True)
 p.add_argument("--data")
 p.add_argument("--threads", type=int, default=2)
@@ -16,12 +16,14 @@ p.add_argument("--steps", type=int, default=4)
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 tok = AutoTokenizer.from_pretrained(a.model)
-if a.task == "qlora-train":
-    # QLoRA recipe on CPU: NF4 + double quantization, f32 compute (bitsandbytes' CPU backend).
+if a.task in ("qlora-train", "qlora-train-bf16"):
+    # QLoRA recipe on CPU: NF4 + double quantization (bitsandbytes' CPU backend), f32 compute, or
+    # the paper's bf16 compute with the rest of the model in bf16.
     from transformers import BitsAndBytesConfig
+    dt = torch.bfloat16 if a.task == "qlora-train-bf16" else torch.float32
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, quantization_config=bnb,
+                             bnb_4bit_compute_dtype=dt)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dt, quantization_config=bnb,
                                                  device_map="cpu").eval()
 elif a.task == "train-bf16":
     # plain PyTorch bf16: bf16 weights and matmuls (PEFT keeps the LoRA tensors f32)
@@ -38,7 +40,7 @@ if a.task == "eval":
         loss = model(ids, labels=ids).loss.item()
         dt = time.perf_counter() - t
     res = {"tokens": ids.numel(), "seconds": dt, "tokens_per_second": ids.numel() / dt, "loss": loss}
-elif a.task in ("train", "train-bf16", "qlora-train"):
+elif a.task in ("train", "train-bf16", "qlora-train", "qlora-train-bf16"):
     from peft import LoraConfig, get_peft_model
     texts = [json.loads(l)["text"] for l in open(a.data, encoding="utf-8")][:4]
     ids = torch.tensor([tok(t)["input_ids"][: a.max_len] for t in texts])

@@ -18,44 +18,59 @@ measure() { # name, command...
   echo "  $name: $(cat "$OUT/$name.json" | head -c 200) rss $(( $(cat "$OUT/$name.rss") / 1024 )) MB" >&2
 }
 
+# SECTIONS picks rows (default: all); e.g. SECTIONS="train_bf16 qlora_bf16" make bench.
+SECTIONS=${SECTIONS:-eval gen train train_bf16 qlora qlora_bf16}
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+
+# Our side of a LoRA r16 q,v training row: 4 steps of 4 x 256 on $OUT/train.jsonl, steady-state
+# tokens/s (after the first step, as transformers' number leaves its warm-up step out).
+ours_train() { # name, model, extra peft-train options...
+  local name=$1 model=$2; shift 2
+  rm -rf "$OUT/$name" "$OUT/$name.log"
+  /usr/bin/time -f "%M" -o "$OUT/$name.rss" "$BIN/peft-train" --model "$model" --data "$OUT/train.jsonl" --format text \
+    --max-len 256 --batch 4 --steps 4 --rank 16 --alpha 32 --target q_proj,v_proj --lr 2e-4 --schedule constant \
+    --threads "$THREADS" --quiet --out "$OUT/$name" --log "$OUT/$name.log" "$@" > /dev/null
+  "$PY" bench/steady_tps.py "$OUT/$name.log" > "$OUT/$name.json"
+  echo "  $name: $(cat "$OUT/$name.json") rss $(( $(cat "$OUT/$name.rss") / 1024 )) MB" >&2
+}
+
 PROMPT="Write a short story about a lighthouse keeper."
-echo "==> peft-eval vs transformers (8 x 256 tokens, $THREADS threads)" >&2
-measure ours_eval "$BIN/peft-eval" --model "$MODEL" --data "$OUT/eval.jsonl" --max-len 256 --threads "$THREADS" --json --quiet
-measure hf_eval "$PY" bench/hf_reference.py eval --model "$MODEL" --data "$OUT/eval.jsonl" --threads "$THREADS"
-echo "==> generation, greedy, 128 new tokens" >&2
-measure ours_gen "$BIN/peft-generate" --model "$MODEL" --chat --prompt "$PROMPT" --max-new-tokens 128 --ignore-eos --threads "$THREADS" --json
-measure hf_gen "$PY" bench/hf_reference.py generate --model "$MODEL" --threads "$THREADS"
+if want eval; then
+  echo "==> peft-eval vs transformers (8 x 256 tokens, $THREADS threads)" >&2
+  measure ours_eval "$BIN/peft-eval" --model "$MODEL" --data "$OUT/eval.jsonl" --max-len 256 --threads "$THREADS" --json --quiet
+  measure hf_eval "$PY" bench/hf_reference.py eval --model "$MODEL" --data "$OUT/eval.jsonl" --threads "$THREADS"
+fi
+if want gen; then
+  echo "==> generation, greedy, 128 new tokens" >&2
+  measure ours_gen "$BIN/peft-generate" --model "$MODEL" --chat --prompt "$PROMPT" --max-new-tokens 128 --ignore-eos --threads "$THREADS" --json
+  measure hf_gen "$PY" bench/hf_reference.py generate --model "$MODEL" --threads "$THREADS"
+fi
 
-echo "==> LoRA r16 on q,v, batch 4 x 256, f32" >&2
 head -n 4 "$OUT/eval.jsonl" > "$OUT/train.jsonl"
-rm -rf "$OUT/lora" "$OUT/ours_train.log"
-/usr/bin/time -f "%M" -o "$OUT/ours_train.rss" "$BIN/peft-train" --model "$MODEL" --data "$OUT/train.jsonl" --format text \
-  --max-len 256 --batch 4 --steps 4 --rank 16 --alpha 32 --target q_proj,v_proj --lr 2e-4 --schedule constant \
-  --threads "$THREADS" --quiet --out "$OUT/lora" --log "$OUT/ours_train.log" > /dev/null
-# tokens/s after the first step, as transformers' number leaves its first (warm-up) step out
-"$PY" bench/steady_tps.py "$OUT/ours_train.log" > "$OUT/ours_train.json"
-echo "  ours_train: $(cat "$OUT/ours_train.json") rss $(( $(cat "$OUT/ours_train.rss") / 1024 )) MB" >&2
-measure hf_train "$PY" bench/hf_reference.py train --model "$MODEL" --data "$OUT/train.jsonl" --threads "$THREADS"
-
-echo "==> LoRA r16 on q,v, batch 4 x 256, bf16 (ours: --compute-dtype bf16; PyTorch: bf16 model)" >&2
-rm -rf "$OUT/lora_bf16" "$OUT/ours_train_bf16.log"
-/usr/bin/time -f "%M" -o "$OUT/ours_train_bf16.rss" "$BIN/peft-train" --model "$MODEL" --data "$OUT/train.jsonl" --format text \
-  --max-len 256 --batch 4 --steps 4 --rank 16 --alpha 32 --target q_proj,v_proj --lr 2e-4 --schedule constant \
-  --compute-dtype bf16 --threads "$THREADS" --quiet --out "$OUT/lora_bf16" --log "$OUT/ours_train_bf16.log" > /dev/null
-"$PY" bench/steady_tps.py "$OUT/ours_train_bf16.log" > "$OUT/ours_train_bf16.json"
-echo "  ours_train_bf16: $(cat "$OUT/ours_train_bf16.json") rss $(( $(cat "$OUT/ours_train_bf16.rss") / 1024 )) MB" >&2
-measure hf_train_bf16 "$PY" bench/hf_reference.py train-bf16 --model "$MODEL" --data "$OUT/train.jsonl" --threads "$THREADS"
-
-echo "==> QLoRA r16 on q,v over the NF4 base (double quant), batch 4 x 256, f32 compute" >&2
+if want train; then
+  echo "==> LoRA r16 on q,v, batch 4 x 256, f32" >&2
+  ours_train ours_train "$MODEL"
+  measure hf_train "$PY" bench/hf_reference.py train --model "$MODEL" --data "$OUT/train.jsonl" --threads "$THREADS"
+fi
+if want train_bf16; then
+  echo "==> LoRA r16 on q,v, batch 4 x 256, bf16 (ours: --compute-dtype bf16; PyTorch: bf16 model)" >&2
+  ours_train ours_train_bf16 "$MODEL" --compute-dtype bf16
+  measure hf_train_bf16 "$PY" bench/hf_reference.py train-bf16 --model "$MODEL" --data "$OUT/train.jsonl" --threads "$THREADS"
+fi
 QMODEL="$OUT/model-nf4"
-[ -f "$QMODEL/config.json" ] || "$BIN/quantize-nf4" --model "$MODEL" --out "$QMODEL" --quiet
-rm -rf "$OUT/qlora" "$OUT/ours_qlora.log"
-/usr/bin/time -f "%M" -o "$OUT/ours_qlora.rss" "$BIN/peft-train" --model "$QMODEL" --data "$OUT/train.jsonl" --format text \
-  --max-len 256 --batch 4 --steps 4 --rank 16 --alpha 32 --target q_proj,v_proj --lr 2e-4 --schedule constant \
-  --threads "$THREADS" --quiet --out "$OUT/qlora" --log "$OUT/ours_qlora.log" > /dev/null
-"$PY" bench/steady_tps.py "$OUT/ours_qlora.log" > "$OUT/ours_qlora.json"
-echo "  ours_qlora: $(cat "$OUT/ours_qlora.json") rss $(( $(cat "$OUT/ours_qlora.rss") / 1024 )) MB" >&2
-measure hf_qlora "$PY" bench/hf_reference.py qlora-train --model "$MODEL" --data "$OUT/train.jsonl" --threads "$THREADS"
+if want qlora || want qlora_bf16; then
+  [ -f "$QMODEL/config.json" ] || "$BIN/quantize-nf4" --model "$MODEL" --out "$QMODEL" --quiet
+fi
+if want qlora; then
+  echo "==> QLoRA r16 on q,v over the NF4 base (double quant), batch 4 x 256, f32 compute" >&2
+  ours_train ours_qlora "$QMODEL"
+  measure hf_qlora "$PY" bench/hf_reference.py qlora-train --model "$MODEL" --data "$OUT/train.jsonl" --threads "$THREADS"
+fi
+if want qlora_bf16; then
+  echo "==> QLoRA r16 on q,v over the NF4 base, batch 4 x 256, bf16 compute (bnb_4bit_compute_dtype=bf16)" >&2
+  ours_train ours_qlora_bf16 "$QMODEL" --compute-dtype bf16
+  measure hf_qlora_bf16 "$PY" bench/hf_reference.py qlora-train-bf16 --model "$MODEL" --data "$OUT/train.jsonl" --threads "$THREADS"
+fi
 
 "$PY" - "$OUT" <<'PY'
 import json, sys, platform, os
@@ -64,14 +79,25 @@ def load(n):
     d = json.loads(open(f"{out}/{n}.json").read().strip().splitlines()[-1])
     d["rss_mb"] = int(open(f"{out}/{n}.rss").read()) / 1024
     return d
-r = {n: load(n) for n in ["ours_eval", "hf_eval", "ours_gen", "hf_gen", "ours_train", "hf_train", "ours_train_bf16", "hf_train_bf16", "ours_qlora", "hf_qlora"]}
+import glob
+names = [os.path.basename(p)[:-5] for p in glob.glob(f"{out}/*.json") if os.path.exists(p[:-5] + ".rss")]
+r = {n: load(n) for n in names}
 json.dump(r, open(f"{out}/results.json", "w"), indent=2)
 print("| task | peftkit tokens/s | transformers tokens/s | speed-up | peftkit peak RSS | transformers peak RSS |")
 print("|---|---|---|---|---|---|")
-for task, a, b in [("eval 8x256 (f32)", "ours_eval", "hf_eval"), ("generate 128 greedy (f32)", "ours_gen", "hf_gen"), ("LoRA r16 q,v train 4x256 (f32)", "ours_train", "hf_train"), ("LoRA r16 q,v train 4x256 (bf16: ours autocast-style, PyTorch bf16 model)", "ours_train_bf16", "hf_train_bf16"), ("QLoRA r16 q,v train 4x256 (NF4 base, f32 compute)", "ours_qlora", "hf_qlora")]:
-    x, y = r[a]["tokens_per_second"], r[b]["tokens_per_second"]
-    print(f"| {task} | {x:.1f} | {y:.1f} | {x / y:.2f}x | {r[a]['rss_mb']:.0f} MB | {r[b]['rss_mb']:.0f} MB |")
-q, f = r["ours_qlora"], r["ours_train"]
-print(f"\nQLoRA vs our f32 LoRA: {q['tokens_per_second'] / f['tokens_per_second']:.2f}x tokens/s, peak RSS {q['rss_mb']:.0f} vs {f['rss_mb']:.0f} MB")
-print(f"\nloss: peftkit {r['ours_eval']['loss']:.5f}, transformers {r['hf_eval']['loss']:.5f}")
+rows = [("eval 8x256 (f32)", "ours_eval", "hf_eval"),
+        ("generate 128 greedy (f32)", "ours_gen", "hf_gen"),
+        ("LoRA r16 q,v train 4x256 (f32)", "ours_train", "hf_train"),
+        ("LoRA r16 q,v train 4x256 (bf16: ours autocast-style, PyTorch bf16 model)", "ours_train_bf16", "hf_train_bf16"),
+        ("QLoRA r16 q,v train 4x256 (NF4 base, f32 compute)", "ours_qlora", "hf_qlora"),
+        ("QLoRA r16 q,v train 4x256 (NF4 base, bf16 compute)", "ours_qlora_bf16", "hf_qlora_bf16")]
+for task, a, b in rows:
+    if a in r and b in r:
+        x, y = r[a]["tokens_per_second"], r[b]["tokens_per_second"]
+        print(f"| {task} | {x:.1f} | {y:.1f} | {x / y:.2f}x | {r[a]['rss_mb']:.0f} MB | {r[b]['rss_mb']:.0f} MB |")
+if "ours_qlora" in r and "ours_train" in r:
+    q, f = r["ours_qlora"], r["ours_train"]
+    print(f"\nQLoRA vs our f32 LoRA: {q['tokens_per_second'] / f['tokens_per_second']:.2f}x tokens/s, peak RSS {q['rss_mb']:.0f} vs {f['rss_mb']:.0f} MB")
+if "ours_eval" in r and "hf_eval" in r:
+    print(f"\nloss: peftkit {r['ours_eval']['loss']:.5f}, transformers {r['hf_eval']['loss']:.5f}")
 PY

@@ -34,7 +34,7 @@ echo "==> QLoRA instruction tuning on the 4-bit base (r 16 on q,v; $STEPS steps 
 "$BIN/peft-train" --model "$QMODEL" --data "$DATA/alpaca_demo_400.json" --format alpaca \
   --method lora --rank 16 --alpha 32 --lr 1e-3 --schedule cosine --warmup 2 \
   --steps "$STEPS" --batch 4 --max-len 256 --val-split 0.05 --seed 1 \
-  --out "$RUNS/demo-lora" --log "$RUNS/demo-lora.jsonl"
+  --out "$RUNS/demo-lora" --log "$RUNS/demo-lora.jsonl" --plot "$RUNS/demo-lora.png"
 
 PROMPT=$("$PYTHON" -c "print('Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nGive three tips for staying healthy.\n\n### Response:')")
 echo "==> the same prompt without and with the adapter"

@@ -218,7 +218,6 @@ fn a_short_training_run_lowers_the_loss() {
                 "constant",
                 "--val-data",
                 data.to_str().unwrap(),
-                "--quiet",
                 "--out",
                 out.to_str().unwrap(),
             ],

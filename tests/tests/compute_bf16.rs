@@ -8,8 +8,16 @@ use std::path::Path;
 use std::process::Command;
 
 fn losses(dtype: &str, path: Option<&str>, out: &Path) -> Vec<f64> {
+    losses_of(
+        &fixtures().join("models").join("llama_gqa"),
+        dtype,
+        path,
+        out,
+    )
+}
+
+fn losses_of(model: &Path, dtype: &str, path: Option<&str>, out: &Path) -> Vec<f64> {
     let log = out.with_extension("jsonl");
-    let model = fixtures().join("models").join("llama_gqa");
     let data = fixtures().join("data").join("alpaca.json");
     let mut cmd = Command::new(peftkit_tests::bin("peft-train"));
     cmd.args([
@@ -49,6 +57,34 @@ fn losses(dtype: &str, path: Option<&str>, out: &Path) -> Vec<f64> {
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .filter_map(|v| v.get("loss").and_then(Value::as_f64))
         .collect()
+}
+
+/// The curves agree to bf16 precision and are not bit-identical (the bf16 path ran).
+fn assert_close_not_equal(name: &str, f32_curve: &[f64], bf: &[f64]) {
+    assert_eq!(bf.len(), f32_curve.len());
+    for (a, b) in f32_curve.iter().zip(bf) {
+        assert!(
+            (a - b).abs() <= 1e-2 * a.abs(),
+            "{name}: f32 {a} vs bf16 {b}"
+        );
+    }
+    assert!(
+        f32_curve.iter().zip(bf).any(|(a, b)| a != b),
+        "{name}: bf16 losses equal f32 ones bit for bit: path unused?"
+    );
+}
+
+/// QLoRA: the 4-bit base decodes into bf16 panels per product.
+#[test]
+fn qlora_bf16_compute_follows_the_f32_loss_curve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures().join("qlora").join("llama_gqa-nf4");
+    let f32_curve = losses_of(&model, "f32", None, &tmp.path().join("f32"));
+    assert_eq!(f32_curve.len(), 12);
+    for (name, path) in [("best", None), ("fallback", Some("fallback"))] {
+        let bf = losses_of(&model, "bf16", path, &tmp.path().join(name));
+        assert_close_not_equal(name, &f32_curve, &bf);
+    }
 }
 
 #[test]

@@ -135,7 +135,6 @@ fn ia3_training_writes_a_peft_adapter() {
             "0.01",
             "--val-data",
             data.to_str().unwrap(),
-            "--quiet",
             "--out",
             out.to_str().unwrap(),
         ],

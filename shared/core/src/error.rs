@@ -36,6 +36,11 @@ impl Error {
     }
 
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        // `read_to_string` reports a file that is not UTF-8 as an I/O error (InvalidData), but
+        // the file system did its job: the contents are wrong (exit 3, not 4).
+        if source.kind() == std::io::ErrorKind::InvalidData {
+            return Error::bad_input(path, format!("not valid UTF-8 text ({source})"));
+        }
         Error::Io {
             path: path.as_ref().to_path_buf(),
             source,

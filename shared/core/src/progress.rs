@@ -1,4 +1,5 @@
-//! Progress bars on stderr (indicatif), off when stderr is not a terminal, with --quiet, or
+//! Progress bars on stderr (indicatif), off when stderr is not a terminal, with --quiet (the
+//! tool's own flag or the process-wide [`crate::cli::quiet`]), or
 //! when PEFTKIT_NO_PROGRESS is set (tests).
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -12,6 +13,7 @@ pub struct Progress {
 impl Progress {
     pub fn new(quiet: bool) -> Self {
         let enabled = !quiet
+            && !crate::cli::quiet()
             && std::env::var_os("PEFTKIT_NO_PROGRESS").is_none()
             && std::io::stderr().is_terminal();
         Self { enabled }

@@ -1,7 +1,8 @@
-//! The training options shared by peft-train, rm-train and dpo-train: one clap argument group
-//! (flattened into each tool's own parser), `--config FILE` expansion, and the conversion into
-//! the core's [`TrainOptions`].
+//! The training options shared by peft-train, rm-train, dpo-train and ppo-train: one clap
+//! argument group (flattened into each tool's own parser), `--config FILE` expansion, the
+//! conversion into the core's [`TrainOptions`], and `--plot` / `--plot-log` (the run's curves).
 
+use peftkit_core::cli::{self, Verbosity};
 use peftkit_core::model::QuantizeOnLoad;
 use peftkit_core::train::bottleneck::{Activation, BottleneckConfig, Variant};
 use peftkit_core::train::data::{DataFormat, DataOptions};
@@ -12,7 +13,7 @@ use peftkit_core::train::prefix::PrefixConfig;
 use peftkit_core::train::trainer::{Method, TrainOptions};
 use peftkit_core::{Error, Result};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct TrainArgs {
@@ -107,6 +108,15 @@ pub struct TrainArgs {
     /// JSON Lines metrics log
     #[arg(long)]
     pub log: Option<PathBuf>,
+    /// Draw the run's curves (loss, eval loss, lr; reward accuracy and margin; PPO score, KL)
+    /// into FILE.png or FILE.svg at the end of the run, from --log (without --log the log is
+    /// written to OUT/metrics.jsonl)
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+    /// Only draw an existing metrics log into --plot FILE and exit (no training; takes no
+    /// other option)
+    #[arg(long, value_name = "LOG", requires = "plot")]
+    pub plot_log: Option<PathBuf>,
     /// Print the memory and time plan and exit
     #[arg(long)]
     pub plan: bool,
@@ -157,10 +167,92 @@ pub struct TrainArgs {
     /// autocast; AMX or AVX-512 BF16 when the CPU has them); adapters and the loss stay f32
     #[arg(long, default_value = "f32")]
     pub compute_dtype: String,
+    /// Worker threads (0 = one per core)
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    #[arg(long, short)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub verbosity: Verbosity,
+}
+
+/// The command line of a training tool `A`: the hidden `--completions SHELL` / `--man`
+/// answered (the process exits), `--config FILE` expanded.
+pub fn command_line<A: clap::CommandFactory>() -> Result<Vec<String>> {
+    let argv: Vec<String> = std::env::args().collect();
+    cli::meta::handle::<A>(&argv);
+    with_config_file(argv)
+}
+
+/// `TOOL --plot-log LOG --plot FILE`: draw an existing metrics log and nothing else. Returns
+/// whether `argv` asked for it (the chart is then written).
+pub fn plot_log_only(tool: &'static str, argv: &[String]) -> Result<bool> {
+    if !argv
+        .iter()
+        .skip(1)
+        .any(|a| a == "--plot-log" || a.starts_with("--plot-log="))
+    {
+        return Ok(false);
+    }
+    use clap::{Arg, Args, FromArgMatches};
+    let cmd = clap::Command::new(tool)
+        .about("Draw an existing metrics log (--log of a run) into a PNG or SVG chart")
+        .arg(
+            Arg::new("plot_log")
+                .long("plot-log")
+                .value_name("LOG")
+                .required(true)
+                .value_parser(clap::value_parser!(PathBuf)),
+        )
+        .arg(
+            Arg::new("plot")
+                .long("plot")
+                .value_name("FILE")
+                .required(true)
+                .value_parser(clap::value_parser!(PathBuf)),
+        );
+    let m = Verbosity::augment_args(cmd)
+        .try_get_matches_from(argv)
+        .unwrap_or_else(|e| e.exit());
+    Verbosity::from_arg_matches(&m)
+        .unwrap_or_else(|e| e.exit())
+        .apply();
+    let log = m.get_one::<PathBuf>("plot_log").expect("required");
+    let out = m.get_one::<PathBuf>("plot").expect("required");
+    let title = format!("{tool}: {}", log.display());
+    let s = peftkit_core::train::plot::plot_log(log, out, &title)?;
+    report_plot(out, &s);
+    Ok(true)
+}
+
+fn report_plot(out: &Path, s: &peftkit_core::train::plot::PlotSummary) {
+    cli::info(format!("plot: {} ({})", out.display(), s.panels.join(", ")));
+    cli::detail(format!(
+        "plot: series {} ({} points)",
+        s.series.join(", "),
+        s.points
+    ));
+}
+
+/// After a run: draw `--plot` from the run's log (also after an interrupted or failed run,
+/// from what was logged). A chart that cannot be drawn is a warning, not a failed run: the
+/// trained output is complete either way.
+pub fn plot_after_run<T>(
+    tool: &str,
+    a: &TrainArgs,
+    opts: &TrainOptions,
+    run: Result<T>,
+) -> Result<T> {
+    let (Some(out), Some(log)) = (&a.plot, &opts.log) else {
+        return run;
+    };
+    if a.plan || a.check_data.is_some() || !log.is_file() {
+        return run;
+    }
+    let title = format!("{tool} ({}) {}", a.method, opts.out.display());
+    match peftkit_core::train::plot::plot_log(log, out, &title) {
+        Ok(s) => report_plot(out, &s),
+        Err(e) => cli::warn(format!("--plot: {e}")),
+    }
+    run
 }
 
 /// Expand `--config FILE` into command-line options placed before the user's own, so that
@@ -261,8 +353,22 @@ fn parse_pattern<T: std::str::FromStr>(
 
 /// The training options these arguments describe.
 pub fn to_options(a: &TrainArgs) -> Result<TrainOptions> {
+    if let Some(p) = &a.plot {
+        peftkit_core::train::plot::check_path(p)?;
+    }
     if a.rank == 0 {
         return Err(Error::usage("--rank must be at least 1"));
+    }
+    // Zero would silently mean one before; say so instead.
+    for (flag, v) in [
+        ("--batch", a.batch),
+        ("--grad-accum", a.grad_accum),
+        ("--max-len", a.max_len),
+        ("--reduction-factor", a.reduction_factor),
+    ] {
+        if v == 0 {
+            return Err(Error::usage(format!("{flag} must be at least 1")));
+        }
     }
     if !(0.0..1.0).contains(&a.dropout) {
         return Err(Error::usage("--dropout must be in [0, 1)"));
@@ -324,10 +430,14 @@ pub fn to_options(a: &TrainArgs) -> Result<TrainOptions> {
         eval_every: a.eval_every,
         save_every: a.save_every,
         resume: a.resume.clone(),
-        log: a.log.clone(),
+        log: match (&a.log, &a.plot) {
+            (Some(l), _) => Some(l.clone()),
+            (None, Some(_)) => Some(a.out.join("metrics.jsonl")),
+            (None, None) => None,
+        },
         plan: a.plan,
         check_data: a.check_data,
-        quiet: a.quiet,
+        quiet: a.verbosity.quiet,
         quantize: quantize_option(a)?,
         compute_bf16: match a.compute_dtype.as_str() {
             "f32" | "float32" => false,

@@ -2,10 +2,11 @@
 //! check an adapter against its base model, compare two adapters, plot ‖ΔW‖ per layer.
 
 use clap::Parser;
+use peftkit_core::cli;
 use peftkit_core::inspect::{run, Options};
 use std::path::PathBuf;
 
-#[derive(Parser)]
+#[derive(Parser, Debug)]
 #[command(
     name = "adapter-inspect",
     version,
@@ -25,8 +26,8 @@ use std::path::PathBuf;
         SVD); dense dW is formed only for --diff's sign conflicts, one module at a time. \
         num.rank counts singular values above 1e-3 x the largest; eff.rank is exp of the \
         entropy of sigma/sum(sigma). --base problem codes: missing_prefix, missing_module, \
-        shape_mismatch, unknown_tensor, unmatched_target (errors unless other targets match), \
-        gguf_incompatible, untrained_target (warnings). Every --json key is documented in \
+        shape_mismatch, unknown_tensor, non_finite, unmatched_target (errors unless other \
+        targets match), gguf_incompatible, untrained_target (warnings). Every --json key is documented in \
         docs/adapter-inspect.md."
 )]
 struct Args {
@@ -48,11 +49,15 @@ struct Args {
     /// Write a bar chart of ||dW||_F per module, grouped by layer (.svg or .png)
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
+    #[command(flatten)]
+    verbosity: cli::Verbosity,
 }
 
 fn main() {
-    let args = Args::parse();
-    peftkit_core::cli::run(|| {
+    let args = cli::parse::<Args>();
+    args.verbosity.apply();
+    cli::show_options(&args);
+    cli::run(|| {
         run(&Options {
             path: args.path.clone(),
             base: args.base.clone(),

@@ -6,10 +6,10 @@ use peftkit_core::merge::combine::{combine_adapters, Combination, CombineOptions
 use peftkit_core::merge::into_base::{merge_into_base, MergeOptions};
 use peftkit_core::merge::task_arithmetic::SignMethod;
 use peftkit_core::train::lora::parse_adapter_arg;
-use peftkit_core::Error;
+use peftkit_core::{cli, Error};
 use std::path::PathBuf;
 
-#[derive(Parser)]
+#[derive(Parser, Debug)]
 #[command(
     name = "adapter-merge",
     version,
@@ -75,14 +75,15 @@ struct Args {
     /// Print a one-line JSON summary on stdout
     #[arg(long)]
     json: bool,
-    /// No progress bar and no closing summary line
-    #[arg(long)]
-    quiet: bool,
+    #[command(flatten)]
+    verbosity: cli::Verbosity,
 }
 
 fn main() {
-    let args = Args::parse();
-    peftkit_core::cli::run(|| {
+    let args = cli::parse::<Args>();
+    args.verbosity.apply();
+    cli::show_options(&args);
+    cli::run(|| {
         let adapters: Vec<(String, PathBuf)> =
             args.adapter.iter().map(|a| parse_adapter_arg(a)).collect();
         if let Some(how) = &args.combine {
@@ -115,11 +116,13 @@ fn main() {
             let s = combine_adapters(&adapters, &args.out, &opts)?;
             if args.json {
                 println!("{}", serde_json::to_string(&s).expect("json"));
-            } else if !args.quiet {
+            } else {
                 for d in &s.dropped_tensors {
-                    eprintln!("warning: not carried over (only LoRA/IA3 weights combine): {d}");
+                    cli::warn(format!(
+                        "not carried over (only LoRA/IA3 weights combine): {d}"
+                    ));
                 }
-                eprintln!(
+                cli::info(format!(
                     "{} {} adapters combined ({}{}, {} modules) into {} in {:.2} s",
                     s.adapters.len(),
                     s.peft_type,
@@ -128,7 +131,7 @@ fn main() {
                     s.modules,
                     s.out,
                     s.seconds
-                );
+                ));
             }
             return Ok(());
         }
@@ -145,14 +148,14 @@ fn main() {
         let opts = MergeOptions {
             dtype: args.dtype.as_deref().map(OutDtype::parse).transpose()?,
             requantize: args.requantize,
-            quiet: args.quiet,
+            quiet: args.verbosity.quiet,
         };
         let paths: Vec<PathBuf> = adapters.into_iter().map(|(_, p)| p).collect();
         let s = merge_into_base(model, &paths, &args.out, &opts)?;
         if args.json {
             println!("{}", serde_json::to_string(&s).expect("json"));
-        } else if !args.quiet {
-            eprintln!(
+        } else {
+            cli::info(format!(
                 "{} merged into {} weights ({} biases changed, {} tensors replaced{}): {:.1} MB written to {} in {:.2} s",
                 s.methods.join("+"),
                 s.weights_merged,
@@ -168,7 +171,7 @@ fn main() {
                 s.bytes_out as f64 / 1e6,
                 s.out,
                 s.seconds
-            );
+            ));
         }
         Ok(())
     })

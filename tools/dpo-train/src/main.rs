@@ -6,7 +6,7 @@ use peftkit_core::train::pairs::PairOptions;
 use peftkit_core::train::pref_trainer::{self, PrefOptions, PrefTask};
 use peftkit_core::train::preference::DpoLoss;
 use peftkit_core::{cli, kernels, Error};
-use peftkit_train_cli::{to_options, with_config_file, TrainArgs};
+use peftkit_train_cli::{command_line, plot_after_run, plot_log_only, to_options, TrainArgs};
 
 #[derive(Parser)]
 #[command(
@@ -19,6 +19,8 @@ use peftkit_train_cli::{to_options, with_config_file, TrainArgs};
             --beta 0.1 --lr 5e-5 --batch 2 --max-len 512 --val-split 0.1 --out runs/dpo
   dpo-train --model M --data pairs.jsonl --loss ipo --beta 0.5 --out runs/ipo
   dpo-train --model M --data pairs.jsonl --loss robust --label-smoothing 0.1 --out runs/rdpo
+  dpo-train --model M --data pairs.jsonl --val-split 0.1 --out runs/dpo --plot dpo.png   # curves
+  dpo-train --plot-log runs/dpo/metrics.jsonl --plot dpo.svg      # an existing log
 
 Data as rm-train's; records may carry precomputed reference log-probs (ref_chosen_logps,
 ref_rejected_logps), otherwise they are computed once before training from the base model.
@@ -41,8 +43,12 @@ struct Args {
 
 fn main() {
     cli::run(|| {
-        let argv = with_config_file(std::env::args().collect())?;
+        let argv = command_line::<Args>()?;
+        if plot_log_only("dpo-train", &argv)? {
+            return Ok(());
+        }
         let a = Args::try_parse_from(argv).unwrap_or_else(|e| e.exit());
+        a.train.verbosity.apply();
         kernels::set_threads(a.train.threads);
         if a.train.pack || a.train.plan || a.train.check_data.is_some() || a.train.train_on_prompt {
             return Err(Error::usage(
@@ -75,8 +81,12 @@ fn main() {
                 skip_bad_lines: a.train.skip_bad_lines,
             },
         };
-        let s = pref_trainer::run(&opts)?;
-        eprintln!("done: {} steps, final loss {:.4}", s.steps, s.final_loss);
+        cli::show_options(&opts);
+        let s = plot_after_run("dpo-train", &a.train, &opts.train, pref_trainer::run(&opts))?;
+        cli::info(format!(
+            "done: {} steps, final loss {:.4}",
+            s.steps, s.final_loss
+        ));
         if let Some(m) = s.eval_after {
             println!(
                 "held-out reward accuracy {:.3} (before training {}), margin {:.4}, {} pairs",

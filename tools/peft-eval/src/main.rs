@@ -8,7 +8,7 @@ use peftkit_core::tokenizer::TextTokenizer;
 use peftkit_core::{cli, data, kernels, Result};
 use std::path::PathBuf;
 
-#[derive(Parser)]
+#[derive(Parser, Debug)]
 #[command(
     version,
     about = "Loss and perplexity of a text file under a Hugging Face causal LM",
@@ -59,13 +59,14 @@ struct Args {
     /// Worker threads (0 = one per core)
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// No progress bar
-    #[arg(long, short)]
-    quiet: bool,
+    #[command(flatten)]
+    verbosity: cli::Verbosity,
 }
 
 fn main() {
-    let args = Args::parse();
+    let args = cli::parse::<Args>();
+    args.verbosity.apply();
+    cli::show_options(&args);
     cli::run(|| run(args))
 }
 
@@ -96,7 +97,7 @@ fn run(args: Args) -> Result<()> {
         per_token: args.per_token,
         forward: ForwardOptions { adapter: active },
     };
-    let report = evaluate(&model, &tok, &texts, &opts, &Progress::new(args.quiet))?;
+    let report = evaluate(&model, &tok, &texts, &opts, &Progress::new(cli::quiet()))?;
     if report.truncated > 0 {
         cli::warn(format!(
             "{} sample(s) truncated to {} tokens",

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use std::io::Write;
 use std::path::PathBuf;
 
-#[derive(Parser)]
+#[derive(Parser, Debug)]
 #[command(
     version,
     about = "Generate text with a Hugging Face causal LM (KV cache; greedy or sampling)",
@@ -79,6 +79,8 @@ struct Args {
     /// Worker threads (0 = one per core)
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    #[command(flatten)]
+    verbosity: cli::Verbosity,
 }
 
 /// A prompt as given: plain text or chat messages.
@@ -100,7 +102,9 @@ struct Prompt {
 }
 
 fn main() {
-    let args = Args::parse();
+    let args = cli::parse::<Args>();
+    args.verbosity.apply();
+    cli::show_options(&args);
     cli::run(|| run(args))
 }
 

@@ -3,7 +3,7 @@
 use clap::Parser;
 use peftkit_core::train::trainer;
 use peftkit_core::{cli, kernels};
-use peftkit_train_cli::{to_options, with_config_file, TrainArgs};
+use peftkit_train_cli::{command_line, plot_after_run, plot_log_only, to_options, TrainArgs};
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +39,9 @@ use peftkit_train_cli::{to_options, with_config_file, TrainArgs};
   peft-train --model M --data data.json --method lora --plan
   # options from a file (same keys as the long options); the command line wins
   peft-train --config run.json --model M --data data.json --out out/
+  # the run's curves (loss, eval loss, lr) as a PNG or SVG; or draw an existing log
+  peft-train --model M --data alpaca.json --val-split 0.05 --out out/ --plot out/loss.png
+  peft-train --plot-log out/metrics.jsonl --plot loss.svg
 
 The adapter (adapter_config.json + adapter_model.safetensors) loads with PEFT's
 PeftModel.from_pretrained; full/freeze write an HF model folder. Checkpoints go to
@@ -52,13 +55,21 @@ struct Args {
 
 fn main() {
     cli::run(|| {
-        let argv = with_config_file(std::env::args().collect())?;
+        let argv = command_line::<Args>()?;
+        if plot_log_only("peft-train", &argv)? {
+            return Ok(());
+        }
         let args = Args::try_parse_from(argv).unwrap_or_else(|e| e.exit());
+        args.train.verbosity.apply();
         kernels::set_threads(args.train.threads);
         let opts = to_options(&args.train)?;
-        let s = trainer::run(&opts)?;
+        cli::show_options(&opts);
+        let s = plot_after_run("peft-train", &args.train, &opts, trainer::run(&opts))?;
         if s.steps > 0 {
-            eprintln!("done: {} steps, final loss {:.4}", s.steps, s.final_loss);
+            cli::info(format!(
+                "done: {} steps, final loss {:.4}",
+                s.steps, s.final_loss
+            ));
         }
         if s.interrupted {
             std::process::exit(130);

@@ -6,7 +6,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use peftkit_core::train::ppo_math::KlEstimator;
 use peftkit_core::train::ppo_trainer::{self, PpoOptions};
 use peftkit_core::{cli, kernels, Error};
-use peftkit_train_cli::{to_options, with_config_file, TrainArgs};
+use peftkit_train_cli::{command_line, plot_after_run, plot_log_only, to_options, TrainArgs};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -27,6 +27,9 @@ use std::path::PathBuf;
   ppo-train --model M --init-adapter runs/sft --reward-model runs/rm --prompts p.jsonl --out runs/ppo
   peft-generate --model M --adapter runs/ppo --prompt \"Tell me a joke\"
   ppo-train --model M --reward-model runs/rm --prompts p.jsonl --out runs/ppo --plan
+  # curves (score, KL, response length, lr) as a PNG; or draw an existing log
+  ppo-train --model M --reward-model runs/rm --prompts p.jsonl --out runs/ppo --plot ppo.png
+  ppo-train --plot-log ppo.jsonl --plot ppo.svg
 
 --prompts is the same option as --data. Prompt records: {\"prompt\": text or messages},
 {\"query\"}, {\"messages\"} or {\"conversations\"} (rendered with the chat template and the
@@ -111,13 +114,17 @@ struct Args {
 
 fn main() {
     cli::run(|| {
-        let argv = with_config_file(std::env::args().collect())?;
+        let argv = command_line::<Args>()?;
+        if plot_log_only("ppo-train", &argv)? {
+            return Ok(());
+        }
         let matches = Args::command()
             .try_get_matches_from(argv)
             .unwrap_or_else(|e| e.exit());
         let a = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
         let given =
             |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+        a.train.verbosity.apply();
         kernels::set_threads(a.train.threads);
         if a.train.pack || a.train.check_data.is_some() || a.train.train_on_prompt {
             return Err(Error::usage(
@@ -176,11 +183,12 @@ fn main() {
             max_prompt_len: a.max_prompt_len,
             eval_prompts: a.eval_prompts,
         };
-        let s = ppo_trainer::run(&opts)?;
+        cli::show_options(&opts);
+        let s = plot_after_run("ppo-train", &a.train, &opts.train, ppo_trainer::run(&opts))?;
         if opts.train.plan {
             return Ok(());
         }
-        eprintln!("done: {} steps", s.steps);
+        cli::info(format!("done: {} steps", s.steps));
         if let (Some(b), Some(a)) = (s.before, s.after) {
             println!(
                 "mean score {:.4} -> {:.4}, KL to the reference {:.4} -> {:.4}, response length {:.1} -> {:.1}",

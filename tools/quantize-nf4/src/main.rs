@@ -5,10 +5,10 @@ use clap::Parser;
 use peftkit_core::io::safetensors_file::OutDtype;
 use peftkit_core::quant::convert::{dequantize_model, quantize_model, QuantizeOptions};
 use peftkit_core::quant::QuantType;
-use peftkit_core::Error;
+use peftkit_core::{cli, Error};
 use std::path::PathBuf;
 
-#[derive(Parser)]
+#[derive(Parser, Debug)]
 #[command(
     name = "quantize-nf4",
     version,
@@ -55,21 +55,22 @@ struct Args {
     /// Print a one-line JSON summary on stdout
     #[arg(long)]
     json: bool,
-    /// No progress bar and no closing summary line
-    #[arg(long)]
-    quiet: bool,
+    #[command(flatten)]
+    verbosity: cli::Verbosity,
 }
 
 fn main() {
-    let args = Args::parse();
-    peftkit_core::cli::run(|| {
+    let args = cli::parse::<Args>();
+    args.verbosity.apply();
+    cli::show_options(&args);
+    cli::run(|| {
         let summary = if args.dequantize {
             if !args.skip.is_empty() || args.no_double_quant {
                 return Err(Error::usage(
                     "--skip and --no-double-quant apply to quantizing, not to --dequantize",
                 ));
             }
-            dequantize_model(&args.model, &args.out, args.quiet)?
+            dequantize_model(&args.model, &args.out, cli::quiet())?
         } else {
             let opts = QuantizeOptions {
                 quant_type: QuantType::parse(&args.quant_type)?,
@@ -77,26 +78,26 @@ fn main() {
                 double_quant: !args.no_double_quant,
                 compute_dtype: OutDtype::parse(&args.compute_dtype)?,
                 skip: args.skip.clone(),
-                quiet: args.quiet,
+                quiet: cli::quiet(),
             };
             quantize_model(&args.model, &args.out, &opts)?
         };
         if args.json {
             println!("{}", serde_json::to_string(&summary).expect("json"));
-        } else if !args.quiet {
+        } else {
             let what = if summary.mode == "quantize" {
                 format!("{} tensors quantized", summary.tensors_quantized)
             } else {
                 format!("{} tensors dequantized", summary.tensors_dequantized)
             };
-            eprintln!(
+            cli::info(format!(
                 "{what}, {} copied: {:.1} MB in, {:.1} MB written to {} in {:.2} s",
                 summary.tensors_copied,
                 summary.bytes_in as f64 / 1e6,
                 summary.bytes_out as f64 / 1e6,
                 summary.out,
                 summary.seconds
-            );
+            ));
         }
         Ok(())
     })

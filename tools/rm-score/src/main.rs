@@ -14,7 +14,7 @@ use peftkit_core::{cli, kernels, Error};
 use serde_json::json;
 use std::path::PathBuf;
 
-#[derive(Parser)]
+#[derive(Parser, Debug)]
 #[command(
     version,
     about = "Score texts or preference pairs with a reward model: a base model plus an rm-train / \
@@ -53,12 +53,17 @@ struct Args {
     /// One JSON line per record on stdout
     #[arg(long)]
     json: bool,
+    /// Worker threads (0 = one per core)
     #[arg(long, default_value_t = 0, value_name = "N")]
     threads: usize,
+    #[command(flatten)]
+    verbosity: cli::Verbosity,
 }
 
 fn main() {
-    let a = Args::parse();
+    let a = cli::parse::<Args>();
+    a.verbosity.apply();
+    cli::show_options(&a);
     cli::run(|| {
         kernels::set_threads(a.threads);
         let tok = TextTokenizer::load(&a.model)?;
@@ -100,7 +105,7 @@ fn main() {
             }
             let acc = correct as f64 / n as f64;
             if a.json {
-                eprintln!("accuracy {acc:.4} over {n} pairs");
+                cli::info(format!("accuracy {acc:.4} over {n} pairs"));
             } else {
                 println!("accuracy {acc:.4} over {n} pairs");
             }

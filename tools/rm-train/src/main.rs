@@ -5,7 +5,7 @@ use clap::Parser;
 use peftkit_core::train::pairs::PairOptions;
 use peftkit_core::train::pref_trainer::{self, PrefOptions, PrefTask};
 use peftkit_core::{cli, kernels, Error};
-use peftkit_train_cli::{to_options, with_config_file, TrainArgs};
+use peftkit_train_cli::{command_line, plot_after_run, plot_log_only, to_options, TrainArgs};
 
 #[derive(Parser)]
 #[command(
@@ -17,6 +17,8 @@ use peftkit_train_cli::{to_options, with_config_file, TrainArgs};
   rm-train --model models/smollm2 --data data/dpo_en_demo.json --method lora --target all-linear \\
            --rank 16 --alpha 32 --lr 1e-4 --batch 4 --max-len 512 --val-split 0.1 --out runs/rm
   rm-train --model M --data pairs.jsonl --margin-column margin --center-rewards 0.01 --out runs/rm
+  rm-train --model M --data pairs.jsonl --val-split 0.1 --eval-every 10 --out runs/rm --plot rm.png
+  rm-train --plot-log runs/rm/metrics.jsonl --plot rm.svg          # an existing log
   rm-score --model models/smollm2 --adapter runs/rm --data held-out.jsonl --json
 
 Data: {prompt?, chosen, rejected} as strings or message lists (chat template), or LLaMA-Factory's
@@ -40,8 +42,12 @@ struct Args {
 
 fn main() {
     cli::run(|| {
-        let argv = with_config_file(std::env::args().collect())?;
+        let argv = command_line::<Args>()?;
+        if plot_log_only("rm-train", &argv)? {
+            return Ok(());
+        }
         let a = Args::try_parse_from(argv).unwrap_or_else(|e| e.exit());
+        a.train.verbosity.apply();
         kernels::set_threads(a.train.threads);
         if a.train.pack || a.train.plan || a.train.check_data.is_some() || a.train.train_on_prompt {
             return Err(Error::usage(
@@ -60,8 +66,12 @@ fn main() {
                 skip_bad_lines: a.train.skip_bad_lines,
             },
         };
-        let s = pref_trainer::run(&opts)?;
-        eprintln!("done: {} steps, final loss {:.4}", s.steps, s.final_loss);
+        cli::show_options(&opts);
+        let s = plot_after_run("rm-train", &a.train, &opts.train, pref_trainer::run(&opts))?;
+        cli::info(format!(
+            "done: {} steps, final loss {:.4}",
+            s.steps, s.final_loss
+        ));
         if let Some(m) = s.eval_after {
             println!(
                 "held-out accuracy {:.3} (before training {}), margin {:.4}, {} pairs",

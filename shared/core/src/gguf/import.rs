@@ -161,7 +161,9 @@ pub fn import_gguf(
             None
         };
         if let Some(h) = unpermute_heads {
-            if shape[0] != h * head_dim {
+            // checked: head counts and key_length come from the file, and their product could
+            // overflow (found by fuzz/gguf_reader)
+            if h.checked_mul(head_dim) != Some(shape[0]) {
                 return Err(g.err(format!(
                     "tensor {} has {} rows, expected {h} heads × {head_dim}",
                     t.name, shape[0]

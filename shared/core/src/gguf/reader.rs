@@ -406,6 +406,20 @@ impl GgufFile {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: opened read-only; peftkit never writes its inputs.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::from_mmap(path, mmap)
+    }
+
+    /// A GGUF file held in memory: `bytes` are copied into an anonymous mapping and parsed and
+    /// validated exactly as [`open`](Self::open) does (`path` only names it in errors). Used by
+    /// the fuzz targets (fuzz/) and tests.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let mut anon = memmap2::MmapMut::map_anon(bytes.len()).map_err(|e| Error::io(path, e))?;
+        anon.copy_from_slice(bytes);
+        let mmap = anon.make_read_only().map_err(|e| Error::io(path, e))?;
+        Self::from_mmap(path, mmap)
+    }
+
+    fn from_mmap(path: &Path, mmap: Mmap) -> Result<Self> {
         let (version, metadata, tensors, alignment, data_offset) = parse(path, &mmap)?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -612,15 +626,18 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
                 "data offset {offset} is not a multiple of the alignment {alignment}"
             )));
         }
-        let start = data_offset + offset;
-        let end = start
-            .checked_add(len)
+        // checked: an offset near u64::MAX used to wrap around to a start inside the header
+        // (found by fuzz/gguf_reader; a panic with overflow checks, silently wrong data without)
+        let end = data_offset
+            .checked_add(offset)
+            .and_then(|start| start.checked_add(len))
             .ok_or_else(|| err("data range overflows".into()))?;
         if end > file_len {
             return Err(err(format!(
                 "data ends at byte {end} past the end of the file ({file_len} bytes)"
             )));
         }
+        let start = end - len;
         tensors.push(TensorInfo {
             name,
             dims,

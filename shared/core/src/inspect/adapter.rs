@@ -325,7 +325,9 @@ fn prompt_report(file: &SafetensorsFile, ctx: &Context) -> Result<Option<PromptR
     if ctx.kind == Some(PeftKind::PrefixTuning) {
         let nl = ctx.get_u64("num_layers").unwrap_or(0) as usize;
         let td = ctx.get_u64("token_dim").unwrap_or(0) as usize;
-        if nl > 0 && td > 0 && d == nl * 2 * td {
+        // checked: num_layers and token_dim come from adapter_config.json and their product
+        // could overflow (found by fuzz/adapter_config)
+        if nl > 0 && td > 0 && nl.checked_mul(2).and_then(|x| x.checked_mul(td)) == Some(d) {
             // row layout: [(layer·2 + kv)·token_dim + j] (formats.md §2.3)
             let slice_norm = |l: usize, kv: usize| -> f64 {
                 let start = (l * 2 + kv) * td;

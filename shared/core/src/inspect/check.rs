@@ -22,6 +22,7 @@ pub const UNKNOWN_TENSOR: &str = "unknown_tensor";
 pub const GGUF_INCOMPATIBLE: &str = "gguf_incompatible";
 pub const UNMATCHED_TARGET: &str = "unmatched_target";
 pub const UNTRAINED_TARGET: &str = "untrained_target";
+pub const NON_FINITE: &str = "non_finite";
 
 #[derive(Default)]
 struct Problems(Vec<Problem>);
@@ -163,6 +164,34 @@ fn check_module(a: &Analysis, g: &Group, base: &ModelFolder, p: &mut Problems) -
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// PEFT refuses an adapter whose lora_A rank differs from its config's `r` (or rank_pattern):
+/// report it as a shape mismatch.
+fn check_rank(a: &Analysis, ctx: &Context, g: &Group, p: &mut Problems) -> Result<()> {
+    let (Some(cfg), Some(raw)) = (&ctx.lora, &ctx.config) else {
+        return Ok(());
+    };
+    let Some(name) = g.parts.get(&Part::LoraA).or(g.parts.get(&Part::EmbeddingA)) else {
+        return Ok(());
+    };
+    let Some(rank) = a.file.info(name).and_then(|i| i.shape.first().copied()) else {
+        return Ok(());
+    };
+    if !raw.contains_key("r") {
+        return Ok(());
+    }
+    let want = crate::train::lora::pattern_value(&cfg.rank_pattern, &g.path)?.unwrap_or(cfg.rank);
+    if rank != want {
+        p.add(
+            SHAPE_MISMATCH,
+            true,
+            Some(&g.path),
+            Some(name),
+            format!("tensor {name} has rank {rank} but adapter_config.json says r = {want}"),
+        );
     }
     Ok(())
 }
@@ -372,6 +401,7 @@ pub fn check(a: &Analysis, ctx: &Context, base: &ModelFolder) -> Result<CheckRep
     let mut p = Problems::default();
     for g in &a.grouped.modules {
         check_module(a, g, base, &mut p)?;
+        check_rank(a, ctx, g, &mut p)?;
     }
     check_others(a, ctx, base, &mut p)?;
     check_targets(a, ctx, base, &mut p)?;
@@ -379,6 +409,20 @@ pub fn check(a: &Analysis, ctx: &Context, base: &ModelFolder) -> Result<CheckRep
         || (ctx.kind.is_none() && a.grouped.modules.iter().any(Group::is_lora));
     if lora {
         check_gguf(a, &mut p);
+    }
+    // Without --base a NaN is only shown (non_finite, null norms); against a base it is an
+    // error: merged or applied, it turns the base's outputs into NaN.
+    for m in a.modules.iter().filter(|m| m.non_finite > 0) {
+        p.add(
+            NON_FINITE,
+            true,
+            Some(&m.path),
+            None,
+            format!(
+                "{} NaN / infinite value(s) in the module's tensors",
+                m.non_finite
+            ),
+        );
     }
     let mut counts: BTreeMap<String, u64> = BTreeMap::new();
     for x in &p.0 {

@@ -236,10 +236,17 @@ pub fn run(opts: &Options) -> Result<()> {
         .map_err(|e| Error::io("<stdout>", e))?;
     if opts.strict {
         if let Some(c) = report.check.as_ref().filter(|c| c.errors > 0) {
+            // Name the first error so that the one line says what is wrong.
+            let first = c
+                .problems
+                .iter()
+                .find(|x| x.severity == "error")
+                .map(|x| format!("; first: {} ({})", x.code, x.message))
+                .unwrap_or_default();
             return Err(Error::bad_input(
                 &opts.path,
                 format!(
-                    "{} problem(s) found against the base model {} (--strict)",
+                    "{} problem(s) found against the base model {} (--strict){first}",
                     c.errors, c.base
                 ),
             ));

@@ -83,7 +83,7 @@ struct Layout {
     tick_step: f64,
 }
 
-const PALETTE: [RGBColor; 10] = [
+pub(crate) const PALETTE: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -97,7 +97,7 @@ const PALETTE: [RGBColor; 10] = [
 ];
 
 /// A step of 1, 2 or 5 × 10ᵏ giving about 5 ticks up to `max`.
-fn nice_step(max: f64) -> f64 {
+pub(crate) fn nice_step(max: f64) -> f64 {
     if max <= 0.0 || !max.is_finite() {
         return 1.0;
     }
@@ -116,7 +116,7 @@ fn nice_step(max: f64) -> f64 {
     m * mag
 }
 
-fn tick_label(v: f64, step: f64) -> String {
+pub(crate) fn tick_label(v: f64, step: f64) -> String {
     let digits = if step >= 1.0 {
         0
     } else {
@@ -165,9 +165,9 @@ fn layout(bars: &[Bar], title: &str) -> Layout {
     }
 }
 
-type DrawResult = std::result::Result<(), String>;
+pub(crate) type DrawResult = std::result::Result<(), String>;
 
-fn text<DB: DrawingBackend>(
+pub(crate) fn text<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     s: &str,
     (x, y): (i32, i32),
@@ -287,7 +287,7 @@ fn draw<DB: DrawingBackend>(
     area.present().map_err(e)
 }
 
-fn temp_sibling(path: &Path) -> PathBuf {
+pub(crate) fn temp_sibling(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -39,7 +39,29 @@ pub fn write_file_with(
         let _ = fs::remove_file(&tmp);
         return Err(Error::io(path, e));
     }
+    // The rename itself is durable only once the directory is synced (a power cut could
+    // otherwise bring back the old file, or none).
+    sync_parent(path);
     Ok(())
+}
+
+/// fsync the directory holding `path`, best effort: some filesystems refuse to sync a
+/// directory, and the data itself is already synced by then.
+fn sync_parent(path: &Path) {
+    if let Some(parent) = path.parent() {
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        sync_dir(parent);
+    }
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
 }
 
 /// An output directory built under a temporary name and renamed into place by `commit`.
@@ -56,7 +78,15 @@ impl AtomicDir {
         refuse_overwriting_inputs(final_path, inputs)?;
         if let Some(parent) = final_path.parent() {
             if !parent.as_os_str().is_empty() {
-                fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+                fs::create_dir_all(parent).map_err(|e| {
+                    // create_dir_all says "File exists" when a parent is a regular file: say
+                    // what is wrong with the output path instead (ENOTDIR).
+                    if parent.ancestors().any(Path::is_file) {
+                        Error::io(final_path, std::io::Error::from_raw_os_error(20))
+                    } else {
+                        Error::io(parent, e)
+                    }
+                })?;
             }
         }
         let tmp_path = temp_sibling(final_path);
@@ -105,6 +135,9 @@ impl AtomicDir {
     /// only after the new one is complete.
     pub fn commit(mut self) -> Result<()> {
         sync_dir_files(&self.tmp_path).map_err(|e| Error::io(&self.final_path, e))?;
+        // The folder's own entries (files renamed into it) must be durable before it appears
+        // under its final name.
+        sync_dir(&self.tmp_path);
         if self.final_path.exists() {
             let old = self.final_path.with_file_name(format!(
                 ".peftkit-old-{}-{}",
@@ -123,6 +156,7 @@ impl AtomicDir {
                 .map_err(|e| Error::io(&self.final_path, e))?;
         }
         self.committed = true;
+        sync_parent(&self.final_path);
         Ok(())
     }
 }
@@ -143,6 +177,56 @@ fn sync_dir_files(dir: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Remove what killed processes left in `dir`: the temporary siblings (`.peftkit-tmp-PID-…`)
+/// of writes they never finished and the replaced folders (`.peftkit-old-PID-…`) they never
+/// deleted. Only entries of processes that are gone are touched (a live PID, ours included, may
+/// be writing there), so this is safe to call at any time; where liveness cannot be checked
+/// (no /proc), nothing is removed.
+pub fn remove_stale_temps(dir: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name
+            .strip_prefix(".peftkit-tmp-")
+            .or_else(|| name.strip_prefix(".peftkit-old-"))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let p = e.path();
+        let _ = match e.file_type() {
+            Ok(t) if t.is_dir() => fs::remove_dir_all(&p),
+            _ => fs::remove_file(&p),
+        };
+    }
+}
+
+/// Delete a directory without ever leaving part of it under its name: it is first renamed to a
+/// hidden `.peftkit-old-PID-…` sibling (atomic), then removed. A kill during the removal leaves
+/// only the hidden name, which [`remove_stale_temps`] clears later.
+pub fn remove_dir_atomically(dir: &Path) -> std::io::Result<()> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let old = dir.with_file_name(format!(".peftkit-old-{}-{name}", std::process::id()));
+    if old.exists() {
+        fs::remove_dir_all(&old)?;
+    }
+    fs::rename(dir, &old)?;
+    fs::remove_dir_all(&old)
 }
 
 /// Refuse an output path that is, or contains, one of the inputs.

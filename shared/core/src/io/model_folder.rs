@@ -51,7 +51,14 @@ impl ModelFolder {
             return Err(Error::bad_input(dir, "not a model folder"));
         }
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        // A folder without config.json is not a model folder (bad input, as Model::load says).
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::bad_input(
+                &cfg_path,
+                "config.json is missing: is this a Hugging Face model folder?",
+            ),
+            _ => Error::io(&cfg_path, e),
+        })?;
         let config = match serde_json::from_str::<Value>(&text) {
             Ok(Value::Object(m)) => m,
             Ok(_) => return Err(Error::bad_input(&cfg_path, "not a JSON object")),
@@ -75,6 +82,7 @@ impl ModelFolder {
         let weights = WeightFiles::open(dir)?;
         let mut names: Vec<String> = weights.names().map(String::from).collect();
         names.sort_by_cached_key(|n| natural_key(n));
+        check_shapes(&config, family, &weights)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             config,
@@ -115,6 +123,57 @@ impl ModelFolder {
             Family::Gpt2 => ends_with_any(module, GPT2_CONV1D),
         }
     }
+}
+
+/// The tools that stream a model (quantize-nf4, adapter-merge, adapter-inspect --base) never
+/// build the model, so nothing else compares the float weights' shapes with config.json: a
+/// tensor of the wrong shape would otherwise be quantized or merged into a model that no loader
+/// accepts. 4-bit tensors (U8) are checked by their quant states.
+fn check_shapes(config: &Map<String, Value>, family: Family, w: &WeightFiles) -> Result<()> {
+    let Ok(c) = crate::model::ModelConfig::from_json(Value::Object(config.clone())) else {
+        return Ok(()); // the loaders that need the config report its problems
+    };
+    let (h, kv, q, i, v) = (c.hidden, c.kv_dim(), c.q_dim(), c.intermediate, c.vocab);
+    for name in w.names() {
+        let Some(module) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        let last = module.rsplit('.').next().unwrap_or(module);
+        let expected: Option<[usize; 2]> = match family {
+            Family::LlamaLike => match last {
+                "q_proj" => Some([q, h]),
+                "k_proj" | "v_proj" => Some([kv, h]),
+                "o_proj" => Some([h, q]),
+                "gate_proj" | "up_proj" => Some([i, h]),
+                "down_proj" => Some([h, i]),
+                "embed_tokens" => Some([v, h]),
+                _ => None,
+            },
+            // Conv1D weights are stored [in, out].
+            Family::Gpt2 => match last {
+                "c_attn" => Some([h, 3 * h]),
+                "c_proj" if module.contains(".attn.") => Some([h, h]),
+                "c_fc" => Some([h, i]),
+                "c_proj" if module.contains(".mlp.") => Some([i, h]),
+                "wte" => Some([v, h]),
+                _ => None,
+            },
+        };
+        let (Some(expected), Some(t)) = (expected, w.get(name)) else {
+            continue;
+        };
+        let float = matches!(t.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64);
+        if float && t.shape != expected {
+            return Err(Error::bad_input(
+                w.file_of(name).map(|f| f.path()).unwrap_or(Path::new("")),
+                format!(
+                    "tensor {name} has shape {:?}, expected {expected:?} from config.json",
+                    t.shape
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub fn ends_with_any(module: &str, names: &[&str]) -> bool {

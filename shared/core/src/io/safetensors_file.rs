@@ -37,6 +37,20 @@ impl SafetensorsFile {
         // SAFETY: the file is opened read-only and peftkit never writes to its inputs; a
         // concurrent writer from another process is outside what any mmap reader can guard.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::from_mmap(path, mmap)
+    }
+
+    /// A safetensors file held in memory: `bytes` are copied into an anonymous mapping and
+    /// validated exactly as [`open`](Self::open) validates a file (`path` only names it in
+    /// errors). Used by the fuzz targets (fuzz/) and tests.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let mut anon = memmap2::MmapMut::map_anon(bytes.len()).map_err(|e| Error::io(path, e))?;
+        anon.copy_from_slice(bytes);
+        let mmap = anon.make_read_only().map_err(|e| Error::io(path, e))?;
+        Self::from_mmap(path, mmap)
+    }
+
+    fn from_mmap(path: &Path, mmap: Mmap) -> Result<Self> {
         let (header_len, meta) = SafeTensors::read_metadata(&mmap)
             .map_err(|e| Error::bad_input(path, format!("not a valid safetensors file: {e}")))?;
         Ok(Self {
@@ -97,7 +111,22 @@ impl SafetensorsFile {
                 ),
             ));
         }
-        to_f32(name, &t).in_file(&self.path)
+        let v = to_f32(name, &t).in_file(&self.path)?;
+        // Weights are loaded through here: a NaN or infinity would silently turn every
+        // logit into NaN (or, worse, be hidden by a max-subtracted softmax). Refuse it.
+        check_finite(name, &v).in_file(&self.path)?;
+        Ok(v)
+    }
+}
+
+/// `Err` naming the tensor and the first NaN or infinite element, if any.
+pub fn check_finite(name: &str, v: &[f32]) -> std::result::Result<(), String> {
+    match v.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "tensor {name} has a non-finite value ({}) at element {i}; the file is corrupt or the weights diverged",
+            if v[i].is_nan() { "NaN".to_string() } else { v[i].to_string() }
+        )),
     }
 }
 

@@ -23,8 +23,8 @@ mod q4;
 mod scalar;
 
 pub use bf16::{
-    bf16_bits_to_f32, f32_to_bf16_bits, matmul_nn_bf16, matmul_nt_bf16, round_bf16,
-    round_bf16_slice, Bf16Path, PackedBf16,
+    bf16_bits_to_f32, f32_to_bf16_bits, matmul_nn_bf16, matmul_nn_q4_bf16, matmul_nt_bf16,
+    matmul_nt_q4_bf16, round_bf16, round_bf16_slice, Bf16Path, PackedBf16,
 };
 use driver::View;
 pub use q4::{decode as decode_q4, matmul_nn_q4, matmul_nt_q4, Q4Weight};

@@ -5,7 +5,7 @@
 //! without PEFT's `base_model.model.` prefix and without the tensor suffix.
 
 use crate::error::{Error, Result};
-use crate::io::safetensors_file::{to_f32, SafetensorsFile};
+use crate::io::safetensors_file::{check_finite, to_f32, SafetensorsFile};
 use crate::train::ia3::Ia3Config;
 use crate::train::lora::{pattern_value, scale_of, LoraConfig};
 use serde_json::{Map, Value};
@@ -162,6 +162,8 @@ impl AdapterDir {
     fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let t = self.file.require(name)?;
         let v = to_f32(name, &t).map_err(|m| self.bad(m))?;
+        // Merged or combined, a NaN would spread through a whole weight matrix.
+        check_finite(name, &v).map_err(|m| self.bad(m))?;
         Ok((v, t.shape.to_vec()))
     }
 
@@ -206,12 +208,23 @@ impl AdapterDir {
                 )));
             }
             let rank = sa[0];
+            // PEFT refuses an adapter whose tensors disagree with its config's r; here
+            // alpha / r would silently be computed with the wrong r.
+            if self.config.contains_key("r") {
+                let want = pattern_value(&cfg.rank_pattern, path)?.unwrap_or(cfg.rank);
+                if rank != want {
+                    return Err(self.bad(format!(
+                        "{name} has rank {rank} but adapter_config.json says r = {want}"
+                    )));
+                }
+            }
             let alpha = pattern_value(&cfg.alpha_pattern, path)?.unwrap_or(cfg.alpha);
             let opt = |suffix: &str| -> Result<Option<Vec<f32>>> {
                 let k = format!("{PREFIX}{path}.{suffix}");
                 match self.file.get(&k) {
                     Some(t) => {
                         let v = to_f32(&k, &t).map_err(|m| self.bad(m))?;
+                        check_finite(&k, &v).map_err(|m| self.bad(m))?;
                         if v.len() != sb[0] {
                             return Err(self.bad(format!(
                                 "{k} has {} values; expected {} (lora_B rows)",

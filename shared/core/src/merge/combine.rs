@@ -311,6 +311,54 @@ fn natural_order<T>(map: BTreeMap<String, T>) -> Vec<(String, T)> {
     v
 }
 
+/// Adapters of different architectures have disjoint module paths (`model.layers.N…` vs
+/// `transformer.h.N…`), so the per-module shape check never sees them side by side and the
+/// "combination" would be a union that loads on neither base. Compare the paths' roots (the
+/// part before the first layer index).
+fn refuse_other_architectures(
+    dirs: &[AdapterDir],
+    by_module: &BTreeMap<String, Vec<(usize, LoraModule)>>,
+) -> Result<()> {
+    let root = |p: &str| -> String {
+        p.split('.')
+            .take_while(|s| s.parse::<usize>().is_err())
+            .collect::<Vec<_>>()
+            .join(".")
+    };
+    let roots = |i: usize| -> std::collections::BTreeSet<String> {
+        by_module
+            .iter()
+            .filter(|(_, ms)| ms.iter().any(|(k, _)| *k == i))
+            .map(|(p, _)| root(p))
+            .collect()
+    };
+    let first = roots(0);
+    for (i, d) in dirs.iter().enumerate().skip(1) {
+        let r = roots(i);
+        if !r.is_empty() && !first.is_empty() && r.is_disjoint(&first) {
+            let base = |d: &AdapterDir| {
+                d.config
+                    .get("base_model_name_or_path")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+                    .to_string()
+            };
+            return Err(Error::bad_input(
+                d.weights_path(),
+                format!(
+                    "its modules ({}) share nothing with {} ({}): adapters for different base models ({} vs {})",
+                    r.into_iter().collect::<Vec<_>>().join(", "),
+                    dirs[0].dir.display(),
+                    first.into_iter().collect::<Vec<_>>().join(", "),
+                    base(d),
+                    base(&dirs[0])
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn combine_lora(
     dirs: &[AdapterDir],
     combination: Combination,
@@ -359,6 +407,7 @@ fn combine_lora(
             by_module.entry(m.path.clone()).or_default().push((i, m));
         }
     }
+    refuse_other_architectures(dirs, &by_module)?;
     let mut rng = Rng::new(opts.seed);
     let mut tensors = Tensors::new();
     let n_modules = by_module.len();

@@ -651,6 +651,9 @@ impl Merger<'_> {
                 let bytes = self.folder.read(name)?;
                 let (dtype, shape, _) = self.folder.info(name);
                 let v = bytes_to_f32(&self.folder.path_of(name), name, dtype, &shape, &bytes)?;
+                // A NaN in the base would spread through the merged weight: refuse it.
+                crate::io::safetensors_file::check_finite(name, &v)
+                    .map_err(|m| Error::bad_input(self.folder.path_of(name), m))?;
                 if bt.conv1d {
                     transpose(&v, shape[0], shape[1])
                 } else {

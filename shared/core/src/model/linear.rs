@@ -30,6 +30,10 @@ impl Weight {
     }
 }
 
+/// Rows up to which a 4-bit layer with bf16 compute keeps the f32 path: decoding the whole
+/// weight into bf16 panels only pays off over many rows (not for generation's few).
+const Q4_BF16_MIN_ROWS: usize = 16;
+
 pub struct Linear {
     /// Hugging Face module path, e.g. `model.layers.0.self_attn.q_proj`.
     pub name: String,
@@ -44,6 +48,9 @@ pub struct Linear {
     /// bf16 compute (`--compute-dtype bf16`): the frozen f32 weight packed as bf16 for the
     /// training products, as torch autocast computes them (bf16 inputs, f32 accumulation).
     pub bf16: Option<Box<Bf16Packs>>,
+    /// bf16 compute of a frozen 4-bit weight: each product decodes it into bf16 panels
+    /// (bitsandbytes dequantizes to the compute dtype the same way) instead of f32 ones.
+    pub q4_bf16: bool,
 }
 
 /// A frozen weight in bf16, packed for the forward product and for the input gradient.
@@ -69,6 +76,7 @@ impl Linear {
             conv1d: false,
             adapters: Vec::new(),
             bf16: None,
+            q4_bf16: false,
         }
     }
 
@@ -95,6 +103,7 @@ impl Linear {
             conv1d: false,
             adapters: Vec::new(),
             bf16: None,
+            q4_bf16: false,
         }
     }
 
@@ -118,15 +127,19 @@ impl Linear {
         }
     }
 
-    /// Compute this layer's base products in bf16 from now on (an f32 weight only; a 4-bit one
-    /// keeps its own path). The weight must stay frozen: the packs are not refreshed.
+    /// Compute this layer's base products in bf16 from now on. The weight must stay frozen:
+    /// an f32 one is rounded and packed once (the packs are not refreshed); a 4-bit one is
+    /// decoded into bf16 panels per product.
     pub fn use_bf16(&mut self) {
-        if let Weight::F32(w) = &self.weight {
-            let (n, k) = (self.out_features, self.in_features);
-            self.bf16 = Some(Box::new(Bf16Packs {
-                nt: gemm::PackedBf16::for_nt(w, n, k),
-                nn: gemm::PackedBf16::for_nn(w, n, k),
-            }));
+        match &self.weight {
+            Weight::F32(w) => {
+                let (n, k) = (self.out_features, self.in_features);
+                self.bf16 = Some(Box::new(Bf16Packs {
+                    nt: gemm::PackedBf16::for_nt(w, n, k),
+                    nn: gemm::PackedBf16::for_nn(w, n, k),
+                }));
+            }
+            Weight::Q4(_) => self.q4_bf16 = true,
         }
     }
 
@@ -138,6 +151,9 @@ impl Linear {
         }
         match &self.weight {
             Weight::F32(w) => gemm::matmul_nt(x, w, &mut y[..rows * out], rows, out, inp, acc),
+            Weight::Q4(q) if self.q4_bf16 && rows > Q4_BF16_MIN_ROWS => {
+                gemm::matmul_nt_q4_bf16(x, &self.q4(q), &mut y[..rows * out], rows, acc)
+            }
             Weight::Q4(q) => gemm::matmul_nt_q4(x, &self.q4(q), &mut y[..rows * out], rows, acc),
         }
     }
@@ -150,6 +166,9 @@ impl Linear {
         }
         match &self.weight {
             Weight::F32(w) => gemm::matmul_nn(dy, w, &mut dx[..rows * inp], rows, inp, out, acc),
+            Weight::Q4(q) if self.q4_bf16 && rows > Q4_BF16_MIN_ROWS => {
+                gemm::matmul_nn_q4_bf16(dy, &self.q4(q), &mut dx[..rows * inp], rows, acc)
+            }
             Weight::Q4(q) => gemm::matmul_nn_q4(dy, &self.q4(q), &mut dx[..rows * inp], rows, acc),
         }
     }

@@ -242,6 +242,7 @@ fn load_llama_like(config: ModelConfig, w: &Ctx) -> Result<Model> {
         lm_head,
         inv_freq,
         input_prefixes: Vec::new(),
+        head_bf16: None,
         config,
     })
 }
@@ -321,6 +322,7 @@ fn load_gpt2(config: ModelConfig, w: &Ctx) -> Result<Model> {
         lm_head,
         inv_freq: Vec::new(),
         input_prefixes: Vec::new(),
+        head_bf16: None,
         config,
     })
 }

@@ -81,6 +81,9 @@ pub struct Model {
     pub inv_freq: Vec<f32>,
     /// Virtual input tokens per adapter slot.
     pub input_prefixes: Vec<Option<Box<dyn hooks::InputPrefix>>>,
+    /// bf16 compute (`--compute-dtype bf16`) of a frozen LM head (tied or not): its weight
+    /// packed as bf16 for the logits and for the hidden-state gradient of the loss.
+    pub head_bf16: Option<Box<linear::Bf16Packs>>,
 }
 
 impl Model {
@@ -132,6 +135,18 @@ impl Model {
     }
 
     /// Output-head weight `[vocab, hidden]` (the embeddings when tied).
+    /// Compute the loss's LM-head products in bf16 from now on. Only for a frozen head: the
+    /// packs are a snapshot of the weight.
+    pub fn use_bf16_head(&mut self) {
+        let (n, k) = (self.config.vocab, self.config.hidden);
+        let w = self.head_weight();
+        let packs = linear::Bf16Packs {
+            nt: crate::kernels::gemm::PackedBf16::for_nt(w, n, k),
+            nn: crate::kernels::gemm::PackedBf16::for_nn(w, n, k),
+        };
+        self.head_bf16 = Some(Box::new(packs));
+    }
+
     pub fn head_weight(&self) -> &[f32] {
         match &self.lm_head {
             // The output head is never stored 4-bit (quantize-nf4 and transformers skip it).

@@ -112,6 +112,17 @@ impl QuantState {
             .map(|d| d.as_u64().map(|d| d as usize))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| "quant state \"shape\" is not a list of integers".to_string())?;
+        // `numel()` multiplies the dimensions: a shape whose product overflows used to panic
+        // there (overflow checks) or wrap to a small count (found by fuzz/quant_state).
+        if shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .is_none()
+        {
+            return Err(format!(
+                "quant state \"shape\" {shape:?} has more elements than memory can hold"
+            ));
+        }
         let nested = if obj.contains_key("nested_offset") || obj.contains_key("nested_blocksize") {
             let offset = obj
                 .get("nested_offset")

@@ -124,8 +124,7 @@ impl Objective for NextToken {
         loss::cross_entropy_rows(
             ctx.hidden,
             c.hidden,
-            m.head_weight(),
-            ctx.head_pack,
+            loss::Head::of(m, ctx.head_pack),
             c.vocab,
             &rows,
             &|_| scale,
@@ -273,7 +272,12 @@ impl<'m> Engine<'m> {
     /// Use `p`, the current head weight ([`Model::head_weight`]) packed by
     /// [`gemm::PackedWeight::repack`], for the loss: packing the 49k×576 head of a small model
     /// once per step instead of once per chunk of rows saves a sizeable share of the step.
+    /// Ignored when the model has a bf16 head ([`Model::use_bf16_head`]), which then carries
+    /// the loss's products (and the trainers leave `p` empty).
     pub fn with_head_pack(mut self, p: &'m gemm::PackedWeight) -> Self {
+        if self.model.head_bf16.is_some() {
+            return self;
+        }
         assert_eq!(
             (p.n(), p.k()),
             (self.model.config.vocab, self.model.config.hidden),

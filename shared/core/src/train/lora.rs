@@ -8,7 +8,7 @@ use super::adapter_files::{sorted_json, trainable_tensors, write_adapter};
 use super::engine::dora_weight_norm;
 use super::params::{LoraParams, ParamState, Slot, TrainState};
 use crate::error::{Error, Result};
-use crate::io::safetensors_file::{to_f32, SafetensorsFile};
+use crate::io::safetensors_file::{check_finite, to_f32, SafetensorsFile};
 use crate::model::hooks::LinearAdapter;
 use crate::model::linear::Linear;
 use crate::model::{Arch, Model};
@@ -197,9 +197,14 @@ pub fn attach(
             .filter(|l| layer_index(&l.name) == Some(0))
             .map(|l| l.name.rsplit('.').next().unwrap_or("").to_string())
             .collect();
+        // Say the targets as the user wrote them, not as a Rust Debug value.
+        let targets = match &cfg.targets {
+            Targets::Names(n) => n.join(","),
+            Targets::Regex(r) => format!("re:{r}"),
+            Targets::AllLinear => "all-linear".into(),
+        };
         return Err(Error::usage(format!(
-            "no linear layer matches the targets {:?}; available module names: {}",
-            cfg.targets,
+            "no linear layer matches --target {targets}; available module names: {}",
             names.join(", ")
         )));
     }
@@ -289,8 +294,23 @@ pub fn load_adapter(dir: &Path, model: &Model, state: &mut TrainState) -> Result
             ));
         }
         let alpha = pattern_value(&cfg.alpha_pattern, &l.name)?.unwrap_or(cfg.alpha);
+        // PEFT's config and the tensors must agree on the rank (PEFT refuses to load
+        // otherwise; here alpha / r would silently use the wrong r).
+        if v.get("r").is_some() {
+            let want = pattern_value(&cfg.rank_pattern, &l.name)?.unwrap_or(cfg.rank);
+            if r != want {
+                return Err(Error::bad_input(
+                    &st_path,
+                    format!("{ka} has rank {r} but adapter_config.json says r = {want}"),
+                ));
+            }
+        }
         let a = to_f32(&ka, &ta).map_err(|m| Error::bad_input(&st_path, m))?;
         let b = to_f32(&kb, &tb).map_err(|m| Error::bad_input(&st_path, m))?;
+        // A NaN in an adapter poisons every output it touches.
+        check_finite(&ka, &a)
+            .and_then(|()| check_finite(&kb, &b))
+            .map_err(|m| Error::bad_input(&st_path, m))?;
         let km = key(&l.name, "lora_magnitude_vector");
         let magnitude = match file.get(&km) {
             Some(t) => Some(to_f32(&km, &t).map_err(|m| Error::bad_input(&st_path, m))?),

@@ -2,20 +2,69 @@
 //! of rows so that the logits of a whole batch never exist at once.
 
 use crate::kernels::{gemm, ops};
+use crate::model::{linear::Bf16Packs, Model};
 use rayon::prelude::*;
+
+/// The LM head `[vocab, h]` as the loss multiplies by it: the f32 weight, optionally packed
+/// for the forward product, or the bf16 packs of a frozen head (`--compute-dtype bf16`),
+/// which then carry both products (f32 accumulation, as torch autocast does).
+#[derive(Clone, Copy)]
+pub struct Head<'a> {
+    pub w: &'a [f32],
+    pub packed: Option<&'a gemm::PackedWeight>,
+    pub bf16: Option<&'a Bf16Packs>,
+}
+
+impl<'a> Head<'a> {
+    /// The model's head with its bf16 packs when it has them, and `packed` (the f32 weight
+    /// packed once per step, see `Engine::with_head_pack`).
+    pub fn of(m: &'a Model, packed: Option<&'a gemm::PackedWeight>) -> Self {
+        Head {
+            w: m.head_weight(),
+            packed,
+            bf16: m.head_bf16.as_deref(),
+        }
+    }
+
+    /// An f32 weight, unpacked.
+    pub fn plain(w: &'a [f32]) -> Self {
+        Head {
+            w,
+            packed: None,
+            bf16: None,
+        }
+    }
+
+    /// `logits[n, vocab] = x[n, h] · Wᵀ`.
+    pub fn logits(&self, x: &[f32], logits: &mut [f32], n: usize, vocab: usize, h: usize) {
+        if let Some(p) = self.bf16 {
+            gemm::matmul_nt_bf16(x, &p.nt, logits, n, false)
+        } else if let Some(p) = self.packed {
+            gemm::matmul_nt_packed(x, p, logits, n, false)
+        } else {
+            gemm::matmul_nt(x, self.w, logits, n, vocab, h, false)
+        }
+    }
+
+    /// `dx[n, h] = g[n, vocab] · W`.
+    fn input_grad(&self, g: &[f32], dx: &mut [f32], n: usize, vocab: usize, h: usize) {
+        match self.bf16 {
+            Some(p) => gemm::matmul_nn_bf16(g, &p.nn, dx, n, false),
+            None => gemm::matmul_nn(g, self.w, dx, n, h, vocab, false),
+        }
+    }
+}
 
 const CHUNK: usize = 256;
 
 /// For each (row of `hidden`, target token) pair: loss −log softmax(h·Wᵀ)[target]. Adds
 /// `scale`·dL/dh into `dh` (same layout as `hidden`) and, when given, `scale`·dL/dW into
-/// `dw` (`[vocab, h]`). Returns Σ loss (unscaled). `packed`, when given, is `w` packed for
-/// the forward product (it is then packed once, not once per chunk of rows).
+/// `dw` (`[vocab, h]`). Returns Σ loss (unscaled).
 #[allow(clippy::too_many_arguments)]
 pub fn cross_entropy_fwd_bwd(
     hidden: &[f32],
     h: usize,
-    w: &[f32],
-    packed: Option<&gemm::PackedWeight>,
+    head: Head,
     vocab: usize,
     rows: &[(usize, u32)],
     scale: f32,
@@ -26,8 +75,7 @@ pub fn cross_entropy_fwd_bwd(
     cross_entropy_rows(
         hidden,
         h,
-        w,
-        packed,
+        head,
         vocab,
         rows,
         &|_| scale,
@@ -45,8 +93,7 @@ pub fn cross_entropy_fwd_bwd(
 pub fn cross_entropy_rows(
     hidden: &[f32],
     h: usize,
-    w: &[f32],
-    packed: Option<&gemm::PackedWeight>,
+    head: Head,
     vocab: usize,
     rows: &[(usize, u32)],
     scale: &(dyn Fn(usize) -> f32 + Sync),
@@ -64,10 +111,7 @@ pub fn cross_entropy_rows(
             x[i * h..(i + 1) * h].copy_from_slice(&hidden[r * h..(r + 1) * h]);
         }
         let lg = &mut logits[..n * vocab];
-        match packed {
-            Some(p) => gemm::matmul_nt_packed(&x[..n * h], p, lg, n, false),
-            None => gemm::matmul_nt(&x[..n * h], w, lg, n, vocab, h, false),
-        }
+        head.logits(&x[..n * h], lg, n, vocab, h);
         let grad = dh.is_some();
         // softmax in place → gradient (p − onehot)·scale; collect the losses.
         let chunk_losses: Vec<f64> = lg
@@ -95,7 +139,7 @@ pub fn cross_entropy_rows(
             continue;
         };
         let mut dx = vec![0.0f32; n * h];
-        gemm::matmul_nn(lg, w, &mut dx, n, h, vocab, false);
+        head.input_grad(lg, &mut dx, n, vocab, h);
         for (i, &(r, _)) in chunk.iter().enumerate() {
             dh[r * h..(r + 1) * h]
                 .iter_mut()
@@ -103,7 +147,69 @@ pub fn cross_entropy_rows(
                 .for_each(|(a, b)| *a += b);
         }
         if let Some(g) = dw.as_deref_mut() {
+            debug_assert!(head.bf16.is_none(), "a trained head has no bf16 snapshot");
             gemm::matmul_tn(lg, &x[..n * h], g, vocab, h, n, true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::gemm::{round_bf16, PackedBf16};
+    use crate::rng::Rng;
+
+    /// The bf16 head computes the same losses as f32 arithmetic on bf16-rounded inputs and
+    /// weights (f32 accumulation), and a hidden-state gradient close to the f32 one.
+    #[test]
+    fn bf16_head_matches_f32_on_rounded_operands() {
+        let (h, vocab, n) = (40, 300, 7);
+        let mut rng = Rng::new(3);
+        let hidden: Vec<f32> = (0..n * h).map(|_| rng.normal()).collect();
+        let w: Vec<f32> = (0..vocab * h).map(|_| 0.2 * rng.normal()).collect();
+        let rows: Vec<(usize, u32)> = (0..n).map(|i| (i, (i * 37 % vocab) as u32)).collect();
+        let packs = Bf16Packs {
+            nt: PackedBf16::for_nt(&w, vocab, h),
+            nn: PackedBf16::for_nn(&w, vocab, h),
+        };
+        let bf16_head = Head {
+            w: &w,
+            packed: None,
+            bf16: Some(&packs),
+        };
+        let run = |head: Head, x: &[f32]| {
+            let mut dh = vec![0f32; n * h];
+            let mut losses = vec![0f64; n];
+            cross_entropy_rows(
+                x,
+                h,
+                head,
+                vocab,
+                &rows,
+                &|_| 1.0,
+                Some(&mut dh),
+                None,
+                &mut losses,
+            );
+            (losses, dh)
+        };
+        let (lb, dhb) = run(bf16_head, &hidden);
+        let hr: Vec<f32> = hidden.iter().map(|&x| round_bf16(x)).collect();
+        let wr: Vec<f32> = w.iter().map(|&x| round_bf16(x)).collect();
+        let (lr, _) = run(Head::plain(&wr), &hr);
+        let (lf, dhf) = run(Head::plain(&w), &hidden);
+        for i in 0..n {
+            assert!(
+                (lb[i] - lr[i]).abs() < 1e-4,
+                "row {i}: {} vs {}",
+                lb[i],
+                lr[i]
+            );
+        }
+        assert!(lb.iter().zip(&lf).any(|(a, b)| a != b), "bf16 path unused");
+        let scale = dhf.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (a, b) in dhb.iter().zip(&dhf) {
+            assert!((a - b).abs() <= 2e-2 * scale, "{a} vs {b}");
         }
     }
 }

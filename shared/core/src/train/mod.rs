@@ -17,6 +17,7 @@ pub mod output;
 pub mod pairs;
 pub mod params;
 pub mod plan;
+pub mod plot;
 pub mod ppo_math;
 pub mod ppo_objective;
 pub mod ppo_trainer;

@@ -126,8 +126,7 @@ impl Objective for PpoObjective {
         loss::cross_entropy_rows(
             head_in,
             h,
-            m.head_weight(),
-            ctx.head_pack,
+            loss::Head::of(m, ctx.head_pack),
             c.vocab,
             &rows,
             &|_| 0.0,
@@ -196,8 +195,7 @@ impl Objective for PpoObjective {
                 loss::cross_entropy_rows(
                     head_in,
                     h,
-                    m.head_weight(),
-                    ctx.head_pack,
+                    loss::Head::of(m, ctx.head_pack),
                     c.vocab,
                     &rows,
                     &|i| row_scale[i],
@@ -210,8 +208,7 @@ impl Objective for PpoObjective {
                 loss::cross_entropy_rows(
                     ctx.hidden,
                     h,
-                    m.head_weight(),
-                    ctx.head_pack,
+                    loss::Head::of(m, ctx.head_pack),
                     c.vocab,
                     &rows,
                     &|i| row_scale[i],
@@ -337,10 +334,8 @@ fn tempered_logp_entropy(
     inv_t: f64,
     want_entropy: bool,
 ) -> (Vec<f64>, Vec<f64>) {
-    use crate::kernels::gemm;
     use rayon::prelude::*;
     const CHUNK: usize = 128;
-    let w = ctx.model.head_weight();
     let mut logp = Vec::with_capacity(rows.len());
     let mut ent = Vec::with_capacity(rows.len());
     let mut x = vec![0f32; CHUNK.min(rows.len().max(1)) * h];
@@ -351,10 +346,7 @@ fn tempered_logp_entropy(
             x[i * h..(i + 1) * h].copy_from_slice(&ctx.hidden[r * h..(r + 1) * h]);
         }
         let lg = &mut logits[..n * vocab];
-        match ctx.head_pack {
-            Some(p) => gemm::matmul_nt_packed(&x[..n * h], p, lg, n, false),
-            None => gemm::matmul_nt(&x[..n * h], w, lg, n, vocab, h, false),
-        }
+        loss::Head::of(ctx.model, ctx.head_pack).logits(&x[..n * h], lg, n, vocab, h);
         let out: Vec<(f64, f64)> = lg
             .par_chunks(vocab)
             .zip(chunk.par_iter())

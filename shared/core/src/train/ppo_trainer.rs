@@ -23,8 +23,9 @@ use super::ppo_objective::{PpoObjective, RolloutEval, RolloutSeq};
 use super::prompts::{load_prompts, Prompt, PromptOptions};
 use super::rollout::{sample_responses, Response};
 use super::trainer::{
-    attach_method, next_window, prepare_output, save_checkpoint, save_output, split_validation,
-    start_progress, stop_on_ctrl_c, write_log, Method, TrainOptions,
+    attach_method, final_checkpoint, next_window, prepare_output, resumed_in_place,
+    save_checkpoint, save_output, split_validation, start_progress, stop_on_ctrl_c, write_log,
+    Method, TrainOptions,
 };
 use crate::error::{Error, Result};
 use crate::generate::SamplingParams;
@@ -519,6 +520,7 @@ fn mean_std(x: &[f64]) -> (f64, f64) {
 /// Train a policy with PPO.
 pub fn run(o: &PpoOptions) -> Result<PpoSummary> {
     let t = &o.train;
+    super::trainer::check_options(t)?;
     if !matches!(t.method, Method::Lora | Method::Dora) {
         return Err(Error::usage(
             "ppo-train trains LoRA or DoRA adapters (--method lora|dora)",
@@ -546,10 +548,10 @@ pub fn run(o: &PpoOptions) -> Result<PpoSummary> {
         skip_bad_lines: t.data_opts.skip_bad_lines,
     };
     let (mut prompts, stats) = load_prompts(&t.data, &tok, &popts)?;
-    eprintln!(
+    crate::cli::info(format!(
         "prompts: {} from {} records; {} dropped as longer than {max_prompt} tokens, {} bad records skipped",
         stats.prompts, stats.records, stats.dropped_long, stats.skipped_bad_lines
-    );
+    ));
     let eval_set: Vec<Prompt> = match &t.val_data {
         Some(p) => load_prompts(p, &tok, &popts)?.0,
         None if t.val_split > 0.0 => {
@@ -609,7 +611,7 @@ pub fn run(o: &PpoOptions) -> Result<PpoSummary> {
         ParamState::new("v_head.summary.bias".into(), vec![1], false),
     );
     super::full::refuse_4bit_trainables(&model, &state, &t.model)?;
-    super::trainer::apply_compute_dtype(&topts, &mut model, &state);
+    super::trainer::apply_compute_dtype(&topts, &mut model, &state, true);
     let mut reward = Reward::load(o, &model, &tok)?;
     let stop = crate::generate::stop_tokens(&t.model, &model.config, &tok)?;
     println!(
@@ -631,7 +633,9 @@ pub fn run(o: &PpoOptions) -> Result<PpoSummary> {
     }
     let c = &model.config;
     let mut head_pack = gemm::PackedWeight::default();
-    head_pack.repack(model.head_weight(), c.vocab, c.hidden);
+    if model.head_bf16.is_none() {
+        head_pack.repack(model.head_weight(), c.vocab, c.hidden);
+    }
 
     let total_steps = t
         .steps
@@ -643,9 +647,12 @@ pub fn run(o: &PpoOptions) -> Result<PpoSummary> {
     };
     let mut sample_rng = Rng::new(t.seed.wrapping_add(2));
     let mut prog = start_progress(t.seed);
+    // The step whose checkpoint is on disk in OUT (the final save is not repeated).
+    let mut saved_at = None;
     if let Some(r) = &t.resume {
         let dir = checkpoint::resolve(r)?;
         prog = checkpoint::load(&dir, &mut model, &mut state)?;
+        saved_at = resumed_in_place(&t.out, &dir).then_some(prog.step);
         let extra = prog.extra.clone().unwrap_or_default();
         match (
             extra.get("kl_coef").and_then(|v| v.as_f64()),
@@ -664,7 +671,11 @@ pub fn run(o: &PpoOptions) -> Result<PpoSummary> {
                 ))
             }
         }
-        eprintln!("resumed from {} at step {}", dir.display(), prog.step);
+        crate::cli::info(format!(
+            "resumed from {} at step {}",
+            dir.display(),
+            prog.step
+        ));
     }
     let mut log = prepare_output(
         &t.out,
@@ -685,13 +696,13 @@ pub fn run(o: &PpoOptions) -> Result<PpoSummary> {
             &stop,
         )?;
         if let Some(e) = &e {
-            eprintln!(
+            crate::cli::info(format!(
                 "before training: mean score {:.4}, KL {:.4}, response length {:.1} ({} prompts)",
                 e.score,
                 e.kl,
                 e.response_length,
                 eval_ids.len()
-            );
+            ));
             write_log(
                 &mut log,
                 json!({"step": 0, "eval_score": e.score, "eval_kl": e.kl, "eval_response_length": e.response_length}),
@@ -807,6 +818,7 @@ pub fn run(o: &PpoOptions) -> Result<PpoSummary> {
         let stop_now = stop_flag.load(Ordering::SeqCst);
         if (t.save_every > 0 && prog.step.is_multiple_of(t.save_every)) || stop_now {
             save_checkpoint(&t.out, &model, &state, &prog)?;
+            saved_at = Some(prog.step);
         }
         if stop_now {
             interrupted = true;
@@ -815,11 +827,11 @@ pub fn run(o: &PpoOptions) -> Result<PpoSummary> {
     }
     bar.finish_and_clear();
     if interrupted {
-        eprintln!(
+        crate::cli::info(format!(
             "interrupted: checkpoint saved at step {}; continue with --resume {}",
             prog.step,
             t.out.display()
-        );
+        ));
         return Ok(PpoSummary {
             steps: prog.step,
             before,
@@ -827,7 +839,7 @@ pub fn run(o: &PpoOptions) -> Result<PpoSummary> {
             interrupted,
         });
     }
-    save_checkpoint(&t.out, &model, &state, &prog)?;
+    final_checkpoint(&t.out, &model, &state, &prog, saved_at)?;
     let after = evaluate(
         o,
         &mut model,
@@ -839,13 +851,13 @@ pub fn run(o: &PpoOptions) -> Result<PpoSummary> {
         &stop,
     )?;
     if let Some(e) = &after {
-        eprintln!(
+        crate::cli::info(format!(
             "after training: mean score {:.4}, KL {:.4}, response length {:.1} ({} prompts)",
             e.score,
             e.kl,
             e.response_length,
             eval_ids.len()
-        );
+        ));
         write_log(
             &mut log,
             json!({"step": prog.step, "eval_score": e.score, "eval_kl": e.kl, "eval_response_length": e.response_length}),

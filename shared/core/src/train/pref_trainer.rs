@@ -10,8 +10,9 @@ use super::pairs::{load_pairs, Pair, PairOptions};
 use super::params::{ParamState, Slot, TrainState};
 use super::preference::{DpoLoss, DpoObjective, RewardLoss, SeqLogprobs};
 use super::trainer::{
-    attach_method, next_window, prepare_output, save_checkpoint, save_output, split_validation,
-    start_progress, stop_on_ctrl_c, write_log, Method, TrainOptions,
+    attach_method, final_checkpoint, next_window, prepare_output, resumed_in_place,
+    save_checkpoint, save_output, split_validation, start_progress, stop_on_ctrl_c, write_log,
+    Method, TrainOptions,
 };
 use crate::error::{Error, Result};
 use crate::kernels::gemm;
@@ -198,10 +199,11 @@ fn reference_logps(
 /// Train a reward model or a DPO policy.
 pub fn run(opts: &PrefOptions) -> Result<PrefSummary> {
     let t = &opts.train;
+    super::trainer::check_options(t)?;
     let progress = Progress::new(t.quiet);
     let tok = TextTokenizer::load(&t.model)?;
     let (mut data, stats) = load_pairs(&t.data, &tok, &opts.pairs)?;
-    eprintln!(
+    crate::cli::info(format!(
         "data: {} pairs from {} records; {} truncated, {} dropped as longer than {} tokens, {} lost their completion, {} bad records skipped",
         stats.pairs,
         stats.records,
@@ -210,7 +212,7 @@ pub fn run(opts: &PrefOptions) -> Result<PrefSummary> {
         opts.pairs.max_len,
         stats.dropped_empty,
         stats.skipped_bad_lines
-    );
+    ));
     let val: Vec<Pair> = match &t.val_data {
         Some(p) => load_pairs(p, &tok, &opts.pairs)?.0,
         None if t.val_split > 0.0 => {
@@ -236,7 +238,7 @@ pub fn run(opts: &PrefOptions) -> Result<PrefSummary> {
         }
     }
     let attached = attach_method(&topts, &model, &mut state, &tok, &mut init_rng)?;
-    super::trainer::apply_compute_dtype(&topts, &mut model, &state);
+    super::trainer::apply_compute_dtype(&topts, &mut model, &state, !is_reward);
     super::full::refuse_4bit_trainables(&model, &state, &t.model)?;
     if is_reward {
         // transformers initialises the head with N(0, initializer_range = 0.02)
@@ -257,7 +259,9 @@ pub fn run(opts: &PrefOptions) -> Result<PrefSummary> {
 
     let c = &model.config;
     let mut head_pack = gemm::PackedWeight::default();
-    head_pack.repack(model.head_weight(), c.vocab, c.hidden);
+    if model.head_bf16.is_none() {
+        head_pack.repack(model.head_weight(), c.vocab, c.hidden);
+    }
     let (reference, val_reference) = match opts.task {
         PrefTask::Dpo { .. } => {
             let _p = crate::profile::scope("dpo.reference");
@@ -281,10 +285,17 @@ pub fn run(opts: &PrefOptions) -> Result<PrefSummary> {
         .unwrap_or(((steps_per_epoch as f64) * t.epochs).ceil() as u64)
         .max(1);
     let mut prog = start_progress(t.seed);
+    // The step whose checkpoint is on disk in OUT (the final save is not repeated).
+    let mut saved_at = None;
     if let Some(r) = &t.resume {
         let dir = checkpoint::resolve(r)?;
         prog = checkpoint::load(&dir, &mut model, &mut state)?;
-        eprintln!("resumed from {} at step {}", dir.display(), prog.step);
+        crate::cli::info(format!(
+            "resumed from {} at step {}",
+            dir.display(),
+            prog.step
+        ));
+        saved_at = resumed_in_place(&t.out, &dir).then_some(prog.step);
         if head_trains {
             head_pack.repack(model.head_weight(), model.config.vocab, model.config.hidden);
         }
@@ -322,10 +333,10 @@ pub fn run(opts: &PrefOptions) -> Result<PrefSummary> {
             Ok(Some(m.finish()))
         };
     let report = |when: &str, m: &Metrics| {
-        eprintln!(
+        crate::cli::info(format!(
             "eval {when}: loss {:.4}, accuracy {:.3}, margin {:.4} ({} pairs)",
             m.loss, m.accuracy, m.margin, m.pairs
-        );
+        ));
     };
     let eval_before = if prog.step == 0 {
         evaluate(&model, &state, &head_pack)?
@@ -426,6 +437,7 @@ pub fn run(opts: &PrefOptions) -> Result<PrefSummary> {
         let interrupted_now = stop.load(Ordering::SeqCst);
         if (t.save_every > 0 && prog.step.is_multiple_of(t.save_every)) || interrupted_now {
             save_checkpoint(&t.out, &model, &state, &prog)?;
+            saved_at = Some(prog.step);
         }
         if interrupted_now {
             interrupted = true;
@@ -434,7 +446,7 @@ pub fn run(opts: &PrefOptions) -> Result<PrefSummary> {
     }
     bar.finish_and_clear();
     if !interrupted {
-        save_checkpoint(&t.out, &model, &state, &prog)?;
+        final_checkpoint(&t.out, &model, &state, &prog, saved_at)?;
     }
     let eval_after = evaluate(&model, &state, &head_pack)?;
     if let Some(m) = &eval_after {
@@ -444,11 +456,11 @@ pub fn run(opts: &PrefOptions) -> Result<PrefSummary> {
         write_log(&mut log, v)?;
     }
     if interrupted {
-        eprintln!(
+        crate::cli::info(format!(
             "interrupted: checkpoint saved at step {}; continue with --resume {}",
             prog.step,
             t.out.display()
-        );
+        ));
     } else if is_reward {
         if matches!(t.method, Method::Full | Method::Freeze) {
             super::output::save_reward_model(&t.out, &t.model, &model, &state, pad)?;

@@ -209,8 +209,7 @@ fn sequence_logprobs(
     loss::cross_entropy_rows(
         ctx.hidden,
         c.hidden,
-        m.head_weight(),
-        ctx.head_pack,
+        loss::Head::of(m, ctx.head_pack),
         c.vocab,
         &pairs,
         &scale,
@@ -408,8 +407,11 @@ pub fn load_reward_adapter(
             ),
         ));
     }
-    state.score =
-        Some(crate::io::safetensors_file::to_f32(key, &t).map_err(|m| Error::bad_input(&st, m))?);
+    let score =
+        crate::io::safetensors_file::to_f32(key, &t).map_err(|m| Error::bad_input(&st, m))?;
+    // A NaN head scores every text NaN (and every comparison false).
+    crate::io::safetensors_file::check_finite(key, &score).map_err(|m| Error::bad_input(&st, m))?;
+    state.score = Some(score);
     Ok(state)
 }
 

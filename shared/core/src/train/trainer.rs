@@ -113,6 +113,7 @@ pub struct TrainSummary {
 
 /// Everything a run needs, in the order the loop uses it.
 pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
+    check_options(opts)?;
     // Models with learned positions (GPT-2) cannot take sequences longer than their position
     // table: truncate (or pack) to that length instead of failing in the middle of training.
     let config = crate::model::ModelConfig::load(&opts.model)?;
@@ -142,7 +143,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
             interrupted: false,
         });
     }
-    eprintln!(
+    crate::cli::info(format!(
         "data: {} examples ({} format), {} tokens, {} with loss; {} truncated, {} dropped, {} bad lines skipped",
         examples.len(),
         stats.format,
@@ -151,7 +152,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
         stats.truncated,
         stats.dropped,
         stats.skipped_bad_lines
-    );
+    ));
     let val: Vec<Example> = match &opts.val_data {
         Some(p) => data::load_examples(p, &tok, &opts.data_opts)?.0,
         None if opts.val_split > 0.0 => {
@@ -165,17 +166,17 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
     let mut model = Model::load_with(&opts.model, opts.quantize)?;
     if model.has_4bit_weights() && !opts.quiet {
         let (n, b) = model.linear_weight_memory();
-        eprintln!(
+        crate::cli::info(format!(
             "4-bit base: {:.1} MB for {:.1}M linear weights ({:.3} byte/param; embeddings, norms and head in f32)",
             b as f64 / 1e6,
             n as f64 / 1e6,
             b as f64 / n.max(1) as f64
-        );
+        ));
     }
     let mut state = TrainState::new(model.linears().len());
     let mut init_rng = Rng::new(opts.seed);
     let attached = attach_method(opts, &model, &mut state, &tok, &mut init_rng)?;
-    apply_compute_dtype(opts, &mut model, &state);
+    apply_compute_dtype(opts, &mut model, &state, true);
     full::refuse_4bit_trainables(&model, &state, &opts.model)?;
     let trainable = state.trainable_count();
     let all = model.config.param_count()
@@ -225,10 +226,17 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
     }
 
     let mut prog = start_progress(opts.seed);
+    // The step whose checkpoint is on disk in OUT (the final save is not repeated).
+    let mut saved_at = None;
     if let Some(r) = &opts.resume {
         let dir = checkpoint::resolve(r)?;
         prog = checkpoint::load(&dir, &mut model, &mut state)?;
-        eprintln!("resumed from {} at step {}", dir.display(), prog.step);
+        crate::cli::info(format!(
+            "resumed from {} at step {}",
+            dir.display(),
+            prog.step
+        ));
+        saved_at = resumed_in_place(&opts.out, &dir).then_some(prog.step);
     }
     // Refuse before creating anything: `--out` naming the data file must not fail on
     // create_dir_all with a confusing I/O error, and must leave nothing behind.
@@ -248,7 +256,8 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
         Slot::Embedding
     });
     let mut head_pack = gemm::PackedWeight::default();
-    let mut head_pack_fresh = false;
+    // (never built when the bf16 head packs carry the products)
+    let mut head_pack_fresh = model.head_bf16.is_some();
     let refresh_head = |p: &mut gemm::PackedWeight, fresh: &mut bool, model: &Model| {
         if !*fresh {
             let c = &model.config;
@@ -285,10 +294,10 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
         None
     };
     if let Some(l) = eval_before {
-        eprintln!(
+        crate::cli::info(format!(
             "eval loss before training: {l:.4} (perplexity {:.2})",
             l.exp()
-        );
+        ));
         write_log(
             &mut log,
             json!({"step": 0, "eval_loss": l, "eval_perplexity": l.exp()}),
@@ -392,6 +401,7 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
         let interrupted_now = stop.load(Ordering::SeqCst) || stop_after == Some(prog.step);
         if (opts.save_every > 0 && prog.step.is_multiple_of(opts.save_every)) || interrupted_now {
             save_checkpoint(&opts.out, &model, &state, &prog)?;
+            saved_at = Some(prog.step);
         }
         if interrupted_now {
             interrupted = true;
@@ -400,26 +410,26 @@ pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
     }
     bar.finish_and_clear();
     if !interrupted {
-        save_checkpoint(&opts.out, &model, &state, &prog)?;
+        final_checkpoint(&opts.out, &model, &state, &prog, saved_at)?;
     }
     refresh_head(&mut head_pack, &mut head_pack_fresh, &model);
     let eval_after = eval(&model, &state, &head_pack);
     if let Some(l) = eval_after {
-        eprintln!(
+        crate::cli::info(format!(
             "eval loss after training: {l:.4} (perplexity {:.2})",
             l.exp()
-        );
+        ));
         write_log(
             &mut log,
             json!({"step": prog.step, "eval_loss": l, "eval_perplexity": l.exp()}),
         )?;
     }
     if interrupted {
-        eprintln!(
+        crate::cli::info(format!(
             "interrupted: checkpoint saved at step {}; continue with --resume {}",
             prog.step,
             opts.out.display()
-        );
+        ));
     } else {
         save_output(opts, &attached, &model, &state, "CAUSAL_LM")?;
     }
@@ -544,7 +554,13 @@ pub fn attach_method(
 
 /// Apply `--compute-dtype`: with bf16, every frozen f32 linear weight gets its bf16 packs
 /// (trainable base weights of full/freeze runs stay f32, since the packs are not refreshed).
-pub(crate) fn apply_compute_dtype(opts: &TrainOptions, model: &mut Model, state: &TrainState) {
+/// `lm_loss`: the objective multiplies by the LM head (not a reward model's score head).
+pub(crate) fn apply_compute_dtype(
+    opts: &TrainOptions,
+    model: &mut Model,
+    state: &TrainState,
+    lm_loss: bool,
+) {
     if !opts.compute_bf16 {
         return;
     }
@@ -553,6 +569,16 @@ pub(crate) fn apply_compute_dtype(opts: &TrainOptions, model: &mut Model, state:
         if !state.is_trainable(Slot::LinearWeight(i)) {
             l.use_bf16();
         }
+    }
+    // The loss's head products (a quarter of a small model's step), unless the head (or the
+    // embedding it is tied to) trains.
+    let head_slot = if model.lm_head.is_some() {
+        Slot::Head
+    } else {
+        Slot::Embedding
+    };
+    if lm_loss && !state.is_trainable(head_slot) {
+        model.use_bf16_head();
     }
 }
 
@@ -584,6 +610,34 @@ pub fn save_output(
 
 /// Hold out `frac` of `items` (at least one, leaving at least one) for evaluation, chosen by a
 /// seeded shuffle; order within each part is kept. Fewer than two items are all for training.
+/// Options that parse but cannot mean anything (the loops clamp a zero batch to 1 and would
+/// happily step a negative learning rate): refuse them before any file is read. Shared by
+/// peft-train, rm-train, dpo-train and ppo-train.
+pub(crate) fn check_options(opts: &TrainOptions) -> Result<()> {
+    let lr = opts.optim.lr;
+    if !lr.is_finite() || lr < 0.0 {
+        return Err(Error::usage(format!(
+            "--lr {lr}: expected a learning rate >= 0"
+        )));
+    }
+    if opts.batch == 0 || opts.grad_accum == 0 {
+        return Err(Error::usage("--batch and --grad-accum must be at least 1"));
+    }
+    if opts.steps.is_none() && !(opts.epochs.is_finite() && opts.epochs > 0.0) {
+        return Err(Error::usage(format!(
+            "--epochs {}: expected a positive number (or give --steps)",
+            opts.epochs
+        )));
+    }
+    if !(0.0..1.0).contains(&opts.val_split) {
+        return Err(Error::usage(format!(
+            "--val-split {}: expected a fraction in [0, 1)",
+            opts.val_split
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn split_validation<T>(items: Vec<T>, frac: f64, seed: u64) -> (Vec<T>, Vec<T>) {
     if items.len() < 2 {
         return (items, Vec::new());
@@ -649,12 +703,48 @@ pub(crate) fn save_checkpoint(
     let dir = out.join("checkpoints");
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     checkpoint::save(&dir.join(format!("step-{}", prog.step)), model, state, prog)?;
-    // Keep the two newest.
-    let all = checkpoint::list(&dir);
-    for old in all.iter().take(all.len().saturating_sub(2)) {
-        let _ = std::fs::remove_dir_all(old);
-    }
+    prune_checkpoints(&dir);
     Ok(())
+}
+
+/// The checkpoint at the end of a run: written unless `saved_at` says this step's is already
+/// in OUT (saved by the loop, or the one the run resumed from in place). Writing it twice
+/// replaced the folder with the same bytes, the one moment it was briefly absent.
+pub(crate) fn final_checkpoint(
+    out: &Path,
+    model: &Model,
+    state: &TrainState,
+    prog: &CkptProgress,
+    saved_at: Option<u64>,
+) -> Result<()> {
+    if saved_at == Some(prog.step) {
+        // A run killed between its last save and its pruning left one checkpoint too many.
+        prune_checkpoints(&out.join("checkpoints"));
+        return Ok(());
+    }
+    save_checkpoint(out, model, state, prog)
+}
+
+/// Keep the two newest checkpoints. An old one is renamed away before it is deleted: removed
+/// in place, a kill mid-way left a step-N folder with some of its files gone (found by
+/// tests/tests/kill_resume.rs).
+fn prune_checkpoints(dir: &Path) {
+    let all = checkpoint::list(dir);
+    for old in all.iter().take(all.len().saturating_sub(2)) {
+        let _ = crate::io::atomic::remove_dir_atomically(old);
+    }
+}
+
+/// Whether `ckpt` (the checkpoint a run resumed from) is `out`'s own `checkpoints/step-N`: then
+/// the run's final checkpoint need not be written again when no step is left to train.
+pub(crate) fn resumed_in_place(out: &Path, ckpt: &Path) -> bool {
+    match (
+        ckpt.parent().map(Path::canonicalize),
+        out.join("checkpoints").canonicalize(),
+    ) {
+        (Some(Ok(a)), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 /// Progress of a run that starts at step 0 (the dropout RNG seeded from `seed`).
@@ -679,6 +769,10 @@ pub(crate) fn prepare_output(
 ) -> Result<Option<std::fs::File>> {
     crate::io::atomic::refuse_overwriting_inputs(out, inputs)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    // What killed runs left behind: output files and checkpoint folders they were writing,
+    // old checkpoints they were deleting (checkpoint folders can be large).
+    crate::io::atomic::remove_stale_temps(out);
+    crate::io::atomic::remove_stale_temps(&out.join("checkpoints"));
     log.map(|p| {
         std::fs::OpenOptions::new()
             .create(true)
@@ -701,7 +795,11 @@ pub(crate) fn stop_on_ctrl_c() -> Arc<AtomicBool> {
 
 pub(crate) fn write_log(log: &mut Option<std::fs::File>, v: serde_json::Value) -> Result<()> {
     if let Some(f) = log {
-        writeln!(f, "{v}").map_err(|e| Error::io("metrics log", e))?;
+        // One write per record: `writeln!` on the unbuffered file issued a write per JSON
+        // token, so a kill could leave half a record for the resumed run to append to.
+        let line = format!("{v}\n");
+        f.write_all(line.as_bytes())
+            .map_err(|e| Error::io("metrics log", e))?;
     }
     Ok(())
 }

@@ -341,6 +341,14 @@ impl PackedBf16 {
         p
     }
 
+    /// Decode and pack a 4-bit weight into this buffer (reusing its memory) for
+    /// [`matmul_nn_bf16`] (`nn`) or [`matmul_nt_bf16`], selected path: QLoRA's bf16 compute
+    /// decodes each frozen 4-bit weight this way once per product, as bitsandbytes
+    /// dequantizes to the compute dtype before its matmul.
+    pub fn repack_q4(&mut self, w: &super::Q4Weight, nn: bool) {
+        self.repack(Bf16Path::selected(), Source::Q4(*w), nn, w.n, w.k);
+    }
+
     /// Pack another f32 weight into this buffer (reusing its memory), same layout as before
     /// (`nn` selects [`PackedBf16::for_nn`]'s layout), selected path.
     pub fn repack_f32(&mut self, w: &[f32], n: usize, k: usize, nn: bool) {
@@ -411,32 +419,59 @@ impl PackedBf16 {
     }
 }
 
-/// A weight given as f32 (rounded while packing) or as bf16 bits.
+/// A weight given as f32 (rounded while packing), as bf16 bits, or 4-bit (decoded while
+/// packing, so no full-precision copy of it exists).
 #[derive(Clone, Copy)]
 enum Source<'a> {
     F32(&'a [f32]),
     Bits(&'a [u16]),
+    Q4(super::Q4Weight<'a>),
 }
+
+/// Longest run [`Source::fetch`] is asked for: one k block of pairs.
+const RUN: usize = 2 * KCP;
 
 impl Source<'_> {
     fn len(&self) -> usize {
         match self {
             Source::F32(w) => w.len(),
             Source::Bits(w) => w.len(),
+            Source::Q4(q) => q.n * q.k,
         }
     }
 
-    #[inline(always)]
-    fn get(&self, i: usize) -> u32 {
+    /// bf16 bits of elements `start..start + out.len()` (at most [`RUN`]) of the flattened
+    /// weight, widened to u32.
+    #[inline]
+    fn fetch(&self, start: usize, out: &mut [u32]) {
+        let end = start + out.len();
         match self {
-            Source::F32(w) => f32_to_bf16_bits(w[i]) as u32,
-            Source::Bits(w) => w[i] as u32,
+            Source::F32(w) => {
+                for (o, &x) in out.iter_mut().zip(&w[start..end]) {
+                    *o = f32_to_bf16_bits(x) as u32;
+                }
+            }
+            Source::Bits(w) => {
+                for (o, &x) in out.iter_mut().zip(&w[start..end]) {
+                    *o = x as u32;
+                }
+            }
+            Source::Q4(q) => {
+                let mut buf = [0f32; RUN];
+                let buf = &mut buf[..out.len()];
+                super::decode_q4(q, start, buf);
+                for (o, &x) in out.iter_mut().zip(buf.iter()) {
+                    *o = f32_to_bf16_bits(x) as u32;
+                }
+            }
         }
     }
 }
 
 /// Pack one weight panel: product columns `j0..j0+nr`, pairs `p0..p0+bk`, into
-/// `out[p*nr + lane]` (zeros in the rest of `out`). For the nt layout the product's B(kk, j) = W[j, kk]; for nn, W[kk, j].
+/// `out[p*nr + lane]` (zeros in the rest of `out`). For the nt layout the product's B(kk, j) =
+/// W[j, kk]; for nn, W[kk, j]. Reads the weight in contiguous runs of a row (what the 4-bit
+/// decoder wants).
 #[allow(clippy::too_many_arguments)]
 fn pack_b_panel(
     w: Source,
@@ -453,32 +488,36 @@ fn pack_b_panel(
 ) {
     out.fill(0);
     let cols = nr.min(pn - j0);
+    let mut run = [0u32; RUN];
     if !nn {
         // W row j0+l holds B(·, j0+l) contiguously.
         let _ = n;
+        let kk0 = 2 * p0;
+        let len = (2 * bk).min(pk - kk0);
         for l in 0..cols {
-            let row = (j0 + l) * k;
+            let r = &mut run[..len];
+            w.fetch((j0 + l) * k + kk0, r);
             for p in 0..bk {
-                let kk = 2 * (p0 + p);
-                let lo = w.get(row + kk);
-                let hi = if kk + 1 < pk { w.get(row + kk + 1) } else { 0 };
+                let lo = r[2 * p];
+                let hi = r.get(2 * p + 1).copied().unwrap_or(0);
                 out[p * nr + l] = lo | (hi << 16);
             }
         }
     } else {
         // W row kk holds B(kk, ·) contiguously.
+        let (lo, hi) = run.split_at_mut(RUN / 2);
+        let (lo, hi) = (&mut lo[..cols], &mut hi[..cols]);
         for p in 0..bk {
             let kk = 2 * (p0 + p);
-            let (r0, r1) = (kk * k + j0, (kk + 1) * k + j0);
             let dst = &mut out[p * nr..p * nr + cols];
+            w.fetch(kk * k + j0, lo);
             if kk + 1 < pk {
-                for (l, d) in dst.iter_mut().enumerate() {
-                    *d = w.get(r0 + l) | (w.get(r1 + l) << 16);
+                w.fetch((kk + 1) * k + j0, hi);
+                for ((d, &a), &b) in dst.iter_mut().zip(lo.iter()).zip(hi.iter()) {
+                    *d = a | (b << 16);
                 }
             } else {
-                for (l, d) in dst.iter_mut().enumerate() {
-                    *d = w.get(r0 + l);
-                }
+                dst.copy_from_slice(lo);
             }
         }
     }
@@ -514,6 +553,33 @@ pub fn matmul_nn_bf16(dy: &[f32], w: &PackedBf16, c: &mut [f32], m: usize, acc: 
         "matmul_nn_bf16 needs a weight packed with PackedBf16::for_nn"
     );
     product(dy, w, c, m, acc);
+}
+
+thread_local! {
+    /// The decoded 4-bit weight of the last product (its memory reused: one layer's worth).
+    /// Taken out while in use, so a product nested through rayon's work stealing on this
+    /// thread simply starts from an empty one.
+    static SCRATCH_Q4: Cell<PackedBf16> = Cell::new(PackedBf16::default());
+}
+
+fn with_q4_scratch(w: &super::Q4Weight, nn: bool, f: impl FnOnce(&PackedBf16)) {
+    let mut p = SCRATCH_Q4.take();
+    p.repack_q4(w, nn);
+    f(&p);
+    SCRATCH_Q4.set(p);
+}
+
+/// C[m×n] (+)= A[m×k] · Wᵀ in bf16 for a 4-bit W `[n, k]` (QLoRA's forward with bf16
+/// compute): W is decoded and packed into a per-thread scratch pack, then multiplied as by
+/// [`matmul_nt_bf16`].
+pub fn matmul_nt_q4_bf16(a: &[f32], w: &super::Q4Weight, c: &mut [f32], m: usize, acc: bool) {
+    with_q4_scratch(w, false, |p| product(a, p, c, m, acc))
+}
+
+/// C[m×k] (+)= DY[m×n] · W in bf16 for a 4-bit W `[n, k]` (QLoRA's input gradient with bf16
+/// compute), through the same scratch pack as [`matmul_nt_q4_bf16`].
+pub fn matmul_nn_q4_bf16(dy: &[f32], w: &super::Q4Weight, c: &mut [f32], m: usize, acc: bool) {
+    with_q4_scratch(w, true, |p| product(dy, p, c, m, acc))
 }
 
 fn product(a: &[f32], w: &PackedBf16, c: &mut [f32], m: usize, acc: bool) {

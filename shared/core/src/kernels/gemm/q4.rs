@@ -445,4 +445,42 @@ mod tests {
             close(&got, &want, &format!("nn {m}x{n}x{k}"));
         }
     }
+
+    /// bf16 products of a 4-bit weight decode it into exactly the panels the dense weight
+    /// packs into: bit-identical results, both layouts, odd shapes and scalar-decode ones.
+    #[test]
+    fn bf16_products_with_4bit_weights_equal_the_dense_bf16_ones() {
+        use super::super::PackedBf16;
+        use super::super::{matmul_nn_bf16, matmul_nn_q4_bf16, matmul_nt_bf16, matmul_nt_q4_bf16};
+        for &(m, n, k, bs) in &[
+            (37, 96, 64, 64),
+            (20, 70, 576, 64),
+            (17, 33, 40, 32),
+            (24, 64, 1600, 128),
+        ] {
+            let (packed, absmax, dense) = weight(n, k, bs, (m * n + k) as u64);
+            let w = Q4Weight {
+                packed: &packed,
+                absmax: &absmax,
+                code: &CODE,
+                blocksize: bs,
+                n,
+                k,
+            };
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7) % 13) as f32 / 6.0 - 1.0)
+                .collect();
+            let (mut want, mut got) = (vec![0.0; m * n], vec![0.0; m * n]);
+            matmul_nt_bf16(&a, &PackedBf16::for_nt(&dense, n, k), &mut want, m, false);
+            matmul_nt_q4_bf16(&a, &w, &mut got, m, false);
+            assert_eq!(got, want, "nt {m}x{n}x{k}");
+            let dy: Vec<f32> = (0..m * n)
+                .map(|i| ((i * 5) % 11) as f32 / 5.0 - 1.0)
+                .collect();
+            let (mut want, mut got) = (vec![0.5; m * k], vec![0.5; m * k]);
+            matmul_nn_bf16(&dy, &PackedBf16::for_nn(&dense, n, k), &mut want, m, true);
+            matmul_nn_q4_bf16(&dy, &w, &mut got, m, true);
+            assert_eq!(got, want, "nn {m}x{n}x{k}");
+        }
+    }
 }
