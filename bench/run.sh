@@ -72,29 +72,28 @@ if want qlora_bf16; then
   measure hf_qlora_bf16 "$PY" bench/hf_reference.py qlora-train-bf16 --model "$MODEL" --data "$OUT/train.jsonl" --threads "$THREADS"
 fi
 
-"$PY" - "$OUT" <<'PY'
+SECTIONS="$SECTIONS" "$PY" - "$OUT" <<'PY'
 import json, sys, platform, os
 out = sys.argv[1]
 def load(n):
     d = json.loads(open(f"{out}/{n}.json").read().strip().splitlines()[-1])
     d["rss_mb"] = int(open(f"{out}/{n}.rss").read()) / 1024
     return d
-import glob
-names = [os.path.basename(p)[:-5] for p in glob.glob(f"{out}/*.json") if os.path.exists(p[:-5] + ".rss")]
-r = {n: load(n) for n in names}
+rows = [("eval", "eval 8x256 (f32)", "ours_eval", "hf_eval"),
+        ("gen", "generate 128 greedy (f32)", "ours_gen", "hf_gen"),
+        ("train", "LoRA r16 q,v train 4x256 (f32)", "ours_train", "hf_train"),
+        ("train_bf16", "LoRA r16 q,v train 4x256 (bf16: ours autocast-style, PyTorch bf16 model)", "ours_train_bf16", "hf_train_bf16"),
+        ("qlora", "QLoRA r16 q,v train 4x256 (NF4 base, f32 compute)", "ours_qlora", "hf_qlora"),
+        ("qlora_bf16", "QLoRA r16 q,v train 4x256 (NF4 base, bf16 compute)", "ours_qlora_bf16", "hf_qlora_bf16")]
+# only this run's sections (bench/out keeps older results)
+rows = [x for x in rows if x[0] in os.environ["SECTIONS"].split()]
+r = {n: load(n) for _, _, a, b in rows for n in (a, b)}
 json.dump(r, open(f"{out}/results.json", "w"), indent=2)
 print("| task | peftkit tokens/s | transformers tokens/s | speed-up | peftkit peak RSS | transformers peak RSS |")
 print("|---|---|---|---|---|---|")
-rows = [("eval 8x256 (f32)", "ours_eval", "hf_eval"),
-        ("generate 128 greedy (f32)", "ours_gen", "hf_gen"),
-        ("LoRA r16 q,v train 4x256 (f32)", "ours_train", "hf_train"),
-        ("LoRA r16 q,v train 4x256 (bf16: ours autocast-style, PyTorch bf16 model)", "ours_train_bf16", "hf_train_bf16"),
-        ("QLoRA r16 q,v train 4x256 (NF4 base, f32 compute)", "ours_qlora", "hf_qlora"),
-        ("QLoRA r16 q,v train 4x256 (NF4 base, bf16 compute)", "ours_qlora_bf16", "hf_qlora_bf16")]
-for task, a, b in rows:
-    if a in r and b in r:
-        x, y = r[a]["tokens_per_second"], r[b]["tokens_per_second"]
-        print(f"| {task} | {x:.1f} | {y:.1f} | {x / y:.2f}x | {r[a]['rss_mb']:.0f} MB | {r[b]['rss_mb']:.0f} MB |")
+for _, task, a, b in rows:
+    x, y = r[a]["tokens_per_second"], r[b]["tokens_per_second"]
+    print(f"| {task} | {x:.1f} | {y:.1f} | {x / y:.2f}x | {r[a]['rss_mb']:.0f} MB | {r[b]['rss_mb']:.0f} MB |")
 if "ours_qlora" in r and "ours_train" in r:
     q, f = r["ours_qlora"], r["ours_train"]
     print(f"\nQLoRA vs our f32 LoRA: {q['tokens_per_second'] / f['tokens_per_second']:.2f}x tokens/s, peak RSS {q['rss_mb']:.0f} vs {f['rss_mb']:.0f} MB")
