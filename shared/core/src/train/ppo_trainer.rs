@@ -517,8 +517,12 @@ fn mean_std(x: &[f64]) -> (f64, f64) {
     (m, v.sqrt())
 }
 
-/// Train a policy with PPO.
+/// Train a policy with PPO (a failed run leaves no empty output folder).
 pub fn run(o: &PpoOptions) -> Result<PpoSummary> {
+    super::trainer::remove_empty_output_on_error(&o.train.out, || run_steps(o))
+}
+
+fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
     let t = &o.train;
     super::trainer::check_options(t)?;
     if !matches!(t.method, Method::Lora | Method::Dora) {

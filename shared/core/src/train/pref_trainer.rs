@@ -196,8 +196,12 @@ fn reference_logps(
     Ok(out)
 }
 
-/// Train a reward model or a DPO policy.
+/// Train a reward model or a DPO policy (a failed run leaves no empty output folder).
 pub fn run(opts: &PrefOptions) -> Result<PrefSummary> {
+    super::trainer::remove_empty_output_on_error(&opts.train.out, || run_steps(opts))
+}
+
+fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
     let t = &opts.train;
     super::trainer::check_options(t)?;
     let progress = Progress::new(t.quiet);

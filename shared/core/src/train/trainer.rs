@@ -111,8 +111,30 @@ pub struct TrainSummary {
     pub interrupted: bool,
 }
 
-/// Everything a run needs, in the order the loop uses it.
+/// Train, then write the output (see [`run_steps`]); a failed run leaves no empty output folder.
 pub fn run(opts: &TrainOptions) -> Result<TrainSummary> {
+    remove_empty_output_on_error(&opts.out, || run_steps(opts))
+}
+
+/// Run `body`, which writes into `out`. If it fails and `out` did not exist before, remove the
+/// folders it left empty (`OUT/checkpoints`, `OUT`): a run that failed before writing anything,
+/// e.g. on a full disk, leaves nothing behind. Folders with files (checkpoints, a log) stay.
+pub(crate) fn remove_empty_output_on_error<T>(
+    out: &Path,
+    body: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let existed = out.exists();
+    let r = body();
+    if r.is_err() && !existed {
+        // remove_dir only removes empty folders
+        let _ = std::fs::remove_dir(out.join("checkpoints"));
+        let _ = std::fs::remove_dir(out);
+    }
+    r
+}
+
+/// Everything a run needs, in the order the loop uses it.
+fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
     check_options(opts)?;
     // Models with learned positions (GPT-2) cannot take sequences longer than their position
     // table: truncate (or pack) to that length instead of failing in the middle of training.
