@@ -107,11 +107,7 @@ impl Objective for NextToken {
                 }
             }
         }
-        let head_slot = if m.lm_head.is_some() {
-            Slot::Head
-        } else {
-            Slot::Embedding
-        };
+        let head_slot = Slot::lm_head(m);
         let _p = crate::profile::scope("loss_head");
         let mut per_row = vec![0f64; rows.len()];
         let scale = self.loss_scale;

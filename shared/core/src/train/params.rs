@@ -42,6 +42,17 @@ pub enum Slot {
     ValueBias,
 }
 
+impl Slot {
+    /// The slot holding the LM head's weight: the untied head, or the embeddings it is tied to.
+    pub fn lm_head(model: &Model) -> Slot {
+        if model.lm_head.is_some() {
+            Slot::Head
+        } else {
+            Slot::Embedding
+        }
+    }
+}
+
 /// Gradient and AdamW moments of one trainable tensor.
 #[derive(Clone, Debug)]
 pub struct ParamState {

@@ -184,11 +184,7 @@ impl Objective for PpoObjective {
             let scale = self.loss_scale;
             // d loss / d nll_row = −d loss / d logp_row
             let row_scale: Vec<f32> = pg.grad.iter().map(|g| -(*g as f32) * scale).collect();
-            let head_slot = if m.lm_head.is_some() {
-                Slot::Head
-            } else {
-                Slot::Embedding
-            };
+            let head_slot = Slot::lm_head(m);
             let dw = state.grad_mut(head_slot).map(|g| &mut g[..]);
             if tempered.is_some() {
                 let mut dht = vec![0f32; dh.len()];

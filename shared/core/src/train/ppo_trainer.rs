@@ -635,11 +635,8 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
             interrupted: false,
         });
     }
-    let c = &model.config;
     let mut head_pack = gemm::PackedWeight::default();
-    if model.head_bf16.is_none() {
-        head_pack.repack(model.head_weight(), c.vocab, c.hidden);
-    }
+    super::trainer::pack_head(&mut head_pack, &model);
 
     let total_steps = t
         .steps

@@ -261,11 +261,8 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         model.config.param_count() + state.trainable_count()
     );
 
-    let c = &model.config;
     let mut head_pack = gemm::PackedWeight::default();
-    if model.head_bf16.is_none() {
-        head_pack.repack(model.head_weight(), c.vocab, c.hidden);
-    }
+    super::trainer::pack_head(&mut head_pack, &model);
     let (reference, val_reference) = match opts.task {
         PrefTask::Dpo { .. } => {
             let _p = crate::profile::scope("dpo.reference");
@@ -276,11 +273,7 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         }
         PrefTask::Reward { .. } => (Vec::new(), Vec::new()),
     };
-    let head_trains = state.is_trainable(if model.lm_head.is_some() {
-        Slot::Head
-    } else {
-        Slot::Embedding
-    });
+    let head_trains = state.is_trainable(Slot::lm_head(&model));
 
     let batches_per_epoch = data.len().div_ceil(t.batch.max(1)) as u64;
     let steps_per_epoch = batches_per_epoch.div_ceil(t.grad_accum.max(1) as u64);
@@ -301,7 +294,7 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         ));
         saved_at = resumed_in_place(&t.out, &dir).then_some(prog.step);
         if head_trains {
-            head_pack.repack(model.head_weight(), model.config.vocab, model.config.hidden);
+            super::trainer::pack_head(&mut head_pack, &model);
         }
     }
     let mut log = prepare_output(&t.out, &[&t.model, &t.data], t.log.as_deref())?;
@@ -402,7 +395,7 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         prog.step += 1;
         t.optim.step(&mut state, &mut model, lr, prog.step);
         if head_trains {
-            head_pack.repack(model.head_weight(), model.config.vocab, model.config.hidden);
+            super::trainer::pack_head(&mut head_pack, &model);
         }
         prog.tokens += step_tokens;
         tokens_since += step_tokens;

@@ -196,11 +196,7 @@ fn sequence_logprobs(
     let mut nll = vec![0f64; rows.len()];
     // d(Σ coef·logp)/d(nll_row) = −coef(seq)
     let scale = |i: usize| coef.map_or(0.0, |cf| -cf[seq_of[i]] as f32);
-    let head_slot = if m.lm_head.is_some() {
-        Slot::Head
-    } else {
-        Slot::Embedding
-    };
+    let head_slot = Slot::lm_head(m);
     let dw = if dh.is_some() {
         state.grad_mut(head_slot).map(|g| &mut g[..])
     } else {

@@ -272,18 +272,12 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
 
     // The LM head packed for the loss's forward product: once per run when the head is
     // frozen, again after each optimizer step when it trains.
-    let head_trains = state.is_trainable(if model.lm_head.is_some() {
-        Slot::Head
-    } else {
-        Slot::Embedding
-    });
+    let head_trains = state.is_trainable(Slot::lm_head(&model));
     let mut head_pack = gemm::PackedWeight::default();
-    // (never built when the bf16 head packs carry the products)
-    let mut head_pack_fresh = model.head_bf16.is_some();
+    let mut head_pack_fresh = false;
     let refresh_head = |p: &mut gemm::PackedWeight, fresh: &mut bool, model: &Model| {
         if !*fresh {
-            let c = &model.config;
-            p.repack(model.head_weight(), c.vocab, c.hidden);
+            pack_head(p, model);
             *fresh = true;
         }
     };
@@ -576,6 +570,15 @@ pub fn attach_method(
 
 /// Apply `--compute-dtype`: with bf16, every frozen f32 linear weight gets its bf16 packs
 /// (trainable base weights of full/freeze runs stay f32, since the packs are not refreshed).
+/// Pack the current LM head into `p` for the loss's f32 forward product
+/// ([`super::engine::Engine::with_head_pack`]); nothing to do when the model's bf16 head packs
+/// carry the loss's products ([`Model::use_bf16_head`]).
+pub(crate) fn pack_head(p: &mut gemm::PackedWeight, model: &Model) {
+    if model.head_bf16.is_none() {
+        p.repack(model.head_weight(), model.config.vocab, model.config.hidden);
+    }
+}
+
 /// `lm_loss`: the objective multiplies by the LM head (not a reward model's score head).
 pub(crate) fn apply_compute_dtype(
     opts: &TrainOptions,
@@ -594,11 +597,7 @@ pub(crate) fn apply_compute_dtype(
     }
     // The loss's head products (a quarter of a small model's step), unless the head (or the
     // embedding it is tied to) trains.
-    let head_slot = if model.lm_head.is_some() {
-        Slot::Head
-    } else {
-        Slot::Embedding
-    };
+    let head_slot = Slot::lm_head(model);
     if lm_loss && !state.is_trainable(head_slot) {
         model.use_bf16_head();
     }
