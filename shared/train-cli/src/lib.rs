@@ -167,6 +167,10 @@ pub struct TrainArgs {
     /// autocast; AMX or AVX-512 BF16 when the CPU has them); adapters and the loss stay f32
     #[arg(long, default_value = "f32")]
     pub compute_dtype: String,
+    /// cpu, or cuda:N: train on an NVIDIA GPU (LoRA/QLoRA of Llama-family models in bf16;
+    /// needs a build with the cuda feature, see docs/gpu.md)
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: String,
     /// Worker threads (0 = one per core)
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -244,7 +248,9 @@ pub fn plot_after_run<T>(
     let (Some(out), Some(log)) = (&a.plot, &opts.log) else {
         return run;
     };
-    if a.plan || a.check_data.is_some() || !log.is_file() {
+    // Data parallel: rank 0 alone writes files (docs/distributed.md).
+    let other_rank = peftkit_core::dist::DistEnv::from_env().is_ok_and(|e| e.rank != 0);
+    if a.plan || a.check_data.is_some() || !log.is_file() || other_rank {
         return run;
     }
     let title = format!("{tool} ({}) {}", a.method, opts.out.display());
@@ -448,6 +454,7 @@ pub fn to_options(a: &TrainArgs) -> Result<TrainOptions> {
                 )))
             }
         },
+        device: peftkit_core::gpu::DeviceSpec::parse(&a.device)?,
         prompt_init_text: a.prompt_init_text.clone(),
         bottleneck: BottleneckConfig {
             variant: Variant::parse(&a.adapter_variant)?,

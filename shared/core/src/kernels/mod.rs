@@ -7,9 +7,12 @@ pub mod ops;
 /// Set the number of worker threads used by all kernels (0 = one per core).
 pub fn set_threads(n: usize) {
     let n = if n == 0 {
-        std::thread::available_parallelism()
+        // Several data-parallel processes on one machine (torchrun's LOCAL_WORLD_SIZE) share
+        // its cores instead of each starting one thread per core.
+        let cores = std::thread::available_parallelism()
             .map(|p| p.get())
-            .unwrap_or(1)
+            .unwrap_or(1);
+        (cores / crate::dist::env::local_world_size()).max(1)
     } else {
         n
     };

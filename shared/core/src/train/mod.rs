@@ -4,6 +4,7 @@
 
 pub mod adapter_files;
 mod attention;
+pub mod backend;
 pub mod bottleneck;
 pub mod checkpoint;
 pub mod data;

@@ -525,6 +525,8 @@ pub fn run(o: &PpoOptions) -> Result<PpoSummary> {
 fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
     let t = &o.train;
     super::trainer::check_options(t)?;
+    super::backend::cpu_only(t.device, "ppo-train")?;
+    crate::dist::single_process_only("ppo-train")?;
     if !matches!(t.method, Method::Lora | Method::Dora) {
         return Err(Error::usage(
             "ppo-train trains LoRA or DoRA adapters (--method lora|dora)",

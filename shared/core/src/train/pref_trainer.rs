@@ -204,6 +204,8 @@ pub fn run(opts: &PrefOptions) -> Result<PrefSummary> {
 fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
     let t = &opts.train;
     super::trainer::check_options(t)?;
+    super::backend::cpu_only(t.device, "rm-train and dpo-train")?;
+    crate::dist::single_process_only("rm-train and dpo-train")?;
     let progress = Progress::new(t.quiet);
     let tok = TextTokenizer::load(&t.model)?;
     let (mut data, stats) = load_pairs(&t.data, &tok, &opts.pairs)?;

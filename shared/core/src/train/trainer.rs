@@ -101,6 +101,8 @@ pub struct TrainOptions {
     /// accumulation (torch autocast's semantics); adapters, norms, attention and the LM head
     /// stay f32.
     pub compute_bf16: bool,
+    /// Where the forward and backward passes run (`--device`; the GPU computes in bf16).
+    pub device: crate::gpu::DeviceSpec,
 }
 
 pub struct TrainSummary {
@@ -136,6 +138,13 @@ pub(crate) fn remove_empty_output_on_error<T>(
 /// Everything a run needs, in the order the loop uses it.
 fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
     check_options(opts)?;
+    // Data parallel (docs/distributed.md): the launcher's RANK/WORLD_SIZE/MASTER_* (a no-op
+    // for one process). Every rank runs this whole function on the same data in the same
+    // order; each trains on its share of every window, the gradients are summed, every rank
+    // steps identically. Only rank 0 prints and writes files.
+    let mut comm = crate::dist::from_env()?;
+    let comm = comm.as_mut();
+    let rank0 = crate::dist::only_rank0_speaks(comm);
     // Models with learned positions (GPT-2) cannot take sequences longer than their position
     // table: truncate (or pack) to that length instead of failing in the middle of training.
     let config = crate::model::ModelConfig::load(&opts.model)?;
@@ -156,7 +165,9 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
     let tok = TextTokenizer::load(&opts.model)?;
     let (mut examples, stats) = data::load_examples(&opts.data, &tok, &opts.data_opts)?;
     if let Some(n) = opts.check_data {
-        print!("{}", data::check_data_report(&examples, &tok, n));
+        if rank0 {
+            print!("{}", data::check_data_report(&examples, &tok, n));
+        }
         return Ok(TrainSummary {
             steps: 0,
             final_loss: f64::NAN,
@@ -216,10 +227,12 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
         } else {
             0
         };
-    println!(
-        "trainable params: {trainable} || all params: {all} || trainable%: {:.4}",
-        100.0 * trainable as f64 / all as f64
-    );
+    if rank0 {
+        println!(
+            "trainable params: {trainable} || all params: {all} || trainable%: {:.4}",
+            100.0 * trainable as f64 / all as f64
+        );
+    }
 
     // Micro-batches: rows of examples (one example each, or packed groups).
     let rows: Vec<Vec<usize>> = if opts.pack {
@@ -234,10 +247,12 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
         .unwrap_or(((steps_per_epoch as f64) * opts.epochs).ceil() as u64)
         .max(1);
     if opts.plan {
-        print!(
-            "{}",
-            super::plan::report(&model, &state, opts, &examples, total_steps)
-        );
+        if rank0 {
+            print!(
+                "{}",
+                super::plan::report(&model, &state, opts, &examples, total_steps)
+            );
+        }
         return Ok(TrainSummary {
             steps: 0,
             final_loss: f64::NAN,
@@ -260,9 +275,28 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
         ));
         saved_at = resumed_in_place(&opts.out, &dir).then_some(prog.step);
     }
+    // Data parallel: the ranks must agree on data, options and (resumed) trainable values
+    // before rank 0 touches OUT (and its checkpoints, which the others may still be reading).
+    crate::dist::check_same_job(
+        comm,
+        &model,
+        &state,
+        &[
+            ("rows", rows.len() as u64),
+            ("tokens", stats.tokens as u64),
+            ("total steps", total_steps),
+            ("step", prog.step),
+            ("global batch", (opts.batch * opts.grad_accum) as u64),
+            ("seed", opts.seed),
+        ],
+    )?;
     // Refuse before creating anything: `--out` naming the data file must not fail on
     // create_dir_all with a confusing I/O error, and must leave nothing behind.
-    let mut log = prepare_output(&opts.out, &[&opts.model, &opts.data], opts.log.as_deref())?;
+    let mut log = if rank0 {
+        prepare_output(&opts.out, &[&opts.model, &opts.data], opts.log.as_deref())?
+    } else {
+        None
+    };
     let stop = stop_on_ctrl_c();
     // Test hook (undocumented for users): behave as if Ctrl-C arrived during step N, so that
     // the interrupt-and-resume path can be tested without racing a signal against the loop.
@@ -282,16 +316,23 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
         }
     };
 
-    let eval = |model: &Model, state: &TrainState, head: &gemm::PackedWeight| -> Option<f64> {
+    // Data parallel: each rank evaluates its share of the batches and the sums are added up.
+    let eval = |model: &Model,
+                state: &TrainState,
+                head: &gemm::PackedWeight,
+                comm: &mut dyn crate::dist::Communicator|
+     -> Result<Option<f64>> {
         if val.is_empty() {
-            return None;
+            return Ok(None);
         }
         let engine = Engine::for_eval(model).with_head_pack(head);
         // The evaluation engine only reads the adapters; it runs on a copy of them (small)
         // so that no gradient or moment of the run can change.
         let mut st = state.adapters_only();
         let (mut nll, mut n) = (0.0, 0usize);
-        for chunk in val.chunks(opts.batch.max(1)) {
+        let chunks: Vec<&[Example]> = val.chunks(opts.batch.max(1)).collect();
+        let mine = crate::dist::shard_range(chunks.len(), comm.rank(), comm.world());
+        for chunk in &chunks[mine] {
             let batch = Batch {
                 ids: chunk.iter().map(|e| &e.ids[..]).collect(),
                 labels: chunk.iter().map(|e| &e.labels[..]).collect(),
@@ -301,11 +342,13 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
                 n += s.loss_tokens;
             }
         }
-        (n > 0).then(|| nll / n as f64)
+        let mut sums = [nll, n as f64];
+        comm.all_reduce_sum_f64(&mut sums)?;
+        Ok((sums[1] > 0.0).then(|| sums[0] / sums[1]))
     };
     let eval_before = if prog.step == 0 && !val.is_empty() {
         refresh_head(&mut head_pack, &mut head_pack_fresh, &model);
-        eval(&model, &state, &head_pack)
+        eval(&model, &state, &head_pack, comm)?
     } else {
         None
     };
@@ -320,6 +363,9 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
         )?;
     }
 
+    // Data parallel: `--device cuda` is this rank's GPU (dist::rank_device).
+    let device = crate::dist::rank_device(opts.device);
+    let mut backend = super::backend::Backend::new(device, &model, &state)?;
     let bar = progress.bar(total_steps, "train");
     bar.set_position(prog.step);
     let mut dropout_rng = Rng::from_state(prog.rng);
@@ -329,12 +375,21 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
     let mut tokens_since = 0u64;
     let mut order: (u64, Vec<usize>) = (u64::MAX, Vec::new());
     while prog.step < total_steps {
-        // This window's micro-batches (following the epoch's shuffled order).
-        let window: Vec<Vec<usize>> = next_window(&mut prog, &mut order, rows.len(), opts)
-            .into_iter()
-            .map(|mb| mb.iter().flat_map(|&r| rows[r].iter().copied()).collect())
-            .collect();
-        let window_tokens: usize = window
+        // This window's micro-batches (following the epoch's shuffled order). Data parallel:
+        // `window` is this rank's share; the whole window's tokens normalise the loss.
+        let rows_window = next_window(&mut prog, &mut order, rows.len(), opts);
+        let examples_of = |w: &[Vec<usize>]| -> Vec<Vec<usize>> {
+            w.iter()
+                .map(|mb| mb.iter().flat_map(|&r| rows[r].iter().copied()).collect())
+                .collect()
+        };
+        let window = examples_of(&crate::dist::shard_window(
+            &rows_window,
+            opts.batch,
+            comm.rank(),
+            comm.world(),
+        ));
+        let window_tokens: usize = examples_of(&rows_window)
             .iter()
             .flat_map(|b| b.iter())
             .map(|&i| {
@@ -350,6 +405,10 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
         state.zero_grads();
         let mut nll = 0.0;
         let mut step_tokens = 0u64;
+        // Data parallel: this step's dropout masks come from a stream of this rank's own; the
+        // shared stream (the one checkpoints save) is put back after the micro-batches.
+        let shared_rng = crate::dist::rank_rng(&mut dropout_rng, comm)
+            .map(|own| std::mem::replace(&mut dropout_rng, own));
         {
             refresh_head(&mut head_pack, &mut head_pack_fresh, &model);
             let engine = Engine::new(&model, &state).with_head_pack(&head_pack);
@@ -360,8 +419,9 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
                 };
                 step_tokens += batch.ids.iter().map(|s| s.len() as u64).sum::<u64>();
                 let _p = crate::profile::scope("step.forward_backward");
-                let s = engine
+                let s = backend
                     .forward_backward(
+                        &engine,
                         &mut state,
                         &batch,
                         1.0 / window_tokens.max(1) as f32,
@@ -379,6 +439,13 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
                 nll += s.nll_sum;
             }
         }
+        if let Some(r) = shared_rng {
+            dropout_rng = r;
+        }
+        // Data parallel: sum the gradients and the loss statistics over the ranks.
+        let mut sums = [nll, step_tokens as f64];
+        crate::dist::all_reduce_grads(comm, &mut state, &mut sums)?;
+        let (nll, step_tokens) = (sums[0], sums[1] as u64);
         let loss = nll / window_tokens.max(1) as f64;
         if !loss.is_finite() {
             return Err(Error::Numeric(format!(
@@ -406,7 +473,7 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
         )?;
         if opts.eval_every > 0 && prog.step.is_multiple_of(opts.eval_every) {
             refresh_head(&mut head_pack, &mut head_pack_fresh, &model);
-            if let Some(l) = eval(&model, &state, &head_pack) {
+            if let Some(l) = eval(&model, &state, &head_pack, comm)? {
                 write_log(
                     &mut log,
                     json!({"step": prog.step, "eval_loss": l, "eval_perplexity": l.exp()}),
@@ -414,9 +481,13 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
                 bar.println(format!("step {}: eval loss {l:.4}", prog.step));
             }
         }
-        let interrupted_now = stop.load(Ordering::SeqCst) || stop_after == Some(prog.step);
+        // Data parallel: Ctrl-C reaches the ranks at different moments; all stop together.
+        let interrupted_now =
+            crate::dist::any(comm, stop.load(Ordering::SeqCst))? || stop_after == Some(prog.step);
         if (opts.save_every > 0 && prog.step.is_multiple_of(opts.save_every)) || interrupted_now {
-            save_checkpoint(&opts.out, &model, &state, &prog)?;
+            if rank0 {
+                save_checkpoint(&opts.out, &model, &state, &prog)?;
+            }
             saved_at = Some(prog.step);
         }
         if interrupted_now {
@@ -425,11 +496,11 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
         }
     }
     bar.finish_and_clear();
-    if !interrupted {
+    if !interrupted && rank0 {
         final_checkpoint(&opts.out, &model, &state, &prog, saved_at)?;
     }
     refresh_head(&mut head_pack, &mut head_pack_fresh, &model);
-    let eval_after = eval(&model, &state, &head_pack);
+    let eval_after = eval(&model, &state, &head_pack, comm)?;
     if let Some(l) = eval_after {
         crate::cli::info(format!(
             "eval loss after training: {l:.4} (perplexity {:.2})",
@@ -446,7 +517,7 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
             prog.step,
             opts.out.display()
         ));
-    } else {
+    } else if rank0 {
         save_output(opts, &attached, &model, &state, "CAUSAL_LM")?;
     }
     Ok(TrainSummary {
@@ -635,6 +706,8 @@ pub fn save_output(
 /// happily step a negative learning rate): refuse them before any file is read. Shared by
 /// peft-train, rm-train, dpo-train and ppo-train.
 pub(crate) fn check_options(opts: &TrainOptions) -> Result<()> {
+    // Before anything is loaded: a build without the cuda feature cannot use a GPU.
+    opts.device.check_available()?;
     let lr = opts.optim.lr;
     if !lr.is_finite() || lr < 0.0 {
         return Err(Error::usage(format!(

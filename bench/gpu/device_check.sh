@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The GPU device check (issue 11), one script for one short GPU lease (< 8 minutes on an H200):
+#   1. every kernel against the CPU path, with its speed against the roofline it is bound by;
+#   2. one LoRA and one QLoRA training step of the GPU engine against the CPU engine on the
+#      committed tiny models (Llama GQA, untied head, llama3 RoPE, Qwen2 biases);
+#   3. LoRA and QLoRA training tokens/s and peak GPU memory on a random 1B-class Llama, ours
+#      (gpu-check --bench) side by side with PyTorch + PEFT (+ bitsandbytes) on the same model;
+#   4. peft-train --device cuda:0 end to end on that model (data, steps, adapter output).
+#
+# Needs: the binaries built with `make build-cuda` (target/cuda/release), python3 with torch,
+# transformers and peft; bitsandbytes from .gpu/whl-slim if it is missing; the tokenizer files
+# in .gpu/tok. Results go to $OUT (or bench/out/gpu): JSON files and log.txt.
+# Usage: bash bench/gpu/device_check.sh [SECONDS_BUDGET]
+set -u
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-bench/out/gpu}
+mkdir -p "$OUT"
+BUDGET=${1:-420}
+START=$(date +%s)
+BIN=${BIN:-target/cuda/release}
+MODEL=${MODEL:-/tmp/llama1b}
+BATCH=${BATCH:-4}
+SEQ=${SEQ:-1024}
+STEPS=${STEPS:-8}
+exec > >(tee -a "$OUT/log.txt") 2>&1
+
+# SECTIONS: any of check model ours hf train (default all).
+SECTIONS=${SECTIONS:-check model ours hf train}
+want() { case " $SECTIONS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+section() { echo; echo "=== $1 (t=$(( $(date +%s) - START ))s, $(left)s left)"; }
+# run SECONDS CMD...: with a time limit that never passes the budget
+run() {
+    local t=$1; shift
+    local l; l=$(left)
+    if [ "$l" -lt 20 ]; then echo "skipped (budget spent): $*"; return 99; fi
+    [ "$t" -gt "$l" ] && t=$l
+    timeout "$t" "$@"; local rc=$?
+    echo "[rc=$rc] $1"
+    return $rc
+}
+
+section "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+# CUDA libraries: the toolkit's and the ones PyTorch's wheels bring (nvrtc, cublas).
+LIBS=$(python3 - <<'EOF'
+import glob, os, site
+dirs = set()
+for sp in site.getsitepackages() + [site.getusersitepackages()]:
+    for pat in ("nvidia/*/lib", "nvidia/*/lib64"):
+        dirs.update(glob.glob(os.path.join(sp, pat)))
+for d in glob.glob("/usr/local/cuda*/lib64") + glob.glob("/usr/local/cuda*/targets/x86_64-linux/lib"):
+    dirs.add(d)
+print(":".join(sorted(dirs)))
+EOF
+)
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$LIBS:/usr/local/nvidia/lib64:/usr/lib/x86_64-linux-gnu"
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+if ! python3 -c "import bitsandbytes" 2>/dev/null; then
+    python3 -c "import zipfile,glob; zipfile.ZipFile(glob.glob('.gpu/whl-slim/bitsandbytes-*.whl')[0]).extractall('/tmp/bnb')" \
+        && export PYTHONPATH="/tmp/bnb${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" || echo "no bitsandbytes: the QLoRA reference will be skipped"
+
+F=tests/fixtures/models
+want check && section "1+2. kernels and training steps against the CPU path" && run 150 "$BIN/gpu-check" --engine "$F/llama_gqa,$F/llama_untied,$F/llama3_rope,$F/qwen2" --json "$OUT/check.json"
+
+want model && section "make the 1B-class model" && { [ -f "$MODEL/model.safetensors" ] || run 150 python3 bench/gpu/make_model.py --out "$MODEL" --tokenizer-dir .gpu/tok; }
+
+want ours && section "3a. ours: LoRA and QLoRA training, ${BATCH}x${SEQ}" && run 200 "$BIN/gpu-check" --no-kernels --bench "$MODEL" --method lora,qlora --batch "$BATCH" --seq "$SEQ" \
+    --steps "$STEPS" --json "$OUT/ours.json"
+
+want hf && section "3b. PyTorch + PEFT LoRA" && run 150 python3 bench/gpu/hf_reference.py --model "$MODEL" --method lora --batch "$BATCH" --seq "$SEQ" \
+    --steps "$STEPS" --json "$OUT/hf_lora.json"
+want hf && section "3b'. PyTorch + PEFT LoRA with gradient checkpointing (as ours)" && run 150 python3 bench/gpu/hf_reference.py --model "$MODEL" --method lora --grad-checkpointing --batch "$BATCH" \
+    --seq "$SEQ" --steps "$STEPS" --json "$OUT/hf_lora_gc.json"
+want hf && section "3c. PyTorch + PEFT + bitsandbytes QLoRA" && run 150 python3 bench/gpu/hf_reference.py --model "$MODEL" --method qlora --batch "$BATCH" --seq "$SEQ" \
+    --steps "$STEPS" --json "$OUT/hf_qlora.json"
+
+want train && section "4. peft-train --device cuda:0 end to end" && rm -rf /tmp/gpu-run && run 120 "$BIN/peft-train" --model "$MODEL" --data tests/fixtures/data/alpaca.json --method lora \
+    --out /tmp/gpu-run --steps 6 --batch 4 --lr 1e-3 --device cuda:0 --log "$OUT/train.jsonl" \
+    && ls -la /tmp/gpu-run && cp /tmp/gpu-run/adapter_config.json "$OUT/" 2>/dev/null
+
+section "summary"
+python3 - "$OUT" <<'EOF'
+import json, os, sys
+out = sys.argv[1]
+def load(n):
+    p = os.path.join(out, n)
+    return json.load(open(p)) if os.path.exists(p) else None
+ours = load("ours.json") or {}
+rows = {r["method"]: r for r in ours.get("bench", [])}
+for m, name, ref in (("lora", "lora", load("hf_lora.json")), ("lora", "lora vs checkpointed", load("hf_lora_gc.json")),
+                     ("qlora", "qlora", load("hf_qlora.json"))):
+    o = rows.get(m)
+    if not o:
+        continue
+    line = f"{name}: ours {o['tokens_per_second']:.0f} tok/s, peak {o['peak_allocated_bytes']/1e9:.2f} GB"
+    if ref and ref.get("tokens_per_s"):
+        hp = (ref.get("train_peak_allocated_mib") or 0) * 2**20
+        line += f" | PyTorch {ref['tokens_per_s']:.0f} tok/s, peak {hp/1e9:.2f} GB"
+        line += f" | speed {o['tokens_per_second']/ref['tokens_per_s']:.2f}x"
+        if hp:
+            line += f", memory {o['peak_allocated_bytes']/hp:.2f}x"
+    print(line)
+EOF
+echo "done in $(( $(date +%s) - START )) s"

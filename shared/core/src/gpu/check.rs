@@ -1,0 +1,644 @@
+//! The device check behind `gpu-check`: every kernel against the CPU path (and its speed
+//! against the roofline it is bound by), the whole LoRA/QLoRA step against the CPU engine,
+//! and training throughput and peak memory on a model folder.
+
+use super::blas::Gemm;
+use super::device::{Arg, Gpu};
+use super::engine::GpuEngine;
+use crate::error::Result;
+use crate::model::{Model, QuantizeOnLoad};
+use crate::quant::{blockwise, QuantType};
+use crate::rng::Rng;
+use crate::train::engine::{Batch, Engine};
+use crate::train::lora::{self, LoraConfig, Targets};
+use crate::train::optim::AdamW;
+use crate::train::params::TrainState;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Instant;
+
+fn rand_vec(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() * scale).collect()
+}
+
+fn bf(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+/// max |a − b| / max(max |b|, tiny)
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let mut num = 0f64;
+    let mut den = 1e-30f64;
+    for (&x, &y) in a.iter().zip(b) {
+        num = num.max((x as f64 - y as f64).abs());
+        den = den.max((y as f64).abs());
+    }
+    num / den
+}
+
+/// Seconds per call of `f`, after a warm-up, over `reps` calls.
+fn time(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    gpu.sync()?;
+    let t = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    gpu.sync()?;
+    Ok(t.elapsed().as_secs_f64() / reps as f64)
+}
+
+struct Report {
+    rows: Vec<Value>,
+    failed: usize,
+}
+
+impl Report {
+    fn add(&mut self, name: &str, err: f64, tol: f64, extra: Value) {
+        let pass = err <= tol && err.is_finite();
+        if !pass {
+            self.failed += 1;
+        }
+        let mut v = json!({"check": name, "error": err, "tolerance": tol, "pass": pass});
+        if let (Some(o), Value::Object(e)) = (v.as_object_mut(), extra) {
+            o.extend(e);
+        }
+        crate::cli::info(format!(
+            "{:<28} error {:.2e} (tolerance {:.0e}) {}",
+            name,
+            err,
+            tol,
+            if pass { "ok" } else { "FAILED" }
+        ));
+        self.rows.push(v);
+    }
+}
+
+/// Device-to-device copy bandwidth (bytes read + written per second): the memory roofline.
+fn copy_bandwidth(gpu: &Gpu) -> Result<f64> {
+    let n = 1usize << 28; // 1 GiB of f32
+    let a = gpu.alloc_f32(n)?;
+    let b = gpu.alloc_f32(n)?;
+    let t = time(gpu, 10, || {
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(b.ptr, a.ptr, n * 4, gpu.stream.cu_stream())
+        }
+        .map_err(|e| super::device::dev_err("copy", e))
+    })?;
+    Ok(2.0 * (n * 4) as f64 / t)
+}
+
+/// Kernel-by-kernel checks and speeds. Returns (json rows, failures).
+pub fn kernels(gpu: &Gpu) -> Result<(Value, usize)> {
+    let mut rep = Report {
+        rows: Vec::new(),
+        failed: 0,
+    };
+    let mut rng = Rng::new(7);
+    let bw = copy_bandwidth(gpu)?;
+    crate::cli::info(format!("copy bandwidth {:.0} GB/s", bw / 1e9));
+
+    // RMSNorm forward/backward
+    let (rows, d) = (4096usize, 2048usize);
+    let x = rand_vec(&mut rng, rows * d, 1.0);
+    let w = rand_vec(&mut rng, d, 1.0);
+    let dy = rand_vec(&mut rng, rows * d, 1.0);
+    let eps = 1e-5f32;
+    let (gx, gw, gdy) = (gpu.upload(&x)?, gpu.upload(&w)?, gpu.upload(&dy)?);
+    let gy = gpu.alloc_bf16(rows * d)?;
+    let grs = gpu.alloc_f32(rows)?;
+    let gdx = gpu.alloc_f32(rows * d)?;
+    let norm_fwd = || {
+        gpu.launch_norm(
+            rows,
+            d,
+            &[
+                Arg::P(gx.ptr),
+                Arg::P(gw.ptr),
+                Arg::P(gy.ptr),
+                Arg::P(grs.ptr),
+                Arg::I(d as i32),
+                Arg::F(eps),
+            ],
+        )
+    };
+    let t = time(gpu, 20, norm_fwd)?;
+    let mut want = vec![0f32; rows * d];
+    let mut want_dx = vec![0f32; rows * d];
+    for r in 0..rows {
+        let xr = &x[r * d..(r + 1) * d];
+        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let rs = 1.0 / (ss / d as f64 + eps as f64).sqrt();
+        let dyr = &dy[r * d..(r + 1) * d];
+        let dot: f64 = (0..d)
+            .map(|c| w[c] as f64 * dyr[c] as f64 * xr[c] as f64)
+            .sum();
+        for c in 0..d {
+            want[r * d + c] = bf((xr[c] as f64 * rs * w[c] as f64) as f32);
+            want_dx[r * d + c] = (rs * w[c] as f64 * dyr[c] as f64
+                - xr[c] as f64 * dot * rs * rs * rs / d as f64)
+                as f32;
+        }
+    }
+    let got = gpu.download_bf16(&gy, rows * d)?;
+    rep.add(
+        "rmsnorm_fwd",
+        rel_err(&got, &want),
+        1e-2,
+        json!({"ms": t * 1e3, "roofline_fraction": (rows * d * 6) as f64 / t / bw}),
+    );
+    let norm_bwd = || {
+        gpu.launch_rows(
+            "rmsnorm_bwd",
+            rows,
+            d,
+            &[
+                Arg::P(gx.ptr),
+                Arg::P(gw.ptr),
+                Arg::P(grs.ptr),
+                Arg::P(gdy.ptr),
+                Arg::P(gdx.ptr),
+                Arg::I(d as i32),
+            ],
+        )
+    };
+    // The kernel adds into dx (zeroed at allocation): check one call, then time.
+    norm_bwd()?;
+    let got = gpu.download_f32(&gdx, rows * d)?;
+    let t = time(gpu, 20, norm_bwd)?;
+    rep.add(
+        "rmsnorm_bwd",
+        rel_err(&got, &want_dx),
+        1e-4,
+        json!({"ms": t * 1e3, "roofline_fraction": (rows * d * 16) as f64 / t / bw}),
+    );
+
+    // SwiGLU forward/backward
+    let n = rows * 4096;
+    let g = rand_vec(&mut rng, n, 2.0);
+    let u = rand_vec(&mut rng, n, 1.0);
+    let da = rand_vec(&mut rng, n, 1.0);
+    let (gg, gu, gda) = (gpu.upload(&g)?, gpu.upload(&u)?, gpu.upload(&da)?);
+    let (ga, gdg, gdu) = (gpu.alloc_bf16(n)?, gpu.alloc_bf16(n)?, gpu.alloc_bf16(n)?);
+    let t = time(gpu, 20, || {
+        gpu.launch_n(
+            "silu_mul_fwd",
+            n,
+            &[
+                Arg::P(gg.ptr),
+                Arg::P(gu.ptr),
+                Arg::P(ga.ptr),
+                Arg::L(n as i64),
+            ],
+        )
+    })?;
+    let sig = |x: f32| 1.0 / (1.0 + (-x as f64).exp());
+    let want: Vec<f32> = (0..n)
+        .map(|i| bf((g[i] as f64 * sig(g[i]) * u[i] as f64) as f32))
+        .collect();
+    rep.add(
+        "silu_mul_fwd",
+        rel_err(&gpu.download_bf16(&ga, n)?, &want),
+        1e-2,
+        json!({"ms": t * 1e3, "roofline_fraction": (n * 10) as f64 / t / bw}),
+    );
+    let t = time(gpu, 20, || {
+        gpu.launch_n(
+            "silu_mul_bwd",
+            n,
+            &[
+                Arg::P(gg.ptr),
+                Arg::P(gu.ptr),
+                Arg::P(gda.ptr),
+                Arg::P(gdg.ptr),
+                Arg::P(gdu.ptr),
+                Arg::L(n as i64),
+            ],
+        )
+    })?;
+    let want_dg: Vec<f32> = (0..n)
+        .map(|i| {
+            let s = sig(g[i]);
+            bf((da[i] as f64 * u[i] as f64 * s * (1.0 + g[i] as f64 * (1.0 - s))) as f32)
+        })
+        .collect();
+    rep.add(
+        "silu_mul_bwd",
+        rel_err(&gpu.download_bf16(&gdg, n)?, &want_dg),
+        1e-2,
+        json!({"ms": t * 1e3, "roofline_fraction": (n * 16) as f64 / t / bw}),
+    );
+
+    // 4-bit decode: bit-exact with the CPU decoder; fused GEMV against decode + f64 product.
+    let (out, inp, bs) = (8192usize, 8192usize, 64usize);
+    let wq = rand_vec(&mut rng, out * inp, 0.02);
+    let (packed, absmax) = blockwise::quantize_4bit(&wq, bs, QuantType::Nf4);
+    let code = QuantType::Nf4.code();
+    let cpu = blockwise::dequantize_4bit(&packed, &absmax, out * inp, bs, code);
+    let (gp, gam, gc) = (
+        gpu.upload(&packed)?,
+        gpu.upload(&absmax)?,
+        gpu.upload(&code[..])?,
+    );
+    let gout = gpu.alloc_f32(out * inp)?;
+    gpu.launch_n(
+        "dequant_q4_f32",
+        out * inp / 2,
+        &[
+            Arg::P(gp.ptr),
+            Arg::P(gam.ptr),
+            Arg::P(gc.ptr),
+            Arg::P(gout.ptr),
+            Arg::L((out * inp) as i64),
+            Arg::I(bs as i32),
+        ],
+    )?;
+    let got = gpu.download_f32(&gout, out * inp)?;
+    let exact = got
+        .iter()
+        .zip(&cpu)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    rep.add(
+        "dequant_q4 (bit-exact)",
+        exact as f64,
+        0.0,
+        json!({"mismatches": exact}),
+    );
+    drop(gout);
+    let gbf = gpu.alloc_bf16(out * inp)?;
+    let t = time(gpu, 20, || {
+        gpu.launch_n(
+            "dequant_q4_bf16",
+            out * inp / 2,
+            &[
+                Arg::P(gp.ptr),
+                Arg::P(gam.ptr),
+                Arg::P(gc.ptr),
+                Arg::P(gbf.ptr),
+                Arg::L((out * inp) as i64),
+                Arg::I(bs as i32),
+            ],
+        )
+    })?;
+    let got = gpu.download_bf16(&gbf, out * inp)?;
+    let exact = got
+        .iter()
+        .zip(&cpu)
+        .filter(|(a, b)| a.to_bits() != bf(**b).to_bits())
+        .count();
+    rep.add(
+        "dequant_q4_bf16 (bit-exact)",
+        exact as f64,
+        0.0,
+        json!({"ms": t * 1e3, "roofline_fraction": (out * inp / 2 + out * inp * 2 + absmax.len() * 4) as f64 / t / bw}),
+    );
+    let xv = rand_vec(&mut rng, inp, 1.0);
+    let gxv = gpu.upload(&xv)?;
+    let gyv = gpu.alloc_f32(out)?;
+    let rows_per_block = 32;
+    let gemv = || {
+        gpu.launch_shared(
+            "gemv_q4",
+            (out as u32).div_ceil(rows_per_block),
+            256,
+            ((inp + inp / 32) * 4) as u32,
+            &[
+                Arg::P(gp.ptr),
+                Arg::P(gam.ptr),
+                Arg::P(gc.ptr),
+                Arg::P(gxv.ptr),
+                Arg::P(gyv.ptr),
+                Arg::I(out as i32),
+                Arg::I(inp as i32),
+                Arg::I(bs as i32),
+                Arg::I(rows_per_block as i32),
+            ],
+        )
+    };
+    let t = time(gpu, 50, gemv)?;
+    let want: Vec<f32> = (0..out)
+        .map(|o| {
+            (0..inp)
+                .map(|i| cpu[o * inp + i] as f64 * xv[i] as f64)
+                .sum::<f64>() as f32
+        })
+        .collect();
+    rep.add(
+        "gemv_q4 (fused NF4 GEMV)",
+        rel_err(&gpu.download_f32(&gyv, out)?, &want),
+        1e-4,
+        json!({"ms": t * 1e3, "roofline_fraction": (out * inp / 2 + absmax.len() * 4) as f64 / t / bw,
+               "note": "bytes of the 4-bit weight and its scales per call against the copy bandwidth"}),
+    );
+    drop((gbf, gp, gam));
+
+    // bf16 product (cuBLAS) against an f64 product of the same bf16 inputs.
+    let (m, nn, k) = (512usize, 1024usize, 2048usize);
+    let a = rand_vec(&mut rng, m * k, 1.0);
+    let b = rand_vec(&mut rng, nn * k, 1.0);
+    let (ga_, gb_) = (gpu.upload_bf16(&a)?, gpu.upload_bf16(&b)?);
+    let gc_ = gpu.alloc_f32(m * nn)?;
+    gpu.blas
+        .gemm(&Gemm::nt(m, nn, k, ga_.ptr, gb_.ptr, gc_.ptr))?;
+    let want: Vec<f32> = (0..m * nn)
+        .map(|i| {
+            let (r, c) = (i / nn, i % nn);
+            (0..k)
+                .map(|j| bf(a[r * k + j]) as f64 * bf(b[c * k + j]) as f64)
+                .sum::<f64>() as f32
+        })
+        .collect();
+    rep.add(
+        "gemm bf16 (cuBLAS)",
+        rel_err(&gpu.download_f32(&gc_, m * nn)?, &want),
+        1e-4,
+        json!({}),
+    );
+    let (m, nn, k) = (8192usize, 8192usize, 8192usize);
+    let (a2, b2, c2) = (
+        gpu.alloc_bf16(m * k)?,
+        gpu.alloc_bf16(nn * k)?,
+        gpu.alloc_f32(m * nn)?,
+    );
+    let t = time(gpu, 10, || {
+        gpu.blas.gemm(&Gemm::nt(m, nn, k, a2.ptr, b2.ptr, c2.ptr))
+    })?;
+    let tflops = 2.0 * (m * nn * k) as f64 / t / 1e12;
+    rep.add(
+        "gemm bf16 8192³ speed",
+        0.0,
+        0.0,
+        json!({"ms": t * 1e3, "tflops": tflops}),
+    );
+    drop((a2, b2, c2));
+
+    // Cross-entropy rows against an f64 log-sum-exp.
+    let (cr, v) = (1024usize, 49152usize);
+    let logits = rand_vec(&mut rng, cr * v, 3.0);
+    let tgt: Vec<i32> = (0..cr).map(|i| ((i * 7919) % v) as i32).collect();
+    let (gl, gt) = (gpu.upload(&logits)?, gpu.upload(&tgt)?);
+    let (gn, gg2) = (gpu.alloc_f32(cr)?, gpu.alloc_bf16(cr * v)?);
+    let t = time(gpu, 20, || {
+        gpu.launch_rows(
+            "cross_entropy",
+            cr,
+            v,
+            &[
+                Arg::P(gl.ptr),
+                Arg::P(gt.ptr),
+                Arg::P(gn.ptr),
+                Arg::P(gg2.ptr),
+                Arg::I(v as i32),
+                Arg::F(1.0),
+            ],
+        )
+    })?;
+    let want: Vec<f32> = (0..cr)
+        .map(|r| {
+            let row = &logits[r * v..(r + 1) * v];
+            let m = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            (lse - row[tgt[r] as usize] as f64) as f32
+        })
+        .collect();
+    rep.add(
+        "cross_entropy",
+        rel_err(&gpu.download_f32(&gn, cr)?, &want),
+        1e-5,
+        json!({"ms": t * 1e3, "roofline_fraction": (cr * v * 6) as f64 / t / bw}),
+    );
+    Ok((
+        json!({"copy_bandwidth_gbs": bw / 1e9, "kernels": rep.rows}),
+        rep.failed,
+    ))
+}
+
+/// LoRA (all linears, random non-zero B so every gradient flows) on `model`.
+fn lora_state(model: &Model, rank: usize, targets: Targets, seed: u64) -> Result<TrainState> {
+    let mut state = TrainState::new(model.linears().len());
+    let cfg = LoraConfig {
+        rank,
+        alpha: 2.0 * rank as f32,
+        targets,
+        ..Default::default()
+    };
+    let mut rng = Rng::new(seed);
+    lora::attach(model, &mut state, &cfg, &mut rng)?;
+    for lo in state.lora.iter_mut().flatten() {
+        lo.b.iter_mut().for_each(|x| *x = rng.normal() * 0.02);
+    }
+    Ok(state)
+}
+
+fn grads(state: &TrainState) -> Vec<f32> {
+    state
+        .params
+        .iter()
+        .flat_map(|(_, p)| p.grad.iter().copied())
+        .collect()
+}
+
+/// One step of the GPU engine against the CPU engine (f32) on the same batch: loss and
+/// every LoRA gradient. The GPU computes in bf16, so the tolerance is bf16's.
+pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, q4: bool) -> Result<(Value, usize, Gpu)> {
+    let quant = q4.then_some(QuantizeOnLoad {
+        quant_type: QuantType::Nf4,
+        blocksize: 64,
+        double_quant: true,
+    });
+    let model = Model::load_with(model_dir, quant)?;
+    let mut cpu_state = lora_state(&model, 8, Targets::AllLinear, 1)?;
+    let mut gpu_state = lora_state(&model, 8, Targets::AllLinear, 1)?;
+    let mut rng = Rng::new(3);
+    let vocab = model.config.vocab as u32;
+    let seqs: Vec<Vec<u32>> = [37usize, 64, 20]
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|_| (rng.next_u64() % vocab as u64) as u32)
+                .collect()
+        })
+        .collect();
+    let labels: Vec<Vec<i32>> = seqs
+        .iter()
+        .map(|s| {
+            s.iter()
+                .enumerate()
+                .map(|(i, &t)| if i % 5 == 1 { -100 } else { t as i32 })
+                .collect()
+        })
+        .collect();
+    let batch = Batch {
+        ids: seqs.iter().map(|s| &s[..]).collect(),
+        labels: labels.iter().map(|s| &s[..]).collect(),
+    };
+    let scale = 1.0 / batch.loss_tokens() as f32;
+    let cpu = Engine::new(&model, &cpu_state).forward_backward(
+        &mut cpu_state,
+        &batch,
+        scale,
+        &mut Rng::new(0),
+    )?;
+    let mut eng = GpuEngine::new(gpu, &model, &gpu_state)?;
+    let g = eng.forward_backward(&mut gpu_state, &batch, scale, &mut Rng::new(0))?;
+    let (gc, gg) = (grads(&cpu_state), grads(&gpu_state));
+    let num: f64 = gc
+        .iter()
+        .zip(&gg)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let den: f64 = gc.iter().map(|a| (*a as f64).powi(2)).sum();
+    let grad_rel = (num / den.max(1e-30)).sqrt();
+    let loss_c = cpu.nll_sum / cpu.loss_tokens as f64;
+    let loss_g = g.nll_sum / g.loss_tokens as f64;
+    let loss_rel = (loss_c - loss_g).abs() / loss_c.abs();
+    // Per tensor, to point at the layer and projection if the whole comparison fails.
+    let mut per: Vec<(String, f64)> = cpu_state
+        .params
+        .iter()
+        .zip(&gpu_state.params)
+        .map(|((slot, c), (_, g))| {
+            let num: f64 = c
+                .grad
+                .iter()
+                .zip(&g.grad)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            let den: f64 = c.grad.iter().map(|a| (*a as f64).powi(2)).sum();
+            (format!("{slot:?}"), (num / den.max(1e-30)).sqrt())
+        })
+        .collect();
+    per.sort_by(|a, b| b.1.total_cmp(&a.1));
+    per.truncate(4);
+    let name = if q4 {
+        "QLoRA step vs CPU"
+    } else {
+        "LoRA step vs CPU"
+    };
+    let mut rep = Report {
+        rows: Vec::new(),
+        failed: 0,
+    };
+    rep.add(
+        &format!("{name}: loss"),
+        loss_rel,
+        1e-2,
+        json!({"cpu": loss_c, "gpu": loss_g}),
+    );
+    rep.add(
+        &format!("{name}: gradients"),
+        grad_rel,
+        5e-2,
+        json!({"tensors": gpu_state.params.len(), "worst": per}),
+    );
+    Ok((Value::Array(rep.rows), rep.failed, eng.gpu))
+}
+
+pub struct BenchOptions {
+    pub q4: bool,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub rank: usize,
+    pub targets: Targets,
+}
+
+/// Training throughput: LoRA or QLoRA (NF4, double quantization, as bitsandbytes) on the
+/// model, random tokens, AdamW on the host.
+pub fn bench(gpu: Gpu, model_dir: &Path, o: &BenchOptions) -> Result<(Value, Gpu)> {
+    let t_load = Instant::now();
+    let quant = o.q4.then_some(QuantizeOnLoad {
+        quant_type: QuantType::Nf4,
+        blocksize: 64,
+        double_quant: true,
+    });
+    let mut model = Model::load_with(model_dir, quant)?;
+    let mut state = TrainState::new(model.linears().len());
+    let cfg = LoraConfig {
+        rank: o.rank,
+        alpha: 2.0 * o.rank as f32,
+        targets: o.targets.clone(),
+        ..Default::default()
+    };
+    let mut rng = Rng::new(0);
+    lora::attach(&model, &mut state, &cfg, &mut rng)?;
+    gpu.reset_peak();
+    let mut eng = GpuEngine::new(gpu, &model, &state)?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let (model_bytes, _) = eng.gpu.memory();
+    let vocab = model.config.vocab as u64;
+    let opt = AdamW {
+        lr: 1e-4,
+        ..Default::default()
+    };
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    for step in 0..o.warmup + o.steps {
+        let seqs: Vec<Vec<u32>> = (0..o.batch)
+            .map(|_| {
+                (0..o.seq)
+                    .map(|_| (rng.next_u64() % vocab) as u32)
+                    .collect()
+            })
+            .collect();
+        let labels: Vec<Vec<i32>> = seqs
+            .iter()
+            .map(|s| s.iter().map(|&t| t as i32).collect())
+            .collect();
+        let batch = Batch {
+            ids: seqs.iter().map(|s| &s[..]).collect(),
+            labels: labels.iter().map(|s| &s[..]).collect(),
+        };
+        let t = Instant::now();
+        state.zero_grads();
+        let s = eng.forward_backward(
+            &mut state,
+            &batch,
+            1.0 / batch.loss_tokens() as f32,
+            &mut rng,
+        )?;
+        opt.step(&mut state, &mut model, 1e-4, step as u64 + 1);
+        eng.gpu.sync()?;
+        let dt = t.elapsed().as_secs_f64();
+        losses.push(s.nll_sum / s.loss_tokens as f64);
+        if step >= o.warmup {
+            times.push(dt);
+        }
+    }
+    let total: f64 = times.iter().sum();
+    let tps = (o.batch * o.seq * times.len()) as f64 / total;
+    let (_, peak) = eng.gpu.memory();
+    let (used, dev_total) = eng.gpu.device_used();
+    let profile: Option<serde_json::Map<String, Value>> = eng.profile().map(|p| {
+        p.into_iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect()
+    });
+    let v = json!({
+        "profile_ms_per_step": profile,
+        "method": if o.q4 { "qlora" } else { "lora" },
+        "gpu": eng.gpu.name(),
+        "batch": o.batch, "seq": o.seq, "rank": o.rank, "steps": o.steps,
+        "tokens_per_second": tps,
+        "step_ms": times.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
+        "model_bytes_on_gpu": model_bytes,
+        "peak_allocated_bytes": peak,
+        "device_used_bytes": used, "device_total_bytes": dev_total,
+        "trainable_params": state.trainable_count(),
+        "first_loss": losses.first(), "last_loss": losses.last(),
+        "load_seconds": load_s,
+    });
+    crate::cli::info(format!(
+        "{} {}×{}: {:.0} tokens/s, peak {:.2} GB allocated (model {:.2} GB)",
+        if o.q4 { "QLoRA" } else { "LoRA" },
+        o.batch,
+        o.seq,
+        tps,
+        peak as f64 / 1e9,
+        model_bytes as f64 / 1e9
+    ));
+    Ok((v, eng.gpu))
+}

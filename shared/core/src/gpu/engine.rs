@@ -1,0 +1,1190 @@
+//! LoRA / QLoRA training step on the GPU: the forward pass keeps only each block's input
+//! (gradient checkpointing), the backward pass recomputes one block at a time and runs its
+//! hand-written backward. Products are cuBLAS bf16 with f32 accumulation; norms, SwiGLU,
+//! RoPE, softmax and cross-entropy are our kernels (kernels.cu).
+//!
+//! It plugs into the CPU trainer under the same contract as [`crate::train::engine::Engine`]:
+//! gradients of the LoRA tensors are *added* into the [`TrainState`], scaled by `loss_scale`.
+//! The optimizer, its states, schedule, checkpoints and output stay on the host: LoRA's
+//! tensors are small, so the optimizer states live in host memory (QLoRA's paged-optimizer
+//! idea taken to its end: they never occupy the GPU).
+
+use super::blas::Gemm;
+use super::device::{Arg, DBuf, Gpu};
+use super::weights::{GpuModel, DOWN, GATE, K, O, PER_BLOCK, Q, UP, V};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::rng::Rng;
+use crate::train::engine::{Batch, StepStats};
+use crate::train::params::{Slot, TrainState};
+
+/// One LoRA adapter's tensors on the device: addresses inside [`GpuEngine`]'s two shared
+/// buffers, so that a step moves all adapters in one copy each way.
+struct GpuLora {
+    rank: usize,
+    scale: f32,
+    dropout: f32,
+    /// `[r, in]` and `[out, r]` in bf16, refreshed from the host values every step.
+    a: u64,
+    b: u64,
+    /// f32 gradient accumulators, downloaded and added into the state after each step.
+    ga: u64,
+    gb: u64,
+    /// Element offsets of A and B in the concatenation of all adapters (host order).
+    off: usize,
+    na: usize,
+    nb: usize,
+}
+
+/// Per-step layout of the batch.
+struct Layout {
+    rows: usize,
+    nseq: usize,
+    /// Longest sequence: the padded attention length.
+    l: usize,
+    ids: DBuf,
+    row_seq: DBuf,
+    row_pos: DBuf,
+    seq_len: DBuf,
+    /// Rows that carry a loss and their targets.
+    loss_idx: Vec<i32>,
+    loss_tgt: Vec<i32>,
+}
+
+/// What the backward pass of a block needs (recomputed from the block's input).
+struct Saved {
+    n1: DBuf,
+    rstd1: DBuf,
+    qp: DBuf,
+    kp: DBuf,
+    vp: DBuf,
+    o_in: DBuf,
+    h2: DBuf,
+    n2: DBuf,
+    rstd2: DBuf,
+    g: DBuf,
+    u: DBuf,
+    a: DBuf,
+    /// Per linear: the scaled LoRA activation `s·(x·Aᵀ)` in bf16.
+    xa: Vec<Option<DBuf>>,
+}
+
+pub struct GpuEngine {
+    pub gpu: Gpu,
+    pub model: GpuModel,
+    lora: Vec<Option<GpuLora>>,
+    /// Every adapter's A and B (bf16) and their gradients (f32), one after another.
+    adapter_values: DBuf,
+    adapter_grads: DBuf,
+    adapter_len: usize,
+    /// bf16 decoding scratch for 4-bit weights.
+    scratch: DBuf,
+    /// Lowest block with an adapter: the backward pass stops there.
+    stop_layer: usize,
+    seed: u64,
+    phases: Phases,
+}
+
+/// Where a step's time goes (`PEFTKIT_GPU_PROFILE=1`): the device is synchronised at each
+/// phase boundary, so profiling slows the step a little; off, marks cost nothing.
+struct Phases {
+    on: bool,
+    last: std::cell::Cell<std::time::Instant>,
+    acc: std::cell::RefCell<Vec<(&'static str, f64)>>,
+    steps: std::cell::Cell<usize>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Self {
+            on: std::env::var_os("PEFTKIT_GPU_PROFILE").is_some_and(|v| v != "0"),
+            last: std::cell::Cell::new(std::time::Instant::now()),
+            acc: std::cell::RefCell::new(Vec::new()),
+            steps: std::cell::Cell::new(0),
+        }
+    }
+
+    fn mark(&self, gpu: &Gpu, name: &'static str) {
+        if !self.on {
+            return;
+        }
+        let _ = gpu.sync();
+        let now = std::time::Instant::now();
+        let dt = (now - self.last.get()).as_secs_f64();
+        self.last.set(now);
+        let mut acc = self.acc.borrow_mut();
+        match acc.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, t)) => *t += dt,
+            None => acc.push((name, dt)),
+        }
+    }
+}
+
+const BF: usize = 2;
+const F4: usize = 4;
+
+impl GpuEngine {
+    /// Uploads `model` and checks that the trainable state is one the GPU path computes.
+    pub fn new(gpu: Gpu, model: &Model, state: &TrainState) -> Result<Self> {
+        if let Some(what) = unsupported_state(state) {
+            return Err(Error::usage(format!(
+                "--device cuda trains LoRA and QLoRA adapters (no bias, no DoRA) for now; {what} needs --device cpu"
+            )));
+        }
+        let gm = GpuModel::upload(&gpu, model, 2048)?;
+        let nb = gm.blocks.len();
+        let total: usize = state
+            .lora
+            .iter()
+            .flatten()
+            .map(|lo| lo.a.len() + lo.b.len())
+            .sum();
+        let adapter_values = gpu.alloc_bf16(total)?;
+        let adapter_grads = gpu.alloc_f32(total)?;
+        let mut lora = Vec::with_capacity(nb * PER_BLOCK);
+        let mut stop = nb;
+        let mut off = 0;
+        for (i, lo) in state.lora.iter().enumerate() {
+            let Some(lo) = lo else {
+                lora.push(None);
+                continue;
+            };
+            stop = stop.min(i / PER_BLOCK);
+            let (na, nb_) = (lo.a.len(), lo.b.len());
+            lora.push(Some(GpuLora {
+                rank: lo.rank,
+                scale: lo.scale,
+                dropout: lo.dropout,
+                a: adapter_values.at(off, BF),
+                b: adapter_values.at(off + na, BF),
+                ga: adapter_grads.at(off, F4),
+                gb: adapter_grads.at(off + na, F4),
+                off,
+                na,
+                nb: nb_,
+            }));
+            off += na + nb_;
+        }
+        if lora.len() != nb * PER_BLOCK {
+            return Err(Error::usage(
+                "internal: LoRA slots do not match the model's linears",
+            ));
+        }
+        let scratch = gpu.alloc_bf16(if gm.any_q4() { gm.max_linear } else { 1 })?;
+        Ok(Self {
+            gpu,
+            model: gm,
+            lora,
+            adapter_values,
+            adapter_grads,
+            adapter_len: total,
+            scratch,
+            stop_layer: stop,
+            seed: 0,
+            phases: Phases::new(),
+        })
+    }
+
+    /// Forward and backward over one micro-batch; LoRA gradients are added into `state`.
+    pub fn forward_backward(
+        &mut self,
+        state: &mut TrainState,
+        batch: &Batch,
+        loss_scale: f32,
+        rng: &mut Rng,
+    ) -> Result<StepStats> {
+        self.phases.mark(&self.gpu, "host (between steps)");
+        self.phases.steps.set(self.phases.steps.get() + 1);
+        self.sync_adapters(state)?;
+        if self
+            .lora
+            .iter()
+            .any(|l| l.as_ref().is_some_and(|l| l.dropout > 0.0))
+        {
+            self.seed = rng.next_u64();
+        }
+        let lay = self.layout(batch)?;
+        self.phases.mark(&self.gpu, "inputs and adapters to device");
+        let (d, rows) = (self.model.hidden, lay.rows);
+        let nb = self.model.blocks.len();
+        // Forward: keep every block's input, in bf16 (gradient checkpointing). The residual
+        // stream is rounded to bf16 between blocks, as in a bf16 PyTorch model, so that the
+        // backward pass recomputes each block from exactly the input the forward pass used.
+        let mut hs = Vec::with_capacity(nb + 1);
+        let mut x = self.embed(&lay)?;
+        for l in 0..nb {
+            hs.push(self.cast_bf16(&x, rows * d)?);
+            let (out, _) = self.block_forward(l, &x, &lay, false)?;
+            x = self.round_bf16(&out, rows * d)?;
+        }
+        self.phases.mark(&self.gpu, "forward");
+        // Final norm and the loss in chunks of rows.
+        let nf = self.gpu.uninit_bf16(rows * d)?;
+        let rstd = self.gpu.uninit_f32(rows)?;
+        self.rmsnorm(&x, &self.model.final_norm, &nf, &rstd, rows)?;
+        let dnf = self.gpu.alloc_f32(rows * d)?;
+        let nll = self.loss(&nf, &lay, loss_scale, Some(&dnf))?;
+        let stats = StepStats {
+            nll_sum: nll,
+            loss_tokens: lay.loss_idx.len(),
+        };
+        drop(nf);
+        self.phases.mark(&self.gpu, "loss (head and cross-entropy)");
+        if self.stop_layer < nb {
+            let mut dh = self.gpu.alloc_f32(rows * d)?;
+            self.rmsnorm_bwd(&x, &self.model.final_norm, &rstd, &dnf, &dh, rows)?;
+            drop((dnf, x));
+            for l in (self.stop_layer..nb).rev() {
+                let xl = self.to_f32(&hs[l], rows * d)?;
+                dh = self.block_backward(l, &xl, dh, &lay)?;
+                hs.truncate(l);
+            }
+            self.collect_grads(state)?;
+            self.phases.mark(&self.gpu, "gradients to host");
+        }
+        Ok(stats)
+    }
+
+    /// Milliseconds per step in each phase, when profiling (`PEFTKIT_GPU_PROFILE=1`).
+    pub fn profile(&self) -> Option<Vec<(&'static str, f64)>> {
+        if !self.phases.on {
+            return None;
+        }
+        let n = self.phases.steps.get().max(1) as f64;
+        Some(
+            self.phases
+                .acc
+                .borrow()
+                .iter()
+                .map(|&(k, t)| (k, t * 1e3 / n))
+                .collect(),
+        )
+    }
+
+    /// Loss only (evaluation).
+    pub fn eval_loss(&mut self, state: &TrainState, batch: &Batch) -> Result<StepStats> {
+        self.sync_adapters(state)?;
+        let lay = self.layout(batch)?;
+        let (d, rows) = (self.model.hidden, lay.rows);
+        let mut h = self.embed(&lay)?;
+        for l in 0..self.model.blocks.len() {
+            let out = self.block_forward(l, &h, &lay, false)?.0;
+            h = self.round_bf16(&out, rows * d)?;
+        }
+        let nf = self.gpu.uninit_bf16(rows * d)?;
+        let rstd = self.gpu.uninit_f32(rows)?;
+        self.rmsnorm(&h, &self.model.final_norm, &nf, &rstd, rows)?;
+        let nll = self.loss(&nf, &lay, 0.0, None)?;
+        Ok(StepStats {
+            nll_sum: nll,
+            loss_tokens: lay.loss_idx.len(),
+        })
+    }
+
+    /// Copies the current host LoRA values (bf16) and zeroes the gradient accumulators.
+    fn sync_adapters(&mut self, state: &TrainState) -> Result<()> {
+        use rayon::prelude::*;
+        let mut host = vec![0u16; self.adapter_len];
+        // Adapters are disjoint ranges of `host`: convert them in parallel (bf16 rounding in
+        // software is the cost here, not the copy).
+        let mut rest = &mut host[..];
+        let mut jobs = Vec::new();
+        let mut at = 0;
+        for (g, lo) in self.lora.iter().zip(&state.lora) {
+            let (Some(g), Some(lo)) = (g, lo) else {
+                continue;
+            };
+            let (_, tail) = rest.split_at_mut(g.off - at);
+            let (dst, tail) = tail.split_at_mut(g.na + g.nb);
+            rest = tail;
+            at = g.off + g.na + g.nb;
+            jobs.push((dst, lo));
+        }
+        jobs.into_par_iter().for_each(|(dst, lo)| {
+            for (d, &x) in dst.iter_mut().zip(lo.a.iter().chain(&lo.b)) {
+                *d = half::bf16::from_f32(x).to_bits();
+            }
+        });
+        self.gpu.write(&mut self.adapter_values, &host)?;
+        let n = self.adapter_grads.bytes;
+        self.gpu.zero(&mut self.adapter_grads, n)
+    }
+
+    fn collect_grads(&mut self, state: &mut TrainState) -> Result<()> {
+        let all = self
+            .gpu
+            .download_f32(&self.adapter_grads, self.adapter_len)?;
+        for (i, g) in self.lora.iter().enumerate() {
+            let Some(g) = g else { continue };
+            let (ga, gb) = all[g.off..g.off + g.na + g.nb].split_at(g.na);
+            for (slot, v) in [(Slot::LoraA(i), ga), (Slot::LoraB(i), gb)] {
+                if let Some(dst) = state.grad_mut(slot) {
+                    dst.iter_mut().zip(v).for_each(|(d, s)| *d += s);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn layout(&mut self, batch: &Batch) -> Result<Layout> {
+        let vocab = self.model.vocab;
+        let mut ids = Vec::new();
+        let (mut row_seq, mut row_pos, mut seq_len) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut loss_idx, mut loss_tgt) = (Vec::new(), Vec::new());
+        let mut l = 0;
+        for (s, (sid, labels)) in batch.ids.iter().zip(&batch.labels).enumerate() {
+            if sid.len() != labels.len() {
+                return Err(Error::usage("internal: ids and labels differ in length"));
+            }
+            let start = ids.len();
+            for (p, &t) in sid.iter().enumerate() {
+                if t as usize >= vocab {
+                    return Err(Error::usage(format!(
+                        "token id {t} is outside the model's vocabulary of {vocab}"
+                    )));
+                }
+                ids.push(t);
+                row_seq.push(s as i32);
+                row_pos.push(p as i32);
+            }
+            for j in 0..sid.len().saturating_sub(1) {
+                let t = labels[j + 1];
+                if t != -100 {
+                    if t < 0 || t as usize >= vocab {
+                        return Err(Error::usage(format!(
+                            "label {t} is outside the vocabulary of {vocab}"
+                        )));
+                    }
+                    loss_idx.push((start + j) as i32);
+                    loss_tgt.push(t);
+                }
+            }
+            seq_len.push(sid.len() as i32);
+            l = l.max(sid.len());
+        }
+        self.model.ensure_positions(&self.gpu, l)?;
+        Ok(Layout {
+            rows: ids.len(),
+            nseq: seq_len.len(),
+            l,
+            ids: self.gpu.upload(&ids)?,
+            row_seq: self.gpu.upload(&row_seq)?,
+            row_pos: self.gpu.upload(&row_pos)?,
+            seq_len: self.gpu.upload(&seq_len)?,
+            loss_idx,
+            loss_tgt,
+        })
+    }
+
+    /// The input rows: embedding lookups (f32 copies of the bf16 table's values).
+    fn embed(&self, lay: &Layout) -> Result<DBuf> {
+        let (d, rows) = (self.model.hidden, lay.rows);
+        let h = self.gpu.uninit_f32(rows * d)?;
+        self.gpu.launch_n(
+            "embed_gather",
+            rows * d,
+            &[
+                Arg::P(lay.ids.ptr),
+                Arg::P(self.model.embed.ptr),
+                Arg::P(h.ptr),
+                Arg::L(rows as i64),
+                Arg::I(d as i32),
+            ],
+        )?;
+        Ok(h)
+    }
+
+    fn to_f32(&self, x: &DBuf, n: usize) -> Result<DBuf> {
+        let y = self.gpu.uninit_f32(n)?;
+        self.gpu.launch_n(
+            "cast_bf16_f32",
+            n,
+            &[Arg::P(x.ptr), Arg::P(y.ptr), Arg::L(n as i64)],
+        )?;
+        Ok(y)
+    }
+
+    /// `x` rounded to bf16 (and back to f32): a block output entering the next block.
+    fn round_bf16(&self, x: &DBuf, n: usize) -> Result<DBuf> {
+        let b = self.cast_bf16(x, n)?;
+        self.to_f32(&b, n)
+    }
+
+    fn rmsnorm(&self, x: &DBuf, w: &DBuf, y: &DBuf, rstd: &DBuf, rows: usize) -> Result<()> {
+        let d = self.model.hidden;
+        self.gpu.launch_norm(
+            rows,
+            d,
+            &[
+                Arg::P(x.ptr),
+                Arg::P(w.ptr),
+                Arg::P(y.ptr),
+                Arg::P(rstd.ptr),
+                Arg::I(d as i32),
+                Arg::F(self.model.eps),
+            ],
+        )
+    }
+
+    /// dx += rmsnorm backward of dy.
+    fn rmsnorm_bwd(
+        &self,
+        x: &DBuf,
+        w: &DBuf,
+        rstd: &DBuf,
+        dy: &DBuf,
+        dx: &DBuf,
+        rows: usize,
+    ) -> Result<()> {
+        let d = self.model.hidden;
+        self.gpu.launch_rows(
+            "rmsnorm_bwd",
+            rows,
+            d,
+            &[
+                Arg::P(x.ptr),
+                Arg::P(w.ptr),
+                Arg::P(rstd.ptr),
+                Arg::P(dy.ptr),
+                Arg::P(dx.ptr),
+                Arg::I(d as i32),
+            ],
+        )
+    }
+
+    fn cast_bf16(&self, x: &DBuf, n: usize) -> Result<DBuf> {
+        let y = self.gpu.uninit_bf16(n)?;
+        self.gpu.launch_n(
+            "cast_f32_bf16",
+            n,
+            &[Arg::P(x.ptr), Arg::P(y.ptr), Arg::L(n as i64)],
+        )?;
+        Ok(y)
+    }
+
+    fn dropout_seed(&self, l: usize, slot: usize) -> u64 {
+        self.seed ^ ((l as u64) << 8 | slot as u64).wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// The LoRA input: `x` itself, or `x` through the adapter's dropout.
+    fn lora_input(&self, l: usize, slot: usize, x: &DBuf, n: usize) -> Result<Option<DBuf>> {
+        let lo = self.lora[l * PER_BLOCK + slot].as_ref().unwrap();
+        if lo.dropout <= 0.0 {
+            return Ok(None);
+        }
+        let y = self.gpu.uninit_bf16(n)?;
+        self.gpu.launch_n(
+            "dropout_bf16",
+            n,
+            &[
+                Arg::P(x.ptr),
+                Arg::P(y.ptr),
+                Arg::F(lo.dropout),
+                Arg::U64(self.dropout_seed(l, slot)),
+                Arg::L(n as i64),
+            ],
+        )?;
+        Ok(Some(y))
+    }
+
+    /// `y = x·Wᵀ (+ bias) (+ s·(x·Aᵀ)·Bᵀ)` for linear `slot` of block `l`; `x` bf16
+    /// `[rows, in]`, `y` f32 `[rows, out]`. Returns the scaled LoRA activation.
+    fn lin_fwd(
+        &self,
+        l: usize,
+        slot: usize,
+        x: &DBuf,
+        y: &DBuf,
+        rows: usize,
+    ) -> Result<Option<DBuf>> {
+        let lin = &self.model.blocks[l].lin[slot];
+        let w = lin.bf16_weight(&self.gpu, &self.scratch)?;
+        self.gpu
+            .blas
+            .gemm(&Gemm::nt(rows, lin.out, lin.inp, x.ptr, w, y.ptr))?;
+        if let Some(b) = &lin.bias {
+            self.gpu.launch_n(
+                "add_bias",
+                rows * lin.out,
+                &[
+                    Arg::P(y.ptr),
+                    Arg::P(b.ptr),
+                    Arg::L(rows as i64),
+                    Arg::I(lin.out as i32),
+                ],
+            )?;
+        }
+        let Some(lo) = &self.lora[l * PER_BLOCK + slot] else {
+            return Ok(None);
+        };
+        let r = lo.rank;
+        let xd = self.lora_input(l, slot, x, rows * lin.inp)?;
+        let xin = xd.as_ref().unwrap_or(x);
+        let t = self.gpu.uninit_f32(rows * r)?;
+        self.gpu
+            .blas
+            .gemm(&Gemm::nt(rows, r, lin.inp, xin.ptr, lo.a, t.ptr))?;
+        let xa = self.gpu.uninit_bf16(rows * r)?;
+        self.gpu.launch_n(
+            "scale_to_bf16",
+            rows * r,
+            &[
+                Arg::P(t.ptr),
+                Arg::P(xa.ptr),
+                Arg::F(lo.scale),
+                Arg::L((rows * r) as i64),
+            ],
+        )?;
+        self.gpu
+            .blas
+            .gemm(&Gemm::nt(rows, lin.out, r, xa.ptr, lo.b, y.ptr).accumulate())?;
+        Ok(Some(xa))
+    }
+
+    /// Backward of [`Self::lin_fwd`]: LoRA gradients accumulate on the device; with `dx`,
+    /// the input gradient is written (`acc` = false) or added (`acc` = true) there.
+    #[allow(clippy::too_many_arguments)]
+    fn lin_bwd(
+        &self,
+        l: usize,
+        slot: usize,
+        dy: &DBuf,
+        x: &DBuf,
+        xa: Option<&DBuf>,
+        dx: Option<&DBuf>,
+        acc: bool,
+        rows: usize,
+    ) -> Result<()> {
+        let lin = &self.model.blocks[l].lin[slot];
+        let (out, inp) = (lin.out, lin.inp);
+        if let Some(dx) = dx {
+            let w = lin.bf16_weight(&self.gpu, &self.scratch)?;
+            let g = Gemm::nn(rows, inp, out, dy.ptr, w, dx.ptr);
+            self.gpu.blas.gemm(&if acc { g.accumulate() } else { g })?;
+        }
+        let Some(lo) = &self.lora[l * PER_BLOCK + slot] else {
+            return Ok(());
+        };
+        let xa = xa.expect("LoRA activation saved");
+        let r = lo.rank;
+        // dB += dyᵀ·(s·x·Aᵀ)
+        self.gpu
+            .blas
+            .gemm(&Gemm::tn(out, r, rows, dy.ptr, xa.ptr, lo.gb).accumulate())?;
+        // t = s·(dy·B)
+        let t = self.gpu.uninit_f32(rows * r)?;
+        self.gpu
+            .blas
+            .gemm(&Gemm::nn(rows, r, out, dy.ptr, lo.b, t.ptr))?;
+        let ts = self.gpu.uninit_bf16(rows * r)?;
+        self.gpu.launch_n(
+            "scale_to_bf16",
+            rows * r,
+            &[
+                Arg::P(t.ptr),
+                Arg::P(ts.ptr),
+                Arg::F(lo.scale),
+                Arg::L((rows * r) as i64),
+            ],
+        )?;
+        let xd = self.lora_input(l, slot, x, rows * inp)?;
+        let xin = xd.as_ref().unwrap_or(x);
+        // dA += tᵀ·x_dropped
+        self.gpu
+            .blas
+            .gemm(&Gemm::tn(r, inp, rows, ts.ptr, xin.ptr, lo.ga).accumulate())?;
+        if let Some(dx) = dx {
+            if lo.dropout <= 0.0 {
+                self.gpu
+                    .blas
+                    .gemm(&Gemm::nn(rows, inp, r, ts.ptr, lo.a, dx.ptr).accumulate())?;
+            } else {
+                let tmp = self.gpu.uninit_f32(rows * inp)?;
+                self.gpu
+                    .blas
+                    .gemm(&Gemm::nn(rows, inp, r, ts.ptr, lo.a, tmp.ptr))?;
+                self.gpu.launch_n(
+                    "dropout_bwd_add",
+                    rows * inp,
+                    &[
+                        Arg::P(dx.ptr),
+                        Arg::P(tmp.ptr),
+                        Arg::F(lo.dropout),
+                        Arg::U64(self.dropout_seed(l, slot)),
+                        Arg::L((rows * inp) as i64),
+                    ],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rotates (RoPE) and lays out `src` `[rows, heads·dh]` as `[seq, heads, L, dh]` bf16.
+    fn to_heads(&self, src: &DBuf, heads: usize, rope: bool, lay: &Layout) -> Result<DBuf> {
+        let dh = self.model.head_dim;
+        let dst = self.padded_bf16(lay, lay.nseq * heads * lay.l * dh)?;
+        self.gpu.launch_n(
+            "rope_permute",
+            lay.rows * heads * dh / 2,
+            &[
+                Arg::P(src.ptr),
+                Arg::P(dst.ptr),
+                Arg::P(lay.row_seq.ptr),
+                Arg::P(lay.row_pos.ptr),
+                Arg::P(self.model.cos.ptr),
+                Arg::P(self.model.sin.ptr),
+                Arg::L(lay.rows as i64),
+                Arg::I(heads as i32),
+                Arg::I(dh as i32),
+                Arg::I(lay.l as i32),
+                Arg::I(rope as i32),
+            ],
+        )?;
+        Ok(dst)
+    }
+
+    fn heads_grad_to_rows(&self, src: &DBuf, heads: usize, rope: bool, lay: &Layout) -> Result<DBuf> {
+        let dh = self.model.head_dim;
+        let dst = self.gpu.uninit_f32(lay.rows * heads * dh)?;
+        self.gpu.launch_n(
+            "rope_unpermute_bwd",
+            lay.rows * heads * dh / 2,
+            &[
+                Arg::P(src.ptr),
+                Arg::P(dst.ptr),
+                Arg::P(lay.row_seq.ptr),
+                Arg::P(lay.row_pos.ptr),
+                Arg::P(self.model.cos.ptr),
+                Arg::P(self.model.sin.ptr),
+                Arg::L(lay.rows as i64),
+                Arg::I(heads as i32),
+                Arg::I(dh as i32),
+                Arg::I(lay.l as i32),
+                Arg::I(rope as i32),
+            ],
+        )?;
+        Ok(dst)
+    }
+
+    /// Batched attention products over (sequence, kv head) groups: each group holds the `g`
+    /// query heads sharing one kv head, `[g·L, dh]`, against that head's `[L, dh]`.
+    fn attn_dims(&self, lay: &Layout) -> (usize, usize, usize, usize) {
+        let m = &self.model;
+        let g = m.heads / m.kv_heads;
+        (lay.nseq * m.kv_heads, g * lay.l, lay.l, m.head_dim)
+    }
+
+    /// A zeroed buffer when the batch has padding (sequences shorter than the longest),
+    /// whose padded rows must be zero; an uninitialised one when every row is written.
+    fn padded_bf16(&self, lay: &Layout, n: usize) -> Result<DBuf> {
+        if lay.rows == lay.nseq * lay.l {
+            self.gpu.uninit_bf16(n)
+        } else {
+            self.gpu.alloc_bf16(n)
+        }
+    }
+
+    /// Groups per attention chunk: a chunk's f32 scores take about 32 MB, so they stay in
+    /// the L2 cache between the product that writes them and the softmax that reads them, and
+    /// the `[L, L]` scores of the whole batch never exist at once.
+    fn attn_chunk(&self, lay: &Layout) -> usize {
+        let (batch, gl, ll, _) = self.attn_dims(lay);
+        ((32usize << 20) / (gl * ll * F4)).clamp(1, batch)
+    }
+
+    fn softmax(
+        &self,
+        s: &DBuf,
+        pb: &DBuf,
+        rows: usize,
+        row0: usize,
+        lay: &Layout,
+        window: Option<usize>,
+    ) -> Result<()> {
+        self.gpu.launch_rows(
+            "softmax_causal",
+            rows,
+            lay.l,
+            &[
+                Arg::P(s.ptr),
+                Arg::P(pb.ptr),
+                Arg::P(lay.seq_len.ptr),
+                Arg::I(self.model.heads as i32),
+                Arg::I(lay.l as i32),
+                Arg::I(window.unwrap_or(0) as i32),
+                Arg::L(row0 as i64),
+            ],
+        )
+    }
+
+    /// Causal attention of the padded heads: `softmax(Q·Kᵀ/√d)·V` as f32 `[seq, heads, L, dh]`.
+    fn attention_fwd(
+        &self,
+        qp: &DBuf,
+        kp: &DBuf,
+        vp: &DBuf,
+        lay: &Layout,
+        window: Option<usize>,
+    ) -> Result<DBuf> {
+        let gpu = &self.gpu;
+        let (batch, gl, ll, dh) = self.attn_dims(lay);
+        let ch = self.attn_chunk(lay);
+        let s = gpu.uninit_f32(ch * gl * ll)?;
+        let pb = gpu.uninit_bf16(ch * gl * ll)?;
+        let op = gpu.uninit_f32(batch * gl * dh)?;
+        let scale = 1.0 / (dh as f32).sqrt();
+        for c0 in (0..batch).step_by(ch) {
+            let c = ch.min(batch - c0);
+            gpu.blas.gemm(
+                &Gemm::nt(
+                    gl,
+                    ll,
+                    dh,
+                    qp.at(c0 * gl * dh, BF),
+                    kp.at(c0 * ll * dh, BF),
+                    s.ptr,
+                )
+                .scaled(scale)
+                .batched(c, gl * dh, ll * dh, gl * ll),
+            )?;
+            self.softmax(&s, &pb, c * gl, c0 * gl, lay, window)?;
+            gpu.blas.gemm(
+                &Gemm::nn(
+                    gl,
+                    dh,
+                    ll,
+                    pb.ptr,
+                    vp.at(c0 * ll * dh, BF),
+                    op.at(c0 * gl * dh, F4),
+                )
+                .batched(c, gl * ll, ll * dh, gl * dh),
+            )?;
+        }
+        Ok(op)
+    }
+
+    /// Backward of [`Self::attention_fwd`] given `dop` (bf16, padded layout): recomputes the
+    /// probabilities chunk by chunk (as flash attention does) and returns dQ, dK, dV (f32).
+    fn attention_bwd(
+        &self,
+        qp: &DBuf,
+        kp: &DBuf,
+        vp: &DBuf,
+        dop: &DBuf,
+        lay: &Layout,
+        window: Option<usize>,
+    ) -> Result<(DBuf, DBuf, DBuf)> {
+        let gpu = &self.gpu;
+        let (batch, gl, ll, dh) = self.attn_dims(lay);
+        let ch = self.attn_chunk(lay);
+        let s = gpu.uninit_f32(ch * gl * ll)?;
+        let pb = gpu.uninit_bf16(ch * gl * ll)?;
+        let dp = gpu.uninit_f32(ch * gl * ll)?;
+        let dqp = gpu.uninit_f32(batch * gl * dh)?;
+        let dkp = gpu.uninit_f32(batch * ll * dh)?;
+        let dvp = gpu.uninit_f32(batch * ll * dh)?;
+        let scale = 1.0 / (dh as f32).sqrt();
+        for c0 in (0..batch).step_by(ch) {
+            let c = ch.min(batch - c0);
+            let (q, k, v) = (
+                qp.at(c0 * gl * dh, BF),
+                kp.at(c0 * ll * dh, BF),
+                vp.at(c0 * ll * dh, BF),
+            );
+            let dout = dop.at(c0 * gl * dh, BF);
+            gpu.blas
+                .gemm(&Gemm::nt(gl, ll, dh, q, k, s.ptr).scaled(scale).batched(
+                    c,
+                    gl * dh,
+                    ll * dh,
+                    gl * ll,
+                ))?;
+            self.softmax(&s, &pb, c * gl, c0 * gl, lay, window)?;
+            // dP = dO·Vᵀ, dV = Pᵀ·dO
+            gpu.blas
+                .gemm(&Gemm::nt(gl, ll, dh, dout, v, dp.ptr).batched(
+                    c,
+                    gl * dh,
+                    ll * dh,
+                    gl * ll,
+                ))?;
+            gpu.blas.gemm(
+                &Gemm::tn(ll, dh, gl, pb.ptr, dout, dvp.at(c0 * ll * dh, F4)).batched(
+                    c,
+                    gl * ll,
+                    gl * dh,
+                    ll * dh,
+                ),
+            )?;
+            // dS (bf16) overwrites P in place (each thread reads its elements before it
+            // writes them; dV was the last product to read P).
+            gpu.launch_rows(
+                "softmax_bwd",
+                c * gl,
+                ll,
+                &[
+                    Arg::P(pb.ptr),
+                    Arg::P(dp.ptr),
+                    Arg::P(pb.ptr),
+                    Arg::I(ll as i32),
+                    Arg::F(scale),
+                ],
+            )?;
+            gpu.blas.gemm(
+                &Gemm::nn(gl, dh, ll, pb.ptr, k, dqp.at(c0 * gl * dh, F4)).batched(
+                    c,
+                    gl * ll,
+                    ll * dh,
+                    gl * dh,
+                ),
+            )?;
+            gpu.blas.gemm(
+                &Gemm::tn(ll, dh, gl, pb.ptr, q, dkp.at(c0 * ll * dh, F4)).batched(
+                    c,
+                    gl * ll,
+                    gl * dh,
+                    ll * dh,
+                ),
+            )?;
+        }
+        Ok((dqp, dkp, dvp))
+    }
+
+    fn block_forward(
+        &self,
+        l: usize,
+        x: &DBuf,
+        lay: &Layout,
+        keep: bool,
+    ) -> Result<(DBuf, Option<Saved>)> {
+        let gpu = &self.gpu;
+        let m = &self.model;
+        let blk = &m.blocks[l];
+        let (d, rows) = (m.hidden, lay.rows);
+        let (qd, kvd, ff) = (m.heads * m.head_dim, m.kv_heads * m.head_dim, m.inter);
+        let mut xa: Vec<Option<DBuf>> = (0..PER_BLOCK).map(|_| None).collect();
+        // attention
+        let n1 = gpu.uninit_bf16(rows * d)?;
+        let rstd1 = gpu.uninit_f32(rows)?;
+        self.rmsnorm(x, &blk.attn_norm, &n1, &rstd1, rows)?;
+        let q = gpu.uninit_f32(rows * qd)?;
+        let k = gpu.uninit_f32(rows * kvd)?;
+        let v = gpu.uninit_f32(rows * kvd)?;
+        xa[Q] = self.lin_fwd(l, Q, &n1, &q, rows)?;
+        xa[K] = self.lin_fwd(l, K, &n1, &k, rows)?;
+        xa[V] = self.lin_fwd(l, V, &n1, &v, rows)?;
+        let qp = self.to_heads(&q, m.heads, true, lay)?;
+        let kp = self.to_heads(&k, m.kv_heads, true, lay)?;
+        let vp = self.to_heads(&v, m.kv_heads, false, lay)?;
+        drop((q, k, v));
+        let (_, _, ll, dh) = self.attn_dims(lay);
+        let op = self.attention_fwd(&qp, &kp, &vp, lay, blk.window)?;
+        let o_in = gpu.uninit_bf16(rows * qd)?;
+        gpu.launch_n(
+            "unpermute_bf16",
+            rows * qd,
+            &[
+                Arg::P(op.ptr),
+                Arg::P(o_in.ptr),
+                Arg::P(lay.row_seq.ptr),
+                Arg::P(lay.row_pos.ptr),
+                Arg::L(rows as i64),
+                Arg::I(m.heads as i32),
+                Arg::I(dh as i32),
+                Arg::I(ll as i32),
+            ],
+        )?;
+        drop(op);
+        let h2 = gpu.uninit_f32(rows * d)?;
+        xa[O] = self.lin_fwd(l, O, &o_in, &h2, rows)?;
+        gpu.launch_n(
+            "add_inplace",
+            rows * d,
+            &[Arg::P(h2.ptr), Arg::P(x.ptr), Arg::L((rows * d) as i64)],
+        )?;
+        // MLP
+        let n2 = gpu.uninit_bf16(rows * d)?;
+        let rstd2 = gpu.uninit_f32(rows)?;
+        self.rmsnorm(&h2, &blk.mlp_norm, &n2, &rstd2, rows)?;
+        let g = gpu.uninit_f32(rows * ff)?;
+        let u = gpu.uninit_f32(rows * ff)?;
+        xa[GATE] = self.lin_fwd(l, GATE, &n2, &g, rows)?;
+        xa[UP] = self.lin_fwd(l, UP, &n2, &u, rows)?;
+        let a = gpu.uninit_bf16(rows * ff)?;
+        gpu.launch_n(
+            "silu_mul_fwd",
+            rows * ff,
+            &[
+                Arg::P(g.ptr),
+                Arg::P(u.ptr),
+                Arg::P(a.ptr),
+                Arg::L((rows * ff) as i64),
+            ],
+        )?;
+        let out = gpu.uninit_f32(rows * d)?;
+        xa[DOWN] = self.lin_fwd(l, DOWN, &a, &out, rows)?;
+        gpu.launch_n(
+            "add_inplace",
+            rows * d,
+            &[Arg::P(out.ptr), Arg::P(h2.ptr), Arg::L((rows * d) as i64)],
+        )?;
+        let saved = keep.then_some(Saved {
+            n1,
+            rstd1,
+            qp,
+            kp,
+            vp,
+            o_in,
+            h2,
+            n2,
+            rstd2,
+            g,
+            u,
+            a,
+            xa,
+        });
+        Ok((out, saved))
+    }
+
+    /// Recomputes block `l` from its input `x` and runs its backward pass given `dh`, the
+    /// gradient of its output; returns the gradient of its input.
+    fn block_backward(&self, l: usize, x: &DBuf, dh: DBuf, lay: &Layout) -> Result<DBuf> {
+        let gpu = &self.gpu;
+        let m = &self.model;
+        let blk = &m.blocks[l];
+        let (d, rows) = (m.hidden, lay.rows);
+        let (qd, kvd, ff) = (m.heads * m.head_dim, m.kv_heads * m.head_dim, m.inter);
+        let need_dx = l > self.stop_layer;
+        let (_, s) = self.block_forward(l, x, lay, true)?;
+        let s = s.expect("saved activations");
+        self.phases.mark(gpu, "backward: recompute");
+        // MLP backward
+        let dh_bf = self.cast_bf16(&dh, rows * d)?;
+        let da = gpu.uninit_f32(rows * ff)?;
+        self.lin_bwd(
+            l,
+            DOWN,
+            &dh_bf,
+            &s.a,
+            s.xa[DOWN].as_ref(),
+            Some(&da),
+            false,
+            rows,
+        )?;
+        drop(dh_bf);
+        let dg = gpu.uninit_bf16(rows * ff)?;
+        let du = gpu.uninit_bf16(rows * ff)?;
+        gpu.launch_n(
+            "silu_mul_bwd",
+            rows * ff,
+            &[
+                Arg::P(s.g.ptr),
+                Arg::P(s.u.ptr),
+                Arg::P(da.ptr),
+                Arg::P(dg.ptr),
+                Arg::P(du.ptr),
+                Arg::L((rows * ff) as i64),
+            ],
+        )?;
+        drop(da);
+        let dn2 = gpu.uninit_f32(rows * d)?;
+        self.lin_bwd(
+            l,
+            GATE,
+            &dg,
+            &s.n2,
+            s.xa[GATE].as_ref(),
+            Some(&dn2),
+            false,
+            rows,
+        )?;
+        self.lin_bwd(l, UP, &du, &s.n2, s.xa[UP].as_ref(), Some(&dn2), true, rows)?;
+        drop((dg, du));
+        // dh now becomes the gradient at h2 (residual plus the norm's path).
+        self.rmsnorm_bwd(&s.h2, &blk.mlp_norm, &s.rstd2, &dn2, &dh, rows)?;
+        drop(dn2);
+        self.phases.mark(gpu, "backward: MLP");
+        // attention backward
+        let dh2_bf = self.cast_bf16(&dh, rows * d)?;
+        let d_o = gpu.uninit_f32(rows * qd)?;
+        self.lin_bwd(
+            l,
+            O,
+            &dh2_bf,
+            &s.o_in,
+            s.xa[O].as_ref(),
+            Some(&d_o),
+            false,
+            rows,
+        )?;
+        drop(dh2_bf);
+        let (batch, gl, _, dh_) = self.attn_dims(lay);
+        let dop = self.padded_bf16(lay, batch * gl * dh_)?;
+        gpu.launch_n(
+            "permute_bf16",
+            rows * qd,
+            &[
+                Arg::P(d_o.ptr),
+                Arg::P(dop.ptr),
+                Arg::P(lay.row_seq.ptr),
+                Arg::P(lay.row_pos.ptr),
+                Arg::L(rows as i64),
+                Arg::I(m.heads as i32),
+                Arg::I(dh_ as i32),
+                Arg::I(lay.l as i32),
+            ],
+        )?;
+        drop(d_o);
+        self.phases.mark(gpu, "backward: o_proj");
+        let (dqp, dkp, dvp) = self.attention_bwd(&s.qp, &s.kp, &s.vp, &dop, lay, blk.window)?;
+        drop(dop);
+        self.phases.mark(gpu, "backward: attention");
+        let dq = self.heads_grad_to_rows(&dqp, m.heads, true, lay)?;
+        let dk = self.heads_grad_to_rows(&dkp, m.kv_heads, true, lay)?;
+        let dv = self.heads_grad_to_rows(&dvp, m.kv_heads, false, lay)?;
+        drop((dqp, dkp, dvp));
+        let dq_bf = self.cast_bf16(&dq, rows * qd)?;
+        let dk_bf = self.cast_bf16(&dk, rows * kvd)?;
+        let dv_bf = self.cast_bf16(&dv, rows * kvd)?;
+        drop((dq, dk, dv));
+        let dn1 = if need_dx {
+            Some(gpu.uninit_f32(rows * d)?)
+        } else {
+            None
+        };
+        self.lin_bwd(
+            l,
+            Q,
+            &dq_bf,
+            &s.n1,
+            s.xa[Q].as_ref(),
+            dn1.as_ref(),
+            false,
+            rows,
+        )?;
+        self.lin_bwd(
+            l,
+            K,
+            &dk_bf,
+            &s.n1,
+            s.xa[K].as_ref(),
+            dn1.as_ref(),
+            true,
+            rows,
+        )?;
+        self.lin_bwd(
+            l,
+            V,
+            &dv_bf,
+            &s.n1,
+            s.xa[V].as_ref(),
+            dn1.as_ref(),
+            true,
+            rows,
+        )?;
+        if let Some(dn1) = dn1 {
+            self.rmsnorm_bwd(x, &blk.attn_norm, &s.rstd1, &dn1, &dh, rows)?;
+        }
+        self.phases.mark(gpu, "backward: q/k/v");
+        Ok(dh)
+    }
+
+    /// Cross-entropy over the loss rows in chunks (the full logits never exist); with `dnf`,
+    /// writes dL/d(final norm output) there. Returns Σ nll.
+    fn loss(&self, nf: &DBuf, lay: &Layout, scale: f32, dnf: Option<&DBuf>) -> Result<f64> {
+        let gpu = &self.gpu;
+        let (d, vocab) = (self.model.hidden, self.model.vocab);
+        let n = lay.loss_idx.len();
+        if n == 0 {
+            return Ok(0.0);
+        }
+        let head = self.model.head_ptr(gpu, &self.scratch)?;
+        let chunk = ((256usize << 20) / (vocab * 6)).clamp(16, 4096).min(n);
+        let idx = gpu.upload(&lay.loss_idx)?;
+        let tgt = gpu.upload(&lay.loss_tgt)?;
+        let hb = gpu.uninit_bf16(chunk * d)?;
+        let logits = gpu.uninit_f32(chunk * vocab)?;
+        let grad = gpu.uninit_bf16(if dnf.is_some() { chunk * vocab } else { 1 })?;
+        let dhc = gpu.uninit_f32(if dnf.is_some() { chunk * d } else { 1 })?;
+        let nll = gpu.uninit_f32(n)?;
+        for c0 in (0..n).step_by(chunk) {
+            let c = chunk.min(n - c0);
+            gpu.launch_n(
+                "gather_rows_bf16",
+                c * d,
+                &[
+                    Arg::P(nf.ptr),
+                    Arg::P(idx.at(c0, 4)),
+                    Arg::P(hb.ptr),
+                    Arg::L(c as i64),
+                    Arg::I(d as i32),
+                ],
+            )?;
+            gpu.blas
+                .gemm(&Gemm::nt(c, vocab, d, hb.ptr, head, logits.ptr))?;
+            gpu.launch_rows(
+                "cross_entropy",
+                c,
+                vocab,
+                &[
+                    Arg::P(logits.ptr),
+                    Arg::P(tgt.at(c0, 4)),
+                    Arg::P(nll.at(c0, 4)),
+                    Arg::P(if dnf.is_some() { grad.ptr } else { 0 }),
+                    Arg::I(vocab as i32),
+                    Arg::F(scale),
+                ],
+            )?;
+            if let Some(dnf) = dnf {
+                gpu.blas
+                    .gemm(&Gemm::nn(c, d, vocab, grad.ptr, head, dhc.ptr))?;
+                gpu.launch_n(
+                    "scatter_rows_f32",
+                    c * d,
+                    &[
+                        Arg::P(dhc.ptr),
+                        Arg::P(idx.at(c0, 4)),
+                        Arg::P(dnf.ptr),
+                        Arg::L(c as i64),
+                        Arg::I(d as i32),
+                    ],
+                )?;
+            }
+        }
+        let v = gpu.download_f32(&nll, n)?;
+        Ok(v.iter().map(|&x| x as f64).sum())
+    }
+}
+
+/// What in `state` the GPU step does not compute yet.
+fn unsupported_state(state: &TrainState) -> Option<&'static str> {
+    if state.ia3.iter().any(Option::is_some) {
+        return Some("IA3");
+    }
+    if state.prefix.is_some() {
+        return Some("prefix tuning");
+    }
+    if state.prompt.is_some() {
+        return Some("prompt tuning");
+    }
+    if state.bottleneck.is_some() {
+        return Some("a bottleneck adapter");
+    }
+    if state.score.is_some() || state.value_head.is_some() {
+        return Some("a reward or value head");
+    }
+    if state.lora.iter().flatten().any(|l| l.magnitude.is_some()) {
+        return Some("DoRA");
+    }
+    if state
+        .params
+        .iter()
+        .any(|(s, _)| !matches!(s, Slot::LoraA(_) | Slot::LoraB(_)))
+    {
+        return Some("training base weights (full, freeze, LoRA bias, modules_to_save)");
+    }
+    if !state.lora.iter().any(Option::is_some) {
+        return Some("a run without LoRA adapters");
+    }
+    None
+}

@@ -1,0 +1,500 @@
+// peftkit's CUDA kernels, compiled at run time with NVRTC (no CUDA toolkit needed to build the
+// crate). Conventions:
+// - activations and gradients that stay on the residual path are f32; the inputs of matrix
+//   products are bf16 (stored as unsigned short), as torch autocast computes them: products
+//   run in cuBLAS with bf16 inputs and f32 accumulation and output;
+// - a "row" is one token of the concatenated batch; attention works on a padded layout
+//   [seq, head, L, head_dim] (L = longest sequence) so that cuBLAS batched products apply;
+//   padding is zero and masked.
+// No headers: bf16 conversion is written out (round to nearest even, like torch).
+
+typedef unsigned short bf16;
+typedef unsigned char u8;
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+__device__ __forceinline__ float bf2f(bf16 h) { return __uint_as_float(((unsigned)h) << 16); }
+
+__device__ __forceinline__ bf16 f2bf(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)0x7fc0;  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+// Sum over a block of up to 1024 threads; every thread gets the result. `sh` holds 32 floats.
+__device__ float block_sum(float v, float* sh) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    int nw = (blockDim.x + 31) >> 5;
+    v = (threadIdx.x < nw) ? sh[threadIdx.x] : 0.f;
+    if (warp == 0)
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (threadIdx.x == 0) sh[0] = v;
+    __syncthreads();
+    float r = sh[0];
+    __syncthreads();
+    return r;
+}
+
+__device__ float block_max(float v, float* sh) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    int nw = (blockDim.x + 31) >> 5;
+    v = (threadIdx.x < nw) ? sh[threadIdx.x] : -INFINITY;
+    if (warp == 0)
+        for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (threadIdx.x == 0) sh[0] = v;
+    __syncthreads();
+    float r = sh[0];
+    __syncthreads();
+    return r;
+}
+
+// ---- elementwise -------------------------------------------------------------------------
+
+extern "C" __global__ void cast_f32_bf16(const float* x, bf16* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        y[i] = f2bf(x[i]);
+}
+
+extern "C" __global__ void cast_bf16_f32(const bf16* x, float* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        y[i] = bf2f(x[i]);
+}
+
+// y = x * s, as bf16 (the LoRA branch scale applied to the small [rows, r] product).
+extern "C" __global__ void scale_to_bf16(const float* x, bf16* y, float s, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        y[i] = f2bf(x[i] * s);
+}
+
+// a += b
+extern "C" __global__ void add_inplace(float* a, const float* b, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        a[i] += b[i];
+}
+
+// y[r, c] += bias[c]
+extern "C" __global__ void add_bias(float* y, const float* bias, long rows, int cols) {
+    long n = rows * cols;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        y[i] += bias[i % cols];
+}
+
+// Counter-based uniform in [0, 1): the dropout mask is a pure function of (seed, index), so
+// the recomputation in the backward pass reproduces it without storing it.
+__device__ __forceinline__ float hash_uniform(unsigned long long seed, long i) {
+    unsigned long long z = seed + 0x9E3779B97F4A7C15ull * (unsigned long long)(i + 1);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (float)(z >> 40) * (1.0f / 16777216.0f);
+}
+
+// LoRA dropout on a bf16 input: y = x * keep / (1 - p).
+extern "C" __global__ void dropout_bf16(const bf16* x, bf16* y, float p, unsigned long long seed, long n) {
+    float sc = 1.f / (1.f - p);
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        y[i] = (hash_uniform(seed, i) < p) ? (bf16)0 : f2bf(bf2f(x[i]) * sc);
+}
+
+// dx += g * keep / (1 - p) (the LoRA branch's input gradient through the same mask).
+extern "C" __global__ void dropout_bwd_add(float* dx, const float* g, float p, unsigned long long seed, long n) {
+    float sc = 1.f / (1.f - p);
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        if (!(hash_uniform(seed, i) < p)) dx[i] += g[i] * sc;
+}
+
+// ---- embedding ---------------------------------------------------------------------------
+
+extern "C" __global__ void embed_gather(const unsigned* ids, const bf16* table, float* out, long rows, int hidden) {
+    long n = rows * hidden;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        long r = i / hidden;
+        int c = i % hidden;
+        out[i] = bf2f(table[(long)ids[r] * hidden + c]);
+    }
+}
+
+// ---- RMSNorm (one block per row) ---------------------------------------------------------
+
+// Rows of up to 4·4·blockDim values with hidden % 4 == 0 are read once into registers (float4);
+// others take the plain loop (which reads x twice).
+extern "C" __global__ void rmsnorm_fwd(const float* x, const float* w, bf16* y, float* rstd, int hidden, float eps) {
+    __shared__ float sh[32];
+    long r = blockIdx.x;
+    const float* xr = x + r * hidden;
+    int n4 = hidden / 4;
+    if ((hidden & 3) == 0 && n4 <= 4 * (int)blockDim.x) {
+        float4 v[4];
+        float ss = 0.f;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            int c = threadIdx.x + k * blockDim.x;
+            v[k] = c < n4 ? reinterpret_cast<const float4*>(xr)[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+            ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+        }
+        ss = block_sum(ss, sh);
+        float rs = rsqrtf(ss / hidden + eps);
+        if (threadIdx.x == 0) rstd[r] = rs;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            int c = threadIdx.x + k * blockDim.x;
+            if (c < n4) {
+                float4 wv = reinterpret_cast<const float4*>(w)[c];
+                uint2 o;
+                o.x = (unsigned)f2bf(v[k].x * rs * wv.x) | ((unsigned)f2bf(v[k].y * rs * wv.y) << 16);
+                o.y = (unsigned)f2bf(v[k].z * rs * wv.z) | ((unsigned)f2bf(v[k].w * rs * wv.w) << 16);
+                reinterpret_cast<uint2*>(y + r * hidden)[c] = o;
+            }
+        }
+        return;
+    }
+    float ss = 0.f;
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) ss += xr[c] * xr[c];
+    ss = block_sum(ss, sh);
+    float rs = rsqrtf(ss / hidden + eps);
+    if (threadIdx.x == 0) rstd[r] = rs;
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) y[r * hidden + c] = f2bf(xr[c] * rs * w[c]);
+}
+
+// dx += d/dx of rmsnorm(x)·w given dy: dx = rs·w·dy − x·rs³/n·Σ(w·dy·x).
+extern "C" __global__ void rmsnorm_bwd(const float* x, const float* w, const float* rstd, const float* dy, float* dx, int hidden) {
+    __shared__ float sh[32];
+    long r = blockIdx.x;
+    const float* xr = x + r * hidden;
+    const float* dyr = dy + r * hidden;
+    float rs = rstd[r];
+    float dot = 0.f;
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) dot += w[c] * dyr[c] * xr[c];
+    dot = block_sum(dot, sh);
+    float k = dot * rs * rs * rs / hidden;
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) dx[r * hidden + c] += rs * w[c] * dyr[c] - xr[c] * k;
+}
+
+// ---- SwiGLU ------------------------------------------------------------------------------
+
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + __expf(-g)) * u; }
+
+// Four values per thread (float4 loads, one 8-byte store); n % 4 == 0 (the caller's rows are
+// multiples of 4 wide), the last n % 4 handled one by one otherwise.
+extern "C" __global__ void silu_mul_fwd(const float* g, const float* u, bf16* a, long n) {
+    long n4 = n / 4;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n4; i += (long)gridDim.x * blockDim.x) {
+        float4 gv = reinterpret_cast<const float4*>(g)[i];
+        float4 uv = reinterpret_cast<const float4*>(u)[i];
+        uint2 o;
+        o.x = (unsigned)f2bf(silu_mul(gv.x, uv.x)) | ((unsigned)f2bf(silu_mul(gv.y, uv.y)) << 16);
+        o.y = (unsigned)f2bf(silu_mul(gv.z, uv.z)) | ((unsigned)f2bf(silu_mul(gv.w, uv.w)) << 16);
+        reinterpret_cast<uint2*>(a)[i] = o;
+    }
+    long t = 4 * n4 + blockIdx.x * (long)blockDim.x + threadIdx.x;
+    if (t < n) a[t] = f2bf(silu_mul(g[t], u[t]));
+}
+
+// a = silu(g)·u: dg = da·u·s·(1 + g·(1 − s)), du = da·silu(g); written as bf16 product inputs.
+__device__ __forceinline__ void silu_mul_grad(float x, float u, float d, float& dg, float& du) {
+    float s = 1.f / (1.f + __expf(-x));
+    dg = d * u * s * (1.f + x * (1.f - s));
+    du = d * x * s;
+}
+
+extern "C" __global__ void silu_mul_bwd(const float* g, const float* u, const float* da, bf16* dg, bf16* du, long n) {
+    long n4 = n / 4;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n4; i += (long)gridDim.x * blockDim.x) {
+        float4 gv = reinterpret_cast<const float4*>(g)[i];
+        float4 uv = reinterpret_cast<const float4*>(u)[i];
+        float4 dv = reinterpret_cast<const float4*>(da)[i];
+        float a0, a1, a2, a3, b0, b1, b2, b3;
+        silu_mul_grad(gv.x, uv.x, dv.x, a0, b0);
+        silu_mul_grad(gv.y, uv.y, dv.y, a1, b1);
+        silu_mul_grad(gv.z, uv.z, dv.z, a2, b2);
+        silu_mul_grad(gv.w, uv.w, dv.w, a3, b3);
+        reinterpret_cast<uint2*>(dg)[i] = make_uint2((unsigned)f2bf(a0) | ((unsigned)f2bf(a1) << 16),
+                                                     (unsigned)f2bf(a2) | ((unsigned)f2bf(a3) << 16));
+        reinterpret_cast<uint2*>(du)[i] = make_uint2((unsigned)f2bf(b0) | ((unsigned)f2bf(b1) << 16),
+                                                     (unsigned)f2bf(b2) | ((unsigned)f2bf(b3) << 16));
+    }
+    long t = 4 * n4 + blockIdx.x * (long)blockDim.x + threadIdx.x;
+    if (t < n) {
+        float a, b;
+        silu_mul_grad(g[t], u[t], da[t], a, b);
+        dg[t] = f2bf(a);
+        du[t] = f2bf(b);
+    }
+}
+
+// ---- RoPE and the padded attention layout ------------------------------------------------
+// src: [rows, heads*dh] f32 (rows = tokens of the concatenated batch); dst: [seq, heads, L, dh]
+// bf16. rope = 0 copies without rotation (values). rotate_half convention (HF Llama).
+extern "C" __global__ void rope_permute(const float* src, bf16* dst, const int* row_seq, const int* row_pos,
+                                        const float* cosb, const float* sinb, long rows, int heads, int dh, int L, int rope) {
+    int half = dh / 2;
+    long n = rows * heads * half;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        int j = i % half;
+        long t = i / half;
+        int h = t % heads;
+        long r = t / heads;
+        int s = row_seq[r], p = row_pos[r];
+        const float* x = src + r * heads * dh + h * dh;
+        float x1 = x[j], x2 = x[j + half];
+        float y1 = x1, y2 = x2;
+        if (rope) {
+            float c = cosb[(long)p * half + j], sn = sinb[(long)p * half + j];
+            y1 = x1 * c - x2 * sn;
+            y2 = x2 * c + x1 * sn;
+        }
+        bf16* o = dst + (((long)s * heads + h) * L + p) * dh;
+        o[j] = f2bf(y1);
+        o[j + half] = f2bf(y2);
+    }
+}
+
+// Inverse of rope_permute for gradients: src [seq, heads, L, dh] f32 → dst [rows, heads*dh] f32
+// (rotation transposed when rope = 1).
+extern "C" __global__ void rope_unpermute_bwd(const float* src, float* dst, const int* row_seq, const int* row_pos,
+                                              const float* cosb, const float* sinb, long rows, int heads, int dh, int L, int rope) {
+    int half = dh / 2;
+    long n = rows * heads * half;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        int j = i % half;
+        long t = i / half;
+        int h = t % heads;
+        long r = t / heads;
+        int s = row_seq[r], p = row_pos[r];
+        const float* g = src + (((long)s * heads + h) * L + p) * dh;
+        float g1 = g[j], g2 = g[j + half];
+        float d1 = g1, d2 = g2;
+        if (rope) {
+            float c = cosb[(long)p * half + j], sn = sinb[(long)p * half + j];
+            d1 = g1 * c + g2 * sn;
+            d2 = g2 * c - g1 * sn;
+        }
+        float* o = dst + r * heads * dh + h * dh;
+        o[j] = d1;
+        o[j + half] = d2;
+    }
+}
+
+// [seq, heads, L, dh] f32 → [rows, heads*dh] as bf16 (attention output into o_proj).
+extern "C" __global__ void unpermute_bf16(const float* src, bf16* dst, const int* row_seq, const int* row_pos,
+                                          long rows, int heads, int dh, int L) {
+    long n = rows * heads * dh;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        int d = i % dh;
+        long t = i / dh;
+        int h = t % heads;
+        long r = t / heads;
+        dst[i] = f2bf(src[(((long)row_seq[r] * heads + h) * L + row_pos[r]) * dh + d]);
+    }
+}
+
+// [rows, heads*dh] f32 → [seq, heads, L, dh] bf16 (the output gradient into attention).
+extern "C" __global__ void permute_bf16(const float* src, bf16* dst, const int* row_seq, const int* row_pos,
+                                        long rows, int heads, int dh, int L) {
+    long n = rows * heads * dh;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        int d = i % dh;
+        long t = i / dh;
+        int h = t % heads;
+        long r = t / heads;
+        dst[(((long)row_seq[r] * heads + h) * L + row_pos[r]) * dh + d] = f2bf(src[i]);
+    }
+}
+
+// ---- attention softmax (one block per score row) -------------------------------------------
+// Scores S: [seq, heads, L, L] (already scaled). Row (s, h, t) attends to keys j ≤ t with
+// j < len[s] and, with a sliding window w > 0, j > t − w. Writes P in bf16 only (the input of
+// P·V, and what the backward pass reads: half the traffic of an f32 copy). Padding rows get
+// zeros.
+// The scores of one chunk of rows start at absolute row `row0` (attention runs in chunks of
+// (sequence, kv head) groups so that the scores stay near L2 size).
+extern "C" __global__ void softmax_causal(float* S, bf16* Pb, const int* seq_len, int heads, int L, int window, long row0) {
+    __shared__ float sh[32];
+    long row = blockIdx.x;
+    long arow = row0 + row;
+    int t = arow % L;
+    int s = (arow / L) / heads;
+    int len = seq_len[s];
+    float* x = S + row * L;
+    bf16* pb = Pb + row * L;
+    int lo = (window > 0 && t - window + 1 > 0) ? t - window + 1 : 0;
+    bool live = t < len;
+    float m = -INFINITY;
+    if (live)
+        for (int j = lo + threadIdx.x; j <= t; j += blockDim.x) m = fmaxf(m, x[j]);
+    m = block_max(m, sh);
+    float sum = 0.f;
+    if (live)
+        for (int j = lo + threadIdx.x; j <= t; j += blockDim.x) sum += __expf(x[j] - m);
+    sum = block_sum(sum, sh);
+    float inv = live ? 1.f / sum : 0.f;
+    for (int j = threadIdx.x; j < L; j += blockDim.x) {
+        float p = (live && j >= lo && j <= t) ? __expf(x[j] - m) * inv : 0.f;
+        pb[j] = f2bf(p);
+    }
+}
+
+// dS = P ∘ (dP − Σ P·dP) · scale, as bf16 (input of the dQ and dK products); P is the bf16
+// copy the forward product used.
+extern "C" __global__ void softmax_bwd(const bf16* P, const float* dP, bf16* dS, int L, float scale) {
+    __shared__ float sh[32];
+    long row = blockIdx.x;
+    const bf16* p = P + row * L;
+    const float* dp = dP + row * L;
+    float dot = 0.f;
+    for (int j = threadIdx.x; j < L; j += blockDim.x) dot += bf2f(p[j]) * dp[j];
+    dot = block_sum(dot, sh);
+    for (int j = threadIdx.x; j < L; j += blockDim.x) dS[row * L + j] = f2bf(bf2f(p[j]) * (dp[j] - dot) * scale);
+}
+
+// ---- cross-entropy over a chunk of rows (one block per row) -------------------------------
+// logits [rows, V] f32; target per row. nll[r] = logsumexp − logit[target]; the gradient
+// (softmax − onehot)·scale is written as bf16 for the hidden-state product.
+extern "C" __global__ void cross_entropy(const float* logits, const int* target, float* nll, bf16* grad, int V, float scale) {
+    __shared__ float sh[32];
+    long r = blockIdx.x;
+    const float* x = logits + r * V;
+    // One pass for the statistics (online max and rescaled sum), one for the gradient.
+    float mi = -INFINITY, si = 0.f;
+    for (int j = threadIdx.x; j < V; j += blockDim.x) {
+        float v = x[j];
+        if (v > mi) {
+            si = si * __expf(mi - v) + 1.f;
+            mi = v;
+        } else {
+            si += __expf(v - mi);
+        }
+    }
+    float m = block_max(mi, sh);
+    float s = block_sum(mi == -INFINITY ? 0.f : si * __expf(mi - m), sh);
+    float lse = m + logf(s);
+    int tg = target[r];
+    if (threadIdx.x == 0) nll[r] = lse - x[tg];
+    if (grad) {
+        float inv = 1.f / s;
+        for (int j = threadIdx.x; j < V; j += blockDim.x) {
+            float p = __expf(x[j] - m) * inv;
+            grad[r * V + j] = f2bf((p - (j == tg ? 1.f : 0.f)) * scale);
+        }
+    }
+}
+
+// dst[i, :] = src[idx[i], :] (bf16) and the reverse scatter of f32 rows.
+extern "C" __global__ void gather_rows_bf16(const bf16* src, const int* idx, bf16* dst, long n_rows, int cols) {
+    long n = n_rows * cols;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        dst[i] = src[(long)idx[i / cols] * cols + i % cols];
+}
+
+extern "C" __global__ void scatter_rows_f32(const float* src, const int* idx, float* dst, long n_rows, int cols) {
+    long n = n_rows * cols;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        dst[(long)idx[i / cols] * cols + i % cols] = src[i];
+}
+
+// ---- 4-bit (NF4/FP4) weights, bitsandbytes layout ------------------------------------------
+// packed: two indices per byte, even element in the high nibble; absmax: one f32 per block
+// (double quantization undone at load); code: the 16-entry table.
+
+// Eight values per thread: one 4-byte load, one 16-byte store (blocksize is a multiple of 8,
+// so the eight share a scale); the tail past a multiple of 8 is decoded one by one.
+extern "C" __global__ void dequant_q4_bf16(const u8* packed, const float* absmax, const float* code, bf16* out, long n, int blocksize) {
+    __shared__ float cs[16];
+    if (threadIdx.x < 16) cs[threadIdx.x] = code[threadIdx.x];
+    __syncthreads();
+    long octs = n / 8;
+    const unsigned* p4 = reinterpret_cast<const unsigned*>(packed);
+    uint4* o16 = reinterpret_cast<uint4*>(out);
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < octs; i += (long)gridDim.x * blockDim.x) {
+        unsigned w = p4[i];
+        float sc = absmax[(8 * i) / blocksize];
+        unsigned h[4];
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            unsigned byte = (w >> (8 * b)) & 0xffu;
+            h[b] = (unsigned)f2bf(cs[byte >> 4] * sc) | ((unsigned)f2bf(cs[byte & 15u] * sc) << 16);
+        }
+        o16[i] = make_uint4(h[0], h[1], h[2], h[3]);
+    }
+    long tail = blockIdx.x * (long)blockDim.x + threadIdx.x + 8 * octs;
+    if (tail < n && tail < 8 * octs + 8) {
+        u8 b = packed[tail / 2];
+        out[tail] = f2bf(cs[(tail & 1) ? (b & 15) : (b >> 4)] * absmax[tail / blocksize]);
+    }
+}
+
+// The same decode to f32 (exactness check against the CPU decoder).
+extern "C" __global__ void dequant_q4_f32(const u8* packed, const float* absmax, const float* code, float* out, long n, int blocksize) {
+    __shared__ float cs[16];
+    if (threadIdx.x < 16) cs[threadIdx.x] = code[threadIdx.x];
+    __syncthreads();
+    long pairs = (n + 1) / 2;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < pairs; i += (long)gridDim.x * blockDim.x) {
+        u8 b = packed[i];
+        long e = 2 * i;
+        out[e] = cs[b >> 4] * absmax[e / blocksize];
+        if (e + 1 < n) out[e + 1] = cs[b & 15] * absmax[(e + 1) / blocksize];
+    }
+}
+
+// Fused 4-bit GEMV for generation: y[o] = Σ_i W[o, i]·x[i], W decoded in registers and never
+// written out. x is staged once per block in shared memory (dynamic, in + in/32 floats); each warp
+// takes rows in turn, each lane 16 bytes (32 weights, one scale: blocksize is a multiple of
+// 32) per step. `in` must be a multiple of 32.
+extern "C" __global__ void gemv_q4(const u8* packed, const float* absmax, const float* code, const float* x, float* y,
+                                   int out, int in, int blocksize, int rows_per_block) {
+    extern __shared__ float xs[];
+    __shared__ float cs[16];
+    if (threadIdx.x < 16) cs[threadIdx.x] = code[threadIdx.x];
+    // One pad float per 32: lanes read 32 apart, which would all hit one bank otherwise.
+    for (int i = threadIdx.x; i < in; i += blockDim.x) xs[i + (i >> 5)] = x[i];
+    __syncthreads();
+    int warps = blockDim.x >> 5;
+    int lane = threadIdx.x & 31;
+    int row_bytes = in / 2;
+    for (int k = threadIdx.x >> 5; k < rows_per_block; k += warps) {
+        int o = blockIdx.x * rows_per_block + k;
+        if (o >= out) break;
+        const uint4* row = reinterpret_cast<const uint4*>(packed + (long)o * row_bytes);
+        long base = (long)o * in;
+        float acc = 0.f;
+        for (int c = lane; c < row_bytes / 16; c += 32) {
+            uint4 v = row[c];
+            int i0 = c * 32;
+            float sc = absmax[(base + i0) / blocksize];
+            unsigned words[4] = {v.x, v.y, v.z, v.w};
+            float part = 0.f;
+#pragma unroll
+            for (int w = 0; w < 4; w++) {
+#pragma unroll
+                for (int b = 0; b < 4; b++) {
+                    unsigned byte = (words[w] >> (8 * b)) & 0xffu;
+                    int e = i0 + w * 8 + b * 2;
+                    part += cs[byte >> 4] * xs[e + (e >> 5)] + cs[byte & 15u] * xs[e + 1 + ((e + 1) >> 5)];
+                }
+            }
+            acc += part * sc;
+        }
+        for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        if (lane == 0) y[o] = acc;
+    }
+}
+
+// Σ x² over a buffer into out[0] (gradient norms); one atomic per block.
+extern "C" __global__ void sum_squares(const float* x, float* out, long n) {
+    __shared__ float sh[32];
+    float s = 0.f;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) s += x[i] * x[i];
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) atomicAdd(out, s);
+}

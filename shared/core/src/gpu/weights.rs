@@ -1,0 +1,226 @@
+//! The frozen model on the device: linear weights in bf16 (the compute dtype) or kept 4-bit
+//! (QLoRA: NF4/FP4 bytes plus one f32 scale per block, decoded into a bf16 scratch right
+//! before each product, as bitsandbytes does), norms in f32, the embedding in bf16 (it is
+//! the tied LM head too), and the RoPE tables the CPU path uses (so scaled variants match).
+
+use super::device::{Arg, DBuf, Gpu};
+use crate::error::{Error, Result};
+use crate::model::config::{Activation, Arch, NormKind};
+use crate::model::linear::{Linear, Weight};
+use crate::model::rope::RopeTable;
+use crate::model::{Mlp, Model, QkvProj};
+
+pub enum GpuWeight {
+    Bf16(DBuf),
+    Q4 {
+        packed: DBuf,
+        absmax: DBuf,
+        code: DBuf,
+        blocksize: usize,
+    },
+}
+
+pub struct GpuLinear {
+    pub out: usize,
+    pub inp: usize,
+    pub w: GpuWeight,
+    pub bias: Option<DBuf>,
+}
+
+impl GpuLinear {
+    pub fn upload(gpu: &Gpu, l: &Linear) -> Result<Self> {
+        let w = match &l.weight {
+            Weight::F32(w) => GpuWeight::Bf16(gpu.upload_bf16(w)?),
+            Weight::Q4(q) => GpuWeight::Q4 {
+                packed: gpu.upload(&q.packed)?,
+                absmax: gpu.upload(&q.absmax)?,
+                code: gpu.upload(&q.code)?,
+                blocksize: q.blocksize(),
+            },
+        };
+        let bias = l.bias.as_deref().map(|b| gpu.upload(b)).transpose()?;
+        Ok(Self {
+            out: l.out_features,
+            inp: l.in_features,
+            w,
+            bias,
+        })
+    }
+
+    pub fn is_q4(&self) -> bool {
+        matches!(self.w, GpuWeight::Q4 { .. })
+    }
+
+    /// Address of the weight as bf16 `[out, in]`: the stored copy, or the 4-bit weight
+    /// decoded into `scratch` (at least `out·in` bf16 values).
+    pub fn bf16_weight(&self, gpu: &Gpu, scratch: &DBuf) -> Result<u64> {
+        match &self.w {
+            GpuWeight::Bf16(b) => Ok(b.ptr),
+            GpuWeight::Q4 {
+                packed,
+                absmax,
+                code,
+                blocksize,
+            } => {
+                let n = self.out * self.inp;
+                assert!(scratch.bytes >= n * 2, "dequantization scratch too small");
+                gpu.launch_n(
+                    "dequant_q4_bf16",
+                    n.div_ceil(2),
+                    &[
+                        Arg::P(packed.ptr),
+                        Arg::P(absmax.ptr),
+                        Arg::P(code.ptr),
+                        Arg::P(scratch.ptr),
+                        Arg::L(n as i64),
+                        Arg::I(*blocksize as i32),
+                    ],
+                )?;
+                Ok(scratch.ptr)
+            }
+        }
+    }
+}
+
+/// Linear order inside a block (the CPU's `linears()` order for gated models).
+pub const Q: usize = 0;
+pub const K: usize = 1;
+pub const V: usize = 2;
+pub const O: usize = 3;
+pub const GATE: usize = 4;
+pub const UP: usize = 5;
+pub const DOWN: usize = 6;
+pub const PER_BLOCK: usize = 7;
+
+pub struct GpuBlock {
+    pub attn_norm: DBuf,
+    pub mlp_norm: DBuf,
+    pub lin: Vec<GpuLinear>,
+    pub window: Option<usize>,
+}
+
+pub struct GpuModel {
+    pub hidden: usize,
+    pub inter: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    pub eps: f32,
+    /// `[vocab, hidden]` bf16.
+    pub embed: DBuf,
+    pub lm_head: Option<GpuLinear>,
+    pub final_norm: DBuf,
+    pub blocks: Vec<GpuBlock>,
+    pub cos: DBuf,
+    pub sin: DBuf,
+    pub rope_positions: usize,
+    /// Largest linear weight (elements): the size of the 4-bit decoding scratch.
+    pub max_linear: usize,
+    pub inv_freq: Vec<f32>,
+}
+
+/// Why a model cannot train on the GPU path (it covers the Llama family's layout).
+pub fn unsupported_reason(m: &Model) -> Option<String> {
+    let c = &m.config;
+    if c.arch == Arch::Gpt2 {
+        return Some("GPT-2 models".into());
+    }
+    if !matches!(c.norm, NormKind::Rms { .. }) || c.act != Activation::Silu || c.rope.is_none() {
+        return Some("models without RMSNorm, SiLU and RoPE".into());
+    }
+    if c.o_bias || c.mlp_bias {
+        return Some("models with o_proj or MLP biases".into());
+    }
+    if !c.head_dim.is_multiple_of(2) {
+        return Some("odd head dimensions".into());
+    }
+    None
+}
+
+impl GpuModel {
+    pub fn upload(gpu: &Gpu, m: &Model, positions: usize) -> Result<Self> {
+        if let Some(why) = unsupported_reason(m) {
+            return Err(Error::usage(format!(
+                "--device cuda does not support {why} yet (Llama, Mistral and Qwen2 are supported); use --device cpu"
+            )));
+        }
+        let c = &m.config;
+        let eps = match c.norm {
+            NormKind::Rms { eps } => eps,
+            NormKind::Layer { eps } => eps,
+        };
+        let mut blocks = Vec::with_capacity(m.blocks.len());
+        let mut max_linear = 0;
+        for (i, b) in m.blocks.iter().enumerate() {
+            let (q, k, v) = match &b.attn.qkv {
+                QkvProj::Separate { q, k, v } => (q, k, v),
+                QkvProj::Fused(_) => unreachable!("fused qkv is GPT-2 only"),
+            };
+            let (gate, up, down) = match &b.mlp {
+                Mlp::Gated { gate, up, down } => (gate, up, down),
+                Mlp::Plain { .. } => unreachable!("plain MLP is GPT-2 only"),
+            };
+            let mut lin = Vec::with_capacity(PER_BLOCK);
+            for l in [q, k, v, &b.attn.o, gate, up, down] {
+                max_linear = max_linear.max(l.in_features * l.out_features);
+                lin.push(GpuLinear::upload(gpu, l)?);
+            }
+            blocks.push(GpuBlock {
+                attn_norm: gpu.upload(&b.attn_norm.weight)?,
+                mlp_norm: gpu.upload(&b.mlp_norm.weight)?,
+                lin,
+                window: c.sliding_window.get(i).copied().flatten(),
+            });
+        }
+        let lm_head = m
+            .lm_head
+            .as_ref()
+            .map(|l| GpuLinear::upload(gpu, l))
+            .transpose()?;
+        let table = RopeTable::new(&m.inv_freq, positions.max(1));
+        Ok(Self {
+            hidden: c.hidden,
+            inter: c.intermediate,
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+            vocab: c.vocab,
+            eps,
+            embed: gpu.upload_bf16(&m.embed)?,
+            lm_head,
+            final_norm: gpu.upload(&m.final_norm.weight)?,
+            blocks,
+            cos: gpu.upload(&table.cos)?,
+            sin: gpu.upload(&table.sin)?,
+            rope_positions: positions.max(1),
+            max_linear,
+            inv_freq: m.inv_freq.clone(),
+        })
+    }
+
+    /// Makes the RoPE tables cover `positions` positions.
+    pub fn ensure_positions(&mut self, gpu: &Gpu, positions: usize) -> Result<()> {
+        if positions > self.rope_positions {
+            let table = RopeTable::new(&self.inv_freq, positions);
+            self.cos = gpu.upload(&table.cos)?;
+            self.sin = gpu.upload(&table.sin)?;
+            self.rope_positions = positions;
+        }
+        Ok(())
+    }
+
+    pub fn any_q4(&self) -> bool {
+        self.blocks
+            .iter()
+            .any(|b| b.lin.iter().any(GpuLinear::is_q4))
+    }
+
+    /// The LM head as bf16 `[vocab, hidden]` (the embedding when tied).
+    pub fn head_ptr(&self, gpu: &Gpu, scratch: &DBuf) -> Result<u64> {
+        match &self.lm_head {
+            Some(l) => l.bf16_weight(gpu, scratch),
+            None => Ok(self.embed.ptr),
+        }
+    }
+}

@@ -1,0 +1,656 @@
+//! Data-parallel training (docs/distributed.md).
+//!
+//! - The collectives: the in-process communicator (2–4 threads) sums, broadcasts and waits
+//!   correctly, every rank gets the same bits, and they are the bits of the TCP communicator
+//!   (both add in rank order); gradients of a `TrainState` are summed with the statistics.
+//! - peft-train started as a torchrun job (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) with 2
+//!   and 3 processes writes the adapter of the single-process run with the same global batch
+//!   (within 1e-5); only rank 0 writes and prints; a distributed run interrupted and resumed
+//!   equals the straight distributed run bit for bit (with dropout, whose streams are per rank).
+//! - Bad launches fail on every rank with one clean error line: bad variables, no rank 0 at
+//!   MASTER_ADDR:MASTER_PORT, ranks that do not run the same job.
+//!
+//! The tools must be built first: `cargo build --release --bins` (make test does).
+
+use peftkit_core::dist::{self, Communicator, DistEnv, InProcess, Tcp};
+use peftkit_core::train::params::{ParamState, Slot, TrainState};
+use peftkit_tests::{assert_clean_error, bin, fixtures, read_tensors};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+// ---------------------------------------------------------------------------------------------
+// Collectives
+
+/// Rank `r`'s test values: magnitudes that make the summation order visible in f32. Element
+/// 0 is 1, 1e8, −1e8, 0, … on ranks 0, 1, 2, 3…: in rank order (1 + 1e8) − 1e8 = 0 in f32,
+/// in any order that adds 1e8 − 1e8 first it is 1.
+fn values(rank: usize, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            if i == 0 {
+                return [1.0, 1e8, -1e8, 0.0][rank.min(3)];
+            }
+            let x = ((i * 7 + rank * 13) % 11) as f32 - 5.0;
+            match (i + rank) % 3 {
+                0 => x * 1e8,
+                1 => x * 1e-3,
+                _ => x + 0.1 * rank as f32,
+            }
+        })
+        .collect()
+}
+
+/// Run `f` on every item (a rank's communicator), one thread each; results in order.
+fn on_ranks<C, T>(comms: Vec<C>, f: impl Fn(C) -> T + Send + Sync + 'static) -> Vec<T>
+where
+    C: Send + 'static,
+    T: Send + 'static,
+{
+    let f = Arc::new(f);
+    let handles: Vec<_> = comms
+        .into_iter()
+        .map(|c| {
+            let f = f.clone();
+            std::thread::spawn(move || f(c))
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `world` TCP ranks over loopback, connected from threads.
+fn tcp_group(world: usize) -> Vec<Tcp> {
+    let port = free_port();
+    on_ranks((0..world).collect(), move |rank| {
+        let env = DistEnv {
+            rank,
+            world,
+            local_rank: 0,
+            master_addr: Some("127.0.0.1".into()),
+            master_port: Some(port),
+            port_from: "MASTER_PORT",
+        };
+        Tcp::connect(&env, Duration::from_secs(30)).unwrap()
+    })
+}
+
+/// The sums every rank must return: rank 0's values plus rank 1's plus … in that order.
+fn rank_order_sum(world: usize, n: usize) -> Vec<f32> {
+    let mut acc = values(0, n);
+    for r in 1..world {
+        for (a, v) in acc.iter_mut().zip(values(r, n)) {
+            *a += v;
+        }
+    }
+    acc
+}
+
+#[test]
+fn in_process_collectives_are_exact_and_identical_on_every_rank() {
+    for world in 2..=4 {
+        let n = 1000;
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let a = arrived.clone();
+        let results = on_ranks(InProcess::group(world), move |mut c| {
+            let r = c.rank();
+            assert_eq!(c.world(), world);
+            let mut v = values(r, n);
+            c.all_reduce_sum(&mut v).unwrap();
+            let mut d = vec![r as f64 * 0.25, 1.0, 1e16];
+            c.all_reduce_sum_f64(&mut d).unwrap();
+            // Every root, payloads of different lengths.
+            let mut got = Vec::new();
+            for root in 0..world {
+                let mut b = if r == root {
+                    vec![root as u8; root + 1]
+                } else {
+                    vec![9; 7]
+                };
+                c.broadcast(root, &mut b).unwrap();
+                got.push(b);
+            }
+            // Nobody leaves the barrier before everyone arrived.
+            a.fetch_add(1, Ordering::SeqCst);
+            c.barrier().unwrap();
+            let seen = a.load(Ordering::SeqCst);
+            // A second round of the same collective reuses the shared slots.
+            let mut v2 = values(r, 10);
+            c.all_reduce_sum(&mut v2).unwrap();
+            (v, d, got, seen, v2)
+        });
+        let want = rank_order_sum(world, n);
+        for (r, (v, d, got, seen, v2)) in results.iter().enumerate() {
+            let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(v), bits(&want), "world {world} rank {r}");
+            assert_eq!(bits(v2), bits(&rank_order_sum(world, 10)));
+            let tri = (0..world).map(|k| k as f64 * 0.25).sum::<f64>();
+            assert_eq!(d, &vec![tri, world as f64, 1e16 * world as f64]);
+            for (root, b) in got.iter().enumerate() {
+                assert_eq!(b, &vec![root as u8; root + 1]);
+            }
+            assert_eq!(*seen, world, "rank {r} left the barrier early");
+        }
+        // The order is visible: rank order gives 0 where 1e8 − 1e8 first would give 1.
+        if world >= 3 {
+            assert_eq!(want[0], 0.0);
+        }
+    }
+}
+
+#[test]
+fn in_process_length_mismatch_fails_on_every_rank() {
+    let errs = on_ranks(InProcess::group(3), |mut c| {
+        let mut v = vec![1.0f32; if c.rank() == 2 { 4 } else { 3 }];
+        c.all_reduce_sum(&mut v).unwrap_err().to_string()
+    });
+    for e in errs {
+        assert!(e.contains("rank 2 has 4"), "{e}");
+    }
+}
+
+#[test]
+fn tcp_sums_are_the_in_process_sums_bit_for_bit() {
+    for world in [2, 3] {
+        let n = 5000;
+        let tcp = on_ranks(tcp_group(world), move |mut c| {
+            let mut v = values(c.rank(), n);
+            c.all_reduce_sum(&mut v).unwrap();
+            v
+        });
+        let inproc = on_ranks(InProcess::group(world), move |mut c| {
+            let mut v = values(c.rank(), n);
+            c.all_reduce_sum(&mut v).unwrap();
+            v
+        });
+        for (a, b) in tcp.iter().zip(&inproc) {
+            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
+    }
+}
+
+#[test]
+fn gradients_and_statistics_are_summed_over_ranks() {
+    let results = on_ranks(InProcess::group(3), |mut c| {
+        let r = c.rank() as f32;
+        let mut st = TrainState::new(1);
+        st.add(
+            Slot::LoraA(0),
+            ParamState::new("a".into(), vec![2, 3], true),
+        );
+        st.add(Slot::LoraB(0), ParamState::new("b".into(), vec![4], true));
+        for (k, (_, p)) in st.params.iter_mut().enumerate() {
+            for (i, g) in p.grad.iter_mut().enumerate() {
+                *g = r * 100.0 + (k * 10 + i) as f32;
+            }
+        }
+        let mut stats = [1.5 * (r as f64 + 1.0), 10.0];
+        dist::all_reduce_grads(&mut c, &mut st, &mut stats).unwrap();
+        let is_one = c.rank() == 1;
+        let any = dist::any(&mut c, is_one).unwrap();
+        let none = dist::any(&mut c, false).unwrap();
+        (
+            st.params
+                .iter()
+                .map(|(_, p)| p.grad.clone())
+                .collect::<Vec<_>>(),
+            stats,
+            any,
+            none,
+        )
+    });
+    for (grads, stats, any, none) in results {
+        assert_eq!(
+            grads[0],
+            (0..6).map(|i| 300.0 + 3.0 * i as f32).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            grads[1],
+            (0..4)
+                .map(|i| 300.0 + 3.0 * (10 + i) as f32)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(stats, [9.0, 30.0]);
+        assert!(any && !none);
+    }
+}
+
+#[test]
+fn check_same_names_the_difference_on_every_rank() {
+    let errs = on_ranks(InProcess::group(3), |mut c| {
+        let steps = if c.rank() == 2 { 9 } else { 10 };
+        let same = dist::check_same(&mut c, &[("rows", 4)]);
+        let differs = dist::check_same(&mut c, &[("rows", 4), ("total steps", steps)]);
+        (same.is_ok(), differs.unwrap_err().to_string())
+    });
+    for (r, (same, e)) in errs.iter().enumerate() {
+        assert!(same);
+        assert!(e.contains("rank(s) 2 do not run the same job"), "{e}");
+        assert_eq!(
+            e.contains("here total steps is 9, on rank 0 10"),
+            r == 2,
+            "{e}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// peft-train as a torchrun job
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// `n` alpaca records whose outputs vary in length.
+fn alpaca_data(dir: &Path, n: usize) -> PathBuf {
+    let recs: Vec<Value> = (0..n)
+        .map(|i| {
+            let out = vec![format!("The number is {i}."); 1 + i % 3].join(" ");
+            json!({"instruction": format!("Say the number {i}."), "input": "", "output": out})
+        })
+        .collect();
+    let p = dir.join("alpaca.json");
+    std::fs::write(&p, serde_json::to_string(&recs).unwrap()).unwrap();
+    p
+}
+
+const DIST_VARS: &[&str] = &[
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "SLURM_STEP_ID",
+    "SLURM_STEPID",
+    "PEFTKIT_DIST_BACKEND",
+    "PEFTKIT_MASTER_PORT",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "PEFTKIT_DIST_TIMEOUT",
+    "PEFTKIT_STOP_AFTER_STEP",
+];
+
+/// peft-train with `args`, a clean launcher environment plus `env`.
+fn peft_train(args: &[String], env: &[(&str, String)]) -> Command {
+    let mut c = Command::new(bin("peft-train"));
+    c.args(args).env("PEFTKIT_NO_PROGRESS", "1");
+    for v in DIST_VARS {
+        c.env_remove(v);
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    c
+}
+
+/// Launch `world` ranks the way torchrun does (same command, RANK/WORLD_SIZE/LOCAL_RANK/
+/// MASTER_ADDR/MASTER_PORT per process), wait for all; outputs in rank order.
+fn launch(world: usize, args: &[String], extra: &[(&str, String)]) -> Vec<Output> {
+    let port = free_port().to_string();
+    let children: Vec<_> = (0..world)
+        .map(|rank| {
+            let mut env = vec![
+                ("RANK", rank.to_string()),
+                ("WORLD_SIZE", world.to_string()),
+                ("LOCAL_RANK", rank.to_string()),
+                ("LOCAL_WORLD_SIZE", world.to_string()),
+                ("MASTER_ADDR", "127.0.0.1".to_string()),
+                ("MASTER_PORT", port.clone()),
+            ];
+            env.extend(extra.iter().cloned());
+            peft_train(args, &env).spawn().expect("spawn peft-train")
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
+}
+
+fn ok(o: &Output) -> &Output {
+    assert!(
+        o.status.success(),
+        "peft-train failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn train_args(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--model",
+        s(model),
+        "--data",
+        s(data),
+        "--out",
+        s(out),
+        "--log",
+        &format!("{}.jsonl", s(out)),
+        "--method",
+        "lora",
+        "--target",
+        "all-linear",
+        "--lr",
+        "1e-2",
+        "--seed",
+        "5",
+        "--threads",
+        "1",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
+
+/// Step records of a metrics log: (loss, tokens).
+fn steps(log: &Path) -> Vec<(f64, u64)> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| (v["loss"].as_f64().unwrap(), v["tokens"].as_u64().unwrap()))
+        .collect()
+}
+
+/// Largest absolute difference between two adapters (same tensors, same shapes).
+fn max_diff(a: &Path, b: &Path) -> (f32, bool) {
+    let (ta, tb) = (
+        read_tensors(&a.join("adapter_model.safetensors")),
+        read_tensors(&b.join("adapter_model.safetensors")),
+    );
+    assert_eq!(ta.len(), tb.len());
+    let mut worst = 0f32;
+    let mut identical = true;
+    for ((na, sa, va), (nb, sb, vb)) in ta.iter().zip(&tb) {
+        assert_eq!((na, sa), (nb, sb));
+        for (x, y) in va.iter().zip(vb) {
+            worst = worst.max((x - y).abs());
+            identical &= x.to_bits() == y.to_bits();
+        }
+    }
+    (worst, identical)
+}
+
+#[test]
+fn data_parallel_peft_train_matches_the_single_process_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("models").join("llama_gqa");
+    let data = alpaca_data(dir.path(), 13);
+    // (processes, options): whole micro-batches per rank; an uneven split of one micro-batch
+    // (3 rows over 2 ranks); 3 ranks with an epoch boundary inside a window; packing.
+    let cases: &[(usize, &[&str])] = &[
+        (2, &["--steps", "4", "--batch", "2", "--grad-accum", "2"]),
+        (2, &["--steps", "3", "--batch", "3"]),
+        (3, &["--steps", "4", "--batch", "2", "--grad-accum", "3"]),
+        (
+            2,
+            &[
+                "--steps",
+                "3",
+                "--batch",
+                "1",
+                "--grad-accum",
+                "2",
+                "--pack",
+                "--max-len",
+                "256",
+            ],
+        ),
+    ];
+    for (k, &(world, opts)) in cases.iter().enumerate() {
+        let single = dir.path().join(format!("single-{k}"));
+        let multi = dir.path().join(format!("multi-{k}"));
+        let t = std::time::Instant::now();
+        ok(&peft_train(&train_args(&model, &data, &single, opts), &[])
+            .output()
+            .unwrap());
+        let t1 = t.elapsed();
+        let outs = launch(world, &train_args(&model, &data, &multi, opts), &[]);
+        let tn = t.elapsed() - t1;
+        outs.iter().for_each(|o| {
+            ok(o);
+        });
+        // Rank 0 prints like a single process; the others are silent.
+        assert!(String::from_utf8_lossy(&outs[0].stdout).contains("trainable params"));
+        assert!(String::from_utf8_lossy(&outs[0].stderr).contains("data parallel: "));
+        for o in &outs[1..] {
+            assert!(o.stdout.is_empty() && o.stderr.is_empty(), "{o:?}");
+        }
+        let (diff, identical) = max_diff(&single, &multi);
+        eprintln!(
+            "case {k} ({world} processes, {opts:?}): max |Δ| {diff:e}{}; {:.2} s single, {:.2} s distributed",
+            if identical { " (bit-identical)" } else { "" },
+            t1.as_secs_f64(),
+            tn.as_secs_f64()
+        );
+        assert!(diff <= 1e-5, "case {k}: adapters differ by {diff}");
+        // The same steps, losses and global token counts in one log written by rank 0.
+        let (ls, lm) = (
+            steps(&single.with_extension("jsonl")),
+            steps(&multi.with_extension("jsonl")),
+        );
+        assert_eq!(ls.len(), lm.len());
+        for ((a, ta), (b, tb)) in ls.iter().zip(&lm) {
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "loss {a} vs {b}");
+            assert_eq!(ta, tb, "global token counts");
+        }
+        // Only rank 0 wrote the output: one adapter, one final checkpoint.
+        assert!(multi.join("adapter_config.json").is_file());
+        let count = |d: &Path| std::fs::read_dir(d.join("checkpoints")).unwrap().count();
+        assert_eq!(count(&multi), count(&single));
+    }
+}
+
+#[test]
+fn interrupted_data_parallel_run_resumes_to_the_straight_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("models").join("llama_gqa");
+    let data = alpaca_data(dir.path(), 10);
+    // Dropout (per-rank streams must come back), an epoch boundary, evaluation.
+    let opts = &[
+        "--steps",
+        "6",
+        "--batch",
+        "2",
+        "--grad-accum",
+        "2",
+        "--dropout",
+        "0.1",
+        "--val-split",
+        "0.2",
+        "--eval-every",
+        "2",
+    ];
+    let straight = dir.path().join("straight");
+    for o in launch(2, &train_args(&model, &data, &straight, opts), &[]) {
+        ok(&o);
+    }
+    let resumed = dir.path().join("resumed");
+    let args = train_args(&model, &data, &resumed, opts);
+    let outs = launch(2, &args, &[("PEFTKIT_STOP_AFTER_STEP", "3".into())]);
+    for o in &outs {
+        assert_eq!(o.status.code(), Some(130), "{o:?}");
+    }
+    let mut args = args.clone();
+    args.extend(["--resume".to_string(), s(&resumed).to_string()]);
+    for o in launch(2, &args, &[]) {
+        ok(&o);
+    }
+    let (diff, identical) = max_diff(&straight, &resumed);
+    assert!(identical, "resumed run differs by {diff}");
+    let a = steps(&straight.with_extension("jsonl"));
+    let b = steps(&resumed.with_extension("jsonl"));
+    assert_eq!(a, b);
+}
+
+#[test]
+fn ranks_that_run_different_jobs_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("models").join("llama_gqa");
+    let data = alpaca_data(dir.path(), 8);
+    let out = dir.path().join("out");
+    let port = free_port().to_string();
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            let steps = if rank == 1 { "5" } else { "4" };
+            let args = train_args(&model, &data, &out, &["--steps", steps]);
+            peft_train(
+                &args,
+                &[
+                    ("RANK", rank.to_string()),
+                    ("WORLD_SIZE", "2".into()),
+                    ("MASTER_ADDR", "127.0.0.1".into()),
+                    ("MASTER_PORT", port.clone()),
+                ],
+            )
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert_clean_error(&o, "do not run the same job as rank 0");
+        assert_eq!(o.status.code(), Some(2));
+    }
+    assert!(!out.exists(), "nothing may be written");
+}
+
+#[test]
+fn bad_launch_environments_fail_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("models").join("llama_gqa");
+    let data = alpaca_data(dir.path(), 4);
+    let args = train_args(&model, &data, &dir.path().join("out"), &["--steps", "1"]);
+    let run = |env: &[(&str, &str)]| {
+        let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        peft_train(&args, &env).output().unwrap()
+    };
+    let base = [("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut v = base.to_vec();
+        v.extend_from_slice(extra);
+        v
+    };
+    for (env, needle) in [
+        (with(&[("WORLD_SIZE", "2")]), "RANK is not set"),
+        (
+            with(&[("WORLD_SIZE", "two"), ("RANK", "0")]),
+            "WORLD_SIZE=two",
+        ),
+        (
+            with(&[("WORLD_SIZE", "2"), ("RANK", "2")]),
+            "RANK=2 is not below WORLD_SIZE=2",
+        ),
+        (
+            vec![
+                ("WORLD_SIZE", "2"),
+                ("RANK", "0"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", "http"),
+            ],
+            "MASTER_PORT=http",
+        ),
+        (
+            vec![("WORLD_SIZE", "2"), ("RANK", "1")],
+            "MASTER_ADDR is not set",
+        ),
+        (
+            with(&[
+                ("WORLD_SIZE", "2"),
+                ("RANK", "0"),
+                ("PEFTKIT_DIST_BACKEND", "mpi"),
+            ]),
+            "PEFTKIT_DIST_BACKEND=mpi",
+        ),
+        (
+            with(&[
+                ("WORLD_SIZE", "2"),
+                ("RANK", "0"),
+                ("PEFTKIT_DIST_TIMEOUT", "soon"),
+            ]),
+            "PEFTKIT_DIST_TIMEOUT=soon",
+        ),
+    ] {
+        let o = run(&env);
+        assert_clean_error(&o, needle);
+        assert_eq!(o.status.code(), Some(2), "{env:?}");
+    }
+    // srun tasks without torchrun's variables.
+    let o = run(&[
+        ("SLURM_PROCID", "3"),
+        ("SLURM_NTASKS", "2"),
+        ("SLURM_STEP_ID", "0"),
+    ]);
+    assert_clean_error(&o, "SLURM_PROCID=3 is not below SLURM_NTASKS=2");
+    // No rank 0 at the rendezvous: the error names it (an I/O failure, exit 4).
+    let port = free_port().to_string();
+    let t = std::time::Instant::now();
+    let o = run(&[
+        ("WORLD_SIZE", "2"),
+        ("RANK", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", &port),
+        ("PEFTKIT_DIST_TIMEOUT", "1"),
+    ]);
+    assert_clean_error(&o, &format!("MASTER_ADDR:MASTER_PORT=127.0.0.1:{port}"));
+    assert_eq!(o.status.code(), Some(4));
+    assert!(t.elapsed() < Duration::from_secs(20));
+    // Rank 0 alone: waits for the others, then says which did not come.
+    let o = run(&[
+        ("WORLD_SIZE", "3"),
+        ("RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", &port),
+        ("PEFTKIT_DIST_TIMEOUT", "1"),
+    ]);
+    assert_clean_error(&o, "rank(s) 1, 2 did not connect");
+    assert!(!dir.path().join("out").exists());
+}
+
+/// `PEFTKIT_DIST_BACKEND=nccl` in a build without CUDA (or, in a CUDA build, on a machine
+/// whose other rank never comes): one clean error line, no panic.
+#[test]
+fn nccl_backend_without_cuda_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("models").join("llama_gqa");
+    let data = alpaca_data(dir.path(), 4);
+    let args = train_args(&model, &data, &dir.path().join("out"), &["--steps", "1"]);
+    let env: Vec<(&str, String)> = [
+        ("WORLD_SIZE", "2"),
+        ("RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", &free_port().to_string()),
+        ("PEFTKIT_DIST_BACKEND", "nccl"),
+        ("PEFTKIT_DIST_TIMEOUT", "1"),
+    ]
+    .iter()
+    .map(|(k, v)| (*k, v.to_string()))
+    .collect();
+    let o = peft_train(&args, &env).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    if stderr.contains("no CUDA support") {
+        assert_clean_error(
+            &o,
+            "PEFTKIT_DIST_BACKEND=nccl: this build has no CUDA support",
+        );
+    } else {
+        assert_clean_error(&o, "did not connect");
+    }
+}
