@@ -28,6 +28,8 @@ build:
 
 test: build
 	$(CARGO) test --release --workspace
+	@# The GPU code must keep compiling where there is no CUDA (it loads the libraries at run time).
+	$(CARGO) check --release -p peftkit-core -p gpu-check --features peftkit-core/cuda,gpu-check/cuda
 
 lint:
 	$(CARGO) fmt --all -- --check
