@@ -1116,18 +1116,35 @@ fn our_adapters_give_peft_logits() {
         .filter(|p| p.join("adapter_config.json").exists())
         .collect();
     dirs.sort();
-    assert!(dirs.len() >= 3, "interop fixtures missing: {dirs:?}");
+    // LoRA/DoRA and, for issue 5, the other PEFT methods.
+    for case in [
+        "llama_gqa_lora",
+        "llama_gqa_dora",
+        "llama_gqa_ia3",
+        "llama_gqa_prefix",
+        "llama_gqa_ptuning_v2",
+        "llama_gqa_prompt",
+        "llama_gqa_prompt_text",
+        "llama_gqa_prompt_sample_vocab",
+    ] {
+        assert!(
+            dirs.contains(&root.join(case)),
+            "interop fixture {case} missing: {dirs:?}"
+        );
+    }
     for dir in dirs {
         let meta: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("logits.json")).unwrap())
                 .unwrap();
         let name = meta["model"].as_str().unwrap();
         let tol = meta["tolerance"].as_f64().unwrap() as f32;
+        // Prompt tuning: PEFT's logits start with one row per virtual token.
+        let skip = meta["virtual_token_rows"].as_u64().unwrap_or(0) as usize;
         let mut model = Model::load(&model(name)).unwrap();
-        let mut state = TrainState::new(model.linears().len());
-        lora::load_adapter(&dir, &model, &mut state).unwrap();
-        lora::install(&mut model, state, 0);
+        // What peft-eval and peft-generate do: dispatch on peft_type.
+        lora::load_for_inference(&mut model, &dir, 0).unwrap();
         let want = tensors(&dir.join("logits.safetensors"));
+        let vocab = model.config.vocab;
         let opts = ForwardOptions { adapter: Some(0) };
         for (i, seq) in meta["input_ids"].as_array().unwrap().iter().enumerate() {
             let ids: Vec<u32> = seq
@@ -1141,11 +1158,13 @@ fn our_adapters_give_peft_logits() {
                 .unwrap();
             let logits = model.logits(&hidden, ids.len(), &opts);
             let (shape, w) = &want[&format!("logits.{i}")];
-            assert_eq!(shape.iter().product::<usize>(), logits.len());
+            assert_eq!(shape, &[skip + ids.len(), vocab], "{}", dir.display());
+            assert_eq!(logits.len(), ids.len() * vocab);
             let err = logits
                 .iter()
-                .zip(w)
+                .zip(&w[skip * vocab..])
                 .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            eprintln!("{}: seq {i}: max |Δ logit| {err:e}", dir.display());
             assert!(
                 err <= tol,
                 "{}: seq {i}: max |Δ logit| {err}",
@@ -1153,6 +1172,103 @@ fn our_adapters_give_peft_logits() {
             );
         }
     }
+}
+
+/// `--prompt-init sample-vocab` (PEFT's `SAMPLE_VOCAB`): the virtual tokens start as exact
+/// rows of the input embedding matrix (with `--lr 0` the one step leaves them as initialized),
+/// and adapter_config.json says so; `--prompt-init-text` only goes with `text`.
+#[test]
+fn prompt_init_sample_vocab_copies_embedding_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = alpaca_data(tmp.path(), "a.json", 8, |_| 1);
+    let m = model("llama_gqa");
+    let out = tmp.path().join("sv");
+    let base = |out: &Path| -> Vec<String> {
+        [
+            "--model",
+            s(&m),
+            "--data",
+            s(&data),
+            "--out",
+            s(out),
+            "--method",
+            "prompt",
+            "--num-virtual-tokens",
+            "6",
+            "--steps",
+            "1",
+            "--batch",
+            "2",
+            "--lr",
+            "0",
+            "-q",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let args = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut a = base(out);
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let go = |a: &[String]| train(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let ok = go(&args(&out, &["--prompt-init", "sample-vocab"]));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["prompt_tuning_init"], "SAMPLE_VOCAB");
+    assert_eq!(cfg["prompt_tuning_init_text"], Value::Null);
+    assert_eq!(cfg["tokenizer_name_or_path"], Value::Null);
+    let (shape, emb) = &tensors(&out.join("adapter_model.safetensors"))["prompt_embeddings"];
+    let base_model = Model::load(&m).unwrap();
+    let h = base_model.config.hidden;
+    assert_eq!(shape, &[6, h]);
+    let rows: Vec<&[f32]> = base_model.embed.chunks(h).collect();
+    let ids: Vec<usize> = emb
+        .chunks(h)
+        .map(|v| {
+            rows.iter()
+                .position(|r| *r == v)
+                .unwrap_or_else(|| panic!("virtual token {v:?} is no embedding row"))
+        })
+        .collect();
+    let mut distinct = ids.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert!(
+        distinct.len() > 1,
+        "one id drawn {} times: {ids:?}",
+        ids.len()
+    );
+    // The default stays RANDOM; --prompt-init-text implies TEXT; mixing them is a usage error.
+    let r = go(&args(&tmp.path().join("r"), &[]));
+    assert!(r.status.success());
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("r").join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["prompt_tuning_init"], "RANDOM");
+    let bad = tmp.path().join("bad");
+    let r = go(&args(
+        &bad,
+        &["--prompt-init", "sample-vocab", "--prompt-init-text", "hi"],
+    ));
+    assert_clean_error(&r, "--prompt-init-text");
+    assert_eq!(r.status.code(), Some(2));
+    assert_clean_error(
+        &go(&args(&bad, &["--prompt-init", "text"])),
+        "--prompt-init-text",
+    );
+    assert_clean_error(
+        &go(&args(&bad, &["--prompt-init", "vocab"])),
+        "sample-vocab",
+    );
+    assert!(!bad.exists());
 }
 
 /// `--config FILE` supplies options with the long options' names; the command line wins.

@@ -148,9 +148,15 @@ pub struct TrainArgs {
     /// adapter: relu or silu
     #[arg(long, default_value = "relu")]
     pub adapter_activation: String,
-    /// prompt: initialize the virtual tokens from this text's token embeddings (default random)
+    /// prompt: initialize the virtual tokens from this text's token embeddings (implies
+    /// --prompt-init text)
     #[arg(long)]
     pub prompt_init_text: Option<String>,
+    /// prompt: random (N(0,1)), text (--prompt-init-text's token embeddings) or sample-vocab
+    /// (embeddings of token ids drawn uniformly from the vocabulary) [default: text with
+    /// --prompt-init-text, else random]
+    #[arg(long)]
+    pub prompt_init: Option<String>,
     /// prefix: hidden size of the reparameterization MLP (default: the model's kv dimension)
     #[arg(long)]
     pub prefix_hidden: Option<usize>,
@@ -456,6 +462,11 @@ pub fn to_options(a: &TrainArgs) -> Result<TrainOptions> {
         },
         device: peftkit_core::gpu::DeviceSpec::parse(&a.device)?,
         prompt_init_text: a.prompt_init_text.clone(),
+        prompt_init: a
+            .prompt_init
+            .as_deref()
+            .map(peftkit_core::train::prompt::PromptInit::parse)
+            .transpose()?,
         bottleneck: BottleneckConfig {
             variant: Variant::parse(&a.adapter_variant)?,
             size: a.adapter_size,

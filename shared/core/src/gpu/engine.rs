@@ -643,7 +643,13 @@ impl GpuEngine {
         Ok(dst)
     }
 
-    fn heads_grad_to_rows(&self, src: &DBuf, heads: usize, rope: bool, lay: &Layout) -> Result<DBuf> {
+    fn heads_grad_to_rows(
+        &self,
+        src: &DBuf,
+        heads: usize,
+        rope: bool,
+        lay: &Layout,
+    ) -> Result<DBuf> {
         let dh = self.model.head_dim;
         let dst = self.gpu.uninit_f32(lay.rows * heads * dh)?;
         self.gpu.launch_n(

@@ -4,8 +4,10 @@
 //!
 //! The virtual tokens take positions 0..n and the sequence's tokens follow them; the last
 //! virtual token predicts the first real one (PEFT pads the labels with n × −100 in front).
-//! Initialization: random N(0, 1) (PEFT's `RANDOM`, torch.nn.Embedding's init) or the
-//! embeddings of a text's tokens (`TEXT`: cut to n, or repeated when shorter).
+//! Initialization ([`PromptInit`]): random N(0, 1) (PEFT's `RANDOM`, torch.nn.Embedding's
+//! init), the embeddings of a text's tokens (`TEXT`: cut to n, or repeated when shorter), or the
+//! embeddings of n token ids drawn uniformly, with replacement, from the whole embedding matrix
+//! (`SAMPLE_VOCAB`, PEFT's `torch.randint(0, num_embeddings, (n,))`; our generator, not torch's).
 
 use super::adapter_files::{sorted_json, write_adapter};
 use super::params::{ParamState, Slot, TrainState};
@@ -16,6 +18,49 @@ use crate::model::Model;
 use crate::rng::Rng;
 use serde_json::{json, Value};
 use std::path::Path;
+
+/// How the virtual tokens start (PEFT's `prompt_tuning_init`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PromptInit {
+    #[default]
+    Random,
+    /// From [`PromptConfig::init_text`] (which must be set).
+    Text,
+    SampleVocab,
+}
+
+impl PromptInit {
+    /// `random`, `text` or `sample-vocab` (PEFT's names, any case, `_` for `-`, also work).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().replace('_', "-").as_str() {
+            "random" => Ok(Self::Random),
+            "text" => Ok(Self::Text),
+            "sample-vocab" => Ok(Self::SampleVocab),
+            _ => Err(Error::usage(format!(
+                "unknown --prompt-init {s}; supported: random, text, sample-vocab"
+            ))),
+        }
+    }
+
+    /// The value of `prompt_tuning_init` in adapter_config.json.
+    pub fn peft_name(self) -> &'static str {
+        match self {
+            Self::Random => "RANDOM",
+            Self::Text => "TEXT",
+            Self::SampleVocab => "SAMPLE_VOCAB",
+        }
+    }
+
+    /// What [`attach`] and [`config_json`] use for `cfg`: `TEXT` when it has an init text,
+    /// else `RANDOM`.
+    pub fn of(cfg: &PromptConfig) -> Self {
+        if cfg.init_text.is_some() {
+            Self::Text
+        } else {
+            Self::Random
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct PromptConfig {
@@ -40,30 +85,60 @@ pub fn init_ids(text_ids: &[u32], n: usize) -> Vec<u32> {
     text_ids.iter().copied().cycle().take(n).collect()
 }
 
-/// Build the virtual tokens and register them.
+/// `SAMPLE_VOCAB`: n token ids drawn uniformly, with replacement, from `0..vocab`.
+pub fn sample_vocab_ids(vocab: usize, n: usize, rng: &mut Rng) -> Vec<u32> {
+    (0..n).map(|_| rng.below(vocab) as u32).collect()
+}
+
+/// Build the virtual tokens (`TEXT` when `cfg` has an init text, else `RANDOM`) and register
+/// them.
 pub fn attach(
     model: &Model,
     state: &mut TrainState,
     cfg: &PromptConfig,
     rng: &mut Rng,
 ) -> Result<()> {
+    attach_with(model, state, cfg, PromptInit::of(cfg), rng)
+}
+
+/// Build the virtual tokens with initialization `init` and register them.
+pub fn attach_with(
+    model: &Model,
+    state: &mut TrainState,
+    cfg: &PromptConfig,
+    init: PromptInit,
+    rng: &mut Rng,
+) -> Result<()> {
     let (n, h) = (cfg.num_virtual_tokens, model.config.hidden);
     if n == 0 {
         return Err(Error::usage("--num-virtual-tokens must be at least 1"));
     }
-    let emb = match &cfg.init_text {
-        Some((text, ids)) => {
+    let rows = |ids: &[u32]| -> Vec<f32> {
+        ids.iter()
+            .flat_map(|&id| model.embed[id as usize * h..(id as usize + 1) * h].to_vec())
+            .collect()
+    };
+    let emb = match (init, &cfg.init_text) {
+        (PromptInit::Text, Some((text, ids))) => {
             if ids.is_empty() {
                 return Err(Error::usage(format!(
                     "--prompt-init-text {text:?} has no tokens"
                 )));
             }
-            init_ids(ids, n)
-                .iter()
-                .flat_map(|&id| model.embed[id as usize * h..(id as usize + 1) * h].to_vec())
-                .collect()
+            rows(&init_ids(ids, n))
         }
-        None => (0..n * h).map(|_| rng.normal()).collect(),
+        (PromptInit::Text, None) => {
+            return Err(Error::usage("--prompt-init text needs --prompt-init-text"))
+        }
+        (_, Some(_)) => {
+            return Err(Error::usage(format!(
+                "--prompt-init-text goes with --prompt-init text, not {}",
+                init.peft_name().to_ascii_lowercase().replace('_', "-")
+            )))
+        }
+        // PEFT samples from word_embeddings.num_embeddings: the embedding matrix's rows.
+        (PromptInit::SampleVocab, None) => rows(&sample_vocab_ids(model.embed.len() / h, n, rng)),
+        (PromptInit::Random, None) => (0..n * h).map(|_| rng.normal()).collect(),
     };
     set_trainable(state, PromptParams { n, emb });
     Ok(())
@@ -79,9 +154,11 @@ pub fn set_trainable(state: &mut TrainState, p: PromptParams) {
     state.prompt = Some(p);
 }
 
-/// adapter_config.json as PEFT 0.21 writes it for prompt tuning.
-pub fn config_json(cfg: &PromptConfig, model: &Model, task_type: &str) -> String {
+/// adapter_config.json as PEFT 0.21 writes it for prompt tuning (`prompt_tuning_init_text` and
+/// `tokenizer_name_or_path` are set for `TEXT` only, as PEFT's config requires).
+pub fn config_json(cfg: &PromptConfig, init: PromptInit, model: &Model, task_type: &str) -> String {
     let c = &model.config;
+    let text = cfg.init_text.as_ref().filter(|_| init == PromptInit::Text);
     let v = json!({
         "auto_mapping": null,
         "base_model_name_or_path": cfg.base_model_name_or_path,
@@ -92,13 +169,13 @@ pub fn config_json(cfg: &PromptConfig, model: &Model, task_type: &str) -> String
         "num_transformer_submodules": 1,
         "num_virtual_tokens": cfg.num_virtual_tokens,
         "peft_type": "PROMPT_TUNING",
-        "prompt_tuning_init": if cfg.init_text.is_some() { "TEXT" } else { "RANDOM" },
-        "prompt_tuning_init_text": cfg.init_text.as_ref().map(|(t, _)| t.clone()),
+        "prompt_tuning_init": init.peft_name(),
+        "prompt_tuning_init_text": text.map(|(t, _)| t.clone()),
         "revision": null,
         "task_type": task_type,
         "token_dim": c.hidden,
         "tokenizer_kwargs": null,
-        "tokenizer_name_or_path": cfg.init_text.as_ref().and(cfg.base_model_name_or_path.clone()),
+        "tokenizer_name_or_path": text.and(cfg.base_model_name_or_path.clone()),
     });
     sorted_json(v)
 }
@@ -107,6 +184,7 @@ pub fn config_json(cfg: &PromptConfig, model: &Model, task_type: &str) -> String
 pub fn save_adapter(
     dir: &Path,
     cfg: &PromptConfig,
+    init: PromptInit,
     model: &Model,
     state: &TrainState,
     task_type: &str,
@@ -117,7 +195,7 @@ pub fn save_adapter(
         vec![p.n, model.config.hidden],
         p.emb.clone(),
     );
-    write_adapter(dir, &[tensor], &config_json(cfg, model, task_type))
+    write_adapter(dir, &[tensor], &config_json(cfg, init, model, task_type))
 }
 
 /// Read a PEFT prompt-tuning adapter into `state` (trainable).

@@ -95,6 +95,9 @@ pub struct TrainOptions {
     pub prefix: super::prefix::PrefixConfig,
     /// Prompt tuning: text to initialize the virtual tokens from (None = random).
     pub prompt_init_text: Option<String>,
+    /// Prompt tuning: how the virtual tokens start (None = text when `prompt_init_text` is
+    /// set, else random).
+    pub prompt_init: Option<super::prompt::PromptInit>,
     /// Bottleneck adapters.
     pub bottleneck: super::bottleneck::BottleneckConfig,
     /// `--compute-dtype bf16`: frozen f32 linear weights multiply in bf16 with f32
@@ -535,6 +538,7 @@ pub struct Attached {
     pub ia3: super::ia3::Ia3Config,
     pub prefix: super::prefix::PrefixConfig,
     pub prompt: super::prompt::PromptConfig,
+    pub prompt_init: super::prompt::PromptInit,
     pub bottleneck: super::bottleneck::BottleneckConfig,
 }
 
@@ -555,6 +559,7 @@ pub fn attach_method(
         init_text: None,
         base_model_name_or_path: None,
     };
+    let mut prompt_init = super::prompt::PromptInit::default();
     let mut ia3_cfg = opts
         .ia3
         .clone()
@@ -615,7 +620,10 @@ pub fn attach_method(
             if let Some(t) = &opts.prompt_init_text {
                 prompt_cfg.init_text = Some((t.clone(), tok.encode(t)?));
             }
-            super::prompt::attach(model, state, &prompt_cfg, init_rng)?;
+            prompt_init = opts
+                .prompt_init
+                .unwrap_or_else(|| super::prompt::PromptInit::of(&prompt_cfg));
+            super::prompt::attach_with(model, state, &prompt_cfg, prompt_init, init_rng)?;
         }
         Method::Full => {
             full::register(model, state, |_| true, false);
@@ -635,6 +643,7 @@ pub fn attach_method(
         ia3: ia3_cfg,
         prefix: prefix_cfg,
         prompt: prompt_cfg,
+        prompt_init,
         bottleneck: bottleneck_cfg,
     })
 }
@@ -691,9 +700,14 @@ pub fn save_output(
         Method::Prefix | Method::PtuningV2 => {
             super::prefix::save_adapter(&opts.out, &a.prefix, model, state, task_type)?
         }
-        Method::Prompt => {
-            super::prompt::save_adapter(&opts.out, &a.prompt, model, state, task_type)?
-        }
+        Method::Prompt => super::prompt::save_adapter(
+            &opts.out,
+            &a.prompt,
+            a.prompt_init,
+            model,
+            state,
+            task_type,
+        )?,
         Method::Adapter => super::bottleneck::save_adapter(&opts.out, &a.bottleneck, model, state)?,
         Method::Full | Method::Freeze => output::save_model(&opts.out, &opts.model, model)?,
     }
