@@ -401,6 +401,8 @@ fn log_records(p: &Path, what: &str) -> Vec<Value> {
 /// Fields that measure time (they differ between any two runs).
 const TIMINGS: &[&str] = &[
     "tokens_per_second",
+    "gflops",
+    "mfu",
     "rollout_tokens_per_second",
     "update_tokens_per_second",
     "rollout_seconds",

@@ -11,8 +11,22 @@ use std::time::{Duration, Instant};
 
 static STATE: AtomicU8 = AtomicU8::new(0); // 0 = unknown, 1 = off, 2 = on
 static TOTALS: Mutex<BTreeMap<&'static str, (Duration, u64)>> = Mutex::new(BTreeMap::new());
+static FLOPS: Mutex<BTreeMap<&'static str, f64>> = Mutex::new(BTreeMap::new());
 
-fn enabled() -> bool {
+/// Credit `flops` model FLOPs to phase `name` (when profiling is on): the report then shows
+/// the phase's GFLOP/s and its fraction of the measured FMA peak.
+pub fn flops(name: &'static str, flops: f64) {
+    if enabled() {
+        *FLOPS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name)
+            .or_default() += flops;
+    }
+}
+
+/// Whether `PEFTKIT_PROFILE=1` is set (read once).
+pub fn enabled() -> bool {
     match STATE.load(Ordering::Relaxed) {
         1 => false,
         2 => true,
@@ -57,8 +71,27 @@ pub fn report() {
     let m = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
     let mut v: Vec<_> = m.iter().collect();
     v.sort_by_key(|e| std::cmp::Reverse(e.1 .0));
+    let flops = FLOPS.lock().unwrap_or_else(|e| e.into_inner());
+    let peak = if flops.is_empty() {
+        0.0
+    } else {
+        crate::kernels::peak::fma_peak_gflops()
+    };
     eprintln!("profile (wall time per phase; nested phases overlap):");
     for (name, (d, n)) in v {
-        eprintln!("  {name:<28} {:>9.3} s  {n:>7} calls", d.as_secs_f64());
+        let rate = match flops.get(name) {
+            Some(&f) if d.as_secs_f64() > 0.0 => {
+                let g = f / d.as_secs_f64() / 1e9;
+                format!(
+                    "  {g:>7.1} GFLOP/s ({:.0}% of the {peak:.0} GFLOP/s FMA peak)",
+                    100.0 * g / peak
+                )
+            }
+            _ => String::new(),
+        };
+        eprintln!(
+            "  {name:<28} {:>9.3} s  {n:>7} calls{rate}",
+            d.as_secs_f64()
+        );
     }
 }

@@ -70,6 +70,12 @@ fn main() {
                 "done: {} steps, final loss {:.4}",
                 s.steps, s.final_loss
             ));
+            if let (Some(g), Some(m)) = (s.gflops, s.mfu) {
+                cli::info(format!(
+                    "model FLOPs: {g:.1} GFLOP/s, {:.1}% of this machine's measured f32 FMA peak (MFU)",
+                    100.0 * m
+                ));
+            }
         }
         if s.interrupted {
             std::process::exit(130);

@@ -3,6 +3,7 @@
 
 pub mod gemm;
 pub mod ops;
+pub mod peak;
 
 /// Set the number of worker threads used by all kernels (0 = one per core).
 pub fn set_threads(n: usize) {

@@ -283,6 +283,16 @@ impl<'m> Engine<'m> {
         self
     }
 
+    /// Model FLOPs of [`Engine::forward_backward`] over `batch` (see [`super::flops`]).
+    pub fn flops(&self, state: &TrainState, batch: &Batch) -> super::flops::Flops {
+        let stop = if self.backward {
+            self.stop_layer
+        } else {
+            self.model.blocks.len()
+        };
+        super::flops::batch_flops(self.model, state, batch, stop, self.backward)
+    }
+
     /// Forward and backward over one micro-batch for next-token prediction. Gradients are
     /// accumulated (added) into `state`, scaled by `loss_scale` (1 / loss tokens of the whole
     /// accumulation window).
@@ -293,6 +303,15 @@ impl<'m> Engine<'m> {
         loss_scale: f32,
         rng: &mut Rng,
     ) -> Result<StepStats> {
+        if crate::profile::enabled() {
+            let f = self.flops(state, batch);
+            crate::profile::flops("lin_forward", f.linear_forward);
+            crate::profile::flops("lin_backward", f.linear_backward);
+            crate::profile::flops("attention_forward", f.attention_forward);
+            crate::profile::flops("attention_backward", f.attention_backward);
+            crate::profile::flops("loss_head", f.head);
+            crate::profile::flops("step.forward_backward", f.total());
+        }
         self.forward_backward_with(state, batch, rng, &mut NextToken { loss_scale })
     }
 

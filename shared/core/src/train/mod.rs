@@ -9,6 +9,7 @@ pub mod bottleneck;
 pub mod checkpoint;
 pub mod data;
 pub mod engine;
+pub mod flops;
 pub mod full;
 pub mod ia3;
 pub mod lora;

@@ -114,6 +114,10 @@ pub struct TrainSummary {
     pub eval_loss_before: Option<f64>,
     pub eval_loss_after: Option<f64>,
     pub interrupted: bool,
+    /// Model FLOPs per second of the training steps and their fraction of the measured FMA
+    /// peak (train::flops, kernels::peak); None when no step ran.
+    pub gflops: Option<f64>,
+    pub mfu: Option<f64>,
 }
 
 /// Train, then write the output (see [`run_steps`]); a failed run leaves no empty output folder.
@@ -177,6 +181,8 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
             eval_loss_before: None,
             eval_loss_after: None,
             interrupted: false,
+            gflops: None,
+            mfu: None,
         });
     }
     crate::cli::info(format!(
@@ -262,6 +268,8 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
             eval_loss_before: None,
             eval_loss_after: None,
             interrupted: false,
+            gflops: None,
+            mfu: None,
         });
     }
 
@@ -376,6 +384,13 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
     let mut interrupted = false;
     let start = std::time::Instant::now();
     let mut tokens_since = 0u64;
+    // MFU: model FLOPs of the steps against the machine's measured FMA peak.
+    // (On a GPU the CPU's peak means nothing: the log then has the rate without a fraction.)
+    let peak = match opts.device {
+        crate::gpu::DeviceSpec::Cpu => crate::kernels::peak::fma_peak_gflops(),
+        crate::gpu::DeviceSpec::Cuda(_) => f64::NAN,
+    };
+    let (mut flops_since, mut gflops) = (0.0f64, 0.0f64);
     let mut order: (u64, Vec<usize>) = (u64::MAX, Vec::new());
     while prog.step < total_steps {
         // This window's micro-batches (following the epoch's shuffled order). Data parallel:
@@ -408,6 +423,7 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
         state.zero_grads();
         let mut nll = 0.0;
         let mut step_tokens = 0u64;
+        let mut step_flops = 0.0f64;
         // Data parallel: this step's dropout masks come from a stream of this rank's own; the
         // shared stream (the one checkpoints save) is put back after the micro-batches.
         let shared_rng = crate::dist::rank_rng(&mut dropout_rng, comm)
@@ -421,6 +437,7 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
                     labels: mb.iter().map(|&i| &examples[i].labels[..]).collect(),
                 };
                 step_tokens += batch.ids.iter().map(|s| s.len() as u64).sum::<u64>();
+                step_flops += engine.flops(&state, &batch).total();
                 let _p = crate::profile::scope("step.forward_backward");
                 let s = backend
                     .forward_backward(
@@ -446,9 +463,9 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
             dropout_rng = r;
         }
         // Data parallel: sum the gradients and the loss statistics over the ranks.
-        let mut sums = [nll, step_tokens as f64];
+        let mut sums = [nll, step_tokens as f64, step_flops];
         crate::dist::all_reduce_grads(comm, &mut state, &mut sums)?;
-        let (nll, step_tokens) = (sums[0], sums[1] as u64);
+        let (nll, step_tokens, step_flops) = (sums[0], sums[1] as u64, sums[2]);
         let loss = nll / window_tokens.max(1) as f64;
         if !loss.is_finite() {
             return Err(Error::Numeric(format!(
@@ -467,12 +484,14 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
         tokens_since += step_tokens;
         prog.rng = dropout_rng.state();
         last_loss = loss;
+        flops_since += step_flops;
         let tps = tokens_since as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        gflops = flops_since / start.elapsed().as_secs_f64().max(1e-9) / 1e9;
         bar.set_position(prog.step);
         bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
         write_log(
             &mut log,
-            json!({"step": prog.step, "epoch": prog.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": prog.tokens, "tokens_per_second": tps}),
+            json!({"step": prog.step, "epoch": prog.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": prog.tokens, "tokens_per_second": tps, "gflops": gflops, "mfu": gflops / peak}),
         )?;
         if opts.eval_every > 0 && prog.step.is_multiple_of(opts.eval_every) {
             refresh_head(&mut head_pack, &mut head_pack_fresh, &model);
@@ -529,6 +548,8 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
         eval_loss_before: eval_before,
         eval_loss_after: eval_after,
         interrupted,
+        gflops: (flops_since > 0.0).then_some(gflops),
+        mfu: (flops_since > 0.0 && peak.is_finite()).then_some(gflops / peak),
     })
 }
 
