@@ -33,6 +33,7 @@ const TOOLS: &[&str] = &[
     "adapter-inspect",
     "adapter-merge",
     "dpo-train",
+    "gpu-check",
     "model-import",
     "peft-eval",
     "peft-generate",

@@ -6,7 +6,7 @@
 
 use peftkit_tests::run;
 
-const TOOLS: [&str; 11] = [
+const TOOLS: [&str; 12] = [
     "model-import",
     "quantize-nf4",
     "peft-train",
@@ -18,6 +18,7 @@ const TOOLS: [&str; 11] = [
     "rm-score",
     "dpo-train",
     "ppo-train",
+    "gpu-check",
 ];
 
 fn stdout_of(tool: &str, args: &[&str]) -> String {
