@@ -7,6 +7,9 @@
 //!   and 3 processes writes the adapter of the single-process run with the same global batch
 //!   (within 1e-5); only rank 0 writes and prints; a distributed run interrupted and resumed
 //!   equals the straight distributed run bit for bit (with dropout, whose streams are per rank).
+//! - rm-train and dpo-train as 2-process jobs match their single-process runs the same way
+//!   (adapters, step losses and token counts, sharded evaluation); an interrupted distributed
+//!   dpo-train run resumes to the straight one bit for bit.
 //! - Bad launches fail on every rank with one clean error line: bad variables, no rank 0 at
 //!   MASTER_ADDR:MASTER_PORT, ranks that do not run the same job.
 //!
@@ -285,7 +288,12 @@ const DIST_VARS: &[&str] = &[
 
 /// peft-train with `args`, a clean launcher environment plus `env`.
 fn peft_train(args: &[String], env: &[(&str, String)]) -> Command {
-    let mut c = Command::new(bin("peft-train"));
+    tool_cmd("peft-train", args, env)
+}
+
+/// `tool` with `args`, a clean launcher environment plus `env`.
+fn tool_cmd(tool: &str, args: &[String], env: &[(&str, String)]) -> Command {
+    let mut c = Command::new(bin(tool));
     c.args(args).env("PEFTKIT_NO_PROGRESS", "1");
     for v in DIST_VARS {
         c.env_remove(v);
@@ -300,6 +308,11 @@ fn peft_train(args: &[String], env: &[(&str, String)]) -> Command {
 /// Launch `world` ranks the way torchrun does (same command, RANK/WORLD_SIZE/LOCAL_RANK/
 /// MASTER_ADDR/MASTER_PORT per process), wait for all; outputs in rank order.
 fn launch(world: usize, args: &[String], extra: &[(&str, String)]) -> Vec<Output> {
+    launch_tool("peft-train", world, args, extra)
+}
+
+/// [`launch`] for any of the training tools.
+fn launch_tool(tool: &str, world: usize, args: &[String], extra: &[(&str, String)]) -> Vec<Output> {
     let port = free_port().to_string();
     let children: Vec<_> = (0..world)
         .map(|rank| {
@@ -312,7 +325,7 @@ fn launch(world: usize, args: &[String], extra: &[(&str, String)]) -> Vec<Output
                 ("MASTER_PORT", port.clone()),
             ];
             env.extend(extra.iter().cloned());
-            peft_train(args, &env).spawn().expect("spawn peft-train")
+            tool_cmd(tool, args, &env).spawn().expect("spawn the tool")
         })
         .collect();
     children
@@ -324,7 +337,7 @@ fn launch(world: usize, args: &[String], extra: &[(&str, String)]) -> Vec<Output
 fn ok(o: &Output) -> &Output {
     assert!(
         o.status.success(),
-        "peft-train failed: {}",
+        "training failed: {}",
         String::from_utf8_lossy(&o.stderr)
     );
     o
@@ -653,4 +666,192 @@ fn nccl_backend_without_cuda_is_an_error() {
     } else {
         assert_clean_error(&o, "did not connect");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// rm-train and dpo-train as torchrun jobs
+
+/// `n` preference pairs whose chosen completion ends in "yes", the rejected one in "no".
+fn preference_pairs(dir: &Path, n: usize) -> PathBuf {
+    let words = [
+        "apple", "river", "stone", "cloud", "green", "quick", "slow", "table",
+    ];
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            let w = |k: usize| words[(i * 7 + k * 3 + i / 3) % words.len()];
+            let prompt = format!("{} {} {}:", w(0), w(1), w(2));
+            let body = vec![w(3); 1 + i % 3].join(" ");
+            json!({"prompt": prompt, "chosen": format!(" {body} yes yes"), "rejected": format!(" {body} no no")})
+                .to_string()
+        })
+        .collect();
+    let p = dir.join("pairs.jsonl");
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}
+
+/// Evaluation records of a metrics log: (step, loss, accuracy, margin).
+fn evals(log: &Path) -> Vec<(u64, f64, f64, f64)> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("eval_loss").is_some())
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                v["eval_loss"].as_f64().unwrap(),
+                v["eval_accuracy"].as_f64().unwrap(),
+                v["eval_margin"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn data_parallel_rm_and_dpo_train_match_the_single_process_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("models").join("llama_gqa");
+    let data = preference_pairs(dir.path(), 20);
+    let eval = ["--val-split", "0.25", "--eval-every", "2"];
+    // (tool, options): whole micro-batches per rank (with evaluation, sharded and summed); an
+    // uneven split of one micro-batch (3 pairs over 2 ranks) across an epoch boundary.
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "rm-train",
+            &["--steps", "4", "--batch", "2", "--grad-accum", "2"],
+        ),
+        ("rm-train", &["--steps", "6", "--batch", "3"]),
+        (
+            "dpo-train",
+            &["--steps", "4", "--batch", "2", "--grad-accum", "2"],
+        ),
+        (
+            "dpo-train",
+            &[
+                "--steps", "6", "--batch", "3", "--loss", "ipo", "--beta", "0.5",
+            ],
+        ),
+    ];
+    for (k, &(tool, opts)) in cases.iter().enumerate() {
+        let opts: Vec<&str> = opts.iter().chain(&eval).copied().collect();
+        let single = dir.path().join(format!("single-{k}"));
+        let multi = dir.path().join(format!("multi-{k}"));
+        let t = std::time::Instant::now();
+        ok(
+            &tool_cmd(tool, &train_args(&model, &data, &single, &opts), &[])
+                .output()
+                .unwrap(),
+        );
+        let t1 = t.elapsed();
+        let outs = launch_tool(tool, 2, &train_args(&model, &data, &multi, &opts), &[]);
+        let tn = t.elapsed() - t1;
+        outs.iter().for_each(|o| {
+            ok(o);
+        });
+        // Rank 0 prints like a single process; the other is silent.
+        assert!(String::from_utf8_lossy(&outs[0].stdout).contains("trainable params"));
+        assert!(String::from_utf8_lossy(&outs[0].stdout).contains("held-out"));
+        assert!(String::from_utf8_lossy(&outs[0].stderr).contains("data parallel: "));
+        assert!(
+            outs[1].stdout.is_empty() && outs[1].stderr.is_empty(),
+            "{:?}",
+            outs[1]
+        );
+        let (diff, identical) = max_diff(&single, &multi);
+        eprintln!(
+            "case {k} ({tool}, {opts:?}): max |Δ| {diff:e}{}; {:.2} s single, {:.2} s distributed",
+            if identical { " (bit-identical)" } else { "" },
+            t1.as_secs_f64(),
+            tn.as_secs_f64()
+        );
+        // The ranks' sums group the pairs differently, and Adam's m/√v turns the last-bit
+        // differences of near-zero gradients into larger ones at lr 1e-2 (4e-6 seen here; IPO at
+        // β 0.1 reached 3.5e-5): the adapters get a margin for other CPUs' rounding, while the
+        // losses below stay pinned to 1e-5.
+        assert!(diff <= 1e-4, "case {k}: adapters differ by {diff}");
+        // The same steps, losses, global token counts and evaluations in rank 0's log.
+        let (ls, lm) = (
+            steps(&single.with_extension("jsonl")),
+            steps(&multi.with_extension("jsonl")),
+        );
+        assert_eq!(ls.len(), lm.len());
+        for ((a, ta), (b, tb)) in ls.iter().zip(&lm) {
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "loss {a} vs {b}");
+            assert_eq!(ta, tb, "global token counts");
+        }
+        let (es, em) = (
+            evals(&single.with_extension("jsonl")),
+            evals(&multi.with_extension("jsonl")),
+        );
+        assert_eq!(es.len(), em.len());
+        assert!(es.len() >= 3, "{es:?}");
+        for (a, b) in es.iter().zip(&em) {
+            assert_eq!((a.0, a.2), (b.0, b.2), "eval step and accuracy");
+            assert!(
+                (a.1 - b.1).abs() <= 1e-5 * a.1.abs().max(1.0),
+                "{a:?} vs {b:?}"
+            );
+            assert!(
+                (a.3 - b.3).abs() <= 1e-5 * a.3.abs().max(1.0),
+                "{a:?} vs {b:?}"
+            );
+        }
+        assert!(multi.join("adapter_config.json").is_file());
+        let count = |d: &Path| std::fs::read_dir(d.join("checkpoints")).unwrap().count();
+        assert_eq!(count(&multi), count(&single));
+    }
+}
+
+#[test]
+fn interrupted_data_parallel_dpo_run_resumes_to_the_straight_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("models").join("llama_gqa");
+    let data = preference_pairs(dir.path(), 12);
+    // Dropout (per-rank streams must come back), an epoch boundary, evaluation.
+    let opts = &[
+        "--steps",
+        "5",
+        "--batch",
+        "2",
+        "--grad-accum",
+        "2",
+        "--dropout",
+        "0.1",
+        "--val-split",
+        "0.2",
+        "--eval-every",
+        "2",
+    ];
+    let straight = dir.path().join("straight");
+    for o in launch_tool(
+        "dpo-train",
+        2,
+        &train_args(&model, &data, &straight, opts),
+        &[],
+    ) {
+        ok(&o);
+    }
+    let resumed = dir.path().join("resumed");
+    let args = train_args(&model, &data, &resumed, opts);
+    let outs = launch_tool(
+        "dpo-train",
+        2,
+        &args,
+        &[("PEFTKIT_STOP_AFTER_STEP", "3".into())],
+    );
+    for o in &outs {
+        assert_eq!(o.status.code(), Some(130), "{o:?}");
+    }
+    let mut args = args.clone();
+    args.extend(["--resume".to_string(), s(&resumed).to_string()]);
+    for o in launch_tool("dpo-train", 2, &args, &[]) {
+        ok(&o);
+    }
+    let (diff, identical) = max_diff(&straight, &resumed);
+    assert!(identical, "resumed run differs by {diff}");
+    assert_eq!(
+        steps(&straight.with_extension("jsonl")),
+        steps(&resumed.with_extension("jsonl"))
+    );
 }

@@ -72,7 +72,8 @@ fn main() {
             "done: {} steps, final loss {:.4}",
             s.steps, s.final_loss
         ));
-        if let Some(m) = s.eval_after {
+        // Data parallel: rank 0 alone prints the result.
+        if let Some(m) = s.eval_after.filter(|_| s.rank0) {
             println!(
                 "held-out accuracy {:.3} (before training {}), margin {:.4}, {} pairs",
                 m.accuracy,

@@ -14,6 +14,7 @@ use super::trainer::{
     save_checkpoint, save_output, split_validation, start_progress, stop_on_ctrl_c, write_log,
     Method, TrainOptions,
 };
+use crate::dist::Communicator;
 use crate::error::{Error, Result};
 use crate::kernels::gemm;
 use crate::model::Model;
@@ -50,6 +51,8 @@ pub struct PrefSummary {
     pub eval_before: Option<Metrics>,
     pub eval_after: Option<Metrics>,
     pub interrupted: bool,
+    /// Data parallel: whether this process prints results (rank 0, or the only process).
+    pub rank0: bool,
 }
 
 /// Loss and preference metrics over a set of pairs.
@@ -75,6 +78,29 @@ impl Metrics {
             self.rejected += r;
         }
         self.pairs += rewards.len();
+    }
+
+    /// Data parallel: the sums as numbers for the reduction over the ranks, and back.
+    fn sums(&self) -> [f64; 6] {
+        [
+            self.loss,
+            self.accuracy,
+            self.margin,
+            self.chosen,
+            self.rejected,
+            self.pairs as f64,
+        ]
+    }
+
+    fn from_sums(s: &[f64]) -> Self {
+        Self {
+            loss: s[0],
+            accuracy: s[1],
+            margin: s[2],
+            chosen: s[3],
+            rejected: s[4],
+            pairs: s[5] as usize,
+        }
     }
 
     fn finish(mut self) -> Self {
@@ -167,11 +193,17 @@ fn run_pairs(
 
 /// DPO's reference: log-probabilities of every pair under the base model (no adapter), in
 /// batches, unless the data gave them.
+///
+/// Data parallel: every rank needs all of them (each pair may fall on any rank in a later
+/// epoch). Each rank computes a contiguous share of the batches, the very batches of one
+/// process (so the very values), leaves the rest 0, and one sum over the ranks fills them in
+/// on every rank: adding zeros is exact, so all ranks hold the single-process values.
 fn reference_logps(
     model: &Model,
     data: &[Pair],
     batch: usize,
     head: &gemm::PackedWeight,
+    comm: &mut dyn Communicator,
 ) -> Result<Vec<(f64, f64)>> {
     let engine = Engine::for_eval(model).with_head_pack(head);
     let mut base = TrainState::new(model.linears().len());
@@ -184,14 +216,26 @@ fn reference_logps(
             out[i] = r;
         }
     }
-    for chunk in todo.chunks(batch.max(1)) {
+    let chunks: Vec<&[usize]> = todo.chunks(batch.max(1)).collect();
+    let mine = crate::dist::shard_range(chunks.len(), comm.rank(), comm.world());
+    let mut got = vec![0.0f64; 2 * todo.len()];
+    let mut at: usize = chunks[..mine.start].iter().map(|c| c.len()).sum();
+    for chunk in &chunks[mine] {
         let b = pair_batch(data, chunk);
         let mut obj = SeqLogprobs::default();
         engine.forward_backward_with(&mut base, &b, &mut Rng::new(0), &mut obj)?;
         let n = chunk.len();
-        for (k, &i) in chunk.iter().enumerate() {
-            out[i] = (obj.logps[k], obj.logps[k + n]);
+        for k in 0..n {
+            got[2 * (at + k)] = obj.logps[k];
+            got[2 * (at + k) + 1] = obj.logps[k + n];
         }
+        at += n;
+    }
+    if !got.is_empty() {
+        comm.all_reduce_sum_f64(&mut got)?;
+    }
+    for (k, &i) in todo.iter().enumerate() {
+        out[i] = (got[2 * k], got[2 * k + 1]);
     }
     Ok(out)
 }
@@ -205,7 +249,13 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
     let t = &opts.train;
     super::trainer::check_options(t)?;
     super::backend::cpu_only(t.device, "rm-train and dpo-train")?;
-    crate::dist::single_process_only("rm-train and dpo-train")?;
+    // Data parallel (docs/distributed.md), as in peft-train: every rank loads the same model
+    // and pairs and walks the same windows; each runs its share of every window, the
+    // gradients and the metric sums are added up, every rank steps identically; only rank 0
+    // prints and writes files.
+    let mut comm = crate::dist::from_env()?;
+    let comm = comm.as_mut();
+    let rank0 = crate::dist::only_rank0_speaks(comm);
     let progress = Progress::new(t.quiet);
     let tok = TextTokenizer::load(&t.model)?;
     let (mut data, stats) = load_pairs(&t.data, &tok, &opts.pairs)?;
@@ -257,11 +307,13 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         };
         state.add(Slot::Score, ParamState::new(name.into(), vec![1, h], true));
     }
-    println!(
-        "trainable params: {} || all params: {}",
-        state.trainable_count(),
-        model.config.param_count() + state.trainable_count()
-    );
+    if rank0 {
+        println!(
+            "trainable params: {} || all params: {}",
+            state.trainable_count(),
+            model.config.param_count() + state.trainable_count()
+        );
+    }
 
     let mut head_pack = gemm::PackedWeight::default();
     super::trainer::pack_head(&mut head_pack, &model);
@@ -269,8 +321,8 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         PrefTask::Dpo { .. } => {
             let _p = crate::profile::scope("dpo.reference");
             (
-                reference_logps(&model, &data, t.batch, &head_pack)?,
-                reference_logps(&model, &val, t.batch, &head_pack)?,
+                reference_logps(&model, &data, t.batch, &head_pack, comm)?,
+                reference_logps(&model, &val, t.batch, &head_pack, comm)?,
             )
         }
         PrefTask::Reward { .. } => (Vec::new(), Vec::new()),
@@ -299,38 +351,72 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
             super::trainer::pack_head(&mut head_pack, &model);
         }
     }
-    let mut log = prepare_output(&t.out, &[&t.model, &t.data], t.log.as_deref())?;
+    // Data parallel: the ranks must agree on the job before rank 0 touches OUT (and its
+    // checkpoints, which the others may still be reading).
+    let pair_tokens: usize = data.iter().map(|p| p.chosen.len() + p.rejected.len()).sum();
+    crate::dist::check_same_job(
+        comm,
+        &model,
+        &state,
+        &[
+            ("pairs", data.len() as u64),
+            ("tokens", pair_tokens as u64),
+            ("validation pairs", val.len() as u64),
+            ("total steps", total_steps),
+            ("step", prog.step),
+            ("global batch", (t.batch * t.grad_accum) as u64),
+            ("seed", t.seed),
+        ],
+    )?;
+    let mut log = if rank0 {
+        prepare_output(&t.out, &[&t.model, &t.data], t.log.as_deref())?
+    } else {
+        None
+    };
     write_log(
         &mut log,
         json!({"data": {"pairs": stats.pairs, "records": stats.records, "truncated": stats.truncated, "dropped_long": stats.dropped_long, "dropped_empty": stats.dropped_empty, "skipped_bad_lines": stats.skipped_bad_lines, "val_pairs": val.len()}}),
     )?;
     let stop = stop_on_ctrl_c();
+    // Test hook (undocumented for users, as in peft-train): behave as if Ctrl-C arrived
+    // during step N.
+    let stop_after: Option<u64> = std::env::var("PEFTKIT_STOP_AFTER_STEP")
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
 
-    let evaluate =
-        |model: &Model, state: &TrainState, head: &gemm::PackedWeight| -> Result<Option<Metrics>> {
-            if val.is_empty() {
-                return Ok(None);
-            }
-            let engine = Engine::for_eval(model).with_head_pack(head);
-            let mut st = state.adapters_only();
-            let mut m = Metrics::default();
-            let idx: Vec<usize> = (0..val.len()).collect();
-            for chunk in idx.chunks(t.batch.max(1)) {
-                let (l, r) = run_pairs(
-                    &engine,
-                    &mut st,
-                    &opts.task,
-                    &val,
-                    &val_reference,
-                    chunk,
-                    pad,
-                    1.0,
-                    &mut Rng::new(0),
-                )?;
-                m.add(l, &r);
-            }
-            Ok(Some(m.finish()))
-        };
+    // Data parallel: each rank evaluates its share of the batches and the sums are added up.
+    let evaluate = |model: &Model,
+                    state: &TrainState,
+                    head: &gemm::PackedWeight,
+                    comm: &mut dyn Communicator|
+     -> Result<Option<Metrics>> {
+        if val.is_empty() {
+            return Ok(None);
+        }
+        let engine = Engine::for_eval(model).with_head_pack(head);
+        let mut st = state.adapters_only();
+        let mut m = Metrics::default();
+        let idx: Vec<usize> = (0..val.len()).collect();
+        let chunks: Vec<&[usize]> = idx.chunks(t.batch.max(1)).collect();
+        let mine = crate::dist::shard_range(chunks.len(), comm.rank(), comm.world());
+        for chunk in &chunks[mine] {
+            let (l, r) = run_pairs(
+                &engine,
+                &mut st,
+                &opts.task,
+                &val,
+                &val_reference,
+                chunk,
+                pad,
+                1.0,
+                &mut Rng::new(0),
+            )?;
+            m.add(l, &r);
+        }
+        let mut sums = m.sums();
+        comm.all_reduce_sum_f64(&mut sums)?;
+        Ok(Some(Metrics::from_sums(&sums).finish()))
+    };
     let report = |when: &str, m: &Metrics| {
         crate::cli::info(format!(
             "eval {when}: loss {:.4}, accuracy {:.3}, margin {:.4} ({} pairs)",
@@ -338,7 +424,7 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         ));
     };
     let eval_before = if prog.step == 0 {
-        evaluate(&model, &state, &head_pack)?
+        evaluate(&model, &state, &head_pack, comm)?
     } else {
         None
     };
@@ -360,9 +446,17 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
     while prog.step < total_steps {
         let window = next_window(&mut prog, &mut order, data.len(), t);
         let window_pairs: usize = window.iter().map(Vec::len).sum();
+        // Data parallel: this rank's contiguous share of the window's pairs, in micro-batches
+        // of at most --batch pairs (dist::shard_window); the whole window's pair count still
+        // normalises the loss, so the global batch is batch × grad-accum pairs.
+        let window = crate::dist::shard_window(&window, t.batch, comm.rank(), comm.world());
         state.zero_grads();
         let mut metrics = Metrics::default();
         let mut step_tokens = 0u64;
+        // Data parallel: this step's dropout masks come from a stream of this rank's own; the
+        // shared stream (the one checkpoints save) is put back after the micro-batches.
+        let shared_rng = crate::dist::rank_rng(&mut dropout_rng, comm)
+            .map(|own| std::mem::replace(&mut dropout_rng, own));
         {
             let engine = Engine::new(&model, &state).with_head_pack(&head_pack);
             for mb in &window {
@@ -391,7 +485,16 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
                 metrics.add(l, &r);
             }
         }
-        let m = metrics.finish();
+        if let Some(r) = shared_rng {
+            dropout_rng = r;
+        }
+        // Data parallel: sum the gradients, the metric sums and the tokens over the ranks.
+        let mut sums = [0.0; 7];
+        sums[..6].copy_from_slice(&metrics.sums());
+        sums[6] = step_tokens as f64;
+        crate::dist::all_reduce_grads(comm, &mut state, &mut sums)?;
+        let step_tokens = sums[6] as u64;
+        let m = Metrics::from_sums(&sums[..6]).finish();
         let grad_norm = clip_grad_norm(&mut state, t.clip);
         let lr = t.optim.lr * t.schedule.factor(prog.step, t.warmup, total_steps);
         prog.step += 1;
@@ -423,7 +526,7 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         }
         write_log(&mut log, v)?;
         if t.eval_every > 0 && prog.step.is_multiple_of(t.eval_every) {
-            if let Some(e) = evaluate(&model, &state, &head_pack)? {
+            if let Some(e) = evaluate(&model, &state, &head_pack, comm)? {
                 let mut v = e.json("eval_");
                 v["step"] = json!(prog.step);
                 write_log(&mut log, v)?;
@@ -433,9 +536,13 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
                 ));
             }
         }
-        let interrupted_now = stop.load(Ordering::SeqCst);
+        // Data parallel: Ctrl-C reaches the ranks at different moments; all stop together.
+        let interrupted_now =
+            crate::dist::any(comm, stop.load(Ordering::SeqCst))? || stop_after == Some(prog.step);
         if (t.save_every > 0 && prog.step.is_multiple_of(t.save_every)) || interrupted_now {
-            save_checkpoint(&t.out, &model, &state, &prog)?;
+            if rank0 {
+                save_checkpoint(&t.out, &model, &state, &prog)?;
+            }
             saved_at = Some(prog.step);
         }
         if interrupted_now {
@@ -444,10 +551,10 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         }
     }
     bar.finish_and_clear();
-    if !interrupted {
+    if !interrupted && rank0 {
         final_checkpoint(&t.out, &model, &state, &prog, saved_at)?;
     }
-    let eval_after = evaluate(&model, &state, &head_pack)?;
+    let eval_after = evaluate(&model, &state, &head_pack, comm)?;
     if let Some(m) = &eval_after {
         report("after training", m);
         let mut v = m.json("eval_");
@@ -460,6 +567,8 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
             prog.step,
             t.out.display()
         ));
+    } else if !rank0 {
+        // Data parallel: rank 0 alone writes the output.
     } else if is_reward {
         if matches!(t.method, Method::Full | Method::Freeze) {
             super::output::save_reward_model(&t.out, &t.model, &model, &state, pad)?;
@@ -475,5 +584,6 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         eval_before,
         eval_after,
         interrupted,
+        rank0,
     })
 }
