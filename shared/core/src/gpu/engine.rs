@@ -261,26 +261,6 @@ impl GpuEngine {
         )
     }
 
-    /// Loss only (evaluation).
-    pub fn eval_loss(&mut self, state: &TrainState, batch: &Batch) -> Result<StepStats> {
-        self.sync_adapters(state)?;
-        let lay = self.layout(batch)?;
-        let (d, rows) = (self.model.hidden, lay.rows);
-        let mut h = self.embed(&lay)?;
-        for l in 0..self.model.blocks.len() {
-            let out = self.block_forward(l, &h, &lay, false)?.0;
-            h = self.round_bf16(&out, rows * d)?;
-        }
-        let nf = self.gpu.uninit_bf16(rows * d)?;
-        let rstd = self.gpu.uninit_f32(rows)?;
-        self.rmsnorm(&h, &self.model.final_norm, &nf, &rstd, rows)?;
-        let nll = self.loss(&nf, &lay, 0.0, None)?;
-        Ok(StepStats {
-            nll_sum: nll,
-            loss_tokens: lay.loss_idx.len(),
-        })
-    }
-
     /// Copies the current host LoRA values (bf16) and zeroes the gradient accumulators.
     fn sync_adapters(&mut self, state: &TrainState) -> Result<()> {
         use rayon::prelude::*;
