@@ -8,7 +8,7 @@ MODEL    ?= models/smollm2
 VENV     ?= $(HOME)/.cache/peftkit/venv
 PYTHON   ?= python3
 
-.PHONY: help build test lint demo model data bench bench-methods venv fixtures clean completions fuzz build-cuda gpu-compile-check gpu-bench
+.PHONY: help build test lint demo model data bench bench-methods venv fixtures clean completions fuzz build-cuda gpu-compile-check gpu-prepare gpu-bench
 
 help:
 	@echo "make demo      fetch SmolLM2-135M-Instruct, import it, answer a question (no GPU)"
@@ -21,6 +21,7 @@ help:
 	@echo "make fuzz      every fuzz target for FUZZ_SECONDS (default 600) each (installs cargo-fuzz)"
 	@echo "make build-cuda  the GPU build (target/cuda/release; no CUDA toolkit needed, see docs/gpu.md)"
 	@echo "make gpu-compile-check  compile the CUDA kernels with NVRTC (fetched from PyPI; no GPU needed)"
+	@echo "make gpu-prepare  what a GPU machine without network needs (.gpu/, target/cuda)"
 	@echo "make gpu-bench the device check on a GPU machine (bench/gpu/device_check.sh)"
 
 build:
@@ -48,6 +49,10 @@ gpu-compile-check:
 	  cd $(NVRTC_DIR) && unzip -o -q '*.whl'; }
 	LD_LIBRARY_PATH=$(NVRTC_DIR)/nvidia/cu13/lib PEFTKIT_REQUIRE_NVRTC=1 \
 	  $(CARGO) test --release --target-dir target/cuda -p peftkit-core --features cuda --lib gpu::
+
+# On a networked machine: the cuda build, the tokenizer and a trimmed bitsandbytes wheel in .gpu/.
+gpu-prepare: model
+	MODEL=$(MODEL) PYTHON=$(PYTHON) bash bench/gpu/prepare.sh
 
 gpu-bench: build-cuda
 	bash bench/gpu/device_check.sh
