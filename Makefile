@@ -47,7 +47,7 @@ gpu-compile-check:
 	@[ -f $(NVRTC_DIR)/nvidia/cu13/lib/libnvrtc.so.13 ] || { mkdir -p $(NVRTC_DIR) && \
 	  $(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d $(NVRTC_DIR) "nvidia-cuda-nvrtc==13.0.*" && \
 	  cd $(NVRTC_DIR) && unzip -o -q '*.whl'; }
-	LD_LIBRARY_PATH=$(NVRTC_DIR)/nvidia/cu13/lib PEFTKIT_REQUIRE_NVRTC=1 \
+	LD_LIBRARY_PATH=$(abspath $(NVRTC_DIR))/nvidia/cu13/lib PEFTKIT_REQUIRE_NVRTC=1 \
 	  $(CARGO) test --release --target-dir target/cuda -p peftkit-core --features cuda --lib gpu::
 
 # On a networked machine: the cuda build, the tokenizer and a trimmed bitsandbytes wheel in .gpu/.
