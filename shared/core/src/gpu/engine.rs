@@ -601,28 +601,12 @@ impl GpuEngine {
 
     /// Rotates (RoPE) and lays out `src` `[rows, heads·dh]` as `[seq, heads, L, dh]` bf16.
     fn to_heads(&self, src: &DBuf, heads: usize, rope: bool, lay: &Layout) -> Result<DBuf> {
-        let dh = self.model.head_dim;
-        let dst = self.padded_bf16(lay, lay.nseq * heads * lay.l * dh)?;
-        self.gpu.launch_n(
-            "rope_permute",
-            lay.rows * heads * dh / 2,
-            &[
-                Arg::P(src.ptr),
-                Arg::P(dst.ptr),
-                Arg::P(lay.row_seq.ptr),
-                Arg::P(lay.row_pos.ptr),
-                Arg::P(self.model.cos.ptr),
-                Arg::P(self.model.sin.ptr),
-                Arg::L(lay.rows as i64),
-                Arg::I(heads as i32),
-                Arg::I(dh as i32),
-                Arg::I(lay.l as i32),
-                Arg::I(rope as i32),
-            ],
-        )?;
+        let dst = self.padded_bf16(lay, lay.nseq * heads * lay.l * self.model.head_dim)?;
+        self.rope_layout("rope_permute", src, &dst, heads, rope, lay)?;
         Ok(dst)
     }
 
+    /// The inverse for gradients: `[seq, heads, L, dh]` f32 back to rows, rotation transposed.
     fn heads_grad_to_rows(
         &self,
         src: &DBuf,
@@ -630,10 +614,27 @@ impl GpuEngine {
         rope: bool,
         lay: &Layout,
     ) -> Result<DBuf> {
+        let dst = self
+            .gpu
+            .uninit_f32(lay.rows * heads * self.model.head_dim)?;
+        self.rope_layout("rope_unpermute_bwd", src, &dst, heads, rope, lay)?;
+        Ok(dst)
+    }
+
+    /// Launches `rope_permute` or `rope_unpermute_bwd` (the same arguments, one thread per
+    /// rotated pair).
+    fn rope_layout(
+        &self,
+        kernel: &str,
+        src: &DBuf,
+        dst: &DBuf,
+        heads: usize,
+        rope: bool,
+        lay: &Layout,
+    ) -> Result<()> {
         let dh = self.model.head_dim;
-        let dst = self.gpu.uninit_f32(lay.rows * heads * dh)?;
         self.gpu.launch_n(
-            "rope_unpermute_bwd",
+            kernel,
             lay.rows * heads * dh / 2,
             &[
                 Arg::P(src.ptr),
@@ -648,8 +649,27 @@ impl GpuEngine {
                 Arg::I(lay.l as i32),
                 Arg::I(rope as i32),
             ],
-        )?;
-        Ok(dst)
+        )
+    }
+
+    /// Launches `unpermute_bf16` (padded heads → rows) or `permute_bf16` (rows → padded heads)
+    /// for the query heads: the same arguments, one thread per element.
+    fn merge_heads(&self, kernel: &str, src: &DBuf, dst: &DBuf, lay: &Layout) -> Result<()> {
+        let m = &self.model;
+        self.gpu.launch_n(
+            kernel,
+            lay.rows * m.heads * m.head_dim,
+            &[
+                Arg::P(src.ptr),
+                Arg::P(dst.ptr),
+                Arg::P(lay.row_seq.ptr),
+                Arg::P(lay.row_pos.ptr),
+                Arg::L(lay.rows as i64),
+                Arg::I(m.heads as i32),
+                Arg::I(m.head_dim as i32),
+                Arg::I(lay.l as i32),
+            ],
+        )
     }
 
     /// Batched attention products over (sequence, kv head) groups: each group holds the `g`
@@ -863,23 +883,9 @@ impl GpuEngine {
         let kp = self.to_heads(&k, m.kv_heads, true, lay)?;
         let vp = self.to_heads(&v, m.kv_heads, false, lay)?;
         drop((q, k, v));
-        let (_, _, ll, dh) = self.attn_dims(lay);
         let op = self.attention_fwd(&qp, &kp, &vp, lay, blk.window)?;
         let o_in = gpu.uninit_bf16(rows * qd)?;
-        gpu.launch_n(
-            "unpermute_bf16",
-            rows * qd,
-            &[
-                Arg::P(op.ptr),
-                Arg::P(o_in.ptr),
-                Arg::P(lay.row_seq.ptr),
-                Arg::P(lay.row_pos.ptr),
-                Arg::L(rows as i64),
-                Arg::I(m.heads as i32),
-                Arg::I(dh as i32),
-                Arg::I(ll as i32),
-            ],
-        )?;
+        self.merge_heads("unpermute_bf16", &op, &o_in, lay)?;
         drop(op);
         let h2 = gpu.uninit_f32(rows * d)?;
         xa[O] = self.lin_fwd(l, O, &o_in, &h2, rows)?;
@@ -1006,20 +1012,7 @@ impl GpuEngine {
         drop(dh2_bf);
         let (batch, gl, _, dh_) = self.attn_dims(lay);
         let dop = self.padded_bf16(lay, batch * gl * dh_)?;
-        gpu.launch_n(
-            "permute_bf16",
-            rows * qd,
-            &[
-                Arg::P(d_o.ptr),
-                Arg::P(dop.ptr),
-                Arg::P(lay.row_seq.ptr),
-                Arg::P(lay.row_pos.ptr),
-                Arg::L(rows as i64),
-                Arg::I(m.heads as i32),
-                Arg::I(dh_ as i32),
-                Arg::I(lay.l as i32),
-            ],
-        )?;
+        self.merge_heads("permute_bf16", &d_o, &dop, lay)?;
         drop(d_o);
         self.phases.mark(gpu, "backward: o_proj");
         let (dqp, dkp, dvp) = self.attention_bwd(&s.qp, &s.kp, &s.vp, &dop, lay, blk.window)?;
