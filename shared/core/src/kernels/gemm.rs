@@ -5,8 +5,8 @@
 //! Matrices are row-major and contiguous.
 //!
 //! Implementation: our own packed GEMM (BLIS loop order, see `driver`) with an AVX-512
-//! 12×32 micro-kernel, an AVX2+FMA 6×16 fallback and a portable 4×8 kernel, plus an
-//! unpacked AVX-512 path for very short products (m or n ≤ 4: generation). The path is picked
+//! 12×32 micro-kernel, an AVX2+FMA 6×16 fallback and a portable 4×8 kernel, plus unpacked
+//! AVX-512 and AVX2 paths for very short products (m or n ≤ 8: generation). The path is picked
 //! from the CPU at run time; `PEFTKIT_GEMM=avx512|avx2|scalar|crate` forces one (`crate` is
 //! the `gemm` crate, kept as a reference). A forced path the CPU lacks falls back to the best
 //! available one.
@@ -19,6 +19,8 @@ mod bf16;
 mod driver;
 #[cfg(target_arch = "x86_64")]
 mod gemv;
+#[cfg(target_arch = "x86_64")]
+mod gemv_avx2;
 mod q4;
 mod scalar;
 
@@ -397,7 +399,15 @@ pub fn sgemm_with(
         },
         #[cfg(target_arch = "x86_64")]
         GemmPath::Avx2 => unsafe {
-            driver::gemm_packed::<avx2::Avx2>(m, n, k, av, bv, cp, c_rs, acc, threads)
+            if m <= gemv_avx2::MAX_M && (bv.ks == 1 || bv.ls == 1) {
+                let at = gather_rows(m, k, av);
+                gemv_avx2::gemv(m, n, k, &at, bv, cp, c_rs, 1, acc, threads);
+            } else if n <= gemv_avx2::MAX_M && (av.ks == 1 || av.ls == 1) {
+                let bt = gather_rows(n, k, bv);
+                gemv_avx2::gemv(n, m, k, &bt, av, cp, 1, c_rs, acc, threads);
+            } else {
+                driver::gemm_packed::<avx2::Avx2>(m, n, k, av, bv, cp, c_rs, acc, threads)
+            }
         },
         #[cfg(target_arch = "x86_64")]
         GemmPath::Avx512 => unsafe {

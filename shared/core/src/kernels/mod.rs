@@ -3,6 +3,8 @@
 
 pub mod gemm;
 pub mod ops;
+#[cfg(target_arch = "x86_64")]
+mod ops_avx2;
 pub mod peak;
 
 /// Set the number of worker threads used by all kernels (0 = one per core).

@@ -24,6 +24,12 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
                     unsafe { x86::rms_norm_row(xrow, w, eps, orow) };
                     continue;
                 }
+                #[cfg(target_arch = "x86_64")]
+                if avx2() {
+                    // SAFETY: AVX2 and FMA are available; the rows have `width` elements.
+                    unsafe { super::ops_avx2::rms_norm_row(xrow, w, eps, orow) };
+                    continue;
+                }
                 rms_norm_row_scalar(xrow, w, eps, orow);
             }
         });
@@ -37,15 +43,34 @@ fn rms_norm_row_scalar(xrow: &[f32], w: &[f32], eps: f32, orow: &mut [f32]) {
     }
 }
 
-/// Whether the AVX-512 element-wise kernels run (`PEFTKIT_OPS=scalar` forces the portable
-/// ones).
+/// Instruction set of the element-wise kernels: `PEFTKIT_OPS=scalar` forces the portable ones,
+/// `PEFTKIT_OPS=avx2` the AVX2 ones on an AVX-512 CPU (to test both paths on one machine).
+#[cfg(target_arch = "x86_64")]
+fn ops_isa() -> u8 {
+    static ISA: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        let forced = std::env::var("PEFTKIT_OPS").unwrap_or_default();
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        match forced.trim() {
+            "scalar" => 0,
+            "avx2" if avx2 => 1,
+            _ if is_x86_feature_detected!("avx512f") => 2,
+            _ if avx2 => 1,
+            _ => 0,
+        }
+    })
+}
+
+/// Whether the AVX-512 element-wise kernels run.
 #[cfg(target_arch = "x86_64")]
 fn avx512() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        is_x86_feature_detected!("avx512f")
-            && std::env::var("PEFTKIT_OPS").map_or(true, |v| v.trim() != "scalar")
-    })
+    ops_isa() == 2
+}
+
+/// Whether the AVX2 element-wise kernels run (CPUs without AVX-512).
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    ops_isa() == 1
 }
 
 /// LayerNorm with biased variance (GPT-2): out = (x − mean)/sqrt(var + eps) · w + b.
@@ -86,6 +111,12 @@ pub fn add_assign(x: &mut [f32], y: &[f32]) {
             if avx512() {
                 // SAFETY: AVX-512F is available.
                 unsafe { x86::add_assign(a, b) };
+                return;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if avx2() {
+                // SAFETY: AVX2 and FMA are available.
+                unsafe { super::ops_avx2::add_assign(a, b) };
                 return;
             }
             a.iter_mut().zip(b).for_each(|(a, b)| *a += b)
@@ -131,6 +162,11 @@ pub fn sum_exp_shifted(x: &[f32], shift: f32) -> f32 {
         // SAFETY: AVX-512F is available.
         return unsafe { x86::sum_exp_shifted(x, shift) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 and FMA are available.
+        return unsafe { super::ops_avx2::sum_exp_shifted(x, shift) };
+    }
     sum_exp_shifted_scalar(x, shift)
 }
 
@@ -154,6 +190,11 @@ pub fn max_of(x: &[f32]) -> f32 {
     if avx512() {
         // SAFETY: AVX-512F is available.
         return unsafe { x86::max_of(x) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 and FMA are available.
+        return unsafe { super::ops_avx2::max_of(x) };
     }
     max_of_scalar(x)
 }
@@ -220,6 +261,12 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
                 unsafe { x86::swiglu(g, u, o) };
                 return;
             }
+            #[cfg(target_arch = "x86_64")]
+            if avx2() {
+                // SAFETY: AVX2 and FMA are available.
+                unsafe { super::ops_avx2::swiglu(g, u, o) };
+                return;
+            }
             swiglu_scalar(g, u, o)
         });
 }
@@ -245,6 +292,12 @@ pub fn swiglu_backward(gate: &[f32], up: &[f32], da: &[f32], dg: &mut [f32], du:
             if avx512() {
                 // SAFETY: AVX-512F is available.
                 unsafe { x86::swiglu_backward(g, u, da, dg, du) };
+                return;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if avx2() {
+                // SAFETY: AVX2 and FMA are available.
+                unsafe { super::ops_avx2::swiglu_backward(g, u, da, dg, du) };
                 return;
             }
             swiglu_backward_scalar(g, u, da, dg, du)
@@ -309,6 +362,12 @@ pub fn softmax_scaled(row: &mut [f32], scale: f32) {
     if avx512() {
         // SAFETY: AVX-512F is available.
         unsafe { x86::softmax_scaled(row, scale) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 and FMA are available.
+        unsafe { super::ops_avx2::softmax_scaled(row, scale) };
         return;
     }
     softmax_scaled_scalar(row, scale)
@@ -730,6 +789,34 @@ mod tests {
                         let mut out = [0.0f32; 16];
                         std::arch::x86_64::_mm512_storeu_ps(out.as_mut_ptr(), e);
                         close(&out[..1], &[v.exp()], 5e-7, &ctx);
+                    }
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                use super::super::ops_avx2 as v2;
+                // SAFETY: AVX2 and FMA checked above.
+                unsafe {
+                    v2::rms_norm_row(&x, &w, 1e-5, &mut o);
+                    close(&o, &rms, 1e-5, &ctx);
+                    v2::swiglu(&x, &y, &mut o);
+                    close(&o, &swi, 1e-5, &ctx);
+                    v2::swiglu_backward(&x, &y, &w, &mut dg, &mut du);
+                    close(&dg, &bdg, 1e-5, &ctx);
+                    close(&du, &bdu, 1e-5, &ctx);
+                    assert_eq!(v2::max_of(&x), mx);
+                    close(&[v2::sum_exp_shifted(&x, 1.5)], &[se as f32], 1e-5, &ctx);
+                    r.copy_from_slice(&x);
+                    v2::softmax_scaled(&mut r, 0.7);
+                    close(&r, &sm, 1e-5, &ctx);
+                    let mut a = x.clone();
+                    v2::add_assign(&mut a, &y);
+                    close(&a, &sum, 0.0, &ctx);
+                    for &v in x.iter().chain(&[-100.0, -87.0, 0.0, 1e-8, 80.0]) {
+                        let e = v2::exp(std::arch::x86_64::_mm256_set1_ps(v));
+                        let mut out = [0.0f32; 8];
+                        std::arch::x86_64::_mm256_storeu_ps(out.as_mut_ptr(), e);
+                        close(&out[..1], &[exp_fast(v)], 5e-7, &ctx);
                     }
                 }
             }

@@ -51,6 +51,13 @@ unsafe fn micro<const R: usize>(
     let mut bp = b;
     // SAFETY: the packed panels hold k*R and k*32 floats (kernel contract).
     unsafe {
+        // The C tile's rows are a row stride apart, beyond the reach of the hardware
+        // prefetcher: ask for them now so that they arrive while the k loop runs.
+        for r in 0..mr {
+            let cr = c.add(r * c_rs) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(cr);
+            _mm_prefetch::<_MM_HINT_T0>(cr.wrapping_add(124));
+        }
         for _ in 0..k {
             let b0 = _mm512_loadu_ps(bp);
             let b1 = _mm512_loadu_ps(bp.add(16));
