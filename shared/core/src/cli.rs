@@ -65,6 +65,7 @@ pub fn show_options(options: &impl std::fmt::Debug) {
 /// code (documented in docs/exit-codes.md). Panics are turned into the same one-line form so a
 /// bug never shows a backtrace to a pipeline.
 pub fn run(body: impl FnOnce() -> Result<()>) -> ! {
+    crate::kernels::allocator::keep_freed_buffers();
     std::panic::set_hook(Box::new(|info| {
         let msg = info
             .payload()

@@ -22,6 +22,8 @@ mod gemv;
 #[cfg(target_arch = "x86_64")]
 mod gemv_avx2;
 mod q4;
+#[cfg(target_arch = "x86_64")]
+mod q4_avx2;
 mod scalar;
 
 pub use bf16::{
@@ -118,6 +120,12 @@ pub struct PackedWeight {
     k: usize,
     buf: Vec<f32>,
     off: usize,
+    /// The same weight packed for the input gradient `dy·W` (see
+    /// [`PackedWeight::repack_input_grad`]).
+    input_grad: Option<Box<PackedWeight>>,
+    /// Whether `input_grad` holds the current weight (a repack makes it stale; its buffer is
+    /// kept for reuse).
+    input_grad_fresh: bool,
 }
 
 impl Default for PackedWeight {
@@ -128,6 +136,8 @@ impl Default for PackedWeight {
             k: 0,
             buf: Vec::new(),
             off: 0,
+            input_grad: None,
+            input_grad_fresh: false,
         }
     }
 }
@@ -150,7 +160,32 @@ impl PackedWeight {
         self.repack_with(GemmPath::selected(), w, n, k);
     }
 
+    /// Also pack `w` (`[n, k]`, the weight of the last [`PackedWeight::repack`]) for the
+    /// input gradient `dx[m, k] = dy[m, n] · W`, for [`PackedWeight::input_grad`]. Worth it
+    /// for a large weight multiplied in several chunks of rows (the LM head in the loss),
+    /// which would otherwise be packed again for every chunk; costs a second copy.
+    pub fn repack_input_grad(&mut self, w: &[f32], n: usize, k: usize) {
+        let path = self.path;
+        let p = self.input_grad.get_or_insert_with(Box::default);
+        // B(kk, j) = W[kk, j]: the reduction runs over W's rows.
+        p.repack_view(path, w, k, n, 1, k);
+        self.input_grad_fresh = true;
+    }
+
+    /// The input-gradient packing, if [`PackedWeight::repack_input_grad`] made one: a
+    /// `PackedWeight` with n = k of the weight, for [`matmul_nt_packed`] (`dy · W`).
+    pub fn input_grad(&self) -> Option<&PackedWeight> {
+        self.input_grad.as_deref().filter(|_| self.input_grad_fresh)
+    }
+
     fn repack_with(&mut self, path: GemmPath, w: &[f32], n: usize, k: usize) {
+        self.input_grad_fresh = false;
+        // B(kk, j) = W[j, kk]: the product x·Wᵀ.
+        self.repack_view(path, w, n, k, k, 1);
+    }
+
+    /// Pack the k×n operand B(kk, j) = `w[j*ls + kk*ks]`.
+    fn repack_view(&mut self, path: GemmPath, w: &[f32], n: usize, k: usize, ls: usize, ks: usize) {
         assert!(w.len() >= n * k, "PackedWeight: weight size");
         let path = match path {
             GemmPath::Crate => GemmPath::best(),
@@ -176,8 +211,8 @@ impl PackedWeight {
         }
         let bv = View {
             ptr: w.as_ptr(),
-            ls: k,
-            ks: 1,
+            ls,
+            ks,
         };
         let threads = if SERIAL.with(|s| s.get()) {
             1
@@ -701,6 +736,16 @@ mod tests {
                 let mut c = vec![f32::NAN; m * n];
                 serial(|| matmul_nt_packed(&a, &pw, &mut c, m, false));
                 assert_close_ctx(&c, &want, &format!("{path:?} packed serial {m}x{n}x{k}"));
+                // The input-gradient packing: dy[m, n] · W[n, k].
+                assert!(reused.input_grad().is_none(), "a repack makes it stale");
+                reused.repack_input_grad(&w, n, k);
+                let g = reused.input_grad().expect("packed");
+                assert_eq!((g.n(), g.k()), (k, n));
+                let dy: Vec<f32> = (0..m * n).map(|_| rng.normal()).collect();
+                let want = naive(&dy, &w, m, k, n);
+                let mut dx = vec![f32::NAN; m * k];
+                matmul_nt_packed(&dy, g, &mut dx, m, false);
+                assert_close_ctx(&dx, &want, &format!("{path:?} input grad {m}x{n}x{k}"));
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Numeric kernels on plain f32 slices: matrix products and the fused element-wise operations
 //! of the transformer blocks. Hot paths of training get hand-written backward passes here.
 
+pub mod allocator;
 pub mod gemm;
 pub mod ops;
 #[cfg(target_arch = "x86_64")]

@@ -48,9 +48,12 @@ impl<'a> Head<'a> {
 
     /// `dx[n, h] = g[n, vocab] · W`.
     fn input_grad(&self, g: &[f32], dx: &mut [f32], n: usize, vocab: usize, h: usize) {
-        match self.bf16 {
-            Some(p) => gemm::matmul_nn_bf16(g, &p.nn, dx, n, false),
-            None => gemm::matmul_nn(g, self.w, dx, n, h, vocab, false),
+        if let Some(p) = self.bf16 {
+            gemm::matmul_nn_bf16(g, &p.nn, dx, n, false)
+        } else if let Some(p) = self.packed.and_then(|p| p.input_grad()) {
+            gemm::matmul_nt_packed(g, p, dx, n, false)
+        } else {
+            gemm::matmul_nn(g, self.w, dx, n, h, vocab, false)
         }
     }
 }

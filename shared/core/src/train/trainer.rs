@@ -676,7 +676,11 @@ pub fn attach_method(
 /// carry the loss's products ([`Model::use_bf16_head`]).
 pub(crate) fn pack_head(p: &mut gemm::PackedWeight, model: &Model) {
     if model.head_bf16.is_none() {
-        p.repack(model.head_weight(), model.config.vocab, model.config.hidden);
+        let (w, vocab, h) = (model.head_weight(), model.config.vocab, model.config.hidden);
+        p.repack(w, vocab, h);
+        // The loss's input gradient multiplies by the head once per chunk of rows: one
+        // packing per step instead of one per chunk (a sixth of a small model's step).
+        p.repack_input_grad(w, vocab, h);
     }
 }
 

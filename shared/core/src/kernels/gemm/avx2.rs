@@ -54,6 +54,15 @@ pub(crate) unsafe fn pack(src: View, lanes: usize, len: usize, dst: *mut f32, ld
                     l += 8;
                 }
             }
+        } else if src.ls == 1 && lanes == ld && ld == 6 {
+            // The A panels of the 6×16 kernel: 4 + 2 floats per k-step.
+            for kk in 0..len {
+                let s = src.ptr.add(kk * src.ks);
+                let d = dst.add(kk * 6);
+                _mm_storeu_ps(d, _mm_loadu_ps(s));
+                let two = (s.add(4) as *const u64).read_unaligned();
+                (d.add(4) as *mut u64).write_unaligned(two);
+            }
         } else if src.ks == 1 && len >= 8 {
             let body = len & !7;
             for g in (0..ld).step_by(8) {
@@ -71,6 +80,11 @@ pub(crate) unsafe fn pack(src: View, lanes: usize, len: usize, dst: *mut f32, ld
                     for (j, rj) in r.iter().enumerate() {
                         let d = dst.add((kk + j) * ld + g);
                         if store == 8 {
+                            _mm256_storeu_ps(d, *rj);
+                        } else if ld == store && kk + j + 1 < len {
+                            // One group and consecutive k-steps adjacent in dst: a full store
+                            // spills into the next k-step, which is written right after.
+                            // (Masked stores are microcoded and slow on AMD.)
                             _mm256_storeu_ps(d, *rj);
                         } else {
                             _mm256_maskstore_ps(d, sm, *rj);

@@ -46,6 +46,15 @@ pub fn decode(w: &Q4Weight, start: usize, out: &mut [f32]) {
         decode_scalar(w, start + whole, &mut out[whole..]);
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if start.is_multiple_of(16) && w.blocksize.is_multiple_of(16) && avx2() {
+        let whole = out.len() / 16 * 16;
+        // SAFETY: AVX2 and FMA are available; the chunks lie inside the weight (caller
+        // contract, checked by the slice indexing inside).
+        unsafe { super::q4_avx2::decode16(w, start, &mut out[..whole]) };
+        decode_scalar(w, start + whole, &mut out[whole..]);
+        return;
+    }
     decode_scalar(w, start, out)
 }
 
@@ -67,6 +76,16 @@ fn avx512() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
+}
+
+/// AVX2 kernels on CPUs without AVX-512.
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        !avx512() && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    })
 }
 
 /// 32 elements at a time (`start` and `out.len()` multiples of 32, blocks multiples of 32,
@@ -253,6 +272,11 @@ fn dot(x: &[f32], y: &[f32]) -> f32 {
         // SAFETY: AVX-512F is available.
         return unsafe { dot_avx512(x, y) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 and FMA are available.
+        return unsafe { super::q4_avx2::dot(x, y) };
+    }
     x.iter().zip(y).map(|(a, b)| a * b).sum()
 }
 
@@ -425,6 +449,12 @@ mod tests {
             let mut dec = vec![0.0; n * k];
             decode(&w, 0, &mut dec);
             assert_eq!(dec, dense, "decode {n}x{k}");
+            // Starts that are multiples of 16 but not 32, ragged lengths.
+            for (start, len) in [(16, 100), (48, 33), (n * k - 40, 40)] {
+                let mut part = vec![0.0; len];
+                decode(&w, start, &mut part);
+                assert_eq!(part, dense[start..start + len], "decode {start}+{len}");
+            }
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7) % 13) as f32 / 6.0 - 1.0)
                 .collect();

@@ -1,0 +1,33 @@
+//! glibc malloc settings for the tools' allocation pattern: activation buffers of a few MB
+//! are allocated and freed many times per training step.
+//!
+//! By default glibc serves such buffers with fresh `mmap`s (its threshold adapts up to only
+//! the largest buffer freed so far) and returns freed heap tops to the kernel, so every step
+//! pays for page faults and for the kernel zeroing the pages again: measured 5–10 % of a
+//! SmolLM2-135M LoRA step on 2 cores (945 k → 580 k page faults over 3 steps). Keeping
+//! buffers up to 32 MB (glibc's largest allowed threshold) on the heap and not trimming it
+//! lets the next step reuse the same pages. Peak RSS is unchanged within 2 %.
+
+/// Apply the settings (once, at start-up). A user's own `MALLOC_MMAP_THRESHOLD_` or
+/// `MALLOC_TRIM_THRESHOLD_` wins; other C libraries are left alone.
+pub fn keep_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // From glibc's malloc.h.
+        const M_TRIM_THRESHOLD: i32 = -1;
+        const M_MMAP_THRESHOLD: i32 = -3;
+        extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        let user_set = |name: &str| std::env::var_os(name).is_some();
+        if user_set("MALLOC_MMAP_THRESHOLD_") || user_set("MALLOC_TRIM_THRESHOLD_") {
+            return;
+        }
+        // SAFETY: mallopt only changes allocator parameters; it is called before the tool
+        // starts its worker threads, and glibc serializes it with allocations anyway.
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 32 << 20);
+            mallopt(M_TRIM_THRESHOLD, i32::MAX);
+        }
+    }
+}
