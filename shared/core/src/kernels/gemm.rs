@@ -16,6 +16,7 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod bf16;
+mod bf16_emulated;
 mod driver;
 #[cfg(target_arch = "x86_64")]
 mod gemv;

@@ -88,6 +88,10 @@ pub enum Bf16Path {
     Amx,
     /// `vdpbf16ps` micro-kernel (x86-64 with AVX512F + AVX512-BF16).
     Avx512Bf16,
+    /// The same arithmetic on the f32 GEMM (x86-64 with AVX2+FMA or AVX-512 but no bf16
+    /// instructions): rounded operands, exact products, f32 accumulation
+    /// (`bf16_emulated`).
+    Emulated,
     /// Portable kernel with the same arithmetic (every CPU).
     Fallback,
 }
@@ -106,13 +110,14 @@ impl Bf16Path {
             }
             #[cfg(not(target_arch = "x86_64"))]
             Bf16Path::Avx512Bf16 => false,
+            Bf16Path::Emulated => super::bf16_emulated::available(),
             Bf16Path::Fallback => true,
         }
     }
 
     /// The fastest path this CPU supports.
     pub fn best() -> Bf16Path {
-        [Bf16Path::Amx, Bf16Path::Avx512Bf16]
+        [Bf16Path::Amx, Bf16Path::Avx512Bf16, Bf16Path::Emulated]
             .into_iter()
             .find(|p| p.available())
             .unwrap_or(Bf16Path::Fallback)
@@ -143,6 +148,7 @@ impl Bf16Path {
         match name.trim().to_ascii_lowercase().as_str() {
             "amx" => Some(Bf16Path::Amx),
             "avx512" | "avx512bf16" | "avx512_bf16" => Some(Bf16Path::Avx512Bf16),
+            "emulated" | "f32" => Some(Bf16Path::Emulated),
             "fallback" | "portable" | "scalar" => Some(Bf16Path::Fallback),
             _ => None,
         }
@@ -153,6 +159,7 @@ impl Bf16Path {
         match self {
             Bf16Path::Amx => "amx",
             Bf16Path::Avx512Bf16 => "avx512",
+            Bf16Path::Emulated => "emulated",
             Bf16Path::Fallback => "fallback",
         }
     }
@@ -269,6 +276,9 @@ pub struct PackedBf16 {
     npad: usize,
     buf: Vec<u32>,
     off: usize,
+    /// [`Bf16Path::Emulated`]: the rounded weight `[n, k]` as bf16 bits, unpacked (the f32
+    /// driver packs its panels from it).
+    bits: Vec<u16>,
 }
 
 impl Default for PackedBf16 {
@@ -283,6 +293,7 @@ impl Default for PackedBf16 {
             npad: 0,
             buf: Vec::new(),
             off: 0,
+            bits: Vec::new(),
         }
     }
 }
@@ -359,6 +370,24 @@ impl PackedBf16 {
         assert!(w.len() >= n * k, "PackedBf16: weight size");
         let path = path.or_available();
         let (pn, pk) = if nn { (k, n) } else { (n, k) };
+        if path == Bf16Path::Emulated {
+            (self.path, self.nn, self.n, self.k) = (path, nn, n, k);
+            (self.pn, self.pk, self.npad) = (pn, pk, pn);
+            self.buf = Vec::new();
+            self.bits.clear();
+            self.bits.resize(n * k, 0);
+            let mut wide = [0u32; RUN];
+            for (i, chunk) in self.bits.chunks_mut(RUN).enumerate() {
+                let wide = &mut wide[..chunk.len()];
+                w.fetch(i * RUN, wide);
+                chunk
+                    .iter_mut()
+                    .zip(wide.iter())
+                    .for_each(|(b, &x)| *b = x as u16);
+            }
+            return;
+        }
+        self.bits = Vec::new();
         let nr = nr_of(path);
         let npad = pn.div_ceil(nr) * nr;
         let kp = pk.div_ceil(2);
@@ -411,6 +440,9 @@ impl PackedBf16 {
 
     /// Bytes of packed data (≈ half the f32 weight, plus panel padding).
     pub fn bytes(&self) -> usize {
+        if self.path == Bf16Path::Emulated {
+            return self.bits.len() * 2;
+        }
         packed_words(self.pk.div_ceil(2), self.npad) * 4
     }
 
@@ -602,6 +634,10 @@ fn product(a: &[f32], w: &PackedBf16, c: &mut [f32], m: usize, acc: bool) {
     } else {
         rayon::current_num_threads()
     };
+    if w.path == Bf16Path::Emulated {
+        let (n, k) = (w.n, w.k);
+        return super::bf16_emulated::product(a, &w.bits, w.nn, n, k, c, m, acc);
+    }
     // SAFETY: A covers m×k and C m×n (asserted); the weight was packed for this path, n and
     // k, and the path's instruction set was checked when packing.
     unsafe {
@@ -950,7 +986,12 @@ unsafe fn micro_body(
 mod tests {
     use super::*;
 
-    const PATHS: [Bf16Path; 3] = [Bf16Path::Fallback, Bf16Path::Avx512Bf16, Bf16Path::Amx];
+    const PATHS: [Bf16Path; 4] = [
+        Bf16Path::Fallback,
+        Bf16Path::Emulated,
+        Bf16Path::Avx512Bf16,
+        Bf16Path::Amx,
+    ];
 
     fn paths() -> impl Iterator<Item = Bf16Path> {
         PATHS.into_iter().filter(|p| {
@@ -1062,8 +1103,9 @@ mod tests {
             let mut ys = vec![f32::NAN; m * n];
             crate::kernels::gemm::serial(|| matmul_nt_bf16(&x, &pt, &mut ys, m, false));
             assert!(bits_eq(&ys, &y), "serial differs: {ctx}");
-            // The AVX512-BF16 kernel performs the fallback's operations in the same order.
-            if path == Bf16Path::Amx {
+            // The AVX512-BF16 kernel performs the fallback's operations in the same order
+            // (AMX and the f32 emulation add in their own orders).
+            if matches!(path, Bf16Path::Amx | Bf16Path::Emulated) {
                 continue;
             }
             let got = [y, ya, dx, dxa];
