@@ -425,6 +425,47 @@ mod tests {
         }
     }
 
+    /// The AVX2 decode and dot product directly (an AVX-512 CPU takes the AVX-512 ones
+    /// through the public entry points).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_decode_and_dot_match_scalar() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            eprintln!("skipping: no AVX2");
+            return;
+        }
+        for &(n, k, bs) in &[(3, 64, 64), (5, 96, 32), (2, 1536, 128), (7, 48, 16)] {
+            let (packed, absmax, dense) = weight(n, k, bs, (n * k) as u64);
+            let w = Q4Weight {
+                packed: &packed,
+                absmax: &absmax,
+                code: &CODE,
+                blocksize: bs,
+                n,
+                k,
+            };
+            for start in [0, 16, 48] {
+                let len = (n * k - start) / 16 * 16;
+                let mut got = vec![f32::NAN; len];
+                // SAFETY: AVX2 and FMA checked above; start and len are multiples of 16.
+                unsafe { super::super::q4_avx2::decode16(&w, start, &mut got) };
+                assert_eq!(
+                    got,
+                    dense[start..start + len],
+                    "decode {n}x{k} from {start}"
+                );
+            }
+            for len in [1, 15, 16, 17, 100] {
+                let x: Vec<f32> = (0..len).map(|i| (i % 7) as f32 - 3.0).collect();
+                let y = &dense[..len];
+                let want: f32 = x.iter().zip(y).map(|(a, b)| a * b).sum();
+                // SAFETY: AVX2 and FMA checked above.
+                let got = unsafe { super::super::q4_avx2::dot(&x, y) };
+                assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "dot {len}");
+            }
+        }
+    }
+
     #[test]
     fn products_with_4bit_weights_match_dense() {
         // Shapes with k a multiple of 32 (SIMD decode) and not (scalar decode), odd sizes.
