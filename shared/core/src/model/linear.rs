@@ -59,6 +59,15 @@ pub struct Bf16Packs {
     pub nn: gemm::PackedBf16,
 }
 
+impl Bf16Packs {
+    /// Round and pack `w` (`[n, k]`) for both products.
+    pub fn new(w: &[f32], n: usize, k: usize) -> Self {
+        let nt = gemm::PackedBf16::for_nt(w, n, k);
+        let nn = nt.for_nn_of(w, n, k);
+        Self { nt, nn }
+    }
+}
+
 impl Linear {
     pub fn new(
         name: String,
@@ -134,10 +143,7 @@ impl Linear {
         match &self.weight {
             Weight::F32(w) => {
                 let (n, k) = (self.out_features, self.in_features);
-                self.bf16 = Some(Box::new(Bf16Packs {
-                    nt: gemm::PackedBf16::for_nt(w, n, k),
-                    nn: gemm::PackedBf16::for_nn(w, n, k),
-                }));
+                self.bf16 = Some(Box::new(Bf16Packs::new(w, n, k)));
             }
             Weight::Q4(_) => self.q4_bf16 = true,
         }

@@ -140,11 +140,7 @@ impl Model {
     pub fn use_bf16_head(&mut self) {
         let (n, k) = (self.config.vocab, self.config.hidden);
         let w = self.head_weight();
-        let packs = linear::Bf16Packs {
-            nt: crate::kernels::gemm::PackedBf16::for_nt(w, n, k),
-            nn: crate::kernels::gemm::PackedBf16::for_nn(w, n, k),
-        };
-        self.head_bf16 = Some(Box::new(packs));
+        self.head_bf16 = Some(Box::new(linear::Bf16Packs::new(w, n, k)));
     }
 
     pub fn head_weight(&self) -> &[f32] {

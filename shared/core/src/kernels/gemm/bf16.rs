@@ -277,8 +277,9 @@ pub struct PackedBf16 {
     buf: Vec<u32>,
     off: usize,
     /// [`Bf16Path::Emulated`]: the rounded weight `[n, k]` as bf16 bits, unpacked (the f32
-    /// driver packs its panels from it).
-    bits: Vec<u16>,
+    /// driver packs its panels from it); one copy shared by a weight's two packs
+    /// ([`PackedBf16::for_nn_of`]).
+    bits: std::sync::Arc<Vec<u16>>,
 }
 
 impl Default for PackedBf16 {
@@ -293,7 +294,7 @@ impl Default for PackedBf16 {
             npad: 0,
             buf: Vec::new(),
             off: 0,
-            bits: Vec::new(),
+            bits: Default::default(),
         }
     }
 }
@@ -338,6 +339,27 @@ impl PackedBf16 {
         p
     }
 
+    /// [`PackedBf16::for_nn`] (on `self`'s path) for the weight `w` that `self` was packed
+    /// from by [`PackedBf16::for_nt`]: on the emulated path the two packs share one copy of the bf16
+    /// bits (the layout is the same for both products there).
+    pub fn for_nn_of(&self, w: &[f32], n: usize, k: usize) -> Self {
+        if self.path != Bf16Path::Emulated || self.nn || (self.n, self.k) != (n, k) {
+            return Self::for_nn_with(self.path, w, n, k);
+        }
+        Self {
+            path: self.path,
+            nn: true,
+            n,
+            k,
+            pn: k,
+            pk: n,
+            npad: k,
+            buf: Vec::new(),
+            off: 0,
+            bits: self.bits.clone(),
+        }
+    }
+
     /// [`PackedBf16::for_nt`] from bf16 bit patterns (e.g. a bf16 checkpoint), no rounding.
     pub fn for_nt_bits(w: &[u16], n: usize, k: usize) -> Self {
         let mut p = Self::default();
@@ -374,10 +396,11 @@ impl PackedBf16 {
             (self.path, self.nn, self.n, self.k) = (path, nn, n, k);
             (self.pn, self.pk, self.npad) = (pn, pk, pn);
             self.buf = Vec::new();
-            self.bits.clear();
-            self.bits.resize(n * k, 0);
+            let bits = std::sync::Arc::make_mut(&mut self.bits);
+            bits.clear();
+            bits.resize(n * k, 0);
             let mut wide = [0u32; RUN];
-            for (i, chunk) in self.bits.chunks_mut(RUN).enumerate() {
+            for (i, chunk) in bits.chunks_mut(RUN).enumerate() {
                 let wide = &mut wide[..chunk.len()];
                 w.fetch(i * RUN, wide);
                 chunk
@@ -387,7 +410,7 @@ impl PackedBf16 {
             }
             return;
         }
-        self.bits = Vec::new();
+        self.bits = Default::default();
         let nr = nr_of(path);
         let npad = pn.div_ceil(nr) * nr;
         let kp = pk.div_ceil(2);
@@ -1282,6 +1305,35 @@ mod tests {
         let w = vec![1.0; 12];
         assert_eq!(PackedBf16::for_nt(&w, 3, 4).path(), sel);
         assert_eq!(PackedBf16::for_nn(&w, 3, 4).path(), sel);
+    }
+
+    /// The input-gradient pack made from a forward pack computes what `for_nn` does, and on
+    /// the emulated path shares the forward pack's bits.
+    #[test]
+    fn nn_pack_from_nt_pack_matches_for_nn() {
+        let mut rng = crate::rng::Rng::new(8);
+        let (m, n, k) = (9, 37, 70);
+        let w = data(&mut rng, n * k);
+        let dy = data(&mut rng, m * n);
+        for path in paths() {
+            let nt = PackedBf16::for_nt_with(path, &w, n, k);
+            let nn = nt.for_nn_of(&w, n, k);
+            assert!(nn.is_nn() && (nn.n(), nn.k()) == (n, k));
+            let mut want = vec![0.0; m * k];
+            matmul_nn_bf16(
+                &dy,
+                &PackedBf16::for_nn_with(path, &w, n, k),
+                &mut want,
+                m,
+                false,
+            );
+            let mut got = vec![f32::NAN; m * k];
+            matmul_nn_bf16(&dy, &nn, &mut got, m, false);
+            assert!(bits_eq(&got, &want), "{path:?}");
+            if path == Bf16Path::Emulated {
+                assert!(std::sync::Arc::ptr_eq(&nt.bits, &nn.bits), "shared bits");
+            }
+        }
     }
 
     #[test]
