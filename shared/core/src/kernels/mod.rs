@@ -5,7 +5,7 @@ pub mod allocator;
 pub mod gemm;
 pub mod ops;
 #[cfg(target_arch = "x86_64")]
-mod ops_avx2;
+pub(crate) mod ops_avx2;
 pub mod peak;
 
 /// Set the number of worker threads used by all kernels (0 = one per core).

@@ -31,9 +31,10 @@ pub fn exp(x: __m256) -> __m256 {
     _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
 }
 
+/// Sum of the 8 lanes.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-fn hsum(v: __m256) -> f32 {
+pub(crate) fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));

@@ -106,12 +106,12 @@ pub(crate) unsafe fn pack(src: View, lanes: usize, len: usize, dst: *mut f32, ld
     }
 }
 
-/// Store mask of the first `n` (≤ 8) lanes.
+/// Load/store mask of the first `n` (clamped to 8) lanes.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-fn store_mask(n: usize) -> __m256i {
+pub(crate) fn store_mask(n: usize) -> __m256i {
     let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), idx)
+    _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), idx)
 }
 
 /// In-register 8×8 transpose.

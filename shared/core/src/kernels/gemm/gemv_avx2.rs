@@ -4,7 +4,9 @@
 //! AVX2 has 16 vector registers, so the number of columns (or column groups) per pass shrinks
 //! as m grows, keeping accumulators + B vectors + the A broadcast within the register file.
 
+use super::avx2::store_mask as mask;
 use super::driver::{SendPtr, View};
+use crate::kernels::ops_avx2::hsum;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 
@@ -60,23 +62,6 @@ pub(crate) unsafe fn gemv(
             .into_par_iter()
             .for_each(|t| run(t * step, (t * step + step).min(n)));
     }
-}
-
-/// Load mask of the first `n` (clamped to 8) lanes.
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-fn mask(n: usize) -> __m256i {
-    let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), idx)
-}
-
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
 }
 
 /// Columns j0..j1 of C: `G` columns at a time as dot products (B's k contiguous), or `G`

@@ -2,6 +2,7 @@
 //! without AVX-512.
 
 use super::q4::Q4Weight;
+use crate::kernels::ops_avx2::hsum;
 use std::arch::x86_64::*;
 
 /// Decode 16 elements at a time (`start` and `out.len()` multiples of 16, blocks multiples of
@@ -74,14 +75,6 @@ pub(crate) unsafe fn dot(x: &[f32], y: &[f32]) -> f32 {
             i += 16;
         }
     }
-    let v = _mm256_add_ps(s0, s1);
-    let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    let h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    _mm_cvtss_f32(h)
-        + x[b..n]
-            .iter()
-            .zip(&y[b..n])
-            .map(|(a, b)| a * b)
-            .sum::<f32>()
+    let tail: f32 = x[b..n].iter().zip(&y[b..n]).map(|(a, b)| a * b).sum();
+    hsum(_mm256_add_ps(s0, s1)) + tail
 }
