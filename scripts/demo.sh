@@ -9,6 +9,9 @@ MODEL=${MODEL:-models/smollm2}
 BIN=${BIN:-target/release}
 DATA=${DATA:-data}
 RUNS=${RUNS:-runs}
+# The tools refuse a --log/--plot path whose folder is missing (they check before training, not
+# after it), so a fresh clone needs the runs folder made here.
+mkdir -p "$RUNS"
 STEPS=${DEMO_STEPS:-24}
 PYTHON=${PYTHON:-python3}
 Q="What is the capital of France?"
