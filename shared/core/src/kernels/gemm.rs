@@ -435,32 +435,58 @@ pub fn sgemm_with(
         },
         #[cfg(target_arch = "x86_64")]
         GemmPath::Avx2 => unsafe {
-            if m <= gemv_avx2::MAX_M && (bv.ks == 1 || bv.ls == 1) {
-                let at = gather_rows(m, k, av);
-                gemv_avx2::gemv(m, n, k, &at, bv, cp, c_rs, 1, acc, threads);
-            } else if n <= gemv_avx2::MAX_M && (av.ks == 1 || av.ls == 1) {
-                let bt = gather_rows(n, k, bv);
-                gemv_avx2::gemv(n, m, k, &bt, av, cp, 1, c_rs, acc, threads);
-            } else {
+            if !short_product(m, n, k, av, bv, cp, c_rs, acc, threads, gemv_avx2::gemv) {
                 driver::gemm_packed::<avx2::Avx2>(m, n, k, av, bv, cp, c_rs, acc, threads)
             }
         },
         #[cfg(target_arch = "x86_64")]
         GemmPath::Avx512 => unsafe {
-            if m <= gemv::MAX_M && (bv.ks == 1 || bv.ls == 1) {
-                let at = gather_rows(m, k, av);
-                gemv::gemv(m, n, k, &at, bv, cp, c_rs, 1, acc, threads);
-            } else if n <= gemv::MAX_M && (av.ks == 1 || av.ls == 1) {
-                // Cᵀ = Bᵀ·Aᵀ: B's columns become the short operand.
-                let bt = gather_rows(n, k, bv);
-                gemv::gemv(n, m, k, &bt, av, cp, 1, c_rs, acc, threads);
-            } else {
+            if !short_product(m, n, k, av, bv, cp, c_rs, acc, threads, gemv::gemv) {
                 driver::gemm_packed::<avx512::Avx512>(m, n, k, av, bv, cp, c_rs, acc, threads)
             }
         },
         #[cfg(not(target_arch = "x86_64"))]
         GemmPath::Avx512 | GemmPath::Avx2 => unreachable!("not available on this CPU"),
     }
+}
+
+/// A GEMV kernel (`gemv::gemv` or `gemv_avx2::gemv`).
+#[cfg(target_arch = "x86_64")]
+type GemvFn = unsafe fn(usize, usize, usize, &[f32], View, *mut f32, usize, usize, bool, usize);
+
+/// Products with m or n ≤ [`gemv::MAX_M`] through `gemv` (B streamed once, no packing);
+/// returns false, doing nothing, for the others.
+///
+/// # Safety
+/// As [`driver::gemm_packed`]; the CPU has `gemv`'s instruction set.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn short_product(
+    m: usize,
+    n: usize,
+    k: usize,
+    av: View,
+    bv: View,
+    cp: *mut f32,
+    c_rs: usize,
+    acc: bool,
+    threads: usize,
+    gemv: GemvFn,
+) -> bool {
+    // SAFETY: forwarded contract.
+    unsafe {
+        if m <= gemv::MAX_M && (bv.ks == 1 || bv.ls == 1) {
+            let at = gather_rows(m, k, av);
+            gemv(m, n, k, &at, bv, cp, c_rs, 1, acc, threads);
+        } else if n <= gemv::MAX_M && (av.ks == 1 || av.ls == 1) {
+            // Cᵀ = Bᵀ·Aᵀ: B's columns become the short operand.
+            let bt = gather_rows(n, k, bv);
+            gemv(n, m, k, &bt, av, cp, 1, c_rs, acc, threads);
+        } else {
+            return false;
+        }
+    }
+    true
 }
 
 /// Copy `rows` lanes of a view into contiguous rows (rows × k).

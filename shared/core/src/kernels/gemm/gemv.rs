@@ -47,6 +47,18 @@ pub(crate) unsafe fn gemv(
             }
         }
     };
+    split_columns(m, n, k, threads, run);
+}
+
+/// Run `run(j0, j1)` over C's n columns: in one call, or for big enough products in 2 chunks
+/// per thread (multiples of 64 columns) in parallel. Shared by the AVX-512 and AVX2 versions.
+pub(crate) fn split_columns(
+    m: usize,
+    n: usize,
+    k: usize,
+    threads: usize,
+    run: impl Fn(usize, usize) + Sync,
+) {
     let chunks = if threads > 1 && m * n * k >= 1 << 17 && n >= 128 {
         threads * 2
     } else {

@@ -7,9 +7,9 @@
 use super::avx2::store_mask as mask;
 use super::driver::{SendPtr, View};
 use crate::kernels::ops_avx2::hsum;
-use rayon::prelude::*;
 use std::arch::x86_64::*;
 
+use super::gemv::split_columns;
 pub(crate) use super::gemv::MAX_M;
 
 /// As `gemv::gemv`, on AVX2+FMA.
@@ -49,19 +49,7 @@ pub(crate) unsafe fn gemv(
             }
         }
     };
-    let chunks = if threads > 1 && m * n * k >= 1 << 17 && n >= 128 {
-        threads * 2
-    } else {
-        1
-    };
-    if chunks == 1 {
-        run(0, n);
-    } else {
-        let step = n.div_ceil(chunks).div_ceil(64) * 64;
-        (0..n.div_ceil(step))
-            .into_par_iter()
-            .for_each(|t| run(t * step, (t * step + step).min(n)));
-    }
+    split_columns(m, n, k, threads, run);
 }
 
 /// Columns j0..j1 of C: `G` columns at a time as dot products (B's k contiguous), or `G`
