@@ -6,7 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 p = argparse.ArgumentParser()
-p.add_argument("task", choices=["eval", "generate", "train", "train-bf16", "qlora-train", "qlora-train-bf16"])
+p.add_argument("task", choices=["eval", "generate", "train", "train-bf16", "qlora-train", "qlora-train-bf16",
+                              "train-full", "train-frozen"])
 p.add_argument("--model", required=True)
 p.add_argument("--data")
 p.add_argument("--threads", type=int, default=2)
@@ -40,13 +41,24 @@ if a.task == "eval":
         loss = model(ids, labels=ids).loss.item()
         dt = time.perf_counter() - t
     res = {"tokens": ids.numel(), "seconds": dt, "tokens_per_second": ids.numel() / dt, "loss": loss}
-elif a.task in ("train", "train-bf16", "qlora-train", "qlora-train-bf16"):
-    from peft import LoraConfig, get_peft_model
+elif a.task in ("train", "train-bf16", "qlora-train", "qlora-train-bf16", "train-full", "train-frozen"):
     texts = [json.loads(l)["text"] for l in open(a.data, encoding="utf-8")][:4]
     ids = torch.tensor([tok(t)["input_ids"][: a.max_len] for t in texts])
     model.train()
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    if a.task == "train-full":
+        lr = 2e-5  # every parameter trains (the tied embedding and head included)
+    elif a.task == "train-frozen":
+        # the top two blocks train (peft-train --method freeze --trainable last:2); the rest
+        # is frozen, so autograd stops below the lowest trainable block
+        top = {f"layers.{i}." for i in range(model.config.num_hidden_layers - 2, model.config.num_hidden_layers)}
+        for n, p_ in model.named_parameters():
+            p_.requires_grad = any(t in n for t in top)
+        lr = 1e-4
+    else:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"))
+        lr = 2e-4
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     times = []
     for step in range(a.steps):
         t = time.perf_counter()

@@ -19,16 +19,21 @@ measure() { # name, command...
 }
 
 # SECTIONS picks rows (default: all); e.g. SECTIONS="train_bf16 qlora_bf16" make bench.
-SECTIONS=${SECTIONS:-eval gen train train_bf16 qlora qlora_bf16}
+SECTIONS=${SECTIONS:-eval gen train train_bf16 qlora qlora_bf16 full frozen}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 # Our side of a LoRA r16 q,v training row: 4 steps of 4 x 256 on $OUT/train.jsonl, steady-state
 # tokens/s (after the first step, as transformers' number leaves its warm-up step out).
 ours_train() { # name, model, extra peft-train options...
   local name=$1 model=$2; shift 2
+  ours_run "$name" "$model" --rank 16 --alpha 32 --target q_proj,v_proj --lr 2e-4 "$@"
+}
+# Any method: 4 steps of 4 x 256 on $OUT/train.jsonl, the method's options given.
+ours_run() { # name, model, peft-train method options...
+  local name=$1 model=$2; shift 2
   rm -rf "$OUT/$name" "$OUT/$name.log"
   /usr/bin/time -f "%M" -o "$OUT/$name.rss" "$BIN/peft-train" --model "$model" --data "$OUT/train.jsonl" --format text \
-    --max-len 256 --batch 4 --steps 4 --rank 16 --alpha 32 --target q_proj,v_proj --lr 2e-4 --schedule constant \
+    --max-len 256 --batch 4 --steps 4 --schedule constant \
     --threads "$THREADS" --quiet --out "$OUT/$name" --log "$OUT/$name.log" "$@" > /dev/null
   "$PY" bench/steady_tps.py "$OUT/$name.log" > "$OUT/$name.json"
   echo "  $name: $(cat "$OUT/$name.json") rss $(( $(cat "$OUT/$name.rss") / 1024 )) MB" >&2
@@ -57,6 +62,16 @@ if want train_bf16; then
   ours_train ours_train_bf16 "$MODEL" --compute-dtype bf16
   measure hf_train_bf16 "$PY" bench/hf_reference.py train-bf16 --model "$MODEL" --data "$OUT/train.jsonl" --threads "$THREADS"
 fi
+if want full; then
+  echo "==> full fine-tuning, batch 4 x 256, f32, AdamW on every parameter" >&2
+  ours_run ours_full "$MODEL" --method full --lr 2e-5
+  measure hf_full "$PY" bench/hf_reference.py train-full --model "$MODEL" --data "$OUT/train.jsonl" --threads "$THREADS"
+fi
+if want frozen; then
+  echo "==> frozen fine-tuning (the top 2 blocks train), batch 4 x 256, f32" >&2
+  ours_run ours_frozen "$MODEL" --method freeze --trainable last:2 --lr 1e-4
+  measure hf_frozen "$PY" bench/hf_reference.py train-frozen --model "$MODEL" --data "$OUT/train.jsonl" --threads "$THREADS"
+fi
 QMODEL="$OUT/model-nf4"
 if want qlora || want qlora_bf16; then
   [ -f "$QMODEL/config.json" ] || "$BIN/quantize-nf4" --model "$MODEL" --out "$QMODEL" --quiet
@@ -84,7 +99,9 @@ rows = [("eval", "eval 8x256 (f32)", "ours_eval", "hf_eval"),
         ("train", "LoRA r16 q,v train 4x256 (f32)", "ours_train", "hf_train"),
         ("train_bf16", "LoRA r16 q,v train 4x256 (bf16: ours autocast-style, PyTorch bf16 model)", "ours_train_bf16", "hf_train_bf16"),
         ("qlora", "QLoRA r16 q,v train 4x256 (NF4 base, f32 compute)", "ours_qlora", "hf_qlora"),
-        ("qlora_bf16", "QLoRA r16 q,v train 4x256 (NF4 base, bf16 compute)", "ours_qlora_bf16", "hf_qlora_bf16")]
+        ("qlora_bf16", "QLoRA r16 q,v train 4x256 (NF4 base, bf16 compute)", "ours_qlora_bf16", "hf_qlora_bf16"),
+        ("full", "full fine-tuning 4x256 (f32, AdamW on all 134.5 M)", "ours_full", "hf_full"),
+        ("frozen", "frozen fine-tuning 4x256 (f32, top 2 blocks)", "ours_frozen", "hf_frozen")]
 # only this run's sections (bench/out keeps older results)
 rows = [x for x in rows if x[0] in os.environ["SECTIONS"].split()]
 r = {n: load(n) for _, _, a, b in rows for n in (a, b)}
