@@ -106,6 +106,17 @@ pub fn parse<A: clap::Parser>() -> A {
     A::parse_from(argv)
 }
 
+/// `--compute-dtype` of every tool: true for bf16, false for f32.
+pub fn compute_dtype_is_bf16(s: &str) -> Result<bool> {
+    match s {
+        "f32" | "float32" => Ok(false),
+        "bf16" | "bfloat16" => Ok(true),
+        other => Err(crate::Error::usage(format!(
+            "unknown --compute-dtype {other}; supported: f32, bf16"
+        ))),
+    }
+}
+
 /// Print a warning in the shared style (shown with `--quiet` too).
 pub fn warn(msg: impl std::fmt::Display) {
     eprintln!("warning: {msg}");

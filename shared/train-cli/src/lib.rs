@@ -451,15 +451,7 @@ pub fn to_options(a: &TrainArgs) -> Result<TrainOptions> {
         check_data: a.check_data,
         quiet: a.verbosity.quiet,
         quantize: quantize_option(a)?,
-        compute_bf16: match a.compute_dtype.as_str() {
-            "f32" | "float32" => false,
-            "bf16" | "bfloat16" => true,
-            other => {
-                return Err(Error::usage(format!(
-                    "unknown --compute-dtype {other}; supported: f32, bf16"
-                )))
-            }
-        },
+        compute_bf16: peftkit_core::cli::compute_dtype_is_bf16(&a.compute_dtype)?,
         device: peftkit_core::gpu::DeviceSpec::parse(&a.device)?,
         prompt_init_text: a.prompt_init_text.clone(),
         prompt_init: a

@@ -19,6 +19,8 @@ use std::path::PathBuf;
   peft-generate --model models/smollm2 --chat --prompt 'What is the capital of France?'
   peft-generate --model models/smollm2 --prompt 'Once upon a time' --temperature 0.8 --top-p 0.9 --seed 1
   peft-generate --model models/smollm2 --prompts prompts.jsonl --chat --json > out.jsonl
+  # bf16 weights (f32 accumulation): half the bytes read per token
+  peft-generate --model models/smollm2 --chat --prompt 'Hi!' --compute-dtype bf16
 
 With --adapter NAME=DIR (repeatable) a prompts line may pick its adapter: \"adapter\": NAME,
 or null for the base model; switching adapters never reloads the base weights.
@@ -76,6 +78,10 @@ struct Args {
     /// --quantize without double quantization of the block scales
     #[arg(long)]
     no_double_quant: bool,
+    /// f32, or bf16: the linear layers and the output head multiply bf16 weights with f32
+    /// accumulation (AVX-512 BF16 or AMX where the CPU has them): half the bytes per token
+    #[arg(long, default_value = "f32")]
+    compute_dtype: String,
     /// Worker threads (0 = one per core)
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -126,6 +132,9 @@ fn run(args: Args) -> Result<()> {
     )?;
     let mut model = Model::load_with(&args.model, quantize)?;
     let names = peftkit_core::train::lora::load_adapters(&mut model, &args.adapter)?;
+    if cli::compute_dtype_is_bf16(&args.compute_dtype)? {
+        model.use_bf16_forward();
+    }
     let slot_of = |name: &str| -> Result<Option<usize>> {
         if name == "base" {
             return Ok(None);

@@ -364,6 +364,12 @@ impl Model {
         let c = &self.config;
         match &self.lm_head {
             Some(l) => l.forward_alloc(hidden, rows, opts),
+            None if self.head_bf16.is_some() => {
+                let p = self.head_bf16.as_deref().expect("checked");
+                let mut out = vec![0.0f32; rows * c.vocab];
+                gemm::matmul_nt_bf16(hidden, &p.nt, &mut out, rows, false);
+                out
+            }
             None => {
                 let mut out = vec![0.0f32; rows * c.vocab];
                 gemm::matmul_nt(
@@ -389,10 +395,13 @@ impl Model {
         opts: &ForwardOptions,
     ) -> Vec<f32> {
         // Plain head weight (no bias, no adapter): the fused vocabulary-blocked path.
+        // A bf16 head goes through Model::logits, which multiplies in bf16.
         let head = match &self.lm_head {
-            None => Some(&self.embed[..]),
-            Some(l) if l.bias.is_none() && l.adapter(opts).is_none() => l.weight.as_f32(),
-            Some(_) => None,
+            None if self.head_bf16.is_none() => Some(&self.embed[..]),
+            Some(l) if l.bias.is_none() && l.adapter(opts).is_none() && l.bf16.is_none() => {
+                l.weight.as_f32()
+            }
+            _ => None,
         };
         match head {
             Some(w) if targets.len() >= FUSED_HEAD_MIN_ROWS => {

@@ -53,18 +53,27 @@ pub struct Linear {
     pub q4_bf16: bool,
 }
 
-/// A frozen weight in bf16, packed for the forward product and for the input gradient.
+/// A frozen weight in bf16, packed for the forward product and (for training) for the input
+/// gradient.
 pub struct Bf16Packs {
     pub nt: gemm::PackedBf16,
-    pub nn: gemm::PackedBf16,
+    /// None for inference ([`Bf16Packs::forward_only`]): the input gradient then uses the f32
+    /// weight.
+    pub nn: Option<gemm::PackedBf16>,
 }
 
 impl Bf16Packs {
     /// Round and pack `w` (`[n, k]`) for both products.
     pub fn new(w: &[f32], n: usize, k: usize) -> Self {
         let nt = gemm::PackedBf16::for_nt(w, n, k);
-        let nn = nt.for_nn_of(w, n, k);
+        let nn = Some(nt.for_nn_of(w, n, k));
         Self { nt, nn }
+    }
+
+    /// Round and pack `w` (`[n, k]`) for the forward product only (generation, evaluation).
+    pub fn forward_only(w: &[f32], n: usize, k: usize) -> Self {
+        let nt = gemm::PackedBf16::for_nt(w, n, k);
+        Self { nt, nn: None }
     }
 }
 
@@ -149,6 +158,18 @@ impl Linear {
         }
     }
 
+    /// [`Linear::use_bf16`] for inference: the forward product only, so the layer holds one
+    /// bf16 copy of an f32 weight instead of two.
+    pub fn use_bf16_forward(&mut self) {
+        match &self.weight {
+            Weight::F32(w) => {
+                let (n, k) = (self.out_features, self.in_features);
+                self.bf16 = Some(Box::new(Bf16Packs::forward_only(w, n, k)));
+            }
+            Weight::Q4(_) => self.q4_bf16 = true,
+        }
+    }
+
     /// y[rows, out] (+)= x[rows, in] · Wᵀ with the base weight only (no bias, no adapter).
     pub fn matmul_base(&self, x: &[f32], rows: usize, y: &mut [f32], acc: bool) {
         let (out, inp) = (self.out_features, self.in_features);
@@ -167,8 +188,8 @@ impl Linear {
     /// dx[rows, in] (+)= dy[rows, out] · W: the base weight's share of the input gradient.
     pub fn matmul_base_backward(&self, dy: &[f32], rows: usize, dx: &mut [f32], acc: bool) {
         let (out, inp) = (self.out_features, self.in_features);
-        if let Some(p) = &self.bf16 {
-            return gemm::matmul_nn_bf16(dy, &p.nn, &mut dx[..rows * inp], rows, acc);
+        if let Some(nn) = self.bf16.as_ref().and_then(|p| p.nn.as_ref()) {
+            return gemm::matmul_nn_bf16(dy, nn, &mut dx[..rows * inp], rows, acc);
         }
         match &self.weight {
             Weight::F32(w) => gemm::matmul_nn(dy, w, &mut dx[..rows * inp], rows, inp, out, acc),

@@ -143,6 +143,23 @@ impl Model {
         self.head_bf16 = Some(Box::new(linear::Bf16Packs::new(w, n, k)));
     }
 
+    /// Inference in bf16 (`peft-generate` / `peft-eval --compute-dtype bf16`): every linear
+    /// layer and the output head multiply bf16 weights with f32 accumulation, forward only.
+    /// Generation reads half the bytes per token; the f32 weights stay for adapters that need
+    /// them (DoRA's norms, merging).
+    pub fn use_bf16_forward(&mut self) {
+        for l in self.linears_mut() {
+            l.use_bf16_forward();
+        }
+        match &mut self.lm_head {
+            Some(l) => l.use_bf16_forward(),
+            None => {
+                let (n, k) = (self.config.vocab, self.config.hidden);
+                self.head_bf16 = Some(Box::new(linear::Bf16Packs::forward_only(&self.embed, n, k)));
+            }
+        }
+    }
+
     pub fn head_weight(&self) -> &[f32] {
         match &self.lm_head {
             // The output head is never stored 4-bit (quantize-nf4 and transformers skip it).

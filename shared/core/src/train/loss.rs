@@ -48,8 +48,8 @@ impl<'a> Head<'a> {
 
     /// `dx[n, h] = g[n, vocab] · W`.
     fn input_grad(&self, g: &[f32], dx: &mut [f32], n: usize, vocab: usize, h: usize) {
-        if let Some(p) = self.bf16 {
-            gemm::matmul_nn_bf16(g, &p.nn, dx, n, false)
+        if let Some(nn) = self.bf16.and_then(|p| p.nn.as_ref()) {
+            gemm::matmul_nn_bf16(g, nn, dx, n, false)
         } else if let Some(p) = self.packed.and_then(|p| p.input_grad()) {
             gemm::matmul_nt_packed(g, p, dx, n, false)
         } else {
@@ -173,7 +173,7 @@ mod tests {
         let rows: Vec<(usize, u32)> = (0..n).map(|i| (i, (i * 37 % vocab) as u32)).collect();
         let packs = Bf16Packs {
             nt: PackedBf16::for_nt(&w, vocab, h),
-            nn: PackedBf16::for_nn(&w, vocab, h),
+            nn: Some(PackedBf16::for_nn(&w, vocab, h)),
         };
         let bf16_head = Head {
             w: &w,
