@@ -553,21 +553,10 @@ fn avx512f() -> bool {
 #[target_feature(enable = "avx512f")]
 unsafe fn round_to_bf16_bits_avx512(x: &[f32], out: &mut [u32]) {
     use std::arch::x86_64::*;
-    let one = _mm512_set1_epi32(1);
-    let bias = _mm512_set1_epi32(0x7fff);
-    let quiet = _mm512_set1_epi32(0x0040);
     for (o, v) in out.chunks_exact_mut(16).zip(x.chunks_exact(16)) {
         // SAFETY: each chunk holds 16 elements.
         unsafe {
-            let f = _mm512_loadu_ps(v.as_ptr());
-            let u = _mm512_castps_si512(f);
-            // Round to nearest even: add 0x7fff plus the lowest kept bit, keep the top half.
-            let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(u), one);
-            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(u, _mm512_add_epi32(bias, odd)));
-            // NaN: truncate and set the quiet bit, as f32_to_bf16_bits does.
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(f, f);
-            let quieted = _mm512_or_si512(_mm512_srli_epi32::<16>(u), quiet);
-            let r = _mm512_mask_blend_epi32(nan, rounded, quieted);
+            let r = avx512::round_bf16_lanes(_mm512_loadu_ps(v.as_ptr()));
             _mm512_storeu_si512(o.as_mut_ptr() as *mut __m512i, r);
         }
     }
@@ -602,6 +591,17 @@ fn decode_q4_bits(q: &super::Q4Weight, len: usize) -> Vec<u16> {
 /// run starts where the vector decoder can take it).
 const DECODE_CHUNK: usize = 16 * RUN;
 
+thread_local! {
+    /// The decoded 4-bit rows of one weight panel ([`pack_b_panel`]), reused between panels.
+    static PANEL_ROWS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512bw() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"))
+}
+
 /// Pack one weight panel: product columns `j0..j0+nr`, pairs `p0..p0+bk`, into
 /// `out[p*nr + lane]` (zeros in the rest of `out`). For the nt layout the product's B(kk, j) =
 /// W[j, kk]; for nn, W[kk, j]. Reads the weight in contiguous runs of a row (what the 4-bit
@@ -622,6 +622,32 @@ fn pack_b_panel(
 ) {
     out.fill(0);
     let cols = nr.min(pn - j0);
+    #[cfg(target_arch = "x86_64")]
+    if !nn && nr.is_multiple_of(16) && avx512bw() {
+        let kk0 = 2 * p0;
+        let len = (2 * bk).min(pk - kk0);
+        // SAFETY: AVX512F/BW are available; the rows lie inside the weight (j0 + cols ≤ n,
+        // kk0 + len ≤ k), `out` holds bk*nr words and nr is a multiple of 16.
+        let mut pack = |rows: *const f32, ld: usize| unsafe {
+            avx512::pack_b_rows(rows, ld, cols, len, bk, out.as_mut_ptr(), nr)
+        };
+        match w {
+            Source::F32(w) => return pack(w[j0 * k + kk0..].as_ptr(), k),
+            Source::Q4(q) => {
+                // Decode the panel's rows first (one k block of `cols` rows, in L2).
+                let mut rows = PANEL_ROWS.take();
+                rows.resize(cols * len, 0.0);
+                for (l, row) in rows.chunks_mut(len).enumerate() {
+                    super::decode_q4(&q, (j0 + l) * k + kk0, row);
+                }
+                pack(rows.as_ptr(), len);
+                PANEL_ROWS.set(rows);
+                return;
+            }
+            Source::Bits(_) => {}
+        }
+    }
+
     let mut run = [0u32; RUN];
     if !nn {
         // W row j0+l holds B(·, j0+l) contiguously.
@@ -1130,6 +1156,48 @@ mod tests {
         round_to_bf16_bits(&x, &mut got);
         for (i, (&v, &g)) in x.iter().zip(&got).enumerate() {
             assert_eq!(g, f32_to_bf16_bits(v) as u32, "element {i} ({v:e})");
+        }
+    }
+
+    /// The AVX-512 panel packer writes exactly the pairs of the scalar formula, on odd shapes
+    /// (rows not a multiple of 16, an odd k) and special values.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_panel_packing_matches_the_scalar_formula() {
+        if !avx512bw() {
+            eprintln!("skipping: no AVX-512 BW");
+            return;
+        }
+        let mut rng = crate::rng::Rng::new(11);
+        for &(rows, k, nr) in &[(32, 77, 32), (13, 64, 16), (20, 33, 32), (1, 5, 16)] {
+            let mut w = data(&mut rng, rows * k);
+            w[0] = f32::NAN;
+            w[k / 2] = f32::from_bits(1); // subnormal
+            w[rows * k - 1] = f32::from_bits(0x3f81_8000); // a tie
+            let kp = k.div_ceil(2);
+            let mut got = vec![0u32; kp * nr];
+            // SAFETY: AVX512F/BW checked; w covers rows × k, got holds kp*nr words.
+            unsafe { avx512::pack_b_rows(w.as_ptr(), k, rows, k, kp, got.as_mut_ptr(), nr) };
+            for p in 0..kp {
+                for l in 0..nr {
+                    let want = if l < rows {
+                        let lo = f32_to_bf16_bits(w[l * k + 2 * p]) as u32;
+                        let hi = if 2 * p + 1 < k {
+                            f32_to_bf16_bits(w[l * k + 2 * p + 1]) as u32
+                        } else {
+                            0
+                        };
+                        lo | hi << 16
+                    } else {
+                        0
+                    };
+                    assert_eq!(
+                        got[p * nr + l],
+                        want,
+                        "{rows}x{k} nr {nr}: pair {p} lane {l}"
+                    );
+                }
+            }
         }
     }
 

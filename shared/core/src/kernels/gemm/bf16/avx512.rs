@@ -192,3 +192,64 @@ fn transpose16(r: &mut [__m512; 16]) {
         r[8 + s] = _mm512_shuffle_f32x4::<0xdd>(t[s], t[8 + s]);
     }
 }
+
+/// `dst[p*nr + lane] = bf16(src[lane][2p]) | bf16(src[lane][2p+1]) << 16` for p < kp and
+/// lane < rows (weight rows, row stride `ld`, `klen ≤ 2·kp` floats each; zeros past them), a
+/// weight panel of the nt layout. Rounds exactly as `f32_to_bf16_bits` (ties to even,
+/// subnormals kept, NaN quieted), so panels equal the portable packing bit for bit; 16 rows
+/// at a time, 16 pairs per row turned into 16 pair rows by a 16×16 transpose. Lanes from
+/// `rows` to `nr` are left as they are (the caller zero fills the panel).
+///
+/// # Safety
+/// `src` covers `rows ≤ nr` rows of `klen` floats, `dst` holds `kp*nr` words, `nr` is a
+/// multiple of 16; requires AVX512F and AVX512BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn pack_b_rows(
+    src: *const f32,
+    ld: usize,
+    rows: usize,
+    klen: usize,
+    kp: usize,
+    dst: *mut u32,
+    nr: usize,
+) {
+    // Words 0, 2, …, 62 of two vectors of u32 lanes: the low halves, i.e. the bf16 values.
+    let evens: [i16; 32] = std::array::from_fn(|j| 2 * j as i16);
+    // SAFETY: loads are masked to the `klen` valid floats of the `rows` rows; stores write
+    // pairs < kp, lanes < nr.
+    unsafe {
+        let idx = _mm512_loadu_si512(evens.as_ptr() as *const __m512i);
+        for r0 in (0..rows).step_by(16) {
+            let hr = (rows - r0).min(16);
+            for g in 0..kp.div_ceil(16) {
+                let e0 = g * 32;
+                let valid = klen.saturating_sub(e0);
+                let (m0, m1) = (lane_mask(valid), lane_mask(valid.saturating_sub(16)));
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (i, ri) in r.iter_mut().enumerate().take(hr) {
+                    let s = src.wrapping_add((r0 + i) * ld + e0);
+                    let lo = round_bf16_lanes(_mm512_maskz_loadu_ps(m0, s));
+                    let hi = round_bf16_lanes(_mm512_maskz_loadu_ps(m1, s.wrapping_add(16)));
+                    *ri = _mm512_castsi512_ps(_mm512_permutex2var_epi16(lo, idx, hi));
+                }
+                transpose16(&mut r);
+                for (j, rj) in r.iter().enumerate().take((kp - g * 16).min(16)) {
+                    _mm512_storeu_ps(dst.add((g * 16 + j) * nr + r0) as *mut f32, *rj);
+                }
+            }
+        }
+    }
+}
+
+/// bf16 bits of 16 floats in the low halves of u32 lanes, as `f32_to_bf16_bits` rounds.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) fn round_bf16_lanes(f: __m512) -> __m512i {
+    let u = _mm512_castps_si512(f);
+    let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(u), _mm512_set1_epi32(1));
+    let bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd);
+    let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(u, bias));
+    let quieted = _mm512_or_si512(_mm512_srli_epi32::<16>(u), _mm512_set1_epi32(0x0040));
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(f, f);
+    _mm512_mask_blend_epi32(nan, rounded, quieted)
+}
