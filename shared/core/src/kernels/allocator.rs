@@ -7,20 +7,29 @@
 //! SmolLM2-135M LoRA step on 2 cores (945 k → 580 k page faults over 3 steps). Keeping
 //! buffers up to 32 MB (glibc's largest allowed threshold) on the heap and not trimming it
 //! lets the next step reuse the same pages. Peak RSS is unchanged within 2 %.
+//!
+//! The worker threads' buffers would still come from per-thread arenas, which glibc shrinks
+//! with `madvise(MADV_DONTNEED)` whatever the trim threshold: one arena for all threads (the
+//! tools allocate few, large buffers, so they hardly contend for it) cut a further 115 k page
+//! faults over 4 steps on Zen 5 and made the bf16 LoRA step about 2 % faster.
 
-/// Apply the settings (once, at start-up). A user's own `MALLOC_MMAP_THRESHOLD_` or
-/// `MALLOC_TRIM_THRESHOLD_` wins; other C libraries are left alone.
+/// Apply the settings (once, at start-up). A user's own `MALLOC_MMAP_THRESHOLD_`,
+/// `MALLOC_TRIM_THRESHOLD_` or `MALLOC_ARENA_MAX` wins; other C libraries are left alone.
 pub fn keep_freed_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // From glibc's malloc.h.
         const M_TRIM_THRESHOLD: i32 = -1;
         const M_MMAP_THRESHOLD: i32 = -3;
+        const M_ARENA_MAX: i32 = -8;
         extern "C" {
             fn mallopt(param: i32, value: i32) -> i32;
         }
         let user_set = |name: &str| std::env::var_os(name).is_some();
-        if user_set("MALLOC_MMAP_THRESHOLD_") || user_set("MALLOC_TRIM_THRESHOLD_") {
+        if user_set("MALLOC_MMAP_THRESHOLD_")
+            || user_set("MALLOC_TRIM_THRESHOLD_")
+            || user_set("MALLOC_ARENA_MAX")
+        {
             return;
         }
         // SAFETY: mallopt only changes allocator parameters; it is called before the tool
@@ -28,6 +37,7 @@ pub fn keep_freed_buffers() {
         unsafe {
             mallopt(M_MMAP_THRESHOLD, 32 << 20);
             mallopt(M_TRIM_THRESHOLD, i32::MAX);
+            mallopt(M_ARENA_MAX, 1);
         }
     }
 }

@@ -26,6 +26,7 @@ mod q4;
 #[cfg(target_arch = "x86_64")]
 mod q4_avx2;
 mod scalar;
+mod small;
 
 pub use bf16::{
     bf16_bits_to_f32, f32_to_bf16_bits, matmul_nn_bf16, matmul_nn_q4_bf16, matmul_nt_bf16,
@@ -33,6 +34,7 @@ pub use bf16::{
 };
 use driver::View;
 pub use q4::{decode as decode_q4, matmul_nn_q4, matmul_nt_q4, Q4Weight};
+pub use small::{small_nn, small_nt, RowPanels};
 use std::sync::OnceLock;
 
 /// Implementation behind the matrix products.

@@ -184,6 +184,22 @@ fn sum_exp_shifted_scalar(x: &[f32], shift: f32) -> f32 {
     s
 }
 
+/// `x[i] ← exp(x[i] − shift) · mul` in place: the cross-entropy gradient's softmax row (a
+/// scalar exponential per vocabulary entry was about 5 % of a bf16 LoRA step).
+pub fn exp_shifted_scaled(x: &mut [f32], shift: f32, mul: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is available.
+        return unsafe { x86::exp_shifted_scaled(x, shift, mul) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 and FMA are available.
+        return unsafe { super::ops_avx2::exp_shifted_scaled(x, shift, mul) };
+    }
+    x.iter_mut().for_each(|v| *v = exp_fast(*v - shift) * mul);
+}
+
 /// Maximum of a row, 16 lanes at a time.
 pub fn max_of(x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -379,6 +395,29 @@ fn softmax_scaled_scalar(row: &mut [f32], scale: f32) {
     row.iter_mut().for_each(|v| *v = exp_fast(*v - max));
     let inv = 1.0 / row.iter().sum::<f32>();
     row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// Backward of a softmax row `p` (scaled scores, as attention uses it), in place on the
+/// gradient: `g ← scale · p ⊙ (g − Σ p⊙g)`. The sum runs in 16 independent lanes, so it
+/// vectorizes (a single running sum waits on every add).
+pub fn softmax_backward_row(p: &[f32], g: &mut [f32], scale: f32) {
+    let mut lanes = [0.0f32; 16];
+    let (pc, gc) = (p.chunks_exact(16), g.chunks_exact(16));
+    let tail: f32 = pc
+        .remainder()
+        .iter()
+        .zip(gc.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in pc.zip(gc) {
+        for ((l, x), y) in lanes.iter_mut().zip(a).zip(b) {
+            *l += x * y;
+        }
+    }
+    let dot = lanes.iter().sum::<f32>() + tail;
+    for (gv, &pv) in g.iter_mut().zip(p) {
+        *gv = pv * (*gv - dot) * scale;
+    }
 }
 
 /// One step of an online log-sum-exp: given the running maximum `max` and the running
@@ -599,6 +638,23 @@ mod x86 {
         _mm512_reduce_add_ps(_mm512_add_ps(a0, a1))
     }
 
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp_shifted_scaled(x: &mut [f32], shift: f32, mul: f32) {
+        let (sh, mu) = (_mm512_set1_ps(shift), _mm512_set1_ps(mul));
+        let p = x.as_mut_ptr();
+        let mut i = 0;
+        // SAFETY: masked accesses stay below the length.
+        unsafe {
+            while i < x.len() {
+                let m = mask(x.len() - i);
+                let v = _mm512_maskz_loadu_ps(m, p.add(i));
+                _mm512_mask_storeu_ps(p.add(i), m, _mm512_mul_ps(exp(_mm512_sub_ps(v, sh)), mu));
+                i += 16;
+            }
+        }
+    }
+
     /// # Safety
     /// AVX-512F; `row` is not empty.
     #[target_feature(enable = "avx512f")]
@@ -736,6 +792,21 @@ mod tests {
                 z.iter().map(|v| (v / t) as f32).collect()
             };
             let sum: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
+            let esc: Vec<f32> = x
+                .iter()
+                .map(|&v| ((v as f64 - 1.5).exp() * 0.3) as f32)
+                .collect();
+            // softmax backward of the row sm against gradient y, scale 0.5
+            let sbw: Vec<f32> = {
+                let dot: f64 = sm.iter().zip(&y).map(|(&p, &g)| p as f64 * g as f64).sum();
+                sm.iter()
+                    .zip(&y)
+                    .map(|(&p, &g)| (p as f64 * (g as f64 - dot) * 0.5) as f32)
+                    .collect()
+            };
+            let mut g = y.clone();
+            softmax_backward_row(&sm, &mut g, 0.5);
+            close(&g, &sbw, 1e-5, &format!("softmax backward n={n}"));
             // swiglu backward with da = w: du = w·silu(x), dg = w·y·silu'(x)
             let (bdg, bdu): (Vec<f32>, Vec<f32>) = x
                 .iter()
@@ -784,6 +855,9 @@ mod tests {
                     let mut a = x.clone();
                     x86::add_assign(&mut a, &y);
                     close(&a, &sum, 0.0, &ctx);
+                    let mut e = x.clone();
+                    x86::exp_shifted_scaled(&mut e, 1.5, 0.3);
+                    close(&e, &esc, 1e-5, &ctx);
                     for &v in &x {
                         let e = x86::exp(std::arch::x86_64::_mm512_set1_ps(v));
                         let mut out = [0.0f32; 16];
@@ -812,6 +886,9 @@ mod tests {
                     let mut a = x.clone();
                     v2::add_assign(&mut a, &y);
                     close(&a, &sum, 0.0, &ctx);
+                    let mut e = x.clone();
+                    v2::exp_shifted_scaled(&mut e, 1.5, 0.3);
+                    close(&e, &esc, 1e-5, &ctx);
                     for &v in x.iter().chain(&[-100.0, -87.0, 0.0, 1e-8, 80.0]) {
                         let e = v2::exp(std::arch::x86_64::_mm256_set1_ps(v));
                         let mut out = [0.0f32; 8];
@@ -821,6 +898,9 @@ mod tests {
                 }
             }
             // Public entry points (whichever path this CPU takes).
+            let mut e = x.clone();
+            exp_shifted_scaled(&mut e, 1.5, 0.3);
+            close(&e, &esc, 1e-5, &ctx);
             let mut a = x.clone();
             add_assign(&mut a, &y);
             close(&a, &sum, 0.0, &ctx);

@@ -228,6 +228,27 @@ pub unsafe fn sum_exp_shifted(x: &[f32], shift: f32) -> f32 {
 }
 
 /// # Safety
+/// AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn exp_shifted_scaled(x: &mut [f32], shift: f32, mul: f32) {
+    let b = body(x.len());
+    let (sh, mu) = (_mm256_set1_ps(shift), _mm256_set1_ps(mul));
+    let p = x.as_mut_ptr();
+    // SAFETY: vector accesses stay below b ≤ len.
+    unsafe {
+        let mut i = 0;
+        while i < b {
+            let v = _mm256_loadu_ps(p.add(i));
+            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(exp(_mm256_sub_ps(v, sh)), mu));
+            i += 8;
+        }
+    }
+    x[b..]
+        .iter_mut()
+        .for_each(|v| *v = exp_fast(*v - shift) * mul);
+}
+
+/// # Safety
 /// AVX2 and FMA; `row` is not empty.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn softmax_scaled(row: &mut [f32], scale: f32) {

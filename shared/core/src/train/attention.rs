@@ -147,20 +147,19 @@ pub(super) fn forward(
             gemm::serial(|| {
                 let mut p = vec![0.0f32; l * lk];
                 let mut o = vec![0.0f32; l * d];
+                // Kᵀ of this head, packed once for all query blocks.
+                let keys = gemm::RowPanels::new(&kv.k, lk, d, ks);
                 for b0 in (0..l).step_by(BQ) {
                     let b1 = (b0 + BQ).min(l);
                     let (lo, hi) = key_range(b0, b1, window, n);
                     // S = Q[b0..b1] · K[lo..hi]ᵀ into the block's part of P
-                    gemm::sgemm(
+                    gemm::small_nt(
                         b1 - b0,
-                        hi - lo,
-                        d,
                         &qh[b0 * qd..],
                         qd,
-                        1,
-                        &kv.k[lo * ks..],
-                        1,
-                        ks,
+                        &keys,
+                        lo,
+                        hi,
                         &mut p[b0 * lk + lo..],
                         lk,
                         false,
@@ -170,7 +169,7 @@ pub(super) fn forward(
                         softmax_visible(row, i, n, (lo, hi), window, scale);
                     }
                     // O[b0..b1] = P[b0..b1, lo..hi] · V[lo..hi]
-                    gemm::sgemm(
+                    gemm::small_nn(
                         b1 - b0,
                         d,
                         hi - lo,
@@ -179,7 +178,6 @@ pub(super) fn forward(
                         1,
                         &kv.v[lo * ks..],
                         ks,
-                        1,
                         &mut o[b0 * d..],
                         d,
                         false,
@@ -242,6 +240,8 @@ pub(super) fn backward(
                 let mut dv = vec![0.0f32; lk * d];
                 let mut ds = vec![0.0f32; BQ.min(l) * lk];
                 let mut dqs = Vec::with_capacity(group);
+                // Vᵀ of this kv head, packed once for all query heads and blocks.
+                let values = gemm::RowPanels::new(&kv.v, lk, d, ks);
                 for head in kvh * group..(kvh + 1) * group {
                     let p = &probs[s * c.heads + head];
                     let qh = &q[sp.start * qd + head * d..];
@@ -252,22 +252,19 @@ pub(super) fn backward(
                         let (bm, (lo, hi)) = (b1 - b0, key_range(b0, b1, window, n));
                         let kl = hi - lo;
                         // dP = dO·Vᵀ over the visible keys (ds holds it as bm × kl)
-                        gemm::sgemm(
+                        gemm::small_nt(
                             bm,
-                            kl,
-                            d,
                             &dout[b0 * qd..],
                             qd,
-                            1,
-                            &kv.v[lo * ks..],
-                            1,
-                            ks,
+                            &values,
+                            lo,
+                            hi,
                             &mut ds,
                             kl,
                             false,
                         );
                         // dV += Pᵀ·dO
-                        gemm::sgemm(
+                        gemm::small_nn(
                             kl,
                             d,
                             bm,
@@ -276,7 +273,6 @@ pub(super) fn backward(
                             lk,
                             &dout[b0 * qd..],
                             qd,
-                            1,
                             &mut dv[lo * d..],
                             d,
                             true,
@@ -284,14 +280,10 @@ pub(super) fn backward(
                         // dS = P ⊙ (dP − Σ_j dP⊙P), times the score scale
                         for i in 0..bm {
                             let pr = &p[(b0 + i) * lk + lo..(b0 + i) * lk + hi];
-                            let dr = &mut ds[i * kl..(i + 1) * kl];
-                            let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                            for (g, &pp) in dr.iter_mut().zip(pr) {
-                                *g = pp * (*g - dot) * scale;
-                            }
+                            ops::softmax_backward_row(pr, &mut ds[i * kl..(i + 1) * kl], scale);
                         }
                         // dQ = dS·K, dK += dSᵀ·Q
-                        gemm::sgemm(
+                        gemm::small_nn(
                             bm,
                             d,
                             kl,
@@ -300,12 +292,11 @@ pub(super) fn backward(
                             1,
                             &kv.k[lo * ks..],
                             ks,
-                            1,
                             &mut dq[b0 * d..],
                             d,
                             false,
                         );
-                        gemm::sgemm(
+                        gemm::small_nn(
                             kl,
                             d,
                             bm,
@@ -314,7 +305,6 @@ pub(super) fn backward(
                             kl,
                             &qh[b0 * qd..],
                             qd,
-                            1,
                             &mut dk[lo * d..],
                             d,
                             true,

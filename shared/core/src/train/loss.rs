@@ -128,10 +128,7 @@ pub fn cross_entropy_rows(
                 let loss = (lse - row[t as usize]) as f64;
                 if grad {
                     let sc = scale(base + i);
-                    let inv = sc / sum;
-                    for v in row.iter_mut() {
-                        *v = ops::exp_fast(*v - max) * inv;
-                    }
+                    ops::exp_shifted_scaled(row, max, sc / sum);
                     row[t as usize] -= sc;
                 }
                 loss
