@@ -825,21 +825,18 @@ fn lin_forward(
         } else {
             x
         };
+        // u = x·Aᵀ, y += (s·u)·Bᵀ: thin products (rank r) without packing the activations.
         let r = lo.rank;
         let mut u = vec![0.0f32; rows * r];
-        gemm::matmul_nt(xd, &lo.a, &mut u, rows, r, inp, false);
-        let mut delta = vec![0.0f32; rows * out];
-        gemm::matmul_nt(&u, &lo.b, &mut delta, rows, out, r, false);
+        let a_rows = gemm::RowPanels::new(&lo.a, r, inp, inp);
+        gemm::small_nt_all(rows, xd, inp, 1, &a_rows, &mut u, r, false);
+        let su: Vec<f32> = u.iter().map(|v| v * lo.scale).collect();
+        let b_rows = gemm::RowPanels::new(&lo.b, out, r, r);
+        gemm::small_nt_all(rows, &su, r, 1, &b_rows, &mut y, out, true);
         match &lo.magnitude {
-            None => y
-                .iter_mut()
-                .zip(&delta)
-                .for_each(|(a, d)| *a += lo.scale * d),
+            None => {}
             Some(mag) => {
                 let norm = dora_weight_norm(l, lo);
-                y.iter_mut()
-                    .zip(&delta)
-                    .for_each(|(a, d)| *a += lo.scale * d);
                 let z = y.clone();
                 for row in y.chunks_exact_mut(out) {
                     for ((v, m), n) in row.iter_mut().zip(mag).zip(&norm) {
@@ -1052,13 +1049,23 @@ fn lin_backward(
     });
     if let (Some(lo), Some(u)) = (&lora, &saved.u) {
         let _p = crate::profile::scope("lin_backward.lora");
+        // Thin products (rank r): the scale goes on the small operands, and no product packs
+        // the activations (gemm::small_nn).
         let r = lo.rank;
-        let ds: Vec<f32> = dy.iter().map(|v| v * lo.scale).collect();
         if let Some(g) = state.grad_mut(Slot::LoraB(idx)) {
-            gemm::matmul_tn(&ds, u, g, out, r, rows, true);
+            // dBᵀ [r, out] = (s·u)ᵀ·dy, added transposed to dB [out, r]
+            let su: Vec<f32> = u.iter().map(|v| v * lo.scale).collect();
+            let mut gt = vec![0.0f32; r * out];
+            gemm::small_nn(r, out, rows, &su, 1, r, dy, out, &mut gt, out, false);
+            for (o, grow) in g.chunks_exact_mut(r).enumerate() {
+                for (j, gv) in grow.iter_mut().enumerate() {
+                    *gv += gt[j * out + o];
+                }
+            }
         }
         let mut du = vec![0.0f32; rows * r];
-        gemm::matmul_nn(&ds, &lo.b, &mut du, rows, r, out, false);
+        gemm::small_nn(rows, r, out, dy, out, 1, &lo.b, r, &mut du, r, false);
+        du.iter_mut().for_each(|v| *v *= lo.scale);
         let xd_owned;
         let xd: &[f32] = match &saved.keep {
             Some(keep) => {
@@ -1068,15 +1075,20 @@ fn lin_backward(
             None => x,
         };
         if let Some(g) = state.grad_mut(Slot::LoraA(idx)) {
-            gemm::matmul_tn(&du, xd, g, r, inp, rows, true);
+            // dA [r, inp] += duᵀ·x
+            gemm::small_nn(r, inp, rows, &du, 1, r, xd, inp, g, inp, true);
         }
         if let Some(dx) = dx.as_mut() {
-            let mut dxl = vec![0.0f32; rows * inp];
-            gemm::matmul_nn(&du, &lo.a, &mut dxl, rows, inp, r, false);
-            if let Some(keep) = &saved.keep {
-                dxl.iter_mut().zip(keep).for_each(|(a, k)| *a *= k);
+            // dx += du·A (through the dropout mask, if any)
+            match &saved.keep {
+                None => gemm::small_nn(rows, inp, r, &du, r, 1, &lo.a, inp, dx, inp, true),
+                Some(keep) => {
+                    let mut dxl = vec![0.0f32; rows * inp];
+                    gemm::small_nn(rows, inp, r, &du, r, 1, &lo.a, inp, &mut dxl, inp, false);
+                    dxl.iter_mut().zip(keep).for_each(|(a, k)| *a *= k);
+                    ops::add_assign(dx, &dxl);
+                }
             }
-            ops::add_assign(dx, &dxl);
         }
     }
     state.lora[idx] = lora;

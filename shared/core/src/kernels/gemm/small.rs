@@ -6,8 +6,13 @@
 //! product needs it transposed (`Q·Kᵀ`, `dO·Vᵀ`).
 //!
 //! The AVX-512 kernel needs no packing; other CPUs go through [`super::sgemm`] unchanged.
+//! Like sgemm, a product large enough runs its tiles on all threads unless the caller is
+//! inside [`super::serial`]. The LoRA products (rank 16 against the hidden size) use it too:
+//! the packed GEMM copied their large operand to multiply it with a thin one.
 
-use super::{sgemm, GemmPath};
+use super::driver::SendPtr;
+use super::{sgemm, GemmPath, PARALLEL_MIN, SERIAL};
+use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -48,6 +53,33 @@ pub fn small_nn(
     unsafe {
         tiles(m, n, k, a, a_rs, a_cs, b.as_ptr(), b_rs, NR, c, c_rs, acc)
     };
+}
+
+/// C[m×n] (+)= A·Bᵀ with A(i, kk) = a[i·a_rs + kk·a_cs] and B `[n, k]` given as
+/// [`RowPanels`] (all its rows): a LoRA product with a thin weight.
+#[allow(clippy::too_many_arguments)]
+pub fn small_nt_all(
+    m: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    rows: &RowPanels,
+    c: &mut [f32],
+    c_rs: usize,
+    acc: bool,
+) {
+    let (n, k) = (rows.rows, rows.cols);
+    match &rows.packed {
+        Some(buf) if m > 0 && n > 0 && k > 0 => {
+            check(m, n, k, a, a_rs, a_cs, c, c_rs);
+            // SAFETY: as in small_nt.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                tiles(m, n, k, a, a_rs, a_cs, buf.as_ptr(), NR, NR * k, c, c_rs, acc)
+            };
+        }
+        _ => sgemm(m, n, k, a, a_rs, a_cs, rows.src, 1, rows.rs, c, c_rs, acc),
+    }
 }
 
 /// Rows `[rows, cols]` (row stride `rs`) of a matrix used transposed as the right operand of
@@ -154,7 +186,8 @@ fn check(
     );
 }
 
-/// Walk C in MR×32 tiles. B(kk, j) = b[(j / 32)·panel + kk·b_ks + j % 32].
+/// Walk C in MR×32 tiles (on all threads when the product is large and the caller is not
+/// inside [`super::serial`]). B(kk, j) = b[(j / 32)·panel + kk·b_ks + j % 32].
 ///
 /// # Safety
 /// AVX-512F; A, C in bounds (checked by the callers); for every panel, the `nr` valid
@@ -176,27 +209,32 @@ unsafe fn tiles(
     c_rs: usize,
     acc: bool,
 ) {
-    for j0 in (0..n).step_by(NR) {
-        let nr = NR.min(n - j0);
-        for i0 in (0..m).step_by(MR) {
-            let mr = MR.min(m - i0);
-            // SAFETY: caller contract; the tile's rows and columns lie inside A, B and C.
-            unsafe {
-                micro(
-                    k,
-                    a.as_ptr().add(i0 * a_rs),
-                    a_rs,
-                    a_cs,
-                    b.add(j0 / NR * panel),
-                    b_ks,
-                    c.as_mut_ptr().add(i0 * c_rs + j0),
-                    c_rs,
-                    mr,
-                    nr,
-                    acc,
-                )
-            };
-        }
+    let (row_tiles, panels) = (m.div_ceil(MR), n.div_ceil(NR));
+    let (ap, bp, cp) = (SendPtr(a.as_ptr() as *mut f32), SendPtr(b as *mut f32), SendPtr(c.as_mut_ptr()));
+    let tile = |t: usize| {
+        let (i0, j0) = (t / panels * MR, t % panels * NR);
+        // SAFETY: caller contract; the tile's rows and columns lie inside A, B and C, and
+        // tiles write disjoint parts of C.
+        unsafe {
+            micro(
+                k,
+                ap.get().add(i0 * a_rs),
+                a_rs,
+                a_cs,
+                bp.get().add(j0 / NR * panel),
+                b_ks,
+                cp.get().add(i0 * c_rs + j0),
+                c_rs,
+                MR.min(m - i0),
+                NR.min(n - j0),
+                acc,
+            )
+        };
+    };
+    if m * n * k >= PARALLEL_MIN && !SERIAL.with(|s| s.get()) && rayon::current_num_threads() > 1 {
+        (0..row_tiles * panels).into_par_iter().with_min_len(4).for_each(tile);
+    } else {
+        (0..row_tiles * panels).for_each(tile);
     }
 }
 
