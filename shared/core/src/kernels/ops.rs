@@ -397,24 +397,44 @@ fn softmax_scaled_scalar(row: &mut [f32], scale: f32) {
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
-/// Backward of a softmax row `p` (scaled scores, as attention uses it), in place on the
-/// gradient: `g ← scale · p ⊙ (g − Σ p⊙g)`. The sum runs in 16 independent lanes, so it
-/// vectorizes (a single running sum waits on every add).
-pub fn softmax_backward_row(p: &[f32], g: &mut [f32], scale: f32) {
+/// Σ a·b in 16 independent lanes (so it vectorizes; a single running sum waits on every add).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 16];
-    let (pc, gc) = (p.chunks_exact(16), g.chunks_exact(16));
-    let tail: f32 = pc
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac
         .remainder()
         .iter()
-        .zip(gc.remainder())
-        .map(|(a, b)| a * b)
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
         .sum();
-    for (a, b) in pc.zip(gc) {
-        for ((l, x), y) in lanes.iter_mut().zip(a).zip(b) {
-            *l += x * y;
+    for (x, y) in ac.zip(bc) {
+        for ((l, p), q) in lanes.iter_mut().zip(x).zip(y) {
+            *l += p * q;
         }
     }
-    let dot = lanes.iter().sum::<f32>() + tail;
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Σ a·b·c in 16 independent lanes.
+pub fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let (ac, bc, cc) = (a.chunks_exact(16), b.chunks_exact(16), c.chunks_exact(16));
+    let n = a.len() / 16 * 16;
+    let tail: f32 = (n..a.len().min(b.len()).min(c.len()))
+        .map(|i| a[i] * b[i] * c[i])
+        .sum();
+    for ((x, y), z) in ac.zip(bc).zip(cc) {
+        for (((l, p), q), r) in lanes.iter_mut().zip(x).zip(y).zip(z) {
+            *l += p * q * r;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Backward of a softmax row `p` (scaled scores, as attention uses it), in place on the
+/// gradient: `g ← scale · p ⊙ (g − Σ p⊙g)`, the sum by [`dot`].
+pub fn softmax_backward_row(p: &[f32], g: &mut [f32], scale: f32) {
+    let dot = dot(p, g);
     for (gv, &pv) in g.iter_mut().zip(p) {
         *gv = pv * (*gv - dot) * scale;
     }
@@ -804,6 +824,17 @@ mod tests {
                     .map(|(&p, &g)| (p as f64 * (g as f64 - dot) * 0.5) as f32)
                     .collect()
             };
+            let d3: f64 = (0..n)
+                .map(|i| x[i] as f64 * y[i] as f64 * w[i] as f64)
+                .sum();
+            close(
+                &[dot3(&x, &y, &w)],
+                &[d3 as f32],
+                1e-5,
+                &format!("dot3 n={n}"),
+            );
+            let d2: f64 = (0..n).map(|i| x[i] as f64 * y[i] as f64).sum();
+            close(&[dot(&x, &y)], &[d2 as f32], 1e-5, &format!("dot n={n}"));
             let mut g = y.clone();
             softmax_backward_row(&sm, &mut g, 0.5);
             close(&g, &sbw, 1e-5, &format!("softmax backward n={n}"));

@@ -1109,7 +1109,7 @@ fn norm_forward(n: &Norm, kind: NormKind, x: &[f32]) -> (Vec<f32>, NormSaved) {
         .zip(inv.par_iter_mut().zip(means.par_iter_mut()))
         .for_each(|((yr, xr), (iv, mu))| match kind {
             NormKind::Rms { eps } => {
-                let ss: f32 = xr.iter().map(|v| v * v).sum();
+                let ss = ops::dot(xr, xr);
                 *iv = 1.0 / (ss / h as f32 + eps).sqrt();
                 for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
                     *o = g * (v * *iv);
@@ -1166,7 +1166,7 @@ fn norm_backward(
                 match kind {
                     NormKind::Rms { .. } => {
                         // y = w ⊙ x·inv; dx = inv·(w⊙dy) − x·inv³/h·Σ(w⊙dy⊙x)
-                        let dot: f32 = (0..h).map(|i| w[i] * dyr[i] * xr[i]).sum();
+                        let dot = ops::dot3(w, dyr, xr);
                         let c = inv * inv * inv * dot / h as f32;
                         for i in 0..h {
                             dxr[i] = inv * w[i] * dyr[i] - xr[i] * c;

@@ -75,7 +75,20 @@ pub fn small_nt_all(
             // SAFETY: as in small_nt.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                tiles(m, n, k, a, a_rs, a_cs, buf.as_ptr(), NR, NR * k, c, c_rs, acc)
+                tiles(
+                    m,
+                    n,
+                    k,
+                    a,
+                    a_rs,
+                    a_cs,
+                    buf.as_ptr(),
+                    NR,
+                    NR * k,
+                    c,
+                    c_rs,
+                    acc,
+                )
             };
         }
         _ => sgemm(m, n, k, a, a_rs, a_cs, rows.src, 1, rows.rs, c, c_rs, acc),
@@ -210,7 +223,11 @@ unsafe fn tiles(
     acc: bool,
 ) {
     let (row_tiles, panels) = (m.div_ceil(MR), n.div_ceil(NR));
-    let (ap, bp, cp) = (SendPtr(a.as_ptr() as *mut f32), SendPtr(b as *mut f32), SendPtr(c.as_mut_ptr()));
+    let (ap, bp, cp) = (
+        SendPtr(a.as_ptr() as *mut f32),
+        SendPtr(b as *mut f32),
+        SendPtr(c.as_mut_ptr()),
+    );
     let tile = |t: usize| {
         let (i0, j0) = (t / panels * MR, t % panels * NR);
         // SAFETY: caller contract; the tile's rows and columns lie inside A, B and C, and
@@ -232,7 +249,10 @@ unsafe fn tiles(
         };
     };
     if m * n * k >= PARALLEL_MIN && !SERIAL.with(|s| s.get()) && rayon::current_num_threads() > 1 {
-        (0..row_tiles * panels).into_par_iter().with_min_len(4).for_each(tile);
+        (0..row_tiles * panels)
+            .into_par_iter()
+            .with_min_len(4)
+            .for_each(tile);
     } else {
         (0..row_tiles * panels).for_each(tile);
     }
