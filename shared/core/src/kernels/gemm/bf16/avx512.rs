@@ -253,3 +253,34 @@ pub(super) fn round_bf16_lanes(f: __m512) -> __m512i {
     let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(f, f);
     _mm512_mask_blend_epi32(nan, rounded, quieted)
 }
+
+/// One pair row of the nn layout into every panel: `dst[q·panel + l] = bf16(lo[c]) |
+/// bf16(hi[c]) << 16` for column c = q·nr + l < `npad` (zeros from `lo.len()` on, and for the
+/// high halves when `hi` is empty), rounded as `f32_to_bf16_bits`.
+///
+/// # Safety
+/// `dst` addresses pair p of panel 0 and every panel `q < npad / nr` has `nr` words at
+/// `dst + q·panel`; `hi` is empty or as long as `lo`; `nr` is a multiple of 16 and divides
+/// `npad`; requires AVX512F and AVX512BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn pair_row_into_panels(
+    lo: &[f32],
+    hi: &[f32],
+    npad: usize,
+    nr: usize,
+    dst: *mut u32,
+    panel: usize,
+) {
+    // SAFETY: loads are masked to the rows' lengths; stores follow the caller contract.
+    unsafe {
+        for c0 in (0..npad).step_by(16) {
+            let m = lane_mask(lo.len().saturating_sub(c0));
+            let l = round_bf16_lanes(_mm512_maskz_loadu_ps(m, lo.as_ptr().wrapping_add(c0)));
+            let mh = lane_mask(hi.len().saturating_sub(c0));
+            let h = round_bf16_lanes(_mm512_maskz_loadu_ps(mh, hi.as_ptr().wrapping_add(c0)));
+            let pair = _mm512_or_si512(l, _mm512_slli_epi32::<16>(h));
+            let at = dst.add(c0 / nr * panel + c0 % nr);
+            _mm512_storeu_si512(at as *mut __m512i, pair);
+        }
+    }
+}
