@@ -364,13 +364,12 @@ impl Model {
         let c = &self.config;
         match &self.lm_head {
             Some(l) => l.forward_alloc(hidden, rows, opts),
-            None if self.head_bf16.is_some() => {
-                let p = self.head_bf16.as_deref().expect("checked");
-                let mut out = vec![0.0f32; rows * c.vocab];
-                gemm::matmul_nt_bf16(hidden, &p.nt, &mut out, rows, false);
-                out
-            }
             None => {
+                if let Some(p) = self.head_bf16.as_deref() {
+                    let mut out = vec![0.0f32; rows * c.vocab];
+                    gemm::matmul_nt_bf16(hidden, &p.nt, &mut out, rows, false);
+                    return out;
+                }
                 let mut out = vec![0.0f32; rows * c.vocab];
                 gemm::matmul_nt(
                     hidden,
