@@ -397,8 +397,23 @@ fn softmax_scaled_scalar(row: &mut [f32], scale: f32) {
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
-/// Σ a·b in 16 independent lanes (so it vectorizes; a single running sum waits on every add).
+/// Σ a·b: AVX-512 or AVX2+FMA where the CPU has them, else in 16 independent lanes (so it
+/// vectorizes; a single running sum waits on every add).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is available.
+        return unsafe { x86::dot(a, b) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 and FMA are available.
+        return unsafe { super::ops_avx2::dot(a, b) };
+    }
+    dot_lanes(a, b)
+}
+
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 16];
     let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ac
@@ -658,6 +673,44 @@ mod x86 {
         _mm512_reduce_add_ps(_mm512_add_ps(a0, a1))
     }
 
+    /// Σ x·y (AVX-512F).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot(x: &[f32], y: &[f32]) -> f32 {
+        let n = x.len().min(y.len());
+        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut i = 0;
+        // SAFETY: every access is below n (masked for the tail).
+        unsafe {
+            while i + 32 <= n {
+                s0 = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(x.as_ptr().add(i)),
+                    _mm512_loadu_ps(y.as_ptr().add(i)),
+                    s0,
+                );
+                s1 = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(x.as_ptr().add(i + 16)),
+                    _mm512_loadu_ps(y.as_ptr().add(i + 16)),
+                    s1,
+                );
+                i += 32;
+            }
+            while i < n {
+                let mk: __mmask16 = if n - i >= 16 {
+                    0xffff
+                } else {
+                    ((1u32 << (n - i)) - 1) as u16
+                };
+                s0 = _mm512_fmadd_ps(
+                    _mm512_maskz_loadu_ps(mk, x.as_ptr().add(i)),
+                    _mm512_maskz_loadu_ps(mk, y.as_ptr().add(i)),
+                    s0,
+                );
+                i += 16;
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+        }
+    }
+
     /// AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn exp_shifted_scaled(x: &mut [f32], shift: f32, mul: f32) {
@@ -835,6 +888,12 @@ mod tests {
             );
             let d2: f64 = (0..n).map(|i| x[i] as f64 * y[i] as f64).sum();
             close(&[dot(&x, &y)], &[d2 as f32], 1e-5, &format!("dot n={n}"));
+            close(
+                &[dot_lanes(&x, &y)],
+                &[d2 as f32],
+                1e-5,
+                &format!("dot n={n}"),
+            );
             let mut g = y.clone();
             softmax_backward_row(&sm, &mut g, 0.5);
             close(&g, &sbw, 1e-5, &format!("softmax backward n={n}"));
@@ -886,6 +945,7 @@ mod tests {
                     let mut a = x.clone();
                     x86::add_assign(&mut a, &y);
                     close(&a, &sum, 0.0, &ctx);
+                    close(&[x86::dot(&x, &y)], &[d2 as f32], 1e-5, &ctx);
                     let mut e = x.clone();
                     x86::exp_shifted_scaled(&mut e, 1.5, 0.3);
                     close(&e, &esc, 1e-5, &ctx);
@@ -917,6 +977,7 @@ mod tests {
                     let mut a = x.clone();
                     v2::add_assign(&mut a, &y);
                     close(&a, &sum, 0.0, &ctx);
+                    close(&[v2::dot(&x, &y)], &[d2 as f32], 1e-5, &ctx);
                     let mut e = x.clone();
                     v2::exp_shifted_scaled(&mut e, 1.5, 0.3);
                     close(&e, &esc, 1e-5, &ctx);

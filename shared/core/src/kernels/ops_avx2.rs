@@ -295,3 +295,33 @@ pub unsafe fn softmax_scaled(row: &mut [f32], scale: f32) {
         }
     }
 }
+
+/// Σ x·y.
+///
+/// # Safety
+/// AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let n = x.len().min(y.len());
+    let b = n & !15;
+    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    // SAFETY: vector loads stay below b ≤ n.
+    unsafe {
+        let mut i = 0;
+        while i < b {
+            s0 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(x.as_ptr().add(i)),
+                _mm256_loadu_ps(y.as_ptr().add(i)),
+                s0,
+            );
+            s1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(x.as_ptr().add(i + 8)),
+                _mm256_loadu_ps(y.as_ptr().add(i + 8)),
+                s1,
+            );
+            i += 16;
+        }
+    }
+    let tail: f32 = x[b..n].iter().zip(&y[b..n]).map(|(a, b)| a * b).sum();
+    hsum(_mm256_add_ps(s0, s1)) + tail
+}

@@ -282,7 +282,7 @@ fn gemv_q4(a: &[f32], w: &Q4Weight, c: &mut [f32], m: usize, acc: bool) {
         for j in j0..(j0 + CHUNK).min(n) {
             decode(w, j * k, &mut row);
             for i in 0..m {
-                let v = dot(&a[i * k..(i + 1) * k], &row);
+                let v = crate::kernels::ops::dot(&a[i * k..(i + 1) * k], &row);
                 // SAFETY: (i, j) is inside C (asserted by the caller); chunks own disjoint j.
                 unsafe {
                     let p = cp.get().add(i * n + j);
@@ -399,59 +399,6 @@ unsafe fn dot_q4_avx512(w: &Q4Weight, j: usize, x: &[f32], wide: bool) -> f32 {
             total = _mm512_fmadd_ps(part, _mm512_set1_ps(s), total);
         }
         _mm512_reduce_add_ps(total)
-    }
-}
-
-fn dot(x: &[f32], y: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: AVX-512F is available.
-        return unsafe { dot_avx512(x, y) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        // SAFETY: AVX2 and FMA are available.
-        return unsafe { super::q4_avx2::dot(x, y) };
-    }
-    x.iter().zip(y).map(|(a, b)| a * b).sum()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot_avx512(x: &[f32], y: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = x.len().min(y.len());
-    let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    let mut i = 0;
-    // SAFETY: every access is below n (masked for the tail).
-    unsafe {
-        while i + 32 <= n {
-            s0 = _mm512_fmadd_ps(
-                _mm512_loadu_ps(x.as_ptr().add(i)),
-                _mm512_loadu_ps(y.as_ptr().add(i)),
-                s0,
-            );
-            s1 = _mm512_fmadd_ps(
-                _mm512_loadu_ps(x.as_ptr().add(i + 16)),
-                _mm512_loadu_ps(y.as_ptr().add(i + 16)),
-                s1,
-            );
-            i += 32;
-        }
-        while i < n {
-            let mk: __mmask16 = if n - i >= 16 {
-                0xffff
-            } else {
-                ((1u32 << (n - i)) - 1) as u16
-            };
-            s0 = _mm512_fmadd_ps(
-                _mm512_maskz_loadu_ps(mk, x.as_ptr().add(i)),
-                _mm512_maskz_loadu_ps(mk, y.as_ptr().add(i)),
-                s0,
-            );
-            i += 16;
-        }
-        _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
     }
 }
 
@@ -596,7 +543,7 @@ mod tests {
                 let y = &dense[..len];
                 let want: f32 = x.iter().zip(y).map(|(a, b)| a * b).sum();
                 // SAFETY: AVX2 and FMA checked above.
-                let got = unsafe { super::super::q4_avx2::dot(&x, y) };
+                let got = unsafe { crate::kernels::ops_avx2::dot(&x, y) };
                 assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "dot {len}");
             }
         }

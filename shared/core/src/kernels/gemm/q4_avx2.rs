@@ -1,8 +1,7 @@
-//! AVX2+FMA versions of the 4-bit decode and the dot product of [`super::q4`], for CPUs
+//! AVX2+FMA version of the 4-bit decode of [`super::q4`], for CPUs
 //! without AVX-512.
 
 use super::q4::Q4Weight;
-use crate::kernels::ops_avx2::hsum;
 use std::arch::x86_64::*;
 
 /// Decode 16 elements at a time (`start` and `out.len()` multiples of 16, blocks multiples of
@@ -50,34 +49,4 @@ pub(crate) unsafe fn decode16(w: &Q4Weight, start: usize, out: &mut [f32]) {
             _mm256_storeu_ps(o.as_mut_ptr().add(8), _mm256_mul_ps(o1, s));
         }
     }
-}
-
-/// Σ x·y.
-///
-/// # Safety
-/// AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn dot(x: &[f32], y: &[f32]) -> f32 {
-    let n = x.len().min(y.len());
-    let b = n & !15;
-    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    // SAFETY: vector loads stay below b ≤ n.
-    unsafe {
-        let mut i = 0;
-        while i < b {
-            s0 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(x.as_ptr().add(i)),
-                _mm256_loadu_ps(y.as_ptr().add(i)),
-                s0,
-            );
-            s1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(x.as_ptr().add(i + 8)),
-                _mm256_loadu_ps(y.as_ptr().add(i + 8)),
-                s1,
-            );
-            i += 16;
-        }
-    }
-    let tail: f32 = x[b..n].iter().zip(&y[b..n]).map(|(a, b)| a * b).sum();
-    hsum(_mm256_add_ps(s0, s1)) + tail
 }
