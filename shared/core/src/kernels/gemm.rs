@@ -34,7 +34,7 @@ pub use bf16::{
 };
 use driver::View;
 pub use q4::{decode as decode_q4, matmul_nn_q4, matmul_nt_q4, Q4Weight};
-pub use small::{small_nn, small_nt, small_nt_all, RowPanels};
+pub use small::{small_nn, small_nt, RowPanels};
 use std::sync::OnceLock;
 
 /// Implementation behind the matrix products.

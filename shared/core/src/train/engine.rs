@@ -829,10 +829,10 @@ fn lin_forward(
         let r = lo.rank;
         let mut u = vec![0.0f32; rows * r];
         let a_rows = gemm::RowPanels::new(&lo.a, r, inp, inp);
-        gemm::small_nt_all(rows, xd, inp, 1, &a_rows, &mut u, r, false);
+        gemm::small_nt(rows, xd, inp, 1, &a_rows, 0, r, &mut u, r, false);
         let su: Vec<f32> = u.iter().map(|v| v * lo.scale).collect();
         let b_rows = gemm::RowPanels::new(&lo.b, out, r, r);
-        gemm::small_nt_all(rows, &su, r, 1, &b_rows, &mut y, out, true);
+        gemm::small_nt(rows, &su, r, 1, &b_rows, 0, out, &mut y, out, true);
         match &lo.magnitude {
             None => {}
             Some(mag) => {

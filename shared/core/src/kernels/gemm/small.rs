@@ -55,46 +55,6 @@ pub fn small_nn(
     };
 }
 
-/// C[m×n] (+)= A·Bᵀ with A(i, kk) = a[i·a_rs + kk·a_cs] and B `[n, k]` given as
-/// [`RowPanels`] (all its rows): a LoRA product with a thin weight.
-#[allow(clippy::too_many_arguments)]
-pub fn small_nt_all(
-    m: usize,
-    a: &[f32],
-    a_rs: usize,
-    a_cs: usize,
-    rows: &RowPanels,
-    c: &mut [f32],
-    c_rs: usize,
-    acc: bool,
-) {
-    let (n, k) = (rows.rows, rows.cols);
-    match &rows.packed {
-        Some(buf) if m > 0 && n > 0 && k > 0 => {
-            check(m, n, k, a, a_rs, a_cs, c, c_rs);
-            // SAFETY: as in small_nt.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                tiles(
-                    m,
-                    n,
-                    k,
-                    a,
-                    a_rs,
-                    a_cs,
-                    buf.as_ptr(),
-                    NR,
-                    NR * k,
-                    c,
-                    c_rs,
-                    acc,
-                )
-            };
-        }
-        _ => sgemm(m, n, k, a, a_rs, a_cs, rows.src, 1, rows.rs, c, c_rs, acc),
-    }
-}
-
 /// Rows `[rows, cols]` (row stride `rs`) of a matrix used transposed as the right operand of
 /// [`small_nt`]: with the AVX-512 kernel, packed into panels of 32 rows (`panel[kk·32 + r]`),
 /// so that every product with a prefix of the rows reads them without another copy; on
@@ -142,13 +102,15 @@ impl<'a> RowPanels<'a> {
     }
 }
 
-/// C[m×(hi−lo)] (+)= A[m×cols] · rows[lo..hi]ᵀ, A(i, kk) = a[i·a_rs + kk]: from the panels
-/// when `lo` starts one (a multiple of 32), otherwise through sgemm on the rows in place.
+/// C[m×(hi−lo)] (+)= A[m×cols] · rows[lo..hi]ᵀ, A(i, kk) = a[i·a_rs + kk·a_cs]: from the
+/// panels when `lo` starts one (a multiple of 32), otherwise through sgemm on the rows in
+/// place. Attention multiplies by a prefix of the keys; LoRA by all rows of a thin weight.
 #[allow(clippy::too_many_arguments)]
 pub fn small_nt(
     m: usize,
     a: &[f32],
     a_rs: usize,
+    a_cs: usize,
     rows: &RowPanels,
     lo: usize,
     hi: usize,
@@ -160,20 +122,20 @@ pub fn small_nt(
     assert!(hi <= rows.rows && lo <= hi, "small_nt: row range");
     match &rows.packed {
         Some(buf) if m > 0 && n > 0 && k > 0 && lo.is_multiple_of(NR) => {
-            check(m, n, k, a, a_rs, 1, c, c_rs);
+            check(m, n, k, a, a_rs, a_cs, c, c_rs);
             let b = &buf[lo * k..];
             // SAFETY: packed buffers exist only with AVX-512 (direct()); panels are whole
             // (zero padded), so full loads stay inside `buf`; the other accesses are checked.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                tiles(m, n, k, a, a_rs, 1, b.as_ptr(), NR, NR * k, c, c_rs, acc)
+                tiles(m, n, k, a, a_rs, a_cs, b.as_ptr(), NR, NR * k, c, c_rs, acc)
             };
             #[cfg(not(target_arch = "x86_64"))]
             let _ = b;
         }
         _ => {
             let src = &rows.src[(lo * rows.rs).min(rows.src.len())..];
-            sgemm(m, n, k, a, a_rs, 1, src, 1, rows.rs, c, c_rs, acc)
+            sgemm(m, n, k, a, a_rs, a_cs, src, 1, rows.rs, c, c_rs, acc)
         }
     }
 }
@@ -376,8 +338,11 @@ mod tests {
                 let w = n - lo;
                 let want = naive(m, w, k, |i, kk| a[i * k + kk], |kk, j| bt[kk * n + lo + j]);
                 let mut got = vec![0.0f32; m * w];
-                small_nt(m, &a, k, &panels, lo, n, &mut got, w, false);
+                small_nt(m, &a, k, 1, &panels, lo, n, &mut got, w, false);
                 close(&got, &want, &format!("nt {m}x{w}x{k} from {lo}"));
+                let mut got = vec![0.0f32; m * w];
+                small_nt(m, &at, 1, m, &panels, lo, n, &mut got, w, false);
+                close(&got, &want, &format!("nt, Aᵀ {m}x{w}x{k} from {lo}"));
             }
         }
     }
