@@ -8,10 +8,10 @@
 //! buffers up to 32 MB (glibc's largest allowed threshold) on the heap and not trimming it
 //! lets the next step reuse the same pages. Peak RSS is unchanged within 2 %.
 //!
-//! The worker threads' buffers would still come from per-thread arenas, which glibc shrinks
-//! with `madvise(MADV_DONTNEED)` whatever the trim threshold: one arena for all threads (the
-//! tools allocate few, large buffers, so they hardly contend for it) cut a further 115 k page
-//! faults over 4 steps on Zen 5 and made the bf16 LoRA step about 2 % faster.
+//! The worker threads' buffers still came from per-thread arenas and kept faulting pages in
+//! (the settings above did not stop it). One arena for all threads cut a further 115 k page
+//! faults over 4 steps on Zen 5 and made the bf16 LoRA step about 2 % faster; the tools
+//! allocate few, large buffers, so the threads hardly contend for it.
 
 /// Apply the settings (once, at start-up). A user's own `MALLOC_MMAP_THRESHOLD_`,
 /// `MALLOC_TRIM_THRESHOLD_` or `MALLOC_ARENA_MAX` wins; other C libraries are left alone.
