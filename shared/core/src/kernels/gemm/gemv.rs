@@ -33,17 +33,20 @@ pub(crate) unsafe fn gemv(
     let run = |j0: usize, j1: usize| {
         // SAFETY: columns j0..j1 of C are written by this call only.
         unsafe {
-            // Enough independent accumulators (≥ 8) to hide the FMA latency.
+            // Enough independent accumulators (≥ 8) to hide the FMA latency, and few enough
+            // (with the B vectors) for the 32 registers: from 5 rows on, 2 columns (or 32
+            // lanes) at a time. With 4, 8 rows needed 36 registers and ran at half the
+            // speed of 4 rows.
             let c = cp.get();
             match m {
-                1 => cols::<1, 3>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
-                2 => cols::<2, 2>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
-                3 => cols::<3, 1>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
-                4 => cols::<4, 1>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
-                5 => cols::<5, 1>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
-                6 => cols::<6, 1>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
-                7 => cols::<7, 1>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
-                _ => cols::<8, 1>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
+                1 => cols::<1, 3, 4, 4>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
+                2 => cols::<2, 2, 4, 4>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
+                3 => cols::<3, 1, 4, 4>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
+                4 => cols::<4, 1, 4, 4>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
+                5 => cols::<5, 1, 2, 2>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
+                6 => cols::<6, 1, 2, 2>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
+                7 => cols::<7, 1, 2, 2>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
+                _ => cols::<8, 1, 2, 2>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
             }
         }
     };
@@ -74,12 +77,12 @@ pub(crate) fn split_columns(
     }
 }
 
-/// Columns j0..j1 of C, 4 columns (dot-product form) or 64 columns (row-update form) at a
-/// time, with the k loop unrolled `U` times into separate accumulators so that at least ~8
-/// independent FMA chains hide the latency.
+/// Columns j0..j1 of C, `JB` columns (dot-product form) or 16·`W` columns (row-update form)
+/// at a time, with the k loop unrolled `U` times into separate accumulators so that at least
+/// ~8 independent FMA chains hide the latency.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn cols<const M: usize, const U: usize>(
+unsafe fn cols<const M: usize, const U: usize, const JB: usize, const W: usize>(
     j0: usize,
     j1: usize,
     k: usize,
@@ -90,8 +93,6 @@ unsafe fn cols<const M: usize, const U: usize>(
     c_cs: usize,
     acc: bool,
 ) {
-    const JB: usize = 4;
-    const W: usize = 4;
     let a = at.as_ptr();
     // SAFETY: all accesses are inside A (m×k), B's columns j0..j1 and C's columns j0..j1.
     unsafe {
