@@ -256,8 +256,8 @@ fn gemv_q4(a: &[f32], w: &Q4Weight, c: &mut [f32], m: usize, acc: bool) {
             .chunks(k)
             .flat_map(|x| split_nibble_order(x, wide))
             .collect();
-        let work = |j0: usize| {
-            for j in j0..(j0 + CHUNK).min(n) {
+        let work = |j0: usize, j1: usize| {
+            for j in j0..j1 {
                 for i in 0..m {
                     // SAFETY: AVX-512F is available; k and the block size are multiples of 32.
                     let v = unsafe { dot_q4_avx512(w, j, &split[i * k..(i + 1) * k], wide) };
@@ -270,11 +270,9 @@ fn gemv_q4(a: &[f32], w: &Q4Weight, c: &mut [f32], m: usize, acc: bool) {
                 }
             }
         };
-        if threads(m, n, k) > 1 {
-            (0..n).into_par_iter().step_by(CHUNK).for_each(work);
-        } else {
-            (0..n).step_by(CHUNK).for_each(work);
-        }
+        // One range of rows per thread, as the f32 GEMV splits its columns (fewer hand-offs
+        // between the threads per token than tasks of 64 rows).
+        super::gemv::split_columns(m, n, k, threads(m, n, k), work);
         return;
     }
     let work = |j0: usize| {
