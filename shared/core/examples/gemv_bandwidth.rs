@@ -1,6 +1,6 @@
 //! Generation's matrix-vector products against the memory bandwidth: one row times a weight
-//! too large for the caches (SmolLM2's LM head, 49152 × 576; the decoder layers of a token
-//! together are larger still), stored as f32, bf16 and 4-bit (NF4 layout, blocks of 64).
+//! of about 256 MB (k = 576, SmolLM2's hidden size), far larger than the caches, stored as
+//! f32, bf16 and 4-bit (NF4 layout, blocks of 64).
 //! Prints GB/s of weight bytes streamed per product next to the machine's read bandwidth
 //! (a parallel sum over 1 GiB), best of several calls.
 //!
@@ -11,6 +11,44 @@ use peftkit_core::kernels::gemm::{
 };
 use rayon::prelude::*;
 use std::time::Instant;
+
+/// Σ x with 8 independent AVX-512 accumulators where the CPU has them (so that only the
+/// loads limit it), else 16 lanes of portable code.
+fn sum(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is available.
+        return unsafe { sum_avx512(x) };
+    }
+    let mut acc = [0.0f32; 16];
+    for v in x.chunks_exact(16) {
+        acc.iter_mut().zip(v).for_each(|(a, &x)| *a += x);
+    }
+    acc.iter().sum::<f32>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn sum_avx512(x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let (mut a0, mut a1, mut a2, mut a3) = (
+        _mm512_setzero_ps(),
+        _mm512_setzero_ps(),
+        _mm512_setzero_ps(),
+        _mm512_setzero_ps(),
+    );
+    for c in x.chunks_exact(64) {
+        let p = c.as_ptr();
+        // SAFETY: each chunk holds 64 floats.
+        unsafe {
+            a0 = _mm512_add_ps(a0, _mm512_loadu_ps(p));
+            a1 = _mm512_add_ps(a1, _mm512_loadu_ps(p.add(16)));
+            a2 = _mm512_add_ps(a2, _mm512_loadu_ps(p.add(32)));
+            a3 = _mm512_add_ps(a3, _mm512_loadu_ps(p.add(48)));
+        }
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)))
+}
 
 /// Best seconds per call over at least ~0.3 s (at least 3 calls).
 fn time(mut f: impl FnMut()) -> f64 {
@@ -32,52 +70,73 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2);
     peftkit_core::kernels::set_threads(threads);
-    let (n, k) = (49152usize, 576usize);
+    let k = 576usize;
 
-    let big = vec![1.0f32; 256 << 20];
+    // Written by the threads that read it (in the same halves), as the weights are packed.
+    let mut big = vec![0.0f32; 64 << 20];
+    if std::env::var("HUGE").is_ok() {
+        extern "C" {
+            fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
+        }
+        let p = big.as_mut_ptr() as usize;
+        let start = (p + 4095) & !4095;
+        let r = unsafe { madvise(start as *mut _, big.len() * 4 - (start - p) - 4096, 14) };
+        eprintln!("madvise {r}");
+    }
+    let half = big.len().div_ceil(threads);
+    big.par_chunks_mut(half).for_each(|c| c.fill(1.0));
     let read = time(|| {
-        // 16 independent lanes, so the sum vectorizes and only the loads limit it.
-        let lanes = |c: &[f32]| {
-            let mut acc = [0.0f32; 16];
-            for v in c.chunks_exact(16) {
-                acc.iter_mut().zip(v).for_each(|(a, &x)| *a += x);
-            }
-            acc.iter().sum::<f32>()
-        };
-        let s: f32 = big.par_chunks(1 << 16).map(lanes).sum();
+        let s: f32 = big.par_chunks(big.len().div_ceil(threads)).map(sum).sum();
         std::hint::black_box(s);
     });
     let bandwidth = big.len() as f64 * 4.0 / read / 1e9;
     println!("{threads} thread(s); read bandwidth (sum over 1 GiB): {bandwidth:.1} GB/s");
 
-    let w: Vec<f32> = (0..n * k)
-        .map(|i| ((i * 7919) % 1000) as f32 * 1e-3)
-        .collect();
     let x: Vec<f32> = (0..k).map(|i| (i % 13) as f32 * 0.1).collect();
-    let mut y = vec![0.0f32; n];
+    // Each weight holds about 256 MB in its own format, 8 times the 32 MB L3 of the Zen 5
+    // machines this was tuned on: a weight the size of SmolLM2's head (57 MB in bf16) stays
+    // partly cached between calls and reads faster than memory.
+    let rows = |bytes_per_weight: f64| {
+        ((256e6 / (k as f64 * bytes_per_weight)) as usize).div_ceil(64) * 64
+    };
+    let weight = |n: usize| -> Vec<f32> {
+        (0..n * k)
+            .map(|i| ((i * 7919) % 1000) as f32 * 1e-3)
+            .collect()
+    };
 
-    let f32_pack = PackedWeight::new(&w, n, k);
+    let n32 = rows(4.0);
+    let f32_pack = PackedWeight::new(&weight(n32), n32, k);
+    let mut y = vec![0.0f32; n32];
     let t_f32 = time(|| matmul_nt_packed(&x, &f32_pack, &mut y, 1, false));
-    let bf16 = PackedBf16::for_nt(&w, n, k);
+    drop(f32_pack);
+
+    let n16 = rows(2.0);
+    let bf16 = PackedBf16::for_nt(&weight(n16), n16, k);
+    let mut y = vec![0.0f32; n16];
     let t_bf16 = time(|| matmul_nt_bf16(&x, &bf16, &mut y, 1, false));
-    let packed: Vec<u8> = (0..n * k / 2).map(|i| (i * 37 % 256) as u8).collect();
-    let absmax: Vec<f32> = (0..n * k / 64).map(|i| 0.5 + (i % 7) as f32).collect();
+    drop(bf16);
+
+    let n4 = rows(0.5625);
+    let packed: Vec<u8> = (0..n4 * k / 2).map(|i| (i * 37 % 256) as u8).collect();
+    let absmax: Vec<f32> = (0..n4 * k / 64).map(|i| 0.5 + (i % 7) as f32).collect();
     let code: [f32; 16] = std::array::from_fn(|i| i as f32 / 7.5 - 1.0);
     let q4 = Q4Weight {
         packed: &packed,
         absmax: &absmax,
         code: &code,
         blocksize: 64,
-        n,
+        n: n4,
         k,
     };
+    let mut y = vec![0.0f32; n4];
     let t_q4 = time(|| matmul_nt_q4(&x, &q4, &mut y, 1, false));
 
     let q4_bytes = packed.len() + absmax.len() * 4;
-    for (name, secs, bytes) in [
-        ("f32", t_f32, n * k * 4),
-        ("bf16", t_bf16, n * k * 2),
-        ("4-bit", t_q4, q4_bytes),
+    for (name, secs, n, bytes) in [
+        ("f32", t_f32, n32, n32 * k * 4),
+        ("bf16", t_bf16, n16, n16 * k * 2),
+        ("4-bit", t_q4, n4, q4_bytes),
     ] {
         let gbs = bytes as f64 / secs / 1e9;
         println!(

@@ -65,6 +65,7 @@ pub fn show_options(options: &impl std::fmt::Debug) {
 /// code (documented in docs/exit-codes.md). Panics are turned into the same one-line form so a
 /// bug never shows a backtrace to a pipeline.
 pub fn run(body: impl FnOnce() -> Result<()>) -> ! {
+    crate::kernels::allocator::use_huge_pages();
     crate::kernels::allocator::keep_freed_buffers();
     std::panic::set_hook(Box::new(|info| {
         let msg = info
@@ -101,6 +102,7 @@ pub fn run(body: impl FnOnce() -> Result<()>) -> ! {
 /// Parse the command line into `A`, after handling the hidden `--completions SHELL` and
 /// `--man` flags ([`meta::handle`]); clap's own errors exit with status 2.
 pub fn parse<A: clap::Parser>() -> A {
+    crate::kernels::allocator::use_huge_pages();
     let argv: Vec<String> = std::env::args().collect();
     meta::handle::<A>(&argv);
     A::parse_from(argv)

@@ -41,3 +41,46 @@ pub fn keep_freed_buffers() {
         }
     }
 }
+
+/// Re-run this process once with glibc's transparent-huge-page option set, so that large
+/// buffers (weights, packs, activations) are backed by 2 MB pages. glibc reads the option
+/// (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) only at start-up, hence the re-exec, before
+/// anything else runs; it keeps the process id, arguments and environment. With 4 kB pages,
+/// streaming reads paid for TLB misses: on Zen 5 a 256 MB sum read 70 instead of 88 GB/s,
+/// greedy generation ran 5–15 % slower and training 1–2 % slower, at the same peak RSS.
+///
+/// Nothing happens when the option is already set (by a user, or by the first run), when
+/// `PEFTKIT_NO_HUGE_PAGES` is set (not empty), when the kernel has transparent huge pages off, or on
+/// other C libraries; if the exec fails, the process simply goes on with 4 kB pages.
+pub fn use_huge_pages() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::process::CommandExt;
+        const OPTION: &str = "glibc.malloc.hugetlb";
+        let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+        let opted_out = std::env::var_os("PEFTKIT_NO_HUGE_PAGES").is_some_and(|v| !v.is_empty());
+        if tunables.contains(OPTION) || opted_out {
+            return;
+        }
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
+        if thp.map_or(true, |mode| mode.contains("[never]")) {
+            return;
+        }
+        let Ok(exe) = std::env::current_exe() else {
+            return;
+        };
+        let mut args = std::env::args_os();
+        let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
+        let value = if tunables.is_empty() {
+            format!("{OPTION}=1")
+        } else {
+            format!("{tunables}:{OPTION}=1")
+        };
+        // Only returns if the exec failed; then carry on as we are.
+        let _ = std::process::Command::new(&exe)
+            .arg0(arg0)
+            .args(args)
+            .env("GLIBC_TUNABLES", value)
+            .exec();
+    }
+}

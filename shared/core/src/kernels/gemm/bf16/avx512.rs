@@ -36,8 +36,17 @@ impl Kernel for Avx512Bf16 {
         nr: usize,
         overwrite: bool,
     ) {
+        // A tile of few rows (generation's single token) multiplies only those rows: the
+        // full 12-row tile made a 1-row product compute-bound at a twelfth of its useful rate.
         // SAFETY: forwarded contract.
-        unsafe { micro(kp, a, b, c, c_rs, mr, nr, overwrite) }
+        unsafe {
+            match mr {
+                1 => micro::<1>(kp, a, b, c, c_rs, mr, nr, overwrite),
+                2 => micro::<2>(kp, a, b, c, c_rs, mr, nr, overwrite),
+                3 | 4 => micro::<4>(kp, a, b, c, c_rs, mr, nr, overwrite),
+                _ => micro::<MR>(kp, a, b, c, c_rs, mr, nr, overwrite),
+            }
+        }
     }
 }
 
@@ -65,7 +74,7 @@ fn bh_as_ps(v: __m512bh) -> __m512 {
 
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn micro(
+unsafe fn micro<const R: usize>(
     kp: usize,
     a: *const u32,
     b: *const u32,
@@ -75,7 +84,8 @@ unsafe fn micro(
     nr: usize,
     overwrite: bool,
 ) {
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    // The first R ≥ mr rows of the MR-row panel.
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
     let mut ap = a;
     let mut bp = b;
     // SAFETY: the packed panels hold kp*MR and kp*NR words (kernel contract).
@@ -91,7 +101,7 @@ unsafe fn micro(
             ap = ap.add(MR);
             bp = bp.add(NR);
         }
-        if mr == MR && nr == NR {
+        if mr == R && nr == NR {
             for (r, row) in acc.iter().enumerate() {
                 let cr = c.add(r * c_rs);
                 if overwrite {
