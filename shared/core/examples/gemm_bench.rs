@@ -4,8 +4,9 @@
 //!
 //! `cargo run --release --example gemm_bench [rounds] [filter]`
 
+mod common;
+
 use peftkit_core::kernels::gemm::{sgemm_with, GemmPath};
-use std::time::Instant;
 
 /// (label, layout, m, n, k); layout: "nt" (B = [n×k]), "nn" (B = [k×n]), "tn" (A = [k×m]).
 const SHAPES: &[(&str, &str, usize, usize, usize)] = &[
@@ -53,17 +54,8 @@ fn run(
 }
 
 /// Best seconds per call over one timed batch of at least ~60 ms.
-fn time(mut f: impl FnMut()) -> f64 {
-    let mut best = f64::INFINITY;
-    let start = Instant::now();
-    let mut calls = 0;
-    while calls < 3 || start.elapsed().as_secs_f64() < 0.06 {
-        let t = Instant::now();
-        f();
-        best = best.min(t.elapsed().as_secs_f64());
-        calls += 1;
-    }
-    best
+fn time(f: impl FnMut()) -> f64 {
+    common::best_seconds(3, 0.06, f)
 }
 
 fn main() {

@@ -8,6 +8,8 @@
 //! (`all` adds the portable fallback kernel; `PEFTKIT_BENCH_M=256` changes the row count, e.g.
 //! to the loss's 256-row chunks).
 
+mod common;
+
 use peftkit_core::kernels::gemm::{
     matmul_nn, matmul_nn_bf16, matmul_nt_bf16, matmul_nt_packed, Bf16Path, PackedBf16, PackedWeight,
 };
@@ -23,17 +25,8 @@ const SHAPES: &[(&str, usize, usize)] = &[
 ];
 
 /// Best seconds per call over a timed batch of at least ~50 ms (at least 2 calls).
-fn time(mut f: impl FnMut()) -> f64 {
-    let mut best = f64::INFINITY;
-    let start = Instant::now();
-    let mut calls = 0;
-    while calls < 2 || start.elapsed().as_secs_f64() < 0.05 {
-        let t = Instant::now();
-        f();
-        best = best.min(t.elapsed().as_secs_f64());
-        calls += 1;
-    }
-    best
+fn time(f: impl FnMut()) -> f64 {
+    common::best_seconds(2, 0.05, f)
 }
 
 fn main() {

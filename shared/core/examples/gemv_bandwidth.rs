@@ -6,9 +6,10 @@
 //!
 //! `cargo run --release --example gemv_bandwidth [threads]`
 
+mod common;
+
 use peftkit_core::kernels::gemm::{matmul_nt, matmul_nt_bf16, matmul_nt_q4, PackedBf16, Q4Weight};
 use rayon::prelude::*;
-use std::time::Instant;
 
 /// Σ x with 8 independent AVX-512 accumulators where the CPU has them (so that only the
 /// loads limit it), else 16 lanes of portable code.
@@ -49,17 +50,8 @@ unsafe fn sum_avx512(x: &[f32]) -> f32 {
 }
 
 /// Best seconds per call over at least ~0.3 s (at least 3 calls).
-fn time(mut f: impl FnMut()) -> f64 {
-    let mut best = f64::INFINITY;
-    let start = Instant::now();
-    let mut calls = 0;
-    while calls < 3 || start.elapsed().as_secs_f64() < 0.3 {
-        let t = Instant::now();
-        f();
-        best = best.min(t.elapsed().as_secs_f64());
-        calls += 1;
-    }
-    best
+fn time(f: impl FnMut()) -> f64 {
+    common::best_seconds(3, 0.3, f)
 }
 
 fn main() {

@@ -422,16 +422,7 @@ impl PackedBf16 {
             }
             return;
         }
-        self.bits = Default::default();
-        let nr = nr_of(path);
-        let npad = pn.div_ceil(nr) * nr;
-        let kp = pk.div_ceil(2);
-        let len = packed_words(kp, npad);
-        self.buf.clear();
-        self.buf.resize(len + 16, 0);
-        self.off = self.buf.as_ptr().align_offset(64).min(15);
-        (self.path, self.nn, self.n, self.k) = (path, nn, n, k);
-        (self.pn, self.pk, self.npad) = (pn, pk, npad);
+        let (nr, npad, kp, len) = self.zeroed_panels(path, nn, n, k);
         if len == 0 {
             return;
         }
@@ -453,15 +444,17 @@ impl PackedBf16 {
         }
     }
 
-    /// The nn layout of a 4-bit weight, pair row by pair row: decode weight rows 2p and 2p+1
-    /// whole (long runs for the decoder) and write their bf16 pairs into every panel (16
-    /// lanes a store). Panel by panel instead, each panel re-read a column strip of the whole
-    /// decoded weight: on Zen 5 that pack cost a sixth of QLoRA's input-gradient time, and
-    /// this one under a tenth.
-    #[cfg(target_arch = "x86_64")]
-    fn repack_nn_q4_by_pairs(&mut self, path: Bf16Path, q: &super::Q4Weight) {
-        let (n, k) = (q.n, q.k);
-        let (pn, pk) = (k, n);
+    /// Size this pack's buffer for a weight `[n, k]` in the `nn` or nt panel layout of `path`,
+    /// all zeros, and record the shape; returns (panel width, padded panel dimension, pairs,
+    /// words).
+    fn zeroed_panels(
+        &mut self,
+        path: Bf16Path,
+        nn: bool,
+        n: usize,
+        k: usize,
+    ) -> (usize, usize, usize, usize) {
+        let (pn, pk) = if nn { (k, n) } else { (n, k) };
         let nr = nr_of(path);
         let npad = pn.div_ceil(nr) * nr;
         let kp = pk.div_ceil(2);
@@ -470,8 +463,21 @@ impl PackedBf16 {
         self.buf.clear();
         self.buf.resize(len + 16, 0);
         self.off = self.buf.as_ptr().align_offset(64).min(15);
-        (self.path, self.nn, self.n, self.k) = (path, true, n, k);
+        (self.path, self.nn, self.n, self.k) = (path, nn, n, k);
         (self.pn, self.pk, self.npad) = (pn, pk, npad);
+        (nr, npad, kp, len)
+    }
+
+    /// The nn layout of a 4-bit weight, pair row by pair row: decode weight rows 2p and 2p+1
+    /// whole (long runs for the decoder) and write their bf16 pairs into every panel (16
+    /// lanes a store). Panel by panel instead, each panel re-read a column strip of the whole
+    /// decoded weight: on Zen 5 that pack cost a sixth of QLoRA's input-gradient time, and
+    /// this one under a tenth.
+    #[cfg(target_arch = "x86_64")]
+    fn repack_nn_q4_by_pairs(&mut self, path: Bf16Path, q: &super::Q4Weight) {
+        let (n, k) = (q.n, q.k);
+        let pk = n;
+        let (nr, npad, kp, len) = self.zeroed_panels(path, true, n, k);
         if len == 0 {
             return;
         }
