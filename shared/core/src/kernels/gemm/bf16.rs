@@ -422,21 +422,14 @@ impl PackedBf16 {
             }
             return;
         }
-        let (nr, npad, kp, len) = self.zeroed_panels(path, nn, n, k);
-        if len == 0 {
-            return;
-        }
-        let kcp = k_block(kp);
-        let dst = &mut self.buf[self.off..self.off + len];
-        let parallel = !SERIAL.with(|s| s.get()) && n * k >= 1 << 15;
-        for (bi, block) in dst.chunks_mut(kcp * npad).enumerate() {
-            let p0 = bi * kcp;
-            let bk = kcp.min(kp - p0);
+        let shape = self.zeroed_panels(path, nn, n, k);
+        let (nr, npad) = (shape.nr, shape.npad);
+        for (p0, bk, block) in self.k_blocks(&shape) {
             let bkp = block.len() / npad;
             let panel = |(q, out): (usize, &mut [u32])| {
                 pack_b_panel(w, nn, n, k, pn, pk, p0, bk, q * nr, nr, out)
             };
-            if parallel {
+            if shape.parallel {
                 block.par_chunks_mut(bkp * nr).enumerate().for_each(panel);
             } else {
                 block.chunks_mut(bkp * nr).enumerate().for_each(panel);
@@ -445,15 +438,8 @@ impl PackedBf16 {
     }
 
     /// Size this pack's buffer for a weight `[n, k]` in the `nn` or nt panel layout of `path`,
-    /// all zeros, and record the shape; returns (panel width, padded panel dimension, pairs,
-    /// words).
-    fn zeroed_panels(
-        &mut self,
-        path: Bf16Path,
-        nn: bool,
-        n: usize,
-        k: usize,
-    ) -> (usize, usize, usize, usize) {
+    /// all zeros, and record the shape.
+    fn zeroed_panels(&mut self, path: Bf16Path, nn: bool, n: usize, k: usize) -> PanelShape {
         let (pn, pk) = if nn { (k, n) } else { (n, k) };
         let nr = nr_of(path);
         let npad = pn.div_ceil(nr) * nr;
@@ -465,7 +451,23 @@ impl PackedBf16 {
         self.off = self.buf.as_ptr().align_offset(64).min(15);
         (self.path, self.nn, self.n, self.k) = (path, nn, n, k);
         (self.pn, self.pk, self.npad) = (pn, pk, npad);
-        (nr, npad, kp, len)
+        let parallel = !SERIAL.with(|s| s.get()) && n * k >= 1 << 15;
+        PanelShape {
+            nr,
+            npad,
+            kp,
+            len,
+            parallel,
+        }
+    }
+
+    /// The buffer's k blocks after [`PackedBf16::zeroed_panels`]: (first pair, pairs, words).
+    fn k_blocks(&mut self, s: &PanelShape) -> impl Iterator<Item = (usize, usize, &mut [u32])> {
+        let (kp, kcp) = (s.kp, k_block(s.kp));
+        self.buf[self.off..self.off + s.len]
+            .chunks_mut((kcp * s.npad).max(1))
+            .enumerate()
+            .map(move |(bi, block)| (bi * kcp, kcp.min(kp - bi * kcp), block))
     }
 
     /// The nn layout of a 4-bit weight, pair row by pair row: decode weight rows 2p and 2p+1
@@ -477,16 +479,9 @@ impl PackedBf16 {
     fn repack_nn_q4_by_pairs(&mut self, path: Bf16Path, q: &super::Q4Weight) {
         let (n, k) = (q.n, q.k);
         let pk = n;
-        let (nr, npad, kp, len) = self.zeroed_panels(path, true, n, k);
-        if len == 0 {
-            return;
-        }
-        let kcp = k_block(kp);
-        let dst = &mut self.buf[self.off..self.off + len];
-        let parallel = !SERIAL.with(|s| s.get()) && n * k >= 1 << 15;
-        for (bi, block) in dst.chunks_mut(kcp * npad).enumerate() {
-            let p0 = bi * kcp;
-            let bk = kcp.min(kp - p0);
+        let shape = self.zeroed_panels(path, true, n, k);
+        let (nr, npad) = (shape.nr, shape.npad);
+        for (p0, bk, block) in self.k_blocks(&shape) {
             let panel = block.len() / npad * nr;
             let out = SendPtr(block.as_mut_ptr());
             let pairs = |range: std::ops::Range<usize>| {
@@ -512,7 +507,7 @@ impl PackedBf16 {
                 PANEL_ROWS.set(rows);
             };
             const PAIRS_PER_TASK: usize = 8;
-            if parallel {
+            if shape.parallel {
                 (0..bk.div_ceil(PAIRS_PER_TASK))
                     .into_par_iter()
                     .for_each(|t| pairs(t * PAIRS_PER_TASK..((t + 1) * PAIRS_PER_TASK).min(bk)));
@@ -662,6 +657,16 @@ fn decode_q4_bits(q: &super::Q4Weight, len: usize) -> Vec<u16> {
 /// Elements per parallel task of [`decode_q4_bits`] (a multiple of [`RUN`] and of 32, so every
 /// run starts where the vector decoder can take it).
 const DECODE_CHUNK: usize = 16 * RUN;
+
+/// The panel layout [`PackedBf16::zeroed_panels`] prepared: panel width, padded panel
+/// dimension, pairs, words, and whether to fill it on all threads.
+struct PanelShape {
+    nr: usize,
+    npad: usize,
+    kp: usize,
+    len: usize,
+    parallel: bool,
+}
 
 thread_local! {
     /// The decoded 4-bit rows of one weight panel ([`pack_b_panel`]), reused between panels.
