@@ -24,17 +24,22 @@ fn write_samples(dir: &Path, texts: &[&str]) -> PathBuf {
     p
 }
 
+/// The reference's sample texts as a data file for peft-eval.
+fn write_reference_samples(dir: &Path, samples: &[Value]) -> PathBuf {
+    let texts: Vec<&str> = samples
+        .iter()
+        .map(|s| s["text"].as_str().unwrap())
+        .collect();
+    write_samples(dir, &texts)
+}
+
 #[test]
 fn eval_per_token_json_matches_reference() {
     let tmp = tempfile::tempdir().unwrap();
     for name in ["llama_untied", "gpt2", "qwen2"] {
         let r = reference(name);
         let samples = r["samples"].as_array().unwrap();
-        let texts: Vec<&str> = samples
-            .iter()
-            .map(|s| s["text"].as_str().unwrap())
-            .collect();
-        let data = write_samples(tmp.path(), &texts);
+        let data = write_reference_samples(tmp.path(), samples);
         let out = run(
             "peft-eval",
             &[
@@ -87,11 +92,7 @@ fn eval_and_generate_in_bf16_follow_the_f32_reference() {
     for name in ["gpt2", "llama_untied"] {
         let r = reference(name);
         let samples = r["samples"].as_array().unwrap();
-        let texts: Vec<&str> = samples
-            .iter()
-            .map(|s| s["text"].as_str().unwrap())
-            .collect();
-        let data = write_samples(tmp.path(), &texts);
+        let data = write_reference_samples(tmp.path(), samples);
         let model = model_dir(name);
         // The empty value keeps the CPU's best path.
         for path in ["", "fallback"] {

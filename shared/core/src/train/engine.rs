@@ -150,8 +150,8 @@ pub(super) struct Span {
 /// What a linear layer's backward pass needs beyond its input.
 #[derive(Default)]
 struct LinSaved {
-    /// x·Aᵀ of the (dropped-out) input, `[rows, r]`
-    u: Option<Vec<f32>>,
+    /// s·x·Aᵀ of the (dropped-out) input, `[rows, r]` (the LoRA scale applied)
+    su: Option<Vec<f32>>,
     /// dropout keep-scale per input element (0 or 1/(1−p)), `[rows, in]`
     keep: Option<Vec<f32>>,
     /// IA3 on the output: the layer output before the scaling, `[rows, out]`.
@@ -830,7 +830,8 @@ fn lin_forward(
         let mut u = vec![0.0f32; rows * r];
         let a_rows = gemm::RowPanels::new(&lo.a, r, inp, inp);
         gemm::small_nt(rows, xd, inp, 1, &a_rows, 0, r, &mut u, r, false);
-        let su: Vec<f32> = u.iter().map(|v| v * lo.scale).collect();
+        u.iter_mut().for_each(|v| *v *= lo.scale);
+        let su = u;
         let b_rows = gemm::RowPanels::new(&lo.b, out, r, r);
         gemm::small_nt(rows, &su, r, 1, &b_rows, 0, out, &mut y, out, true);
         match &lo.magnitude {
@@ -847,7 +848,7 @@ fn lin_forward(
                 saved.dora_norm = Some(norm);
             }
         }
-        saved.u = Some(u);
+        saved.su = Some(su);
     }
     if let Some(b) = &l.bias {
         ops::add_bias(&mut y, b);
@@ -1047,16 +1048,15 @@ fn lin_backward(
         l.matmul_base_backward(dy, rows, &mut dx, false);
         dx
     });
-    if let (Some(lo), Some(u)) = (&lora, &saved.u) {
+    if let (Some(lo), Some(su)) = (&lora, &saved.su) {
         let _p = crate::profile::scope("lin_backward.lora");
         // Thin products (rank r): the scale goes on the small operands, and no product packs
         // the activations (gemm::small_nn).
         let r = lo.rank;
         if let Some(g) = state.grad_mut(Slot::LoraB(idx)) {
             // dBᵀ [r, out] = (s·u)ᵀ·dy, added transposed to dB [out, r]
-            let su: Vec<f32> = u.iter().map(|v| v * lo.scale).collect();
             let mut gt = vec![0.0f32; r * out];
-            gemm::small_nn(r, out, rows, &su, 1, r, dy, out, &mut gt, out, false);
+            gemm::small_nn(r, out, rows, su, 1, r, dy, out, &mut gt, out, false);
             for (o, grow) in g.chunks_exact_mut(r).enumerate() {
                 for (j, gv) in grow.iter_mut().enumerate() {
                     *gv += gt[j * out + o];
