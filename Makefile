@@ -29,13 +29,16 @@ build:
 
 test: build
 	$(CARGO) test --release --workspace
-	@# The GPU code must keep compiling where there is no CUDA (it loads the libraries at run time).
-	$(CARGO) check --release -p peftkit-core -p gpu-check --features peftkit-core/cuda,gpu-check/cuda
+	@# The GPU code without a GPU: the kernels and the GPU engine on the CPU simulator (cuda-sim,
+	@# docs/gpu.md), and the CUDA backend compiled (it loads the CUDA libraries at run time).
+	$(CARGO) test --release -p peftkit-core --features cuda,cuda-sim --lib gpu::
+	$(CARGO) test --release -p peftkit-train-cli --features cuda-sim --test gpu_sim
+	$(CARGO) check --release -p gpu-check --features gpu-check/cuda,gpu-check/cuda-sim
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
-	$(CARGO) clippy --release --target-dir target/cuda -p peftkit-core -p gpu-check --all-targets --features peftkit-core/cuda,gpu-check/cuda -- -D warnings
+	$(CARGO) clippy --release --target-dir target/cuda -p peftkit-core -p gpu-check -p peftkit-train-cli --all-targets --features peftkit-core/cuda,peftkit-core/cuda-sim,gpu-check/cuda,gpu-check/cuda-sim,peftkit-train-cli/cuda-sim -- -D warnings
 
 # The GPU build: its own target folder, so the CPU binaries in target/release stay as they are.
 build-cuda:

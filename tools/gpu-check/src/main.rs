@@ -20,7 +20,8 @@ Needs a build with the cuda feature (`make build-cuda`) and an NVIDIA driver; th
 libraries (libcuda, libnvrtc, libcublas) are loaded at run time. Exit code 5 when a check fails."
 )]
 struct Args {
-    /// CUDA device
+    /// CUDA device, or cuda-sim: the kernels simulated on the CPU (a build with the cuda-sim
+    /// feature; small shapes, nothing timed)
     #[arg(long, default_value = "cuda:0", value_name = "cuda:N")]
     device: String,
     /// Skip the kernel checks
@@ -63,30 +64,35 @@ fn main() {
     cli::show_options(&a);
     cli::run(|| {
         let dev = DeviceSpec::parse(&a.device)?;
-        let DeviceSpec::Cuda(ordinal) = dev else {
-            return Err(Error::usage("gpu-check needs --device cuda:N"));
-        };
+        if !dev.is_gpu() {
+            return Err(Error::usage("gpu-check needs --device cuda:N or cuda-sim"));
+        }
         dev.check_available()?;
-        run(&a, ordinal)
+        run(&a, dev)
     })
 }
 
-#[cfg(not(feature = "cuda"))]
-fn run(_: &Args, _: usize) -> peftkit_core::Result<()> {
-    unreachable!("check_available refuses CUDA in a build without the feature")
+#[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
+fn run(_: &Args, _: DeviceSpec) -> peftkit_core::Result<()> {
+    unreachable!("check_available refuses a GPU in a build without the features")
 }
 
-#[cfg(feature = "cuda")]
-fn run(a: &Args, ordinal: usize) -> peftkit_core::Result<()> {
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+fn run(a: &Args, dev: DeviceSpec) -> peftkit_core::Result<()> {
     use peftkit_core::gpu::{check, device::Gpu};
     use peftkit_core::train::lora::Targets;
     use serde_json::json;
-    let mut gpu = Gpu::open(ordinal)?;
-    cli::info(format!("{} (cuda:{ordinal})", gpu.name()));
+    let mut gpu = Gpu::open(dev)?;
+    cli::info(format!("{} ({dev})", gpu.name()));
     let mut out = json!({"gpu": gpu.name()});
     let mut failed = 0;
     if !a.no_kernels {
-        let (v, f) = check::kernels(&gpu)?;
+        let shapes = if dev == DeviceSpec::Sim {
+            check::KernelShapes::simulator()
+        } else {
+            check::KernelShapes::device()
+        };
+        let (v, f) = check::kernels(&gpu, &shapes)?;
         out["kernels"] = v;
         failed += f;
     }

@@ -2,18 +2,11 @@
 //! autocast's bf16 semantics), optionally batched with constant strides.
 //!
 //! cuBLAS is column-major; a row-major `C = op(A)·op(B)` is the column-major `Cᵀ = op(B)ᵀ·op(A)ᵀ`,
-//! so every call swaps the operands.
+//! so every call swaps the operands. The simulator (`cuda-sim`) computes the same products on
+//! the CPU (gpu/sim.rs).
 
-use super::device::dev_err;
-use crate::error::{Error, Result};
-use cudarc::cublas::{result, sys, CudaBlas};
-use cudarc::driver::CudaStream;
-use std::ffi::c_void;
-use std::sync::Arc;
-
-pub(crate) struct Blas {
-    handle: CudaBlas,
-}
+#[cfg(feature = "cuda")]
+pub(crate) use cublas::Blas;
 
 /// One (batched) product `C[m×n] = alpha·op(A)·op(B) + beta·C`, all row-major.
 /// `A` is `[m×k]` (or `[k×m]` when `ta`), `B` is `[k×n]` (or `[n×k]` when `tb`).
@@ -108,55 +101,71 @@ impl Gemm {
     }
 }
 
-impl Blas {
-    pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
-        let handle = CudaBlas::new(stream).map_err(|e| dev_err("cuBLAS", e))?;
-        Ok(Self { handle })
+#[cfg(feature = "cuda")]
+mod cublas {
+    use super::Gemm;
+    use crate::error::{Error, Result};
+    use crate::gpu::device::dev_err;
+    use cudarc::cublas::{result, sys, CudaBlas};
+    use cudarc::driver::CudaStream;
+    use std::ffi::c_void;
+    use std::sync::Arc;
+
+    pub(crate) struct Blas {
+        handle: CudaBlas,
     }
 
-    pub fn gemm(&self, g: &Gemm) -> Result<()> {
-        if g.m == 0 || g.n == 0 {
-            return Ok(());
+    impl Blas {
+        pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
+            let handle = CudaBlas::new(stream).map_err(|e| dev_err("cuBLAS", e))?;
+            Ok(Self { handle })
         }
-        let op = |t: bool| {
-            if t {
-                sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                sys::cublasOperation_t::CUBLAS_OP_N
+
+        pub fn gemm(&self, g: &Gemm) -> Result<()> {
+            if g.m == 0 || g.n == 0 {
+                return Ok(());
             }
-        };
-        let to_i = |v: usize| -> Result<i32> {
-            i32::try_from(v).map_err(|_| Error::Device(format!("matrix dimension {v} too large")))
-        };
-        let bf = sys::cudaDataType::CUDA_R_16BF;
-        // Column-major view: Cᵀ[n×m] = op(B)ᵀ·op(A)ᵀ.
-        unsafe {
-            result::gemm_strided_batched_ex(
-                *self.handle.handle(),
-                op(g.tb),
-                op(g.ta),
-                to_i(g.n)?,
-                to_i(g.m)?,
-                to_i(g.k)?,
-                &g.alpha as *const f32 as *const c_void,
-                g.b as *const c_void,
-                bf,
-                to_i(g.ldb)?,
-                g.stride_b as i64,
-                g.a as *const c_void,
-                bf,
-                to_i(g.lda)?,
-                g.stride_a as i64,
-                &g.beta as *const f32 as *const c_void,
-                g.c as *mut c_void,
-                sys::cudaDataType::CUDA_R_32F,
-                to_i(g.ldc)?,
-                g.stride_c as i64,
-                to_i(g.batch)?,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
+            let op = |t: bool| {
+                if t {
+                    sys::cublasOperation_t::CUBLAS_OP_T
+                } else {
+                    sys::cublasOperation_t::CUBLAS_OP_N
+                }
+            };
+            let to_i = |v: usize| -> Result<i32> {
+                i32::try_from(v)
+                    .map_err(|_| Error::Device(format!("matrix dimension {v} too large")))
+            };
+            let bf = sys::cudaDataType::CUDA_R_16BF;
+            // Column-major view: Cᵀ[n×m] = op(B)ᵀ·op(A)ᵀ.
+            unsafe {
+                result::gemm_strided_batched_ex(
+                    *self.handle.handle(),
+                    op(g.tb),
+                    op(g.ta),
+                    to_i(g.n)?,
+                    to_i(g.m)?,
+                    to_i(g.k)?,
+                    &g.alpha as *const f32 as *const c_void,
+                    g.b as *const c_void,
+                    bf,
+                    to_i(g.ldb)?,
+                    g.stride_b as i64,
+                    g.a as *const c_void,
+                    bf,
+                    to_i(g.lda)?,
+                    g.stride_a as i64,
+                    &g.beta as *const f32 as *const c_void,
+                    g.c as *mut c_void,
+                    sys::cudaDataType::CUDA_R_32F,
+                    to_i(g.ldc)?,
+                    g.stride_c as i64,
+                    to_i(g.batch)?,
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| dev_err(&format!("cuBLAS product {}×{}×{}", g.m, g.n, g.k), e))
         }
-        .map_err(|e| dev_err(&format!("cuBLAS product {}×{}×{}", g.m, g.n, g.k), e))
     }
 }

@@ -480,7 +480,6 @@ impl GpuEngine {
         let lin = &self.model.blocks[l].lin[slot];
         let w = lin.bf16_weight(&self.gpu, &self.scratch)?;
         self.gpu
-            .blas
             .gemm(&Gemm::nt(rows, lin.out, lin.inp, x.ptr, w, y.ptr))?;
         if let Some(b) = &lin.bias {
             self.gpu.launch_n(
@@ -502,7 +501,6 @@ impl GpuEngine {
         let xin = xd.as_ref().unwrap_or(x);
         let t = self.gpu.uninit_f32(rows * r)?;
         self.gpu
-            .blas
             .gemm(&Gemm::nt(rows, r, lin.inp, xin.ptr, lo.a, t.ptr))?;
         let xa = self.gpu.uninit_bf16(rows * r)?;
         self.gpu.launch_n(
@@ -516,7 +514,6 @@ impl GpuEngine {
             ],
         )?;
         self.gpu
-            .blas
             .gemm(&Gemm::nt(rows, lin.out, r, xa.ptr, lo.b, y.ptr).accumulate())?;
         Ok(Some(xa))
     }
@@ -540,7 +537,7 @@ impl GpuEngine {
         if let Some(dx) = dx {
             let w = lin.bf16_weight(&self.gpu, &self.scratch)?;
             let g = Gemm::nn(rows, inp, out, dy.ptr, w, dx.ptr);
-            self.gpu.blas.gemm(&if acc { g.accumulate() } else { g })?;
+            self.gpu.gemm(&if acc { g.accumulate() } else { g })?;
         }
         let Some(lo) = &self.lora[l * PER_BLOCK + slot] else {
             return Ok(());
@@ -549,12 +546,10 @@ impl GpuEngine {
         let r = lo.rank;
         // dB += dyᵀ·(s·x·Aᵀ)
         self.gpu
-            .blas
             .gemm(&Gemm::tn(out, r, rows, dy.ptr, xa.ptr, lo.gb).accumulate())?;
         // t = s·(dy·B)
         let t = self.gpu.uninit_f32(rows * r)?;
         self.gpu
-            .blas
             .gemm(&Gemm::nn(rows, r, out, dy.ptr, lo.b, t.ptr))?;
         let ts = self.gpu.uninit_bf16(rows * r)?;
         self.gpu.launch_n(
@@ -571,17 +566,14 @@ impl GpuEngine {
         let xin = xd.as_ref().unwrap_or(x);
         // dA += tᵀ·x_dropped
         self.gpu
-            .blas
             .gemm(&Gemm::tn(r, inp, rows, ts.ptr, xin.ptr, lo.ga).accumulate())?;
         if let Some(dx) = dx {
             if lo.dropout <= 0.0 {
                 self.gpu
-                    .blas
                     .gemm(&Gemm::nn(rows, inp, r, ts.ptr, lo.a, dx.ptr).accumulate())?;
             } else {
                 let tmp = self.gpu.uninit_f32(rows * inp)?;
                 self.gpu
-                    .blas
                     .gemm(&Gemm::nn(rows, inp, r, ts.ptr, lo.a, tmp.ptr))?;
                 self.gpu.launch_n(
                     "dropout_bwd_add",
@@ -741,7 +733,7 @@ impl GpuEngine {
         let scale = 1.0 / (dh as f32).sqrt();
         for c0 in (0..batch).step_by(ch) {
             let c = ch.min(batch - c0);
-            gpu.blas.gemm(
+            gpu.gemm(
                 &Gemm::nt(
                     gl,
                     ll,
@@ -754,7 +746,7 @@ impl GpuEngine {
                 .batched(c, gl * dh, ll * dh, gl * ll),
             )?;
             self.softmax(&s, &pb, c * gl, c0 * gl, lay, window)?;
-            gpu.blas.gemm(
+            gpu.gemm(
                 &Gemm::nn(
                     gl,
                     dh,
@@ -798,23 +790,16 @@ impl GpuEngine {
                 vp.at(c0 * ll * dh, BF),
             );
             let dout = dop.at(c0 * gl * dh, BF);
-            gpu.blas
-                .gemm(&Gemm::nt(gl, ll, dh, q, k, s.ptr).scaled(scale).batched(
-                    c,
-                    gl * dh,
-                    ll * dh,
-                    gl * ll,
-                ))?;
+            gpu.gemm(&Gemm::nt(gl, ll, dh, q, k, s.ptr).scaled(scale).batched(
+                c,
+                gl * dh,
+                ll * dh,
+                gl * ll,
+            ))?;
             self.softmax(&s, &pb, c * gl, c0 * gl, lay, window)?;
             // dP = dO·Vᵀ, dV = Pᵀ·dO
-            gpu.blas
-                .gemm(&Gemm::nt(gl, ll, dh, dout, v, dp.ptr).batched(
-                    c,
-                    gl * dh,
-                    ll * dh,
-                    gl * ll,
-                ))?;
-            gpu.blas.gemm(
+            gpu.gemm(&Gemm::nt(gl, ll, dh, dout, v, dp.ptr).batched(c, gl * dh, ll * dh, gl * ll))?;
+            gpu.gemm(
                 &Gemm::tn(ll, dh, gl, pb.ptr, dout, dvp.at(c0 * ll * dh, F4)).batched(
                     c,
                     gl * ll,
@@ -836,7 +821,7 @@ impl GpuEngine {
                     Arg::F(scale),
                 ],
             )?;
-            gpu.blas.gemm(
+            gpu.gemm(
                 &Gemm::nn(gl, dh, ll, pb.ptr, k, dqp.at(c0 * gl * dh, F4)).batched(
                     c,
                     gl * ll,
@@ -844,7 +829,7 @@ impl GpuEngine {
                     gl * dh,
                 ),
             )?;
-            gpu.blas.gemm(
+            gpu.gemm(
                 &Gemm::tn(ll, dh, gl, pb.ptr, q, dkp.at(c0 * ll * dh, F4)).batched(
                     c,
                     gl * ll,
@@ -1099,8 +1084,7 @@ impl GpuEngine {
                     Arg::I(d as i32),
                 ],
             )?;
-            gpu.blas
-                .gemm(&Gemm::nt(c, vocab, d, hb.ptr, head, logits.ptr))?;
+            gpu.gemm(&Gemm::nt(c, vocab, d, hb.ptr, head, logits.ptr))?;
             gpu.launch_rows(
                 "cross_entropy",
                 c,
@@ -1115,8 +1099,7 @@ impl GpuEngine {
                 ],
             )?;
             if let Some(dnf) = dnf {
-                gpu.blas
-                    .gemm(&Gemm::nn(c, d, vocab, grad.ptr, head, dhc.ptr))?;
+                gpu.gemm(&Gemm::nn(c, d, vocab, grad.ptr, head, dhc.ptr))?;
                 gpu.launch_n(
                     "scatter_rows_f32",
                     c * d,

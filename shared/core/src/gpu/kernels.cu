@@ -13,6 +13,10 @@ typedef unsigned char u8;
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
 #endif
+// Dynamic shared memory (the simulator, sim/cuda_sim.h, defines its own).
+#ifndef EXTERN_SHARED
+#define EXTERN_SHARED(T, name) extern __shared__ T name[]
+#endif
 
 __device__ __forceinline__ float bf2f(bf16 h) { return __uint_as_float(((unsigned)h) << 16); }
 
@@ -453,7 +457,7 @@ extern "C" __global__ void dequant_q4_f32(const u8* packed, const float* absmax,
 // 32) per step. `in` must be a multiple of 32.
 extern "C" __global__ void gemv_q4(const u8* packed, const float* absmax, const float* code, const float* x, float* y,
                                    int out, int in, int blocksize, int rows_per_block) {
-    extern __shared__ float xs[];
+    EXTERN_SHARED(float, xs);
     __shared__ float cs[16];
     if (threadIdx.x < 16) cs[threadIdx.x] = code[threadIdx.x];
     // One pad float per 32: lanes read 32 apart, which would all hit one bank otherwise.

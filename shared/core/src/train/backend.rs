@@ -12,7 +12,7 @@ use crate::rng::Rng;
 
 pub enum Backend {
     Cpu,
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
     Cuda(Box<crate::gpu::engine::GpuEngine>),
 }
 
@@ -25,16 +25,18 @@ impl Backend {
                 let _ = (model, state);
                 Ok(Self::Cpu)
             }
-            #[cfg(feature = "cuda")]
-            DeviceSpec::Cuda(i) => {
-                let gpu = crate::gpu::device::Gpu::open(i)?;
-                crate::cli::info(format!("training on {} (cuda:{i})", gpu.name()));
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            DeviceSpec::Cuda(_) | DeviceSpec::Sim => {
+                let gpu = crate::gpu::device::Gpu::open(device)?;
+                crate::cli::info(format!("training on {} ({device})", gpu.name()));
                 Ok(Self::Cuda(Box::new(crate::gpu::engine::GpuEngine::new(
                     gpu, model, state,
                 )?)))
             }
-            #[cfg(not(feature = "cuda"))]
-            DeviceSpec::Cuda(_) => unreachable!("check_available refuses CUDA without the feature"),
+            #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
+            DeviceSpec::Cuda(_) | DeviceSpec::Sim => {
+                unreachable!("check_available refuses a GPU without the features")
+            }
         }
     }
 
@@ -49,7 +51,7 @@ impl Backend {
     ) -> Result<StepStats> {
         match self {
             Self::Cpu => cpu.forward_backward(state, batch, loss_scale, rng),
-            #[cfg(feature = "cuda")]
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
             Self::Cuda(g) => g.forward_backward(state, batch, loss_scale, rng),
         }
     }

@@ -388,7 +388,7 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
     // (On a GPU the CPU's peak means nothing: the log then has the rate without a fraction.)
     let peak = match opts.device {
         crate::gpu::DeviceSpec::Cpu => crate::kernels::peak::fma_peak_gflops(),
-        crate::gpu::DeviceSpec::Cuda(_) => f64::NAN,
+        crate::gpu::DeviceSpec::Cuda(_) | crate::gpu::DeviceSpec::Sim => f64::NAN,
     };
     let (mut flops_since, mut gflops) = (0.0f64, 0.0f64);
     let mut order: (u64, Vec<usize>) = (u64::MAX, Vec::new());

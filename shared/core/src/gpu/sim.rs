@@ -1,0 +1,367 @@
+//! The GPU simulator's backend (`--device cuda-sim`, cargo feature `cuda-sim`): device memory is
+//! host memory, kernels.cu runs on the C++ runtime in `sim/` (every GPU thread a fiber, with
+//! real barriers and warp shuffles), and the products are computed here the way cuBLAS
+//! computes them for us: bf16 inputs, f32 accumulation and output.
+//!
+//! It exists so that the kernels and the GPU engine are tested in CI, where there is no GPU.
+//! It checks more than a GPU would: every launch's argument kinds against the kernel's
+//! parameters, a barrier or shuffle some threads skip (reported as a deadlock), and reads of
+//! memory no one wrote (uninitialised allocations and shared memory are NaN).
+
+use super::blas::Gemm;
+use super::device::{Arg, Backend, KERNEL_NAMES};
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+use std::alloc::{self, Layout};
+use std::any::Any;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+
+extern "C" {
+    fn cudasim_launch(
+        name: *const c_char,
+        grid: *const u32,
+        block: *const u32,
+        shared: u32,
+        args: *mut *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn cudasim_signature(name: *const c_char) -> *const c_char;
+}
+
+/// Host memory standing in for a device allocation.
+struct HostMem {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+impl Drop for HostMem {
+    fn drop(&mut self) {
+        // Safety: allocated in `alloc` with this layout.
+        unsafe { alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+pub(crate) struct SimBackend;
+
+impl SimBackend {
+    /// Checks that the simulator was built with every kernel the GPU code launches.
+    pub fn new() -> Result<Self> {
+        for name in KERNEL_NAMES {
+            if signature(name).is_none() {
+                return Err(Error::Device(format!(
+                    "kernel {name} missing from the simulator's table"
+                )));
+            }
+        }
+        Ok(Self)
+    }
+}
+
+/// The kernel's parameter kinds (launch_table.h), or None for an unknown kernel.
+fn signature(name: &str) -> Option<String> {
+    let cname = CString::new(name).ok()?;
+    // Safety: a NUL-terminated name; the table's strings are static.
+    let sig = unsafe { cudasim_signature(cname.as_ptr()) };
+    (!sig.is_null()).then(|| {
+        unsafe { CStr::from_ptr(sig) }
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
+/// The kind letter of an argument, as the kernel table names parameters (launch_table.h).
+fn kind(a: &Arg) -> char {
+    match a {
+        Arg::P(_) => 'P',
+        Arg::I(_) => 'I',
+        Arg::L(_) | Arg::U64(_) => 'L',
+        Arg::F(_) => 'F',
+    }
+}
+
+fn bf16_at(base: u64, i: usize) -> f32 {
+    // Safety: the product's operands lie inside allocations of this backend (the caller's
+    // shapes and strides, as cuBLAS would read them).
+    let bits = unsafe { *(base as *const u16).add(i) };
+    f32::from_bits((bits as u32) << 16)
+}
+
+impl Backend for SimBackend {
+    fn name(&self) -> String {
+        "cuda-sim (the GPU kernels simulated on the CPU)".into()
+    }
+
+    fn alloc(&self, bytes: usize, zeroed: bool) -> Result<(Box<dyn Any>, u64)> {
+        let layout = Layout::from_size_align(bytes.max(1), 256)
+            .map_err(|e| Error::Device(format!("allocating {bytes} bytes: {e}")))?;
+        // Safety: a non-zero size.
+        let ptr = unsafe {
+            if zeroed {
+                alloc::alloc_zeroed(layout)
+            } else {
+                let p = alloc::alloc(layout);
+                if !p.is_null() {
+                    // All ones: NaN as f32 and as bf16, so a read before the first write shows.
+                    std::ptr::write_bytes(p, 0xff, bytes);
+                }
+                p
+            }
+        };
+        if ptr.is_null() {
+            return Err(Error::Device(format!(
+                "allocating {} MiB of simulated device memory",
+                bytes >> 20
+            )));
+        }
+        Ok((Box::new(HostMem { ptr, layout }), ptr as u64))
+    }
+
+    fn upload(&self, dst: u64, src: &[u8]) -> Result<()> {
+        // Safety: `dst` is a live allocation at least `src.len()` long (checked by Gpu).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        Ok(())
+    }
+
+    fn download(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        // Safety: as in `upload`.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        // Safety: as in `upload`; device copies may not overlap either.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes) };
+        Ok(())
+    }
+
+    fn zero(&self, dst: u64, bytes: usize) -> Result<()> {
+        // Safety: as in `upload`.
+        unsafe { std::ptr::write_bytes(dst as *mut u8, 0, bytes) };
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn launch(&self, name: &str, grid: u32, block: u32, shared: u32, args: &[Arg]) -> Result<()> {
+        let sig = signature(name).ok_or_else(|| Error::Device(format!("unknown kernel {name}")))?;
+        let cname = CString::new(name).expect("a kernel name has no NUL");
+        let given: String = args.iter().map(kind).collect();
+        if sig != given {
+            return Err(Error::Device(format!(
+                "launching {name}: arguments of kinds {given}, the kernel takes {sig} \
+                 (P pointer, I int, L 64-bit integer, F float)"
+            )));
+        }
+        // One 8-byte slot per argument, little-endian: a 4-byte parameter reads its low half.
+        let mut slots: Vec<u64> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::P(v) | Arg::U64(v) => v,
+                Arg::I(v) => v as u32 as u64,
+                Arg::L(v) => v as u64,
+                Arg::F(v) => v.to_bits() as u64,
+            })
+            .collect();
+        let mut ptrs: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect();
+        let mut err = vec![0 as c_char; 512];
+        let (g, b) = ([grid, 1, 1], [block, 1, 1]);
+        // Safety: `ptrs` points at live argument slots whose kinds match the kernel's
+        // parameters (checked above); the error buffer's length is passed.
+        let rc = unsafe {
+            cudasim_launch(
+                cname.as_ptr(),
+                g.as_ptr(),
+                b.as_ptr(),
+                shared,
+                ptrs.as_mut_ptr(),
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        if rc != 0 {
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+            return Err(Error::Device(format!("simulated kernel {msg}")));
+        }
+        Ok(())
+    }
+
+    fn gemm(&self, g: &Gemm) -> Result<()> {
+        let g = *g;
+        let a_at = move |bt: usize, i: usize, p: usize| {
+            let off = bt * g.stride_a + if g.ta { p * g.lda + i } else { i * g.lda + p };
+            bf16_at(g.a, off)
+        };
+        let b_at = move |bt: usize, p: usize, j: usize| {
+            let off = bt * g.stride_b + if g.tb { j * g.ldb + p } else { p * g.ldb + j };
+            bf16_at(g.b, off)
+        };
+        (0..g.batch * g.m).into_par_iter().for_each(|row| {
+            let (bt, i) = (row / g.m, row % g.m);
+            let a: Vec<f32> = (0..g.k).map(|p| a_at(bt, i, p)).collect();
+            let c = (g.c as *mut f32).wrapping_add(bt * g.stride_c + i * g.ldc);
+            for j in 0..g.n {
+                let mut acc = 0f32;
+                for (p, &av) in a.iter().enumerate() {
+                    acc += av * b_at(bt, p, j);
+                }
+                // Safety: row `i` of batch `bt` of C, written by this task only. With beta = 0
+                // C is not read (it may be uninitialised), as in cuBLAS.
+                unsafe {
+                    let cj = c.add(j);
+                    *cj = if g.beta == 0.0 {
+                        g.alpha * acc
+                    } else {
+                        g.alpha * acc + g.beta * *cj
+                    };
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn device_used(&self) -> Option<(usize, usize)> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::gpu::check::{self, KernelShapes};
+    use crate::gpu::device::{Arg, Gpu};
+    use crate::gpu::DeviceSpec;
+    use std::path::PathBuf;
+
+    fn sim() -> Gpu {
+        Gpu::open(DeviceSpec::Sim).unwrap()
+    }
+
+    #[test]
+    fn warp_shuffles_and_ballot_follow_cuda() {
+        let gpu = sim();
+        let x: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let (gx, gout) = (gpu.upload(&x).unwrap(), gpu.alloc_f32(64).unwrap());
+        gpu.launch("sim_warp_sum", 1, 64, &[Arg::P(gx.ptr), Arg::P(gout.ptr)])
+            .unwrap();
+        let got = gpu.download_f32(&gout, 64).unwrap();
+        // Lanes 0-31 sum 0..31, lanes 32-63 sum 32..63.
+        assert!(got[..32].iter().all(|&v| v == 496.0), "{got:?}");
+        assert!(got[32..].iter().all(|&v| v == 1520.0), "{got:?}");
+
+        let xi: Vec<i32> = (0..32).map(|i| 100 + i * 3).collect();
+        let gxi = gpu.upload(&xi).unwrap();
+        let outs: Vec<_> = (0..4).map(|_| gpu.alloc(32 * 4).unwrap()).collect();
+        let mut args = vec![Arg::P(gxi.ptr)];
+        args.extend(outs.iter().map(|b| Arg::P(b.ptr)));
+        gpu.launch("sim_shuffles", 1, 32, &args).unwrap();
+        let read = |b| -> Vec<i32> {
+            let v = gpu.download_f32(b, 32).unwrap();
+            v.iter().map(|f| f.to_bits() as i32).collect()
+        };
+        let (down, up, bcast) = (read(&outs[0]), read(&outs[1]), read(&outs[2]));
+        for l in 0..32usize {
+            // Out of range: the lane's own value (CUDA's rule).
+            assert_eq!(
+                down[l],
+                xi[if l + 3 < 32 { l + 3 } else { l }],
+                "down lane {l}"
+            );
+            let seg = l / 16 * 16;
+            assert_eq!(
+                up[l],
+                xi[if l >= seg + 5 { l - 5 } else { l }],
+                "up lane {l}"
+            );
+            assert_eq!(bcast[l], xi[7], "broadcast lane {l}");
+        }
+        let ballot = read(&outs[3]);
+        let want = (0..32).fold(0u32, |m, l| m | (((xi[l] & 1) as u32) << l));
+        assert!(ballot.iter().all(|&b| b as u32 == want));
+    }
+
+    #[test]
+    fn a_shuffle_some_lanes_skip_is_a_deadlock_not_a_hang() {
+        let gpu = sim();
+        let x = gpu.upload(&[0f32; 32]).unwrap();
+        let e = gpu
+            .launch("sim_divergent_shuffle", 1, 32, &[Arg::P(x.ptr)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("deadlock") && e.contains("finished"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_barrier_shows_as_a_wrong_result() {
+        let gpu = sim();
+        let out = gpu.alloc(128 * 4).unwrap();
+        let want: Vec<i32> = (0..128).map(|t| (t + 1) % 128 + 1).collect();
+        let read = || -> Vec<i32> {
+            let v = gpu.download_f32(&out, 128).unwrap();
+            v.iter().map(|f| f.to_bits() as i32).collect()
+        };
+        gpu.launch("sim_neighbour", 1, 128, &[Arg::P(out.ptr), Arg::I(1)])
+            .unwrap();
+        assert_eq!(read(), want);
+        gpu.launch("sim_neighbour", 2, 128, &[Arg::P(out.ptr), Arg::I(0)])
+            .unwrap();
+        assert_ne!(read(), want, "a read racing a write went unnoticed");
+    }
+
+    #[test]
+    fn unwritten_memory_reads_as_nan_and_arguments_are_checked() {
+        let gpu = sim();
+        let out = gpu.alloc_f32(32).unwrap();
+        gpu.launch_shared("sim_unwritten_shared", 1, 32, 128, &[Arg::P(out.ptr)])
+            .unwrap();
+        assert!(gpu
+            .download_f32(&out, 32)
+            .unwrap()
+            .iter()
+            .all(|v| v.is_nan()));
+        let fresh = gpu.uninit_f32(8).unwrap();
+        assert!(gpu
+            .download_f32(&fresh, 8)
+            .unwrap()
+            .iter()
+            .all(|v| v.is_nan()));
+
+        let e = gpu
+            .launch("sim_warp_sum", 1, 32, &[Arg::P(out.ptr), Arg::I(0)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("PI") && e.contains("takes PP"), "{e}");
+        let e = gpu.launch("no_such_kernel", 1, 32, &[]).unwrap_err();
+        assert!(e.to_string().contains("unknown kernel"), "{e}");
+        let e = gpu.launch("sim_warp_sum", 1, 2048, &[Arg::P(0), Arg::P(0)]);
+        assert!(e.unwrap_err().to_string().contains("threads per block"));
+    }
+
+    /// Every kernel of kernels.cu against the CPU path, as gpu-check runs them on a GPU.
+    #[test]
+    fn every_kernel_matches_the_cpu_path() {
+        let (v, failed) = check::kernels(&sim(), &KernelShapes::simulator()).unwrap();
+        assert_eq!(failed, 0, "{v:#}");
+    }
+
+    /// The whole GPU training step (LoRA and QLoRA) against the CPU engine on the committed
+    /// tiny models: loss, all gradients, and each tensor's gradient on its own.
+    #[test]
+    fn gpu_engine_steps_match_the_cpu_engine() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
+        let mut gpu = sim();
+        for name in ["llama_gqa", "llama_untied", "llama3_rope", "qwen2"] {
+            for q4 in [false, true] {
+                let (v, failed, g) = check::engine_vs_cpu(gpu, &root.join(name), q4).unwrap();
+                gpu = g;
+                assert_eq!(failed, 0, "{name} q4={q4}: {v:#}");
+                let worst = v[1]["worst"][0][1].as_f64().unwrap();
+                assert!(worst < 0.06, "{name} q4={q4}: worst tensor {worst}: {v:#}");
+            }
+        }
+    }
+}

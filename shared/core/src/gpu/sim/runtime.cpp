@@ -1,0 +1,327 @@
+// The simulator's scheduler. A launch runs its blocks one after another; the threads of a block
+// are fibers (ucontext) that each run until they reach __syncthreads, a warp rendezvous
+// (__syncwarp, a shuffle, a ballot) or their end. A barrier opens once every thread it waits for
+// has reached it; when none can open and no fiber can run, the launch fails with a deadlock
+// report instead of hanging. Fibers run in alternating forward and backward order between
+// barriers, so a read that races with another thread's write is likely to see the wrong value.
+#include <ucontext.h>
+
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cuda_sim.h"
+#include "launch_table.h"
+
+extern "C" const cudasim::Entry cudasim_table[];
+
+#if defined(__x86_64__)
+#define CUDASIM_FAST_SWITCH 1
+// Saves the callee-saved registers on the current stack, stores the stack pointer in *save,
+// and resumes the context whose stack pointer is `to` (System V ABI: rbx, rbp, r12-r15).
+extern "C" void cudasim_switch(void** save, void* to);
+asm(R"(
+    .text
+    .p2align 4
+    .globl cudasim_switch
+    .hidden cudasim_switch
+    .type cudasim_switch, @function
+cudasim_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size cudasim_switch, .-cudasim_switch
+)");
+#endif
+
+namespace cudasim {
+thread_local uint3 thread_idx, block_idx, block_dim, grid_dim;
+
+namespace {
+enum class State { Ready, AtBarrier, AtRendezvous, Done };
+
+struct Fiber {
+#ifdef CUDASIM_FAST_SWITCH
+    void* sp;
+#else
+    ucontext_t ctx;
+#endif
+    State state;
+    unsigned mask;     // lanes of the pending warp rendezvous
+    uint64_t offered;  // the value this lane offers to a shuffle
+    bool pred;         // this lane's ballot predicate
+};
+
+constexpr size_t kStack = 64 * 1024;
+constexpr unsigned kMaxThreads = 1024;
+constexpr unsigned kMaxShared = 227 * 1024;  // an H100's opt-in limit per block
+
+struct Block {
+    std::vector<Fiber> fibers;
+    std::unique_ptr<char[]> stacks;
+    size_t stack_fibers = 0;
+#ifdef CUDASIM_FAST_SWITCH
+    void* scheduler_sp = nullptr;
+#else
+    ucontext_t scheduler;
+#endif
+    unsigned current = 0;
+    void (*invoke)(void**) = nullptr;
+    void** args = nullptr;
+    std::vector<unsigned char> shared;
+};
+
+thread_local Block blk;
+// Static shared arrays seen so far on this OS thread (their address and size).
+thread_local std::vector<std::pair<void*, unsigned long>> tracked_shared;
+
+#ifdef CUDASIM_FAST_SWITCH
+[[noreturn]] void fiber_entry() {
+    blk.invoke(blk.args);
+    Fiber& f = blk.fibers[blk.current];
+    f.state = State::Done;
+    cudasim_switch(&f.sp, blk.scheduler_sp);  // never resumed
+    __builtin_unreachable();
+}
+
+// A fresh fiber's stack as cudasim_switch leaves it: six zero registers, then fiber_entry as
+// the return address and a slot above it, so that fiber_entry starts with the stack aligned
+// as after a call.
+void init_fiber(Fiber& f, char* stack) {
+    auto top = reinterpret_cast<uintptr_t>(stack + kStack) & ~uintptr_t(15);
+    void** sp = reinterpret_cast<void**>(top) - 8;
+    for (int i = 0; i < 6; i++) sp[i] = nullptr;
+    sp[6] = reinterpret_cast<void*>(&fiber_entry);
+    sp[7] = nullptr;
+    f.sp = sp;
+}
+
+void resume(Fiber& f) { cudasim_switch(&blk.scheduler_sp, f.sp); }
+
+void yield(State s) {
+    Fiber& f = blk.fibers[blk.current];
+    f.state = s;
+    cudasim_switch(&f.sp, blk.scheduler_sp);
+}
+#else
+void fiber_entry() {
+    blk.invoke(blk.args);
+    blk.fibers[blk.current].state = State::Done;
+    // Returning resumes uc_link: the scheduler.
+}
+
+void init_fiber(Fiber& f, char* stack) {
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = stack;
+    f.ctx.uc_stack.ss_size = kStack;
+    f.ctx.uc_link = &blk.scheduler;
+    makecontext(&f.ctx, fiber_entry, 0);
+}
+
+void resume(Fiber& f) { swapcontext(&blk.scheduler, &f.ctx); }
+
+void yield(State s) {
+    Fiber& f = blk.fibers[blk.current];
+    f.state = s;
+    swapcontext(&f.ctx, &blk.scheduler);
+}
+#endif
+
+void set_thread_idx(unsigned i) {
+    thread_idx.x = i % block_dim.x;
+    thread_idx.y = (i / block_dim.x) % block_dim.y;
+    thread_idx.z = i / (block_dim.x * block_dim.y);
+}
+
+const char* state_name(State s) {
+    switch (s) {
+        case State::Ready: return "running";
+        case State::AtBarrier: return "at __syncthreads";
+        case State::AtRendezvous: return "at a warp rendezvous";
+        case State::Done: return "finished";
+    }
+    return "?";
+}
+
+// Lanes of a rendezvous whose every partner has arrived may go on.
+bool release_rendezvous(unsigned n) {
+    // Per warp: the lanes that exist and the lanes waiting at a rendezvous.
+    unsigned warps = (n + 31) / 32;
+    std::vector<unsigned> exists(warps, 0), waiting(warps, 0);
+    for (unsigned i = 0; i < n; i++) {
+        exists[i / 32] |= 1u << (i % 32);
+        if (blk.fibers[i].state == State::AtRendezvous) waiting[i / 32] |= 1u << (i % 32);
+    }
+    std::vector<unsigned> go;
+    for (unsigned i = 0; i < n; i++) {
+        const Fiber& f = blk.fibers[i];
+        if (f.state == State::AtRendezvous && (f.mask & exists[i / 32] & ~waiting[i / 32]) == 0) go.push_back(i);
+    }
+    for (unsigned i : go) blk.fibers[i].state = State::Ready;
+    return !go.empty();
+}
+
+std::string deadlock_report(unsigned n) {
+    std::string r = "deadlock in block (" + std::to_string(block_idx.x) + "," + std::to_string(block_idx.y) + "," +
+                    std::to_string(block_idx.z) + "):";
+    for (State s : {State::AtBarrier, State::AtRendezvous, State::Done}) {
+        unsigned count = 0, first = 0;
+        for (unsigned i = 0; i < n; i++)
+            if (blk.fibers[i].state == s && count++ == 0) first = i;
+        if (count)
+            r += " " + std::to_string(count) + " thread(s) " + state_name(s) + " (the first: thread " +
+                 std::to_string(first) + ");";
+    }
+    return r + " some threads never reach the barrier or shuffle the others wait at";
+}
+
+bool run_block(unsigned n, std::string& err) {
+    if (blk.stack_fibers < n) {
+        blk.stacks.reset(new char[n * kStack]);
+        blk.stack_fibers = n;
+    }
+    blk.fibers.assign(n, Fiber{});
+    for (unsigned i = 0; i < n; i++) {
+        Fiber& f = blk.fibers[i];
+        init_fiber(f, blk.stacks.get() + i * kStack);
+        f.state = State::Ready;
+    }
+    // Shared memory holds garbage at a block's start: NaN here, until the block writes it.
+    if (!blk.shared.empty()) std::memset(blk.shared.data(), 0xff, blk.shared.size());
+    for (auto& [p, bytes] : tracked_shared) std::memset(p, 0xff, bytes);
+    for (unsigned pass = 0;; pass++) {
+        for (unsigned k = 0; k < n; k++) {
+            unsigned i = (pass & 1) ? n - 1 - k : k;
+            if (blk.fibers[i].state != State::Ready) continue;
+            blk.current = i;
+            set_thread_idx(i);
+            resume(blk.fibers[i]);
+        }
+        if (release_rendezvous(n)) continue;
+        unsigned done = 0, at_barrier = 0;
+        for (const Fiber& f : blk.fibers) {
+            done += f.state == State::Done;
+            at_barrier += f.state == State::AtBarrier;
+        }
+        if (done == n) return true;
+        if (done + at_barrier == n) {
+            for (Fiber& f : blk.fibers)
+                if (f.state == State::AtBarrier) f.state = State::Ready;
+            continue;
+        }
+        err = deadlock_report(n);
+        return false;
+    }
+}
+
+const Entry* find(const char* name) {
+    for (const Entry* e = cudasim_table; e->name; e++)
+        if (std::strcmp(e->name, name) == 0) return e;
+    return nullptr;
+}
+
+void fail(char* err, size_t len, const std::string& msg) {
+    if (len) {
+        std::strncpy(err, msg.c_str(), len - 1);
+        err[len - 1] = 0;
+    }
+}
+}  // namespace
+
+void sync_threads() { yield(State::AtBarrier); }
+
+void sync_warp(unsigned mask) {
+    blk.fibers[blk.current].mask = mask;
+    yield(State::AtRendezvous);
+}
+
+uint64_t exchange(unsigned mask, uint64_t v, int src) {
+    unsigned me = blk.current, n = (unsigned)blk.fibers.size(), base = me & ~31u;
+    blk.fibers[me].offered = v;
+    sync_warp(mask);
+    uint64_t r = v;
+    if (src >= 0 && src < 32 && ((mask >> src) & 1u) && base + src < n) r = blk.fibers[base + src].offered;
+    sync_warp(mask);  // nobody offers a new value before every lane has read this one
+    return r;
+}
+
+unsigned ballot(unsigned mask, bool pred) {
+    unsigned me = blk.current, n = (unsigned)blk.fibers.size(), base = me & ~31u;
+    blk.fibers[me].pred = pred;
+    sync_warp(mask);
+    unsigned r = 0;
+    for (unsigned l = 0; l < 32; l++)
+        if ((mask >> l) & 1u && base + l < n && blk.fibers[base + l].pred) r |= 1u << l;
+    sync_warp(mask);
+    return r;
+}
+
+void* dynamic_shared() { return blk.shared.data(); }
+
+bool track(void* p, unsigned long bytes) {
+    std::memset(p, 0xff, bytes);
+    tracked_shared.emplace_back(p, bytes);
+    return true;
+}
+}  // namespace cudasim
+
+// The kernel's parameter kinds (see launch_table.h), or null for an unknown kernel.
+extern "C" const char* cudasim_signature(const char* name) {
+    const cudasim::Entry* e = cudasim::find(name);
+    return e ? e->signature : nullptr;
+}
+
+// Runs kernel `name` on a grid of blocks; 0 on success, otherwise 1 with a message in `err`.
+extern "C" int cudasim_launch(const char* name, const unsigned grid[3], const unsigned block[3], unsigned shared_bytes,
+                              void** args, char* err, size_t err_len) {
+    using namespace cudasim;
+    const Entry* e = find(name);
+    if (!e) {
+        fail(err, err_len, std::string("unknown kernel ") + name);
+        return 1;
+    }
+    unsigned n = block[0] * block[1] * block[2];
+    if (n == 0 || n > kMaxThreads) {
+        fail(err, err_len, "launching " + std::string(name) + ": " + std::to_string(n) + " threads per block (1 to 1024)");
+        return 1;
+    }
+    if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0) {
+        fail(err, err_len, "launching " + std::string(name) + ": an empty grid");
+        return 1;
+    }
+    if (shared_bytes > kMaxShared) {
+        fail(err, err_len, "launching " + std::string(name) + ": " + std::to_string(shared_bytes) +
+                               " bytes of dynamic shared memory (at most " + std::to_string(kMaxShared) + ")");
+        return 1;
+    }
+    blk.invoke = e->invoke;
+    blk.args = args;
+    blk.shared.assign(shared_bytes, 0);
+    grid_dim = {grid[0], grid[1], grid[2]};
+    block_dim = {block[0], block[1], block[2]};
+    std::string msg;
+    for (unsigned z = 0; z < grid[2]; z++)
+        for (unsigned y = 0; y < grid[1]; y++)
+            for (unsigned x = 0; x < grid[0]; x++) {
+                block_idx = {x, y, z};
+                if (!run_block(n, msg)) {
+                    fail(err, err_len, std::string(name) + ": " + msg);
+                    return 1;
+                }
+            }
+    return 0;
+}
