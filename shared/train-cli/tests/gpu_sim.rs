@@ -18,8 +18,15 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// Trains and returns (per-step losses from the log, adapter tensors).
-fn train(out: &Path, device: &str, extra: &[&str]) -> (Vec<f64>, Vec<(String, Vec<f32>)>) {
+struct Run {
+    losses: Vec<f64>,
+    eval_losses: Vec<f64>,
+    adapter: Vec<(String, Vec<f32>)>,
+}
+
+/// Trains (with a held-out fifth of the data evaluated before and after) and returns the
+/// per-step and evaluation losses from the log, and the adapter's tensors.
+fn train(out: &Path, device: &str, extra: &[&str]) -> Run {
     let r = root();
     let model = r.join("tests/fixtures/models/llama_gqa");
     let data = r.join("tests/fixtures/data/alpaca.json");
@@ -44,6 +51,8 @@ fn train(out: &Path, device: &str, extra: &[&str]) -> (Vec<f64>, Vec<(String, Ve
         "1e-2",
         "--seed",
         "5",
+        "--val-split",
+        "0.2",
         "--device",
         device,
         "-q",
@@ -54,12 +63,17 @@ fn train(out: &Path, device: &str, extra: &[&str]) -> (Vec<f64>, Vec<(String, Ve
     argv.extend(extra.iter().map(|s| s.to_string()));
     let opts = to_options(&Cli::parse_from(argv).train).unwrap();
     trainer::run(&opts).unwrap();
-    let losses = std::fs::read_to_string(&log)
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&log)
         .unwrap()
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
+        .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
+    let field = |k: &str| -> Vec<f64> {
+        records
+            .iter()
+            .filter_map(|v| v.get(k).and_then(|x| x.as_f64()))
+            .collect()
+    };
     let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut tensors: Vec<(String, Vec<f32>)> = st
@@ -75,24 +89,39 @@ fn train(out: &Path, device: &str, extra: &[&str]) -> (Vec<f64>, Vec<(String, Ve
         })
         .collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    (losses, tensors)
+    Run {
+        losses: field("loss"),
+        eval_losses: field("eval_loss"),
+        adapter: tensors,
+    }
 }
 
 fn compare(extra: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
-    let (cpu_loss, cpu_w) = train(&tmp.path().join("cpu"), "cpu", extra);
-    let (sim_loss, sim_w) = train(&tmp.path().join("sim"), "cuda-sim", extra);
-    assert_eq!(cpu_loss.len(), 3);
-    assert_eq!(sim_loss.len(), cpu_loss.len());
-    for (c, g) in cpu_loss.iter().zip(&sim_loss) {
-        // bf16 products against f32: the tolerance of the device check.
-        assert!(
-            (c - g).abs() / c.abs() < 1e-2,
-            "loss {g} on the simulator, {c} on the CPU"
-        );
+    let cpu = train(&tmp.path().join("cpu"), "cpu", extra);
+    let sim = train(&tmp.path().join("sim"), "cuda-sim", extra);
+    assert_eq!(cpu.losses.len(), 3);
+    assert_eq!(
+        cpu.eval_losses.len(),
+        2,
+        "evaluation before and after training"
+    );
+    for (what, c, g) in [
+        ("loss", &cpu.losses, &sim.losses),
+        ("eval loss", &cpu.eval_losses, &sim.eval_losses),
+    ] {
+        assert_eq!(c.len(), g.len(), "{what}");
+        for (c, g) in c.iter().zip(g) {
+            // bf16 products against f32: the tolerance of the device check.
+            assert!(
+                (c - g).abs() / c.abs() < 1e-2,
+                "{what} {g} on the simulator, {c} on the CPU"
+            );
+        }
     }
+    let (cpu_w, sim_w) = (&cpu.adapter, &sim.adapter);
     assert_eq!(cpu_w.len(), sim_w.len());
-    for ((name, c), (name2, g)) in cpu_w.iter().zip(&sim_w) {
+    for ((name, c), (name2, g)) in cpu_w.iter().zip(sim_w) {
         assert_eq!(name, name2);
         // The adapters moved the same way. B starts at zero, so B is nothing but its three
         // Adam steps, and Adam's first steps are about ±lr per element whatever the gradient's

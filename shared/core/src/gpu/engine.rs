@@ -82,6 +82,8 @@ pub struct GpuEngine {
     /// Lowest block with an adapter: the backward pass stops there.
     stop_layer: usize,
     seed: u64,
+    /// False while [`GpuEngine::eval`] runs: no dropout.
+    training: std::cell::Cell<bool>,
     phases: Phases,
 }
 
@@ -181,6 +183,7 @@ impl GpuEngine {
             scratch,
             stop_layer: stop,
             seed: 0,
+            training: std::cell::Cell::new(true),
             phases: Phases::new(),
         })
     }
@@ -243,6 +246,32 @@ impl GpuEngine {
             self.phases.mark(&self.gpu, "gradients to host");
         }
         Ok(stats)
+    }
+
+    /// The loss over one batch without gradients and without dropout (evaluation): the forward
+    /// pass of [`Self::forward_backward`], keeping nothing for a backward pass.
+    pub fn eval(&mut self, state: &TrainState, batch: &Batch) -> Result<StepStats> {
+        self.sync_adapters(state)?;
+        let lay = self.layout(batch)?;
+        let (d, rows) = (self.model.hidden, lay.rows);
+        self.training.set(false);
+        let run = || -> Result<f64> {
+            let mut x = self.embed(&lay)?;
+            for l in 0..self.model.blocks.len() {
+                let (out, _) = self.block_forward(l, &x, &lay, false)?;
+                x = self.round_bf16(&out, rows * d)?;
+            }
+            let nf = self.gpu.uninit_bf16(rows * d)?;
+            let rstd = self.gpu.uninit_f32(rows)?;
+            self.rmsnorm(&x, &self.model.final_norm, &nf, &rstd, rows)?;
+            self.loss(&nf, &lay, 0.0, None)
+        };
+        let nll = run();
+        self.training.set(true);
+        Ok(StepStats {
+            nll_sum: nll?,
+            loss_tokens: lay.loss_idx.len(),
+        })
     }
 
     /// Milliseconds per step in each phase, when profiling (`PEFTKIT_GPU_PROFILE=1`).
@@ -449,7 +478,7 @@ impl GpuEngine {
     /// The LoRA input: `x` itself, or `x` through the adapter's dropout.
     fn lora_input(&self, l: usize, slot: usize, x: &DBuf, n: usize) -> Result<Option<DBuf>> {
         let lo = self.lora[l * PER_BLOCK + slot].as_ref().unwrap();
-        if lo.dropout <= 0.0 {
+        if lo.dropout <= 0.0 || !self.training.get() {
             return Ok(None);
         }
         let y = self.gpu.uninit_bf16(n)?;

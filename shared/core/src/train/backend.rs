@@ -57,6 +57,23 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// The loss of one evaluation batch, without gradients or dropout: `cpu` must be an
+    /// evaluation engine ([`Engine::for_eval`]); the GPU runs its own forward pass.
+    pub fn eval(
+        &mut self,
+        cpu: &Engine,
+        state: &mut TrainState,
+        batch: &Batch,
+    ) -> Result<StepStats> {
+        match self {
+            Self::Cpu => cpu.forward_backward(state, batch, 0.0, &mut Rng::new(0)),
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Self::Cuda(g) => g.eval(state, batch),
+        }
+    }
+}
+
 /// Refuses `--device cuda` for a trainer whose objective has no GPU path yet.
 pub fn cpu_only(device: DeviceSpec, tools: &str) -> Result<()> {
     if device == DeviceSpec::Cpu {

@@ -328,9 +328,11 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
     };
 
     // Data parallel: each rank evaluates its share of the batches and the sums are added up.
+    // On a GPU the evaluation runs there too (the backend's forward pass, no gradients).
     let eval = |model: &Model,
                 state: &TrainState,
                 head: &gemm::PackedWeight,
+                backend: &mut super::backend::Backend,
                 comm: &mut dyn crate::dist::Communicator|
      -> Result<Option<f64>> {
         if val.is_empty() {
@@ -348,7 +350,7 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
                 ids: chunk.iter().map(|e| &e.ids[..]).collect(),
                 labels: chunk.iter().map(|e| &e.labels[..]).collect(),
             };
-            if let Ok(s) = engine.forward_backward(&mut st, &batch, 0.0, &mut Rng::new(0)) {
+            if let Ok(s) = backend.eval(&engine, &mut st, &batch) {
                 nll += s.nll_sum;
                 n += s.loss_tokens;
             }
@@ -357,9 +359,12 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
         comm.all_reduce_sum_f64(&mut sums)?;
         Ok((sums[1] > 0.0).then(|| sums[0] / sums[1]))
     };
+    // Data parallel: `--device cuda` is this rank's GPU (dist::rank_device).
+    let device = crate::dist::rank_device(opts.device);
+    let mut backend = super::backend::Backend::new(device, &model, &state)?;
     let eval_before = if prog.step == 0 && !val.is_empty() {
         refresh_head(&mut head_pack, &mut head_pack_fresh, &model);
-        eval(&model, &state, &head_pack, comm)?
+        eval(&model, &state, &head_pack, &mut backend, comm)?
     } else {
         None
     };
@@ -374,9 +379,6 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
         )?;
     }
 
-    // Data parallel: `--device cuda` is this rank's GPU (dist::rank_device).
-    let device = crate::dist::rank_device(opts.device);
-    let mut backend = super::backend::Backend::new(device, &model, &state)?;
     let bar = progress.bar(total_steps, "train");
     bar.set_position(prog.step);
     let mut dropout_rng = Rng::from_state(prog.rng);
@@ -495,7 +497,7 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
         )?;
         if opts.eval_every > 0 && prog.step.is_multiple_of(opts.eval_every) {
             refresh_head(&mut head_pack, &mut head_pack_fresh, &model);
-            if let Some(l) = eval(&model, &state, &head_pack, comm)? {
+            if let Some(l) = eval(&model, &state, &head_pack, &mut backend, comm)? {
                 write_log(
                     &mut log,
                     json!({"step": prog.step, "eval_loss": l, "eval_perplexity": l.exp()}),
@@ -522,7 +524,7 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
         final_checkpoint(&opts.out, &model, &state, &prog, saved_at)?;
     }
     refresh_head(&mut head_pack, &mut head_pack_fresh, &model);
-    let eval_after = eval(&model, &state, &head_pack, comm)?;
+    let eval_after = eval(&model, &state, &head_pack, &mut backend, comm)?;
     if let Some(l) = eval_after {
         crate::cli::info(format!(
             "eval loss after training: {l:.4} (perplexity {:.2})",
