@@ -98,11 +98,13 @@ fn run(a: &Args, dev: DeviceSpec) -> peftkit_core::Result<()> {
     }
     if !a.engine.is_empty() {
         let mut rows = Vec::new();
-        for (dir, q4) in a.engine.iter().flat_map(|d| [(d, false), (d, true)]) {
+        // LoRA and QLoRA, and LoRA again with flash attention's forward pass.
+        let cases = [(false, false), (true, false), (false, true)];
+        for (dir, (q4, flash)) in a.engine.iter().flat_map(|d| cases.map(|c| (d, c))) {
             cli::info(format!("{}:", dir.display()));
-            let (v, f, g) = check::engine_vs_cpu(gpu, dir, q4)?;
+            let (v, f, g) = check::engine_vs_cpu(gpu, dir, q4, flash)?;
             gpu = g;
-            rows.push(json!({"model": dir, "qlora": q4, "checks": v}));
+            rows.push(json!({"model": dir, "qlora": q4, "flash": flash, "checks": v}));
             failed += f;
         }
         out["engine"] = json!(rows);

@@ -5,6 +5,7 @@
 use super::blas::Gemm;
 use super::device::{Arg, Gpu};
 use super::engine::GpuEngine;
+use super::engine::{launch_flash_fwd, FlashArgs};
 use crate::error::Result;
 use crate::model::{Model, QuantizeOnLoad};
 use crate::quant::{blockwise, QuantType};
@@ -98,6 +99,9 @@ pub struct KernelShapes {
     /// Cross-entropy rows × vocabulary.
     pub ce: (usize, usize),
     pub copy_bytes: usize,
+    /// Flash attention: (sequences, heads, kv heads, L, head dim, sliding window or 0); the
+    /// sequences are L, then shorter (padding).
+    pub attention: &'static [(usize, usize, usize, usize, usize, usize)],
     /// Time the kernels (false: one call each).
     pub timed: bool,
 }
@@ -112,6 +116,11 @@ impl KernelShapes {
             gemm_speed: Some(8192),
             ce: (1024, 49152),
             copy_bytes: 1 << 30,
+            attention: &[
+                (4, 32, 8, 1024, 64, 0),
+                (2, 32, 8, 2048, 128, 0),
+                (2, 8, 2, 300, 64, 100),
+            ],
             timed: true,
         }
     }
@@ -125,6 +134,13 @@ impl KernelShapes {
             gemm_speed: None,
             ce: (5, 1100),
             copy_bytes: 1 << 16,
+            attention: &[
+                (2, 4, 2, 70, 64, 0),
+                (2, 2, 1, 40, 128, 0),
+                (1, 2, 2, 90, 64, 20),
+                (2, 4, 1, 33, 16, 0),
+                (1, 2, 2, 20, 80, 0),
+            ],
             timed: false,
         }
     }
@@ -466,10 +482,138 @@ pub fn kernels(gpu: &Gpu, s: &KernelShapes) -> Result<(Value, usize)> {
         1e-5,
         json!({"ms": t * 1e3, "roofline_fraction": (cr * v * 6) as f64 / t / bw}),
     );
+    for &(nseq, heads, kvh, l, dh, window) in s.attention {
+        check_flash(
+            gpu,
+            &mut rng,
+            &mut rep,
+            s,
+            (nseq, heads, kvh, l, dh, window),
+        )?;
+    }
     Ok((
         json!({"copy_bandwidth_gbs": bw / 1e9, "kernels": rep.rows}),
         rep.failed,
     ))
+}
+
+/// Causal attention in f64 over the padded layout (`[seq, heads, L, dh]`, inputs as given):
+/// the reference for the flash kernels. Rows at or past their sequence's length are zero.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    lens: &[usize],
+    heads: usize,
+    kvh: usize,
+    l: usize,
+    dh: usize,
+    window: usize,
+) -> Vec<f32> {
+    let scale = 1.0 / (dh as f64).sqrt();
+    let mut out = vec![0f32; q.len()];
+    for (s, &len) in lens.iter().enumerate() {
+        for h in 0..heads {
+            let kh = h / (heads / kvh);
+            let qb = (s * heads + h) * l * dh;
+            let kb = (s * kvh + kh) * l * dh;
+            for t in 0..len {
+                let lo = if window > 0 {
+                    (t + 1).saturating_sub(window)
+                } else {
+                    0
+                };
+                let sc: Vec<f64> = (lo..=t)
+                    .map(|j| {
+                        (0..dh)
+                            .map(|c| q[qb + t * dh + c] as f64 * k[kb + j * dh + c] as f64)
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for c in 0..dh {
+                    let o: f64 = (lo..=t)
+                        .zip(&e)
+                        .map(|(j, p)| p * v[kb + j * dh + c] as f64)
+                        .sum();
+                    out[qb + t * dh + c] = (o / z) as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The flash attention forward kernel against [`attention_reference`] on bf16 inputs, and its
+/// speed (causal FLOPs against the bf16 matrix peak is for the reader: gpu-check prints ms).
+fn check_flash(
+    gpu: &Gpu,
+    rng: &mut Rng,
+    rep: &mut Report,
+    s: &KernelShapes,
+    (nseq, heads, kvh, l, dh, window): (usize, usize, usize, usize, usize, usize),
+) -> Result<()> {
+    let lens: Vec<usize> = (0..nseq)
+        .map(|i| if i == 0 { l } else { l / 2 + i })
+        .collect();
+    let q: Vec<f32> = rand_vec(rng, nseq * heads * l * dh, 1.0)
+        .into_iter()
+        .map(bf)
+        .collect();
+    let k: Vec<f32> = rand_vec(rng, nseq * kvh * l * dh, 1.0)
+        .into_iter()
+        .map(bf)
+        .collect();
+    let v: Vec<f32> = rand_vec(rng, nseq * kvh * l * dh, 1.0)
+        .into_iter()
+        .map(bf)
+        .collect();
+    let (gq, gk, gv) = (
+        gpu.upload_bf16(&q)?,
+        gpu.upload_bf16(&k)?,
+        gpu.upload_bf16(&v)?,
+    );
+    let lens_i: Vec<i32> = lens.iter().map(|&x| x as i32).collect();
+    let glen = gpu.upload(&lens_i)?;
+    let go = gpu.uninit_f32(q.len())?;
+    let glse = gpu.uninit_f32(nseq * heads * l)?;
+    let run = || {
+        launch_flash_fwd(
+            gpu,
+            &FlashArgs {
+                q: gq.ptr,
+                k: gk.ptr,
+                v: gv.ptr,
+                seq_len: glen.ptr,
+                nseq,
+                heads,
+                kv_heads: kvh,
+                l,
+                dh,
+                window,
+            },
+            go.ptr,
+            glse.ptr,
+        )
+    };
+    let t = time(gpu, s.reps(10), run)?;
+    let want = attention_reference(&q, &k, &v, &lens, heads, kvh, l, dh, window);
+    let got = gpu.download_f32(&go, q.len())?;
+    let causal_flops: f64 = lens
+        .iter()
+        .map(|&n| 2.0 * 2.0 * (n * (n + 1) / 2) as f64 * dh as f64 * heads as f64)
+        .sum();
+    rep.add(
+        &format!("flash_fwd L={l} d={dh} w={window}"),
+        rel_err(&got, &want),
+        2e-2,
+        json!({"ms": t * 1e3, "tflops": causal_flops / t / 1e12}),
+    );
+    Ok(())
 }
 
 /// LoRA (all linears, random non-zero B so every gradient flows) on `model`.
@@ -499,7 +643,13 @@ fn grads(state: &TrainState) -> Vec<f32> {
 
 /// One step of the GPU engine against the CPU engine (f32) on the same batch: loss and
 /// every LoRA gradient. The GPU computes in bf16, so the tolerance is bf16's.
-pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, q4: bool) -> Result<(Value, usize, Gpu)> {
+/// With `flash`, attention's forward pass runs on the flash kernel.
+pub fn engine_vs_cpu(
+    gpu: Gpu,
+    model_dir: &Path,
+    q4: bool,
+    flash: bool,
+) -> Result<(Value, usize, Gpu)> {
     let quant = q4.then_some(QuantizeOnLoad {
         quant_type: QuantType::Nf4,
         blocksize: 64,
@@ -539,6 +689,7 @@ pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, q4: bool) -> Result<(Value, usi
         &mut Rng::new(0),
     )?;
     let mut eng = GpuEngine::new(gpu, &model, &gpu_state)?;
+    eng.use_flash_attention(flash);
     let g = eng.forward_backward(&mut gpu_state, &batch, scale, &mut Rng::new(0))?;
     let (gc, gg) = (grads(&cpu_state), grads(&gpu_state));
     let num: f64 = gc
@@ -569,11 +720,11 @@ pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, q4: bool) -> Result<(Value, usi
         .collect();
     per.sort_by(|a, b| b.1.total_cmp(&a.1));
     per.truncate(4);
-    let name = if q4 {
-        "QLoRA step vs CPU"
-    } else {
-        "LoRA step vs CPU"
-    };
+    let name = format!(
+        "{} step{} vs CPU",
+        if q4 { "QLoRA" } else { "LoRA" },
+        if flash { " (flash)" } else { "" }
+    );
     let mut rep = Report {
         rows: Vec::new(),
         failed: 0,

@@ -39,6 +39,12 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dequant_q4_f32",
     "gemv_q4",
     "sum_squares",
+    "flash_fwd_d16",
+    "flash_fwd_d32",
+    "flash_fwd_d64",
+    "flash_fwd_d80",
+    "flash_fwd_d96",
+    "flash_fwd_d128",
 ];
 
 /// Device errors are run-time failures of the machine, reported as such.

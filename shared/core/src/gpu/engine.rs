@@ -84,6 +84,9 @@ pub struct GpuEngine {
     seed: u64,
     /// False while [`GpuEngine::eval`] runs: no dropout.
     training: std::cell::Cell<bool>,
+    /// Attention's forward pass by the flash kernel (`PEFTKIT_GPU_ATTENTION=flash`, head
+    /// sizes 16-128 in steps listed by `flash_supports`) instead of products over materialised scores; see docs/gpu.md.
+    flash: bool,
     phases: Phases,
 }
 
@@ -124,6 +127,57 @@ impl Phases {
 
 const BF: usize = 2;
 const F4: usize = 4;
+
+/// The inputs of the flash attention kernels: padded-layout Q, K, V (bf16) and the lengths.
+pub(crate) struct FlashArgs {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub seq_len: u64,
+    pub nseq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub l: usize,
+    pub dh: usize,
+    /// Sliding window (0: none).
+    pub window: usize,
+}
+
+/// Head sizes the flash kernels are built for.
+pub(crate) fn flash_supports(dh: usize) -> bool {
+    matches!(dh, 16 | 32 | 64 | 80 | 96 | 128)
+}
+
+/// Causal attention in one kernel (kernels.cu `flash_fwd_d*`): `o` f32 in Q's layout and,
+/// when non-zero, `lse` the rows' log-sum-exp.
+pub(crate) fn launch_flash_fwd(gpu: &Gpu, a: &FlashArgs, o: u64, lse: u64) -> Result<()> {
+    if !flash_supports(a.dh) {
+        return Err(Error::Device(format!(
+            "flash attention is built for head sizes 16, 32, 64, 80, 96 and 128, not {}",
+            a.dh
+        )));
+    }
+    let name = format!("flash_fwd_d{}", a.dh);
+    let blocks = a.l.div_ceil(64) * a.heads * a.nseq;
+    gpu.launch(
+        &name,
+        blocks as u32,
+        128,
+        &[
+            Arg::P(a.q),
+            Arg::P(a.k),
+            Arg::P(a.v),
+            Arg::P(o),
+            Arg::P(lse),
+            Arg::P(a.seq_len),
+            Arg::I(a.heads as i32),
+            Arg::I(a.kv_heads as i32),
+            Arg::I(a.l as i32),
+            Arg::I(a.window as i32),
+            Arg::F(1.0 / (a.dh as f32).sqrt()),
+        ],
+    )
+}
 
 impl GpuEngine {
     /// Uploads `model` and checks that the trainable state is one the GPU path computes.
@@ -184,6 +238,7 @@ impl GpuEngine {
             stop_layer: stop,
             seed: 0,
             training: std::cell::Cell::new(true),
+            flash: std::env::var("PEFTKIT_GPU_ATTENTION").is_ok_and(|v| v == "flash"),
             phases: Phases::new(),
         })
     }
@@ -272,6 +327,11 @@ impl GpuEngine {
             nll_sum: nll?,
             loss_tokens: lay.loss_idx.len(),
         })
+    }
+
+    /// Chooses the attention forward kernel (the default comes from `PEFTKIT_GPU_ATTENTION`).
+    pub fn use_flash_attention(&mut self, on: bool) {
+        self.flash = on;
     }
 
     /// Milliseconds per step in each phase, when profiling (`PEFTKIT_GPU_PROFILE=1`).
@@ -755,6 +815,24 @@ impl GpuEngine {
     ) -> Result<DBuf> {
         let gpu = &self.gpu;
         let (batch, gl, ll, dh) = self.attn_dims(lay);
+        if self.flash && flash_supports(dh) {
+            let op = gpu.uninit_f32(batch * gl * dh)?;
+            let m = &self.model;
+            let args = FlashArgs {
+                q: qp.ptr,
+                k: kp.ptr,
+                v: vp.ptr,
+                seq_len: lay.seq_len.ptr,
+                nseq: lay.nseq,
+                heads: m.heads,
+                kv_heads: m.kv_heads,
+                l: lay.l,
+                dh,
+                window: window.unwrap_or(0),
+            };
+            launch_flash_fwd(gpu, &args, op.ptr, 0)?;
+            return Ok(op);
+        }
         let ch = self.attn_chunk(lay);
         let s = gpu.uninit_f32(ch * gl * ll)?;
         let pb = gpu.uninit_bf16(ch * gl * ll)?;

@@ -502,3 +502,187 @@ extern "C" __global__ void sum_squares(const float* x, float* out, long n) {
     s = block_sum(s, sh);
     if (threadIdx.x == 0) atomicAdd(out, s);
 }
+
+// ---- flash attention (tensor cores) ---------------------------------------------------------
+// Causal attention without the [L, L] scores: each block takes 64 query rows of one (sequence,
+// head), 16 per warp, and walks the keys in tiles of 64 with an online softmax (FA2). Products
+// run on mma.sync m16n8k16 (bf16 inputs, f32 accumulation); the fragment layouts below are the
+// PTX ISA's for that shape (groupID = lane / 4, tig = lane % 4):
+//   A 16×16 row-major: a0,a1 = (g, 2·tig..+1), a2,a3 = (g+8, same), a4..a7 = the same + 8 columns
+//   B 16×8 "col":      b0,b1 = (k = 2·tig..+1, n = g), b2,b3 = (k + 8, n = g)
+//   C 16×8:            c0,c1 = (g, 2·tig..+1), c2,c3 = (g+8, same)
+// so a C tile of scores is, packed in pairs, the A fragment of P·V without leaving registers.
+
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return (unsigned)f2bf(lo) | ((unsigned)f2bf(hi) << 16);
+}
+
+// d += a·b for one 16×8×16 tile (one warp).
+__device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
+#ifdef CUDASIM
+    cudasim::mma_m16n8k16_bf16(d, a, b);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// Max and sum over the four lanes that share a row of a C fragment.
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Q [seq, heads, L, D], K and V [seq, kv_heads, L, D] bf16 (the padded layout); O f32 in Q's
+// layout (padding rows zero); lse (optional) the rows' log-sum-exp of the scaled scores, for a
+// backward pass. Row t of sequence s sees keys j ≤ t, j < len[s] and, with window w > 0,
+// j > t − w. Grid: one block of 128 threads per (64-row tile, head, sequence), flattened.
+template <int D>
+__device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O, float* lse, const int* seq_len,
+                          int heads, int kv_heads, int L, int window, float scale) {
+    constexpr int BR = 64, BC = 64, KS = D / 16, NO = D / 8;
+    __shared__ unsigned ks[BC * D / 2];  // the key tile, [key][D] in bf16 pairs
+    __shared__ unsigned vt[D * BC / 2];  // the value tile transposed, [D][key] in bf16 pairs
+    int tiles = (L + BR - 1) / BR;
+    int q0 = (blockIdx.x % tiles) * BR;
+    int h = (blockIdx.x / tiles) % heads;
+    int s = blockIdx.x / tiles / heads;
+    int len = seq_len[s];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    int kvh = h / (heads / kv_heads);
+    const bf16* Qh = Q + ((long)s * heads + h) * L * D;
+    const bf16* Kh = K + ((long)s * kv_heads + kvh) * L * D;
+    const bf16* Vh = V + ((long)s * kv_heads + kvh) * L * D;
+    int r0 = q0 + warp * 16 + g, r1 = r0 + 8;  // this lane's two query rows
+    unsigned qa[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+        int c = kk * 16 + tq * 2;
+        qa[kk][0] = r0 < L ? *reinterpret_cast<const unsigned*>(Qh + (long)r0 * D + c) : 0u;
+        qa[kk][1] = r1 < L ? *reinterpret_cast<const unsigned*>(Qh + (long)r1 * D + c) : 0u;
+        qa[kk][2] = r0 < L ? *reinterpret_cast<const unsigned*>(Qh + (long)r0 * D + c + 8) : 0u;
+        qa[kk][3] = r1 < L ? *reinterpret_cast<const unsigned*>(Qh + (long)r1 * D + c + 8) : 0u;
+    }
+    float o[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    int hi = min(q0 + BR, len);
+    int lo = window > 0 ? max(0, q0 - window + 1) / BC * BC : 0;
+    for (int k0 = lo; k0 < hi; k0 += BC) {
+        __syncthreads();  // every warp is done with the previous tile
+        for (int i = threadIdx.x; i < BC * D / 2; i += blockDim.x) {
+            int j = k0 + i / (D / 2);
+            ks[i] = j < L ? reinterpret_cast<const unsigned*>(Kh + (long)j * D)[i % (D / 2)] : 0u;
+        }
+        for (int i = threadIdx.x; i < BC * D; i += blockDim.x) {
+            int key = i / D, c = i % D, j = k0 + key;
+            reinterpret_cast<bf16*>(vt)[c * BC + key] = j < L ? Vh[(long)j * D + c] : (bf16)0;
+        }
+        __syncthreads();
+        // Scores of 16 rows × 64 keys.
+        float sc[BC / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+            const unsigned* kr = ks + (nt * 8 + g) * (D / 2);
+#pragma unroll
+            for (int kk = 0; kk < KS; kk++) {
+                unsigned b[2] = {kr[kk * 8 + tq], kr[kk * 8 + 4 + tq]};
+                mma_bf16_16816(sc[nt], qa[kk], b);
+            }
+        }
+        // Mask, then the online softmax: new row maxima, rescale what was summed so far.
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int j = k0 + nt * 8 + tq * 2 + e;
+                bool ok0 = r0 < len && j <= r0 && (window <= 0 || j > r0 - window);
+                bool ok1 = r1 < len && j <= r1 && (window <= 0 || j > r1 - window);
+                sc[nt][e] = ok0 ? sc[nt][e] * scale : -INFINITY;
+                sc[nt][2 + e] = ok1 ? sc[nt][2 + e] * scale : -INFINITY;
+                mx0 = fmaxf(mx0, sc[nt][e]);
+                mx1 = fmaxf(mx1, sc[nt][2 + e]);
+            }
+        mx0 = quad_max(mx0);
+        mx1 = quad_max(mx1);
+        float a0 = mx0 == -INFINITY ? 1.f : __expf(m0 - mx0);
+        float a1 = mx1 == -INFINITY ? 1.f : __expf(m1 - mx1);
+        float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                float p0 = mx0 == -INFINITY ? 0.f : __expf(sc[nt][e] - mx0);
+                float p1 = mx1 == -INFINITY ? 0.f : __expf(sc[nt][2 + e] - mx1);
+                sc[nt][e] = p0;
+                sc[nt][2 + e] = p1;
+                rs0 += p0;
+                rs1 += p1;
+            }
+        l0 = l0 * a0 + quad_sum(rs0);
+        l1 = l1 * a1 + quad_sum(rs1);
+        m0 = mx0;
+        m1 = mx1;
+#pragma unroll
+        for (int n = 0; n < NO; n++) {
+            o[n][0] *= a0;
+            o[n][1] *= a0;
+            o[n][2] *= a1;
+            o[n][3] *= a1;
+        }
+        // O += P·V: the score tiles, packed to bf16, are P's A fragments.
+#pragma unroll
+        for (int kk = 0; kk < BC / 16; kk++) {
+            unsigned pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                              pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                              pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+#pragma unroll
+            for (int n = 0; n < NO; n++) {
+                const unsigned* vr = vt + (n * 8 + g) * (BC / 2) + kk * 8;
+                unsigned b[2] = {vr[tq], vr[4 + tq]};
+                mma_bf16_16816(o[n], pa, b);
+            }
+        }
+    }
+    float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    float* Oh = O + ((long)s * heads + h) * L * D;
+#pragma unroll
+    for (int n = 0; n < NO; n++) {
+        int c = n * 8 + tq * 2;
+        if (r0 < L) {
+            Oh[(long)r0 * D + c] = o[n][0] * inv0;
+            Oh[(long)r0 * D + c + 1] = o[n][1] * inv0;
+        }
+        if (r1 < L) {
+            Oh[(long)r1 * D + c] = o[n][2] * inv1;
+            Oh[(long)r1 * D + c + 1] = o[n][3] * inv1;
+        }
+    }
+    if (lse && tq == 0) {
+        float* lh = lse + ((long)s * heads + h) * L;
+        if (r0 < L) lh[r0] = l0 > 0.f ? m0 + logf(l0) : -INFINITY;
+        if (r1 < L) lh[r1] = l1 > 0.f ? m1 + logf(l1) : -INFINITY;
+    }
+}
+
+// One entry point per head size (a multiple of 16, at most 128).
+#define FLASH_FWD_PARAMS                                                                            \
+    const bf16 *Q, const bf16 *K, const bf16 *V, float *O, float *lse, const int *seq_len, int heads, \
+        int kv_heads, int L, int window, float scale
+#define FLASH_FWD_CALL(D) flash_fwd<D>(Q, K, V, O, lse, seq_len, heads, kv_heads, L, window, scale)
+extern "C" __global__ void flash_fwd_d16(FLASH_FWD_PARAMS) { FLASH_FWD_CALL(16); }
+extern "C" __global__ void flash_fwd_d32(FLASH_FWD_PARAMS) { FLASH_FWD_CALL(32); }
+extern "C" __global__ void flash_fwd_d64(FLASH_FWD_PARAMS) { FLASH_FWD_CALL(64); }
+extern "C" __global__ void flash_fwd_d80(FLASH_FWD_PARAMS) { FLASH_FWD_CALL(80); }
+extern "C" __global__ void flash_fwd_d96(FLASH_FWD_PARAMS) { FLASH_FWD_CALL(96); }
+extern "C" __global__ void flash_fwd_d128(FLASH_FWD_PARAMS) { FLASH_FWD_CALL(128); }

@@ -355,10 +355,11 @@ mod tests {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
         let mut gpu = sim();
         for name in ["llama_gqa", "llama_untied", "llama3_rope", "qwen2"] {
-            for q4 in [false, true] {
-                let (v, failed, g) = check::engine_vs_cpu(gpu, &root.join(name), q4).unwrap();
+            for (q4, flash) in [(false, false), (true, false), (false, true)] {
+                let (v, failed, g) =
+                    check::engine_vs_cpu(gpu, &root.join(name), q4, flash).unwrap();
                 gpu = g;
-                assert_eq!(failed, 0, "{name} q4={q4}: {v:#}");
+                assert_eq!(failed, 0, "{name} q4={q4} flash={flash}: {v:#}");
                 let worst = v[1]["worst"][0][1].as_f64().unwrap();
                 assert!(worst < 0.06, "{name} q4={q4}: worst tensor {worst}: {v:#}");
             }

@@ -13,6 +13,9 @@
 #include <cstdint>
 #include <cstring>
 
+// Kernels that use inline PTX (tensor-core mma) call the simulator's emulation instead.
+#define CUDASIM 1
+
 struct uint3 {
     unsigned x, y, z;
 };
@@ -52,6 +55,9 @@ uint64_t exchange(unsigned mask, uint64_t v, int src);
 // A 32-bit mask of the lanes in `mask` whose `pred` is non-zero.
 unsigned ballot(unsigned mask, bool pred);
 void* dynamic_shared();
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for the calling warp: d += a·b with the
+// PTX ISA's fragment layouts (every lane of the warp must call it).
+void mma_m16n8k16_bf16(float* d, const unsigned* a, const unsigned* b);
 // Registers a block's static shared array (once per OS thread): it is filled with NaN now and
 // before every later block.
 bool track(void* p, unsigned long bytes);

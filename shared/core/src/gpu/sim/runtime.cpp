@@ -272,6 +272,48 @@ unsigned ballot(unsigned mask, bool pred) {
 
 void* dynamic_shared() { return blk.shared.data(); }
 
+namespace {
+float bf16_to_float(unsigned bits) {
+    unsigned u = bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+}  // namespace
+
+void mma_m16n8k16_bf16(float* d, const unsigned* a, const unsigned* b) {
+    struct Frag {
+        const unsigned* a;
+        const unsigned* b;
+    } mine{a, b};
+    unsigned me = blk.current, n = (unsigned)blk.fibers.size(), base = me & ~31u;
+    blk.fibers[me].offered = reinterpret_cast<uint64_t>(&mine);
+    sync_warp(0xffffffffu);
+    // Every lane's registers are readable until the second rendezvous (their fibers wait).
+    float A[16][16] = {}, B[16][8] = {};
+    for (unsigned l = 0; l < 32 && base + l < n; l++) {
+        const Frag* f = reinterpret_cast<const Frag*>(blk.fibers[base + l].offered);
+        unsigned grp = l >> 2, tig = l & 3;
+        for (unsigned i = 0; i < 8; i++) {
+            unsigned row = (i < 2 || (i >= 4 && i < 6)) ? grp : grp + 8;
+            unsigned col = tig * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+            A[row][col] = bf16_to_float((f->a[i / 2] >> (16 * (i & 1))) & 0xffffu);
+        }
+        for (unsigned i = 0; i < 4; i++) {
+            unsigned k = tig * 2 + (i & 1) + (i >= 2 ? 8 : 0);
+            B[k][grp] = bf16_to_float((f->b[i / 2] >> (16 * (i & 1))) & 0xffffu);
+        }
+    }
+    sync_warp(0xffffffffu);
+    unsigned l = me & 31u, grp = l >> 2, tig = l & 3;
+    for (unsigned i = 0; i < 4; i++) {
+        unsigned row = i < 2 ? grp : grp + 8, col = tig * 2 + (i & 1);
+        float acc = d[i];
+        for (unsigned k = 0; k < 16; k++) acc += A[row][k] * B[k][col];
+        d[i] = acc;
+    }
+}
+
 bool track(void* p, unsigned long bytes) {
     std::memset(p, 0xff, bytes);
     tracked_shared.emplace_back(p, bytes);
