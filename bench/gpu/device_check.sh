@@ -4,7 +4,8 @@
 #   2. one LoRA and one QLoRA training step of the GPU engine against the CPU engine on the
 #      committed tiny models (Llama GQA, untied head, llama3 RoPE, Qwen2 biases);
 #   3. LoRA and QLoRA training tokens/s and peak GPU memory on a random 1B-class Llama, ours
-#      (gpu-check --bench) side by side with PyTorch + PEFT (+ bitsandbytes) on the same model;
+#      (gpu-check --bench; QLoRA once more with the flash attention kernels) side by side with
+#      PyTorch + PEFT (+ bitsandbytes) on the same model;
 #   4. peft-train --device cuda:0 end to end on that model (data, steps, adapter output).
 #
 # Needs: the binaries built with `make build-cuda` (target/cuda/release), python3 with torch,
@@ -70,6 +71,9 @@ want model && section "make the 1B-class model" && { [ -f "$MODEL/model.safetens
 want ours && section "3a. ours: LoRA and QLoRA training, ${BATCH}x${SEQ}" && run 200 "$BIN/gpu-check" --no-kernels --bench "$MODEL" --method lora,qlora --batch "$BATCH" --seq "$SEQ" \
     --steps "$STEPS" --json "$OUT/ours.json"
 
+want ours && section "3a'. ours: QLoRA with flash attention (PEFTKIT_GPU_ATTENTION=flash)" && PEFTKIT_GPU_ATTENTION=flash run 120 "$BIN/gpu-check" --no-kernels --bench "$MODEL" --method qlora --batch "$BATCH" --seq "$SEQ" \
+    --steps "$STEPS" --json "$OUT/ours_flash.json"
+
 want hf && section "3b. PyTorch + PEFT LoRA" && run 150 python3 bench/gpu/hf_reference.py --model "$MODEL" --method lora --batch "$BATCH" --seq "$SEQ" \
     --steps "$STEPS" --json "$OUT/hf_lora.json"
 want hf && section "3b'. PyTorch + PEFT LoRA with gradient checkpointing (as ours)" && run 150 python3 bench/gpu/hf_reference.py --model "$MODEL" --method lora --grad-checkpointing --batch "$BATCH" \
@@ -90,9 +94,10 @@ def load(n):
     return json.load(open(p)) if os.path.exists(p) else None
 ours = load("ours.json") or {}
 rows = {r["method"]: r for r in ours.get("bench", [])}
-for m, name, ref in (("lora", "lora", load("hf_lora.json")), ("lora", "lora vs checkpointed", load("hf_lora_gc.json")),
-                     ("qlora", "qlora", load("hf_qlora.json"))):
-    o = rows.get(m)
+flash = {r["method"]: r for r in (load("ours_flash.json") or {}).get("bench", [])}
+for m, name, ref, mine in (("lora", "lora", load("hf_lora.json"), rows), ("lora", "lora vs checkpointed", load("hf_lora_gc.json"), rows),
+                           ("qlora", "qlora", load("hf_qlora.json"), rows), ("qlora", "qlora, flash attention", load("hf_qlora.json"), flash)):
+    o = mine.get(m)
     if not o:
         continue
     line = f"{name}: ours {o['tokens_per_second']:.0f} tok/s, peak {o['peak_allocated_bytes']/1e9:.2f} GB"

@@ -5,7 +5,7 @@
 use super::blas::Gemm;
 use super::device::{Arg, Gpu};
 use super::engine::GpuEngine;
-use super::engine::{launch_flash_fwd, FlashArgs};
+use super::engine::{launch_flash_bwd, launch_flash_fwd, FlashArgs};
 use crate::error::Result;
 use crate::model::{Model, QuantizeOnLoad};
 use crate::quant::{blockwise, QuantType};
@@ -548,6 +548,70 @@ pub(crate) fn attention_reference(
     out
 }
 
+/// The gradients of [`attention_reference`] given `d_o`: (dQ, dK, dV), in f64.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_backward_reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d_o: &[f32],
+    lens: &[usize],
+    heads: usize,
+    kvh: usize,
+    l: usize,
+    dh: usize,
+    window: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let scale = 1.0 / (dh as f64).sqrt();
+    let mut dq = vec![0f64; q.len()];
+    let mut dk = vec![0f64; k.len()];
+    let mut dv = vec![0f64; v.len()];
+    for (s, &len) in lens.iter().enumerate() {
+        for h in 0..heads {
+            let kh = h / (heads / kvh);
+            let qb = (s * heads + h) * l * dh;
+            let kb = (s * kvh + kh) * l * dh;
+            for t in 0..len {
+                let lo = if window > 0 {
+                    (t + 1).saturating_sub(window)
+                } else {
+                    0
+                };
+                let sc: Vec<f64> = (lo..=t)
+                    .map(|j| {
+                        (0..dh)
+                            .map(|c| q[qb + t * dh + c] as f64 * k[kb + j * dh + c] as f64)
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                let p: Vec<f64> = e.iter().map(|x| x / z).collect();
+                let dp: Vec<f64> = (lo..=t)
+                    .map(|j| {
+                        (0..dh)
+                            .map(|c| d_o[qb + t * dh + c] as f64 * v[kb + j * dh + c] as f64)
+                            .sum()
+                    })
+                    .collect();
+                let pdp: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                for (i, j) in (lo..=t).enumerate() {
+                    let ds = p[i] * (dp[i] - pdp) * scale;
+                    for c in 0..dh {
+                        dv[kb + j * dh + c] += p[i] * d_o[qb + t * dh + c] as f64;
+                        dq[qb + t * dh + c] += ds * k[kb + j * dh + c] as f64;
+                        dk[kb + j * dh + c] += ds * q[qb + t * dh + c] as f64;
+                    }
+                }
+            }
+        }
+    }
+    let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
+    (f(dq), f(dk), f(dv))
+}
+
 /// The flash attention forward kernel against [`attention_reference`] on bf16 inputs, and its
 /// speed (causal FLOPs against the bf16 matrix peak is for the reader: gpu-check prints ms).
 fn check_flash(
@@ -610,8 +674,41 @@ fn check_flash(
     rep.add(
         &format!("flash_fwd L={l} d={dh} w={window}"),
         rel_err(&got, &want),
-        2e-2,
+        1e-2,
         json!({"ms": t * 1e3, "tflops": causal_flops / t / 1e12}),
+    );
+
+    // Backward: dQ, dK, dV against the f64 gradients of the same bf16 inputs.
+    let d_o: Vec<f32> = rand_vec(rng, q.len(), 1.0).into_iter().map(bf).collect();
+    let gdo = gpu.upload_bf16(&d_o)?;
+    let args = FlashArgs {
+        q: gq.ptr,
+        k: gk.ptr,
+        v: gv.ptr,
+        seq_len: glen.ptr,
+        nseq,
+        heads,
+        kv_heads: kvh,
+        l,
+        dh,
+        window,
+    };
+    let mut grads = None;
+    let t = time(gpu, s.reps(10), || {
+        grads = Some(launch_flash_bwd(gpu, &args, gdo.ptr, go.ptr, glse.ptr)?);
+        Ok(())
+    })?;
+    let (gdq, gdk, gdv) = grads.expect("the backward kernel ran");
+    let (wq, wk, wv) =
+        attention_backward_reference(&q, &k, &v, &d_o, &lens, heads, kvh, l, dh, window);
+    let err = rel_err(&gpu.download_f32(&gdq, q.len())?, &wq)
+        .max(rel_err(&gpu.download_f32(&gdk, k.len())?, &wk))
+        .max(rel_err(&gpu.download_f32(&gdv, v.len())?, &wv));
+    rep.add(
+        &format!("flash_bwd L={l} d={dh} w={window}"),
+        err,
+        1e-2,
+        json!({"ms": t * 1e3, "tflops": 2.5 * causal_flops / t / 1e12}),
     );
     Ok(())
 }

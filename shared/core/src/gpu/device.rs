@@ -45,6 +45,13 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "flash_fwd_d80",
     "flash_fwd_d96",
     "flash_fwd_d128",
+    "flash_bwd_dot",
+    "flash_bwd_d16",
+    "flash_bwd_d32",
+    "flash_bwd_d64",
+    "flash_bwd_d80",
+    "flash_bwd_d96",
+    "flash_bwd_d128",
 ];
 
 /// Device errors are run-time failures of the machine, reported as such.

@@ -67,6 +67,8 @@ struct Saved {
     a: DBuf,
     /// Per linear: the scaled LoRA activation `s·(x·Aᵀ)` in bf16.
     xa: Vec<Option<DBuf>>,
+    /// With flash attention: its output (f32, padded) and log-sum-exp, for its backward.
+    flash: Option<(DBuf, DBuf)>,
 }
 
 pub struct GpuEngine {
@@ -84,8 +86,8 @@ pub struct GpuEngine {
     seed: u64,
     /// False while [`GpuEngine::eval`] runs: no dropout.
     training: std::cell::Cell<bool>,
-    /// Attention's forward pass by the flash kernel (`PEFTKIT_GPU_ATTENTION=flash`, head
-    /// sizes 16-128 in steps listed by `flash_supports`) instead of products over materialised scores; see docs/gpu.md.
+    /// Attention on the flash kernels (`PEFTKIT_GPU_ATTENTION=flash`; the head sizes listed
+    /// by `flash_supports`) instead of products over materialised scores; see docs/gpu.md.
     flash: bool,
     phases: Phases,
 }
@@ -146,6 +148,66 @@ pub(crate) struct FlashArgs {
 /// Head sizes the flash kernels are built for.
 pub(crate) fn flash_supports(dh: usize) -> bool {
     matches!(dh, 16 | 32 | 64 | 80 | 96 | 128)
+}
+
+/// The gradients of [`launch_flash_fwd`] given `dO` (bf16, Q's layout), the forward output
+/// `o` (f32) and its log-sum-exp: dQ (f32, Q's layout; zeroed here, the kernel adds into it),
+/// dK and dV (f32, K's layout).
+pub(crate) fn launch_flash_bwd(
+    gpu: &Gpu,
+    a: &FlashArgs,
+    d_o: u64,
+    o: u64,
+    lse: u64,
+) -> Result<(DBuf, DBuf, DBuf)> {
+    if !flash_supports(a.dh) {
+        return Err(Error::Device(format!(
+            "flash attention is built for head sizes 16, 32, 64, 80, 96 and 128, not {}",
+            a.dh
+        )));
+    }
+    let q_rows = a.nseq * a.heads * a.l;
+    let kv_len = a.nseq * a.kv_heads * a.l * a.dh;
+    let dv_rows = gpu.uninit_f32(q_rows)?;
+    gpu.launch(
+        "flash_bwd_dot",
+        q_rows.div_ceil(8) as u32,
+        256,
+        &[
+            Arg::P(d_o),
+            Arg::P(o),
+            Arg::P(dv_rows.ptr),
+            Arg::L(q_rows as i64),
+            Arg::I(a.dh as i32),
+        ],
+    )?;
+    let dq = gpu.alloc_f32(q_rows * a.dh)?;
+    let dk = gpu.uninit_f32(kv_len)?;
+    let dv = gpu.uninit_f32(kv_len)?;
+    let blocks = a.l.div_ceil(64) * a.kv_heads * a.nseq;
+    gpu.launch(
+        &format!("flash_bwd_d{}", a.dh),
+        blocks as u32,
+        128,
+        &[
+            Arg::P(a.q),
+            Arg::P(a.k),
+            Arg::P(a.v),
+            Arg::P(d_o),
+            Arg::P(lse),
+            Arg::P(dv_rows.ptr),
+            Arg::P(dq.ptr),
+            Arg::P(dk.ptr),
+            Arg::P(dv.ptr),
+            Arg::P(a.seq_len),
+            Arg::I(a.heads as i32),
+            Arg::I(a.kv_heads as i32),
+            Arg::I(a.l as i32),
+            Arg::I(a.window as i32),
+            Arg::F(1.0 / (a.dh as f32).sqrt()),
+        ],
+    )?;
+    Ok((dq, dk, dv))
 }
 
 /// Causal attention in one kernel (kernels.cu `flash_fwd_d*`): `o` f32 in Q's layout and,
@@ -804,7 +866,37 @@ impl GpuEngine {
         )
     }
 
+    /// The flash kernels' arguments for this batch's padded heads.
+    fn flash_args(
+        &self,
+        qp: &DBuf,
+        kp: &DBuf,
+        vp: &DBuf,
+        lay: &Layout,
+        window: Option<usize>,
+    ) -> FlashArgs {
+        let m = &self.model;
+        FlashArgs {
+            q: qp.ptr,
+            k: kp.ptr,
+            v: vp.ptr,
+            seq_len: lay.seq_len.ptr,
+            nseq: lay.nseq,
+            heads: m.heads,
+            kv_heads: m.kv_heads,
+            l: lay.l,
+            dh: m.head_dim,
+            window: window.unwrap_or(0),
+        }
+    }
+
+    /// Whether attention runs on the flash kernels for this model.
+    fn flash_on(&self) -> bool {
+        self.flash && flash_supports(self.model.head_dim)
+    }
+
     /// Causal attention of the padded heads: `softmax(Q·Kᵀ/√d)·V` as f32 `[seq, heads, L, dh]`.
+    /// On the flash path with `keep`, also the rows' log-sum-exp for the backward pass.
     fn attention_fwd(
         &self,
         qp: &DBuf,
@@ -812,26 +904,20 @@ impl GpuEngine {
         vp: &DBuf,
         lay: &Layout,
         window: Option<usize>,
-    ) -> Result<DBuf> {
+        keep: bool,
+    ) -> Result<(DBuf, Option<DBuf>)> {
         let gpu = &self.gpu;
         let (batch, gl, ll, dh) = self.attn_dims(lay);
-        if self.flash && flash_supports(dh) {
+        if self.flash_on() {
             let op = gpu.uninit_f32(batch * gl * dh)?;
-            let m = &self.model;
-            let args = FlashArgs {
-                q: qp.ptr,
-                k: kp.ptr,
-                v: vp.ptr,
-                seq_len: lay.seq_len.ptr,
-                nseq: lay.nseq,
-                heads: m.heads,
-                kv_heads: m.kv_heads,
-                l: lay.l,
-                dh,
-                window: window.unwrap_or(0),
+            let lse = if keep {
+                Some(gpu.uninit_f32(batch * gl)?)
+            } else {
+                None
             };
-            launch_flash_fwd(gpu, &args, op.ptr, 0)?;
-            return Ok(op);
+            let args = self.flash_args(qp, kp, vp, lay, window);
+            launch_flash_fwd(gpu, &args, op.ptr, lse.as_ref().map_or(0, |b| b.ptr))?;
+            return Ok((op, lse));
         }
         let ch = self.attn_chunk(lay);
         let s = gpu.uninit_f32(ch * gl * ll)?;
@@ -865,7 +951,7 @@ impl GpuEngine {
                 .batched(c, gl * ll, ll * dh, gl * dh),
             )?;
         }
-        Ok(op)
+        Ok((op, None))
     }
 
     /// Backward of [`Self::attention_fwd`] given `dop` (bf16, padded layout): recomputes the
@@ -975,10 +1061,10 @@ impl GpuEngine {
         let kp = self.to_heads(&k, m.kv_heads, true, lay)?;
         let vp = self.to_heads(&v, m.kv_heads, false, lay)?;
         drop((q, k, v));
-        let op = self.attention_fwd(&qp, &kp, &vp, lay, blk.window)?;
+        let (op, lse) = self.attention_fwd(&qp, &kp, &vp, lay, blk.window, keep)?;
         let o_in = gpu.uninit_bf16(rows * qd)?;
         self.merge_heads("unpermute_bf16", &op, &o_in, lay)?;
-        drop(op);
+        let flash = lse.map(|lse| (op, lse));
         let h2 = gpu.uninit_f32(rows * d)?;
         xa[O] = self.lin_fwd(l, O, &o_in, &h2, rows)?;
         gpu.launch_n(
@@ -1026,6 +1112,7 @@ impl GpuEngine {
             u,
             a,
             xa,
+            flash,
         });
         Ok((out, saved))
     }
@@ -1107,7 +1194,13 @@ impl GpuEngine {
         self.merge_heads("permute_bf16", &d_o, &dop, lay)?;
         drop(d_o);
         self.phases.mark(gpu, "backward: o_proj");
-        let (dqp, dkp, dvp) = self.attention_bwd(&s.qp, &s.kp, &s.vp, &dop, lay, blk.window)?;
+        let (dqp, dkp, dvp) = match &s.flash {
+            Some((op, lse)) => {
+                let args = self.flash_args(&s.qp, &s.kp, &s.vp, lay, blk.window);
+                launch_flash_bwd(&self.gpu, &args, dop.ptr, op.ptr, lse.ptr)?
+            }
+            None => self.attention_bwd(&s.qp, &s.kp, &s.vp, &dop, lay, blk.window)?,
+        };
         drop(dop);
         self.phases.mark(gpu, "backward: attention");
         let dq = self.heads_grad_to_rows(&dqp, m.heads, true, lay)?;

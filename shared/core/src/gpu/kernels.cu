@@ -686,3 +686,209 @@ extern "C" __global__ void flash_fwd_d64(FLASH_FWD_PARAMS) { FLASH_FWD_CALL(64);
 extern "C" __global__ void flash_fwd_d80(FLASH_FWD_PARAMS) { FLASH_FWD_CALL(80); }
 extern "C" __global__ void flash_fwd_d96(FLASH_FWD_PARAMS) { FLASH_FWD_CALL(96); }
 extern "C" __global__ void flash_fwd_d128(FLASH_FWD_PARAMS) { FLASH_FWD_CALL(128); }
+
+// Dv[r] = Σ dO[r, :]·O[r, :] over the padded rows (flash attention's backward pass needs it
+// per query row): one warp per row.
+extern "C" __global__ void flash_bwd_dot(const bf16* dO, const float* O, float* Dv, long rows, int D) {
+    long r = blockIdx.x * (long)(blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    float acc = 0.f;
+    for (int c = lane; c < D; c += 32) acc += bf2f(dO[r * D + c]) * O[r * D + c];
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) Dv[r] = acc;
+}
+
+__device__ __forceinline__ unsigned pack_bits(bf16 lo, bf16 hi) { return (unsigned)lo | ((unsigned)hi << 16); }
+
+// Backward of flash_fwd (FA2): one block of 128 threads per (64-key tile, kv head, sequence);
+// each warp owns 16 keys and keeps their dK and dV in registers while it walks every query
+// tile of every query head sharing the kv head. P and dS are recomputed from Q, K and the
+// forward pass's log-sum-exp; dQ is accumulated with atomics (dQ must start at zero).
+// dK, dV: [seq, kv_heads, L, D] f32, every row written (zero where no query sees the key).
+template <int D, int BR>
+__device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf16* dO, const float* lse,
+                          const float* Dv, float* dQ, float* dK, float* dV, const int* seq_len, int heads,
+                          int kv_heads, int L, int window, float scale) {
+    constexpr int BC = 64, KS = D / 16, NO = D / 8, NT = BR / 8;
+    __shared__ __align__(16) bf16 qs[BR * D];   // the query tile
+    __shared__ __align__(16) bf16 dos[BR * D];  // its output gradient
+    __shared__ bf16 kt[BC * D];                 // this block's keys
+    __shared__ bf16 dst[4 * 16 * BR];           // per warp: dSᵀ, [16 keys][BR queries]
+    __shared__ float lse_s[BR];
+    __shared__ float dv_s[BR];
+    int tiles = (L + BC - 1) / BC;
+    int k0 = (blockIdx.x % tiles) * BC;
+    int kvh = (blockIdx.x / tiles) % kv_heads;
+    int s = blockIdx.x / tiles / kv_heads;
+    int len = seq_len[s];
+    int grp = heads / kv_heads;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    long kvbase = ((long)s * kv_heads + kvh) * L * D;
+    const bf16* Kh = K + kvbase;
+    const bf16* Vh = V + kvbase;
+    int j0 = k0 + warp * 16 + g, j1 = j0 + 8;  // this lane's two keys
+    // This warp's keys and values as A fragments (16 keys × D).
+    unsigned ka[KS][4], va[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+        int c = kk * 16 + tq * 2;
+        const bf16* rows[2] = {Kh, Vh};
+#pragma unroll
+        for (int w = 0; w < 2; w++) {
+            unsigned* f = w ? va[kk] : ka[kk];
+            f[0] = j0 < L ? *reinterpret_cast<const unsigned*>(rows[w] + (long)j0 * D + c) : 0u;
+            f[1] = j1 < L ? *reinterpret_cast<const unsigned*>(rows[w] + (long)j1 * D + c) : 0u;
+            f[2] = j0 < L ? *reinterpret_cast<const unsigned*>(rows[w] + (long)j0 * D + c + 8) : 0u;
+            f[3] = j1 < L ? *reinterpret_cast<const unsigned*>(rows[w] + (long)j1 * D + c + 8) : 0u;
+        }
+    }
+    for (int i = threadIdx.x; i < BC * D; i += blockDim.x) {
+        int j = k0 + i / D;
+        kt[i] = j < L ? Kh[(long)j * D + i % D] : (bf16)0;
+    }
+    float dk[NO][4], dv[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk[n][e] = dv[n][e] = 0.f;
+    // Queries that see these keys: t ≥ k0 (causal), t < len, and t < k0 + BC − 1 + window.
+    int qlo = k0 / BR * BR;
+    int qhi = len;
+    if (window > 0) qhi = min(qhi, k0 + BC - 1 + window);
+    bf16* myds = dst + warp * 16 * BR;
+    for (int hi = 0; hi < grp; hi++) {
+        int h = kvh * grp + hi;
+        long qbase = ((long)s * heads + h) * L;
+        for (int q0 = qlo; q0 < qhi; q0 += BR) {
+            __syncthreads();  // the previous tile is no longer read
+            for (int i = threadIdx.x; i < BR * D; i += blockDim.x) {
+                int t = q0 + i / D;
+                qs[i] = t < L ? Q[(qbase + t) * D + i % D] : (bf16)0;
+                dos[i] = t < L ? dO[(qbase + t) * D + i % D] : (bf16)0;
+            }
+            for (int i = threadIdx.x; i < BR; i += blockDim.x) {
+                int t = q0 + i;
+                lse_s[i] = t < L ? lse[qbase + t] : 0.f;
+                dv_s[i] = t < L ? Dv[qbase + t] : 0.f;
+            }
+            __syncthreads();
+            // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for this warp's 16 keys × BR queries.
+            float sc[NT][4], dp[NT][4];
+            const unsigned* qs2 = reinterpret_cast<const unsigned*>(qs);
+            const unsigned* dos2 = reinterpret_cast<const unsigned*>(dos);
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) sc[nt][e] = dp[nt][e] = 0.f;
+                int row = (nt * 8 + g) * (D / 2);
+#pragma unroll
+                for (int kk = 0; kk < KS; kk++) {
+                    unsigned bq[2] = {qs2[row + kk * 8 + tq], qs2[row + kk * 8 + 4 + tq]};
+                    unsigned bo[2] = {dos2[row + kk * 8 + tq], dos2[row + kk * 8 + 4 + tq]};
+                    mma_bf16_16816(sc[nt], ka[kk], bq);
+                    mma_bf16_16816(dp[nt], va[kk], bo);
+                }
+            }
+            // Pᵀ and dSᵀ = Pᵀ ∘ (dPᵀ − Dv)·scale.
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int j = e < 2 ? j0 : j1;
+                    int qi = nt * 8 + tq * 2 + (e & 1);
+                    int t = q0 + qi;
+                    bool ok = t < len && j <= t && (window <= 0 || j > t - window);
+                    float p = ok ? __expf(sc[nt][e] * scale - lse_s[qi]) : 0.f;
+                    sc[nt][e] = p;
+                    dp[nt][e] = p * (dp[nt][e] - dv_s[qi]) * scale;
+                }
+            // dV += Pᵀ·dO and dK += dSᵀ·Q: the score tiles are the A fragments; B pairs run
+            // along the queries (two 16-bit loads each).
+#pragma unroll
+            for (int kk = 0; kk < BR / 16; kk++) {
+                unsigned pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                                  pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                                  pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+                unsigned sa[4] = {pack_bf16(dp[2 * kk][0], dp[2 * kk][1]), pack_bf16(dp[2 * kk][2], dp[2 * kk][3]),
+                                  pack_bf16(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
+                                  pack_bf16(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+                int t = kk * 16 + tq * 2;
+#pragma unroll
+                for (int n = 0; n < NO; n++) {
+                    int c = n * 8 + g;
+                    unsigned bo[2] = {pack_bits(dos[t * D + c], dos[(t + 1) * D + c]),
+                                      pack_bits(dos[(t + 8) * D + c], dos[(t + 9) * D + c])};
+                    unsigned bq[2] = {pack_bits(qs[t * D + c], qs[(t + 1) * D + c]),
+                                      pack_bits(qs[(t + 8) * D + c], qs[(t + 9) * D + c])};
+                    mma_bf16_16816(dv[n], pa, bo);
+                    mma_bf16_16816(dk[n], sa, bq);
+                }
+            }
+            // dQ += dS·K: dSᵀ goes through shared memory to become an A fragment of dS.
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    myds[((e < 2 ? 0 : 8) + g) * BR + nt * 8 + tq * 2 + (e & 1)] = f2bf(dp[nt][e]);
+            __syncwarp();
+#pragma unroll
+            for (int m = 0; m < BR / 16; m++) {
+                int r = m * 16 + g;
+                int kc = tq * 2;
+                unsigned da[4] = {pack_bits(myds[kc * BR + r], myds[(kc + 1) * BR + r]),
+                                  pack_bits(myds[kc * BR + r + 8], myds[(kc + 1) * BR + r + 8]),
+                                  pack_bits(myds[(kc + 8) * BR + r], myds[(kc + 9) * BR + r]),
+                                  pack_bits(myds[(kc + 8) * BR + r + 8], myds[(kc + 9) * BR + r + 8])};
+#pragma unroll
+                for (int n = 0; n < NO; n++) {
+                    int c = n * 8 + g;
+                    int kr = warp * 16 + tq * 2;
+                    unsigned bk[2] = {pack_bits(kt[kr * D + c], kt[(kr + 1) * D + c]),
+                                      pack_bits(kt[(kr + 8) * D + c], kt[(kr + 9) * D + c])};
+                    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+                    mma_bf16_16816(acc, da, bk);
+                    int t0 = q0 + r, t1 = t0 + 8, col = n * 8 + tq * 2;
+                    if (t0 < L) {
+                        atomicAdd(&dQ[(qbase + t0) * D + col], acc[0]);
+                        atomicAdd(&dQ[(qbase + t0) * D + col + 1], acc[1]);
+                    }
+                    if (t1 < L) {
+                        atomicAdd(&dQ[(qbase + t1) * D + col], acc[2]);
+                        atomicAdd(&dQ[(qbase + t1) * D + col + 1], acc[3]);
+                    }
+                }
+            }
+            __syncwarp();  // dSᵀ is read before the next tile overwrites it
+        }
+    }
+    // The softmax scale was applied to dS; dK needs no more. Write this warp's rows.
+#pragma unroll
+    for (int n = 0; n < NO; n++) {
+        int c = n * 8 + tq * 2;
+        if (j0 < L) {
+            dK[kvbase + (long)j0 * D + c] = dk[n][0];
+            dK[kvbase + (long)j0 * D + c + 1] = dk[n][1];
+            dV[kvbase + (long)j0 * D + c] = dv[n][0];
+            dV[kvbase + (long)j0 * D + c + 1] = dv[n][1];
+        }
+        if (j1 < L) {
+            dK[kvbase + (long)j1 * D + c] = dk[n][2];
+            dK[kvbase + (long)j1 * D + c + 1] = dk[n][3];
+            dV[kvbase + (long)j1 * D + c] = dv[n][2];
+            dV[kvbase + (long)j1 * D + c + 1] = dv[n][3];
+        }
+    }
+}
+
+#define FLASH_BWD_PARAMS                                                                                     \
+    const bf16 *Q, const bf16 *K, const bf16 *V, const bf16 *dO, const float *lse, const float *Dv, float *dQ, \
+        float *dK, float *dV, const int *seq_len, int heads, int kv_heads, int L, int window, float scale
+#define FLASH_BWD_CALL(D, BR) \
+    flash_bwd<D, BR>(Q, K, V, dO, lse, Dv, dQ, dK, dV, seq_len, heads, kv_heads, L, window, scale)
+extern "C" __global__ void flash_bwd_d16(FLASH_BWD_PARAMS) { FLASH_BWD_CALL(16, 64); }
+extern "C" __global__ void flash_bwd_d32(FLASH_BWD_PARAMS) { FLASH_BWD_CALL(32, 64); }
+extern "C" __global__ void flash_bwd_d64(FLASH_BWD_PARAMS) { FLASH_BWD_CALL(64, 64); }
+extern "C" __global__ void flash_bwd_d80(FLASH_BWD_PARAMS) { FLASH_BWD_CALL(80, 32); }
+extern "C" __global__ void flash_bwd_d96(FLASH_BWD_PARAMS) { FLASH_BWD_CALL(96, 32); }
+extern "C" __global__ void flash_bwd_d128(FLASH_BWD_PARAMS) { FLASH_BWD_CALL(128, 32); }

@@ -90,6 +90,7 @@ inline T shuffle(unsigned mask, T v, int src) {
 #define __forceinline__ inline
 #define __noinline__
 #define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
 // One block runs at a time on an OS thread, so a thread-local static is the block's shared
 // memory.
 #define __shared__ static thread_local
