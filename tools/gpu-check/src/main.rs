@@ -107,6 +107,14 @@ fn run(a: &Args, dev: DeviceSpec) -> peftkit_core::Result<()> {
             rows.push(json!({"model": dir, "qlora": q4, "flash": flash, "checks": v}));
             failed += f;
         }
+        // Evaluation passes, with the adapters on and off (DPO's reference).
+        for dir in &a.engine {
+            cli::info(format!("{} (evaluation):", dir.display()));
+            let (v, f, g) = check::eval_vs_cpu(gpu, dir)?;
+            gpu = g;
+            rows.push(json!({"model": dir, "eval": true, "checks": v}));
+            failed += f;
+        }
         out["engine"] = json!(rows);
     }
     if let Some(dir) = &a.bench {

@@ -465,6 +465,7 @@ pub fn kernels(gpu: &Gpu, s: &KernelShapes) -> Result<(Value, usize)> {
                 Arg::P(gg2.ptr),
                 Arg::I(v as i32),
                 Arg::F(1.0),
+                Arg::P(0),
             ],
         )
     })?;
@@ -736,6 +737,74 @@ fn grads(state: &TrainState) -> Vec<f32> {
         .iter()
         .flat_map(|(_, p)| p.grad.iter().copied())
         .collect()
+}
+
+/// Evaluation passes of the GPU engine against the CPU engine's on random sequences, with a
+/// LoRA adapter whose B is not zero (so that it changes the outputs): the loss with the
+/// adapters on, and with them off against the base model (DPO's reference pass).
+pub fn eval_vs_cpu(gpu: Gpu, model_dir: &Path) -> Result<(Value, usize, Gpu)> {
+    let model = Model::load(model_dir)?;
+    let mut state = lora_state(&model, 8, Targets::AllLinear, 1)?;
+    // B large enough that the adapter moves the loss well past the tolerance below.
+    for lo in state.lora.iter_mut().flatten() {
+        lo.b.iter_mut().for_each(|x| *x *= 10.0);
+    }
+    let mut base = TrainState::new(model.linears().len());
+    let mut rng = Rng::new(5);
+    let vocab = model.config.vocab as u64;
+    let seqs: Vec<Vec<u32>> = [29usize, 50]
+        .iter()
+        .map(|&n| (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect())
+        .collect();
+    let labels: Vec<Vec<i32>> = seqs
+        .iter()
+        .map(|s| s.iter().map(|&t| t as i32).collect())
+        .collect();
+    let batch = Batch {
+        ids: seqs.iter().map(|s| &s[..]).collect(),
+        labels: labels.iter().map(|s| &s[..]).collect(),
+    };
+    let cpu = Engine::for_eval(&model);
+    let mean = |s: crate::train::engine::StepStats| s.nll_sum / s.loss_tokens as f64;
+    let with = mean(cpu.forward_backward(&mut state, &batch, 0.0, &mut Rng::new(0))?);
+    let without = mean(cpu.forward_backward(&mut base, &batch, 0.0, &mut Rng::new(0))?);
+    let mut eng = GpuEngine::new(gpu, &model, &state)?;
+    let g_with = mean(eng.eval(&state, &batch)?);
+    eng.set_adapters_enabled(false);
+    let g_without = mean(eng.eval(&state, &batch)?);
+    eng.set_adapters_enabled(true);
+    let mut rep = Report {
+        rows: Vec::new(),
+        failed: 0,
+    };
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs();
+    // Random tokens keep the loss near log(vocab), so the adapter moves it by ~0.3%: the
+    // tolerance is 1e-3 here (bf16 compute gives 1e-4 to 2e-4), and the adapter's effect
+    // must be well above it.
+    rep.add(
+        "eval with the adapter vs CPU",
+        rel(g_with, with),
+        1e-3,
+        json!({"cpu": with, "gpu": g_with}),
+    );
+    rep.add(
+        "eval, adapter off vs base",
+        rel(g_without, without),
+        1e-3,
+        json!({"cpu": without, "gpu": g_without}),
+    );
+    // The adapter must matter here, or the two checks above could not tell on from off.
+    rep.add(
+        "the adapter changes the loss",
+        if rel(with, without) > 2.5e-3 {
+            0.0
+        } else {
+            1.0
+        },
+        0.0,
+        json!({"with": with, "without": without}),
+    );
+    Ok((json!(rep.rows), rep.failed, eng.gpu))
 }
 
 /// One step of the GPU engine against the CPU engine (f32) on the same batch: loss and

@@ -15,7 +15,7 @@ use super::weights::{GpuModel, DOWN, GATE, K, O, PER_BLOCK, Q, UP, V};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::rng::Rng;
-use crate::train::engine::{Batch, StepStats};
+use crate::train::engine::{Batch, Objective, ObjectiveCtx, RowsCrossEntropy, StepStats};
 use crate::train::params::{Slot, TrainState};
 
 /// One LoRA adapter's tensors on the device: addresses inside [`GpuEngine`]'s two shared
@@ -34,6 +34,56 @@ struct GpuLora {
     off: usize,
     na: usize,
     nb: usize,
+}
+
+/// What the forward pass leaves for the loss and the backward pass.
+struct Forward {
+    lay: Layout,
+    /// Every block's input in bf16 (empty in evaluation).
+    hs: Vec<DBuf>,
+    /// The last block's output (f32), the final norm's output (bf16) and its 1/rms.
+    x: DBuf,
+    nf: DBuf,
+    rstd: DBuf,
+}
+
+/// The LM head's cross-entropy on rows of the final hidden states, on the device, for a host
+/// objective ([`ObjectiveCtx::rows_ce`]).
+struct GpuRowsCe<'a> {
+    engine: &'a GpuEngine,
+    nf: &'a DBuf,
+    rows: usize,
+}
+
+impl RowsCrossEntropy for GpuRowsCe<'_> {
+    fn run(
+        &self,
+        rows: &[(usize, u32)],
+        scale: &(dyn Fn(usize) -> f32 + Sync),
+        dh: Option<&mut [f32]>,
+        losses: &mut [f64],
+    ) -> Result<()> {
+        let e = self.engine;
+        let d = e.model.hidden;
+        let idx: Vec<i32> = rows.iter().map(|&(r, _)| r as i32).collect();
+        let tgt: Vec<i32> = rows.iter().map(|&(_, t)| t as i32).collect();
+        let scales: Vec<f32> = (0..rows.len()).map(scale).collect();
+        let dnf = match dh {
+            Some(_) => Some(e.gpu.alloc_f32(self.rows * d)?),
+            None => None,
+        };
+        let nll = e.rows_cross_entropy(self.nf, &idx, &tgt, 1.0, Some(&scales), dnf.as_ref())?;
+        for (l, v) in losses.iter_mut().zip(nll) {
+            *l = v as f64;
+        }
+        if let (Some(dh), Some(dnf)) = (dh, dnf) {
+            let g = e.gpu.download_f32(&dnf, self.rows * d)?;
+            for (a, b) in dh.iter_mut().zip(g) {
+                *a += b;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Per-step layout of the batch.
@@ -84,8 +134,10 @@ pub struct GpuEngine {
     /// Lowest block with an adapter: the backward pass stops there.
     stop_layer: usize,
     seed: u64,
-    /// False while [`GpuEngine::eval`] runs: no dropout.
+    /// False while an evaluation's forward pass runs: no dropout.
     training: std::cell::Cell<bool>,
+    /// False while a reference pass runs: the base model without the adapters.
+    adapters_on: std::cell::Cell<bool>,
     /// Attention on the flash kernels (`PEFTKIT_GPU_ATTENTION=flash`; the head sizes listed
     /// by `flash_supports`) instead of products over materialised scores; see docs/gpu.md.
     flash: bool,
@@ -300,6 +352,7 @@ impl GpuEngine {
             stop_layer: stop,
             seed: 0,
             training: std::cell::Cell::new(true),
+            adapters_on: std::cell::Cell::new(true),
             flash: std::env::var("PEFTKIT_GPU_ATTENTION").is_ok_and(|v| v == "flash"),
             phases: Phases::new(),
         })
@@ -315,41 +368,148 @@ impl GpuEngine {
     ) -> Result<StepStats> {
         self.phases.mark(&self.gpu, "host (between steps)");
         self.phases.steps.set(self.phases.steps.get() + 1);
+        let f = self.run_forward(state, batch, Some(rng))?;
+        let (d, rows) = (self.model.hidden, f.lay.rows);
+        // The loss in chunks of rows.
+        let dnf = self.gpu.alloc_f32(rows * d)?;
+        let nll = self.loss(&f.nf, &f.lay, loss_scale, Some(&dnf))?;
+        let stats = StepStats {
+            nll_sum: nll,
+            loss_tokens: f.lay.loss_idx.len(),
+        };
+        self.phases.mark(&self.gpu, "loss (head and cross-entropy)");
+        self.run_backward(state, f, dnf)?;
+        Ok(stats)
+    }
+
+    /// The loss over one batch without gradients and without dropout (evaluation): the forward
+    /// pass of [`Self::forward_backward`], keeping nothing for a backward pass.
+    pub fn eval(&mut self, state: &TrainState, batch: &Batch) -> Result<StepStats> {
+        let f = self.run_forward(state, batch, None)?;
+        let nll = self.loss(&f.nf, &f.lay, 0.0, None)?;
+        Ok(StepStats {
+            nll_sum: nll,
+            loss_tokens: f.lay.loss_idx.len(),
+        })
+    }
+
+    /// Forward and backward with any [`Objective`] of the final hidden states (reward models,
+    /// DPO, …): the objective runs on the host on the downloaded hidden states, and what it
+    /// needs of the LM head (log-probabilities of labels) runs here through
+    /// [`ObjectiveCtx::rows_ce`]; its gradient of the hidden states comes back for the
+    /// backward pass. Without `rng`: evaluation (no dropout, no backward pass).
+    pub fn forward_backward_with(
+        &mut self,
+        model: &Model,
+        state: &mut TrainState,
+        batch: &Batch,
+        rng: Option<&mut Rng>,
+        objective: &mut dyn Objective,
+    ) -> Result<StepStats> {
+        let backward = rng.is_some();
+        let f = self.run_forward(state, batch, rng)?;
+        let (d, rows) = (self.model.hidden, f.lay.rows);
+        let hidden = self.gpu.download_bf16(&f.nf, rows * d)?;
+        let mut seq_rows = Vec::with_capacity(batch.ids.len());
+        let mut r = 0;
+        for ids in &batch.ids {
+            seq_rows.push((r, ids.len()));
+            r += ids.len();
+        }
+        let mut dh = vec![0f32; rows * d];
+        let stats = {
+            let ce = GpuRowsCe {
+                engine: self,
+                nf: &f.nf,
+                rows,
+            };
+            let ctx = ObjectiveCtx {
+                model,
+                hidden: &hidden,
+                batch,
+                seq_rows,
+                n_prompt: 0,
+                head_pack: None,
+                backward,
+                rows_ce: Some(&ce),
+            };
+            objective.apply(&ctx, state, &mut dh)?
+        };
+        if backward {
+            let dnf = self.gpu.upload(&dh)?;
+            self.run_backward(state, f, dnf)?;
+        }
+        Ok(stats)
+    }
+
+    /// The forward pass up to the final norm. With `rng` (training): dropout on, every block's
+    /// input kept in bf16 (gradient checkpointing); without: evaluation, nothing kept.
+    fn run_forward(
+        &mut self,
+        state: &TrainState,
+        batch: &Batch,
+        rng: Option<&mut Rng>,
+    ) -> Result<Forward> {
         self.sync_adapters(state)?;
-        if self
-            .lora
-            .iter()
-            .any(|l| l.as_ref().is_some_and(|l| l.dropout > 0.0))
-        {
-            self.seed = rng.next_u64();
+        let training = rng.is_some();
+        if let Some(rng) = rng {
+            if self
+                .lora
+                .iter()
+                .any(|l| l.as_ref().is_some_and(|l| l.dropout > 0.0))
+            {
+                self.seed = rng.next_u64();
+            }
         }
         let lay = self.layout(batch)?;
         self.phases.mark(&self.gpu, "inputs and adapters to device");
         let (d, rows) = (self.model.hidden, lay.rows);
         let nb = self.model.blocks.len();
-        // Forward: keep every block's input, in bf16 (gradient checkpointing). The residual
-        // stream is rounded to bf16 between blocks, as in a bf16 PyTorch model, so that the
-        // backward pass recomputes each block from exactly the input the forward pass used.
-        let mut hs = Vec::with_capacity(nb + 1);
-        let mut x = self.embed(&lay)?;
-        for l in 0..nb {
-            hs.push(self.cast_bf16(&x, rows * d)?);
-            let (out, _) = self.block_forward(l, &x, &lay, false)?;
-            x = self.round_bf16(&out, rows * d)?;
-        }
+        // The residual stream is rounded to bf16 between blocks, as in a bf16 PyTorch model,
+        // so that the backward pass recomputes each block from exactly the input the forward
+        // pass used.
+        self.training.set(training);
+        let run = || -> Result<(Vec<DBuf>, DBuf)> {
+            let mut hs = Vec::with_capacity(nb + 1);
+            let mut x = self.embed(&lay)?;
+            for l in 0..nb {
+                if training {
+                    hs.push(self.cast_bf16(&x, rows * d)?);
+                }
+                let (out, _) = self.block_forward(l, &x, &lay, false)?;
+                x = self.round_bf16(&out, rows * d)?;
+            }
+            Ok((hs, x))
+        };
+        let done = run();
+        self.training.set(true);
+        let (hs, x) = done?;
         self.phases.mark(&self.gpu, "forward");
-        // Final norm and the loss in chunks of rows.
         let nf = self.gpu.uninit_bf16(rows * d)?;
         let rstd = self.gpu.uninit_f32(rows)?;
         self.rmsnorm(&x, &self.model.final_norm, &nf, &rstd, rows)?;
-        let dnf = self.gpu.alloc_f32(rows * d)?;
-        let nll = self.loss(&nf, &lay, loss_scale, Some(&dnf))?;
-        let stats = StepStats {
-            nll_sum: nll,
-            loss_tokens: lay.loss_idx.len(),
-        };
+        Ok(Forward {
+            lay,
+            hs,
+            x,
+            nf,
+            rstd,
+        })
+    }
+
+    /// The backward pass from `dnf`, the gradient of the final norm's output; LoRA gradients
+    /// are added into `state`.
+    fn run_backward(&mut self, state: &mut TrainState, f: Forward, dnf: DBuf) -> Result<()> {
+        let Forward {
+            lay,
+            mut hs,
+            x,
+            nf,
+            rstd,
+        } = f;
         drop(nf);
-        self.phases.mark(&self.gpu, "loss (head and cross-entropy)");
+        let (d, rows) = (self.model.hidden, lay.rows);
+        let nb = self.model.blocks.len();
         if self.stop_layer < nb {
             let mut dh = self.gpu.alloc_f32(rows * d)?;
             self.rmsnorm_bwd(&x, &self.model.final_norm, &rstd, &dnf, &dh, rows)?;
@@ -362,33 +522,13 @@ impl GpuEngine {
             self.collect_grads(state)?;
             self.phases.mark(&self.gpu, "gradients to host");
         }
-        Ok(stats)
+        Ok(())
     }
 
-    /// The loss over one batch without gradients and without dropout (evaluation): the forward
-    /// pass of [`Self::forward_backward`], keeping nothing for a backward pass.
-    pub fn eval(&mut self, state: &TrainState, batch: &Batch) -> Result<StepStats> {
-        self.sync_adapters(state)?;
-        let lay = self.layout(batch)?;
-        let (d, rows) = (self.model.hidden, lay.rows);
-        self.training.set(false);
-        let run = || -> Result<f64> {
-            let mut x = self.embed(&lay)?;
-            for l in 0..self.model.blocks.len() {
-                let (out, _) = self.block_forward(l, &x, &lay, false)?;
-                x = self.round_bf16(&out, rows * d)?;
-            }
-            let nf = self.gpu.uninit_bf16(rows * d)?;
-            let rstd = self.gpu.uninit_f32(rows)?;
-            self.rmsnorm(&x, &self.model.final_norm, &nf, &rstd, rows)?;
-            self.loss(&nf, &lay, 0.0, None)
-        };
-        let nll = run();
-        self.training.set(true);
-        Ok(StepStats {
-            nll_sum: nll?,
-            loss_tokens: lay.loss_idx.len(),
-        })
+    /// Switches the LoRA adapters off (a reference model: DPO's reference log-probabilities
+    /// are the base model's) or back on.
+    pub fn set_adapters_enabled(&self, on: bool) {
+        self.adapters_on.set(on);
     }
 
     /// Chooses the attention forward kernel (the default comes from `PEFTKIT_GPU_ATTENTION`).
@@ -647,6 +787,9 @@ impl GpuEngine {
         let Some(lo) = &self.lora[l * PER_BLOCK + slot] else {
             return Ok(None);
         };
+        if !self.adapters_on.get() {
+            return Ok(None);
+        }
         let r = lo.rank;
         let xd = self.lora_input(l, slot, x, rows * lin.inp)?;
         let xin = xd.as_ref().unwrap_or(x);
@@ -1256,16 +1399,34 @@ impl GpuEngine {
     /// Cross-entropy over the loss rows in chunks (the full logits never exist); with `dnf`,
     /// writes dL/d(final norm output) there. Returns Σ nll.
     fn loss(&self, nf: &DBuf, lay: &Layout, scale: f32, dnf: Option<&DBuf>) -> Result<f64> {
+        let nll = self.rows_cross_entropy(nf, &lay.loss_idx, &lay.loss_tgt, scale, None, dnf)?;
+        Ok(nll.iter().map(|&x| x as f64).sum())
+    }
+
+    /// Cross-entropy of the LM head on chosen rows of the final hidden states `nf` (bf16):
+    /// row `idx[i]` predicts `tgt[i]`. Returns each row's negative log-likelihood; with `dnf`,
+    /// scatters the gradient of Σ scale·row_scale[i]·nll_i into those rows of `dnf` (f32).
+    /// The logits exist for a chunk of rows at a time (~256 MB).
+    fn rows_cross_entropy(
+        &self,
+        nf: &DBuf,
+        idx: &[i32],
+        tgt: &[i32],
+        scale: f32,
+        row_scale: Option<&[f32]>,
+        dnf: Option<&DBuf>,
+    ) -> Result<Vec<f32>> {
         let gpu = &self.gpu;
         let (d, vocab) = (self.model.hidden, self.model.vocab);
-        let n = lay.loss_idx.len();
+        let n = idx.len();
         if n == 0 {
-            return Ok(0.0);
+            return Ok(Vec::new());
         }
         let head = self.model.head_ptr(gpu, &self.scratch)?;
         let chunk = ((256usize << 20) / (vocab * 6)).clamp(16, 4096).min(n);
-        let idx = gpu.upload(&lay.loss_idx)?;
-        let tgt = gpu.upload(&lay.loss_tgt)?;
+        let gidx = gpu.upload(idx)?;
+        let gtgt = gpu.upload(tgt)?;
+        let gscale = row_scale.map(|r| gpu.upload(r)).transpose()?;
         let hb = gpu.uninit_bf16(chunk * d)?;
         let logits = gpu.uninit_f32(chunk * vocab)?;
         let grad = gpu.uninit_bf16(if dnf.is_some() { chunk * vocab } else { 1 })?;
@@ -1278,7 +1439,7 @@ impl GpuEngine {
                 c * d,
                 &[
                     Arg::P(nf.ptr),
-                    Arg::P(idx.at(c0, 4)),
+                    Arg::P(gidx.at(c0, 4)),
                     Arg::P(hb.ptr),
                     Arg::L(c as i64),
                     Arg::I(d as i32),
@@ -1291,11 +1452,12 @@ impl GpuEngine {
                 vocab,
                 &[
                     Arg::P(logits.ptr),
-                    Arg::P(tgt.at(c0, 4)),
+                    Arg::P(gtgt.at(c0, 4)),
                     Arg::P(nll.at(c0, 4)),
                     Arg::P(if dnf.is_some() { grad.ptr } else { 0 }),
                     Arg::I(vocab as i32),
                     Arg::F(scale),
+                    Arg::P(gscale.as_ref().map_or(0, |g| g.at(c0, 4))),
                 ],
             )?;
             if let Some(dnf) = dnf {
@@ -1305,7 +1467,7 @@ impl GpuEngine {
                     c * d,
                     &[
                         Arg::P(dhc.ptr),
-                        Arg::P(idx.at(c0, 4)),
+                        Arg::P(gidx.at(c0, 4)),
                         Arg::P(dnf.ptr),
                         Arg::L(c as i64),
                         Arg::I(d as i32),
@@ -1313,8 +1475,7 @@ impl GpuEngine {
                 )?;
             }
         }
-        let v = gpu.download_f32(&nll, n)?;
-        Ok(v.iter().map(|&x| x as f64).sum())
+        gpu.download_f32(&nll, n)
     }
 }
 
@@ -1332,8 +1493,9 @@ fn unsupported_state(state: &TrainState) -> Option<&'static str> {
     if state.bottleneck.is_some() {
         return Some("a bottleneck adapter");
     }
-    if state.score.is_some() || state.value_head.is_some() {
-        return Some("a reward or value head");
+    // A reward model's score head is the host objective's (rm-train): it stays on the host.
+    if state.value_head.is_some() {
+        return Some("a value head");
     }
     if state.lora.iter().flatten().any(|l| l.magnitude.is_some()) {
         return Some("DoRA");
@@ -1341,7 +1503,7 @@ fn unsupported_state(state: &TrainState) -> Option<&'static str> {
     if state
         .params
         .iter()
-        .any(|(s, _)| !matches!(s, Slot::LoraA(_) | Slot::LoraB(_)))
+        .any(|(s, _)| !matches!(s, Slot::LoraA(_) | Slot::LoraB(_) | Slot::Score))
     {
         return Some("training base weights (full, freeze, LoRA bias, modules_to_save)");
     }

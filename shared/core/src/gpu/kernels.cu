@@ -363,8 +363,10 @@ extern "C" __global__ void softmax_bwd(const bf16* P, const float* dP, bf16* dS,
 
 // ---- cross-entropy over a chunk of rows (one block per row) -------------------------------
 // logits [rows, V] f32; target per row. nll[r] = logsumexp − logit[target]; the gradient
-// (softmax − onehot)·scale is written as bf16 for the hidden-state product.
-extern "C" __global__ void cross_entropy(const float* logits, const int* target, float* nll, bf16* grad, int V, float scale) {
+// (softmax − onehot)·scale (times row_scale[r] when given: per-row loss weights, e.g. DPO's
+// per-sequence coefficients) is written as bf16 for the hidden-state product.
+extern "C" __global__ void cross_entropy(const float* logits, const int* target, float* nll, bf16* grad, int V, float scale,
+                                         const float* row_scale) {
     __shared__ float sh[32];
     long r = blockIdx.x;
     const float* x = logits + r * V;
@@ -385,6 +387,7 @@ extern "C" __global__ void cross_entropy(const float* logits, const int* target,
     int tg = target[r];
     if (threadIdx.x == 0) nll[r] = lse - x[tg];
     if (grad) {
+        if (row_scale) scale *= row_scale[r];
         float inv = 1.f / s;
         for (int j = threadIdx.x; j < V; j += blockDim.x) {
             float p = __expf(x[j] - m) * inv;

@@ -348,6 +348,14 @@ mod tests {
         assert_eq!(failed, 0, "{v:#}");
     }
 
+    /// Evaluation with the adapters on, and off (the base model: DPO's reference pass).
+    #[test]
+    fn gpu_evaluation_matches_the_cpu_with_and_without_adapters() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
+        let (v, failed, _) = check::eval_vs_cpu(sim(), &root.join("qwen2")).unwrap();
+        assert_eq!(failed, 0, "{v:#}");
+    }
+
     /// The whole GPU training step (LoRA and QLoRA) against the CPU engine on the committed
     /// tiny models: loss, all gradients, and each tensor's gradient on its own.
     #[test]

@@ -3,7 +3,7 @@
 //! checkpoints and output are the same for both: the GPU engine adds its gradients into the
 //! same [`TrainState`] the CPU one does.
 
-use super::engine::{Batch, Engine, StepStats};
+use super::engine::{Batch, Engine, Objective, StepStats};
 use super::params::TrainState;
 use crate::error::Result;
 use crate::gpu::DeviceSpec;
@@ -74,6 +74,63 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// One micro-batch with any objective (reward models, DPO): training when `train`, else
+    /// evaluation (no dropout, no gradients). `cpu` is the CPU engine for either (built with
+    /// [`Engine::new`] or [`Engine::for_eval`] to match); the GPU runs its own passes and the
+    /// objective on the host (docs/gpu.md).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward_with(
+        &mut self,
+        cpu: &Engine,
+        model: &Model,
+        state: &mut TrainState,
+        batch: &Batch,
+        rng: &mut Rng,
+        train: bool,
+        objective: &mut dyn Objective,
+    ) -> Result<StepStats> {
+        match self {
+            Self::Cpu => {
+                let _ = (model, train);
+                cpu.forward_backward_with(state, batch, rng, objective)
+            }
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Self::Cuda(g) => {
+                g.forward_backward_with(model, state, batch, train.then_some(rng), objective)
+            }
+        }
+    }
+
+    /// An evaluation pass of the base model without the adapters (DPO's reference
+    /// log-probabilities): on the CPU `cpu` (an evaluation engine) runs `base`, a state
+    /// without adapters; the GPU switches the adapters of `policy` off for the pass.
+    pub fn reference_with(
+        &mut self,
+        cpu: &Engine,
+        model: &Model,
+        base: &mut TrainState,
+        policy: &mut TrainState,
+        batch: &Batch,
+        objective: &mut dyn Objective,
+    ) -> Result<StepStats> {
+        match self {
+            Self::Cpu => {
+                let _ = (model, policy);
+                cpu.forward_backward_with(base, batch, &mut Rng::new(0), objective)
+            }
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Self::Cuda(g) => {
+                let _ = base;
+                g.set_adapters_enabled(false);
+                let r = g.forward_backward_with(model, policy, batch, None, objective);
+                g.set_adapters_enabled(true);
+                r
+            }
+        }
+    }
+}
+
 /// Refuses `--device cuda` for a trainer whose objective has no GPU path yet.
 pub fn cpu_only(device: DeviceSpec, tools: &str) -> Result<()> {
     if device == DeviceSpec::Cpu {
@@ -81,6 +138,6 @@ pub fn cpu_only(device: DeviceSpec, tools: &str) -> Result<()> {
     }
     device.check_available()?;
     Err(crate::error::Error::usage(format!(
-        "{tools} run on the CPU only for now (--device cuda covers peft-train's LoRA and QLoRA); use --device cpu"
+        "{tools} runs on the CPU only for now (--device cuda covers LoRA and QLoRA in peft-train, rm-train and dpo-train); use --device cpu"
     )))
 }

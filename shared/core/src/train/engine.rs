@@ -57,6 +57,23 @@ pub struct ObjectiveCtx<'a> {
     pub head_pack: Option<&'a gemm::PackedWeight>,
     /// Whether gradients are wanted (false in evaluation).
     pub backward: bool,
+    /// Where the hidden states live on a device (the GPU engine): the LM head's
+    /// cross-entropy on chosen rows runs there. None: compute it from `hidden`.
+    pub rows_ce: Option<&'a dyn RowsCrossEntropy>,
+}
+
+/// The LM head's cross-entropy on rows of the final hidden states, computed where they live
+/// (see [`loss::cross_entropy_rows`] for the same on the host, with the same contract).
+pub trait RowsCrossEntropy {
+    /// `rows[i] = (row, target)`: writes row i's negative log-likelihood into `losses[i]` and,
+    /// with `dh` (`[rows, hidden]`), adds dL/d(hidden) of L = Σ scale(i)·nll_i into it.
+    fn run(
+        &self,
+        rows: &[(usize, u32)],
+        scale: &(dyn Fn(usize) -> f32 + Sync),
+        dh: Option<&mut [f32]>,
+        losses: &mut [f64],
+    ) -> Result<()>;
 }
 
 /// A loss of the final hidden states. `apply` returns its statistics and, when
@@ -510,6 +527,7 @@ impl<'m> Engine<'m> {
             n_prompt,
             head_pack: self.head_pack,
             backward: self.backward,
+            rows_ce: None,
         };
         let stats = objective.apply(&ctx, state, &mut dh)?;
         if !self.backward {

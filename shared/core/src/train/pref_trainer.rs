@@ -3,6 +3,7 @@
 //! accuracy, JSONL metrics, checkpoints and resume, and the output (a PEFT adapter or a model
 //! folder). Methods attach exactly as in peft-train ([`super::trainer::attach_method`]).
 
+use super::backend::Backend;
 use super::checkpoint;
 use super::engine::{Batch, Engine};
 use super::optim::clip_grad_norm;
@@ -134,9 +135,14 @@ fn pair_batch<'a>(data: &'a [Pair], pairs: &[usize]) -> Batch<'a> {
 }
 
 /// Run one micro-batch of `pairs` with the task's objective; returns (loss sum, rewards).
+/// `train`: a training pass (dropout, gradients); else evaluation. `engine` is the CPU
+/// engine of the same kind; on a GPU the backend runs it (train::backend).
 #[allow(clippy::too_many_arguments)]
 fn run_pairs(
+    backend: &mut Backend,
     engine: &Engine,
+    model: &Model,
+    train: bool,
     state: &mut TrainState,
     task: &PrefTask,
     data: &[Pair],
@@ -156,7 +162,8 @@ fn run_pairs(
                 loss_scale,
                 rewards: Vec::new(),
             };
-            let s = engine.forward_backward_with(state, &batch, rng, &mut obj)?;
+            let s = backend
+                .forward_backward_with(engine, model, state, &batch, rng, train, &mut obj)?;
             let r = obj
                 .rewards
                 .iter()
@@ -178,7 +185,8 @@ fn run_pairs(
                 loss_scale,
                 policy: Vec::new(),
             };
-            let s = engine.forward_backward_with(state, &batch, rng, &mut obj)?;
+            let s = backend
+                .forward_backward_with(engine, model, state, &batch, rng, train, &mut obj)?;
             let b = *beta as f64;
             let r = obj
                 .policy
@@ -198,8 +206,11 @@ fn run_pairs(
 /// epoch). Each rank computes a contiguous share of the batches, the very batches of one
 /// process (so the very values), leaves the rest 0, and one sum over the ranks fills them in
 /// on every rank: adding zeros is exact, so all ranks hold the single-process values.
+#[allow(clippy::too_many_arguments)]
 fn reference_logps(
+    backend: &mut Backend,
     model: &Model,
+    policy: &mut TrainState,
     data: &[Pair],
     batch: usize,
     head: &gemm::PackedWeight,
@@ -223,7 +234,7 @@ fn reference_logps(
     for chunk in &chunks[mine] {
         let b = pair_batch(data, chunk);
         let mut obj = SeqLogprobs::default();
-        engine.forward_backward_with(&mut base, &b, &mut Rng::new(0), &mut obj)?;
+        backend.reference_with(&engine, model, &mut base, policy, &b, &mut obj)?;
         let n = chunk.len();
         for k in 0..n {
             got[2 * (at + k)] = obj.logps[k];
@@ -248,7 +259,7 @@ pub fn run(opts: &PrefOptions) -> Result<PrefSummary> {
 fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
     let t = &opts.train;
     super::trainer::check_options(t)?;
-    super::backend::cpu_only(t.device, "rm-train and dpo-train")?;
+
     // Data parallel (docs/distributed.md), as in peft-train: every rank loads the same model
     // and pairs and walks the same windows; each runs its share of every window, the
     // gradients and the metric sums are added up, every rank steps identically; only rank 0
@@ -315,14 +326,17 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         );
     }
 
+    // Where the passes run: the CPU engine or the GPU (`--device`; data parallel: this rank's).
+    let mut backend = Backend::new(crate::dist::rank_device(t.device), &model, &state)?;
     let mut head_pack = gemm::PackedWeight::default();
     super::trainer::pack_head(&mut head_pack, &model);
     let (reference, val_reference) = match opts.task {
         PrefTask::Dpo { .. } => {
             let _p = crate::profile::scope("dpo.reference");
+            let b = &mut backend;
             (
-                reference_logps(&model, &data, t.batch, &head_pack, comm)?,
-                reference_logps(&model, &val, t.batch, &head_pack, comm)?,
+                reference_logps(b, &model, &mut state, &data, t.batch, &head_pack, comm)?,
+                reference_logps(b, &model, &mut state, &val, t.batch, &head_pack, comm)?,
             )
         }
         PrefTask::Reward { .. } => (Vec::new(), Vec::new()),
@@ -388,6 +402,7 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
     let evaluate = |model: &Model,
                     state: &TrainState,
                     head: &gemm::PackedWeight,
+                    backend: &mut Backend,
                     comm: &mut dyn Communicator|
      -> Result<Option<Metrics>> {
         if val.is_empty() {
@@ -401,7 +416,10 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         let mine = crate::dist::shard_range(chunks.len(), comm.rank(), comm.world());
         for chunk in &chunks[mine] {
             let (l, r) = run_pairs(
+                backend,
                 &engine,
+                model,
+                false,
                 &mut st,
                 &opts.task,
                 &val,
@@ -424,7 +442,7 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         ));
     };
     let eval_before = if prog.step == 0 {
-        evaluate(&model, &state, &head_pack, comm)?
+        evaluate(&model, &state, &head_pack, &mut backend, comm)?
     } else {
         None
     };
@@ -465,7 +483,10 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
                     .map(|&i| (data[i].chosen.len() + data[i].rejected.len()) as u64)
                     .sum::<u64>();
                 let (l, r) = run_pairs(
+                    &mut backend,
                     &engine,
+                    &model,
+                    true,
                     &mut state,
                     &opts.task,
                     &data,
@@ -526,7 +547,7 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         }
         write_log(&mut log, v)?;
         if t.eval_every > 0 && prog.step.is_multiple_of(t.eval_every) {
-            if let Some(e) = evaluate(&model, &state, &head_pack, comm)? {
+            if let Some(e) = evaluate(&model, &state, &head_pack, &mut backend, comm)? {
                 let mut v = e.json("eval_");
                 v["step"] = json!(prog.step);
                 write_log(&mut log, v)?;
@@ -554,7 +575,7 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
     if !interrupted && rank0 {
         final_checkpoint(&t.out, &model, &state, &prog, saved_at)?;
     }
-    let eval_after = evaluate(&model, &state, &head_pack, comm)?;
+    let eval_after = evaluate(&model, &state, &head_pack, &mut backend, comm)?;
     if let Some(m) = &eval_after {
         report("after training", m);
         let mut v = m.json("eval_");

@@ -202,17 +202,21 @@ fn sequence_logprobs(
     } else {
         None
     };
-    loss::cross_entropy_rows(
-        ctx.hidden,
-        c.hidden,
-        loss::Head::of(m, ctx.head_pack),
-        c.vocab,
-        &pairs,
-        &scale,
-        dh,
-        dw,
-        &mut nll,
-    );
+    match ctx.rows_ce {
+        // On a device (the GPU engine, which never trains the head).
+        Some(ce) => ce.run(&pairs, &scale, dh, &mut nll)?,
+        None => loss::cross_entropy_rows(
+            ctx.hidden,
+            c.hidden,
+            loss::Head::of(m, ctx.head_pack),
+            c.vocab,
+            &pairs,
+            &scale,
+            dh,
+            dw,
+            &mut nll,
+        ),
+    }
     let n = ctx.batch.ids.len();
     let mut logp = vec![0f64; n];
     let mut count = vec![0usize; n];
