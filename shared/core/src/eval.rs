@@ -1,10 +1,12 @@
 //! Loss, perplexity and per-token log-probabilities of texts under a model.
 
 use crate::error::Result;
+use crate::gpu::DeviceSpec;
 use crate::model::{ForwardOptions, Model, SeqInput};
 use crate::progress::Progress;
 use crate::tokenizer::TextTokenizer;
 use serde::Serialize;
+use std::path::Path;
 
 #[derive(Clone, Debug)]
 pub struct EvalOptions {
@@ -40,12 +42,73 @@ pub struct EvalReport {
     pub per_sample: Option<Vec<SampleResult>>,
 }
 
+/// What [`evaluate_with`] needs of a model: the log-probabilities of every token after the
+/// first of each sequence, concatenated in order.
+pub type Scorer<'a> = Box<dyn FnMut(&[&[u32]]) -> Result<Vec<f32>> + 'a>;
+
+/// The CPU forward pass (with the adapter `forward` names, if any).
+pub fn cpu_scorer<'a>(model: &'a Model, forward: &'a ForwardOptions) -> Scorer<'a> {
+    Box::new(move |seqs: &[&[u32]]| {
+        let inputs: Vec<SeqInput> = seqs.iter().map(|&ids| SeqInput { ids }).collect();
+        let hidden = model.forward(&inputs, None, forward)?;
+        let mut targets = Vec::new();
+        let mut row = 0;
+        for ids in seqs {
+            for k in 0..ids.len().saturating_sub(1) {
+                targets.push((row + k, ids[k + 1]));
+            }
+            row += ids.len();
+        }
+        Ok(model.target_logprobs(&hidden, &targets, forward))
+    })
+}
+
+/// The GPU engine's forward pass (`--device cuda:N`, or the simulator), with the LoRA adapter
+/// in `adapter` or none. A build without GPU support says so.
+pub fn gpu_scorer<'a>(
+    device: DeviceSpec,
+    model: &'a Model,
+    adapter: Option<&Path>,
+) -> Result<Scorer<'a>> {
+    device.check_available()?;
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    {
+        use crate::train::params::TrainState;
+        let mut state = TrainState::new(model.linears().len());
+        if let Some(dir) = adapter {
+            crate::train::lora::load_adapter(dir, model, &mut state)?;
+        }
+        let gpu = crate::gpu::device::Gpu::open(device)?;
+        crate::cli::info(format!("evaluating on {} ({device})", gpu.name()));
+        let mut engine = crate::gpu::engine::GpuEngine::for_eval(gpu, model, &state)?;
+        Ok(Box::new(move |seqs: &[&[u32]]| {
+            engine.token_logprobs(&state, seqs)
+        }))
+    }
+    #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
+    {
+        let _ = (model, adapter);
+        unreachable!("check_available refuses a GPU in a build without the features")
+    }
+}
+
 pub fn evaluate(
     model: &Model,
     tok: &TextTokenizer,
     texts: &[String],
     opts: &EvalOptions,
     progress: &Progress,
+) -> Result<EvalReport> {
+    evaluate_with(tok, texts, opts, progress, cpu_scorer(model, &opts.forward))
+}
+
+/// [`evaluate`] with the log-probabilities from `score` (a CPU or GPU [`Scorer`]).
+pub fn evaluate_with(
+    tok: &TextTokenizer,
+    texts: &[String],
+    opts: &EvalOptions,
+    progress: &Progress,
+    mut score: Scorer,
 ) -> Result<EvalReport> {
     let start = std::time::Instant::now();
     let mut truncated = 0;
@@ -70,17 +133,8 @@ pub fn evaluate(
             budget += encoded[j].len();
             j += 1;
         }
-        let seqs: Vec<SeqInput> = encoded[i..j].iter().map(|ids| SeqInput { ids }).collect();
-        let hidden = model.forward(&seqs, None, &opts.forward)?;
-        let mut targets = Vec::new();
-        let mut row = 0;
-        for ids in &encoded[i..j] {
-            for k in 0..ids.len().saturating_sub(1) {
-                targets.push((row + k, ids[k + 1]));
-            }
-            row += ids.len();
-        }
-        let lps = model.target_logprobs(&hidden, &targets, &opts.forward);
+        let seqs: Vec<&[u32]> = encoded[i..j].iter().map(|ids| &ids[..]).collect();
+        let lps = score(&seqs)?;
         let mut off = 0;
         for ids in &encoded[i..j] {
             let n = ids.len().saturating_sub(1);

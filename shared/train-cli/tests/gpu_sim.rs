@@ -218,3 +218,69 @@ fn reward_model_on_the_simulated_gpu_trains_like_the_cpu() {
 fn dpo_on_the_simulated_gpu_trains_like_the_cpu() {
     compare(Task::Dpo, &[]);
 }
+
+/// peft-eval --device cuda-sim: per-token log-probabilities of the base model and of a trained
+/// LoRA adapter against the CPU forward pass.
+#[test]
+fn evaluation_on_the_simulated_gpu_matches_the_cpu() {
+    use peftkit_core::eval::{cpu_scorer, evaluate_with, gpu_scorer, EvalOptions};
+    use peftkit_core::gpu::DeviceSpec;
+    use peftkit_core::model::{ForwardOptions, Model};
+    use peftkit_core::progress::Progress;
+    use peftkit_core::tokenizer::TextTokenizer;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("lora");
+    train(&out, "cpu", Task::NextToken, &[]);
+    let dir = root().join("tests/fixtures/models/llama_gqa");
+    let tok = TextTokenizer::load(&dir).unwrap();
+    let texts: Vec<String> = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Below is an instruction that describes a task.",
+        "a",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for adapter in [None, Some(out.as_path())] {
+        let mut model = Model::load(&dir).unwrap();
+        let args: Vec<String> = adapter.iter().map(|p| p.display().to_string()).collect();
+        peftkit_core::train::lora::load_adapters(&mut model, &args).unwrap();
+        let opts = EvalOptions {
+            max_len: 64,
+            batch_tokens: 24,
+            per_token: true,
+            forward: ForwardOptions {
+                adapter: adapter.map(|_| 0),
+            },
+        };
+        let quiet = Progress::new(true);
+        let cpu = evaluate_with(
+            &tok,
+            &texts,
+            &opts,
+            &quiet,
+            cpu_scorer(&model, &opts.forward),
+        );
+        let gpu = gpu_scorer(DeviceSpec::Sim, &model, adapter).unwrap();
+        let sim = evaluate_with(&tok, &texts, &opts, &quiet, gpu);
+        let (cpu, sim) = (cpu.unwrap(), sim.unwrap());
+        assert_eq!(cpu.tokens, sim.tokens);
+        assert!(
+            (cpu.loss - sim.loss).abs() / cpu.loss < 1e-2,
+            "adapter {adapter:?}: loss {} on the simulator, {} on the CPU",
+            sim.loss,
+            cpu.loss
+        );
+        let (c, g) = (cpu.per_sample.unwrap(), sim.per_sample.unwrap());
+        for (a, b) in c.iter().zip(&g) {
+            assert_eq!(a.token_ids, b.token_ids);
+            for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+                assert!(
+                    (x - y).abs() < 0.05,
+                    "adapter {adapter:?}: logprob {y} vs {x}"
+                );
+            }
+        }
+    }
+}

@@ -1,7 +1,8 @@
 //! peft-eval: loss, perplexity and per-token log-probabilities of a text file under a model.
 
 use clap::Parser;
-use peftkit_core::eval::{evaluate, EvalOptions};
+use peftkit_core::eval::{cpu_scorer, evaluate_with, gpu_scorer, EvalOptions};
+use peftkit_core::gpu::DeviceSpec;
 use peftkit_core::model::{ForwardOptions, Model};
 use peftkit_core::progress::Progress;
 use peftkit_core::tokenizer::TextTokenizer;
@@ -17,6 +18,7 @@ use std::path::PathBuf;
   peft-eval --model models/smollm2 --data eval.jsonl --per-token --json > logprobs.json
   peft-eval --model models/smollm2 --adapter out/lora --data held-out.jsonl
   peft-eval --model models/smollm2 --data held-out.jsonl --compute-dtype bf16
+  peft-eval --model models/smollm2 --adapter out/lora --data held-out.jsonl --device cuda:0
 
 Data: JSON Lines with a \"text\" field per line, a JSON array of such objects, or a .txt file
 with one sample per line. Tokenization follows the tokenizer's own config (BOS only where
@@ -64,6 +66,10 @@ struct Args {
     /// Worker threads (0 = one per core)
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// cpu, or cuda:N: evaluate on an NVIDIA GPU in bf16 (the base model or a LoRA adapter;
+    /// a build with the cuda feature, docs/gpu.md); cuda-sim: the GPU code simulated on the CPU
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: String,
     #[command(flatten)]
     verbosity: cli::Verbosity,
 }
@@ -105,7 +111,14 @@ fn run(args: Args) -> Result<()> {
         per_token: args.per_token,
         forward: ForwardOptions { adapter: active },
     };
-    let report = evaluate(&model, &tok, &texts, &opts, &Progress::new(cli::quiet()))?;
+    let device = DeviceSpec::parse(&args.device)?;
+    let scorer = if device.is_gpu() {
+        let dir = active.map(|i| peftkit_core::train::lora::parse_adapter_arg(&args.adapter[i]).1);
+        gpu_scorer(device, &model, dir.as_deref())?
+    } else {
+        cpu_scorer(&model, &opts.forward)
+    };
+    let report = evaluate_with(&tok, &texts, &opts, &Progress::new(cli::quiet()), scorer)?;
     if report.truncated > 0 {
         cli::warn(format!(
             "{} sample(s) truncated to {} tokens",

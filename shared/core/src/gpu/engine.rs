@@ -301,6 +301,21 @@ impl GpuEngine {
                 "--device cuda trains LoRA and QLoRA adapters (no bias, no DoRA) for now; {what} needs --device cpu"
             )));
         }
+        Self::upload(gpu, model, state)
+    }
+
+    /// An engine for evaluation only ([`Self::token_logprobs`], [`Self::eval`]): the base
+    /// model alone, or with LoRA adapters (not DoRA).
+    pub fn for_eval(gpu: Gpu, model: &Model, state: &TrainState) -> Result<Self> {
+        if state.lora.iter().flatten().any(|l| l.magnitude.is_some()) {
+            return Err(Error::usage(
+                "--device cuda evaluates LoRA adapters and the base model for now; DoRA needs --device cpu",
+            ));
+        }
+        Self::upload(gpu, model, state)
+    }
+
+    fn upload(gpu: Gpu, model: &Model, state: &TrainState) -> Result<Self> {
         let gm = GpuModel::upload(&gpu, model, 2048)?;
         let nb = gm.blocks.len();
         let total: usize = state
@@ -391,6 +406,23 @@ impl GpuEngine {
             nll_sum: nll,
             loss_tokens: f.lay.loss_idx.len(),
         })
+    }
+
+    /// Log-probabilities of every token after the first of each sequence, concatenated in
+    /// order (peft-eval): a forward pass without dropout and the LM head's cross-entropy.
+    pub fn token_logprobs(&mut self, state: &TrainState, seqs: &[&[u32]]) -> Result<Vec<f32>> {
+        let labels: Vec<Vec<i32>> = seqs
+            .iter()
+            .map(|s| s.iter().map(|&t| t as i32).collect())
+            .collect();
+        let batch = Batch {
+            ids: seqs.to_vec(),
+            labels: labels.iter().map(|l| &l[..]).collect(),
+        };
+        let f = self.run_forward(state, &batch, None)?;
+        let nll =
+            self.rows_cross_entropy(&f.nf, &f.lay.loss_idx, &f.lay.loss_tgt, 0.0, None, None)?;
+        Ok(nll.into_iter().map(|x| -x).collect())
     }
 
     /// Forward and backward with any [`Objective`] of the final hidden states (reward models,
