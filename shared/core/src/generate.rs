@@ -36,6 +36,53 @@ pub enum StopReason {
     ContextFull,
 }
 
+/// A model that extends one sequence a token (or a prompt) at a time, keeping what it has seen
+/// (its KV cache): the CPU model ([`CpuDecoder`]) or the GPU engine (`gpu::decode`).
+pub trait Decoder {
+    /// Feeds `next` after everything fed before; returns the logits of its last token.
+    fn step(&mut self, next: &[u32]) -> Result<Vec<f32>>;
+    /// Tokens fed so far.
+    fn fed(&self) -> usize;
+    /// The most tokens it can hold.
+    fn limit(&self) -> usize;
+}
+
+/// The CPU forward pass with its KV cache.
+pub struct CpuDecoder<'a> {
+    model: &'a Model,
+    opts: &'a ForwardOptions,
+    cache: Vec<crate::model::KvCache>,
+}
+
+impl<'a> CpuDecoder<'a> {
+    pub fn new(model: &'a Model, opts: &'a ForwardOptions) -> Result<Self> {
+        Ok(Self {
+            model,
+            opts,
+            cache: vec![model.new_cache(opts)?],
+        })
+    }
+}
+
+impl Decoder for CpuDecoder<'_> {
+    fn step(&mut self, next: &[u32]) -> Result<Vec<f32>> {
+        let h = self.model.config.hidden;
+        let hidden =
+            self.model
+                .forward(&[SeqInput { ids: next }], Some(&mut self.cache), self.opts)?;
+        let last = &hidden[hidden.len() - h..];
+        Ok(self.model.logits(last, 1, self.opts))
+    }
+
+    fn fed(&self) -> usize {
+        self.cache[0].len
+    }
+
+    fn limit(&self) -> usize {
+        self.model.config.max_positions
+    }
+}
+
 /// Generate after `prompt`. `on_token` sees each new token as soon as it is chosen (for
 /// streaming). The returned ids include the EOS token when one ended the text.
 pub fn generate(
@@ -45,20 +92,28 @@ pub fn generate(
     eos: &[u32],
     rng: &mut Rng,
     opts: &ForwardOptions,
+    on_token: impl FnMut(u32),
+) -> Result<(Vec<u32>, StopReason)> {
+    let mut dec = CpuDecoder::new(model, opts)?;
+    generate_with(&mut dec, prompt, params, eos, rng, on_token)
+}
+
+/// [`generate`] on any [`Decoder`] (a fresh one: nothing fed yet).
+pub fn generate_with(
+    dec: &mut dyn Decoder,
+    prompt: &[u32],
+    params: &SamplingParams,
+    eos: &[u32],
+    rng: &mut Rng,
     mut on_token: impl FnMut(u32),
 ) -> Result<(Vec<u32>, StopReason)> {
-    let mut cache = vec![model.new_cache(opts)?];
     let mut out = Vec::new();
     let mut next: Vec<u32> = prompt.to_vec();
-    let h = model.config.hidden;
-    let limit = model.config.max_positions;
     for _ in 0..params.max_new_tokens {
-        if cache[0].len + next.len() > limit {
+        if dec.fed() + next.len() > dec.limit() {
             return Ok((out, StopReason::ContextFull));
         }
-        let hidden = model.forward(&[SeqInput { ids: &next }], Some(&mut cache), opts)?;
-        let last = &hidden[hidden.len() - h..];
-        let logits = model.logits(last, 1, opts);
+        let logits = dec.step(&next)?;
         let tok = choose(&logits, params, rng);
         out.push(tok);
         on_token(tok);
@@ -68,6 +123,63 @@ pub fn generate(
         next = vec![tok];
     }
     Ok((out, StopReason::MaxTokens))
+}
+
+/// Where peft-generate runs: the CPU model (adapters loaded into it), or a GPU (a build with
+/// the `cuda` or `cuda-sim` feature; adapters given as folders in the same order).
+pub struct Generator<'m> {
+    model: &'m Model,
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    gpu: Option<crate::gpu::decode::GpuGenerator>,
+}
+
+impl<'m> Generator<'m> {
+    pub fn new(
+        device: crate::gpu::DeviceSpec,
+        model: &'m Model,
+        adapter_dirs: &[std::path::PathBuf],
+    ) -> Result<Self> {
+        device.check_available()?;
+        #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+        {
+            let gpu = if device.is_gpu() {
+                Some(crate::gpu::decode::GpuGenerator::new(
+                    device,
+                    model,
+                    adapter_dirs,
+                )?)
+            } else {
+                None
+            };
+            Ok(Self { model, gpu })
+        }
+        #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
+        {
+            let _ = adapter_dirs;
+            Ok(Self { model })
+        }
+    }
+
+    /// [`generate`] with adapter `adapter` (its index among those loaded) or none.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &SamplingParams,
+        eos: &[u32],
+        rng: &mut Rng,
+        adapter: Option<usize>,
+        on_token: impl FnMut(u32),
+    ) -> Result<(Vec<u32>, StopReason)> {
+        #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+        if let Some(g) = &mut self.gpu {
+            let max_len =
+                (prompt.len() + params.max_new_tokens).min(self.model.config.max_positions);
+            let mut dec = g.decoder(adapter, max_len.max(1))?;
+            return generate_with(&mut dec, prompt, params, eos, rng, on_token);
+        }
+        let opts = ForwardOptions { adapter };
+        generate(self.model, prompt, params, eos, rng, &opts, on_token)
+    }
 }
 
 /// Pick the next token from one row of logits.

@@ -107,13 +107,26 @@ fn run(a: &Args, dev: DeviceSpec) -> peftkit_core::Result<()> {
             rows.push(json!({"model": dir, "qlora": q4, "flash": flash, "checks": v}));
             failed += f;
         }
-        // Evaluation passes, with the adapters on and off (DPO's reference).
+        // Evaluation passes, with the adapters on and off (DPO's reference), and generation
+        // (the KV cache) against the CPU decoder, teacher-forced.
         for dir in &a.engine {
             cli::info(format!("{} (evaluation):", dir.display()));
             let (v, f, g) = check::eval_vs_cpu(gpu, dir)?;
             gpu = g;
             rows.push(json!({"model": dir, "eval": true, "checks": v}));
             failed += f;
+            let model = peftkit_core::model::Model::load(dir)?;
+            let state = peftkit_core::train::params::TrainState::new(model.linears().len());
+            let opts = peftkit_core::model::ForwardOptions::default();
+            let (worst, g) = check::decode_vs_cpu(gpu, &model, &state, &opts)?;
+            gpu = g;
+            let pass = worst < 5e-2;
+            cli::info(format!(
+                "generation vs CPU            error {worst:.2e} (tolerance 5e-2) {}",
+                if pass { "ok" } else { "FAILED" }
+            ));
+            failed += usize::from(!pass);
+            rows.push(json!({"model": dir, "generation": true, "error": worst, "pass": pass}));
         }
         out["engine"] = json!(rows);
     }

@@ -2,8 +2,9 @@
 
 use clap::Parser;
 use peftkit_core::data::{keys_hint, read_records};
-use peftkit_core::generate::{generate, stop_tokens, SamplingParams};
-use peftkit_core::model::{ForwardOptions, Model};
+use peftkit_core::generate::{stop_tokens, Generator, SamplingParams};
+use peftkit_core::gpu::DeviceSpec;
+use peftkit_core::model::Model;
 use peftkit_core::rng::Rng;
 use peftkit_core::tokenizer::{Message, TextTokenizer};
 use peftkit_core::{cli, kernels, Error, Result};
@@ -85,6 +86,10 @@ struct Args {
     /// Worker threads (0 = one per core)
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// cpu, or cuda:N: generate on an NVIDIA GPU in bf16 (the base model or LoRA adapters; a
+    /// build with the cuda feature, docs/gpu.md); cuda-sim: the GPU code simulated on the CPU
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: String,
     #[command(flatten)]
     verbosity: cli::Verbosity,
 }
@@ -166,6 +171,13 @@ fn run(args: Args) -> Result<()> {
         top_k: args.top_k,
     };
     let mut rng = Rng::new(args.seed);
+    let device = DeviceSpec::parse(&args.device)?;
+    let dirs: Vec<std::path::PathBuf> = args
+        .adapter
+        .iter()
+        .map(|a| peftkit_core::train::lora::parse_adapter_arg(a).1)
+        .collect();
+    let mut generator = Generator::new(device, &model, &dirs)?;
     let stdout = std::io::stdout();
     for prompt in prompts {
         let adapter = match &prompt.adapter {
@@ -173,12 +185,11 @@ fn run(args: Args) -> Result<()> {
             Choice::Base => None,
             Choice::Named(n) => slot_of(n)?,
         };
-        let opts = ForwardOptions { adapter };
         let (shown, ids) = encode_prompt(&prompt.body, &args, &tok)?;
         let start = std::time::Instant::now();
         let mut printed = String::new();
         let mut generated: Vec<u32> = Vec::new();
-        let (out, reason) = generate(&model, &ids, &params, &eos, &mut rng, &opts, |t| {
+        let (out, reason) = generator.generate(&ids, &params, &eos, &mut rng, adapter, |t| {
             if args.json {
                 return;
             }

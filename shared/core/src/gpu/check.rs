@@ -26,12 +26,16 @@ fn bf(x: f32) -> f32 {
     half::bf16::from_f32(x).to_f32()
 }
 
-/// max |a − b| / max(max |b|, tiny)
+/// max |a − b| / max(max |b|, tiny); infinite where `a` has a NaN or infinity that `b` has
+/// not (f64::max would skip a NaN and pass the check).
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     let mut num = 0f64;
     let mut den = 1e-30f64;
     for (&x, &y) in a.iter().zip(b) {
+        if !x.is_finite() && y.is_finite() {
+            return f64::INFINITY;
+        }
         num = num.max((x as f64 - y as f64).abs());
         den = den.max((y as f64).abs());
     }
@@ -737,6 +741,35 @@ fn grads(state: &TrainState) -> Vec<f32> {
         .iter()
         .flat_map(|(_, p)| p.grad.iter().copied())
         .collect()
+}
+
+/// Generation on the GPU ([`super::decode::GpuDecoder`]) against the CPU's KV-cache decoder,
+/// teacher-forced: a 7-token prompt, then 5 single tokens; the logits of every step, relative
+/// to the largest. `state` holds the adapters (for `model`, loaded into it as `opts` names).
+pub fn decode_vs_cpu(
+    gpu: Gpu,
+    model: &Model,
+    state: &TrainState,
+    opts: &crate::model::ForwardOptions,
+) -> Result<(f64, Gpu)> {
+    use crate::generate::{CpuDecoder, Decoder};
+    let mut rng = Rng::new(11);
+    let vocab = model.config.vocab as u64;
+    let toks: Vec<u32> = (0..12).map(|_| (rng.next_u64() % vocab) as u32).collect();
+    let mut eng = GpuEngine::for_eval(gpu, model, state)?;
+    let mut worst = 0f64;
+    {
+        let mut cpu = CpuDecoder::new(model, opts)?;
+        let mut dev = super::decode::GpuDecoder::new(&mut eng, state, 64)?;
+        let steps: Vec<&[u32]> = std::iter::once(&toks[..7])
+            .chain(toks[7..].chunks(1))
+            .collect();
+        for step in steps {
+            let (c, g) = (cpu.step(step)?, dev.step(step)?);
+            worst = worst.max(rel_err(&g, &c));
+        }
+    }
+    Ok((worst, eng.gpu))
 }
 
 /// Evaluation passes of the GPU engine against the CPU engine's on random sequences, with a

@@ -52,6 +52,7 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "flash_bwd_d80",
     "flash_bwd_d96",
     "flash_bwd_d128",
+    "attn_decode",
 ];
 
 /// Device errors are run-time failures of the machine, reported as such.

@@ -130,12 +130,12 @@ pub struct GpuEngine {
     adapter_grads: DBuf,
     adapter_len: usize,
     /// bf16 decoding scratch for 4-bit weights.
-    scratch: DBuf,
+    pub(super) scratch: DBuf,
     /// Lowest block with an adapter: the backward pass stops there.
     stop_layer: usize,
     seed: u64,
     /// False while an evaluation's forward pass runs: no dropout.
-    training: std::cell::Cell<bool>,
+    pub(super) training: std::cell::Cell<bool>,
     /// False while a reference pass runs: the base model without the adapters.
     adapters_on: std::cell::Cell<bool>,
     /// Attention on the flash kernels (`PEFTKIT_GPU_ATTENTION=flash`; the head sizes listed
@@ -307,17 +307,57 @@ impl GpuEngine {
     /// An engine for evaluation only ([`Self::token_logprobs`], [`Self::eval`]): the base
     /// model alone, or with LoRA adapters (not DoRA).
     pub fn for_eval(gpu: Gpu, model: &Model, state: &TrainState) -> Result<Self> {
-        if state.lora.iter().flatten().any(|l| l.magnitude.is_some()) {
-            return Err(Error::usage(
-                "--device cuda evaluates LoRA adapters and the base model for now; DoRA needs --device cpu",
-            ));
-        }
+        Self::check_eval_state(state)?;
         Self::upload(gpu, model, state)
     }
 
+    /// Refuses adapters the evaluation and generation passes do not compute (DoRA).
+    pub fn check_eval_state(state: &TrainState) -> Result<()> {
+        if state.lora.iter().flatten().any(|l| l.magnitude.is_some()) {
+            return Err(Error::usage(
+                "--device cuda runs LoRA adapters and the base model for now; DoRA needs --device cpu",
+            ));
+        }
+        Ok(())
+    }
+
     fn upload(gpu: Gpu, model: &Model, state: &TrainState) -> Result<Self> {
-        let gm = GpuModel::upload(&gpu, model, 2048)?;
-        let nb = gm.blocks.len();
+        Self::upload_with_positions(gpu, model, state, 2048)
+    }
+
+    /// The model on the device with RoPE tables for `positions` positions.
+    pub(super) fn upload_with_positions(
+        gpu: Gpu,
+        model: &Model,
+        state: &TrainState,
+        positions: usize,
+    ) -> Result<Self> {
+        let gm = GpuModel::upload(&gpu, model, positions)?;
+        let scratch = gpu.alloc_bf16(if gm.any_q4() { gm.max_linear } else { 1 })?;
+        let mut engine = Self {
+            adapter_values: gpu.alloc_bf16(1)?,
+            adapter_grads: gpu.alloc_f32(1)?,
+            gpu,
+            stop_layer: gm.blocks.len(),
+            model: gm,
+            lora: Vec::new(),
+            adapter_len: 0,
+            scratch,
+            seed: 0,
+            training: std::cell::Cell::new(true),
+            adapters_on: std::cell::Cell::new(true),
+            flash: std::env::var("PEFTKIT_GPU_ATTENTION").is_ok_and(|v| v == "flash"),
+            phases: Phases::new(),
+        };
+        engine.set_adapters(state)?;
+        Ok(engine)
+    }
+
+    /// Lays out the LoRA adapters of `state` on the device (their values arrive with each
+    /// pass): at construction, and to switch adapters between generations.
+    pub(super) fn set_adapters(&mut self, state: &TrainState) -> Result<()> {
+        let gpu = &self.gpu;
+        let nb = self.model.blocks.len();
         let total: usize = state
             .lora
             .iter()
@@ -355,22 +395,12 @@ impl GpuEngine {
                 "internal: LoRA slots do not match the model's linears",
             ));
         }
-        let scratch = gpu.alloc_bf16(if gm.any_q4() { gm.max_linear } else { 1 })?;
-        Ok(Self {
-            gpu,
-            model: gm,
-            lora,
-            adapter_values,
-            adapter_grads,
-            adapter_len: total,
-            scratch,
-            stop_layer: stop,
-            seed: 0,
-            training: std::cell::Cell::new(true),
-            adapters_on: std::cell::Cell::new(true),
-            flash: std::env::var("PEFTKIT_GPU_ATTENTION").is_ok_and(|v| v == "flash"),
-            phases: Phases::new(),
-        })
+        self.lora = lora;
+        self.adapter_values = adapter_values;
+        self.adapter_grads = adapter_grads;
+        self.adapter_len = total;
+        self.stop_layer = stop;
+        Ok(())
     }
 
     /// Forward and backward over one micro-batch; LoRA gradients are added into `state`.
@@ -585,7 +615,7 @@ impl GpuEngine {
     }
 
     /// Copies the current host LoRA values (bf16) and zeroes the gradient accumulators.
-    fn sync_adapters(&mut self, state: &TrainState) -> Result<()> {
+    pub(super) fn sync_adapters(&mut self, state: &TrainState) -> Result<()> {
         use rayon::prelude::*;
         let mut host = vec![0u16; self.adapter_len];
         // Adapters are disjoint ranges of `host`: convert them in parallel (bf16 rounding in
@@ -708,12 +738,19 @@ impl GpuEngine {
     }
 
     /// `x` rounded to bf16 (and back to f32): a block output entering the next block.
-    fn round_bf16(&self, x: &DBuf, n: usize) -> Result<DBuf> {
+    pub(super) fn round_bf16(&self, x: &DBuf, n: usize) -> Result<DBuf> {
         let b = self.cast_bf16(x, n)?;
         self.to_f32(&b, n)
     }
 
-    fn rmsnorm(&self, x: &DBuf, w: &DBuf, y: &DBuf, rstd: &DBuf, rows: usize) -> Result<()> {
+    pub(super) fn rmsnorm(
+        &self,
+        x: &DBuf,
+        w: &DBuf,
+        y: &DBuf,
+        rstd: &DBuf,
+        rows: usize,
+    ) -> Result<()> {
         let d = self.model.hidden;
         self.gpu.launch_norm(
             rows,
@@ -755,7 +792,7 @@ impl GpuEngine {
         )
     }
 
-    fn cast_bf16(&self, x: &DBuf, n: usize) -> Result<DBuf> {
+    pub(super) fn cast_bf16(&self, x: &DBuf, n: usize) -> Result<DBuf> {
         let y = self.gpu.uninit_bf16(n)?;
         self.gpu.launch_n(
             "cast_f32_bf16",
@@ -792,7 +829,7 @@ impl GpuEngine {
 
     /// `y = x·Wᵀ (+ bias) (+ s·(x·Aᵀ)·Bᵀ)` for linear `slot` of block `l`; `x` bf16
     /// `[rows, in]`, `y` f32 `[rows, out]`. Returns the scaled LoRA activation.
-    fn lin_fwd(
+    pub(super) fn lin_fwd(
         &self,
         l: usize,
         slot: usize,

@@ -895,3 +895,60 @@ extern "C" __global__ void flash_bwd_d64(FLASH_BWD_PARAMS) { FLASH_BWD_CALL(64, 
 extern "C" __global__ void flash_bwd_d80(FLASH_BWD_PARAMS) { FLASH_BWD_CALL(80, 32); }
 extern "C" __global__ void flash_bwd_d96(FLASH_BWD_PARAMS) { FLASH_BWD_CALL(96, 32); }
 extern "C" __global__ void flash_bwd_d128(FLASH_BWD_PARAMS) { FLASH_BWD_CALL(128, 32); }
+
+// ---- generation: attention of new rows against the KV cache ---------------------------------
+// q f32 [n, heads·dh] (not rotated: rotated here for its position pos0 + row); kc, vc the
+// cache, bf16 [kv_heads, Lmax, dh], holding positions 0 .. pos0 + n − 1 (keys rotated);
+// out f32 [n, heads·dh]. Row i sees keys j ≤ pos0 + i (and j > pos0 + i − w with a window w).
+// One block per (row, head); dynamic shared memory: dh + pos0 + n floats (the rotated query,
+// then the row's scores).
+extern "C" __global__ void attn_decode(const float* q, const bf16* kc, const bf16* vc, float* out, const float* cosb,
+                                       const float* sinb, int heads, int kv_heads, int dh, int Lmax, int pos0, int window,
+                                       float scale, int rope) {
+    EXTERN_SHARED(float, sm);
+    __shared__ float red[32];
+    int i = blockIdx.x / heads, h = blockIdx.x % heads;
+    int t = pos0 + i;
+    int kvh = h / (heads / kv_heads);
+    float* qs = sm;
+    float* sc = sm + dh;
+    const float* qr = q + ((long)i * heads + h) * dh;
+    int half = dh / 2;
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        float x1 = qr[j], x2 = qr[j + half];
+        if (rope) {
+            float c = cosb[(long)t * half + j], s = sinb[(long)t * half + j];
+            qs[j] = x1 * c - x2 * s;
+            qs[j + half] = x2 * c + x1 * s;
+        } else {
+            qs[j] = x1;
+            qs[j + half] = x2;
+        }
+    }
+    __syncthreads();
+    int lo = (window > 0 && t - window + 1 > 0) ? t - window + 1 : 0;
+    const bf16* K = kc + (long)kvh * Lmax * dh;
+    const bf16* V = vc + (long)kvh * Lmax * dh;
+    float m = -INFINITY;
+    for (int j = lo + threadIdx.x; j <= t; j += blockDim.x) {
+        float s = 0.f;
+        for (int c = 0; c < dh; c++) s += qs[c] * bf2f(K[(long)j * dh + c]);
+        s *= scale;
+        sc[j - lo] = s;
+        m = fmaxf(m, s);
+    }
+    m = block_max(m, red);
+    float sum = 0.f;
+    for (int j = lo + threadIdx.x; j <= t; j += blockDim.x) {
+        float p = __expf(sc[j - lo] - m);
+        sc[j - lo] = p;
+        sum += p;
+    }
+    sum = block_sum(sum, red);  // (its barriers also publish every thread's sc writes)
+    float inv = 1.f / sum;
+    for (int c = threadIdx.x; c < dh; c += blockDim.x) {
+        float acc = 0.f;
+        for (int j = lo; j <= t; j++) acc += sc[j - lo] * bf2f(V[(long)j * dh + c]);
+        out[((long)i * heads + h) * dh + c] = acc * inv;
+    }
+}

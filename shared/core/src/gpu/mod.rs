@@ -16,6 +16,8 @@ pub mod check;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+pub mod decode;
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 pub mod device;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 pub mod engine;

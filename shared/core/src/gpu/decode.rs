@@ -1,0 +1,269 @@
+//! Generation on the GPU: the engine's forward pass a token (or a prompt) at a time, with a KV
+//! cache on the device. The products, norms, SwiGLU and LoRA are the training path's; the
+//! attention of the new rows against the cache is `attn_decode` (kernels.cu). Logits of the
+//! last row come back to the host, where `generate` samples.
+
+use super::blas::Gemm;
+use super::device::{Arg, DBuf};
+use super::engine::GpuEngine;
+use super::weights::{DOWN, GATE, K, O, Q, UP, V};
+use crate::error::{Error, Result};
+use crate::generate::Decoder;
+use crate::train::params::TrainState;
+
+const BF: usize = 2;
+
+/// One sequence being generated: the engine, its adapters, and per layer the cached keys
+/// (rotated) and values, bf16 `[kv_heads, max_len, head_dim]`.
+pub struct GpuDecoder<'e> {
+    engine: &'e mut GpuEngine,
+    k: Vec<DBuf>,
+    v: Vec<DBuf>,
+    len: usize,
+    max_len: usize,
+}
+
+impl<'e> GpuDecoder<'e> {
+    /// A fresh sequence of at most `max_len` tokens with the adapters of `state` (or none).
+    pub fn new(engine: &'e mut GpuEngine, state: &TrainState, max_len: usize) -> Result<Self> {
+        let m = &engine.model;
+        // attn_decode keeps a row's scores in shared memory (48 KB without opting in).
+        if (m.head_dim + max_len) * 4 > 48 << 10 {
+            return Err(Error::usage(format!(
+                "generation on the GPU holds at most {} tokens; ask for fewer new tokens",
+                (48 << 10) / 4 - m.head_dim
+            )));
+        }
+        engine.set_adapters(state)?;
+        engine.sync_adapters(state)?;
+        engine.model.ensure_positions(&engine.gpu, max_len)?;
+        let m = &engine.model;
+        let per_layer = m.kv_heads * max_len * m.head_dim;
+        let mut k = Vec::with_capacity(m.blocks.len());
+        let mut v = Vec::with_capacity(m.blocks.len());
+        for _ in 0..m.blocks.len() {
+            k.push(engine.gpu.uninit_bf16(per_layer)?);
+            v.push(engine.gpu.uninit_bf16(per_layer)?);
+        }
+        Ok(Self {
+            engine,
+            k,
+            v,
+            len: 0,
+            max_len,
+        })
+    }
+
+    /// The rows of `next` through every block; returns the last row's logits.
+    fn forward(&self, next: &[u32]) -> Result<Vec<f32>> {
+        let e = &*self.engine;
+        let (gpu, m) = (&e.gpu, &e.model);
+        let (n, pos0) = (next.len(), self.len);
+        let (d, dh) = (m.hidden, m.head_dim);
+        let (qd, kvd, ff) = (m.heads * dh, m.kv_heads * dh, m.inter);
+        let ids = gpu.upload(next)?;
+        let row_seq = gpu.upload(&vec![0i32; n])?;
+        let row_pos: Vec<i32> = (pos0..pos0 + n).map(|p| p as i32).collect();
+        let row_pos = gpu.upload(&row_pos)?;
+        let mut x = gpu.uninit_f32(n * d)?;
+        gpu.launch_n(
+            "embed_gather",
+            n * d,
+            &[
+                Arg::P(ids.ptr),
+                Arg::P(m.embed.ptr),
+                Arg::P(x.ptr),
+                Arg::L(n as i64),
+                Arg::I(d as i32),
+            ],
+        )?;
+        let add = |a: &DBuf, b: &DBuf, len: usize| {
+            gpu.launch_n(
+                "add_inplace",
+                len,
+                &[Arg::P(a.ptr), Arg::P(b.ptr), Arg::L(len as i64)],
+            )
+        };
+        for (l, blk) in m.blocks.iter().enumerate() {
+            let n1 = gpu.uninit_bf16(n * d)?;
+            let rstd = gpu.uninit_f32(n)?;
+            e.rmsnorm(&x, &blk.attn_norm, &n1, &rstd, n)?;
+            let q = gpu.uninit_f32(n * qd)?;
+            let k = gpu.uninit_f32(n * kvd)?;
+            let v = gpu.uninit_f32(n * kvd)?;
+            e.lin_fwd(l, Q, &n1, &q, n)?;
+            e.lin_fwd(l, K, &n1, &k, n)?;
+            e.lin_fwd(l, V, &n1, &v, n)?;
+            // Keys (rotated) and values into the cache at their positions.
+            for (src, dst, rope) in [(&k, &self.k[l], 1), (&v, &self.v[l], 0)] {
+                gpu.launch_n(
+                    "rope_permute",
+                    n * kvd / 2,
+                    &[
+                        Arg::P(src.ptr),
+                        Arg::P(dst.ptr),
+                        Arg::P(row_seq.ptr),
+                        Arg::P(row_pos.ptr),
+                        Arg::P(m.cos.ptr),
+                        Arg::P(m.sin.ptr),
+                        Arg::L(n as i64),
+                        Arg::I(m.kv_heads as i32),
+                        Arg::I(dh as i32),
+                        Arg::I(self.max_len as i32),
+                        Arg::I(rope),
+                    ],
+                )?;
+            }
+            let o = gpu.uninit_f32(n * qd)?;
+            gpu.launch_shared(
+                "attn_decode",
+                (n * m.heads) as u32,
+                128,
+                ((dh + pos0 + n) * 4) as u32,
+                &[
+                    Arg::P(q.ptr),
+                    Arg::P(self.k[l].ptr),
+                    Arg::P(self.v[l].ptr),
+                    Arg::P(o.ptr),
+                    Arg::P(m.cos.ptr),
+                    Arg::P(m.sin.ptr),
+                    Arg::I(m.heads as i32),
+                    Arg::I(m.kv_heads as i32),
+                    Arg::I(dh as i32),
+                    Arg::I(self.max_len as i32),
+                    Arg::I(pos0 as i32),
+                    Arg::I(blk.window.unwrap_or(0) as i32),
+                    Arg::F(1.0 / (dh as f32).sqrt()),
+                    Arg::I(1),
+                ],
+            )?;
+            let o_in = e.cast_bf16(&o, n * qd)?;
+            let h2 = gpu.uninit_f32(n * d)?;
+            e.lin_fwd(l, O, &o_in, &h2, n)?;
+            add(&h2, &x, n * d)?;
+            let n2 = gpu.uninit_bf16(n * d)?;
+            e.rmsnorm(&h2, &blk.mlp_norm, &n2, &rstd, n)?;
+            let g = gpu.uninit_f32(n * ff)?;
+            let u = gpu.uninit_f32(n * ff)?;
+            e.lin_fwd(l, GATE, &n2, &g, n)?;
+            e.lin_fwd(l, UP, &n2, &u, n)?;
+            let a = gpu.uninit_bf16(n * ff)?;
+            gpu.launch_n(
+                "silu_mul_fwd",
+                n * ff,
+                &[
+                    Arg::P(g.ptr),
+                    Arg::P(u.ptr),
+                    Arg::P(a.ptr),
+                    Arg::L((n * ff) as i64),
+                ],
+            )?;
+            let out = gpu.uninit_f32(n * d)?;
+            e.lin_fwd(l, DOWN, &a, &out, n)?;
+            add(&out, &h2, n * d)?;
+            // Rounded to bf16 between blocks, as in training and in a bf16 PyTorch model.
+            x = e.round_bf16(&out, n * d)?;
+        }
+        let nf = gpu.uninit_bf16(n * d)?;
+        let rstd = gpu.uninit_f32(n)?;
+        e.rmsnorm(&x, &m.final_norm, &nf, &rstd, n)?;
+        let head = m.head_ptr(gpu, &e.scratch)?;
+        let logits = gpu.uninit_f32(m.vocab)?;
+        gpu.gemm(&Gemm::nt(
+            1,
+            m.vocab,
+            d,
+            nf.at((n - 1) * d, BF),
+            head,
+            logits.ptr,
+        ))?;
+        gpu.download_f32(&logits, m.vocab)
+    }
+}
+
+impl Decoder for GpuDecoder<'_> {
+    fn step(&mut self, next: &[u32]) -> Result<Vec<f32>> {
+        if next.is_empty() {
+            return Err(Error::usage("internal: an empty step"));
+        }
+        if self.len + next.len() > self.max_len {
+            return Err(Error::usage(format!(
+                "{} tokens do not fit the GPU cache of {}",
+                self.len + next.len(),
+                self.max_len
+            )));
+        }
+        if let Some(&bad) = next
+            .iter()
+            .find(|&&t| t as usize >= self.engine.model.vocab)
+        {
+            return Err(Error::usage(format!(
+                "token id {bad} is outside the model's vocabulary of {}",
+                self.engine.model.vocab
+            )));
+        }
+        // No dropout while generating.
+        self.engine.training.set(false);
+        let r = self.forward(next);
+        self.engine.training.set(true);
+        let logits = r?;
+        self.len += next.len();
+        Ok(logits)
+    }
+
+    fn fed(&self) -> usize {
+        self.len
+    }
+
+    fn limit(&self) -> usize {
+        self.max_len
+    }
+}
+
+/// peft-generate on a GPU: the model uploaded once, each adapter's tensors kept on the host
+/// (they go to the device when a prompt chooses them), a fresh KV cache per prompt.
+pub struct GpuGenerator {
+    engine: GpuEngine,
+    base: TrainState,
+    adapters: Vec<TrainState>,
+}
+
+impl GpuGenerator {
+    /// Opens `device` and uploads `model`; `adapter_dirs` are LoRA adapters (PEFT folders) in
+    /// the order the caller numbers them.
+    pub fn new(
+        device: super::DeviceSpec,
+        model: &crate::model::Model,
+        adapter_dirs: &[std::path::PathBuf],
+    ) -> Result<Self> {
+        let base = TrainState::new(model.linears().len());
+        let mut adapters = Vec::with_capacity(adapter_dirs.len());
+        for dir in adapter_dirs {
+            let mut s = TrainState::new(model.linears().len());
+            crate::train::lora::load_adapter(dir, model, &mut s)?;
+            adapters.push(s);
+        }
+        let gpu = super::device::Gpu::open(device)?;
+        crate::cli::info(format!("generating on {} ({device})", gpu.name()));
+        // DoRA and the like are refused before the first prompt.
+        for s in &adapters {
+            GpuEngine::check_eval_state(s)?;
+        }
+        let engine = GpuEngine::for_eval(gpu, model, &base)?;
+        Ok(Self {
+            engine,
+            base,
+            adapters,
+        })
+    }
+
+    /// A decoder for one sequence of at most `max_len` tokens with adapter `adapter` (an
+    /// index into the folders given to [`Self::new`]) or none.
+    pub fn decoder(&mut self, adapter: Option<usize>, max_len: usize) -> Result<GpuDecoder<'_>> {
+        let state = match adapter {
+            Some(i) => &self.adapters[i],
+            None => &self.base,
+        };
+        GpuDecoder::new(&mut self.engine, state, max_len)
+    }
+}
