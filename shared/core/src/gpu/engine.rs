@@ -838,9 +838,17 @@ impl GpuEngine {
         rows: usize,
     ) -> Result<Option<DBuf>> {
         let lin = &self.model.blocks[l].lin[slot];
-        let w = lin.bf16_weight(&self.gpu, &self.scratch)?;
-        self.gpu
-            .gemm(&Gemm::nt(rows, lin.out, lin.inp, x.ptr, w, y.ptr))?;
+        // One row of a 4-bit weight (a generation step): the fused GEMV reads the 4-bit bytes
+        // once instead of decoding the whole weight for a product.
+        let gemv = rows == 1 && lin.is_q4() && {
+            let xf = self.to_f32(x, lin.inp)?;
+            lin.gemv_q4(&self.gpu, xf.ptr, y.ptr)?
+        };
+        if !gemv {
+            let w = lin.bf16_weight(&self.gpu, &self.scratch)?;
+            self.gpu
+                .gemm(&Gemm::nt(rows, lin.out, lin.inp, x.ptr, w, y.ptr))?;
+        }
         if let Some(b) = &lin.bias {
             self.gpu.launch_n(
                 "add_bias",

@@ -356,14 +356,25 @@ mod tests {
         use crate::train::params::TrainState;
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
         let mut gpu = sim();
-        for name in [
+        let nf4 = crate::model::QuantizeOnLoad {
+            quant_type: crate::quant::QuantType::Nf4,
+            blocksize: 64,
+            double_quant: true,
+        };
+        let plain = [
             "llama_gqa",
             "llama_untied",
             "llama3_rope",
             "qwen2",
             "mistral",
-        ] {
-            let model = Model::load(&root.join(name)).unwrap();
+        ];
+        // 4-bit weights: the single-token steps take the fused GEMV.
+        let cases = plain
+            .map(|n| (n, None))
+            .into_iter()
+            .chain([("llama_gqa", Some(nf4)), ("qwen2", Some(nf4))]);
+        for (name, quant) in cases {
+            let model = Model::load_with(&root.join(name), quant).unwrap();
             let state = TrainState::new(model.linears().len());
             let (worst, g) =
                 check::decode_vs_cpu(gpu, &model, &state, &ForwardOptions::default()).unwrap();
@@ -372,7 +383,7 @@ mod tests {
             // cache row gives tens of percent.
             assert!(
                 worst < 5e-2,
-                "{name}: logits differ by {worst} of the largest"
+                "{name} ({quant:?}): logits differ by {worst} of the largest"
             );
         }
     }

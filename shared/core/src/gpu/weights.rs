@@ -51,6 +51,45 @@ impl GpuLinear {
         matches!(self.w, GpuWeight::Q4 { .. })
     }
 
+    /// `y = W·x` for one row by the fused 4-bit GEMV (`gemv_q4`: the weight decoded in
+    /// registers, never written): `x` f32 `[in]`, `y` f32 `[out]`. False (nothing launched)
+    /// where it does not apply: a bf16 weight, `in` not a multiple of 32, a block size not a
+    /// multiple of 32, or `x` too long for the kernel's 48 KB of shared memory.
+    pub fn gemv_q4(&self, gpu: &Gpu, x: u64, y: u64) -> Result<bool> {
+        let GpuWeight::Q4 {
+            packed,
+            absmax,
+            code,
+            blocksize,
+        } = &self.w
+        else {
+            return Ok(false);
+        };
+        let shared = (self.inp + self.inp / 32) * 4;
+        if self.inp % 32 != 0 || blocksize % 32 != 0 || shared > 48 << 10 {
+            return Ok(false);
+        }
+        let rows_per_block = 32;
+        gpu.launch_shared(
+            "gemv_q4",
+            self.out.div_ceil(rows_per_block) as u32,
+            256,
+            shared as u32,
+            &[
+                Arg::P(packed.ptr),
+                Arg::P(absmax.ptr),
+                Arg::P(code.ptr),
+                Arg::P(x),
+                Arg::P(y),
+                Arg::I(self.out as i32),
+                Arg::I(self.inp as i32),
+                Arg::I(*blocksize as i32),
+                Arg::I(rows_per_block as i32),
+            ],
+        )?;
+        Ok(true)
+    }
+
     /// Address of the weight as bf16 `[out, in]`: the stored copy, or the 4-bit weight
     /// decoded into `scratch` (at least `out·in` bf16 values).
     pub fn bf16_weight(&self, gpu: &Gpu, scratch: &DBuf) -> Result<u64> {
