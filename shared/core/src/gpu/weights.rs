@@ -66,7 +66,7 @@ impl GpuLinear {
             return Ok(false);
         };
         let shared = (self.inp + self.inp / 32) * 4;
-        if self.inp % 32 != 0 || blocksize % 32 != 0 || shared > 48 << 10 {
+        if !self.inp.is_multiple_of(32) || !blocksize.is_multiple_of(32) || shared > 48 << 10 {
             return Ok(false);
         }
         let rows_per_block = 32;
