@@ -323,3 +323,9 @@ fn greedy_generation_on_the_simulated_gpu_matches_the_cpu() {
     // The adapter changes what is generated (so the comparison above sees it).
     assert_ne!(run(DeviceSpec::Cpu, None), run(DeviceSpec::Cpu, Some(0)));
 }
+
+/// peft-train --method dora --device cuda-sim: DoRA's magnitude and its rescaling on the GPU.
+#[test]
+fn dora_on_the_simulated_gpu_trains_like_the_cpu() {
+    compare(Task::NextToken, &["--method", "dora"]);
+}

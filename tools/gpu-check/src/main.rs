@@ -98,13 +98,21 @@ fn run(a: &Args, dev: DeviceSpec) -> peftkit_core::Result<()> {
     }
     if !a.engine.is_empty() {
         let mut rows = Vec::new();
-        // LoRA and QLoRA, and LoRA again with flash attention's forward pass.
-        let cases = [(false, false), (true, false), (false, true)];
-        for (dir, (q4, flash)) in a.engine.iter().flat_map(|d| cases.map(|c| (d, c))) {
+        // LoRA and QLoRA, LoRA again with flash attention, and DoRA.
+        let case = |q4, flash, dora| check::EngineCase { q4, flash, dora };
+        let cases = [
+            case(false, false, false),
+            case(true, false, false),
+            case(false, true, false),
+            case(false, false, true),
+        ];
+        for (dir, c) in a.engine.iter().flat_map(|d| cases.map(|c| (d, c))) {
             cli::info(format!("{}:", dir.display()));
-            let (v, f, g) = check::engine_vs_cpu(gpu, dir, q4, flash)?;
+            let (v, f, g) = check::engine_vs_cpu(gpu, dir, c)?;
             gpu = g;
-            rows.push(json!({"model": dir, "qlora": q4, "flash": flash, "checks": v}));
+            rows.push(
+                json!({"model": dir, "qlora": c.q4, "flash": c.flash, "dora": c.dora, "checks": v}),
+            );
             failed += f;
         }
         // Evaluation passes, with the adapters on and off (DPO's reference), and generation

@@ -718,13 +718,21 @@ fn check_flash(
     Ok(())
 }
 
-/// LoRA (all linears, random non-zero B so every gradient flows) on `model`.
-fn lora_state(model: &Model, rank: usize, targets: Targets, seed: u64) -> Result<TrainState> {
+/// LoRA (all linears, random non-zero B so every gradient flows) on `model`; DoRA with
+/// `dora`.
+fn lora_state(
+    model: &Model,
+    rank: usize,
+    targets: Targets,
+    seed: u64,
+    dora: bool,
+) -> Result<TrainState> {
     let mut state = TrainState::new(model.linears().len());
     let cfg = LoraConfig {
         rank,
         alpha: 2.0 * rank as f32,
         targets,
+        dora,
         ..Default::default()
     };
     let mut rng = Rng::new(seed);
@@ -777,7 +785,7 @@ pub fn decode_vs_cpu(
 /// adapters on, and with them off against the base model (DPO's reference pass).
 pub fn eval_vs_cpu(gpu: Gpu, model_dir: &Path) -> Result<(Value, usize, Gpu)> {
     let model = Model::load(model_dir)?;
-    let mut state = lora_state(&model, 8, Targets::AllLinear, 1)?;
+    let mut state = lora_state(&model, 8, Targets::AllLinear, 1, false)?;
     // B large enough that the adapter moves the loss well past the tolerance below.
     for lo in state.lora.iter_mut().flatten() {
         lo.b.iter_mut().for_each(|x| *x *= 10.0);
@@ -842,21 +850,24 @@ pub fn eval_vs_cpu(gpu: Gpu, model_dir: &Path) -> Result<(Value, usize, Gpu)> {
 
 /// One step of the GPU engine against the CPU engine (f32) on the same batch: loss and
 /// every LoRA gradient. The GPU computes in bf16, so the tolerance is bf16's.
-/// With `flash`, attention's forward pass runs on the flash kernel.
-pub fn engine_vs_cpu(
-    gpu: Gpu,
-    model_dir: &Path,
-    q4: bool,
-    flash: bool,
-) -> Result<(Value, usize, Gpu)> {
+/// What [`engine_vs_cpu`] runs: QLoRA (a 4-bit base), flash attention, DoRA.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineCase {
+    pub q4: bool,
+    pub flash: bool,
+    pub dora: bool,
+}
+
+pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, case: EngineCase) -> Result<(Value, usize, Gpu)> {
+    let EngineCase { q4, flash, dora } = case;
     let quant = q4.then_some(QuantizeOnLoad {
         quant_type: QuantType::Nf4,
         blocksize: 64,
         double_quant: true,
     });
     let model = Model::load_with(model_dir, quant)?;
-    let mut cpu_state = lora_state(&model, 8, Targets::AllLinear, 1)?;
-    let mut gpu_state = lora_state(&model, 8, Targets::AllLinear, 1)?;
+    let mut cpu_state = lora_state(&model, 8, Targets::AllLinear, 1, dora)?;
+    let mut gpu_state = lora_state(&model, 8, Targets::AllLinear, 1, dora)?;
     let mut rng = Rng::new(3);
     let vocab = model.config.vocab as u32;
     let seqs: Vec<Vec<u32>> = [37usize, 64, 20]
@@ -920,8 +931,9 @@ pub fn engine_vs_cpu(
     per.sort_by(|a, b| b.1.total_cmp(&a.1));
     per.truncate(4);
     let name = format!(
-        "{} step{} vs CPU",
+        "{}{} step{} vs CPU",
         if q4 { "QLoRA" } else { "LoRA" },
+        if dora { " (DoRA)" } else { "" },
         if flash { " (flash)" } else { "" }
     );
     let mut rep = Report {

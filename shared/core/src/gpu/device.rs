@@ -53,6 +53,9 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "flash_bwd_d96",
     "flash_bwd_d128",
     "attn_decode",
+    "dora_norm",
+    "dora_scale",
+    "dora_bwd",
 ];
 
 /// Device errors are run-time failures of the machine, reported as such.

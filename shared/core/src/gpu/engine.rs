@@ -34,6 +34,17 @@ struct GpuLora {
     off: usize,
     na: usize,
     nb: usize,
+    /// DoRA: the magnitude `[out]` (f32), its gradient, and its offset in the concatenation
+    /// of all magnitudes.
+    mag: Option<(u64, u64, usize)>,
+}
+
+/// What a linear layer's forward pass keeps for its backward pass.
+pub(super) struct LinAct {
+    /// The scaled LoRA activation `s·(x·Aᵀ)` in bf16.
+    xa: DBuf,
+    /// DoRA: the output before the magnitude's rescaling (f32) and the weight norms.
+    dora: Option<(DBuf, DBuf)>,
 }
 
 /// What the forward pass leaves for the loss and the backward pass.
@@ -115,8 +126,8 @@ struct Saved {
     g: DBuf,
     u: DBuf,
     a: DBuf,
-    /// Per linear: the scaled LoRA activation `s·(x·Aᵀ)` in bf16.
-    xa: Vec<Option<DBuf>>,
+    /// Per linear: what its LoRA (DoRA) backward needs.
+    xa: Vec<Option<LinAct>>,
     /// With flash attention: its output (f32, padded) and log-sum-exp, for its backward.
     flash: Option<(DBuf, DBuf)>,
 }
@@ -129,6 +140,10 @@ pub struct GpuEngine {
     adapter_values: DBuf,
     adapter_grads: DBuf,
     adapter_len: usize,
+    /// DoRA magnitudes (f32) and their gradients, all adapters one after another.
+    dora_values: DBuf,
+    dora_grads: DBuf,
+    dora_len: usize,
     /// bf16 decoding scratch for 4-bit weights.
     pub(super) scratch: DBuf,
     /// Lowest block with an adapter: the backward pass stops there.
@@ -298,7 +313,7 @@ impl GpuEngine {
     pub fn new(gpu: Gpu, model: &Model, state: &TrainState) -> Result<Self> {
         if let Some(what) = unsupported_state(state) {
             return Err(Error::usage(format!(
-                "--device cuda trains LoRA and QLoRA adapters (no bias, no DoRA) for now; {what} needs --device cpu"
+                "--device cuda trains LoRA, DoRA and QLoRA adapters (no bias) for now; {what} needs --device cpu"
             )));
         }
         Self::upload(gpu, model, state)
@@ -311,11 +326,12 @@ impl GpuEngine {
         Self::upload(gpu, model, state)
     }
 
-    /// Refuses adapters the evaluation and generation passes do not compute (DoRA).
+    /// Refuses adapters the evaluation and generation passes do not compute: those with a
+    /// trainable base part (LoRA biases, modules_to_save), which a loaded adapter never has.
     pub fn check_eval_state(state: &TrainState) -> Result<()> {
-        if state.lora.iter().flatten().any(|l| l.magnitude.is_some()) {
+        if state.ia3.iter().any(Option::is_some) {
             return Err(Error::usage(
-                "--device cuda runs LoRA adapters and the base model for now; DoRA needs --device cpu",
+                "--device cuda runs LoRA and DoRA adapters and the base model for now; IA3 needs --device cpu",
             ));
         }
         Ok(())
@@ -337,6 +353,9 @@ impl GpuEngine {
         let mut engine = Self {
             adapter_values: gpu.alloc_bf16(1)?,
             adapter_grads: gpu.alloc_f32(1)?,
+            dora_values: gpu.alloc_f32(1)?,
+            dora_grads: gpu.alloc_f32(1)?,
+            dora_len: 0,
             gpu,
             stop_layer: gm.blocks.len(),
             model: gm,
@@ -366,6 +385,15 @@ impl GpuEngine {
             .sum();
         let adapter_values = gpu.alloc_bf16(total)?;
         let adapter_grads = gpu.alloc_f32(total)?;
+        let dora_total: usize = state
+            .lora
+            .iter()
+            .flatten()
+            .filter_map(|lo| lo.magnitude.as_ref().map(Vec::len))
+            .sum();
+        let dora_values = gpu.alloc_f32(dora_total)?;
+        let dora_grads = gpu.alloc_f32(dora_total)?;
+        let mut dora_off = 0;
         let mut lora = Vec::with_capacity(nb * PER_BLOCK);
         let mut stop = nb;
         let mut off = 0;
@@ -387,6 +415,11 @@ impl GpuEngine {
                 off,
                 na,
                 nb: nb_,
+                mag: lo.magnitude.as_ref().map(|m| {
+                    let at = dora_off;
+                    dora_off += m.len();
+                    (dora_values.at(at, F4), dora_grads.at(at, F4), at)
+                }),
             }));
             off += na + nb_;
         }
@@ -399,6 +432,9 @@ impl GpuEngine {
         self.adapter_values = adapter_values;
         self.adapter_grads = adapter_grads;
         self.adapter_len = total;
+        self.dora_values = dora_values;
+        self.dora_grads = dora_grads;
+        self.dora_len = dora_total;
         self.stop_layer = stop;
         Ok(())
     }
@@ -640,7 +676,21 @@ impl GpuEngine {
         });
         self.gpu.write(&mut self.adapter_values, &host)?;
         let n = self.adapter_grads.bytes;
-        self.gpu.zero(&mut self.adapter_grads, n)
+        self.gpu.zero(&mut self.adapter_grads, n)?;
+        if self.dora_len > 0 {
+            let mut mags = vec![0f32; self.dora_len];
+            for (g, lo) in self.lora.iter().zip(&state.lora) {
+                if let (Some(g), Some(lo)) = (g, lo) {
+                    if let (Some((_, _, at)), Some(m)) = (g.mag, &lo.magnitude) {
+                        mags[at..at + m.len()].copy_from_slice(m);
+                    }
+                }
+            }
+            self.gpu.write(&mut self.dora_values, &mags)?;
+            let n = self.dora_grads.bytes;
+            self.gpu.zero(&mut self.dora_grads, n)?;
+        }
+        Ok(())
     }
 
     fn collect_grads(&mut self, state: &mut TrainState) -> Result<()> {
@@ -653,6 +703,20 @@ impl GpuEngine {
             for (slot, v) in [(Slot::LoraA(i), ga), (Slot::LoraB(i), gb)] {
                 if let Some(dst) = state.grad_mut(slot) {
                     dst.iter_mut().zip(v).for_each(|(d, s)| *d += s);
+                }
+            }
+        }
+        if self.dora_len > 0 {
+            let mags = self.gpu.download_f32(&self.dora_grads, self.dora_len)?;
+            for (i, g) in self.lora.iter().enumerate() {
+                let Some((_, _, at)) = g.as_ref().and_then(|g| g.mag) else {
+                    continue;
+                };
+                if let Some(dst) = state.grad_mut(Slot::LoraMagnitude(i)) {
+                    let n = dst.len();
+                    dst.iter_mut()
+                        .zip(&mags[at..at + n])
+                        .for_each(|(d, s)| *d += s);
                 }
             }
         }
@@ -827,8 +891,9 @@ impl GpuEngine {
         Ok(Some(y))
     }
 
-    /// `y = x·Wᵀ (+ bias) (+ s·(x·Aᵀ)·Bᵀ)` for linear `slot` of block `l`; `x` bf16
-    /// `[rows, in]`, `y` f32 `[rows, out]`. Returns the scaled LoRA activation.
+    /// `y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ) (+ bias)` for linear `slot` of block `l`, with DoRA's
+    /// rescaling `· m/‖W + s·B·A‖` per output before the bias; `x` bf16 `[rows, in]`, `y` f32
+    /// `[rows, out]`. Returns what the backward pass needs (with an adapter).
     pub(super) fn lin_fwd(
         &self,
         l: usize,
@@ -836,7 +901,7 @@ impl GpuEngine {
         x: &DBuf,
         y: &DBuf,
         rows: usize,
-    ) -> Result<Option<DBuf>> {
+    ) -> Result<Option<LinAct>> {
         let lin = &self.model.blocks[l].lin[slot];
         // One row of a 4-bit weight (a generation step): the fused GEMV reads the 4-bit bytes
         // once instead of decoding the whole weight for a product.
@@ -849,6 +914,10 @@ impl GpuEngine {
             self.gpu
                 .gemm(&Gemm::nt(rows, lin.out, lin.inp, x.ptr, w, y.ptr))?;
         }
+        let act = match &self.lora[l * PER_BLOCK + slot] {
+            Some(lo) if self.adapters_on.get() => Some(self.lora_fwd(l, slot, lo, x, y, rows)?),
+            _ => None,
+        };
         if let Some(b) = &lin.bias {
             self.gpu.launch_n(
                 "add_bias",
@@ -861,12 +930,21 @@ impl GpuEngine {
                 ],
             )?;
         }
-        let Some(lo) = &self.lora[l * PER_BLOCK + slot] else {
-            return Ok(None);
-        };
-        if !self.adapters_on.get() {
-            return Ok(None);
-        }
+        Ok(act)
+    }
+
+    /// The adapter's part of [`Self::lin_fwd`]: adds `s·(x·Aᵀ)·Bᵀ` into `y` (the base output)
+    /// and, for DoRA, rescales the sum per output.
+    fn lora_fwd(
+        &self,
+        l: usize,
+        slot: usize,
+        lo: &GpuLora,
+        x: &DBuf,
+        y: &DBuf,
+        rows: usize,
+    ) -> Result<LinAct> {
+        let lin = &self.model.blocks[l].lin[slot];
         let r = lo.rank;
         let xd = self.lora_input(l, slot, x, rows * lin.inp)?;
         let xin = xd.as_ref().unwrap_or(x);
@@ -886,7 +964,45 @@ impl GpuEngine {
         )?;
         self.gpu
             .gemm(&Gemm::nt(rows, lin.out, r, xa.ptr, lo.b, y.ptr).accumulate())?;
-        Ok(Some(xa))
+        let Some((mag, _, _)) = lo.mag else {
+            return Ok(LinAct { xa, dora: None });
+        };
+        let (out, inp) = (lin.out, lin.inp);
+        // ‖W + s·B·A‖ per output row, from B·A in f32 and the bf16 weight.
+        let ba = self.gpu.uninit_f32(out * inp)?;
+        self.gpu.gemm(&Gemm::nn(out, inp, r, lo.b, lo.a, ba.ptr))?;
+        let w = lin.bf16_weight(&self.gpu, &self.scratch)?;
+        let norm = self.gpu.uninit_f32(out)?;
+        self.gpu.launch_rows(
+            "dora_norm",
+            out,
+            inp,
+            &[
+                Arg::P(w),
+                Arg::P(ba.ptr),
+                Arg::F(lo.scale),
+                Arg::P(norm.ptr),
+                Arg::I(inp as i32),
+            ],
+        )?;
+        drop(ba);
+        let z = self.gpu.uninit_f32(rows * out)?;
+        self.gpu.copy(&z, y, rows * out * F4)?;
+        self.gpu.launch_n(
+            "dora_scale",
+            rows * out,
+            &[
+                Arg::P(y.ptr),
+                Arg::P(mag),
+                Arg::P(norm.ptr),
+                Arg::L(rows as i64),
+                Arg::I(out as i32),
+            ],
+        )?;
+        Ok(LinAct {
+            xa,
+            dora: Some((z, norm)),
+        })
     }
 
     /// Backward of [`Self::lin_fwd`]: LoRA gradients accumulate on the device; with `dx`,
@@ -898,22 +1014,51 @@ impl GpuEngine {
         slot: usize,
         dy: &DBuf,
         x: &DBuf,
-        xa: Option<&DBuf>,
+        act: Option<&LinAct>,
         dx: Option<&DBuf>,
         acc: bool,
         rows: usize,
     ) -> Result<()> {
         let lin = &self.model.blocks[l].lin[slot];
         let (out, inp) = (lin.out, lin.inp);
+        let lora = self.lora[l * PER_BLOCK + slot].as_ref();
+        // DoRA: the magnitude's gradient, and the rescaled dy that the base product and the
+        // LoRA branch see.
+        let scaled;
+        let dy = match (
+            lora.and_then(|lo| lo.mag),
+            act.and_then(|a| a.dora.as_ref()),
+        ) {
+            (Some((mag, gmag, _)), Some((z, norm))) => {
+                scaled = self.gpu.uninit_bf16(rows * out)?;
+                self.gpu.launch(
+                    "dora_bwd",
+                    out.div_ceil(128) as u32,
+                    128,
+                    &[
+                        Arg::P(dy.ptr),
+                        Arg::P(z.ptr),
+                        Arg::P(mag),
+                        Arg::P(norm.ptr),
+                        Arg::P(gmag),
+                        Arg::P(scaled.ptr),
+                        Arg::L(rows as i64),
+                        Arg::I(out as i32),
+                    ],
+                )?;
+                &scaled
+            }
+            _ => dy,
+        };
         if let Some(dx) = dx {
             let w = lin.bf16_weight(&self.gpu, &self.scratch)?;
             let g = Gemm::nn(rows, inp, out, dy.ptr, w, dx.ptr);
             self.gpu.gemm(&if acc { g.accumulate() } else { g })?;
         }
-        let Some(lo) = &self.lora[l * PER_BLOCK + slot] else {
+        let Some(lo) = lora else {
             return Ok(());
         };
-        let xa = xa.expect("LoRA activation saved");
+        let xa = &act.expect("LoRA activation saved").xa;
         let r = lo.rank;
         // dB += dyᵀ·(s·x·Aᵀ)
         self.gpu
@@ -1266,7 +1411,7 @@ impl GpuEngine {
         let blk = &m.blocks[l];
         let (d, rows) = (m.hidden, lay.rows);
         let (qd, kvd, ff) = (m.heads * m.head_dim, m.kv_heads * m.head_dim, m.inter);
-        let mut xa: Vec<Option<DBuf>> = (0..PER_BLOCK).map(|_| None).collect();
+        let mut xa: Vec<Option<LinAct>> = (0..PER_BLOCK).map(|_| None).collect();
         // attention
         let n1 = gpu.uninit_bf16(rows * d)?;
         let rstd1 = gpu.uninit_f32(rows)?;
@@ -1574,14 +1719,12 @@ fn unsupported_state(state: &TrainState) -> Option<&'static str> {
     if state.value_head.is_some() {
         return Some("a value head");
     }
-    if state.lora.iter().flatten().any(|l| l.magnitude.is_some()) {
-        return Some("DoRA");
-    }
-    if state
-        .params
-        .iter()
-        .any(|(s, _)| !matches!(s, Slot::LoraA(_) | Slot::LoraB(_) | Slot::Score))
-    {
+    if state.params.iter().any(|(s, _)| {
+        !matches!(
+            s,
+            Slot::LoraA(_) | Slot::LoraB(_) | Slot::LoraMagnitude(_) | Slot::Score
+        )
+    }) {
         return Some("training base weights (full, freeze, LoRA bias, modules_to_save)");
     }
     if !state.lora.iter().any(Option::is_some) {

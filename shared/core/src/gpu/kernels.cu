@@ -952,3 +952,43 @@ extern "C" __global__ void attn_decode(const float* q, const bf16* kc, const bf1
         out[((long)i * heads + h) * dh + c] = acc * inv;
     }
 }
+
+// ---- DoRA (weight-decomposed LoRA, PEFT's DoraLinearLayer) ----------------------------------
+// norm[o] = ‖W[o, :] + s·(B·A)[o, :]‖ (detached, as PEFT computes it): one block per row; W
+// bf16 [out, in], ba = B·A f32 [out, in].
+extern "C" __global__ void dora_norm(const bf16* W, const float* ba, float s, float* norm, int inp) {
+    __shared__ float sh[32];
+    long o = blockIdx.x;
+    float acc = 0.f;
+    for (int i = threadIdx.x; i < inp; i += blockDim.x) {
+        float v = bf2f(W[o * inp + i]) + s * ba[o * inp + i];
+        acc += v * v;
+    }
+    acc = block_sum(acc, sh);
+    if (threadIdx.x == 0) norm[o] = sqrtf(acc);
+}
+
+// y[r, o] *= m[o] / norm[o]: the magnitude rescales the whole (base + LoRA) output.
+extern "C" __global__ void dora_scale(float* y, const float* m, const float* norm, long rows, int out) {
+    long n = rows * out;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        int o = i % out;
+        y[i] *= m[o] / norm[o];
+    }
+}
+
+// Backward of dora_scale given dy (bf16) and z, the output before it (f32): dm[o] +=
+// Σ_r dy[r, o]·z[r, o] / norm[o], and dys = dy·m/norm (bf16), the gradient the base product
+// and the LoRA branch see. One thread per output column (no atomics; reads coalesce).
+extern "C" __global__ void dora_bwd(const bf16* dy, const float* z, const float* m, const float* norm, float* dm,
+                                    bf16* dys, long rows, int out) {
+    for (int o = blockIdx.x * blockDim.x + threadIdx.x; o < out; o += gridDim.x * blockDim.x) {
+        float f = m[o] / norm[o], acc = 0.f;
+        for (long r = 0; r < rows; r++) {
+            float g = bf2f(dy[r * out + o]);
+            acc += g * z[r * out + o];
+            dys[r * out + o] = f2bf(g * f);
+        }
+        dm[o] += acc / norm[o];
+    }
+}

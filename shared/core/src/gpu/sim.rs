@@ -403,13 +403,20 @@ mod tests {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
         let mut gpu = sim();
         for name in ["llama_gqa", "llama_untied", "llama3_rope", "qwen2"] {
-            for (q4, flash) in [(false, false), (true, false), (false, true)] {
-                let (v, failed, g) =
-                    check::engine_vs_cpu(gpu, &root.join(name), q4, flash).unwrap();
+            let cases = [
+                (false, false, false),
+                (true, false, false),
+                (false, true, false),
+                (false, false, true),
+                (true, false, true),
+            ];
+            for (q4, flash, dora) in cases {
+                let case = check::EngineCase { q4, flash, dora };
+                let (v, failed, g) = check::engine_vs_cpu(gpu, &root.join(name), case).unwrap();
                 gpu = g;
-                assert_eq!(failed, 0, "{name} q4={q4} flash={flash}: {v:#}");
+                assert_eq!(failed, 0, "{name} {case:?}: {v:#}");
                 let worst = v[1]["worst"][0][1].as_f64().unwrap();
-                assert!(worst < 0.06, "{name} q4={q4}: worst tensor {worst}: {v:#}");
+                assert!(worst < 0.06, "{name} {case:?}: worst tensor {worst}: {v:#}");
             }
         }
     }
