@@ -6,7 +6,8 @@
 #   3. LoRA and QLoRA training tokens/s and peak GPU memory on a random 1B-class Llama, ours
 #      (gpu-check --bench; QLoRA once more with the flash attention kernels) side by side with
 #      PyTorch + PEFT (+ bitsandbytes) on the same model;
-#   4. peft-train --device cuda:0 end to end on that model (data, steps, adapter output).
+#   4. peft-train --device cuda:0 end to end on that model (data, steps, adapter output);
+#   5. peft-eval and peft-generate with that adapter, and dpo-train on a tiny model, on the GPU.
 #
 # Needs: the binaries built with `make build-cuda` (target/cuda/release), python3 with torch,
 # transformers and peft; bitsandbytes from .gpu/whl-slim if it is missing; the tokenizer files
@@ -25,8 +26,8 @@ SEQ=${SEQ:-1024}
 STEPS=${STEPS:-8}
 exec > >(tee -a "$OUT/log.txt") 2>&1
 
-# SECTIONS: any of check model ours hf train (default all).
-SECTIONS=${SECTIONS:-check model ours hf train}
+# SECTIONS: any of check model ours hf train tools (default all).
+SECTIONS=${SECTIONS:-check model ours hf train tools}
 want() { case " $SECTIONS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 section() { echo; echo "=== $1 (t=$(( $(date +%s) - START ))s, $(left)s left)"; }
@@ -84,6 +85,18 @@ want hf && section "3c. PyTorch + PEFT + bitsandbytes QLoRA" && run 150 python3 
 want train && section "4. peft-train --device cuda:0 end to end" && rm -rf /tmp/gpu-run && run 120 "$BIN/peft-train" --model "$MODEL" --data tests/fixtures/data/alpaca.json --method lora \
     --out /tmp/gpu-run --steps 6 --batch 4 --lr 1e-3 --device cuda:0 --log "$OUT/train.jsonl" \
     && ls -la /tmp/gpu-run && cp /tmp/gpu-run/adapter_config.json "$OUT/" 2>/dev/null
+
+want tools && section "5. peft-eval, peft-generate and dpo-train --device cuda:0 end to end" && {
+    run 60 "$BIN/peft-eval" --model "$MODEL" --adapter /tmp/gpu-run --data tests/fixtures/data/text.jsonl --device cuda:0 --json \
+        > "$OUT/eval.json" && cat "$OUT/eval.json"
+    run 60 "$BIN/peft-generate" --model "$MODEL" --adapter /tmp/gpu-run --prompt "Once upon a time" --max-new-tokens 64 \
+        --device cuda:0 --json | tee "$OUT/generate.jsonl"
+    python3 -c "import json
+for i in range(24): print(json.dumps({'prompt': f'q{i} say:', 'chosen': ' yes yes', 'rejected': ' no no'}))" > /tmp/pairs.jsonl
+    rm -rf /tmp/gpu-dpo
+    run 90 "$BIN/dpo-train" --model tests/fixtures/models/llama_gqa --data /tmp/pairs.jsonl --out /tmp/gpu-dpo --steps 4 --batch 4 \
+        --device cuda:0 --log "$OUT/dpo.jsonl"
+}
 
 section "summary"
 python3 - "$OUT" <<'EOF'

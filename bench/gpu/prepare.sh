@@ -41,6 +41,7 @@ with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED
 print(f"{dst}: {os.path.getsize(dst) / 1e6:.1f} MB")
 EOF
 fi
-du -sh .gpu/tok .gpu/whl-slim target/cuda/release/gpu-check target/cuda/release/peft-train
-echo "carry: target/cuda/release/gpu-check target/cuda/release/peft-train .gpu/whl-slim .gpu/tok"
+B=target/cuda/release
+du -sh .gpu/tok .gpu/whl-slim $B/gpu-check $B/peft-train $B/peft-eval $B/peft-generate $B/dpo-train
+echo "carry: $B/gpu-check $B/peft-train $B/peft-eval $B/peft-generate $B/dpo-train .gpu/whl-slim .gpu/tok"
 echo "run:   bash bench/gpu/device_check.sh [SECONDS]"
