@@ -329,3 +329,10 @@ fn greedy_generation_on_the_simulated_gpu_matches_the_cpu() {
 fn dora_on_the_simulated_gpu_trains_like_the_cpu() {
     compare(Task::NextToken, &["--method", "dora"]);
 }
+
+/// peft-train --method ia3 --device cuda-sim: IA3's output (k, v) and input (down_proj)
+/// scaling on the GPU.
+#[test]
+fn ia3_on_the_simulated_gpu_trains_like_the_cpu() {
+    compare(Task::NextToken, &["--method", "ia3"]);
+}

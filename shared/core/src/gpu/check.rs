@@ -850,24 +850,49 @@ pub fn eval_vs_cpu(gpu: Gpu, model_dir: &Path) -> Result<(Value, usize, Gpu)> {
 
 /// One step of the GPU engine against the CPU engine (f32) on the same batch: loss and
 /// every LoRA gradient. The GPU computes in bf16, so the tolerance is bf16's.
-/// What [`engine_vs_cpu`] runs: QLoRA (a 4-bit base), flash attention, DoRA.
+/// What [`engine_vs_cpu`] runs: QLoRA (a 4-bit base), flash attention, DoRA, or IA3 (instead
+/// of LoRA, PEFT's default targets for the architecture).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EngineCase {
     pub q4: bool,
     pub flash: bool,
     pub dora: bool,
+    pub ia3: bool,
+}
+
+/// IA3 with PEFT's default targets, its vectors moved off 1 so that they change the outputs.
+fn ia3_state(model: &Model, seed: u64) -> Result<TrainState> {
+    let mut state = TrainState::new(model.linears().len());
+    let cfg = crate::train::ia3::Ia3Config::default_for(model.config.arch);
+    crate::train::ia3::attach(model, &mut state, &cfg)?;
+    let mut rng = Rng::new(seed);
+    for v in state.ia3.iter_mut().flatten() {
+        v.l.iter_mut().for_each(|x| *x += rng.normal() * 0.2);
+    }
+    Ok(state)
 }
 
 pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, case: EngineCase) -> Result<(Value, usize, Gpu)> {
-    let EngineCase { q4, flash, dora } = case;
+    let EngineCase {
+        q4,
+        flash,
+        dora,
+        ia3,
+    } = case;
     let quant = q4.then_some(QuantizeOnLoad {
         quant_type: QuantType::Nf4,
         blocksize: 64,
         double_quant: true,
     });
     let model = Model::load_with(model_dir, quant)?;
-    let mut cpu_state = lora_state(&model, 8, Targets::AllLinear, 1, dora)?;
-    let mut gpu_state = lora_state(&model, 8, Targets::AllLinear, 1, dora)?;
+    let (mut cpu_state, mut gpu_state) = if ia3 {
+        (ia3_state(&model, 1)?, ia3_state(&model, 1)?)
+    } else {
+        (
+            lora_state(&model, 8, Targets::AllLinear, 1, dora)?,
+            lora_state(&model, 8, Targets::AllLinear, 1, dora)?,
+        )
+    };
     let mut rng = Rng::new(3);
     let vocab = model.config.vocab as u32;
     let seqs: Vec<Vec<u32>> = [37usize, 64, 20]
@@ -932,7 +957,11 @@ pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, case: EngineCase) -> Result<(Va
     per.truncate(4);
     let name = format!(
         "{}{} step{} vs CPU",
-        if q4 { "QLoRA" } else { "LoRA" },
+        match (q4, ia3) {
+            (_, true) => "IA3",
+            (true, _) => "QLoRA",
+            _ => "LoRA",
+        },
         if dora { " (DoRA)" } else { "" },
         if flash { " (flash)" } else { "" }
     );

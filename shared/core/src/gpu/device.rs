@@ -56,6 +56,8 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dora_norm",
     "dora_scale",
     "dora_bwd",
+    "ia3_scale_input",
+    "ia3_input_bwd",
 ];
 
 /// Device errors are run-time failures of the machine, reported as such.

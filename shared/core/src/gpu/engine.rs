@@ -34,17 +34,35 @@ struct GpuLora {
     off: usize,
     na: usize,
     nb: usize,
-    /// DoRA: the magnitude `[out]` (f32), its gradient, and its offset in the concatenation
-    /// of all magnitudes.
-    mag: Option<(u64, u64, usize)>,
+}
+
+/// A trainable vector of one linear layer (f32, with its gradient): DoRA's magnitude `[out]`,
+/// or IA3's scaling of the output `[out]` or, for feed-forward modules, of the input `[in]`.
+#[derive(Clone, Copy)]
+struct GpuVec {
+    kind: VecKind,
+    value: u64,
+    grad: u64,
+    /// Offset and length in the concatenation of all vectors.
+    at: usize,
+    len: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum VecKind {
+    Magnitude,
+    Ia3Output,
+    Ia3Input,
 }
 
 /// What a linear layer's forward pass keeps for its backward pass.
 pub(super) struct LinAct {
-    /// The scaled LoRA activation `s·(x·Aᵀ)` in bf16.
-    xa: DBuf,
-    /// DoRA: the output before the magnitude's rescaling (f32) and the weight norms.
-    dora: Option<(DBuf, DBuf)>,
+    /// The scaled LoRA activation `s·(x·Aᵀ)` in bf16 (LoRA, DoRA).
+    xa: Option<DBuf>,
+    /// DoRA and IA3 on the output: the output before its rescaling (f32).
+    pre: Option<DBuf>,
+    /// DoRA: the weight norms.
+    norm: Option<DBuf>,
 }
 
 /// What the forward pass leaves for the loss and the backward pass.
@@ -140,10 +158,12 @@ pub struct GpuEngine {
     adapter_values: DBuf,
     adapter_grads: DBuf,
     adapter_len: usize,
-    /// DoRA magnitudes (f32) and their gradients, all adapters one after another.
-    dora_values: DBuf,
-    dora_grads: DBuf,
-    dora_len: usize,
+    /// Per linear: its DoRA magnitude or IA3 vector.
+    vecs: Vec<Option<GpuVec>>,
+    /// All those vectors (f32) and their gradients, one after another.
+    vec_values: DBuf,
+    vec_grads: DBuf,
+    vec_len: usize,
     /// bf16 decoding scratch for 4-bit weights.
     pub(super) scratch: DBuf,
     /// Lowest block with an adapter: the backward pass stops there.
@@ -313,7 +333,7 @@ impl GpuEngine {
     pub fn new(gpu: Gpu, model: &Model, state: &TrainState) -> Result<Self> {
         if let Some(what) = unsupported_state(state) {
             return Err(Error::usage(format!(
-                "--device cuda trains LoRA, DoRA and QLoRA adapters (no bias) for now; {what} needs --device cpu"
+                "--device cuda trains LoRA, DoRA, IA3 and QLoRA adapters (no bias) for now; {what} needs --device cpu"
             )));
         }
         Self::upload(gpu, model, state)
@@ -329,11 +349,7 @@ impl GpuEngine {
     /// Refuses adapters the evaluation and generation passes do not compute: those with a
     /// trainable base part (LoRA biases, modules_to_save), which a loaded adapter never has.
     pub fn check_eval_state(state: &TrainState) -> Result<()> {
-        if state.ia3.iter().any(Option::is_some) {
-            return Err(Error::usage(
-                "--device cuda runs LoRA and DoRA adapters and the base model for now; IA3 needs --device cpu",
-            ));
-        }
+        let _ = state;
         Ok(())
     }
 
@@ -353,9 +369,10 @@ impl GpuEngine {
         let mut engine = Self {
             adapter_values: gpu.alloc_bf16(1)?,
             adapter_grads: gpu.alloc_f32(1)?,
-            dora_values: gpu.alloc_f32(1)?,
-            dora_grads: gpu.alloc_f32(1)?,
-            dora_len: 0,
+            vecs: Vec::new(),
+            vec_values: gpu.alloc_f32(1)?,
+            vec_grads: gpu.alloc_f32(1)?,
+            vec_len: 0,
             gpu,
             stop_layer: gm.blocks.len(),
             model: gm,
@@ -385,15 +402,40 @@ impl GpuEngine {
             .sum();
         let adapter_values = gpu.alloc_bf16(total)?;
         let adapter_grads = gpu.alloc_f32(total)?;
-        let dora_total: usize = state
+        // DoRA magnitudes and IA3 vectors: one f32 vector per linear at most.
+        let host_vecs: Vec<Option<(VecKind, usize)>> = state
             .lora
             .iter()
-            .flatten()
-            .filter_map(|lo| lo.magnitude.as_ref().map(Vec::len))
-            .sum();
-        let dora_values = gpu.alloc_f32(dora_total)?;
-        let dora_grads = gpu.alloc_f32(dora_total)?;
-        let mut dora_off = 0;
+            .zip(&state.ia3)
+            .map(
+                |(lo, ia3)| match (lo.as_ref().and_then(|lo| lo.magnitude.as_ref()), ia3) {
+                    (Some(m), _) => Some((VecKind::Magnitude, m.len())),
+                    (None, Some(v)) if v.feedforward => Some((VecKind::Ia3Input, v.l.len())),
+                    (None, Some(v)) => Some((VecKind::Ia3Output, v.l.len())),
+                    _ => None,
+                },
+            )
+            .collect();
+        let vec_total: usize = host_vecs.iter().flatten().map(|v| v.1).sum();
+        let vec_values = gpu.alloc_f32(vec_total)?;
+        let vec_grads = gpu.alloc_f32(vec_total)?;
+        let mut at = 0;
+        let vecs: Vec<Option<GpuVec>> = host_vecs
+            .iter()
+            .map(|v| {
+                v.map(|(kind, len)| {
+                    let g = GpuVec {
+                        kind,
+                        value: vec_values.at(at, F4),
+                        grad: vec_grads.at(at, F4),
+                        at,
+                        len,
+                    };
+                    at += len;
+                    g
+                })
+            })
+            .collect();
         let mut lora = Vec::with_capacity(nb * PER_BLOCK);
         let mut stop = nb;
         let mut off = 0;
@@ -415,11 +457,6 @@ impl GpuEngine {
                 off,
                 na,
                 nb: nb_,
-                mag: lo.magnitude.as_ref().map(|m| {
-                    let at = dora_off;
-                    dora_off += m.len();
-                    (dora_values.at(at, F4), dora_grads.at(at, F4), at)
-                }),
             }));
             off += na + nb_;
         }
@@ -432,9 +469,14 @@ impl GpuEngine {
         self.adapter_values = adapter_values;
         self.adapter_grads = adapter_grads;
         self.adapter_len = total;
-        self.dora_values = dora_values;
-        self.dora_grads = dora_grads;
-        self.dora_len = dora_total;
+        // The backward pass stops below the lowest block with anything trainable.
+        if let Some(i) = vecs.iter().position(Option::is_some) {
+            stop = stop.min(i / PER_BLOCK);
+        }
+        self.vecs = vecs;
+        self.vec_values = vec_values;
+        self.vec_grads = vec_grads;
+        self.vec_len = vec_total;
         self.stop_layer = stop;
         Ok(())
     }
@@ -677,18 +719,21 @@ impl GpuEngine {
         self.gpu.write(&mut self.adapter_values, &host)?;
         let n = self.adapter_grads.bytes;
         self.gpu.zero(&mut self.adapter_grads, n)?;
-        if self.dora_len > 0 {
-            let mut mags = vec![0f32; self.dora_len];
-            for (g, lo) in self.lora.iter().zip(&state.lora) {
-                if let (Some(g), Some(lo)) = (g, lo) {
-                    if let (Some((_, _, at)), Some(m)) = (g.mag, &lo.magnitude) {
-                        mags[at..at + m.len()].copy_from_slice(m);
-                    }
+        if self.vec_len > 0 {
+            let mut host = vec![0f32; self.vec_len];
+            for (i, g) in self.vecs.iter().enumerate() {
+                let Some(g) = g else { continue };
+                let src = match g.kind {
+                    VecKind::Magnitude => state.lora[i].as_ref().and_then(|l| l.magnitude.as_ref()),
+                    _ => state.ia3[i].as_ref().map(|v| &v.l),
+                };
+                if let Some(v) = src {
+                    host[g.at..g.at + g.len].copy_from_slice(v);
                 }
             }
-            self.gpu.write(&mut self.dora_values, &mags)?;
-            let n = self.dora_grads.bytes;
-            self.gpu.zero(&mut self.dora_grads, n)?;
+            self.gpu.write(&mut self.vec_values, &host)?;
+            let n = self.vec_grads.bytes;
+            self.gpu.zero(&mut self.vec_grads, n)?;
         }
         Ok(())
     }
@@ -706,16 +751,17 @@ impl GpuEngine {
                 }
             }
         }
-        if self.dora_len > 0 {
-            let mags = self.gpu.download_f32(&self.dora_grads, self.dora_len)?;
-            for (i, g) in self.lora.iter().enumerate() {
-                let Some((_, _, at)) = g.as_ref().and_then(|g| g.mag) else {
-                    continue;
+        if self.vec_len > 0 {
+            let all = self.gpu.download_f32(&self.vec_grads, self.vec_len)?;
+            for (i, g) in self.vecs.iter().enumerate() {
+                let Some(g) = g else { continue };
+                let slot = match g.kind {
+                    VecKind::Magnitude => Slot::LoraMagnitude(i),
+                    _ => Slot::Ia3(i),
                 };
-                if let Some(dst) = state.grad_mut(Slot::LoraMagnitude(i)) {
-                    let n = dst.len();
+                if let Some(dst) = state.grad_mut(slot) {
                     dst.iter_mut()
-                        .zip(&mags[at..at + n])
+                        .zip(&all[g.at..g.at + g.len])
                         .for_each(|(d, s)| *d += s);
                 }
             }
@@ -903,19 +949,41 @@ impl GpuEngine {
         rows: usize,
     ) -> Result<Option<LinAct>> {
         let lin = &self.model.blocks[l].lin[slot];
+        let on = self.adapters_on.get();
+        let vec = self.vecs[l * PER_BLOCK + slot].filter(|_| on);
+        // IA3 on the input (feed-forward modules): the product sees x ⊙ l.
+        let scaled_x;
+        let x_in = match vec {
+            Some(v) if v.kind == VecKind::Ia3Input => {
+                scaled_x = self.gpu.uninit_bf16(rows * lin.inp)?;
+                self.gpu.launch_n(
+                    "ia3_scale_input",
+                    rows * lin.inp,
+                    &[
+                        Arg::P(x.ptr),
+                        Arg::P(v.value),
+                        Arg::P(scaled_x.ptr),
+                        Arg::L(rows as i64),
+                        Arg::I(lin.inp as i32),
+                    ],
+                )?;
+                &scaled_x
+            }
+            _ => x,
+        };
         // One row of a 4-bit weight (a generation step): the fused GEMV reads the 4-bit bytes
         // once instead of decoding the whole weight for a product.
         let gemv = rows == 1 && lin.is_q4() && {
-            let xf = self.to_f32(x, lin.inp)?;
+            let xf = self.to_f32(x_in, lin.inp)?;
             lin.gemv_q4(&self.gpu, xf.ptr, y.ptr)?
         };
         if !gemv {
             let w = lin.bf16_weight(&self.gpu, &self.scratch)?;
             self.gpu
-                .gemm(&Gemm::nt(rows, lin.out, lin.inp, x.ptr, w, y.ptr))?;
+                .gemm(&Gemm::nt(rows, lin.out, lin.inp, x_in.ptr, w, y.ptr))?;
         }
-        let act = match &self.lora[l * PER_BLOCK + slot] {
-            Some(lo) if self.adapters_on.get() => Some(self.lora_fwd(l, slot, lo, x, y, rows)?),
+        let mut act = match &self.lora[l * PER_BLOCK + slot] {
+            Some(lo) if on => Some(self.lora_fwd(l, slot, lo, x, y, rows)?),
             _ => None,
         };
         if let Some(b) = &lin.bias {
@@ -929,6 +997,27 @@ impl GpuEngine {
                     Arg::I(lin.out as i32),
                 ],
             )?;
+        }
+        // IA3 on the output: (x·Wᵀ + b) ⊙ l, the bias included (PEFT's order).
+        if let Some(v) = vec.filter(|v| v.kind == VecKind::Ia3Output) {
+            let pre = self.gpu.uninit_f32(rows * lin.out)?;
+            self.gpu.copy(&pre, y, rows * lin.out * F4)?;
+            self.gpu.launch_n(
+                "dora_scale",
+                rows * lin.out,
+                &[
+                    Arg::P(y.ptr),
+                    Arg::P(v.value),
+                    Arg::P(0),
+                    Arg::L(rows as i64),
+                    Arg::I(lin.out as i32),
+                ],
+            )?;
+            act = Some(LinAct {
+                xa: None,
+                pre: Some(pre),
+                norm: None,
+            });
         }
         Ok(act)
     }
@@ -964,8 +1053,13 @@ impl GpuEngine {
         )?;
         self.gpu
             .gemm(&Gemm::nt(rows, lin.out, r, xa.ptr, lo.b, y.ptr).accumulate())?;
-        let Some((mag, _, _)) = lo.mag else {
-            return Ok(LinAct { xa, dora: None });
+        let magnitude = self.vecs[l * PER_BLOCK + slot].filter(|v| v.kind == VecKind::Magnitude);
+        let Some(mag) = magnitude.map(|v| v.value) else {
+            return Ok(LinAct {
+                xa: Some(xa),
+                pre: None,
+                norm: None,
+            });
         };
         let (out, inp) = (lin.out, lin.inp);
         // ‖W + s·B·A‖ per output row, from B·A in f32 and the bf16 weight.
@@ -1000,8 +1094,9 @@ impl GpuEngine {
             ],
         )?;
         Ok(LinAct {
-            xa,
-            dora: Some((z, norm)),
+            xa: Some(xa),
+            pre: Some(z),
+            norm: Some(norm),
         })
     }
 
@@ -1022,25 +1117,46 @@ impl GpuEngine {
         let lin = &self.model.blocks[l].lin[slot];
         let (out, inp) = (lin.out, lin.inp);
         let lora = self.lora[l * PER_BLOCK + slot].as_ref();
-        // DoRA: the magnitude's gradient, and the rescaled dy that the base product and the
-        // LoRA branch see.
+        let vec = self.vecs[l * PER_BLOCK + slot];
+        // IA3 on the input: dl = Σ_rows (dy·W) ⊙ x, dx = (dy·W) ⊙ l; nothing else trains.
+        if let Some(v) = vec.filter(|v| v.kind == VecKind::Ia3Input) {
+            let w = lin.bf16_weight(&self.gpu, &self.scratch)?;
+            let dxs = self.gpu.uninit_f32(rows * inp)?;
+            self.gpu
+                .gemm(&Gemm::nn(rows, inp, out, dy.ptr, w, dxs.ptr))?;
+            return self.gpu.launch(
+                "ia3_input_bwd",
+                inp.div_ceil(128) as u32,
+                128,
+                &[
+                    Arg::P(dxs.ptr),
+                    Arg::P(x.ptr),
+                    Arg::P(v.value),
+                    Arg::P(v.grad),
+                    Arg::P(dx.map_or(0, |d| d.ptr)),
+                    Arg::L(rows as i64),
+                    Arg::I(inp as i32),
+                    Arg::I(acc as i32),
+                ],
+            );
+        }
+        // DoRA, and IA3 on the output: the vector's gradient, and the rescaled dy that the
+        // base product (and the LoRA branch) see.
         let scaled;
-        let dy = match (
-            lora.and_then(|lo| lo.mag),
-            act.and_then(|a| a.dora.as_ref()),
-        ) {
-            (Some((mag, gmag, _)), Some((z, norm))) => {
+        let dy = match (vec, act.and_then(|a| a.pre.as_ref())) {
+            (Some(v), Some(pre)) => {
                 scaled = self.gpu.uninit_bf16(rows * out)?;
+                let norm = act.and_then(|a| a.norm.as_ref()).map_or(0, |n| n.ptr);
                 self.gpu.launch(
                     "dora_bwd",
                     out.div_ceil(128) as u32,
                     128,
                     &[
                         Arg::P(dy.ptr),
-                        Arg::P(z.ptr),
-                        Arg::P(mag),
-                        Arg::P(norm.ptr),
-                        Arg::P(gmag),
+                        Arg::P(pre.ptr),
+                        Arg::P(v.value),
+                        Arg::P(norm),
+                        Arg::P(v.grad),
                         Arg::P(scaled.ptr),
                         Arg::L(rows as i64),
                         Arg::I(out as i32),
@@ -1058,7 +1174,9 @@ impl GpuEngine {
         let Some(lo) = lora else {
             return Ok(());
         };
-        let xa = &act.expect("LoRA activation saved").xa;
+        let xa = act
+            .and_then(|a| a.xa.as_ref())
+            .expect("LoRA activation saved");
         let r = lo.rank;
         // dB += dyᵀ·(s·x·Aᵀ)
         self.gpu
@@ -1703,9 +1821,6 @@ impl GpuEngine {
 
 /// What in `state` the GPU step does not compute yet.
 fn unsupported_state(state: &TrainState) -> Option<&'static str> {
-    if state.ia3.iter().any(Option::is_some) {
-        return Some("IA3");
-    }
     if state.prefix.is_some() {
         return Some("prefix tuning");
     }
@@ -1722,13 +1837,13 @@ fn unsupported_state(state: &TrainState) -> Option<&'static str> {
     if state.params.iter().any(|(s, _)| {
         !matches!(
             s,
-            Slot::LoraA(_) | Slot::LoraB(_) | Slot::LoraMagnitude(_) | Slot::Score
+            Slot::LoraA(_) | Slot::LoraB(_) | Slot::LoraMagnitude(_) | Slot::Ia3(_) | Slot::Score
         )
     }) {
         return Some("training base weights (full, freeze, LoRA bias, modules_to_save)");
     }
-    if !state.lora.iter().any(Option::is_some) {
-        return Some("a run without LoRA adapters");
+    if !state.lora.iter().any(Option::is_some) && !state.ia3.iter().any(Option::is_some) {
+        return Some("a run without LoRA or IA3 adapters");
     }
     None
 }

@@ -968,27 +968,53 @@ extern "C" __global__ void dora_norm(const bf16* W, const float* ba, float s, fl
     if (threadIdx.x == 0) norm[o] = sqrtf(acc);
 }
 
-// y[r, o] *= m[o] / norm[o]: the magnitude rescales the whole (base + LoRA) output.
+// y[r, o] *= m[o] / norm[o]: the magnitude rescales the whole (base + LoRA) output. Without
+// norm (null), y[r, o] *= m[o]: IA3's output scaling.
 extern "C" __global__ void dora_scale(float* y, const float* m, const float* norm, long rows, int out) {
     long n = rows * out;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         int o = i % out;
-        y[i] *= m[o] / norm[o];
+        y[i] *= norm ? m[o] / norm[o] : m[o];
     }
 }
 
 // Backward of dora_scale given dy (bf16) and z, the output before it (f32): dm[o] +=
 // Σ_r dy[r, o]·z[r, o] / norm[o], and dys = dy·m/norm (bf16), the gradient the base product
 // and the LoRA branch see. One thread per output column (no atomics; reads coalesce).
+// Without norm (null): IA3's output scaling (dl[o] += Σ_r dy·z, dys = dy·l).
 extern "C" __global__ void dora_bwd(const bf16* dy, const float* z, const float* m, const float* norm, float* dm,
                                     bf16* dys, long rows, int out) {
     for (int o = blockIdx.x * blockDim.x + threadIdx.x; o < out; o += gridDim.x * blockDim.x) {
-        float f = m[o] / norm[o], acc = 0.f;
+        float n = norm ? norm[o] : 1.f;
+        float f = m[o] / n, acc = 0.f;
         for (long r = 0; r < rows; r++) {
             float g = bf2f(dy[r * out + o]);
             acc += g * z[r * out + o];
             dys[r * out + o] = f2bf(g * f);
         }
-        dm[o] += acc / norm[o];
+        dm[o] += acc / n;
+    }
+}
+
+// ---- IA3 on a layer's input (feed-forward modules) --------------------------------------------
+// xs = x ⊙ l per column (bf16 [rows, cols]).
+extern "C" __global__ void ia3_scale_input(const bf16* x, const float* l, bf16* xs, long rows, int cols) {
+    long n = rows * cols;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        xs[i] = f2bf(bf2f(x[i]) * l[i % cols]);
+}
+
+// Given dxs = dy·W (the gradient of x ⊙ l, f32): dl[c] += Σ_r dxs·x, and dx = dxs ⊙ l, written
+// (acc = 0) or added (acc = 1). One thread per column.
+extern "C" __global__ void ia3_input_bwd(const float* dxs, const bf16* x, const float* l, float* dl, float* dx, long rows,
+                                         int cols, int acc) {
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+        float s = 0.f;
+        for (long r = 0; r < rows; r++) {
+            float g = dxs[r * cols + c];
+            s += g * bf2f(x[r * cols + c]);
+            if (dx) dx[r * cols + c] = (acc ? dx[r * cols + c] : 0.f) + g * l[c];
+        }
+        dl[c] += s;
     }
 }

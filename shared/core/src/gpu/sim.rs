@@ -404,14 +404,21 @@ mod tests {
         let mut gpu = sim();
         for name in ["llama_gqa", "llama_untied", "llama3_rope", "qwen2"] {
             let cases = [
-                (false, false, false),
-                (true, false, false),
-                (false, true, false),
-                (false, false, true),
-                (true, false, true),
+                (false, false, false, false),
+                (true, false, false, false),
+                (false, true, false, false),
+                (false, false, true, false),
+                (true, false, true, false),
+                (false, false, false, true),
+                (true, false, false, true),
             ];
-            for (q4, flash, dora) in cases {
-                let case = check::EngineCase { q4, flash, dora };
+            for (q4, flash, dora, ia3) in cases {
+                let case = check::EngineCase {
+                    q4,
+                    flash,
+                    dora,
+                    ia3,
+                };
                 let (v, failed, g) = check::engine_vs_cpu(gpu, &root.join(name), case).unwrap();
                 gpu = g;
                 assert_eq!(failed, 0, "{name} {case:?}: {v:#}");
