@@ -59,9 +59,14 @@ fn pairs_file(dir: &Path) -> PathBuf {
 
 /// Trains (with a held-out fifth of the data evaluated before and after) and returns the
 /// per-step and evaluation losses from the log, and the adapter's tensors.
+/// `extra` may override a default (`--model NAME` names a fixture model).
 fn train(out: &Path, device: &str, task: Task, extra: &[&str]) -> Run {
     let r = root();
-    let model = r.join("tests/fixtures/models/llama_gqa");
+    let name = extra
+        .iter()
+        .position(|&a| a == "--model")
+        .map_or("llama_gqa", |i| extra[i + 1]);
+    let model = r.join("tests/fixtures/models").join(name);
     let data = match task {
         Task::NextToken => r.join("tests/fixtures/data/alpaca.json"),
         Task::Reward | Task::Dpo => pairs_file(out.parent().unwrap()),
@@ -96,7 +101,16 @@ fn train(out: &Path, device: &str, task: Task, extra: &[&str]) -> Run {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    argv.extend(extra.iter().map(|s| s.to_string()));
+    // The options in `extra` replace the defaults above (flag and value).
+    for pair in extra.chunks(2) {
+        if let Some(i) = argv.iter().position(|a| a == pair[0]) {
+            if pair[0] == "--model" {
+                continue; // resolved above
+            }
+            argv.drain(i..i + 2);
+        }
+        argv.extend(pair.iter().map(|s| s.to_string()));
+    }
     let cli = Cli::parse_from(argv);
     let opts = to_options(&cli.train).unwrap();
     let pref = |task| PrefOptions {
@@ -132,7 +146,34 @@ fn train(out: &Path, device: &str, task: Task, extra: &[&str]) -> Run {
             .filter_map(|v| v.get(k).and_then(|x| x.as_f64()))
             .collect()
     };
-    let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    // An adapter, or (full and partial fine-tuning) the whole model.
+    let file = ["adapter_model.safetensors", "model.safetensors"]
+        .map(|f| out.join(f))
+        .into_iter()
+        .find(|p| p.exists())
+        .expect("an output file");
+    let mut tensors = read_tensors(&file);
+    // The base weights' change: full and partial fine-tuning compare what training did.
+    if file.ends_with("model.safetensors") {
+        let base: std::collections::HashMap<String, Vec<f32>> =
+            read_tensors(&model.join("model.safetensors"))
+                .into_iter()
+                .collect();
+        for (name, v) in &mut tensors {
+            let b = &base[name];
+            v.iter_mut().zip(b).for_each(|(x, b)| *x -= b);
+        }
+    }
+    Run {
+        losses: field("loss"),
+        eval_losses: field("eval_loss"),
+        adapter: tensors,
+    }
+}
+
+/// The f32 tensors of a safetensors file, sorted by name.
+fn read_tensors(file: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut tensors: Vec<(String, Vec<f32>)> = st
         .tensors()
@@ -147,11 +188,7 @@ fn train(out: &Path, device: &str, task: Task, extra: &[&str]) -> Run {
         })
         .collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    Run {
-        losses: field("loss"),
-        eval_losses: field("eval_loss"),
-        adapter: tensors,
-    }
+    tensors
 }
 
 fn compare(task: Task, extra: &[&str]) {
@@ -189,9 +226,14 @@ fn compare(task: Task, extra: &[&str]) {
         // Adam steps, and Adam's first steps are about ±lr per element whatever the gradient's
         // size: where bf16 rounding flips a tiny gradient's sign the element differs by 2·lr.
         // That is 3-17% here; a wrong or missing gradient differs by 100% or more.
+        // (For a whole model: the change of each tensor; an untrained one stays at zero.)
         let num: f64 = c.iter().zip(g).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
         let den: f64 = c.iter().map(|a| (*a as f64).powi(2)).sum();
-        let rel = (num / den.max(1e-30)).sqrt();
+        if den == 0.0 {
+            assert!(num == 0.0, "{name}: changed on the simulator only");
+            continue;
+        }
+        let rel = (num / den).sqrt();
         assert!(rel < 0.3, "{name}: relative difference {rel}");
     }
 }
@@ -335,4 +377,44 @@ fn dora_on_the_simulated_gpu_trains_like_the_cpu() {
 #[test]
 fn ia3_on_the_simulated_gpu_trains_like_the_cpu() {
     compare(Task::NextToken, &["--method", "ia3"]);
+}
+
+/// peft-train --method full --device cuda-sim: every base tensor trains on the GPU, and the
+/// new values go back to the device after each optimizer step.
+#[test]
+fn full_fine_tuning_on_the_simulated_gpu_trains_like_the_cpu() {
+    compare(Task::NextToken, &["--method", "full", "--lr", "1e-3"]);
+}
+
+/// --method freeze: the top block, the norms and the embedding (tied to the head) train.
+#[test]
+fn freeze_on_the_simulated_gpu_trains_like_the_cpu() {
+    compare(
+        Task::NextToken,
+        &[
+            "--method",
+            "freeze",
+            "--trainable",
+            "last:1,norms,embed",
+            "--lr",
+            "1e-3",
+        ],
+    );
+}
+
+/// LoRA with trainable biases of the adapted layers (Qwen2's q, k, v have biases) and the
+/// embedding in modules_to_save.
+#[test]
+fn lora_with_biases_and_modules_to_save_on_the_simulated_gpu_trains_like_the_cpu() {
+    compare(
+        Task::NextToken,
+        &[
+            "--model",
+            "qwen2",
+            "--bias",
+            "lora_only",
+            "--modules-to-save",
+            "embed_tokens",
+        ],
+    );
 }

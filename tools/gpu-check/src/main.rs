@@ -99,18 +99,20 @@ fn run(a: &Args, dev: DeviceSpec) -> peftkit_core::Result<()> {
     if !a.engine.is_empty() {
         let mut rows = Vec::new();
         // LoRA and QLoRA, LoRA again with flash attention, and DoRA.
-        let case = |q4, flash, dora, ia3| check::EngineCase {
+        let case = |q4, flash, dora, ia3, full| check::EngineCase {
             q4,
             flash,
             dora,
             ia3,
+            full,
         };
         let cases = [
-            case(false, false, false, false),
-            case(true, false, false, false),
-            case(false, true, false, false),
-            case(false, false, true, false),
-            case(false, false, false, true),
+            case(false, false, false, false, false),
+            case(true, false, false, false, false),
+            case(false, true, false, false, false),
+            case(false, false, true, false, false),
+            case(false, false, false, true, false),
+            case(false, false, false, false, true),
         ];
         for (dir, c) in a.engine.iter().flat_map(|d| cases.map(|c| (d, c))) {
             cli::info(format!("{}:", dir.display()));

@@ -858,6 +858,8 @@ pub struct EngineCase {
     pub flash: bool,
     pub dora: bool,
     pub ia3: bool,
+    /// Full fine-tuning (every base tensor) instead of adapters.
+    pub full: bool,
 }
 
 /// IA3 with PEFT's default targets, its vectors moved off 1 so that they change the outputs.
@@ -878,6 +880,7 @@ pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, case: EngineCase) -> Result<(Va
         flash,
         dora,
         ia3,
+        full,
     } = case;
     let quant = q4.then_some(QuantizeOnLoad {
         quant_type: QuantType::Nf4,
@@ -885,7 +888,14 @@ pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, case: EngineCase) -> Result<(Va
         double_quant: true,
     });
     let model = Model::load_with(model_dir, quant)?;
-    let (mut cpu_state, mut gpu_state) = if ia3 {
+    let full_state = || {
+        let mut st = TrainState::new(model.linears().len());
+        crate::train::full::register(&model, &mut st, |_| true, false);
+        st
+    };
+    let (mut cpu_state, mut gpu_state) = if full {
+        (full_state(), full_state())
+    } else if ia3 {
         (ia3_state(&model, 1)?, ia3_state(&model, 1)?)
     } else {
         (
@@ -957,9 +967,10 @@ pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, case: EngineCase) -> Result<(Va
     per.truncate(4);
     let name = format!(
         "{}{} step{} vs CPU",
-        match (q4, ia3) {
-            (_, true) => "IA3",
-            (true, _) => "QLoRA",
+        match (q4, ia3, full) {
+            (_, _, true) => "full",
+            (_, true, _) => "IA3",
+            (true, _, _) => "QLoRA",
             _ => "LoRA",
         },
         if dora { " (DoRA)" } else { "" },

@@ -58,6 +58,9 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "dora_bwd",
     "ia3_scale_input",
     "ia3_input_bwd",
+    "rmsnorm_dw",
+    "col_sum_bf16",
+    "embed_grad",
 ];
 
 /// Device errors are run-time failures of the machine, reported as such.

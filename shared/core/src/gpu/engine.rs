@@ -160,6 +160,10 @@ pub struct GpuEngine {
     adapter_len: usize,
     /// Per linear: its DoRA magnitude or IA3 vector.
     vecs: Vec<Option<GpuVec>>,
+    /// Full and partial fine-tuning (and LoRA's biases and modules_to_save): an f32 gradient
+    /// on the device for each trainable base tensor; their values are the model's, uploaded
+    /// again after each optimizer step ([`Self::refresh_base`]).
+    base_grads: std::collections::HashMap<Slot, DBuf>,
     /// All those vectors (f32) and their gradients, one after another.
     vec_values: DBuf,
     vec_grads: DBuf,
@@ -333,7 +337,7 @@ impl GpuEngine {
     pub fn new(gpu: Gpu, model: &Model, state: &TrainState) -> Result<Self> {
         if let Some(what) = unsupported_state(state) {
             return Err(Error::usage(format!(
-                "--device cuda trains LoRA, DoRA, IA3 and QLoRA adapters (no bias) for now; {what} needs --device cpu"
+                "--device cuda trains LoRA, DoRA, IA3 and QLoRA adapters and full or partial fine-tuning of Llama-family models for now; {what} needs --device cpu"
             )));
         }
         Self::upload(gpu, model, state)
@@ -370,6 +374,7 @@ impl GpuEngine {
             adapter_values: gpu.alloc_bf16(1)?,
             adapter_grads: gpu.alloc_f32(1)?,
             vecs: Vec::new(),
+            base_grads: std::collections::HashMap::new(),
             vec_values: gpu.alloc_f32(1)?,
             vec_grads: gpu.alloc_f32(1)?,
             vec_len: 0,
@@ -386,7 +391,80 @@ impl GpuEngine {
             phases: Phases::new(),
         };
         engine.set_adapters(state)?;
+        engine.set_base_trainables(model, state)?;
         Ok(engine)
+    }
+
+    /// Gradient buffers for the trainable base tensors of `state`, and the lowest block the
+    /// backward pass must reach for them.
+    fn set_base_trainables(&mut self, model: &Model, state: &TrainState) -> Result<()> {
+        let nb = self.model.blocks.len();
+        for (slot, _) in state.params.iter() {
+            let block = match *slot {
+                Slot::LinearWeight(i) | Slot::LinearBias(i) => Some(i / PER_BLOCK),
+                Slot::NormWeight(i) if i < 2 * nb => Some(i / 2),
+                Slot::Embedding => Some(0),
+                Slot::NormWeight(_) | Slot::Head => None,
+                _ => continue,
+            };
+            if let Some(b) = block {
+                self.stop_layer = self.stop_layer.min(b);
+            }
+            let n = crate::train::params::base_tensor(model, *slot).len();
+            self.base_grads.insert(*slot, self.gpu.alloc_f32(n)?);
+        }
+        Ok(())
+    }
+
+    /// Uploads the current values of the trainable base tensors (after an optimizer step
+    /// changed them on the host): linear weights and the embedding as bf16, the rest f32.
+    pub fn refresh_base(&mut self, model: &Model) -> Result<()> {
+        let nb = self.model.blocks.len();
+        let slots: Vec<Slot> = self.base_grads.keys().copied().collect();
+        for slot in slots {
+            let v = crate::train::params::base_tensor(model, slot);
+            let bf = |v: &[f32]| -> Vec<u16> {
+                v.iter()
+                    .map(|&x| half::bf16::from_f32(x).to_bits())
+                    .collect()
+            };
+            let m = &mut self.model;
+            match slot {
+                Slot::LinearWeight(i) => {
+                    let lin = &mut m.blocks[i / PER_BLOCK].lin[i % PER_BLOCK];
+                    match &mut lin.w {
+                        super::weights::GpuWeight::Bf16(b) => self.gpu.write(b, &bf(v))?,
+                        super::weights::GpuWeight::Q4 { .. } => {
+                            return Err(Error::usage(
+                                "internal: a 4-bit weight cannot train (refused before)",
+                            ))
+                        }
+                    }
+                }
+                Slot::LinearBias(i) => {
+                    let lin = &mut m.blocks[i / PER_BLOCK].lin[i % PER_BLOCK];
+                    let b = lin.bias.as_mut().expect("a trainable bias exists");
+                    self.gpu.write(b, v)?;
+                }
+                Slot::NormWeight(i) if i == 2 * nb => self.gpu.write(&mut m.final_norm, v)?,
+                Slot::NormWeight(i) if i % 2 == 0 => {
+                    self.gpu.write(&mut m.blocks[i / 2].attn_norm, v)?
+                }
+                Slot::NormWeight(i) => self.gpu.write(&mut m.blocks[i / 2].mlp_norm, v)?,
+                Slot::Embedding => self.gpu.write(&mut m.embed, &bf(v))?,
+                Slot::Head => {
+                    let head = m.lm_head.as_mut().expect("an untied head");
+                    match &mut head.w {
+                        super::weights::GpuWeight::Bf16(b) => self.gpu.write(b, &bf(v))?,
+                        super::weights::GpuWeight::Q4 { .. } => {
+                            return Err(Error::usage("internal: a 4-bit head cannot train"))
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Lays out the LoRA adapters of `state` on the device (their values arrive with each
@@ -650,6 +728,7 @@ impl GpuEngine {
         drop(nf);
         let (d, rows) = (self.model.hidden, lay.rows);
         let nb = self.model.blocks.len();
+        self.norm_weight_grad(2 * nb, &x, &rstd, &dnf, rows)?;
         if self.stop_layer < nb {
             let mut dh = self.gpu.alloc_f32(rows * d)?;
             self.rmsnorm_bwd(&x, &self.model.final_norm, &rstd, &dnf, &dh, rows)?;
@@ -659,10 +738,53 @@ impl GpuEngine {
                 dh = self.block_backward(l, &xl, dh, &lay)?;
                 hs.truncate(l);
             }
-            self.collect_grads(state)?;
-            self.phases.mark(&self.gpu, "gradients to host");
+            // The embedding's gradient: dh is now the gradient of the first block's input.
+            if let Some(g) = self.base_grads.get(&Slot::Embedding) {
+                self.gpu.launch_n(
+                    "embed_grad",
+                    rows * d,
+                    &[
+                        Arg::P(lay.ids.ptr),
+                        Arg::P(dh.ptr),
+                        Arg::P(g.ptr),
+                        Arg::L(rows as i64),
+                        Arg::I(d as i32),
+                    ],
+                )?;
+            }
         }
+        self.collect_grads(state)?;
+        self.phases.mark(&self.gpu, "gradients to host");
         Ok(())
+    }
+
+    /// The gradient of RMSNorm `i`'s weight (`norm_ref` order: 2l attention, 2l+1 MLP, 2·blocks
+    /// the final norm), when it trains: `x` its input, `dy` the gradient of its output (f32).
+    fn norm_weight_grad(
+        &self,
+        i: usize,
+        x: &DBuf,
+        rstd: &DBuf,
+        dy: &DBuf,
+        rows: usize,
+    ) -> Result<()> {
+        let Some(g) = self.base_grads.get(&Slot::NormWeight(i)) else {
+            return Ok(());
+        };
+        let d = self.model.hidden;
+        self.gpu.launch(
+            "rmsnorm_dw",
+            d.div_ceil(128) as u32,
+            128,
+            &[
+                Arg::P(x.ptr),
+                Arg::P(rstd.ptr),
+                Arg::P(dy.ptr),
+                Arg::P(g.ptr),
+                Arg::L(rows as i64),
+                Arg::I(d as i32),
+            ],
+        )
     }
 
     /// Switches the LoRA adapters off (a reference model: DPO's reference log-probabilities
@@ -719,6 +841,12 @@ impl GpuEngine {
         self.gpu.write(&mut self.adapter_values, &host)?;
         let n = self.adapter_grads.bytes;
         self.gpu.zero(&mut self.adapter_grads, n)?;
+        let slots: Vec<Slot> = self.base_grads.keys().copied().collect();
+        for slot in slots {
+            let g = self.base_grads.get_mut(&slot).expect("listed");
+            let n = g.bytes;
+            self.gpu.zero(g, n)?;
+        }
         if self.vec_len > 0 {
             let mut host = vec![0f32; self.vec_len];
             for (i, g) in self.vecs.iter().enumerate() {
@@ -749,6 +877,12 @@ impl GpuEngine {
                 if let Some(dst) = state.grad_mut(slot) {
                     dst.iter_mut().zip(v).for_each(|(d, s)| *d += s);
                 }
+            }
+        }
+        for (slot, g) in &self.base_grads {
+            if let Some(dst) = state.grad_mut(*slot) {
+                let v = self.gpu.download_f32(g, dst.len())?;
+                dst.iter_mut().zip(v).for_each(|(d, s)| *d += s);
             }
         }
         if self.vec_len > 0 {
@@ -1166,6 +1300,25 @@ impl GpuEngine {
             }
             _ => dy,
         };
+        let idx = l * PER_BLOCK + slot;
+        if let Some(g) = self.base_grads.get(&Slot::LinearWeight(idx)) {
+            // dW += dyᵀ·x
+            self.gpu
+                .gemm(&Gemm::tn(out, inp, rows, dy.ptr, x.ptr, g.ptr).accumulate())?;
+        }
+        if let Some(g) = self.base_grads.get(&Slot::LinearBias(idx)) {
+            self.gpu.launch(
+                "col_sum_bf16",
+                out.div_ceil(128) as u32,
+                128,
+                &[
+                    Arg::P(dy.ptr),
+                    Arg::P(g.ptr),
+                    Arg::L(rows as i64),
+                    Arg::I(out as i32),
+                ],
+            )?;
+        }
         if let Some(dx) = dx {
             let w = lin.bf16_weight(&self.gpu, &self.scratch)?;
             let g = Gemm::nn(rows, inp, out, dy.ptr, w, dx.ptr);
@@ -1608,7 +1761,9 @@ impl GpuEngine {
         let blk = &m.blocks[l];
         let (d, rows) = (m.hidden, lay.rows);
         let (qd, kvd, ff) = (m.heads * m.head_dim, m.kv_heads * m.head_dim, m.inter);
-        let need_dx = l > self.stop_layer;
+        // The gradient of the block's input: for the blocks below, or the embedding.
+        let need_dx = l > self.stop_layer || self.base_grads.contains_key(&Slot::Embedding);
+        let attn_norm_trains = self.base_grads.contains_key(&Slot::NormWeight(2 * l));
         let (_, s) = self.block_forward(l, x, lay, true)?;
         let s = s.expect("saved activations");
         self.phases.mark(gpu, "backward: recompute");
@@ -1656,6 +1811,7 @@ impl GpuEngine {
         drop((dg, du));
         // dh now becomes the gradient at h2 (residual plus the norm's path).
         self.rmsnorm_bwd(&s.h2, &blk.mlp_norm, &s.rstd2, &dn2, &dh, rows)?;
+        self.norm_weight_grad(2 * l + 1, &s.h2, &s.rstd2, &dn2, rows)?;
         drop(dn2);
         self.phases.mark(gpu, "backward: MLP");
         // attention backward
@@ -1694,7 +1850,7 @@ impl GpuEngine {
         let dk_bf = self.cast_bf16(&dk, rows * kvd)?;
         let dv_bf = self.cast_bf16(&dv, rows * kvd)?;
         drop((dq, dk, dv));
-        let dn1 = if need_dx {
+        let dn1 = if need_dx || attn_norm_trains {
             Some(gpu.uninit_f32(rows * d)?)
         } else {
             None
@@ -1730,7 +1886,10 @@ impl GpuEngine {
             rows,
         )?;
         if let Some(dn1) = dn1 {
-            self.rmsnorm_bwd(x, &blk.attn_norm, &s.rstd1, &dn1, &dh, rows)?;
+            if need_dx {
+                self.rmsnorm_bwd(x, &blk.attn_norm, &s.rstd1, &dn1, &dh, rows)?;
+            }
+            self.norm_weight_grad(2 * l, x, &s.rstd1, &dn1, rows)?;
         }
         self.phases.mark(gpu, "backward: q/k/v");
         Ok(dh)
@@ -1801,6 +1960,14 @@ impl GpuEngine {
                 ],
             )?;
             if let Some(dnf) = dnf {
+                // A trainable head (untied), or the embedding it is tied to: dW += gradᵀ·h.
+                let head_grad = match &self.model.lm_head {
+                    Some(_) => self.base_grads.get(&Slot::Head),
+                    None => self.base_grads.get(&Slot::Embedding),
+                };
+                if let Some(g) = head_grad {
+                    gpu.gemm(&Gemm::tn(vocab, d, c, grad.ptr, hb.ptr, g.ptr).accumulate())?;
+                }
                 gpu.gemm(&Gemm::nn(c, d, vocab, grad.ptr, head, dhc.ptr))?;
                 gpu.launch_n(
                     "scatter_rows_f32",
@@ -1837,13 +2004,22 @@ fn unsupported_state(state: &TrainState) -> Option<&'static str> {
     if state.params.iter().any(|(s, _)| {
         !matches!(
             s,
-            Slot::LoraA(_) | Slot::LoraB(_) | Slot::LoraMagnitude(_) | Slot::Ia3(_) | Slot::Score
+            Slot::LoraA(_)
+                | Slot::LoraB(_)
+                | Slot::LoraMagnitude(_)
+                | Slot::Ia3(_)
+                | Slot::Score
+                | Slot::LinearWeight(_)
+                | Slot::LinearBias(_)
+                | Slot::NormWeight(_)
+                | Slot::Embedding
+                | Slot::Head
         )
     }) {
-        return Some("training base weights (full, freeze, LoRA bias, modules_to_save)");
+        return Some("this set of trainable tensors");
     }
-    if !state.lora.iter().any(Option::is_some) && !state.ia3.iter().any(Option::is_some) {
-        return Some("a run without LoRA or IA3 adapters");
+    if state.params.is_empty() {
+        return Some("a run with nothing to train");
     }
     None
 }

@@ -1018,3 +1018,33 @@ extern "C" __global__ void ia3_input_bwd(const float* dxs, const bf16* x, const 
         dl[c] += s;
     }
 }
+
+// ---- full and partial fine-tuning: gradients of base tensors --------------------------------
+// dw[c] += Σ_r dy[r, c]·x[r, c]·rstd[r]: the RMSNorm weight's gradient (y = x·rstd·w). One
+// thread per column.
+extern "C" __global__ void rmsnorm_dw(const float* x, const float* rstd, const float* dy, float* dw, long rows, int hidden) {
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < hidden; c += gridDim.x * blockDim.x) {
+        float s = 0.f;
+        for (long r = 0; r < rows; r++) s += dy[r * hidden + c] * x[r * hidden + c] * rstd[r];
+        dw[c] += s;
+    }
+}
+
+// db[c] += Σ_r dy[r, c]: a linear layer's bias (dy in bf16). One thread per column.
+extern "C" __global__ void col_sum_bf16(const bf16* dy, float* db, long rows, int cols) {
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+        float s = 0.f;
+        for (long r = 0; r < rows; r++) s += bf2f(dy[r * cols + c]);
+        db[c] += s;
+    }
+}
+
+// dE[ids[r], :] += dh[r, :]: the embedding's gradient (atomics: a token may repeat).
+extern "C" __global__ void embed_grad(const unsigned* ids, const float* dh, float* dE, long rows, int hidden) {
+    long n = rows * hidden;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        long r = i / hidden;
+        int c = i % hidden;
+        atomicAdd(&dE[(long)ids[r] * hidden + c], dh[i]);
+    }
+}

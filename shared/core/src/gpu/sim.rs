@@ -403,22 +403,24 @@ mod tests {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
         let mut gpu = sim();
         for name in ["llama_gqa", "llama_untied", "llama3_rope", "qwen2"] {
+            let case = |q4, flash, dora, ia3, full| check::EngineCase {
+                q4,
+                flash,
+                dora,
+                ia3,
+                full,
+            };
             let cases = [
-                (false, false, false, false),
-                (true, false, false, false),
-                (false, true, false, false),
-                (false, false, true, false),
-                (true, false, true, false),
-                (false, false, false, true),
-                (true, false, false, true),
+                case(false, false, false, false, false),
+                case(true, false, false, false, false),
+                case(false, true, false, false, false),
+                case(false, false, true, false, false),
+                case(true, false, true, false, false),
+                case(false, false, false, true, false),
+                case(true, false, false, true, false),
+                case(false, false, false, false, true),
             ];
-            for (q4, flash, dora, ia3) in cases {
-                let case = check::EngineCase {
-                    q4,
-                    flash,
-                    dora,
-                    ia3,
-                };
+            for case in cases {
                 let (v, failed, g) = check::engine_vs_cpu(gpu, &root.join(name), case).unwrap();
                 gpu = g;
                 assert_eq!(failed, 0, "{name} {case:?}: {v:#}");

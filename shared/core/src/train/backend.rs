@@ -58,6 +58,19 @@ impl Backend {
 }
 
 impl Backend {
+    /// After an optimizer step: a GPU uploads the base tensors that train (full and partial
+    /// fine-tuning), whose new values the step wrote into `model` on the host.
+    pub fn after_optimizer_step(&mut self, model: &Model) -> Result<()> {
+        match self {
+            Self::Cpu => {
+                let _ = model;
+                Ok(())
+            }
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Self::Cuda(g) => g.refresh_base(model),
+        }
+    }
+
     /// The loss of one evaluation batch, without gradients or dropout: `cpu` must be an
     /// evaluation engine ([`Engine::for_eval`]); the GPU runs its own forward pass.
     pub fn eval(

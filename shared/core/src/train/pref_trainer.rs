@@ -520,6 +520,7 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         let lr = t.optim.lr * t.schedule.factor(prog.step, t.warmup, total_steps);
         prog.step += 1;
         t.optim.step(&mut state, &mut model, lr, prog.step);
+        backend.after_optimizer_step(&model)?;
         if head_trains {
             super::trainer::pack_head(&mut head_pack, &model);
         }

@@ -480,6 +480,7 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
         let lr = opts.optim.lr * opts.schedule.factor(prog.step, opts.warmup, total_steps);
         prog.step += 1;
         opts.optim.step(&mut state, &mut model, lr, prog.step);
+        backend.after_optimizer_step(&model)?;
         head_pack_fresh &= !head_trains;
         drop(_p);
         prog.tokens += step_tokens;
