@@ -418,3 +418,10 @@ fn lora_with_biases_and_modules_to_save_on_the_simulated_gpu_trains_like_the_cpu
         ],
     );
 }
+
+/// peft-train --method prompt --device cuda-sim: virtual tokens in front of every sequence on
+/// the GPU, their gradient from the first block's input gradient.
+#[test]
+fn prompt_tuning_on_the_simulated_gpu_trains_like_the_cpu() {
+    compare(Task::NextToken, &["--method", "prompt", "--num-virtual-tokens", "4"]);
+}

@@ -105,6 +105,7 @@ fn run(a: &Args, dev: DeviceSpec) -> peftkit_core::Result<()> {
             dora,
             ia3,
             full,
+            prompt: false,
         };
         let cases = [
             case(false, false, false, false, false),
@@ -113,6 +114,10 @@ fn run(a: &Args, dev: DeviceSpec) -> peftkit_core::Result<()> {
             case(false, false, true, false, false),
             case(false, false, false, true, false),
             case(false, false, false, false, true),
+            check::EngineCase {
+                prompt: true,
+                ..Default::default()
+            },
         ];
         for (dir, c) in a.engine.iter().flat_map(|d| cases.map(|c| (d, c))) {
             cli::info(format!("{}:", dir.display()));

@@ -860,6 +860,8 @@ pub struct EngineCase {
     pub ia3: bool,
     /// Full fine-tuning (every base tensor) instead of adapters.
     pub full: bool,
+    /// Prompt tuning (5 virtual tokens) instead of adapters.
+    pub prompt: bool,
 }
 
 /// IA3 with PEFT's default targets, its vectors moved off 1 so that they change the outputs.
@@ -881,6 +883,7 @@ pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, case: EngineCase) -> Result<(Va
         dora,
         ia3,
         full,
+        prompt,
     } = case;
     let quant = q4.then_some(QuantizeOnLoad {
         quant_type: QuantType::Nf4,
@@ -893,7 +896,20 @@ pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, case: EngineCase) -> Result<(Va
         crate::train::full::register(&model, &mut st, |_| true, false);
         st
     };
-    let (mut cpu_state, mut gpu_state) = if full {
+    let prompt_state = || {
+        let mut st = TrainState::new(model.linears().len());
+        let h = model.config.hidden;
+        let mut rng = Rng::new(4);
+        let emb = (0..5 * h).map(|_| rng.normal() * 0.5).collect();
+        crate::train::prompt::set_trainable(
+            &mut st,
+            crate::train::prompt::PromptParams { n: 5, emb },
+        );
+        st
+    };
+    let (mut cpu_state, mut gpu_state) = if prompt {
+        (prompt_state(), prompt_state())
+    } else if full {
         (full_state(), full_state())
     } else if ia3 {
         (ia3_state(&model, 1)?, ia3_state(&model, 1)?)
@@ -967,10 +983,11 @@ pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, case: EngineCase) -> Result<(Va
     per.truncate(4);
     let name = format!(
         "{}{} step{} vs CPU",
-        match (q4, ia3, full) {
-            (_, _, true) => "full",
-            (_, true, _) => "IA3",
-            (true, _, _) => "QLoRA",
+        match (q4, ia3, full, prompt) {
+            (_, _, _, true) => "prompt tuning",
+            (_, _, true, _) => "full",
+            (_, true, _, _) => "IA3",
+            (true, _, _, _) => "QLoRA",
             _ => "LoRA",
         },
         if dora { " (DoRA)" } else { "" },

@@ -128,6 +128,8 @@ struct Layout {
     /// Rows that carry a loss and their targets.
     loss_idx: Vec<i32>,
     loss_tgt: Vec<i32>,
+    /// Prompt tuning: the virtual tokens' rows (n per sequence, in front of its tokens).
+    virtual_rows: Vec<i32>,
 }
 
 /// What the backward pass of a block needs (recomputed from the block's input).
@@ -160,6 +162,9 @@ pub struct GpuEngine {
     adapter_len: usize,
     /// Per linear: its DoRA magnitude or IA3 vector.
     vecs: Vec<Option<GpuVec>>,
+    /// Prompt tuning: the virtual tokens in front of every sequence, `[n, hidden]` f32 on the
+    /// device (refreshed from the host each pass).
+    prompt: Option<(usize, DBuf)>,
     /// Full and partial fine-tuning (and LoRA's biases and modules_to_save): an f32 gradient
     /// on the device for each trainable base tensor; their values are the model's, uploaded
     /// again after each optimizer step ([`Self::refresh_base`]).
@@ -374,6 +379,7 @@ impl GpuEngine {
             adapter_values: gpu.alloc_bf16(1)?,
             adapter_grads: gpu.alloc_f32(1)?,
             vecs: Vec::new(),
+            prompt: None,
             base_grads: std::collections::HashMap::new(),
             vec_values: gpu.alloc_f32(1)?,
             vec_grads: gpu.alloc_f32(1)?,
@@ -399,6 +405,11 @@ impl GpuEngine {
     /// backward pass must reach for them.
     fn set_base_trainables(&mut self, model: &Model, state: &TrainState) -> Result<()> {
         let nb = self.model.blocks.len();
+        if let Some(p) = &state.prompt {
+            self.prompt = Some((p.n, self.gpu.upload(&p.emb)?));
+            // Their gradient is the first block's input gradient at their rows.
+            self.stop_layer = 0;
+        }
         for (slot, _) in state.params.iter() {
             let block = match *slot {
                 Slot::LinearWeight(i) | Slot::LinearBias(i) => Some(i / PER_BLOCK),
@@ -628,11 +639,13 @@ impl GpuEngine {
         let f = self.run_forward(state, batch, rng)?;
         let (d, rows) = (self.model.hidden, f.lay.rows);
         let hidden = self.gpu.download_bf16(&f.nf, rows * d)?;
+        // Each sequence's first real row (after its virtual tokens) and its length.
+        let n_prompt = self.prompt.as_ref().map_or(0, |p| p.0);
         let mut seq_rows = Vec::with_capacity(batch.ids.len());
         let mut r = 0;
         for ids in &batch.ids {
-            seq_rows.push((r, ids.len()));
-            r += ids.len();
+            seq_rows.push((r + n_prompt, ids.len()));
+            r += n_prompt + ids.len();
         }
         let mut dh = vec![0f32; rows * d];
         let stats = {
@@ -646,7 +659,7 @@ impl GpuEngine {
                 hidden: &hidden,
                 batch,
                 seq_rows,
-                n_prompt: 0,
+                n_prompt,
                 head_pack: None,
                 backward,
                 rows_ce: Some(&ce),
@@ -737,6 +750,18 @@ impl GpuEngine {
                 let xl = self.to_f32(&hs[l], rows * d)?;
                 dh = self.block_backward(l, &xl, dh, &lay)?;
                 hs.truncate(l);
+            }
+            // Prompt tuning: the virtual rows' input gradients, summed over the sequences.
+            if let (Some((n, _)), Some(g)) = (&self.prompt, state.grad_mut(Slot::PromptEmbedding)) {
+                let all = self.gpu.download_f32(&dh, rows * d)?;
+                for (k, &r) in lay.virtual_rows.iter().enumerate() {
+                    let j = k % n;
+                    let src = &all[r as usize * d..(r as usize + 1) * d];
+                    g[j * d..(j + 1) * d]
+                        .iter_mut()
+                        .zip(src)
+                        .for_each(|(a, b)| *a += b);
+                }
             }
             // The embedding's gradient: dh is now the gradient of the first block's input.
             if let Some(g) = self.base_grads.get(&Slot::Embedding) {
@@ -841,6 +866,9 @@ impl GpuEngine {
         self.gpu.write(&mut self.adapter_values, &host)?;
         let n = self.adapter_grads.bytes;
         self.gpu.zero(&mut self.adapter_grads, n)?;
+        if let (Some((_, buf)), Some(p)) = (&mut self.prompt, &state.prompt) {
+            self.gpu.write(buf, &p.emb)?;
+        }
         let slots: Vec<Slot> = self.base_grads.keys().copied().collect();
         for slot in slots {
             let g = self.base_grads.get_mut(&slot).expect("listed");
@@ -909,11 +937,21 @@ impl GpuEngine {
         let (mut row_seq, mut row_pos, mut seq_len) = (Vec::new(), Vec::new(), Vec::new());
         let (mut loss_idx, mut loss_tgt) = (Vec::new(), Vec::new());
         let mut l = 0;
+        let n_prompt = self.prompt.as_ref().map_or(0, |p| p.0);
+        let mut virtual_rows = Vec::new();
         for (s, (sid, labels)) in batch.ids.iter().zip(&batch.labels).enumerate() {
             if sid.len() != labels.len() {
                 return Err(Error::usage("internal: ids and labels differ in length"));
             }
             let start = ids.len();
+            // Prompt tuning: n virtual tokens first (their rows get the trained vectors after
+            // the embedding lookup of a placeholder id).
+            for p in 0..n_prompt {
+                virtual_rows.push(ids.len() as i32);
+                ids.push(0);
+                row_seq.push(s as i32);
+                row_pos.push(p as i32);
+            }
             for (p, &t) in sid.iter().enumerate() {
                 if t as usize >= vocab {
                     return Err(Error::usage(format!(
@@ -922,10 +960,15 @@ impl GpuEngine {
                 }
                 ids.push(t);
                 row_seq.push(s as i32);
-                row_pos.push(p as i32);
+                row_pos.push((n_prompt + p) as i32);
             }
-            for j in 0..sid.len().saturating_sub(1) {
-                let t = labels[j + 1];
+            // Row j predicts label j + 1 − n: virtual tokens carry no label, the last one
+            // predicts the first real token (PEFT's prompt tuning).
+            for j in 0..(n_prompt + sid.len()).saturating_sub(1) {
+                if j + 1 < n_prompt {
+                    continue;
+                }
+                let t = labels[j + 1 - n_prompt];
                 if t != -100 {
                     if t < 0 || t as usize >= vocab {
                         return Err(Error::usage(format!(
@@ -936,8 +979,8 @@ impl GpuEngine {
                     loss_tgt.push(t);
                 }
             }
-            seq_len.push(sid.len() as i32);
-            l = l.max(sid.len());
+            seq_len.push((n_prompt + sid.len()) as i32);
+            l = l.max(n_prompt + sid.len());
         }
         self.model.ensure_positions(&self.gpu, l)?;
         Ok(Layout {
@@ -950,6 +993,7 @@ impl GpuEngine {
             seq_len: self.gpu.upload(&seq_len)?,
             loss_idx,
             loss_tgt,
+            virtual_rows,
         })
     }
 
@@ -968,6 +1012,23 @@ impl GpuEngine {
                 Arg::I(d as i32),
             ],
         )?;
+        if let Some((n, emb)) = &self.prompt {
+            // The virtual rows: the prompt's vectors, one copy per sequence.
+            let idx = self.gpu.upload(&lay.virtual_rows)?;
+            for s in 0..lay.nseq {
+                self.gpu.launch_n(
+                    "scatter_rows_f32",
+                    n * d,
+                    &[
+                        Arg::P(emb.ptr),
+                        Arg::P(idx.at(s * n, 4)),
+                        Arg::P(h.ptr),
+                        Arg::L(*n as i64),
+                        Arg::I(d as i32),
+                    ],
+                )?;
+            }
+        }
         Ok(h)
     }
 
@@ -1762,7 +1823,9 @@ impl GpuEngine {
         let (d, rows) = (m.hidden, lay.rows);
         let (qd, kvd, ff) = (m.heads * m.head_dim, m.kv_heads * m.head_dim, m.inter);
         // The gradient of the block's input: for the blocks below, or the embedding.
-        let need_dx = l > self.stop_layer || self.base_grads.contains_key(&Slot::Embedding);
+        let need_dx = l > self.stop_layer
+            || self.base_grads.contains_key(&Slot::Embedding)
+            || self.prompt.is_some();
         let attn_norm_trains = self.base_grads.contains_key(&Slot::NormWeight(2 * l));
         let (_, s) = self.block_forward(l, x, lay, true)?;
         let s = s.expect("saved activations");
@@ -1991,8 +2054,8 @@ fn unsupported_state(state: &TrainState) -> Option<&'static str> {
     if state.prefix.is_some() {
         return Some("prefix tuning");
     }
-    if state.prompt.is_some() {
-        return Some("prompt tuning");
+    if state.prompt.is_some() && state.is_trainable(Slot::Embedding) {
+        return Some("prompt tuning with a trainable embedding");
     }
     if state.bottleneck.is_some() {
         return Some("a bottleneck adapter");
@@ -2014,6 +2077,7 @@ fn unsupported_state(state: &TrainState) -> Option<&'static str> {
                 | Slot::NormWeight(_)
                 | Slot::Embedding
                 | Slot::Head
+                | Slot::PromptEmbedding
         )
     }) {
         return Some("this set of trainable tensors");

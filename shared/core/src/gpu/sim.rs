@@ -409,6 +409,7 @@ mod tests {
                 dora,
                 ia3,
                 full,
+                prompt: false,
             };
             let cases = [
                 case(false, false, false, false, false),
@@ -419,6 +420,10 @@ mod tests {
                 case(false, false, false, true, false),
                 case(true, false, false, true, false),
                 case(false, false, false, false, true),
+                check::EngineCase {
+                    prompt: true,
+                    ..Default::default()
+                },
             ];
             for case in cases {
                 let (v, failed, g) = check::engine_vs_cpu(gpu, &root.join(name), case).unwrap();
