@@ -80,6 +80,7 @@ fn run(_: &Args, _: DeviceSpec) -> peftkit_core::Result<()> {
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 fn run(a: &Args, dev: DeviceSpec) -> peftkit_core::Result<()> {
     use peftkit_core::gpu::{check, device::Gpu};
+    use peftkit_core::train::bottleneck::{Activation, Variant};
     use peftkit_core::train::lora::Targets;
     use serde_json::json;
     let mut gpu = Gpu::open(dev)?;
@@ -106,6 +107,7 @@ fn run(a: &Args, dev: DeviceSpec) -> peftkit_core::Result<()> {
             ia3,
             full,
             prompt: false,
+            bottleneck: None,
         };
         let cases = [
             case(false, false, false, false, false),
@@ -116,6 +118,14 @@ fn run(a: &Args, dev: DeviceSpec) -> peftkit_core::Result<()> {
             case(false, false, false, false, true),
             check::EngineCase {
                 prompt: true,
+                ..Default::default()
+            },
+            check::EngineCase {
+                bottleneck: Some((Variant::Houlsby, Activation::Silu)),
+                ..Default::default()
+            },
+            check::EngineCase {
+                bottleneck: Some((Variant::Parallel, Activation::Silu)),
                 ..Default::default()
             },
         ];

@@ -61,6 +61,8 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "rmsnorm_dw",
     "col_sum_bf16",
     "embed_grad",
+    "adapter_act",
+    "adapter_act_bwd",
 ];
 
 /// Device errors are run-time failures of the machine, reported as such.

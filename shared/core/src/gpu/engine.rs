@@ -65,6 +65,26 @@ pub(super) struct LinAct {
     norm: Option<DBuf>,
 }
 
+/// One bottleneck adapter on the device: `down [size, hidden]` and `up [hidden, size]` in bf16
+/// (product inputs), their biases in f32, and f32 gradients of the four (refreshed and
+/// collected each pass).
+struct GpuUnit {
+    size: usize,
+    down_w: DBuf,
+    down_b: DBuf,
+    up_w: DBuf,
+    up_b: DBuf,
+    grads: [DBuf; 4],
+}
+
+/// What a bottleneck adapter's backward pass needs: its input (bf16), the activation's input
+/// (f32) and output (bf16).
+struct AdapterSaved {
+    src: DBuf,
+    z: DBuf,
+    a: DBuf,
+}
+
 /// What the forward pass leaves for the loss and the backward pass.
 struct Forward {
     lay: Layout,
@@ -150,6 +170,8 @@ struct Saved {
     xa: Vec<Option<LinAct>>,
     /// With flash attention: its output (f32, padded) and log-sum-exp, for its backward.
     flash: Option<(DBuf, DBuf)>,
+    /// Bottleneck adapters after attention (0) and after the MLP (1).
+    adapters: [Option<AdapterSaved>; 2],
 }
 
 pub struct GpuEngine {
@@ -165,6 +187,11 @@ pub struct GpuEngine {
     /// Prompt tuning: the virtual tokens in front of every sequence, `[n, hidden]` f32 on the
     /// device (refreshed from the host each pass).
     prompt: Option<(usize, DBuf)>,
+    /// Bottleneck adapters per block and site, their activation (0 relu, 1 silu), and whether
+    /// they read the sub-layer's normalized input (parallel) instead of its output.
+    units: Vec<[Option<GpuUnit>; 2]>,
+    unit_act: i32,
+    units_parallel: bool,
     /// Full and partial fine-tuning (and LoRA's biases and modules_to_save): an f32 gradient
     /// on the device for each trainable base tensor; their values are the model's, uploaded
     /// again after each optimizer step ([`Self::refresh_base`]).
@@ -380,6 +407,9 @@ impl GpuEngine {
             adapter_grads: gpu.alloc_f32(1)?,
             vecs: Vec::new(),
             prompt: None,
+            units: Vec::new(),
+            unit_act: 0,
+            units_parallel: false,
             base_grads: std::collections::HashMap::new(),
             vec_values: gpu.alloc_f32(1)?,
             vec_grads: gpu.alloc_f32(1)?,
@@ -405,6 +435,36 @@ impl GpuEngine {
     /// backward pass must reach for them.
     fn set_base_trainables(&mut self, model: &Model, state: &TrainState) -> Result<()> {
         let nb = self.model.blocks.len();
+        if let Some(bp) = &state.bottleneck {
+            self.unit_act = match bp.activation {
+                crate::train::bottleneck::Activation::Relu => 0,
+                crate::train::bottleneck::Activation::Silu => 1,
+            };
+            self.units_parallel = bp.parallel();
+            self.units.clear();
+            for (b, sites) in bp.units.iter().enumerate() {
+                let mut pair: [Option<GpuUnit>; 2] = [None, None];
+                for (site, u) in sites.iter().enumerate() {
+                    let Some(u) = u else { continue };
+                    self.stop_layer = self.stop_layer.min(b);
+                    let g = &self.gpu;
+                    pair[site] = Some(GpuUnit {
+                        size: u.size,
+                        down_w: g.upload_bf16(&u.down_w)?,
+                        down_b: g.upload(&u.down_b)?,
+                        up_w: g.upload_bf16(&u.up_w)?,
+                        up_b: g.upload(&u.up_b)?,
+                        grads: [
+                            g.alloc_f32(u.down_w.len())?,
+                            g.alloc_f32(u.down_b.len())?,
+                            g.alloc_f32(u.up_w.len())?,
+                            g.alloc_f32(u.up_b.len())?,
+                        ],
+                    });
+                }
+                self.units.push(pair);
+            }
+        }
         if let Some(p) = &state.prompt {
             self.prompt = Some((p.n, self.gpu.upload(&p.emb)?));
             // Their gradient is the first block's input gradient at their rows.
@@ -783,6 +843,131 @@ impl GpuEngine {
         Ok(())
     }
 
+    /// Adds the bottleneck adapter of (block `l`, `site`), if any, to the sub-layer output `h`
+    /// (f32): `h += up(f(down(src)))` with src = `h` itself, or the sub-layer's normalized
+    /// input `n` (bf16) for parallel adapters.
+    fn adapter_fwd(
+        &self,
+        l: usize,
+        site: usize,
+        n: &DBuf,
+        h: &DBuf,
+        rows: usize,
+    ) -> Result<Option<AdapterSaved>> {
+        let Some(u) = self.units.get(l).and_then(|p| p[site].as_ref()) else {
+            return Ok(None);
+        };
+        if !self.adapters_on.get() {
+            return Ok(None);
+        }
+        let (gpu, d, r) = (&self.gpu, self.model.hidden, u.size);
+        let src = if self.units_parallel {
+            let c = gpu.uninit_bf16(rows * d)?;
+            gpu.copy(&c, n, rows * d * BF)?;
+            c
+        } else {
+            self.cast_bf16(h, rows * d)?
+        };
+        let z = gpu.uninit_f32(rows * r)?;
+        gpu.gemm(&Gemm::nt(rows, r, d, src.ptr, u.down_w.ptr, z.ptr))?;
+        let bias = |y: &DBuf, b: &DBuf, cols: usize| {
+            gpu.launch_n(
+                "add_bias",
+                rows * cols,
+                &[
+                    Arg::P(y.ptr),
+                    Arg::P(b.ptr),
+                    Arg::L(rows as i64),
+                    Arg::I(cols as i32),
+                ],
+            )
+        };
+        bias(&z, &u.down_b, r)?;
+        let a = gpu.uninit_bf16(rows * r)?;
+        gpu.launch_n(
+            "adapter_act",
+            rows * r,
+            &[
+                Arg::P(z.ptr),
+                Arg::P(a.ptr),
+                Arg::L((rows * r) as i64),
+                Arg::I(self.unit_act),
+            ],
+        )?;
+        gpu.gemm(&Gemm::nt(rows, d, r, a.ptr, u.up_w.ptr, h.ptr).accumulate())?;
+        bias(h, &u.up_b, d)?;
+        Ok(Some(AdapterSaved { src, z, a }))
+    }
+
+    /// Backward through the adapter of (block `l`, `site`) given `dout`, the gradient of the
+    /// sub-layer output after the adapter's addition (f32): its parameters' gradients, and
+    /// (sequential) the gradient below it, `dout` plus the adapter's input gradient, or
+    /// (parallel) the gradient of the normalized input it read.
+    fn adapter_bwd(
+        &self,
+        l: usize,
+        site: usize,
+        saved: Option<&AdapterSaved>,
+        dout: &DBuf,
+        rows: usize,
+    ) -> Result<(Option<DBuf>, Option<DBuf>)> {
+        let (Some(u), Some(sv)) = (self.units.get(l).and_then(|p| p[site].as_ref()), saved) else {
+            return Ok((None, None));
+        };
+        let (gpu, d, r) = (&self.gpu, self.model.hidden, u.size);
+        let db = self.cast_bf16(dout, rows * d)?;
+        // up: dW += doutᵀ·a, db += Σ dout
+        gpu.gemm(&Gemm::tn(d, r, rows, db.ptr, sv.a.ptr, u.grads[2].ptr).accumulate())?;
+        let colsum = |g: &DBuf, x: &DBuf, cols: usize| {
+            gpu.launch(
+                "col_sum_bf16",
+                cols.div_ceil(128) as u32,
+                128,
+                &[
+                    Arg::P(x.ptr),
+                    Arg::P(g.ptr),
+                    Arg::L(rows as i64),
+                    Arg::I(cols as i32),
+                ],
+            )
+        };
+        colsum(&u.grads[3], &db, d)?;
+        // dz = dout·up ⊙ f'(z)
+        let dz = gpu.uninit_f32(rows * r)?;
+        gpu.gemm(&Gemm::nn(rows, r, d, db.ptr, u.up_w.ptr, dz.ptr))?;
+        let dzb = gpu.uninit_bf16(rows * r)?;
+        gpu.launch_n(
+            "adapter_act_bwd",
+            rows * r,
+            &[
+                Arg::P(dz.ptr),
+                Arg::P(sv.z.ptr),
+                Arg::P(dzb.ptr),
+                Arg::L((rows * r) as i64),
+                Arg::I(self.unit_act),
+            ],
+        )?;
+        // down: dW += dzᵀ·src, db += Σ dz; dsrc = dz·down
+        gpu.gemm(&Gemm::tn(r, d, rows, dzb.ptr, sv.src.ptr, u.grads[0].ptr).accumulate())?;
+        colsum(&u.grads[1], &dzb, r)?;
+        let dsrc = gpu.uninit_f32(rows * d)?;
+        gpu.gemm(&Gemm::nn(rows, d, r, dzb.ptr, u.down_w.ptr, dsrc.ptr))?;
+        if self.units_parallel {
+            return Ok((None, Some(dsrc)));
+        }
+        // h' = h + adapter(h): the gradient of h is dout plus the adapter's input gradient.
+        gpu.launch_n(
+            "add_inplace",
+            rows * d,
+            &[
+                Arg::P(dsrc.ptr),
+                Arg::P(dout.ptr),
+                Arg::L((rows * d) as i64),
+            ],
+        )?;
+        Ok((Some(dsrc), None))
+    }
+
     /// The gradient of RMSNorm `i`'s weight (`norm_ref` order: 2l attention, 2l+1 MLP, 2·blocks
     /// the final norm), when it trains: `x` its input, `dy` the gradient of its output (f32).
     fn norm_weight_grad(
@@ -869,6 +1054,28 @@ impl GpuEngine {
         if let (Some((_, buf)), Some(p)) = (&mut self.prompt, &state.prompt) {
             self.gpu.write(buf, &p.emb)?;
         }
+        if let Some(bp) = &state.bottleneck {
+            let bf = |v: &[f32]| -> Vec<u16> {
+                v.iter()
+                    .map(|&x| half::bf16::from_f32(x).to_bits())
+                    .collect()
+            };
+            for (b, pair) in self.units.iter_mut().enumerate() {
+                for (site, g) in pair.iter_mut().enumerate() {
+                    let (Some(g), Some(u)) = (g, bp.unit(b, site)) else {
+                        continue;
+                    };
+                    self.gpu.write(&mut g.down_w, &bf(&u.down_w))?;
+                    self.gpu.write(&mut g.down_b, &u.down_b)?;
+                    self.gpu.write(&mut g.up_w, &bf(&u.up_w))?;
+                    self.gpu.write(&mut g.up_b, &u.up_b)?;
+                    for gr in &mut g.grads {
+                        let n = gr.bytes;
+                        self.gpu.zero(gr, n)?;
+                    }
+                }
+            }
+        }
         let slots: Vec<Slot> = self.base_grads.keys().copied().collect();
         for slot in slots {
             let g = self.base_grads.get_mut(&slot).expect("listed");
@@ -904,6 +1111,17 @@ impl GpuEngine {
             for (slot, v) in [(Slot::LoraA(i), ga), (Slot::LoraB(i), gb)] {
                 if let Some(dst) = state.grad_mut(slot) {
                     dst.iter_mut().zip(v).for_each(|(d, s)| *d += s);
+                }
+            }
+        }
+        for (b, pair) in self.units.iter().enumerate() {
+            for (site, g) in pair.iter().enumerate() {
+                let Some(g) = g else { continue };
+                for (part, gr) in g.grads.iter().enumerate() {
+                    if let Some(dst) = state.grad_mut(Slot::Bottleneck(b, site, part)) {
+                        let v = self.gpu.download_f32(gr, dst.len())?;
+                        dst.iter_mut().zip(v).for_each(|(d, s)| *d += s);
+                    }
                 }
             }
         }
@@ -1764,6 +1982,7 @@ impl GpuEngine {
         let flash = lse.map(|lse| (op, lse));
         let h2 = gpu.uninit_f32(rows * d)?;
         xa[O] = self.lin_fwd(l, O, &o_in, &h2, rows)?;
+        let ad0 = self.adapter_fwd(l, 0, &n1, &h2, rows)?;
         gpu.launch_n(
             "add_inplace",
             rows * d,
@@ -1790,6 +2009,7 @@ impl GpuEngine {
         )?;
         let out = gpu.uninit_f32(rows * d)?;
         xa[DOWN] = self.lin_fwd(l, DOWN, &a, &out, rows)?;
+        let ad1 = self.adapter_fwd(l, 1, &n2, &out, rows)?;
         gpu.launch_n(
             "add_inplace",
             rows * d,
@@ -1810,6 +2030,7 @@ impl GpuEngine {
             a,
             xa,
             flash,
+            adapters: [ad0, ad1],
         });
         Ok((out, saved))
     }
@@ -1830,8 +2051,9 @@ impl GpuEngine {
         let (_, s) = self.block_forward(l, x, lay, true)?;
         let s = s.expect("saved activations");
         self.phases.mark(gpu, "backward: recompute");
-        // MLP backward
-        let dh_bf = self.cast_bf16(&dh, rows * d)?;
+        // MLP backward (through the adapter on its output first)
+        let (dy_mlp, par_mlp) = self.adapter_bwd(l, 1, s.adapters[1].as_ref(), &dh, rows)?;
+        let dh_bf = self.cast_bf16(dy_mlp.as_ref().unwrap_or(&dh), rows * d)?;
         let da = gpu.uninit_f32(rows * ff)?;
         self.lin_bwd(
             l,
@@ -1872,13 +2094,22 @@ impl GpuEngine {
         )?;
         self.lin_bwd(l, UP, &du, &s.n2, s.xa[UP].as_ref(), Some(&dn2), true, rows)?;
         drop((dg, du));
+        if let Some(p) = par_mlp {
+            // A parallel adapter read the normalized input too.
+            gpu.launch_n(
+                "add_inplace",
+                rows * d,
+                &[Arg::P(dn2.ptr), Arg::P(p.ptr), Arg::L((rows * d) as i64)],
+            )?;
+        }
         // dh now becomes the gradient at h2 (residual plus the norm's path).
         self.rmsnorm_bwd(&s.h2, &blk.mlp_norm, &s.rstd2, &dn2, &dh, rows)?;
         self.norm_weight_grad(2 * l + 1, &s.h2, &s.rstd2, &dn2, rows)?;
         drop(dn2);
         self.phases.mark(gpu, "backward: MLP");
-        // attention backward
-        let dh2_bf = self.cast_bf16(&dh, rows * d)?;
+        // attention backward (through the adapter on its output first)
+        let (dy_attn, par_attn) = self.adapter_bwd(l, 0, s.adapters[0].as_ref(), &dh, rows)?;
+        let dh2_bf = self.cast_bf16(dy_attn.as_ref().unwrap_or(&dh), rows * d)?;
         let d_o = gpu.uninit_f32(rows * qd)?;
         self.lin_bwd(
             l,
@@ -1948,6 +2179,13 @@ impl GpuEngine {
             true,
             rows,
         )?;
+        if let (Some(dn1), Some(p)) = (&dn1, &par_attn) {
+            gpu.launch_n(
+                "add_inplace",
+                rows * d,
+                &[Arg::P(dn1.ptr), Arg::P(p.ptr), Arg::L((rows * d) as i64)],
+            )?;
+        }
         if let Some(dn1) = dn1 {
             if need_dx {
                 self.rmsnorm_bwd(x, &blk.attn_norm, &s.rstd1, &dn1, &dh, rows)?;
@@ -2057,9 +2295,6 @@ fn unsupported_state(state: &TrainState) -> Option<&'static str> {
     if state.prompt.is_some() && state.is_trainable(Slot::Embedding) {
         return Some("prompt tuning with a trainable embedding");
     }
-    if state.bottleneck.is_some() {
-        return Some("a bottleneck adapter");
-    }
     // A reward model's score head is the host objective's (rm-train): it stays on the host.
     if state.value_head.is_some() {
         return Some("a value head");
@@ -2078,6 +2313,7 @@ fn unsupported_state(state: &TrainState) -> Option<&'static str> {
                 | Slot::Embedding
                 | Slot::Head
                 | Slot::PromptEmbedding
+                | Slot::Bottleneck(..)
         )
     }) {
         return Some("this set of trainable tensors");

@@ -1048,3 +1048,26 @@ extern "C" __global__ void embed_grad(const unsigned* ids, const float* dh, floa
         atomicAdd(&dE[(long)ids[r] * hidden + c], dh[i]);
     }
 }
+
+// ---- bottleneck adapters -------------------------------------------------------------------
+// a = f(z) as bf16 (the up projection's input); kind 0 = relu, 1 = silu.
+extern "C" __global__ void adapter_act(const float* z, bf16* a, long n, int kind) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float v = z[i];
+        a[i] = f2bf(kind == 0 ? fmaxf(v, 0.f) : v / (1.f + __expf(-v)));
+    }
+}
+
+// dzb = dz·f'(z) as bf16 (the input of the down projection's gradient products).
+extern "C" __global__ void adapter_act_bwd(const float* dz, const float* z, bf16* dzb, long n, int kind) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float v = z[i], d;
+        if (kind == 0) {
+            d = v > 0.f ? 1.f : 0.f;
+        } else {
+            float s = 1.f / (1.f + __expf(-v));
+            d = s * (1.f + v * (1.f - s));
+        }
+        dzb[i] = f2bf(dz[i] * d);
+    }
+}

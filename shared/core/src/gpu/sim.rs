@@ -400,6 +400,7 @@ mod tests {
     /// tiny models: loss, all gradients, and each tensor's gradient on its own.
     #[test]
     fn gpu_engine_steps_match_the_cpu_engine() {
+        use crate::train::bottleneck::{Activation, Variant};
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
         let mut gpu = sim();
         for name in ["llama_gqa", "llama_untied", "llama3_rope", "qwen2"] {
@@ -410,6 +411,7 @@ mod tests {
                 ia3,
                 full,
                 prompt: false,
+                bottleneck: None,
             };
             let cases = [
                 case(false, false, false, false, false),
@@ -422,6 +424,14 @@ mod tests {
                 case(false, false, false, false, true),
                 check::EngineCase {
                     prompt: true,
+                    ..Default::default()
+                },
+                check::EngineCase {
+                    bottleneck: Some((Variant::Houlsby, Activation::Silu)),
+                    ..Default::default()
+                },
+                check::EngineCase {
+                    bottleneck: Some((Variant::Parallel, Activation::Silu)),
                     ..Default::default()
                 },
             ];
