@@ -369,7 +369,7 @@ impl GpuEngine {
     pub fn new(gpu: Gpu, model: &Model, state: &TrainState) -> Result<Self> {
         if let Some(what) = unsupported_state(state) {
             return Err(Error::usage(format!(
-                "--device cuda trains LoRA, DoRA, IA3 and QLoRA adapters and full or partial fine-tuning of Llama-family models for now; {what} needs --device cpu"
+                "--device cuda trains LoRA, DoRA, IA3, prompt-tuning and bottleneck adapters (QLoRA too) and full or partial fine-tunes of Llama-family models for now; {what} needs --device cpu"
             )));
         }
         Self::upload(gpu, model, state)
