@@ -173,8 +173,8 @@ pub struct TrainArgs {
     /// autocast; AMX or AVX-512 BF16 when the CPU has them); adapters and the loss stay f32
     #[arg(long, default_value = "f32")]
     pub compute_dtype: String,
-    /// cpu, or cuda:N: train on an NVIDIA GPU (LoRA, DoRA, IA3, QLoRA, full and freeze of
-    /// Llama-family models in bf16, for peft-train, rm-train and dpo-train; a build with the
+    /// cpu, or cuda:N: train on an NVIDIA GPU (every method, QLoRA too, on Llama-family
+    /// models in bf16, for peft-train, rm-train and dpo-train; a build with the
     /// cuda feature, see docs/gpu.md); cuda-sim: the GPU code simulated on the CPU (a cuda-sim
     /// build, for tests)
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]

@@ -460,3 +460,15 @@ fn bottleneck_adapters_on_the_simulated_gpu_train_like_the_cpu() {
         );
     }
 }
+
+/// peft-train --method prefix / ptuning-v2 --device cuda-sim: every layer's prefix keys and
+/// values in front of the sequence's in the attention, positions after them.
+#[test]
+fn prefix_tuning_on_the_simulated_gpu_trains_like_the_cpu() {
+    for method in ["prefix", "ptuning-v2"] {
+        compare(
+            Task::NextToken,
+            &["--method", method, "--num-virtual-tokens", "4"],
+        );
+    }
+}

@@ -108,6 +108,7 @@ fn run(a: &Args, dev: DeviceSpec) -> peftkit_core::Result<()> {
             full,
             prompt: false,
             bottleneck: None,
+            prefix: None,
         };
         let cases = [
             case(false, false, false, false, false),
@@ -126,6 +127,10 @@ fn run(a: &Args, dev: DeviceSpec) -> peftkit_core::Result<()> {
             },
             check::EngineCase {
                 bottleneck: Some((Variant::Parallel, Activation::Silu)),
+                ..Default::default()
+            },
+            check::EngineCase {
+                prefix: Some(16),
                 ..Default::default()
             },
         ];

@@ -913,6 +913,9 @@ pub struct EngineCase {
     pub full: bool,
     /// Prompt tuning (5 virtual tokens) instead of adapters.
     pub prompt: bool,
+    /// Prefix tuning (with this reparameterization MLP width) or P-Tuning v2 (0), 4 virtual
+    /// tokens, instead of LoRA.
+    pub prefix: Option<usize>,
     /// Bottleneck adapters of this variant and activation instead of LoRA.
     pub bottleneck: Option<(
         crate::train::bottleneck::Variant,
@@ -941,6 +944,7 @@ pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, case: EngineCase) -> Result<(Va
         full,
         prompt,
         bottleneck,
+        prefix,
     } = case;
     let quant = q4.then_some(QuantizeOnLoad {
         quant_type: QuantType::Nf4,
@@ -986,7 +990,19 @@ pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, case: EngineCase) -> Result<(Va
         }
         Ok(st)
     };
-    let (mut cpu_state, mut gpu_state) = if let Some(b) = bottleneck {
+    let prefix_state = |width: usize| -> Result<TrainState> {
+        let mut st = TrainState::new(model.linears().len());
+        let cfg = crate::train::prefix::PrefixConfig {
+            num_virtual_tokens: 4,
+            projection: (width > 0).then_some(width),
+            base_model_name_or_path: None,
+        };
+        crate::train::prefix::attach(&model, &mut st, &cfg, &mut Rng::new(8))?;
+        Ok(st)
+    };
+    let (mut cpu_state, mut gpu_state) = if let Some(w) = prefix {
+        (prefix_state(w)?, prefix_state(w)?)
+    } else if let Some(b) = bottleneck {
         (bottleneck_state(b)?, bottleneck_state(b)?)
     } else if prompt {
         (prompt_state(), prompt_state())
@@ -1066,6 +1082,7 @@ pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, case: EngineCase) -> Result<(Va
         "{}{} step{} vs CPU",
         match (q4, ia3, full, prompt) {
             _ if bottleneck.is_some() => "bottleneck adapter",
+            _ if prefix.is_some() => "prefix tuning",
             (_, _, _, true) => "prompt tuning",
             (_, _, true, _) => "full",
             (_, true, _, _) => "IA3",

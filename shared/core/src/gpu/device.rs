@@ -63,6 +63,8 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "embed_grad",
     "adapter_act",
     "adapter_act_bwd",
+    "prefix_to_heads",
+    "prefix_grad",
 ];
 
 /// Device errors are run-time failures of the machine, reported as such.

@@ -77,6 +77,15 @@ struct GpuUnit {
     grads: [DBuf; 4],
 }
 
+/// Prefix tuning on the device (see [`GpuEngine::prefix`]).
+struct GpuPrefix {
+    n: usize,
+    stride: usize,
+    kv_dim: usize,
+    p: DBuf,
+    dp: DBuf,
+}
+
 /// What a bottleneck adapter's backward pass needs: its input (bf16), the activation's input
 /// (f32) and output (bf16).
 struct AdapterSaved {
@@ -192,6 +201,10 @@ pub struct GpuEngine {
     units: Vec<[Option<GpuUnit>; 2]>,
     unit_act: i32,
     units_parallel: bool,
+    /// Prefix tuning / P-Tuning v2: the prefix's keys and values of every layer, P
+    /// `[n, layers·2·kv_dim]` f32 (computed on the host each pass, through the
+    /// reparameterization MLP when there is one), and dL/dP accumulated by the backward pass.
+    prefix: Option<GpuPrefix>,
     /// Full and partial fine-tuning (and LoRA's biases and modules_to_save): an f32 gradient
     /// on the device for each trainable base tensor; their values are the model's, uploaded
     /// again after each optimizer step ([`Self::refresh_base`]).
@@ -369,7 +382,7 @@ impl GpuEngine {
     pub fn new(gpu: Gpu, model: &Model, state: &TrainState) -> Result<Self> {
         if let Some(what) = unsupported_state(state) {
             return Err(Error::usage(format!(
-                "--device cuda trains LoRA, DoRA, IA3, prompt-tuning and bottleneck adapters (QLoRA too) and full or partial fine-tunes of Llama-family models for now; {what} needs --device cpu"
+                "--device cuda trains every peft-train method (QLoRA too) on Llama-family models for now; {what} needs --device cpu"
             )));
         }
         Self::upload(gpu, model, state)
@@ -410,6 +423,7 @@ impl GpuEngine {
             units: Vec::new(),
             unit_act: 0,
             units_parallel: false,
+            prefix: None,
             base_grads: std::collections::HashMap::new(),
             vec_values: gpu.alloc_f32(1)?,
             vec_grads: gpu.alloc_f32(1)?,
@@ -464,6 +478,18 @@ impl GpuEngine {
                 }
                 self.units.push(pair);
             }
+        }
+        if let Some(p) = &state.prefix {
+            let len = p.n * p.out_dim();
+            self.prefix = Some(GpuPrefix {
+                n: p.n,
+                stride: p.out_dim(),
+                kv_dim: p.kv_dim,
+                p: self.gpu.alloc_f32(len)?,
+                dp: self.gpu.alloc_f32(len)?,
+            });
+            // Every layer attends to the prefix: the backward pass goes through all of them.
+            self.stop_layer = 0;
         }
         if let Some(p) = &state.prompt {
             self.prompt = Some((p.n, self.gpu.upload(&p.emb)?));
@@ -838,6 +864,12 @@ impl GpuEngine {
                 )?;
             }
         }
+        // Prefix tuning: dL/dP back to the host, through the reparameterization there.
+        if let (Some(g), Some(p)) = (&self.prefix, &state.prefix) {
+            let dp = self.gpu.download_f32(&g.dp, g.n * g.stride)?;
+            let vals = p.values();
+            crate::train::prefix::backward(state, &vals, &dp);
+        }
         self.collect_grads(state)?;
         self.phases.mark(&self.gpu, "gradients to host");
         Ok(())
@@ -968,6 +1000,40 @@ impl GpuEngine {
         Ok((Some(dsrc), None))
     }
 
+    /// `prefix_to_heads` (P → the padded keys or values) or `prefix_grad` (their gradient →
+    /// dP): the same arguments, the prefix's columns at `off`.
+    fn prefix_launch(
+        &self,
+        kernel: &str,
+        src: &DBuf,
+        dst: &DBuf,
+        off: usize,
+        p: &GpuPrefix,
+        lay: &Layout,
+    ) -> Result<()> {
+        let (kvh, dh) = (self.model.kv_heads, self.model.head_dim);
+        let n = if kernel == "prefix_to_heads" {
+            lay.nseq * kvh * p.n * dh
+        } else {
+            kvh * p.n * dh
+        };
+        self.gpu.launch_n(
+            kernel,
+            n,
+            &[
+                Arg::P(src.ptr),
+                Arg::P(dst.ptr),
+                Arg::I(off as i32),
+                Arg::I(p.n as i32),
+                Arg::I(lay.nseq as i32),
+                Arg::I(kvh as i32),
+                Arg::I(dh as i32),
+                Arg::I(lay.l as i32),
+                Arg::I(p.stride as i32),
+            ],
+        )
+    }
+
     /// The gradient of RMSNorm `i`'s weight (`norm_ref` order: 2l attention, 2l+1 MLP, 2·blocks
     /// the final norm), when it trains: `x` its input, `dy` the gradient of its output (f32).
     fn norm_weight_grad(
@@ -1053,6 +1119,11 @@ impl GpuEngine {
         self.gpu.zero(&mut self.adapter_grads, n)?;
         if let (Some((_, buf)), Some(p)) = (&mut self.prompt, &state.prompt) {
             self.gpu.write(buf, &p.emb)?;
+        }
+        if let (Some(g), Some(p)) = (&mut self.prefix, &state.prefix) {
+            self.gpu.write(&mut g.p, &p.values().p)?;
+            let n = g.dp.bytes;
+            self.gpu.zero(&mut g.dp, n)?;
         }
         if let Some(bp) = &state.bottleneck {
             let bf = |v: &[f32]| -> Vec<u16> {
@@ -1156,6 +1227,9 @@ impl GpuEngine {
         let (mut loss_idx, mut loss_tgt) = (Vec::new(), Vec::new());
         let mut l = 0;
         let n_prompt = self.prompt.as_ref().map_or(0, |p| p.0);
+        // Prefix tuning: the sequence's positions start after the prefix, which takes the first
+        // n rows of the padded attention layout (not rows of the hidden states).
+        let n_prefix = self.prefix.as_ref().map_or(0, |p| p.n);
         let mut virtual_rows = Vec::new();
         for (s, (sid, labels)) in batch.ids.iter().zip(&batch.labels).enumerate() {
             if sid.len() != labels.len() {
@@ -1168,7 +1242,7 @@ impl GpuEngine {
                 virtual_rows.push(ids.len() as i32);
                 ids.push(0);
                 row_seq.push(s as i32);
-                row_pos.push(p as i32);
+                row_pos.push((n_prefix + p) as i32);
             }
             for (p, &t) in sid.iter().enumerate() {
                 if t as usize >= vocab {
@@ -1178,7 +1252,7 @@ impl GpuEngine {
                 }
                 ids.push(t);
                 row_seq.push(s as i32);
-                row_pos.push((n_prompt + p) as i32);
+                row_pos.push((n_prefix + n_prompt + p) as i32);
             }
             // Row j predicts label j + 1 − n: virtual tokens carry no label, the last one
             // predicts the first real token (PEFT's prompt tuning).
@@ -1197,8 +1271,8 @@ impl GpuEngine {
                     loss_tgt.push(t);
                 }
             }
-            seq_len.push((n_prompt + sid.len()) as i32);
-            l = l.max(n_prompt + sid.len());
+            seq_len.push((n_prefix + n_prompt + sid.len()) as i32);
+            l = l.max(n_prefix + n_prompt + sid.len());
         }
         self.model.ensure_positions(&self.gpu, l)?;
         Ok(Layout {
@@ -1975,6 +2049,11 @@ impl GpuEngine {
         let qp = self.to_heads(&q, m.heads, true, lay)?;
         let kp = self.to_heads(&k, m.kv_heads, true, lay)?;
         let vp = self.to_heads(&v, m.kv_heads, false, lay)?;
+        if let Some(p) = &self.prefix {
+            for (dst, off) in [(&kp, 2 * l * p.kv_dim), (&vp, (2 * l + 1) * p.kv_dim)] {
+                self.prefix_launch("prefix_to_heads", &p.p, dst, off, p, lay)?;
+            }
+        }
         drop((q, k, v));
         let (op, lse) = self.attention_fwd(&qp, &kp, &vp, lay, blk.window, keep)?;
         let o_in = gpu.uninit_bf16(rows * qd)?;
@@ -2136,6 +2215,11 @@ impl GpuEngine {
         };
         drop(dop);
         self.phases.mark(gpu, "backward: attention");
+        if let Some(p) = &self.prefix {
+            for (src, off) in [(&dkp, 2 * l * p.kv_dim), (&dvp, (2 * l + 1) * p.kv_dim)] {
+                self.prefix_launch("prefix_grad", src, &p.dp, off, p, lay)?;
+            }
+        }
         let dq = self.heads_grad_to_rows(&dqp, m.heads, true, lay)?;
         let dk = self.heads_grad_to_rows(&dkp, m.kv_heads, true, lay)?;
         let dv = self.heads_grad_to_rows(&dvp, m.kv_heads, false, lay)?;
@@ -2289,9 +2373,6 @@ impl GpuEngine {
 
 /// What in `state` the GPU step does not compute yet.
 fn unsupported_state(state: &TrainState) -> Option<&'static str> {
-    if state.prefix.is_some() {
-        return Some("prefix tuning");
-    }
     if state.prompt.is_some() && state.is_trainable(Slot::Embedding) {
         return Some("prompt tuning with a trainable embedding");
     }
@@ -2314,6 +2395,11 @@ fn unsupported_state(state: &TrainState) -> Option<&'static str> {
                 | Slot::Head
                 | Slot::PromptEmbedding
                 | Slot::Bottleneck(..)
+                | Slot::PrefixEmbedding
+                | Slot::PrefixW1
+                | Slot::PrefixB1
+                | Slot::PrefixW2
+                | Slot::PrefixB2
         )
     }) {
         return Some("this set of trainable tensors");

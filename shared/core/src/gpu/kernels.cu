@@ -1071,3 +1071,38 @@ extern "C" __global__ void adapter_act_bwd(const float* dz, const float* z, bf16
         dzb[i] = f2bf(dz[i] * d);
     }
 }
+
+// ---- prefix tuning / P-Tuning v2 -----------------------------------------------------------
+// P [n, stride] f32 holds every layer's prefix keys and values (row t: layer li's keys at
+// column off_k = 2·li·kv_dim, values at off_k + kv_dim). Writes columns off .. off + kv_heads·dh
+// of the n rows into rows 0 .. n of every sequence's padded heads [seq, kv_heads, L, dh] (bf16):
+// the prefix is attended like cached keys and values, before the sequence.
+extern "C" __global__ void prefix_to_heads(const float* P, bf16* dst, int off, int n, int nseq, int kv_heads, int dh, int L,
+                                           int stride) {
+    long total = (long)nseq * kv_heads * n * dh;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
+        int c = i % dh;
+        long t = i / dh;
+        int r = t % n;
+        t /= n;
+        int h = t % kv_heads;
+        long s = t / kv_heads;
+        dst[((s * kv_heads + h) * L + r) * dh + c] = f2bf(P[(long)r * stride + off + h * dh + c]);
+    }
+}
+
+// The reverse for gradients: dP[r, off + h·dh + c] += Σ_s src[s, h, r, c] (src the padded f32
+// gradient of the keys or values). One thread per element of the n × kv_heads·dh block.
+extern "C" __global__ void prefix_grad(const float* src, float* dP, int off, int n, int nseq, int kv_heads, int dh, int L,
+                                       int stride) {
+    long total = (long)n * kv_heads * dh;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
+        int c = i % dh;
+        long t = i / dh;
+        int h = t % kv_heads;
+        int r = t / kv_heads;
+        float acc = 0.f;
+        for (int s = 0; s < nseq; s++) acc += src[(((long)s * kv_heads + h) * L + r) * dh + c];
+        dP[(long)r * stride + off + h * dh + c] += acc;
+    }
+}

@@ -412,6 +412,7 @@ mod tests {
                 full,
                 prompt: false,
                 bottleneck: None,
+                prefix: None,
             };
             let cases = [
                 case(false, false, false, false, false),
@@ -432,6 +433,15 @@ mod tests {
                 },
                 check::EngineCase {
                     bottleneck: Some((Variant::Parallel, Activation::Silu)),
+                    ..Default::default()
+                },
+                check::EngineCase {
+                    prefix: Some(0),
+                    ..Default::default()
+                },
+                check::EngineCase {
+                    prefix: Some(16),
+                    flash: true,
                     ..Default::default()
                 },
             ];
