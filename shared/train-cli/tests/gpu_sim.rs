@@ -472,3 +472,20 @@ fn prefix_tuning_on_the_simulated_gpu_trains_like_the_cpu() {
         );
     }
 }
+
+/// Prompt tuning with the embedding in modules_to_save: the virtual rows add nothing to the
+/// embedding's gradient.
+#[test]
+fn prompt_tuning_with_a_trainable_embedding_on_the_simulated_gpu_trains_like_the_cpu() {
+    compare(
+        Task::NextToken,
+        &[
+            "--method",
+            "prompt",
+            "--num-virtual-tokens",
+            "3",
+            "--modules-to-save",
+            "embed_tokens",
+        ],
+    );
+}

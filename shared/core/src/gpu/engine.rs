@@ -159,6 +159,9 @@ struct Layout {
     loss_tgt: Vec<i32>,
     /// Prompt tuning: the virtual tokens' rows (n per sequence, in front of its tokens).
     virtual_rows: Vec<i32>,
+    /// The embedding gradient's token per row, u32::MAX at virtual rows (prompt tuning),
+    /// which have no token.
+    grad_ids: Option<DBuf>,
 }
 
 /// What the backward pass of a block needs (recomputed from the block's input).
@@ -855,7 +858,7 @@ impl GpuEngine {
                     "embed_grad",
                     rows * d,
                     &[
-                        Arg::P(lay.ids.ptr),
+                        Arg::P(lay.grad_ids.as_ref().unwrap_or(&lay.ids).ptr),
                         Arg::P(dh.ptr),
                         Arg::P(g.ptr),
                         Arg::L(rows as i64),
@@ -1283,6 +1286,15 @@ impl GpuEngine {
             row_seq: self.gpu.upload(&row_seq)?,
             row_pos: self.gpu.upload(&row_pos)?,
             seq_len: self.gpu.upload(&seq_len)?,
+            grad_ids: if virtual_rows.is_empty() {
+                None
+            } else {
+                let mut g = ids.clone();
+                for &r in &virtual_rows {
+                    g[r as usize] = u32::MAX;
+                }
+                Some(self.gpu.upload(&g)?)
+            },
             loss_idx,
             loss_tgt,
             virtual_rows,
@@ -2373,9 +2385,6 @@ impl GpuEngine {
 
 /// What in `state` the GPU step does not compute yet.
 fn unsupported_state(state: &TrainState) -> Option<&'static str> {
-    if state.prompt.is_some() && state.is_trainable(Slot::Embedding) {
-        return Some("prompt tuning with a trainable embedding");
-    }
     // A reward model's score head is the host objective's (rm-train): it stays on the host.
     if state.value_head.is_some() {
         return Some("a value head");

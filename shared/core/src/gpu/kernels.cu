@@ -1039,13 +1039,14 @@ extern "C" __global__ void col_sum_bf16(const bf16* dy, float* db, long rows, in
     }
 }
 
-// dE[ids[r], :] += dh[r, :]: the embedding's gradient (atomics: a token may repeat).
+// dE[ids[r], :] += dh[r, :]: the embedding's gradient (atomics: a token may repeat). Rows whose
+// id is 0xffffffff (prompt tuning's virtual tokens) have no token and are skipped.
 extern "C" __global__ void embed_grad(const unsigned* ids, const float* dh, float* dE, long rows, int hidden) {
     long n = rows * hidden;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         long r = i / hidden;
         int c = i % hidden;
-        atomicAdd(&dE[(long)ids[r] * hidden + c], dh[i]);
+        if (ids[r] != 0xffffffffu) atomicAdd(&dE[(long)ids[r] * hidden + c], dh[i]);
     }
 }
 
