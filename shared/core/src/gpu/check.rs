@@ -5,7 +5,7 @@
 use super::blas::Gemm;
 use super::device::{Arg, Gpu};
 use super::engine::GpuEngine;
-use super::engine::{launch_flash_bwd, launch_flash_fwd, FlashArgs};
+use super::flash::{launch_flash_bwd, launch_flash_fwd, FlashArgs};
 use crate::error::Result;
 use crate::model::{Model, QuantizeOnLoad};
 use crate::quant::{blockwise, QuantType};

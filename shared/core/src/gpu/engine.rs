@@ -1,22 +1,34 @@
-//! LoRA / QLoRA training step on the GPU: the forward pass keeps only each block's input
-//! (gradient checkpointing), the backward pass recomputes one block at a time and runs its
-//! hand-written backward. Products are cuBLAS bf16 with f32 accumulation; norms, SwiGLU,
-//! RoPE, softmax and cross-entropy are our kernels (kernels.cu).
+//! The training step on the GPU: the forward pass keeps only each block's input (gradient
+//! checkpointing), the backward pass recomputes one block at a time and runs its hand-written
+//! backward. Products are cuBLAS bf16 with f32 accumulation; norms, SwiGLU, RoPE, softmax and
+//! cross-entropy are our kernels (kernels.cu). Every peft-train method runs here: LoRA (DoRA,
+//! QLoRA), IA3, prompt and prefix tuning, bottleneck adapters, full and partial fine-tuning;
+//! and any host objective (reward models, DPO) through [`GpuEngine::forward_backward_with`].
 //!
 //! It plugs into the CPU trainer under the same contract as [`crate::train::engine::Engine`]:
-//! gradients of the LoRA tensors are *added* into the [`TrainState`], scaled by `loss_scale`.
-//! The optimizer, its states, schedule, checkpoints and output stay on the host: LoRA's
-//! tensors are small, so the optimizer states live in host memory (QLoRA's paged-optimizer
-//! idea taken to its end: they never occupy the GPU).
+//! gradients of the trainable tensors are *added* into the [`TrainState`], scaled by
+//! `loss_scale`. The optimizer, its states, schedule, checkpoints and output stay on the host
+//! (QLoRA's paged-optimizer idea taken to its end: the states never occupy the GPU); base
+//! tensors that train go back to the device after each step ([`GpuEngine::refresh_base`]).
 
 use super::blas::Gemm;
 use super::device::{Arg, DBuf, Gpu};
+use super::flash::{flash_supports, launch_flash_bwd, launch_flash_fwd, FlashArgs};
 use super::weights::{GpuModel, DOWN, GATE, K, O, PER_BLOCK, Q, UP, V};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::rng::Rng;
 use crate::train::engine::{Batch, Objective, ObjectiveCtx, RowsCrossEntropy, StepStats};
 use crate::train::params::{Slot, TrainState};
+
+mod base;
+mod bottleneck;
+mod loss;
+mod prefix;
+
+use bottleneck::{AdapterSaved, GpuUnit};
+use loss::GpuRowsCe;
+use prefix::GpuPrefix;
 
 /// One LoRA adapter's tensors on the device: addresses inside [`GpuEngine`]'s two shared
 /// buffers, so that a step moves all adapters in one copy each way.
@@ -65,35 +77,6 @@ pub(super) struct LinAct {
     norm: Option<DBuf>,
 }
 
-/// One bottleneck adapter on the device: `down [size, hidden]` and `up [hidden, size]` in bf16
-/// (product inputs), their biases in f32, and f32 gradients of the four (refreshed and
-/// collected each pass).
-struct GpuUnit {
-    size: usize,
-    down_w: DBuf,
-    down_b: DBuf,
-    up_w: DBuf,
-    up_b: DBuf,
-    grads: [DBuf; 4],
-}
-
-/// Prefix tuning on the device (see [`GpuEngine::prefix`]).
-struct GpuPrefix {
-    n: usize,
-    stride: usize,
-    kv_dim: usize,
-    p: DBuf,
-    dp: DBuf,
-}
-
-/// What a bottleneck adapter's backward pass needs: its input (bf16), the activation's input
-/// (f32) and output (bf16).
-struct AdapterSaved {
-    src: DBuf,
-    z: DBuf,
-    a: DBuf,
-}
-
 /// What the forward pass leaves for the loss and the backward pass.
 struct Forward {
     lay: Layout,
@@ -103,45 +86,6 @@ struct Forward {
     x: DBuf,
     nf: DBuf,
     rstd: DBuf,
-}
-
-/// The LM head's cross-entropy on rows of the final hidden states, on the device, for a host
-/// objective ([`ObjectiveCtx::rows_ce`]).
-struct GpuRowsCe<'a> {
-    engine: &'a GpuEngine,
-    nf: &'a DBuf,
-    rows: usize,
-}
-
-impl RowsCrossEntropy for GpuRowsCe<'_> {
-    fn run(
-        &self,
-        rows: &[(usize, u32)],
-        scale: &(dyn Fn(usize) -> f32 + Sync),
-        dh: Option<&mut [f32]>,
-        losses: &mut [f64],
-    ) -> Result<()> {
-        let e = self.engine;
-        let d = e.model.hidden;
-        let idx: Vec<i32> = rows.iter().map(|&(r, _)| r as i32).collect();
-        let tgt: Vec<i32> = rows.iter().map(|&(_, t)| t as i32).collect();
-        let scales: Vec<f32> = (0..rows.len()).map(scale).collect();
-        let dnf = match dh {
-            Some(_) => Some(e.gpu.alloc_f32(self.rows * d)?),
-            None => None,
-        };
-        let nll = e.rows_cross_entropy(self.nf, &idx, &tgt, 1.0, Some(&scales), dnf.as_ref())?;
-        for (l, v) in losses.iter_mut().zip(nll) {
-            *l = v as f64;
-        }
-        if let (Some(dh), Some(dnf)) = (dh, dnf) {
-            let g = e.gpu.download_f32(&dnf, self.rows * d)?;
-            for (a, b) in dh.iter_mut().zip(g) {
-                *a += b;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Per-step layout of the batch.
@@ -269,117 +213,6 @@ impl Phases {
 const BF: usize = 2;
 const F4: usize = 4;
 
-/// The inputs of the flash attention kernels: padded-layout Q, K, V (bf16) and the lengths.
-pub(crate) struct FlashArgs {
-    pub q: u64,
-    pub k: u64,
-    pub v: u64,
-    pub seq_len: u64,
-    pub nseq: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub l: usize,
-    pub dh: usize,
-    /// Sliding window (0: none).
-    pub window: usize,
-}
-
-/// Head sizes the flash kernels are built for.
-pub(crate) fn flash_supports(dh: usize) -> bool {
-    matches!(dh, 16 | 32 | 64 | 80 | 96 | 128)
-}
-
-/// The gradients of [`launch_flash_fwd`] given `dO` (bf16, Q's layout), the forward output
-/// `o` (f32) and its log-sum-exp: dQ (f32, Q's layout; zeroed here, the kernel adds into it),
-/// dK and dV (f32, K's layout).
-pub(crate) fn launch_flash_bwd(
-    gpu: &Gpu,
-    a: &FlashArgs,
-    d_o: u64,
-    o: u64,
-    lse: u64,
-) -> Result<(DBuf, DBuf, DBuf)> {
-    if !flash_supports(a.dh) {
-        return Err(Error::Device(format!(
-            "flash attention is built for head sizes 16, 32, 64, 80, 96 and 128, not {}",
-            a.dh
-        )));
-    }
-    let q_rows = a.nseq * a.heads * a.l;
-    let kv_len = a.nseq * a.kv_heads * a.l * a.dh;
-    let dv_rows = gpu.uninit_f32(q_rows)?;
-    gpu.launch(
-        "flash_bwd_dot",
-        q_rows.div_ceil(8) as u32,
-        256,
-        &[
-            Arg::P(d_o),
-            Arg::P(o),
-            Arg::P(dv_rows.ptr),
-            Arg::L(q_rows as i64),
-            Arg::I(a.dh as i32),
-        ],
-    )?;
-    let dq = gpu.alloc_f32(q_rows * a.dh)?;
-    let dk = gpu.uninit_f32(kv_len)?;
-    let dv = gpu.uninit_f32(kv_len)?;
-    let blocks = a.l.div_ceil(64) * a.kv_heads * a.nseq;
-    gpu.launch(
-        &format!("flash_bwd_d{}", a.dh),
-        blocks as u32,
-        128,
-        &[
-            Arg::P(a.q),
-            Arg::P(a.k),
-            Arg::P(a.v),
-            Arg::P(d_o),
-            Arg::P(lse),
-            Arg::P(dv_rows.ptr),
-            Arg::P(dq.ptr),
-            Arg::P(dk.ptr),
-            Arg::P(dv.ptr),
-            Arg::P(a.seq_len),
-            Arg::I(a.heads as i32),
-            Arg::I(a.kv_heads as i32),
-            Arg::I(a.l as i32),
-            Arg::I(a.window as i32),
-            Arg::F(1.0 / (a.dh as f32).sqrt()),
-        ],
-    )?;
-    Ok((dq, dk, dv))
-}
-
-/// Causal attention in one kernel (kernels.cu `flash_fwd_d*`): `o` f32 in Q's layout and,
-/// when non-zero, `lse` the rows' log-sum-exp.
-pub(crate) fn launch_flash_fwd(gpu: &Gpu, a: &FlashArgs, o: u64, lse: u64) -> Result<()> {
-    if !flash_supports(a.dh) {
-        return Err(Error::Device(format!(
-            "flash attention is built for head sizes 16, 32, 64, 80, 96 and 128, not {}",
-            a.dh
-        )));
-    }
-    let name = format!("flash_fwd_d{}", a.dh);
-    let blocks = a.l.div_ceil(64) * a.heads * a.nseq;
-    gpu.launch(
-        &name,
-        blocks as u32,
-        128,
-        &[
-            Arg::P(a.q),
-            Arg::P(a.k),
-            Arg::P(a.v),
-            Arg::P(o),
-            Arg::P(lse),
-            Arg::P(a.seq_len),
-            Arg::I(a.heads as i32),
-            Arg::I(a.kv_heads as i32),
-            Arg::I(a.l as i32),
-            Arg::I(a.window as i32),
-            Arg::F(1.0 / (a.dh as f32).sqrt()),
-        ],
-    )
-}
-
 impl GpuEngine {
     /// Uploads `model` and checks that the trainable state is one the GPU path computes.
     pub fn new(gpu: Gpu, model: &Model, state: &TrainState) -> Result<Self> {
@@ -446,125 +279,6 @@ impl GpuEngine {
         engine.set_adapters(state)?;
         engine.set_base_trainables(model, state)?;
         Ok(engine)
-    }
-
-    /// Gradient buffers for the trainable base tensors of `state`, and the lowest block the
-    /// backward pass must reach for them.
-    fn set_base_trainables(&mut self, model: &Model, state: &TrainState) -> Result<()> {
-        let nb = self.model.blocks.len();
-        if let Some(bp) = &state.bottleneck {
-            self.unit_act = match bp.activation {
-                crate::train::bottleneck::Activation::Relu => 0,
-                crate::train::bottleneck::Activation::Silu => 1,
-            };
-            self.units_parallel = bp.parallel();
-            self.units.clear();
-            for (b, sites) in bp.units.iter().enumerate() {
-                let mut pair: [Option<GpuUnit>; 2] = [None, None];
-                for (site, u) in sites.iter().enumerate() {
-                    let Some(u) = u else { continue };
-                    self.stop_layer = self.stop_layer.min(b);
-                    let g = &self.gpu;
-                    pair[site] = Some(GpuUnit {
-                        size: u.size,
-                        down_w: g.upload_bf16(&u.down_w)?,
-                        down_b: g.upload(&u.down_b)?,
-                        up_w: g.upload_bf16(&u.up_w)?,
-                        up_b: g.upload(&u.up_b)?,
-                        grads: [
-                            g.alloc_f32(u.down_w.len())?,
-                            g.alloc_f32(u.down_b.len())?,
-                            g.alloc_f32(u.up_w.len())?,
-                            g.alloc_f32(u.up_b.len())?,
-                        ],
-                    });
-                }
-                self.units.push(pair);
-            }
-        }
-        if let Some(p) = &state.prefix {
-            let len = p.n * p.out_dim();
-            self.prefix = Some(GpuPrefix {
-                n: p.n,
-                stride: p.out_dim(),
-                kv_dim: p.kv_dim,
-                p: self.gpu.alloc_f32(len)?,
-                dp: self.gpu.alloc_f32(len)?,
-            });
-            // Every layer attends to the prefix: the backward pass goes through all of them.
-            self.stop_layer = 0;
-        }
-        if let Some(p) = &state.prompt {
-            self.prompt = Some((p.n, self.gpu.upload(&p.emb)?));
-            // Their gradient is the first block's input gradient at their rows.
-            self.stop_layer = 0;
-        }
-        for (slot, _) in state.params.iter() {
-            let block = match *slot {
-                Slot::LinearWeight(i) | Slot::LinearBias(i) => Some(i / PER_BLOCK),
-                Slot::NormWeight(i) if i < 2 * nb => Some(i / 2),
-                Slot::Embedding => Some(0),
-                Slot::NormWeight(_) | Slot::Head => None,
-                _ => continue,
-            };
-            if let Some(b) = block {
-                self.stop_layer = self.stop_layer.min(b);
-            }
-            let n = crate::train::params::base_tensor(model, *slot).len();
-            self.base_grads.insert(*slot, self.gpu.alloc_f32(n)?);
-        }
-        Ok(())
-    }
-
-    /// Uploads the current values of the trainable base tensors (after an optimizer step
-    /// changed them on the host): linear weights and the embedding as bf16, the rest f32.
-    pub fn refresh_base(&mut self, model: &Model) -> Result<()> {
-        let nb = self.model.blocks.len();
-        let slots: Vec<Slot> = self.base_grads.keys().copied().collect();
-        for slot in slots {
-            let v = crate::train::params::base_tensor(model, slot);
-            let bf = |v: &[f32]| -> Vec<u16> {
-                v.iter()
-                    .map(|&x| half::bf16::from_f32(x).to_bits())
-                    .collect()
-            };
-            let m = &mut self.model;
-            match slot {
-                Slot::LinearWeight(i) => {
-                    let lin = &mut m.blocks[i / PER_BLOCK].lin[i % PER_BLOCK];
-                    match &mut lin.w {
-                        super::weights::GpuWeight::Bf16(b) => self.gpu.write(b, &bf(v))?,
-                        super::weights::GpuWeight::Q4 { .. } => {
-                            return Err(Error::usage(
-                                "internal: a 4-bit weight cannot train (refused before)",
-                            ))
-                        }
-                    }
-                }
-                Slot::LinearBias(i) => {
-                    let lin = &mut m.blocks[i / PER_BLOCK].lin[i % PER_BLOCK];
-                    let b = lin.bias.as_mut().expect("a trainable bias exists");
-                    self.gpu.write(b, v)?;
-                }
-                Slot::NormWeight(i) if i == 2 * nb => self.gpu.write(&mut m.final_norm, v)?,
-                Slot::NormWeight(i) if i % 2 == 0 => {
-                    self.gpu.write(&mut m.blocks[i / 2].attn_norm, v)?
-                }
-                Slot::NormWeight(i) => self.gpu.write(&mut m.blocks[i / 2].mlp_norm, v)?,
-                Slot::Embedding => self.gpu.write(&mut m.embed, &bf(v))?,
-                Slot::Head => {
-                    let head = m.lm_head.as_mut().expect("an untied head");
-                    match &mut head.w {
-                        super::weights::GpuWeight::Bf16(b) => self.gpu.write(b, &bf(v))?,
-                        super::weights::GpuWeight::Q4 { .. } => {
-                            return Err(Error::usage("internal: a 4-bit head cannot train"))
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(())
     }
 
     /// Lays out the LoRA adapters of `state` on the device (their values arrive with each
@@ -876,194 +590,6 @@ impl GpuEngine {
         self.collect_grads(state)?;
         self.phases.mark(&self.gpu, "gradients to host");
         Ok(())
-    }
-
-    /// Adds the bottleneck adapter of (block `l`, `site`), if any, to the sub-layer output `h`
-    /// (f32): `h += up(f(down(src)))` with src = `h` itself, or the sub-layer's normalized
-    /// input `n` (bf16) for parallel adapters.
-    fn adapter_fwd(
-        &self,
-        l: usize,
-        site: usize,
-        n: &DBuf,
-        h: &DBuf,
-        rows: usize,
-    ) -> Result<Option<AdapterSaved>> {
-        let Some(u) = self.units.get(l).and_then(|p| p[site].as_ref()) else {
-            return Ok(None);
-        };
-        if !self.adapters_on.get() {
-            return Ok(None);
-        }
-        let (gpu, d, r) = (&self.gpu, self.model.hidden, u.size);
-        let src = if self.units_parallel {
-            let c = gpu.uninit_bf16(rows * d)?;
-            gpu.copy(&c, n, rows * d * BF)?;
-            c
-        } else {
-            self.cast_bf16(h, rows * d)?
-        };
-        let z = gpu.uninit_f32(rows * r)?;
-        gpu.gemm(&Gemm::nt(rows, r, d, src.ptr, u.down_w.ptr, z.ptr))?;
-        let bias = |y: &DBuf, b: &DBuf, cols: usize| {
-            gpu.launch_n(
-                "add_bias",
-                rows * cols,
-                &[
-                    Arg::P(y.ptr),
-                    Arg::P(b.ptr),
-                    Arg::L(rows as i64),
-                    Arg::I(cols as i32),
-                ],
-            )
-        };
-        bias(&z, &u.down_b, r)?;
-        let a = gpu.uninit_bf16(rows * r)?;
-        gpu.launch_n(
-            "adapter_act",
-            rows * r,
-            &[
-                Arg::P(z.ptr),
-                Arg::P(a.ptr),
-                Arg::L((rows * r) as i64),
-                Arg::I(self.unit_act),
-            ],
-        )?;
-        gpu.gemm(&Gemm::nt(rows, d, r, a.ptr, u.up_w.ptr, h.ptr).accumulate())?;
-        bias(h, &u.up_b, d)?;
-        Ok(Some(AdapterSaved { src, z, a }))
-    }
-
-    /// Backward through the adapter of (block `l`, `site`) given `dout`, the gradient of the
-    /// sub-layer output after the adapter's addition (f32): its parameters' gradients, and
-    /// (sequential) the gradient below it, `dout` plus the adapter's input gradient, or
-    /// (parallel) the gradient of the normalized input it read.
-    fn adapter_bwd(
-        &self,
-        l: usize,
-        site: usize,
-        saved: Option<&AdapterSaved>,
-        dout: &DBuf,
-        rows: usize,
-    ) -> Result<(Option<DBuf>, Option<DBuf>)> {
-        let (Some(u), Some(sv)) = (self.units.get(l).and_then(|p| p[site].as_ref()), saved) else {
-            return Ok((None, None));
-        };
-        let (gpu, d, r) = (&self.gpu, self.model.hidden, u.size);
-        let db = self.cast_bf16(dout, rows * d)?;
-        // up: dW += doutᵀ·a, db += Σ dout
-        gpu.gemm(&Gemm::tn(d, r, rows, db.ptr, sv.a.ptr, u.grads[2].ptr).accumulate())?;
-        let colsum = |g: &DBuf, x: &DBuf, cols: usize| {
-            gpu.launch(
-                "col_sum_bf16",
-                cols.div_ceil(128) as u32,
-                128,
-                &[
-                    Arg::P(x.ptr),
-                    Arg::P(g.ptr),
-                    Arg::L(rows as i64),
-                    Arg::I(cols as i32),
-                ],
-            )
-        };
-        colsum(&u.grads[3], &db, d)?;
-        // dz = dout·up ⊙ f'(z)
-        let dz = gpu.uninit_f32(rows * r)?;
-        gpu.gemm(&Gemm::nn(rows, r, d, db.ptr, u.up_w.ptr, dz.ptr))?;
-        let dzb = gpu.uninit_bf16(rows * r)?;
-        gpu.launch_n(
-            "adapter_act_bwd",
-            rows * r,
-            &[
-                Arg::P(dz.ptr),
-                Arg::P(sv.z.ptr),
-                Arg::P(dzb.ptr),
-                Arg::L((rows * r) as i64),
-                Arg::I(self.unit_act),
-            ],
-        )?;
-        // down: dW += dzᵀ·src, db += Σ dz; dsrc = dz·down
-        gpu.gemm(&Gemm::tn(r, d, rows, dzb.ptr, sv.src.ptr, u.grads[0].ptr).accumulate())?;
-        colsum(&u.grads[1], &dzb, r)?;
-        let dsrc = gpu.uninit_f32(rows * d)?;
-        gpu.gemm(&Gemm::nn(rows, d, r, dzb.ptr, u.down_w.ptr, dsrc.ptr))?;
-        if self.units_parallel {
-            return Ok((None, Some(dsrc)));
-        }
-        // h' = h + adapter(h): the gradient of h is dout plus the adapter's input gradient.
-        gpu.launch_n(
-            "add_inplace",
-            rows * d,
-            &[
-                Arg::P(dsrc.ptr),
-                Arg::P(dout.ptr),
-                Arg::L((rows * d) as i64),
-            ],
-        )?;
-        Ok((Some(dsrc), None))
-    }
-
-    /// `prefix_to_heads` (P → the padded keys or values) or `prefix_grad` (their gradient →
-    /// dP): the same arguments, the prefix's columns at `off`.
-    fn prefix_launch(
-        &self,
-        kernel: &str,
-        src: &DBuf,
-        dst: &DBuf,
-        off: usize,
-        p: &GpuPrefix,
-        lay: &Layout,
-    ) -> Result<()> {
-        let (kvh, dh) = (self.model.kv_heads, self.model.head_dim);
-        let n = if kernel == "prefix_to_heads" {
-            lay.nseq * kvh * p.n * dh
-        } else {
-            kvh * p.n * dh
-        };
-        self.gpu.launch_n(
-            kernel,
-            n,
-            &[
-                Arg::P(src.ptr),
-                Arg::P(dst.ptr),
-                Arg::I(off as i32),
-                Arg::I(p.n as i32),
-                Arg::I(lay.nseq as i32),
-                Arg::I(kvh as i32),
-                Arg::I(dh as i32),
-                Arg::I(lay.l as i32),
-                Arg::I(p.stride as i32),
-            ],
-        )
-    }
-
-    /// The gradient of RMSNorm `i`'s weight (`norm_ref` order: 2l attention, 2l+1 MLP, 2·blocks
-    /// the final norm), when it trains: `x` its input, `dy` the gradient of its output (f32).
-    fn norm_weight_grad(
-        &self,
-        i: usize,
-        x: &DBuf,
-        rstd: &DBuf,
-        dy: &DBuf,
-        rows: usize,
-    ) -> Result<()> {
-        let Some(g) = self.base_grads.get(&Slot::NormWeight(i)) else {
-            return Ok(());
-        };
-        let d = self.model.hidden;
-        self.gpu.launch(
-            "rmsnorm_dw",
-            d.div_ceil(128) as u32,
-            128,
-            &[
-                Arg::P(x.ptr),
-                Arg::P(rstd.ptr),
-                Arg::P(dy.ptr),
-                Arg::P(g.ptr),
-                Arg::L(rows as i64),
-                Arg::I(d as i32),
-            ],
-        )
     }
 
     /// Switches the LoRA adapters off (a reference model: DPO's reference log-probabilities
@@ -2290,96 +1816,6 @@ impl GpuEngine {
         }
         self.phases.mark(gpu, "backward: q/k/v");
         Ok(dh)
-    }
-
-    /// Cross-entropy over the loss rows in chunks (the full logits never exist); with `dnf`,
-    /// writes dL/d(final norm output) there. Returns Σ nll.
-    fn loss(&self, nf: &DBuf, lay: &Layout, scale: f32, dnf: Option<&DBuf>) -> Result<f64> {
-        let nll = self.rows_cross_entropy(nf, &lay.loss_idx, &lay.loss_tgt, scale, None, dnf)?;
-        Ok(nll.iter().map(|&x| x as f64).sum())
-    }
-
-    /// Cross-entropy of the LM head on chosen rows of the final hidden states `nf` (bf16):
-    /// row `idx[i]` predicts `tgt[i]`. Returns each row's negative log-likelihood; with `dnf`,
-    /// scatters the gradient of Σ scale·row_scale[i]·nll_i into those rows of `dnf` (f32).
-    /// The logits exist for a chunk of rows at a time (~256 MB).
-    fn rows_cross_entropy(
-        &self,
-        nf: &DBuf,
-        idx: &[i32],
-        tgt: &[i32],
-        scale: f32,
-        row_scale: Option<&[f32]>,
-        dnf: Option<&DBuf>,
-    ) -> Result<Vec<f32>> {
-        let gpu = &self.gpu;
-        let (d, vocab) = (self.model.hidden, self.model.vocab);
-        let n = idx.len();
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        let head = self.model.head_ptr(gpu, &self.scratch)?;
-        let chunk = ((256usize << 20) / (vocab * 6)).clamp(16, 4096).min(n);
-        let gidx = gpu.upload(idx)?;
-        let gtgt = gpu.upload(tgt)?;
-        let gscale = row_scale.map(|r| gpu.upload(r)).transpose()?;
-        let hb = gpu.uninit_bf16(chunk * d)?;
-        let logits = gpu.uninit_f32(chunk * vocab)?;
-        let grad = gpu.uninit_bf16(if dnf.is_some() { chunk * vocab } else { 1 })?;
-        let dhc = gpu.uninit_f32(if dnf.is_some() { chunk * d } else { 1 })?;
-        let nll = gpu.uninit_f32(n)?;
-        for c0 in (0..n).step_by(chunk) {
-            let c = chunk.min(n - c0);
-            gpu.launch_n(
-                "gather_rows_bf16",
-                c * d,
-                &[
-                    Arg::P(nf.ptr),
-                    Arg::P(gidx.at(c0, 4)),
-                    Arg::P(hb.ptr),
-                    Arg::L(c as i64),
-                    Arg::I(d as i32),
-                ],
-            )?;
-            gpu.gemm(&Gemm::nt(c, vocab, d, hb.ptr, head, logits.ptr))?;
-            gpu.launch_rows(
-                "cross_entropy",
-                c,
-                vocab,
-                &[
-                    Arg::P(logits.ptr),
-                    Arg::P(gtgt.at(c0, 4)),
-                    Arg::P(nll.at(c0, 4)),
-                    Arg::P(if dnf.is_some() { grad.ptr } else { 0 }),
-                    Arg::I(vocab as i32),
-                    Arg::F(scale),
-                    Arg::P(gscale.as_ref().map_or(0, |g| g.at(c0, 4))),
-                ],
-            )?;
-            if let Some(dnf) = dnf {
-                // A trainable head (untied), or the embedding it is tied to: dW += gradᵀ·h.
-                let head_grad = match &self.model.lm_head {
-                    Some(_) => self.base_grads.get(&Slot::Head),
-                    None => self.base_grads.get(&Slot::Embedding),
-                };
-                if let Some(g) = head_grad {
-                    gpu.gemm(&Gemm::tn(vocab, d, c, grad.ptr, hb.ptr, g.ptr).accumulate())?;
-                }
-                gpu.gemm(&Gemm::nn(c, d, vocab, grad.ptr, head, dhc.ptr))?;
-                gpu.launch_n(
-                    "scatter_rows_f32",
-                    c * d,
-                    &[
-                        Arg::P(dhc.ptr),
-                        Arg::P(gidx.at(c0, 4)),
-                        Arg::P(dnf.ptr),
-                        Arg::L(c as i64),
-                        Arg::I(d as i32),
-                    ],
-                )?;
-            }
-        }
-        gpu.download_f32(&nll, n)
     }
 }
 

@@ -21,6 +21,8 @@ pub mod decode;
 pub mod device;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 pub mod engine;
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+pub mod flash;
 #[cfg(feature = "cuda-sim")]
 mod sim;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]

@@ -396,7 +396,7 @@ mod tests {
         assert_eq!(failed, 0, "{v:#}");
     }
 
-    /// The whole GPU training step (LoRA and QLoRA) against the CPU engine on the committed
+    /// The whole GPU training step (every method) against the CPU engine on the committed
     /// tiny models: loss, all gradients, and each tensor's gradient on its own.
     #[test]
     fn gpu_engine_steps_match_the_cpu_engine() {

@@ -151,6 +151,6 @@ pub fn cpu_only(device: DeviceSpec, tools: &str) -> Result<()> {
     }
     device.check_available()?;
     Err(crate::error::Error::usage(format!(
-        "{tools} runs on the CPU only for now (--device cuda covers LoRA and QLoRA in peft-train, rm-train and dpo-train); use --device cpu"
+        "{tools} runs on the CPU only for now (--device cuda covers peft-train, rm-train, dpo-train, peft-eval and peft-generate); use --device cpu"
     )))
 }

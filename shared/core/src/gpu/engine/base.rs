@@ -1,0 +1,154 @@
+//! Full and partial fine-tuning on the GPU: gradient buffers of the trainable base tensors,
+//! RMSNorm weight gradients, and the upload of new values after each optimizer step.
+
+use super::*;
+
+impl GpuEngine {
+    /// Gradient buffers for the trainable base tensors of `state`, and the lowest block the
+    /// backward pass must reach for them.
+    pub(super) fn set_base_trainables(&mut self, model: &Model, state: &TrainState) -> Result<()> {
+        let nb = self.model.blocks.len();
+        if let Some(bp) = &state.bottleneck {
+            self.unit_act = match bp.activation {
+                crate::train::bottleneck::Activation::Relu => 0,
+                crate::train::bottleneck::Activation::Silu => 1,
+            };
+            self.units_parallel = bp.parallel();
+            self.units.clear();
+            for (b, sites) in bp.units.iter().enumerate() {
+                let mut pair: [Option<GpuUnit>; 2] = [None, None];
+                for (site, u) in sites.iter().enumerate() {
+                    let Some(u) = u else { continue };
+                    self.stop_layer = self.stop_layer.min(b);
+                    let g = &self.gpu;
+                    pair[site] = Some(GpuUnit {
+                        size: u.size,
+                        down_w: g.upload_bf16(&u.down_w)?,
+                        down_b: g.upload(&u.down_b)?,
+                        up_w: g.upload_bf16(&u.up_w)?,
+                        up_b: g.upload(&u.up_b)?,
+                        grads: [
+                            g.alloc_f32(u.down_w.len())?,
+                            g.alloc_f32(u.down_b.len())?,
+                            g.alloc_f32(u.up_w.len())?,
+                            g.alloc_f32(u.up_b.len())?,
+                        ],
+                    });
+                }
+                self.units.push(pair);
+            }
+        }
+        if let Some(p) = &state.prefix {
+            let len = p.n * p.out_dim();
+            self.prefix = Some(GpuPrefix {
+                n: p.n,
+                stride: p.out_dim(),
+                kv_dim: p.kv_dim,
+                p: self.gpu.alloc_f32(len)?,
+                dp: self.gpu.alloc_f32(len)?,
+            });
+            // Every layer attends to the prefix: the backward pass goes through all of them.
+            self.stop_layer = 0;
+        }
+        if let Some(p) = &state.prompt {
+            self.prompt = Some((p.n, self.gpu.upload(&p.emb)?));
+            // Their gradient is the first block's input gradient at their rows.
+            self.stop_layer = 0;
+        }
+        for (slot, _) in state.params.iter() {
+            let block = match *slot {
+                Slot::LinearWeight(i) | Slot::LinearBias(i) => Some(i / PER_BLOCK),
+                Slot::NormWeight(i) if i < 2 * nb => Some(i / 2),
+                Slot::Embedding => Some(0),
+                Slot::NormWeight(_) | Slot::Head => None,
+                _ => continue,
+            };
+            if let Some(b) = block {
+                self.stop_layer = self.stop_layer.min(b);
+            }
+            let n = crate::train::params::base_tensor(model, *slot).len();
+            self.base_grads.insert(*slot, self.gpu.alloc_f32(n)?);
+        }
+        Ok(())
+    }
+
+    /// Uploads the current values of the trainable base tensors (after an optimizer step
+    /// changed them on the host): linear weights and the embedding as bf16, the rest f32.
+    pub fn refresh_base(&mut self, model: &Model) -> Result<()> {
+        let nb = self.model.blocks.len();
+        let slots: Vec<Slot> = self.base_grads.keys().copied().collect();
+        for slot in slots {
+            let v = crate::train::params::base_tensor(model, slot);
+            let bf = |v: &[f32]| -> Vec<u16> {
+                v.iter()
+                    .map(|&x| half::bf16::from_f32(x).to_bits())
+                    .collect()
+            };
+            let m = &mut self.model;
+            match slot {
+                Slot::LinearWeight(i) => {
+                    let lin = &mut m.blocks[i / PER_BLOCK].lin[i % PER_BLOCK];
+                    match &mut lin.w {
+                        crate::gpu::weights::GpuWeight::Bf16(b) => self.gpu.write(b, &bf(v))?,
+                        crate::gpu::weights::GpuWeight::Q4 { .. } => {
+                            return Err(Error::usage(
+                                "internal: a 4-bit weight cannot train (refused before)",
+                            ))
+                        }
+                    }
+                }
+                Slot::LinearBias(i) => {
+                    let lin = &mut m.blocks[i / PER_BLOCK].lin[i % PER_BLOCK];
+                    let b = lin.bias.as_mut().expect("a trainable bias exists");
+                    self.gpu.write(b, v)?;
+                }
+                Slot::NormWeight(i) if i == 2 * nb => self.gpu.write(&mut m.final_norm, v)?,
+                Slot::NormWeight(i) if i % 2 == 0 => {
+                    self.gpu.write(&mut m.blocks[i / 2].attn_norm, v)?
+                }
+                Slot::NormWeight(i) => self.gpu.write(&mut m.blocks[i / 2].mlp_norm, v)?,
+                Slot::Embedding => self.gpu.write(&mut m.embed, &bf(v))?,
+                Slot::Head => {
+                    let head = m.lm_head.as_mut().expect("an untied head");
+                    match &mut head.w {
+                        crate::gpu::weights::GpuWeight::Bf16(b) => self.gpu.write(b, &bf(v))?,
+                        crate::gpu::weights::GpuWeight::Q4 { .. } => {
+                            return Err(Error::usage("internal: a 4-bit head cannot train"))
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The gradient of RMSNorm `i`'s weight (`norm_ref` order: 2l attention, 2l+1 MLP, 2·blocks
+    /// the final norm), when it trains: `x` its input, `dy` the gradient of its output (f32).
+    pub(super) fn norm_weight_grad(
+        &self,
+        i: usize,
+        x: &DBuf,
+        rstd: &DBuf,
+        dy: &DBuf,
+        rows: usize,
+    ) -> Result<()> {
+        let Some(g) = self.base_grads.get(&Slot::NormWeight(i)) else {
+            return Ok(());
+        };
+        let d = self.model.hidden;
+        self.gpu.launch(
+            "rmsnorm_dw",
+            d.div_ceil(128) as u32,
+            128,
+            &[
+                Arg::P(x.ptr),
+                Arg::P(rstd.ptr),
+                Arg::P(dy.ptr),
+                Arg::P(g.ptr),
+                Arg::L(rows as i64),
+                Arg::I(d as i32),
+            ],
+        )
+    }
+}

@@ -1,0 +1,116 @@
+//! Launchers of the flash attention kernels (kernels.cu `flash_fwd_d*`, `flash_bwd_d*`): causal
+//! attention on tensor cores without the `[L, L]` scores; see docs/gpu.md.
+
+use super::device::{Arg, DBuf, Gpu};
+use crate::error::{Error, Result};
+
+/// The inputs of the flash attention kernels: padded-layout Q, K, V (bf16) and the lengths.
+pub(crate) struct FlashArgs {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub seq_len: u64,
+    pub nseq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub l: usize,
+    pub dh: usize,
+    /// Sliding window (0: none).
+    pub window: usize,
+}
+
+/// Head sizes the flash kernels are built for.
+pub(crate) fn flash_supports(dh: usize) -> bool {
+    matches!(dh, 16 | 32 | 64 | 80 | 96 | 128)
+}
+
+/// The gradients of [`launch_flash_fwd`] given `dO` (bf16, Q's layout), the forward output
+/// `o` (f32) and its log-sum-exp: dQ (f32, Q's layout; zeroed here, the kernel adds into it),
+/// dK and dV (f32, K's layout).
+pub(crate) fn launch_flash_bwd(
+    gpu: &Gpu,
+    a: &FlashArgs,
+    d_o: u64,
+    o: u64,
+    lse: u64,
+) -> Result<(DBuf, DBuf, DBuf)> {
+    if !flash_supports(a.dh) {
+        return Err(Error::Device(format!(
+            "flash attention is built for head sizes 16, 32, 64, 80, 96 and 128, not {}",
+            a.dh
+        )));
+    }
+    let q_rows = a.nseq * a.heads * a.l;
+    let kv_len = a.nseq * a.kv_heads * a.l * a.dh;
+    let dv_rows = gpu.uninit_f32(q_rows)?;
+    gpu.launch(
+        "flash_bwd_dot",
+        q_rows.div_ceil(8) as u32,
+        256,
+        &[
+            Arg::P(d_o),
+            Arg::P(o),
+            Arg::P(dv_rows.ptr),
+            Arg::L(q_rows as i64),
+            Arg::I(a.dh as i32),
+        ],
+    )?;
+    let dq = gpu.alloc_f32(q_rows * a.dh)?;
+    let dk = gpu.uninit_f32(kv_len)?;
+    let dv = gpu.uninit_f32(kv_len)?;
+    let blocks = a.l.div_ceil(64) * a.kv_heads * a.nseq;
+    gpu.launch(
+        &format!("flash_bwd_d{}", a.dh),
+        blocks as u32,
+        128,
+        &[
+            Arg::P(a.q),
+            Arg::P(a.k),
+            Arg::P(a.v),
+            Arg::P(d_o),
+            Arg::P(lse),
+            Arg::P(dv_rows.ptr),
+            Arg::P(dq.ptr),
+            Arg::P(dk.ptr),
+            Arg::P(dv.ptr),
+            Arg::P(a.seq_len),
+            Arg::I(a.heads as i32),
+            Arg::I(a.kv_heads as i32),
+            Arg::I(a.l as i32),
+            Arg::I(a.window as i32),
+            Arg::F(1.0 / (a.dh as f32).sqrt()),
+        ],
+    )?;
+    Ok((dq, dk, dv))
+}
+
+/// Causal attention in one kernel (kernels.cu `flash_fwd_d*`): `o` f32 in Q's layout and,
+/// when non-zero, `lse` the rows' log-sum-exp.
+pub(crate) fn launch_flash_fwd(gpu: &Gpu, a: &FlashArgs, o: u64, lse: u64) -> Result<()> {
+    if !flash_supports(a.dh) {
+        return Err(Error::Device(format!(
+            "flash attention is built for head sizes 16, 32, 64, 80, 96 and 128, not {}",
+            a.dh
+        )));
+    }
+    let name = format!("flash_fwd_d{}", a.dh);
+    let blocks = a.l.div_ceil(64) * a.heads * a.nseq;
+    gpu.launch(
+        &name,
+        blocks as u32,
+        128,
+        &[
+            Arg::P(a.q),
+            Arg::P(a.k),
+            Arg::P(a.v),
+            Arg::P(o),
+            Arg::P(lse),
+            Arg::P(a.seq_len),
+            Arg::I(a.heads as i32),
+            Arg::I(a.kv_heads as i32),
+            Arg::I(a.l as i32),
+            Arg::I(a.window as i32),
+            Arg::F(1.0 / (a.dh as f32).sqrt()),
+        ],
+    )
+}
