@@ -80,7 +80,6 @@ fn run(_: &Args, _: DeviceSpec) -> peftkit_core::Result<()> {
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 fn run(a: &Args, dev: DeviceSpec) -> peftkit_core::Result<()> {
     use peftkit_core::gpu::{check, device::Gpu};
-    use peftkit_core::train::bottleneck::{Activation, Variant};
     use peftkit_core::train::lora::Targets;
     use serde_json::json;
     let mut gpu = Gpu::open(dev)?;
@@ -99,48 +98,17 @@ fn run(a: &Args, dev: DeviceSpec) -> peftkit_core::Result<()> {
     }
     if !a.engine.is_empty() {
         let mut rows = Vec::new();
-        // LoRA and QLoRA, LoRA again with flash attention, and DoRA.
-        let case = |q4, flash, dora, ia3, full| check::EngineCase {
-            q4,
-            flash,
-            dora,
-            ia3,
-            full,
-            prompt: false,
-            bottleneck: None,
-            prefix: None,
-        };
-        let cases = [
-            case(false, false, false, false, false),
-            case(true, false, false, false, false),
-            case(false, true, false, false, false),
-            case(false, false, true, false, false),
-            case(false, false, false, true, false),
-            case(false, false, false, false, true),
-            check::EngineCase {
-                prompt: true,
-                ..Default::default()
-            },
-            check::EngineCase {
-                bottleneck: Some((Variant::Houlsby, Activation::Silu)),
-                ..Default::default()
-            },
-            check::EngineCase {
-                bottleneck: Some((Variant::Parallel, Activation::Silu)),
-                ..Default::default()
-            },
-            check::EngineCase {
-                prefix: Some(16),
-                ..Default::default()
-            },
-        ];
-        for (dir, c) in a.engine.iter().flat_map(|d| cases.map(|c| (d, c))) {
+        // Every method: LoRA, QLoRA, DoRA, IA3, full, prompt, bottleneck, prefix tuning.
+        let cases = check::EngineCase::every();
+        for (dir, &c) in a
+            .engine
+            .iter()
+            .flat_map(|d| cases.iter().map(move |c| (d, c)))
+        {
             cli::info(format!("{}:", dir.display()));
             let (v, f, g) = check::engine_vs_cpu(gpu, dir, c)?;
             gpu = g;
-            rows.push(
-                json!({"model": dir, "qlora": c.q4, "flash": c.flash, "dora": c.dora, "checks": v}),
-            );
+            rows.push(json!({"model": dir, "case": format!("{c:?}"), "checks": v}));
             failed += f;
         }
         // Evaluation passes, with the adapters on and off (DPO's reference), and generation

@@ -567,7 +567,6 @@ pub(crate) fn attention_reference(
     dh: usize,
     window: usize,
 ) -> Vec<f32> {
-    let scale = 1.0 / (dh as f64).sqrt();
     let mut out = vec![0f32; q.len()];
     for (s, &len) in lens.iter().enumerate() {
         for h in 0..heads {
@@ -575,33 +574,49 @@ pub(crate) fn attention_reference(
             let qb = (s * heads + h) * l * dh;
             let kb = (s * kvh + kh) * l * dh;
             for t in 0..len {
-                let lo = if window > 0 {
-                    (t + 1).saturating_sub(window)
-                } else {
-                    0
-                };
-                let sc: Vec<f64> = (lo..=t)
-                    .map(|j| {
-                        (0..dh)
-                            .map(|c| q[qb + t * dh + c] as f64 * k[kb + j * dh + c] as f64)
-                            .sum::<f64>()
-                            * scale
-                    })
-                    .collect();
-                let m = sc.iter().cloned().fold(f64::MIN, f64::max);
-                let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
-                let z: f64 = e.iter().sum();
+                let (lo, p) = causal_probs(q, k, qb + t * dh, kb, t, dh, window);
                 for c in 0..dh {
                     let o: f64 = (lo..=t)
-                        .zip(&e)
+                        .zip(&p)
                         .map(|(j, p)| p * v[kb + j * dh + c] as f64)
                         .sum();
-                    out[qb + t * dh + c] = (o / z) as f32;
+                    out[qb + t * dh + c] = o as f32;
                 }
             }
         }
     }
     out
+}
+
+/// Row `q[qi..qi + dh]`'s causal softmax over the keys of head block `kb` (query position
+/// `t`, sliding `window` or 0): the first key it sees and the probabilities, in f64.
+fn causal_probs(
+    q: &[f32],
+    k: &[f32],
+    qi: usize,
+    kb: usize,
+    t: usize,
+    dh: usize,
+    window: usize,
+) -> (usize, Vec<f64>) {
+    let scale = 1.0 / (dh as f64).sqrt();
+    let lo = if window > 0 {
+        (t + 1).saturating_sub(window)
+    } else {
+        0
+    };
+    let sc: Vec<f64> = (lo..=t)
+        .map(|j| {
+            (0..dh)
+                .map(|c| q[qi + c] as f64 * k[kb + j * dh + c] as f64)
+                .sum::<f64>()
+                * scale
+        })
+        .collect();
+    let m = sc.iter().cloned().fold(f64::MIN, f64::max);
+    let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+    let z: f64 = e.iter().sum();
+    (lo, e.into_iter().map(|x| x / z).collect())
 }
 
 /// The gradients of [`attention_reference`] given `d_o`: (dQ, dK, dV), in f64.
@@ -628,23 +643,7 @@ pub(crate) fn attention_backward_reference(
             let qb = (s * heads + h) * l * dh;
             let kb = (s * kvh + kh) * l * dh;
             for t in 0..len {
-                let lo = if window > 0 {
-                    (t + 1).saturating_sub(window)
-                } else {
-                    0
-                };
-                let sc: Vec<f64> = (lo..=t)
-                    .map(|j| {
-                        (0..dh)
-                            .map(|c| q[qb + t * dh + c] as f64 * k[kb + j * dh + c] as f64)
-                            .sum::<f64>()
-                            * scale
-                    })
-                    .collect();
-                let m = sc.iter().cloned().fold(f64::MIN, f64::max);
-                let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
-                let z: f64 = e.iter().sum();
-                let p: Vec<f64> = e.iter().map(|x| x / z).collect();
+                let (lo, p) = causal_probs(q, k, qb + t * dh, kb, t, dh, window);
                 let dp: Vec<f64> = (lo..=t)
                     .map(|j| {
                         (0..dh)
@@ -921,6 +920,59 @@ pub struct EngineCase {
         crate::train::bottleneck::Variant,
         crate::train::bottleneck::Activation,
     )>,
+}
+
+impl EngineCase {
+    /// Every method the GPU engine runs, as the device check and the simulator tests go
+    /// through them: LoRA, QLoRA, LoRA with flash attention, DoRA and IA3 (each on a 16-bit
+    /// and a 4-bit base), full fine-tuning, prompt tuning, bottleneck adapters (Houlsby and
+    /// parallel), P-Tuning v2, and prefix tuning with flash attention.
+    pub fn every() -> Vec<Self> {
+        use crate::train::bottleneck::{Activation, Variant};
+        let base = Self::default();
+        vec![
+            base,
+            Self { q4: true, ..base },
+            Self {
+                flash: true,
+                ..base
+            },
+            Self { dora: true, ..base },
+            Self {
+                dora: true,
+                q4: true,
+                ..base
+            },
+            Self { ia3: true, ..base },
+            Self {
+                ia3: true,
+                q4: true,
+                ..base
+            },
+            Self { full: true, ..base },
+            Self {
+                prompt: true,
+                ..base
+            },
+            Self {
+                bottleneck: Some((Variant::Houlsby, Activation::Silu)),
+                ..base
+            },
+            Self {
+                bottleneck: Some((Variant::Parallel, Activation::Silu)),
+                ..base
+            },
+            Self {
+                prefix: Some(0),
+                ..base
+            },
+            Self {
+                prefix: Some(16),
+                flash: true,
+                ..base
+            },
+        ]
+    }
 }
 
 /// IA3 with PEFT's default targets, its vectors moved off 1 so that they change the outputs.

@@ -317,6 +317,12 @@ impl Gpu {
         self.launch(name, grid, 256, args)
     }
 
+    /// Launches a kernel with one thread per column of `cols` (column reductions: each thread
+    /// walks its column's rows, so no atomics are needed and the reads coalesce).
+    pub fn launch_cols(&self, name: &str, cols: usize, args: &[Arg]) -> Result<()> {
+        self.launch(name, cols.div_ceil(128) as u32, 128, args)
+    }
+
     /// Launches a kernel with one block per row.
     pub fn launch_rows(&self, name: &str, rows: usize, cols: usize, args: &[Arg]) -> Result<()> {
         let block = if cols >= 4096 {

@@ -1149,10 +1149,9 @@ impl GpuEngine {
             let dxs = self.gpu.uninit_f32(rows * inp)?;
             self.gpu
                 .gemm(&Gemm::nn(rows, inp, out, dy.ptr, w, dxs.ptr))?;
-            return self.gpu.launch(
+            return self.gpu.launch_cols(
                 "ia3_input_bwd",
-                inp.div_ceil(128) as u32,
-                128,
+                inp,
                 &[
                     Arg::P(dxs.ptr),
                     Arg::P(x.ptr),
@@ -1172,10 +1171,9 @@ impl GpuEngine {
             (Some(v), Some(pre)) => {
                 scaled = self.gpu.uninit_bf16(rows * out)?;
                 let norm = act.and_then(|a| a.norm.as_ref()).map_or(0, |n| n.ptr);
-                self.gpu.launch(
+                self.gpu.launch_cols(
                     "dora_bwd",
-                    out.div_ceil(128) as u32,
-                    128,
+                    out,
                     &[
                         Arg::P(dy.ptr),
                         Arg::P(pre.ptr),
@@ -1198,10 +1196,9 @@ impl GpuEngine {
                 .gemm(&Gemm::tn(out, inp, rows, dy.ptr, x.ptr, g.ptr).accumulate())?;
         }
         if let Some(g) = self.base_grads.get(&Slot::LinearBias(idx)) {
-            self.gpu.launch(
+            self.gpu.launch_cols(
                 "col_sum_bf16",
-                out.div_ceil(128) as u32,
-                128,
+                out,
                 &[
                     Arg::P(dy.ptr),
                     Arg::P(g.ptr),

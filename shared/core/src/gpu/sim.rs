@@ -400,52 +400,10 @@ mod tests {
     /// tiny models: loss, all gradients, and each tensor's gradient on its own.
     #[test]
     fn gpu_engine_steps_match_the_cpu_engine() {
-        use crate::train::bottleneck::{Activation, Variant};
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
         let mut gpu = sim();
         for name in ["llama_gqa", "llama_untied", "llama3_rope", "qwen2"] {
-            let case = |q4, flash, dora, ia3, full| check::EngineCase {
-                q4,
-                flash,
-                dora,
-                ia3,
-                full,
-                prompt: false,
-                bottleneck: None,
-                prefix: None,
-            };
-            let cases = [
-                case(false, false, false, false, false),
-                case(true, false, false, false, false),
-                case(false, true, false, false, false),
-                case(false, false, true, false, false),
-                case(true, false, true, false, false),
-                case(false, false, false, true, false),
-                case(true, false, false, true, false),
-                case(false, false, false, false, true),
-                check::EngineCase {
-                    prompt: true,
-                    ..Default::default()
-                },
-                check::EngineCase {
-                    bottleneck: Some((Variant::Houlsby, Activation::Silu)),
-                    ..Default::default()
-                },
-                check::EngineCase {
-                    bottleneck: Some((Variant::Parallel, Activation::Silu)),
-                    ..Default::default()
-                },
-                check::EngineCase {
-                    prefix: Some(0),
-                    ..Default::default()
-                },
-                check::EngineCase {
-                    prefix: Some(16),
-                    flash: true,
-                    ..Default::default()
-                },
-            ];
-            for case in cases {
+            for case in check::EngineCase::every() {
                 let (v, failed, g) = check::engine_vs_cpu(gpu, &root.join(name), case).unwrap();
                 gpu = g;
                 assert_eq!(failed, 0, "{name} {case:?}: {v:#}");

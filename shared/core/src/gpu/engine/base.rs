@@ -137,10 +137,9 @@ impl GpuEngine {
             return Ok(());
         };
         let d = self.model.hidden;
-        self.gpu.launch(
+        self.gpu.launch_cols(
             "rmsnorm_dw",
-            d.div_ceil(128) as u32,
-            128,
+            d,
             &[
                 Arg::P(x.ptr),
                 Arg::P(rstd.ptr),

@@ -99,10 +99,9 @@ impl GpuEngine {
         // up: dW += doutᵀ·a, db += Σ dout
         gpu.gemm(&Gemm::tn(d, r, rows, db.ptr, sv.a.ptr, u.grads[2].ptr).accumulate())?;
         let colsum = |g: &DBuf, x: &DBuf, cols: usize| {
-            gpu.launch(
+            gpu.launch_cols(
                 "col_sum_bf16",
-                cols.div_ceil(128) as u32,
-                128,
+                cols,
                 &[
                     Arg::P(x.ptr),
                     Arg::P(g.ptr),
