@@ -700,26 +700,21 @@ fn check_flash(
     let glen = gpu.upload(&lens_i)?;
     let go = gpu.uninit_f32(q.len())?;
     let glse = gpu.uninit_f32(nseq * heads * l)?;
-    let run = || {
-        launch_flash_fwd(
-            gpu,
-            &FlashArgs {
-                q: gq.ptr,
-                k: gk.ptr,
-                v: gv.ptr,
-                seq_len: glen.ptr,
-                nseq,
-                heads,
-                kv_heads: kvh,
-                l,
-                dh,
-                window,
-            },
-            go.ptr,
-            glse.ptr,
-        )
+    let args = FlashArgs {
+        q: gq.ptr,
+        k: gk.ptr,
+        v: gv.ptr,
+        seq_len: glen.ptr,
+        nseq,
+        heads,
+        kv_heads: kvh,
+        l,
+        dh,
+        window,
     };
-    let t = time(gpu, s.reps(10), run)?;
+    let t = time(gpu, s.reps(10), || {
+        launch_flash_fwd(gpu, &args, go.ptr, glse.ptr)
+    })?;
     let want = attention_reference(&q, &k, &v, &lens, heads, kvh, l, dh, window);
     let got = gpu.download_f32(&go, q.len())?;
     let causal_flops: f64 = lens
@@ -736,18 +731,6 @@ fn check_flash(
     // Backward: dQ, dK, dV against the f64 gradients of the same bf16 inputs.
     let d_o: Vec<f32> = rand_vec(rng, q.len(), 1.0).into_iter().map(bf).collect();
     let gdo = gpu.upload_bf16(&d_o)?;
-    let args = FlashArgs {
-        q: gq.ptr,
-        k: gk.ptr,
-        v: gv.ptr,
-        seq_len: glen.ptr,
-        nseq,
-        heads,
-        kv_heads: kvh,
-        l,
-        dh,
-        window,
-    };
     let mut grads = None;
     let t = time(gpu, s.reps(10), || {
         grads = Some(launch_flash_bwd(gpu, &args, gdo.ptr, go.ptr, glse.ptr)?);

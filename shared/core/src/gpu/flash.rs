@@ -24,6 +24,16 @@ pub(crate) fn flash_supports(dh: usize) -> bool {
     matches!(dh, 16 | 32 | 64 | 80 | 96 | 128)
 }
 
+/// The entry point of `kind` built for head size `dh`.
+fn kernel(kind: &str, dh: usize) -> Result<String> {
+    if !flash_supports(dh) {
+        return Err(Error::Device(format!(
+            "flash attention is built for head sizes 16, 32, 64, 80, 96 and 128, not {dh}"
+        )));
+    }
+    Ok(format!("{kind}_d{dh}"))
+}
+
 /// The gradients of [`launch_flash_fwd`] given `dO` (bf16, Q's layout), the forward output
 /// `o` (f32) and its log-sum-exp: dQ (f32, Q's layout; zeroed here, the kernel adds into it),
 /// dK and dV (f32, K's layout).
@@ -34,12 +44,6 @@ pub(crate) fn launch_flash_bwd(
     o: u64,
     lse: u64,
 ) -> Result<(DBuf, DBuf, DBuf)> {
-    if !flash_supports(a.dh) {
-        return Err(Error::Device(format!(
-            "flash attention is built for head sizes 16, 32, 64, 80, 96 and 128, not {}",
-            a.dh
-        )));
-    }
     let q_rows = a.nseq * a.heads * a.l;
     let kv_len = a.nseq * a.kv_heads * a.l * a.dh;
     let dv_rows = gpu.uninit_f32(q_rows)?;
@@ -60,7 +64,7 @@ pub(crate) fn launch_flash_bwd(
     let dv = gpu.uninit_f32(kv_len)?;
     let blocks = a.l.div_ceil(64) * a.kv_heads * a.nseq;
     gpu.launch(
-        &format!("flash_bwd_d{}", a.dh),
+        &kernel("flash_bwd", a.dh)?,
         blocks as u32,
         128,
         &[
@@ -87,13 +91,7 @@ pub(crate) fn launch_flash_bwd(
 /// Causal attention in one kernel (kernels.cu `flash_fwd_d*`): `o` f32 in Q's layout and,
 /// when non-zero, `lse` the rows' log-sum-exp.
 pub(crate) fn launch_flash_fwd(gpu: &Gpu, a: &FlashArgs, o: u64, lse: u64) -> Result<()> {
-    if !flash_supports(a.dh) {
-        return Err(Error::Device(format!(
-            "flash attention is built for head sizes 16, 32, 64, 80, 96 and 128, not {}",
-            a.dh
-        )));
-    }
-    let name = format!("flash_fwd_d{}", a.dh);
+    let name = kernel("flash_fwd", a.dh)?;
     let blocks = a.l.div_ceil(64) * a.heads * a.nseq;
     gpu.launch(
         &name,
