@@ -6,7 +6,7 @@
 use super::blas::Gemm;
 use super::device::{Arg, DBuf};
 use super::engine::GpuEngine;
-use super::weights::{DOWN, GATE, K, O, Q, UP, V};
+use super::weights::{K, O, Q, V};
 use crate::error::{Error, Result};
 use crate::generate::Decoder;
 use crate::train::params::TrainState;
@@ -60,7 +60,7 @@ impl<'e> GpuDecoder<'e> {
         let (gpu, m) = (&e.gpu, &e.model);
         let (n, pos0) = (next.len(), self.len);
         let (d, dh) = (m.hidden, m.head_dim);
-        let (qd, kvd, ff) = (m.heads * dh, m.kv_heads * dh, m.inter);
+        let (qd, kvd) = (m.heads * dh, m.kv_heads * dh);
         let ids = gpu.upload(next)?;
         let row_seq = gpu.upload(&vec![0i32; n])?;
         let row_pos: Vec<i32> = (pos0..pos0 + n).map(|p| p as i32).collect();
@@ -141,26 +141,7 @@ impl<'e> GpuDecoder<'e> {
             let h2 = gpu.uninit_f32(n * d)?;
             e.lin_fwd(l, O, &o_in, &h2, n)?;
             add(&h2, &x, n * d)?;
-            let n2 = gpu.uninit_bf16(n * d)?;
-            e.rmsnorm(&h2, &blk.mlp_norm, &n2, &rstd, n)?;
-            let g = gpu.uninit_f32(n * ff)?;
-            let u = gpu.uninit_f32(n * ff)?;
-            e.lin_fwd(l, GATE, &n2, &g, n)?;
-            e.lin_fwd(l, UP, &n2, &u, n)?;
-            let a = gpu.uninit_bf16(n * ff)?;
-            gpu.launch_n(
-                "silu_mul_fwd",
-                n * ff,
-                &[
-                    Arg::P(g.ptr),
-                    Arg::P(u.ptr),
-                    Arg::P(a.ptr),
-                    Arg::L((n * ff) as i64),
-                ],
-            )?;
-            let out = gpu.uninit_f32(n * d)?;
-            e.lin_fwd(l, DOWN, &a, &out, n)?;
-            add(&out, &h2, n * d)?;
+            let out = e.mlp_forward(l, &h2, n)?.out;
             // Rounded to bf16 between blocks, as in training and in a bf16 PyTorch model.
             x = e.round_bf16(&out, n * d)?;
         }

@@ -77,6 +77,19 @@ pub(super) struct LinAct {
     norm: Option<DBuf>,
 }
 
+/// The MLP sub-layer's output (residual added) and what its backward pass needs.
+pub(super) struct Mlp {
+    n2: DBuf,
+    rstd2: DBuf,
+    g: DBuf,
+    u: DBuf,
+    a: DBuf,
+    pub(super) out: DBuf,
+    /// gate, up, down.
+    acts: [Option<LinAct>; 3],
+    adapter: Option<AdapterSaved>,
+}
+
 /// What the forward pass leaves for the loss and the backward pass.
 struct Forward {
     lay: Layout,
@@ -582,10 +595,10 @@ impl GpuEngine {
             }
         }
         // Prefix tuning: dL/dP back to the host, through the reparameterization there.
-        if let (Some(g), Some(p)) = (&self.prefix, &state.prefix) {
+        if let Some(g) = &self.prefix {
             let dp = self.gpu.download_f32(&g.dp, g.n * g.stride)?;
-            let vals = p.values();
-            crate::train::prefix::backward(state, &vals, &dp);
+            let vals = g.values.as_ref().expect("set by the forward pass");
+            crate::train::prefix::backward(state, vals, &dp);
         }
         self.collect_grads(state)?;
         self.phases.mark(&self.gpu, "gradients to host");
@@ -650,7 +663,10 @@ impl GpuEngine {
             self.gpu.write(buf, &p.emb)?;
         }
         if let (Some(g), Some(p)) = (&mut self.prefix, &state.prefix) {
-            self.gpu.write(&mut g.p, &p.values().p)?;
+            // Kept for the backward pass: it takes dL/dP through the same values.
+            let vals = p.values();
+            self.gpu.write(&mut g.p, &vals.p)?;
+            g.values = Some(vals);
             let n = g.dp.bytes;
             self.gpu.zero(&mut g.dp, n)?;
         }
@@ -1558,6 +1574,50 @@ impl GpuEngine {
         Ok((dqp, dkp, dvp))
     }
 
+    /// Block `l`'s MLP sub-layer on `h2` (the residual stream after attention, f32): its
+    /// output with the residual added, and what its backward pass needs.
+    pub(super) fn mlp_forward(&self, l: usize, h2: &DBuf, rows: usize) -> Result<Mlp> {
+        let gpu = &self.gpu;
+        let m = &self.model;
+        let (d, ff) = (m.hidden, m.inter);
+        let n2 = gpu.uninit_bf16(rows * d)?;
+        let rstd2 = gpu.uninit_f32(rows)?;
+        self.rmsnorm(h2, &m.blocks[l].mlp_norm, &n2, &rstd2, rows)?;
+        let g = gpu.uninit_f32(rows * ff)?;
+        let u = gpu.uninit_f32(rows * ff)?;
+        let xg = self.lin_fwd(l, GATE, &n2, &g, rows)?;
+        let xu = self.lin_fwd(l, UP, &n2, &u, rows)?;
+        let a = gpu.uninit_bf16(rows * ff)?;
+        gpu.launch_n(
+            "silu_mul_fwd",
+            rows * ff,
+            &[
+                Arg::P(g.ptr),
+                Arg::P(u.ptr),
+                Arg::P(a.ptr),
+                Arg::L((rows * ff) as i64),
+            ],
+        )?;
+        let out = gpu.uninit_f32(rows * d)?;
+        let xd = self.lin_fwd(l, DOWN, &a, &out, rows)?;
+        let adapter = self.adapter_fwd(l, 1, &n2, &out, rows)?;
+        gpu.launch_n(
+            "add_inplace",
+            rows * d,
+            &[Arg::P(out.ptr), Arg::P(h2.ptr), Arg::L((rows * d) as i64)],
+        )?;
+        Ok(Mlp {
+            n2,
+            rstd2,
+            g,
+            u,
+            a,
+            out,
+            acts: [xg, xu, xd],
+            adapter,
+        })
+    }
+
     fn block_forward(
         &self,
         l: usize,
@@ -1569,7 +1629,7 @@ impl GpuEngine {
         let m = &self.model;
         let blk = &m.blocks[l];
         let (d, rows) = (m.hidden, lay.rows);
-        let (qd, kvd, ff) = (m.heads * m.head_dim, m.kv_heads * m.head_dim, m.inter);
+        let (qd, kvd) = (m.heads * m.head_dim, m.kv_heads * m.head_dim);
         let mut xa: Vec<Option<LinAct>> = (0..PER_BLOCK).map(|_| None).collect();
         // attention
         let n1 = gpu.uninit_bf16(rows * d)?;
@@ -1602,33 +1662,17 @@ impl GpuEngine {
             rows * d,
             &[Arg::P(h2.ptr), Arg::P(x.ptr), Arg::L((rows * d) as i64)],
         )?;
-        // MLP
-        let n2 = gpu.uninit_bf16(rows * d)?;
-        let rstd2 = gpu.uninit_f32(rows)?;
-        self.rmsnorm(&h2, &blk.mlp_norm, &n2, &rstd2, rows)?;
-        let g = gpu.uninit_f32(rows * ff)?;
-        let u = gpu.uninit_f32(rows * ff)?;
-        xa[GATE] = self.lin_fwd(l, GATE, &n2, &g, rows)?;
-        xa[UP] = self.lin_fwd(l, UP, &n2, &u, rows)?;
-        let a = gpu.uninit_bf16(rows * ff)?;
-        gpu.launch_n(
-            "silu_mul_fwd",
-            rows * ff,
-            &[
-                Arg::P(g.ptr),
-                Arg::P(u.ptr),
-                Arg::P(a.ptr),
-                Arg::L((rows * ff) as i64),
-            ],
-        )?;
-        let out = gpu.uninit_f32(rows * d)?;
-        xa[DOWN] = self.lin_fwd(l, DOWN, &a, &out, rows)?;
-        let ad1 = self.adapter_fwd(l, 1, &n2, &out, rows)?;
-        gpu.launch_n(
-            "add_inplace",
-            rows * d,
-            &[Arg::P(out.ptr), Arg::P(h2.ptr), Arg::L((rows * d) as i64)],
-        )?;
+        let Mlp {
+            n2,
+            rstd2,
+            g,
+            u,
+            a,
+            out,
+            acts: [xg, xu, xd],
+            adapter: ad1,
+        } = self.mlp_forward(l, &h2, rows)?;
+        (xa[GATE], xa[UP], xa[DOWN]) = (xg, xu, xd);
         let saved = keep.then_some(Saved {
             n1,
             rstd1,

@@ -46,6 +46,7 @@ impl GpuEngine {
                 kv_dim: p.kv_dim,
                 p: self.gpu.alloc_f32(len)?,
                 dp: self.gpu.alloc_f32(len)?,
+                values: None,
             });
             // Every layer attends to the prefix: the backward pass goes through all of them.
             self.stop_layer = 0;

@@ -10,6 +10,8 @@ pub(super) struct GpuPrefix {
     pub(super) kv_dim: usize,
     pub(super) p: DBuf,
     pub(super) dp: DBuf,
+    /// The host's P of this pass and what its backward needs (the MLP's activations).
+    pub(super) values: Option<crate::train::prefix::PrefixValues>,
 }
 
 impl GpuEngine {
