@@ -38,11 +38,11 @@ test: build
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
-	$(CARGO) clippy --release --target-dir target/cuda -p peftkit-core -p gpu-check -p peftkit-train-cli -p peft-eval -p peft-generate --all-targets --features peftkit-core/cuda,peftkit-core/cuda-sim,gpu-check/cuda,gpu-check/cuda-sim,peftkit-train-cli/cuda-sim -- -D warnings
+	$(CARGO) clippy --release --target-dir target/cuda -p peftkit-core -p gpu-check -p peftkit-train-cli -p peft-eval -p peft-generate -p rm-score --all-targets --features peftkit-core/cuda,peftkit-core/cuda-sim,gpu-check/cuda,gpu-check/cuda-sim,peftkit-train-cli/cuda-sim -- -D warnings
 
 # The GPU build: its own target folder, so the CPU binaries in target/release stay as they are.
 build-cuda:
-	$(CARGO) build --release --target-dir target/cuda -p peft-train -p peft-eval -p peft-generate -p rm-train -p dpo-train -p gpu-check --features peftkit-core/cuda,gpu-check/cuda
+	$(CARGO) build --release --target-dir target/cuda -p peft-train -p peft-eval -p peft-generate -p rm-train -p dpo-train -p ppo-train -p rm-score -p gpu-check --features peftkit-core/cuda,gpu-check/cuda
 
 # NVRTC compiles kernels.cu without a GPU: the library comes from PyPI (90 MB, cached).
 NVRTC_DIR ?= $(CACHE)/nvrtc

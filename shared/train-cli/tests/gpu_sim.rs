@@ -489,3 +489,179 @@ fn prompt_tuning_with_a_trainable_embedding_on_the_simulated_gpu_trains_like_the
         ],
     );
 }
+
+/// ppo-train --device cuda-sim: rollouts sampled on the GPU (top-k 1, so the same tokens as the
+/// CPU's), the policy's and the reference's log-probabilities and entropies at the sampling
+/// temperature, the reward model's scores and the PPO update (value head on the host) against
+/// the same run on the CPU.
+#[test]
+fn ppo_on_the_simulated_gpu_trains_like_the_cpu() {
+    use peftkit_core::train::ppo_math::KlEstimator;
+    use peftkit_core::train::ppo_trainer::{self, PpoOptions};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let rm = tmp.path().join("rm");
+    train(&rm, "cpu", Task::Reward, &[]);
+    let prompts = tmp.path().join("prompts.jsonl");
+    let texts = [
+        "apple river stone:",
+        "cloud green quick:",
+        "slow table apple:",
+    ];
+    let lines: Vec<String> = texts
+        .iter()
+        .cycle()
+        .take(8)
+        .map(|t| serde_json::json!({ "prompt": t }).to_string())
+        .collect();
+    std::fs::write(&prompts, lines.join("\n")).unwrap();
+    let model = root().join("tests/fixtures/models/llama_gqa");
+    let ppo = |device: &str| -> (Vec<serde_json::Value>, Vec<(String, Vec<f32>)>) {
+        let out = tmp.path().join(format!("ppo-{device}"));
+        let log = out.with_extension("jsonl");
+        let argv = [
+            "ppo-train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            prompts.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--log",
+            log.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--batch",
+            "4",
+            "--rank",
+            "4",
+            "--lr",
+            "1e-2",
+            "--seed",
+            "5",
+            "--device",
+            device,
+            "-q",
+        ];
+        let cli = Cli::parse_from(argv);
+        let mut train = to_options(&cli.train).unwrap();
+        train.clip = Some(1.0);
+        let opts = PpoOptions {
+            train,
+            reward_model: rm.clone(),
+            reward_adapter: None,
+            init_adapter: None,
+            response_length: 6,
+            temperature: 0.7,
+            top_p: 1.0,
+            top_k: 1,
+            kl_coef: 0.05,
+            kl_estimator: KlEstimator::K1,
+            adaptive_kl: None,
+            gamma: 1.0,
+            lam: 0.95,
+            cliprange: 0.2,
+            cliprange_value: 0.2,
+            vf_coef: 0.1,
+            ppo_epochs: 2,
+            mini_batches: 2,
+            missing_eos_penalty: None,
+            whiten_rewards: false,
+            ratio_threshold: Some(10.0),
+            max_prompt_len: 64,
+            eval_prompts: 3,
+        };
+        ppo_trainer::run(&opts).unwrap();
+        let records = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let mut tensors = read_tensors(&out.join("adapter_model.safetensors"));
+        tensors.extend(read_tensors(&out.join("value_head.safetensors")));
+        (records, tensors)
+    };
+    let (cpu, cpu_w) = ppo("cpu");
+    let (sim, sim_w) = ppo("cuda-sim");
+    assert_eq!(cpu.len(), sim.len(), "log records");
+    let mut compared = 0;
+    for (c, g) in cpu.iter().zip(&sim) {
+        // The same responses: greedy sampling picks the CPU's tokens.
+        for key in ["response_length", "eval_response_length"] {
+            assert_eq!(c.get(key), g.get(key), "{key}: {g} vs {c}");
+        }
+        for key in [
+            "score_mean",
+            "eval_score",
+            "entropy",
+            "pg_loss",
+            "vf_loss",
+            "kl",
+            "value_mean",
+        ] {
+            let (Some(x), Some(y)) = (
+                c.get(key).and_then(|v| v.as_f64()),
+                g.get(key).and_then(|v| v.as_f64()),
+            ) else {
+                continue;
+            };
+            // bf16 products against f32: a few 1e-3 of the larger of the values and 1
+            assert!(
+                (x - y).abs() < 3e-2 * x.abs().max(y.abs()).max(1.0),
+                "{key}: {y} on the simulator, {x} on the CPU (step {})",
+                c["step"]
+            );
+            compared += 1;
+        }
+    }
+    assert!(compared >= 14, "only {compared} values compared");
+    assert_eq!(cpu_w.len(), sim_w.len());
+    for ((name, c), (_, g)) in cpu_w.iter().zip(&sim_w) {
+        let num: f64 = c.iter().zip(g).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let den: f64 = c.iter().map(|a| (*a as f64).powi(2)).sum();
+        assert!(den > 0.0, "{name} did not train");
+        let rel = (num / den).sqrt();
+        assert!(rel < 0.3, "{name}: relative difference {rel}");
+    }
+}
+
+/// rm-score --device cuda-sim (and PPO's reward): a reward adapter's scores from the GPU's
+/// passes, the score head applied on the host, against the CPU's.
+#[test]
+fn reward_scores_on_the_simulated_gpu_match_the_cpu() {
+    use peftkit_core::gpu::DeviceSpec;
+    use peftkit_core::model::Model;
+    use peftkit_core::tokenizer::TextTokenizer;
+    use peftkit_core::train::backend::Backend;
+    use peftkit_core::train::preference::{load_reward_adapter, reward_pad, score_sequences_on};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let rm = tmp.path().join("rm");
+    train(&rm, "cpu", Task::Reward, &[]);
+    let dir = root().join("tests/fixtures/models/llama_gqa");
+    let tok = TextTokenizer::load(&dir).unwrap();
+    let model = Model::load(&dir).unwrap();
+    let seqs: Vec<Vec<u32>> = [
+        "apple river stone: green quick yes yes",
+        "apple river stone: green quick no no",
+        "a",
+    ]
+    .iter()
+    .map(|t| tok.encode(t).unwrap())
+    .collect();
+    let pad = reward_pad(&model, &tok);
+    let scores = |device: DeviceSpec| {
+        let mut state = load_reward_adapter(&model, &rm).unwrap();
+        let mut backend = Backend::for_eval(device, &model, &state).unwrap();
+        score_sequences_on(&mut backend, &model, &mut state, &seqs, pad, 2).unwrap()
+    };
+    let (cpu, sim) = (scores(DeviceSpec::Cpu), scores(DeviceSpec::Sim));
+    let spread = cpu.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(spread > 0.0);
+    for (c, g) in cpu.iter().zip(&sim) {
+        assert!(
+            (c - g).abs() < 2e-2 * spread,
+            "score {g} on the simulator, {c} on the CPU"
+        );
+    }
+}

@@ -4,11 +4,13 @@
 
 use clap::Parser;
 use peftkit_core::data::read_records;
+use peftkit_core::gpu::DeviceSpec;
 use peftkit_core::model::Model;
 use peftkit_core::tokenizer::TextTokenizer;
+use peftkit_core::train::backend::Backend;
 use peftkit_core::train::pairs::{load_pairs, PairOptions};
 use peftkit_core::train::preference::{
-    load_reward_adapter, load_reward_model, reward_pad, score_sequences,
+    load_reward_adapter, load_reward_model, reward_pad, score_sequences_on,
 };
 use peftkit_core::{cli, kernels, Error};
 use serde_json::json;
@@ -24,6 +26,7 @@ use std::path::PathBuf;
   rm-score --model models/smollm2 --adapter runs/rm --data answers.jsonl --json     # {\"text\"} lines
   rm-score --model runs/rm-full --data held-out.json      # rm-train --method full output
   rm-score --model models/qwen2-rm --data answers.jsonl --json   # ...ForSequenceClassification
+  rm-score --model models/smollm2 --adapter runs/rm --data held-out.json --device cuda:0
 
 Without --adapter, --model is a Llama/Mistral/Qwen2/GPT2ForSequenceClassification folder with one
 label (as rm-train --method full or transformers' save_pretrained writes it): its score.weight is
@@ -53,6 +56,10 @@ struct Args {
     /// One JSON line per record on stdout
     #[arg(long)]
     json: bool,
+    /// cpu, or cuda:N: score on an NVIDIA GPU in bf16 (a build with the cuda feature,
+    /// docs/gpu.md); cuda-sim: the GPU code simulated on the CPU
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: String,
     /// Worker threads (0 = one per core)
     #[arg(long, default_value_t = 0, value_name = "N")]
     threads: usize,
@@ -76,6 +83,11 @@ fn main() {
             None => load_reward_model(&a.model, None)?,
         };
         let pad = reward_pad(&model, &tok);
+        let device = DeviceSpec::parse(&a.device)?;
+        let mut backend = Backend::for_eval(device, &model, &state)?;
+        let mut score = |seqs: &[Vec<u32>]| {
+            score_sequences_on(&mut backend, &model, &mut state, seqs, pad, a.batch)
+        };
         let (records, _) = read_records(&a.data, false)?;
         let is_pairs = records
             .first()
@@ -90,7 +102,7 @@ fn main() {
             let (pairs, _) = load_pairs(&a.data, &tok, &opts)?;
             let mut seqs: Vec<Vec<u32>> = pairs.iter().map(|p| p.chosen.ids.clone()).collect();
             seqs.extend(pairs.iter().map(|p| p.rejected.ids.clone()));
-            let s = score_sequences(&model, &mut state, &seqs, pad, a.batch)?;
+            let s = score(&seqs)?;
             let n = pairs.len();
             let mut correct = 0;
             for k in 0..n {
@@ -129,7 +141,7 @@ fn main() {
                 ids.truncate(a.max_len.max(1));
                 seqs.push(ids);
             }
-            let s = score_sequences(&model, &mut state, &seqs, pad, a.batch)?;
+            let s = score(&seqs)?;
             for v in s {
                 if a.json {
                     println!("{}", json!({ "score": v }));

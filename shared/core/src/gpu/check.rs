@@ -470,6 +470,8 @@ pub fn kernels(gpu: &Gpu, s: &KernelShapes) -> Result<(Value, usize)> {
                 Arg::I(v as i32),
                 Arg::F(1.0),
                 Arg::P(0),
+                Arg::F(1.0),
+                Arg::P(0),
             ],
         )
     })?;
@@ -486,6 +488,55 @@ pub fn kernels(gpu: &Gpu, s: &KernelShapes) -> Result<(Value, usize)> {
         rel_err(&gpu.download_f32(&gn, cr)?, &want),
         1e-5,
         json!({"ms": t * 1e3, "roofline_fraction": (cr * v * 6) as f64 / t / bw}),
+    );
+    // At a sampling temperature (PPO): log-probabilities, entropies and the gradient of the
+    // tempered distribution.
+    let inv_t = 1.0 / 0.7f32;
+    let ge = gpu.alloc_f32(cr)?;
+    gpu.launch_rows(
+        "cross_entropy",
+        cr,
+        v,
+        &[
+            Arg::P(gl.ptr),
+            Arg::P(gt.ptr),
+            Arg::P(gn.ptr),
+            Arg::P(gg2.ptr),
+            Arg::I(v as i32),
+            Arg::F(0.5),
+            Arg::P(0),
+            Arg::F(inv_t),
+            Arg::P(ge.ptr),
+        ],
+    )?;
+    let (mut want_nll, mut want_ent, mut want_grad) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..cr {
+        let z: Vec<f64> = logits[r * v..(r + 1) * v]
+            .iter()
+            .map(|&x| x as f64 * inv_t as f64)
+            .collect();
+        let m = z.iter().cloned().fold(f64::MIN, f64::max);
+        let lse = m + z.iter().map(|&x| (x - m).exp()).sum::<f64>().ln();
+        want_nll.push((lse - z[tgt[r] as usize]) as f32);
+        let p: Vec<f64> = z.iter().map(|&x| (x - lse).exp()).collect();
+        want_ent.push(-p.iter().map(|&q| q * q.ln()).sum::<f64>() as f32);
+        for (j, &q) in p.iter().enumerate() {
+            let onehot = f64::from(u8::from(j == tgt[r] as usize));
+            want_grad.push(((q - onehot) * 0.5 * inv_t as f64) as f32);
+        }
+    }
+    rep.add(
+        "cross_entropy at a temperature (nll, entropy)",
+        rel_err(&gpu.download_f32(&gn, cr)?, &want_nll)
+            .max(rel_err(&gpu.download_f32(&ge, cr)?, &want_ent)),
+        1e-5,
+        json!({}),
+    );
+    rep.add(
+        "cross_entropy at a temperature (gradient, bf16)",
+        rel_err(&gpu.download_bf16(&gg2, cr * v)?, &want_grad),
+        8e-3,
+        json!({}),
     );
     // Bottleneck adapters' activations (ReLU, SiLU) and their derivatives, element by element.
     let z: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) / 97.0).collect();

@@ -13,19 +13,18 @@ use crate::train::params::TrainState;
 
 const BF: usize = 2;
 
-/// One sequence being generated: the engine, its adapters, and per layer the cached keys
-/// (rotated) and values, bf16 `[kv_heads, max_len, head_dim]`.
-pub struct GpuDecoder<'e> {
-    engine: &'e mut GpuEngine,
+/// One sequence's KV cache on the device: per layer the keys (rotated) and values seen so
+/// far, bf16 `[kv_heads, max_len, head_dim]`.
+pub struct GpuKvCache {
     k: Vec<DBuf>,
     v: Vec<DBuf>,
     len: usize,
     max_len: usize,
 }
 
-impl<'e> GpuDecoder<'e> {
-    /// A fresh sequence of at most `max_len` tokens with the adapters of `state` (or none).
-    pub fn new(engine: &'e mut GpuEngine, state: &TrainState, max_len: usize) -> Result<Self> {
+impl GpuKvCache {
+    /// An empty cache for at most `max_len` tokens of `engine`'s model.
+    pub fn new(engine: &mut GpuEngine, max_len: usize) -> Result<Self> {
         let m = &engine.model;
         // attn_decode keeps a row's scores in shared memory (48 KB without opting in).
         if (m.head_dim + max_len) * 4 > 48 << 10 {
@@ -34,8 +33,6 @@ impl<'e> GpuDecoder<'e> {
                 (48 << 10) / 4 - m.head_dim
             )));
         }
-        engine.set_adapters(state)?;
-        engine.sync_adapters(state)?;
         engine.model.ensure_positions(&engine.gpu, max_len)?;
         let m = &engine.model;
         let per_layer = m.kv_heads * max_len * m.head_dim;
@@ -46,7 +43,6 @@ impl<'e> GpuDecoder<'e> {
             v.push(engine.gpu.uninit_bf16(per_layer)?);
         }
         Ok(Self {
-            engine,
             k,
             v,
             len: 0,
@@ -54,11 +50,55 @@ impl<'e> GpuDecoder<'e> {
         })
     }
 
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl GpuEngine {
+    /// Makes the adapters of `state` (or none, for an empty state) the ones decoding uses.
+    pub fn use_adapters_for_decoding(&mut self, state: &TrainState) -> Result<()> {
+        self.set_adapters(state)?;
+        self.sync_adapters(state)
+    }
+
+    /// Feeds `next` after what `cache` holds (without dropout); returns the logits of its last
+    /// token.
+    pub fn decode_step(&self, cache: &mut GpuKvCache, next: &[u32]) -> Result<Vec<f32>> {
+        if next.is_empty() {
+            return Err(Error::usage("internal: an empty step"));
+        }
+        if cache.len + next.len() > cache.max_len {
+            return Err(Error::usage(format!(
+                "{} tokens do not fit the GPU cache of {}",
+                cache.len + next.len(),
+                cache.max_len
+            )));
+        }
+        if let Some(&bad) = next.iter().find(|&&t| t as usize >= self.model.vocab) {
+            return Err(Error::usage(format!(
+                "token id {bad} is outside the model's vocabulary of {}",
+                self.model.vocab
+            )));
+        }
+        self.training.set(false);
+        let r = self.decode_forward(cache, next);
+        self.training.set(true);
+        let logits = r?;
+        cache.len += next.len();
+        Ok(logits)
+    }
+
     /// The rows of `next` through every block; returns the last row's logits.
-    fn forward(&self, next: &[u32]) -> Result<Vec<f32>> {
-        let e = &*self.engine;
+    fn decode_forward(&self, cache: &GpuKvCache, next: &[u32]) -> Result<Vec<f32>> {
+        let e = self;
         let (gpu, m) = (&e.gpu, &e.model);
-        let (n, pos0) = (next.len(), self.len);
+        let (n, pos0) = (next.len(), cache.len);
         let (d, dh) = (m.hidden, m.head_dim);
         let (qd, kvd) = (m.heads * dh, m.kv_heads * dh);
         let ids = gpu.upload(next)?;
@@ -95,7 +135,7 @@ impl<'e> GpuDecoder<'e> {
             e.lin_fwd(l, K, &n1, &k, n)?;
             e.lin_fwd(l, V, &n1, &v, n)?;
             // Keys (rotated) and values into the cache at their positions.
-            for (src, dst, rope) in [(&k, &self.k[l], 1), (&v, &self.v[l], 0)] {
+            for (src, dst, rope) in [(&k, &cache.k[l], 1), (&v, &cache.v[l], 0)] {
                 gpu.launch_n(
                     "rope_permute",
                     n * kvd / 2,
@@ -109,7 +149,7 @@ impl<'e> GpuDecoder<'e> {
                         Arg::L(n as i64),
                         Arg::I(m.kv_heads as i32),
                         Arg::I(dh as i32),
-                        Arg::I(self.max_len as i32),
+                        Arg::I(cache.max_len as i32),
                         Arg::I(rope),
                     ],
                 )?;
@@ -122,15 +162,15 @@ impl<'e> GpuDecoder<'e> {
                 ((dh + pos0 + n) * 4) as u32,
                 &[
                     Arg::P(q.ptr),
-                    Arg::P(self.k[l].ptr),
-                    Arg::P(self.v[l].ptr),
+                    Arg::P(cache.k[l].ptr),
+                    Arg::P(cache.v[l].ptr),
                     Arg::P(o.ptr),
                     Arg::P(m.cos.ptr),
                     Arg::P(m.sin.ptr),
                     Arg::I(m.heads as i32),
                     Arg::I(m.kv_heads as i32),
                     Arg::I(dh as i32),
-                    Arg::I(self.max_len as i32),
+                    Arg::I(cache.max_len as i32),
                     Arg::I(pos0 as i32),
                     Arg::I(blk.window.unwrap_or(0) as i32),
                     Arg::F(1.0 / (dh as f32).sqrt()),
@@ -162,42 +202,32 @@ impl<'e> GpuDecoder<'e> {
     }
 }
 
+/// One sequence being generated: the engine (with its adapters) and the sequence's cache.
+pub struct GpuDecoder<'e> {
+    engine: &'e mut GpuEngine,
+    cache: GpuKvCache,
+}
+
+impl<'e> GpuDecoder<'e> {
+    /// A fresh sequence of at most `max_len` tokens with the adapters of `state` (or none).
+    pub fn new(engine: &'e mut GpuEngine, state: &TrainState, max_len: usize) -> Result<Self> {
+        let cache = GpuKvCache::new(engine, max_len)?;
+        engine.use_adapters_for_decoding(state)?;
+        Ok(Self { engine, cache })
+    }
+}
+
 impl Decoder for GpuDecoder<'_> {
     fn step(&mut self, next: &[u32]) -> Result<Vec<f32>> {
-        if next.is_empty() {
-            return Err(Error::usage("internal: an empty step"));
-        }
-        if self.len + next.len() > self.max_len {
-            return Err(Error::usage(format!(
-                "{} tokens do not fit the GPU cache of {}",
-                self.len + next.len(),
-                self.max_len
-            )));
-        }
-        if let Some(&bad) = next
-            .iter()
-            .find(|&&t| t as usize >= self.engine.model.vocab)
-        {
-            return Err(Error::usage(format!(
-                "token id {bad} is outside the model's vocabulary of {}",
-                self.engine.model.vocab
-            )));
-        }
-        // No dropout while generating.
-        self.engine.training.set(false);
-        let r = self.forward(next);
-        self.engine.training.set(true);
-        let logits = r?;
-        self.len += next.len();
-        Ok(logits)
+        self.engine.decode_step(&mut self.cache, next)
     }
 
     fn fed(&self) -> usize {
-        self.len
+        self.cache.len
     }
 
     fn limit(&self) -> usize {
-        self.max_len
+        self.cache.max_len
     }
 }
 
@@ -246,5 +276,53 @@ impl GpuGenerator {
             None => &self.base,
         };
         GpuDecoder::new(&mut self.engine, state, max_len)
+    }
+}
+
+/// Several sequences generated together on the GPU (PPO's rollouts): one cache each; every
+/// step feeds the active sequences one after another through the engine with the adapters
+/// last given to [`GpuEngine::use_adapters_for_decoding`].
+pub struct GpuBatchDecoder<'e> {
+    engine: &'e GpuEngine,
+    caches: Vec<GpuKvCache>,
+    limit: usize,
+}
+
+impl<'e> GpuBatchDecoder<'e> {
+    /// Caches for `prompts`, each sized for its prompt and `max_new` tokens (at most `limit`,
+    /// the model's positions).
+    pub fn new(
+        engine: &'e mut GpuEngine,
+        prompts: &[&[u32]],
+        max_new: usize,
+        limit: usize,
+    ) -> Result<Self> {
+        let caches = prompts
+            .iter()
+            .map(|p| GpuKvCache::new(engine, (p.len() + max_new).min(limit).max(1)))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            engine,
+            caches,
+            limit,
+        })
+    }
+}
+
+impl crate::train::rollout::BatchDecoder for GpuBatchDecoder<'_> {
+    fn step(&mut self, active: &[usize], next: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let mut logits = Vec::with_capacity(active.len() * self.engine.model.vocab);
+        for &i in active {
+            logits.extend(self.engine.decode_step(&mut self.caches[i], &next[i])?);
+        }
+        Ok(logits)
+    }
+
+    fn fed(&self, i: usize) -> usize {
+        self.caches[i].len
+    }
+
+    fn limit(&self) -> usize {
+        self.limit
     }
 }

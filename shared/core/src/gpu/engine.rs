@@ -433,8 +433,11 @@ impl GpuEngine {
             labels: labels.iter().map(|l| &l[..]).collect(),
         };
         let f = self.run_forward(state, &batch, None)?;
-        let nll =
-            self.rows_cross_entropy(&f.nf, &f.lay.loss_idx, &f.lay.loss_tgt, 0.0, None, None)?;
+        let ce = loss::RowsCe {
+            scale: 0.0,
+            ..loss::RowsCe::new(&f.lay.loss_idx, &f.lay.loss_tgt)
+        };
+        let (nll, _) = self.rows_cross_entropy(&f.nf, &ce, None)?;
         Ok(nll.into_iter().map(|x| -x).collect())
     }
 
@@ -1862,10 +1865,8 @@ impl GpuEngine {
 
 /// What in `state` the GPU step does not compute yet.
 fn unsupported_state(state: &TrainState) -> Option<&'static str> {
-    // A reward model's score head is the host objective's (rm-train): it stays on the host.
-    if state.value_head.is_some() {
-        return Some("a value head");
-    }
+    // A reward model's score head and PPO's value head are the host objective's (rm-train,
+    // ppo-train): they stay on the host.
     if state.params.iter().any(|(s, _)| {
         !matches!(
             s,
@@ -1874,6 +1875,8 @@ fn unsupported_state(state: &TrainState) -> Option<&'static str> {
                 | Slot::LoraMagnitude(_)
                 | Slot::Ia3(_)
                 | Slot::Score
+                | Slot::ValueHead
+                | Slot::ValueBias
                 | Slot::LinearWeight(_)
                 | Slot::LinearBias(_)
                 | Slot::NormWeight(_)

@@ -362,18 +362,20 @@ extern "C" __global__ void softmax_bwd(const bf16* P, const float* dP, bf16* dS,
 }
 
 // ---- cross-entropy over a chunk of rows (one block per row) -------------------------------
-// logits [rows, V] f32; target per row. nll[r] = logsumexp − logit[target]; the gradient
-// (softmax − onehot)·scale (times row_scale[r] when given: per-row loss weights, e.g. DPO's
-// per-sequence coefficients) is written as bf16 for the hidden-state product.
+// logits x [rows, V] f32; target per row. With z = x·inv_t (inv_t = 1/temperature: PPO takes
+// log-probabilities at the sampling temperature; 1 otherwise): nll[r] = lse(z) − z[target];
+// with `grad`, d(scale·row_scale[r]·nll)/dx = (softmax(z) − onehot)·scale·row_scale[r]·inv_t
+// in bf16 for the hidden-state product (row_scale: per-row loss weights, e.g. DPO's
+// per-sequence coefficients, when given); with `entropy`, the entropy of softmax(z).
 extern "C" __global__ void cross_entropy(const float* logits, const int* target, float* nll, bf16* grad, int V, float scale,
-                                         const float* row_scale) {
+                                         const float* row_scale, float inv_t, float* entropy) {
     __shared__ float sh[32];
     long r = blockIdx.x;
     const float* x = logits + r * V;
     // One pass for the statistics (online max and rescaled sum), one for the gradient.
     float mi = -INFINITY, si = 0.f;
     for (int j = threadIdx.x; j < V; j += blockDim.x) {
-        float v = x[j];
+        float v = x[j] * inv_t;
         if (v > mi) {
             si = si * __expf(mi - v) + 1.f;
             mi = v;
@@ -385,12 +387,23 @@ extern "C" __global__ void cross_entropy(const float* logits, const int* target,
     float s = block_sum(mi == -INFINITY ? 0.f : si * __expf(mi - m), sh);
     float lse = m + logf(s);
     int tg = target[r];
-    if (threadIdx.x == 0) nll[r] = lse - x[tg];
+    if (threadIdx.x == 0) nll[r] = lse - x[tg] * inv_t;
+    if (entropy) {
+        // H = lse − Σ p·z, the sum taken relative to the max for range.
+        float pz = 0.f;
+        for (int j = threadIdx.x; j < V; j += blockDim.x) {
+            float z = x[j] * inv_t;
+            pz += __expf(z - m) * (z - m);
+        }
+        pz = block_sum(pz, sh);
+        if (threadIdx.x == 0) entropy[r] = logf(s) - pz / s;
+    }
     if (grad) {
         if (row_scale) scale *= row_scale[r];
+        scale *= inv_t;
         float inv = 1.f / s;
         for (int j = threadIdx.x; j < V; j += blockDim.x) {
-            float p = __expf(x[j] - m) * inv;
+            float p = __expf(x[j] * inv_t - m) * inv;
             grad[r * V + j] = f2bf((p - (j == tg ? 1.f : 0.f)) * scale);
         }
     }

@@ -5,7 +5,9 @@
 
 use super::engine::{Batch, Engine, Objective, StepStats};
 use super::params::TrainState;
+use super::rollout::{self, Response};
 use crate::error::Result;
+use crate::generate::SamplingParams;
 use crate::gpu::DeviceSpec;
 use crate::model::Model;
 use crate::rng::Rng;
@@ -144,13 +146,60 @@ impl Backend {
     }
 }
 
-/// Refuses `--device cuda` for a trainer whose objective has no GPU path yet.
-pub fn cpu_only(device: DeviceSpec, tools: &str) -> Result<()> {
-    if device == DeviceSpec::Cpu {
-        return Ok(());
+impl Backend {
+    /// A backend for evaluation passes only (a reward model's scores): the model on the
+    /// device with the adapters of `state`, nothing trainable required.
+    pub fn for_eval(device: DeviceSpec, model: &Model, state: &TrainState) -> Result<Self> {
+        device.check_available()?;
+        match device {
+            DeviceSpec::Cpu => Ok(Self::Cpu),
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            DeviceSpec::Cuda(_) | DeviceSpec::Sim => {
+                let gpu = crate::gpu::device::Gpu::open(device)?;
+                Ok(Self::Cuda(Box::new(
+                    crate::gpu::engine::GpuEngine::for_eval(gpu, model, state)?,
+                )))
+            }
+            #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
+            DeviceSpec::Cuda(_) | DeviceSpec::Sim => {
+                let _ = (model, state);
+                unreachable!("check_available refuses a GPU without the features")
+            }
+        }
     }
-    device.check_available()?;
-    Err(crate::error::Error::usage(format!(
-        "{tools} runs on the CPU only for now (--device cuda covers peft-train, rm-train, dpo-train, peft-eval and peft-generate); use --device cpu"
-    )))
+
+    /// One response per prompt sampled with the LoRA adapters of `state` (PPO's rollouts),
+    /// all prompts stepped together, tokens drawn from `rng` in prompt order at every step
+    /// ([`rollout::sample_responses_with`]). On the CPU the adapters are installed into
+    /// `model`'s inference slot 0 for it.
+    pub fn sample(
+        &mut self,
+        model: &mut Model,
+        state: &TrainState,
+        prompts: &[&[u32]],
+        params: &SamplingParams,
+        stop: &[u32],
+        rng: &mut Rng,
+    ) -> Result<Vec<Response>> {
+        match self {
+            Self::Cpu => {
+                let mut policy = TrainState::new(model.linears().len());
+                policy.lora = state.lora.clone();
+                super::lora::install(model, policy, 0);
+                let opts = crate::model::ForwardOptions { adapter: Some(0) };
+                rollout::sample_responses(model, prompts, params, stop, rng, &opts)
+            }
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Self::Cuda(g) => {
+                g.use_adapters_for_decoding(state)?;
+                let mut dec = crate::gpu::decode::GpuBatchDecoder::new(
+                    g,
+                    prompts,
+                    params.max_new_tokens,
+                    model.config.max_positions,
+                )?;
+                rollout::sample_responses_with(&mut dec, prompts, params, stop, rng)
+            }
+        }
+    }
 }

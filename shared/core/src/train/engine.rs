@@ -65,14 +65,18 @@ pub struct ObjectiveCtx<'a> {
 /// The LM head's cross-entropy on rows of the final hidden states, computed where they live
 /// (see [`loss::cross_entropy_rows`] for the same on the host, with the same contract).
 pub trait RowsCrossEntropy {
-    /// `rows[i] = (row, target)`: writes row i's negative log-likelihood into `losses[i]` and,
-    /// with `dh` (`[rows, hidden]`), adds dL/d(hidden) of L = Σ scale(i)·nll_i into it.
+    /// `rows[i] = (row, target)`, logits taken times `inv_temperature` (1 for plain
+    /// log-likelihoods): writes row i's negative log-likelihood into `losses[i]`; with `dh`
+    /// (`[rows, hidden]`), adds dL/d(hidden) of L = Σ scale(i)·nll_i into it; with
+    /// `entropies`, writes each row's entropy of the (tempered) distribution there.
     fn run(
         &self,
         rows: &[(usize, u32)],
+        inv_temperature: f32,
         scale: &(dyn Fn(usize) -> f32 + Sync),
         dh: Option<&mut [f32]>,
         losses: &mut [f64],
+        entropies: Option<&mut [f64]>,
     ) -> Result<()>;
 }
 

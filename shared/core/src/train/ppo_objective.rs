@@ -123,17 +123,22 @@ impl Objective for PpoObjective {
             (self.temperature != 1.0).then(|| ctx.hidden.iter().map(|x| x * inv_t).collect());
         let head_in = tempered.as_deref().unwrap_or(ctx.hidden);
         let mut nll = vec![0f64; rows.len()];
-        loss::cross_entropy_rows(
-            head_in,
-            h,
-            loss::Head::of(m, ctx.head_pack),
-            c.vocab,
-            &rows,
-            &|_| 0.0,
-            None,
-            None,
-            &mut nll,
-        );
+        // On a device (the GPU engine) the LM head runs where the hidden states are.
+        let device_inv_t = if tempered.is_some() { inv_t } else { 1.0 };
+        match ctx.rows_ce {
+            Some(ce) => ce.run(&rows, device_inv_t, &|_| 0.0, None, &mut nll, None)?,
+            None => loss::cross_entropy_rows(
+                head_in,
+                h,
+                loss::Head::of(m, ctx.head_pack),
+                c.vocab,
+                &rows,
+                &|_| 0.0,
+                None,
+                None,
+                &mut nll,
+            ),
+        }
         let logp: Vec<f64> = nll.iter().map(|l| -l).collect();
         let vpred: Vec<f64> = rows
             .iter()
@@ -186,7 +191,17 @@ impl Objective for PpoObjective {
             let row_scale: Vec<f32> = pg.grad.iter().map(|g| -(*g as f32) * scale).collect();
             let head_slot = Slot::lm_head(m);
             let dw = state.grad_mut(head_slot).map(|g| &mut g[..]);
-            if tempered.is_some() {
+            if let Some(ce) = ctx.rows_ce {
+                // the device engine never trains the head here (LoRA/DoRA only)
+                ce.run(
+                    &rows,
+                    device_inv_t,
+                    &|i| row_scale[i],
+                    Some(dh),
+                    &mut nll,
+                    None,
+                )?;
+            } else if tempered.is_some() {
                 let mut dht = vec![0f32; dh.len()];
                 loss::cross_entropy_rows(
                     head_in,
@@ -291,7 +306,17 @@ impl Objective for RolloutEval {
                 rows.push((first + q + t - 1, ids[q + t]));
             }
         }
-        let (logp, ent) = tempered_logp_entropy(ctx, &rows, h, vocab, inv_t, self.entropy);
+        let (logp, ent) = match ctx.rows_ce {
+            // On a device (the GPU engine): the LM head runs where the hidden states are.
+            Some(ce) => {
+                let mut nll = vec![0f64; rows.len()];
+                let mut ent = vec![0f64; rows.len()];
+                let want = self.entropy.then_some(&mut ent[..]);
+                ce.run(&rows, inv_t as f32, &|_| 0.0, None, &mut nll, want)?;
+                (nll.iter().map(|l| -l).collect::<Vec<f64>>(), ent)
+            }
+            None => tempered_logp_entropy(ctx, &rows, h, vocab, inv_t, self.entropy),
+        };
         let (mut k, mut lp, mut en, mut vals) = (0, Vec::new(), Vec::new(), Vec::new());
         for (&(first, _), &(q, r, terminal)) in ctx.seq_rows.iter().zip(&self.seqs) {
             lp.push(logp[k..k + r].to_vec());

@@ -13,6 +13,7 @@
 //! epochs over mini-batches of the clipped policy and value losses. The formulas and which
 //! TRL generation each default follows are in docs/ppo-train.md.
 
+use super::backend::Backend;
 use super::checkpoint;
 use super::engine::{Batch, Engine};
 use super::lora;
@@ -21,7 +22,7 @@ use super::params::{ParamState, Slot, TrainState};
 use super::ppo_math::{gae, masked_mean, masked_var, masked_whiten, KlController, KlEstimator};
 use super::ppo_objective::{PpoObjective, RolloutEval, RolloutSeq};
 use super::prompts::{load_prompts, Prompt, PromptOptions};
-use super::rollout::{sample_responses, Response};
+use super::rollout::Response;
 use super::trainer::{
     attach_method, final_checkpoint, next_window, prepare_output, resumed_in_place,
     save_checkpoint, save_output, split_validation, start_progress, stop_on_ctrl_c, write_log,
@@ -30,7 +31,7 @@ use super::trainer::{
 use crate::error::{Error, Result};
 use crate::generate::SamplingParams;
 use crate::kernels::gemm;
-use crate::model::{ForwardOptions, Model};
+use crate::model::Model;
 use crate::progress::Progress;
 use crate::rng::Rng;
 use crate::tokenizer::TextTokenizer;
@@ -93,6 +94,8 @@ struct Reward {
     model: Option<Model>,
     state: TrainState,
     pad: Option<u32>,
+    /// Where its passes run (on a GPU: its own copy of the weights on the device).
+    backend: Backend,
 }
 
 impl Reward {
@@ -122,16 +125,24 @@ impl Reward {
                 let m = model.as_ref().unwrap_or(policy_base);
                 let state = super::preference::load_reward_adapter(m, a)?;
                 let pad = super::preference::reward_pad(m, tok);
-                Reward { model, state, pad }
+                let backend = Backend::for_eval(o.train.device, m, &state)?;
+                Reward {
+                    model,
+                    state,
+                    pad,
+                    backend,
+                }
             }
             None => {
                 let dir = base.expect("reward model folder");
                 let (m, state) = super::preference::load_reward_model(dir, None)?;
                 let pad = super::preference::reward_pad(&m, tok);
+                let backend = Backend::for_eval(o.train.device, &m, &state)?;
                 Reward {
                     model: Some(m),
                     state,
                     pad,
+                    backend,
                 }
             }
         };
@@ -153,7 +164,14 @@ impl Reward {
 
     fn score(&mut self, policy_base: &Model, seqs: &[Vec<u32>], batch: usize) -> Result<Vec<f32>> {
         let m = self.model.as_ref().unwrap_or(policy_base);
-        super::preference::score_sequences(m, &mut self.state, seqs, self.pad, batch)
+        super::preference::score_sequences_on(
+            &mut self.backend,
+            m,
+            &mut self.state,
+            seqs,
+            self.pad,
+            batch,
+        )
     }
 }
 
@@ -182,13 +200,6 @@ struct Rollouts {
     vmask: Vec<bool>,
 }
 
-/// Install the policy's current adapter for sampling (slot 0 of the inference hooks).
-fn install_policy(model: &mut Model, state: &TrainState) {
-    let mut s = TrainState::new(model.linears().len());
-    s.lora = state.lora.clone();
-    lora::install(model, s, 0);
-}
-
 fn sampling(o: &PpoOptions) -> SamplingParams {
     SamplingParams {
         max_new_tokens: o.response_length,
@@ -198,11 +209,24 @@ fn sampling(o: &PpoOptions) -> SamplingParams {
     }
 }
 
-/// Per-token log-probs (and values, entropies) of `resp` after `queries` under `state`.
+/// Which adapters a rollout evaluation runs with.
+enum Under<'a> {
+    /// The policy's (its log-probabilities, values and entropies).
+    Policy,
+    /// The reference: the frozen starting adapter, or none (`None`: the policy's adapters
+    /// switched off).
+    Reference(&'a mut TrainState, bool),
+}
+
+/// Per-token log-probs (and values, entropies) of `resp` after `queries` under the policy
+/// `state` or the reference.
+#[allow(clippy::too_many_arguments)]
 fn eval_rollouts(
+    backend: &mut Backend,
     model: &Model,
     head: &gemm::PackedWeight,
     state: &mut TrainState,
+    mut under: Under,
     seqs: &[Vec<u32>],
     shape: &[(usize, usize, bool)],
     (temperature, entropy): (f32, bool),
@@ -217,7 +241,16 @@ fn eval_rollouts(
             labels: labels.iter().map(Vec::as_slice).collect(),
         };
         let mut obj = RolloutEval::new(sh.to_vec(), temperature, entropy);
-        engine.forward_backward_with(state, &b, &mut Rng::new(0), &mut obj)?;
+        let mut rng = Rng::new(0);
+        match &mut under {
+            Under::Policy => backend
+                .forward_backward_with(&engine, model, state, &b, &mut rng, false, &mut obj)?,
+            Under::Reference(reference, true) => backend
+                .forward_backward_with(&engine, model, reference, &b, &mut rng, false, &mut obj)?,
+            Under::Reference(reference, false) => {
+                backend.reference_with(&engine, model, reference, state, &b, &mut obj)?
+            }
+        };
         all.logp.extend(obj.logp);
         all.entropies.extend(obj.entropies);
         all.values.extend(obj.values);
@@ -229,6 +262,7 @@ fn eval_rollouts(
 #[allow(clippy::too_many_arguments)]
 fn collect(
     o: &PpoOptions,
+    backend: &mut Backend,
     model: &mut Model,
     head: &gemm::PackedWeight,
     state: &mut TrainState,
@@ -239,17 +273,9 @@ fn collect(
     rng: &mut Rng,
     kl_coef: f64,
 ) -> Result<Rollouts> {
-    install_policy(model, state);
     let responses: Vec<Response> = {
         let _p = crate::profile::scope("ppo.sample");
-        sample_responses(
-            model,
-            prompts,
-            &sampling(o),
-            stop,
-            rng,
-            &ForwardOptions { adapter: Some(0) },
-        )?
+        backend.sample(model, state, prompts, &sampling(o), stop, rng)?
     };
     let model: &Model = model;
     let w = o.response_length;
@@ -272,14 +298,26 @@ fn collect(
     let b = o.train.batch;
     let pol = {
         let _p = crate::profile::scope("ppo.policy_eval");
-        eval_rollouts(model, head, state, &seqs, &shape, (o.temperature, true), b)?
+        eval_rollouts(
+            backend,
+            model,
+            head,
+            state,
+            Under::Policy,
+            &seqs,
+            &shape,
+            (o.temperature, true),
+            b,
+        )?
     };
     let refe = {
         let _p = crate::profile::scope("ppo.reference_eval");
         eval_rollouts(
+            backend,
             model,
             head,
-            reference,
+            state,
+            Under::Reference(reference, o.init_adapter.is_some()),
             &seqs,
             &shape,
             (o.temperature, false),
@@ -399,6 +437,7 @@ struct UpdateStats {
 #[allow(clippy::too_many_arguments)]
 fn update(
     o: &PpoOptions,
+    backend: &mut Backend,
     model: &mut Model,
     head: &gemm::PackedWeight,
     state: &mut TrainState,
@@ -437,7 +476,15 @@ fn update(
                     obj.loss_scale = 1.0 / micro.len() as f32;
                     obj.temperature = o.temperature;
                     obj.ratio_threshold = o.ratio_threshold;
-                    engine.forward_backward_with(state, &b, dropout_rng, &mut obj)?;
+                    backend.forward_backward_with(
+                        &engine,
+                        model,
+                        state,
+                        &b,
+                        dropout_rng,
+                        true,
+                        &mut obj,
+                    )?;
                     if !(obj.pg_loss + obj.vf_loss).is_finite() {
                         return Err(Error::Numeric(format!(
                             "PPO loss is not finite at step {} (policy {}, value {}); lower the learning rate",
@@ -460,6 +507,7 @@ fn update(
             st.grad_norm = clip_grad_norm(state, t.clip) as f64;
             opt_step += 1;
             t.optim.step(state, model, lr, opt_step);
+            backend.after_optimizer_step(model)?;
             st.updates += 1;
         }
     }
@@ -477,6 +525,7 @@ fn update(
 #[allow(clippy::too_many_arguments)]
 fn evaluate(
     o: &PpoOptions,
+    backend: &mut Backend,
     model: &mut Model,
     head: &gemm::PackedWeight,
     state: &mut TrainState,
@@ -492,7 +541,7 @@ fn evaluate(
     let mut sum = (0.0, 0.0, 0.0);
     for chunk in prompts.chunks(o.train.batch.max(1)) {
         let ro = collect(
-            o, model, head, state, reference, reward, chunk, stop, &mut rng, 0.0,
+            o, backend, model, head, state, reference, reward, chunk, stop, &mut rng, 0.0,
         )?;
         sum.0 += ro.scores.iter().sum::<f64>();
         sum.1 += ro.kl_k1.iter().sum::<f64>();
@@ -525,7 +574,7 @@ pub fn run(o: &PpoOptions) -> Result<PpoSummary> {
 fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
     let t = &o.train;
     super::trainer::check_options(t)?;
-    super::backend::cpu_only(t.device, "ppo-train")?;
+    t.device.check_available()?;
     crate::dist::single_process_only("ppo-train")?;
     if !matches!(t.method, Method::Lora | Method::Dora) {
         return Err(Error::usage(
@@ -639,6 +688,7 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
     }
     let mut head_pack = gemm::PackedWeight::default();
     super::trainer::pack_head(&mut head_pack, &model);
+    let mut backend = Backend::new(t.device, &model, &state)?;
 
     let total_steps = t
         .steps
@@ -690,6 +740,7 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
     let before = if prog.step == 0 {
         let e = evaluate(
             o,
+            &mut backend,
             &mut model,
             &head_pack,
             &mut state,
@@ -734,6 +785,7 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
         let beta = kl.value;
         let ro = collect(
             o,
+            &mut backend,
             &mut model,
             &head_pack,
             &mut state,
@@ -749,6 +801,7 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
         let t1 = std::time::Instant::now();
         let up = update(
             o,
+            &mut backend,
             &mut model,
             &head_pack,
             &mut state,
@@ -845,6 +898,7 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
     final_checkpoint(&t.out, &model, &state, &prog, saved_at)?;
     let after = evaluate(
         o,
+        &mut backend,
         &mut model,
         &head_pack,
         &mut state,

@@ -204,7 +204,7 @@ fn sequence_logprobs(
     };
     match ctx.rows_ce {
         // On a device (the GPU engine, which never trains the head).
-        Some(ce) => ce.run(&pairs, &scale, dh, &mut nll)?,
+        Some(ce) => ce.run(&pairs, 1.0, &scale, dh, &mut nll, None)?,
         None => loss::cross_entropy_rows(
             ctx.hidden,
             c.hidden,
@@ -415,7 +415,7 @@ pub fn load_reward_adapter(
     Ok(state)
 }
 
-/// Scores of `seqs` (one forward per `batch` sequences).
+/// Scores of `seqs` (one forward per `batch` sequences) on the CPU.
 pub fn score_sequences(
     model: &crate::model::Model,
     state: &mut TrainState,
@@ -423,7 +423,29 @@ pub fn score_sequences(
     pad: Option<u32>,
     batch: usize,
 ) -> Result<Vec<f32>> {
+    score_sequences_on(
+        &mut super::backend::Backend::Cpu,
+        model,
+        state,
+        seqs,
+        pad,
+        batch,
+    )
+}
+
+/// [`score_sequences`] where `backend` runs the passes (a GPU built with
+/// [`super::backend::Backend::for_eval`] for `model` and `state`); the score head is applied
+/// on the host to the final hidden states.
+pub fn score_sequences_on(
+    backend: &mut super::backend::Backend,
+    model: &crate::model::Model,
+    state: &mut TrainState,
+    seqs: &[Vec<u32>],
+    pad: Option<u32>,
+    batch: usize,
+) -> Result<Vec<f32>> {
     let engine = super::engine::Engine::for_eval(model);
+    let mut rng = crate::rng::Rng::new(0);
     let mut out = Vec::with_capacity(seqs.len());
     for chunk in seqs.chunks(batch.max(1)) {
         let labels: Vec<Vec<i32>> = chunk.iter().map(|s| vec![-100; s.len()]).collect();
@@ -435,7 +457,7 @@ pub fn score_sequences(
             pad,
             scores: Vec::new(),
         };
-        engine.forward_backward_with(state, &b, &mut crate::rng::Rng::new(0), &mut obj)?;
+        backend.forward_backward_with(&engine, model, state, &b, &mut rng, false, &mut obj)?;
         out.extend(obj.scores);
     }
     Ok(out)

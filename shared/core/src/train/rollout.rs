@@ -15,8 +15,70 @@ pub struct Response {
     pub stopped: bool,
 }
 
-/// Sample one response per prompt (at most `params.max_new_tokens` tokens each). Tokens are
-/// drawn from `rng` in prompt order at every step, so a run is reproducible.
+/// Sequences extended together: the CPU model with one KV cache per sequence
+/// ([`CpuBatchDecoder`]), or the GPU engine (`gpu::decode::GpuBatchDecoder`).
+pub trait BatchDecoder {
+    /// Feeds `next[i]` to each sequence `i` of `active` (in that order); returns the logits of
+    /// each one's last token, one row after another.
+    fn step(&mut self, active: &[usize], next: &[Vec<u32>]) -> Result<Vec<f32>>;
+    /// Tokens sequence `i` has been fed.
+    fn fed(&self, i: usize) -> usize;
+    /// The most tokens a sequence can hold.
+    fn limit(&self) -> usize;
+}
+
+/// The CPU model: every step runs the active sequences through it together.
+pub struct CpuBatchDecoder<'a> {
+    model: &'a Model,
+    opts: &'a ForwardOptions,
+    caches: Vec<KvCache>,
+}
+
+impl<'a> CpuBatchDecoder<'a> {
+    pub fn new(model: &'a Model, n: usize, opts: &'a ForwardOptions) -> Result<Self> {
+        Ok(Self {
+            model,
+            opts,
+            caches: (0..n)
+                .map(|_| model.new_cache(opts))
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
+impl BatchDecoder for CpuBatchDecoder<'_> {
+    fn step(&mut self, active: &[usize], next: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let h = self.model.config.hidden;
+        let seqs: Vec<SeqInput> = active.iter().map(|&i| SeqInput { ids: &next[i] }).collect();
+        let mut sub: Vec<KvCache> = active
+            .iter()
+            .map(|&i| std::mem::take(&mut self.caches[i]))
+            .collect();
+        let hidden = self.model.forward(&seqs, Some(&mut sub), self.opts)?;
+        for (&i, c) in active.iter().zip(sub) {
+            self.caches[i] = c;
+        }
+        // the last row of every active sequence
+        let mut last = Vec::with_capacity(active.len() * h);
+        let mut row_end = 0;
+        for &i in active {
+            row_end += next[i].len();
+            last.extend_from_slice(&hidden[(row_end - 1) * h..row_end * h]);
+        }
+        Ok(self.model.logits(&last, active.len(), self.opts))
+    }
+
+    fn fed(&self, i: usize) -> usize {
+        self.caches[i].len
+    }
+
+    fn limit(&self) -> usize {
+        self.model.config.max_positions
+    }
+}
+
+/// Sample one response per prompt (at most `params.max_new_tokens` tokens each) on the CPU.
+/// Tokens are drawn from `rng` in prompt order at every step, so a run is reproducible.
 pub fn sample_responses(
     model: &Model,
     prompts: &[&[u32]],
@@ -25,12 +87,21 @@ pub fn sample_responses(
     rng: &mut Rng,
     opts: &ForwardOptions,
 ) -> Result<Vec<Response>> {
+    let mut dec = CpuBatchDecoder::new(model, prompts.len(), opts)?;
+    sample_responses_with(&mut dec, prompts, params, stop, rng)
+}
+
+/// [`sample_responses`] on any [`BatchDecoder`] (fresh: nothing fed yet), with the same
+/// order of draws from `rng`.
+pub fn sample_responses_with(
+    dec: &mut dyn BatchDecoder,
+    prompts: &[&[u32]],
+    params: &SamplingParams,
+    stop: &[u32],
+    rng: &mut Rng,
+) -> Result<Vec<Response>> {
     let n = prompts.len();
-    let h = model.config.hidden;
-    let limit = model.config.max_positions;
-    let mut caches: Vec<KvCache> = (0..n)
-        .map(|_| model.new_cache(opts))
-        .collect::<Result<_>>()?;
+    let limit = dec.limit();
     let mut out: Vec<Response> = vec![
         Response {
             ids: Vec::new(),
@@ -42,27 +113,11 @@ pub fn sample_responses(
     let mut active: Vec<usize> = (0..n).collect();
     let mut next: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
     for _ in 0..params.max_new_tokens {
-        active.retain(|&i| caches[i].len + next[i].len() <= limit);
+        active.retain(|&i| dec.fed(i) + next[i].len() <= limit);
         if active.is_empty() {
             break;
         }
-        let seqs: Vec<SeqInput> = active.iter().map(|&i| SeqInput { ids: &next[i] }).collect();
-        let mut sub: Vec<KvCache> = active
-            .iter()
-            .map(|&i| std::mem::take(&mut caches[i]))
-            .collect();
-        let hidden = model.forward(&seqs, Some(&mut sub), opts)?;
-        for (&i, c) in active.iter().zip(sub) {
-            caches[i] = c;
-        }
-        // the last row of every active sequence
-        let mut last = Vec::with_capacity(active.len() * h);
-        let mut row_end = 0;
-        for &i in &active {
-            row_end += next[i].len();
-            last.extend_from_slice(&hidden[(row_end - 1) * h..row_end * h]);
-        }
-        let logits = model.logits(&last, active.len(), opts);
+        let logits = dec.step(&active, &next)?;
         let vocab = logits.len() / active.len();
         for (k, &i) in active.iter().enumerate() {
             let tok = choose(&logits[k * vocab..(k + 1) * vocab], params, rng);

@@ -15,9 +15,11 @@ impl RowsCrossEntropy for GpuRowsCe<'_> {
     fn run(
         &self,
         rows: &[(usize, u32)],
+        inv_temperature: f32,
         scale: &(dyn Fn(usize) -> f32 + Sync),
         dh: Option<&mut [f32]>,
         losses: &mut [f64],
+        entropies: Option<&mut [f64]>,
     ) -> Result<()> {
         let e = self.engine;
         let d = e.model.hidden;
@@ -28,9 +30,22 @@ impl RowsCrossEntropy for GpuRowsCe<'_> {
             Some(_) => Some(e.gpu.alloc_f32(self.rows * d)?),
             None => None,
         };
-        let nll = e.rows_cross_entropy(self.nf, &idx, &tgt, 1.0, Some(&scales), dnf.as_ref())?;
+        let ce = RowsCe {
+            idx: &idx,
+            tgt: &tgt,
+            scale: 1.0,
+            row_scale: Some(&scales),
+            inv_t: inv_temperature,
+            entropy: entropies.is_some(),
+        };
+        let (nll, ent) = e.rows_cross_entropy(self.nf, &ce, dnf.as_ref())?;
         for (l, v) in losses.iter_mut().zip(nll) {
             *l = v as f64;
+        }
+        if let Some(out) = entropies {
+            for (o, v) in out.iter_mut().zip(ent) {
+                *o = v as f64;
+            }
         }
         if let (Some(dh), Some(dnf)) = (dh, dnf) {
             let g = e.gpu.download_f32(&dnf, self.rows * d)?;
@@ -52,28 +67,37 @@ impl GpuEngine {
         scale: f32,
         dnf: Option<&DBuf>,
     ) -> Result<f64> {
-        let nll = self.rows_cross_entropy(nf, &lay.loss_idx, &lay.loss_tgt, scale, None, dnf)?;
+        let ce = RowsCe {
+            scale,
+            ..RowsCe::new(&lay.loss_idx, &lay.loss_tgt)
+        };
+        let (nll, _) = self.rows_cross_entropy(nf, &ce, dnf)?;
         Ok(nll.iter().map(|&x| x as f64).sum())
     }
 
-    /// Cross-entropy of the LM head on chosen rows of the final hidden states `nf` (bf16):
-    /// row `idx[i]` predicts `tgt[i]`. Returns each row's negative log-likelihood; with `dnf`,
-    /// scatters the gradient of Σ scale·row_scale[i]·nll_i into those rows of `dnf` (f32).
-    /// The logits exist for a chunk of rows at a time (~256 MB).
+    /// Cross-entropy of the LM head on chosen rows of the final hidden states `nf` (bf16), as
+    /// `ce` describes. Returns each row's negative log-likelihood and (when asked) entropy;
+    /// with `dnf`, scatters the gradient of Σ scale·row_scale[i]·nll_i into those rows of
+    /// `dnf` (f32). The logits exist for a chunk of rows at a time (~256 MB).
     pub(super) fn rows_cross_entropy(
         &self,
         nf: &DBuf,
-        idx: &[i32],
-        tgt: &[i32],
-        scale: f32,
-        row_scale: Option<&[f32]>,
+        ce: &RowsCe,
         dnf: Option<&DBuf>,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         let gpu = &self.gpu;
         let (d, vocab) = (self.model.hidden, self.model.vocab);
+        let RowsCe {
+            idx,
+            tgt,
+            scale,
+            row_scale,
+            inv_t,
+            entropy,
+        } = *ce;
         let n = idx.len();
         if n == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let head = self.model.head_ptr(gpu, &self.scratch)?;
         let chunk = ((256usize << 20) / (vocab * 6)).clamp(16, 4096).min(n);
@@ -85,6 +109,7 @@ impl GpuEngine {
         let grad = gpu.uninit_bf16(if dnf.is_some() { chunk * vocab } else { 1 })?;
         let dhc = gpu.uninit_f32(if dnf.is_some() { chunk * d } else { 1 })?;
         let nll = gpu.uninit_f32(n)?;
+        let ent = gpu.uninit_f32(if entropy { n } else { 1 })?;
         for c0 in (0..n).step_by(chunk) {
             let c = chunk.min(n - c0);
             gpu.launch_n(
@@ -111,6 +136,8 @@ impl GpuEngine {
                     Arg::I(vocab as i32),
                     Arg::F(scale),
                     Arg::P(gscale.as_ref().map_or(0, |g| g.at(c0, 4))),
+                    Arg::F(inv_t),
+                    Arg::P(if entropy { ent.at(c0, 4) } else { 0 }),
                 ],
             )?;
             if let Some(dnf) = dnf {
@@ -136,6 +163,38 @@ impl GpuEngine {
                 )?;
             }
         }
-        gpu.download_f32(&nll, n)
+        let entropies = if entropy {
+            gpu.download_f32(&ent, n)?
+        } else {
+            Vec::new()
+        };
+        Ok((gpu.download_f32(&nll, n)?, entropies))
+    }
+}
+
+/// Which rows [`GpuEngine::rows_cross_entropy`] takes and what it computes: row `idx[i]` of
+/// the hidden states predicts token `tgt[i]` from the logits times `inv_t` (1/temperature),
+/// with loss weight `scale·row_scale[i]`; `entropy` asks for each row's entropy too.
+#[derive(Clone, Copy)]
+pub(super) struct RowsCe<'a> {
+    pub(super) idx: &'a [i32],
+    pub(super) tgt: &'a [i32],
+    pub(super) scale: f32,
+    pub(super) row_scale: Option<&'a [f32]>,
+    pub(super) inv_t: f32,
+    pub(super) entropy: bool,
+}
+
+impl<'a> RowsCe<'a> {
+    /// Plain cross-entropy of the rows: unit weights, temperature 1, no entropy.
+    pub(super) fn new(idx: &'a [i32], tgt: &'a [i32]) -> Self {
+        Self {
+            idx,
+            tgt,
+            scale: 1.0,
+            row_scale: None,
+            inv_t: 1.0,
+            entropy: false,
+        }
     }
 }
