@@ -306,6 +306,9 @@ pub fn kernels(gpu: &Gpu, s: &KernelShapes) -> Result<(Value, usize)> {
         json!({"ms": t * 1e3, "roofline_fraction": (n * 16) as f64 / t / bw}),
     );
 
+    // GPT-2's LayerNorm (forward, input gradient, weight and bias gradients) and GELU.
+    layernorm_and_gelu(gpu, s, &mut rep, &mut rng)?;
+
     // 4-bit decode: bit-exact with the CPU decoder; fused GEMV against decode + f64 product.
     let (out, inp, bs) = s.q4;
     let wq = rand_vec(&mut rng, out * inp, 0.02);
@@ -804,6 +807,186 @@ fn check_flash(
 
 /// LoRA (all linears, random non-zero B so every gradient flows) on `model`; DoRA with
 /// `dora`.
+/// LayerNorm and GELU (GPT-2's) against f64 references, untimed.
+fn layernorm_and_gelu(gpu: &Gpu, s: &KernelShapes, rep: &mut Report, rng: &mut Rng) -> Result<()> {
+    let (rows, d) = s.norm;
+    let x: Vec<f32> = rand_vec(rng, rows * d, 1.0)
+        .iter()
+        .map(|v| v + 0.5)
+        .collect();
+    let (w, b) = (rand_vec(rng, d, 1.0), rand_vec(rng, d, 1.0));
+    let dy = rand_vec(rng, rows * d, 1.0);
+    let eps = 1e-5f64;
+    let (gx, gw, gb, gdy) = (
+        gpu.upload(&x)?,
+        gpu.upload(&w)?,
+        gpu.upload(&b)?,
+        gpu.upload(&dy)?,
+    );
+    let (gy, gst) = (gpu.alloc_bf16(rows * d)?, gpu.alloc_f32(2 * rows)?);
+    let (gdx, gdw, gdb) = (
+        gpu.alloc_f32(rows * d)?,
+        gpu.alloc_f32(d)?,
+        gpu.alloc_f32(d)?,
+    );
+    gpu.launch_rows(
+        "layernorm_fwd",
+        rows,
+        d,
+        &[
+            Arg::P(gx.ptr),
+            Arg::P(gw.ptr),
+            Arg::P(gb.ptr),
+            Arg::P(gy.ptr),
+            Arg::P(gst.ptr),
+            Arg::I(d as i32),
+            Arg::F(eps as f32),
+        ],
+    )?;
+    gpu.launch_rows(
+        "layernorm_bwd",
+        rows,
+        d,
+        &[
+            Arg::P(gx.ptr),
+            Arg::P(gw.ptr),
+            Arg::P(gst.ptr),
+            Arg::P(gdy.ptr),
+            Arg::P(gdx.ptr),
+            Arg::I(d as i32),
+        ],
+    )?;
+    gpu.launch_cols(
+        "layernorm_dwb",
+        d,
+        &[
+            Arg::P(gx.ptr),
+            Arg::P(gst.ptr),
+            Arg::P(gdy.ptr),
+            Arg::P(gdw.ptr),
+            Arg::P(gdb.ptr),
+            Arg::L(rows as i64),
+            Arg::I(d as i32),
+        ],
+    )?;
+    let (mut y, mut dx) = (vec![0f32; rows * d], vec![0f32; rows * d]);
+    let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);
+    for r in 0..rows {
+        let xr: Vec<f64> = x[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect();
+        let dyr: Vec<f64> = dy[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect();
+        let mean = xr.iter().sum::<f64>() / d as f64;
+        let var = xr.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
+        let rs = 1.0 / (var + eps).sqrt();
+        let xh: Vec<f64> = xr.iter().map(|v| (v - mean) * rs).collect();
+        let g: Vec<f64> = (0..d).map(|c| w[c] as f64 * dyr[c]).collect();
+        let (mg, mgx) = (
+            g.iter().sum::<f64>() / d as f64,
+            g.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / d as f64,
+        );
+        for c in 0..d {
+            y[r * d + c] = bf((xh[c] * w[c] as f64 + b[c] as f64) as f32);
+            dx[r * d + c] = (rs * (g[c] - mg - xh[c] * mgx)) as f32;
+            dw[c] += dyr[c] * xh[c];
+            db[c] += dyr[c];
+        }
+    }
+    let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    rep.add(
+        "layernorm_fwd",
+        rel_err(&gpu.download_bf16(&gy, rows * d)?, &y),
+        1e-2,
+        json!({}),
+    );
+    rep.add(
+        "layernorm_bwd",
+        rel_err(&gpu.download_f32(&gdx, rows * d)?, &dx),
+        1e-4,
+        json!({}),
+    );
+    rep.add(
+        "layernorm_dwb",
+        rel_err(&gpu.download_f32(&gdw, d)?, &f(&dw))
+            .max(rel_err(&gpu.download_f32(&gdb, d)?, &f(&db))),
+        1e-4,
+        json!({}),
+    );
+    // GELU, both forms, and their derivatives.
+    let z: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) / 97.0).collect();
+    let dz = rand_vec(rng, z.len(), 1.0);
+    let n = z.len();
+    let (gz, gdz) = (gpu.upload(&z)?, gpu.upload(&dz)?);
+    let (ga, gd) = (gpu.alloc_bf16(n)?, gpu.alloc_bf16(n)?);
+    for (kind, name) in [(0, "tanh"), (1, "erf")] {
+        gpu.launch_n(
+            "gelu_fwd",
+            n,
+            &[
+                Arg::P(gz.ptr),
+                Arg::P(ga.ptr),
+                Arg::L(n as i64),
+                Arg::I(kind),
+            ],
+        )?;
+        gpu.launch_n(
+            "gelu_bwd",
+            n,
+            &[
+                Arg::P(gz.ptr),
+                Arg::P(gdz.ptr),
+                Arg::P(gd.ptr),
+                Arg::L(n as i64),
+                Arg::I(kind),
+            ],
+        )?;
+        let gelu = |v: f64| -> f64 {
+            if kind == 0 {
+                let k = (2.0 / std::f64::consts::PI).sqrt();
+                0.5 * v * (1.0 + (k * (v + 0.044715 * v * v * v)).tanh())
+            } else {
+                0.5 * v * (1.0 + libm_erf(v / std::f64::consts::SQRT_2))
+            }
+        };
+        let want: Vec<f32> = z.iter().map(|&v| bf(gelu(v as f64) as f32)).collect();
+        // The derivative by central differences of the f64 function.
+        let want_d: Vec<f32> = z
+            .iter()
+            .zip(&dz)
+            .map(|(&v, &g)| {
+                let h = 1e-5;
+                let d = (gelu(v as f64 + h) - gelu(v as f64 - h)) / (2.0 * h);
+                bf((g as f64 * d) as f32)
+            })
+            .collect();
+        rep.add(
+            &format!("gelu ({name})"),
+            rel_err(&gpu.download_bf16(&ga, n)?, &want)
+                .max(rel_err(&gpu.download_bf16(&gd, n)?, &want_d)),
+            1e-2,
+            json!({}),
+        );
+    }
+    Ok(())
+}
+
+/// erf(x) for the reference (std has none): its Maclaurin series, which in f64 loses about
+/// six digits to cancellation at |x| = 3.6 (the largest the check uses), leaving ~1e-10;
+/// ±1 beyond 6.
+fn libm_erf(x: f64) -> f64 {
+    if x.abs() >= 6.0 {
+        return x.signum();
+    }
+    // Maclaurin series: erf(x) = 2/√π Σ (−1)^n x^(2n+1) / (n! (2n+1)).
+    let mut sum = 0f64;
+    let mut term = x;
+    let mut n = 0f64;
+    while term.abs() > 1e-17 * sum.abs().max(1e-300) && n < 200.0 {
+        sum += term / (2.0 * n + 1.0);
+        n += 1.0;
+        term *= -x * x / n;
+    }
+    sum * 2.0 / std::f64::consts::PI.sqrt()
+}
+
 fn lora_state(
     model: &Model,
     rank: usize,

@@ -6,7 +6,7 @@
 use super::blas::Gemm;
 use super::device::{Arg, DBuf};
 use super::engine::GpuEngine;
-use super::weights::{K, O, Q, V};
+use super::weights::O;
 use crate::error::{Error, Result};
 use crate::generate::Decoder;
 use crate::train::params::TrainState;
@@ -105,18 +105,7 @@ impl GpuEngine {
         let row_seq = gpu.upload(&vec![0i32; n])?;
         let row_pos: Vec<i32> = (pos0..pos0 + n).map(|p| p as i32).collect();
         let row_pos = gpu.upload(&row_pos)?;
-        let mut x = gpu.uninit_f32(n * d)?;
-        gpu.launch_n(
-            "embed_gather",
-            n * d,
-            &[
-                Arg::P(ids.ptr),
-                Arg::P(m.embed.ptr),
-                Arg::P(x.ptr),
-                Arg::L(n as i64),
-                Arg::I(d as i32),
-            ],
-        )?;
+        let mut x = e.embed_rows(&ids, &row_pos, n)?;
         let add = |a: &DBuf, b: &DBuf, len: usize| {
             gpu.launch_n(
                 "add_inplace",
@@ -126,16 +115,12 @@ impl GpuEngine {
         };
         for (l, blk) in m.blocks.iter().enumerate() {
             let n1 = gpu.uninit_bf16(n * d)?;
-            let rstd = gpu.uninit_f32(n)?;
-            e.rmsnorm(&x, &blk.attn_norm, &n1, &rstd, n)?;
-            let q = gpu.uninit_f32(n * qd)?;
-            let k = gpu.uninit_f32(n * kvd)?;
-            let v = gpu.uninit_f32(n * kvd)?;
-            e.lin_fwd(l, Q, &n1, &q, n)?;
-            e.lin_fwd(l, K, &n1, &k, n)?;
-            e.lin_fwd(l, V, &n1, &v, n)?;
+            let rstd = e.norm_stats(n)?;
+            e.norm_fwd(&x, &blk.attn_norm, &n1, &rstd, n)?;
+            let (q, k, v, _) = e.qkv_fwd(l, &n1, n)?;
             // Keys (rotated) and values into the cache at their positions.
-            for (src, dst, rope) in [(&k, &cache.k[l], 1), (&v, &cache.v[l], 0)] {
+            let rope = i32::from(m.rope());
+            for (src, dst, rope) in [(&k, &cache.k[l], rope), (&v, &cache.v[l], 0)] {
                 gpu.launch_n(
                     "rope_permute",
                     n * kvd / 2,
@@ -174,7 +159,7 @@ impl GpuEngine {
                     Arg::I(pos0 as i32),
                     Arg::I(blk.window.unwrap_or(0) as i32),
                     Arg::F(1.0 / (dh as f32).sqrt()),
-                    Arg::I(1),
+                    Arg::I(rope),
                 ],
             )?;
             let o_in = e.cast_bf16(&o, n * qd)?;
@@ -186,8 +171,8 @@ impl GpuEngine {
             x = e.round_bf16(&out, n * d)?;
         }
         let nf = gpu.uninit_bf16(n * d)?;
-        let rstd = gpu.uninit_f32(n)?;
-        e.rmsnorm(&x, &m.final_norm, &nf, &rstd, n)?;
+        let rstd = e.norm_stats(n)?;
+        e.norm_fwd(&x, &m.final_norm, &nf, &rstd, n)?;
         let head = m.head_ptr(gpu, &e.scratch)?;
         let logits = gpu.uninit_f32(m.vocab)?;
         gpu.gemm(&Gemm::nt(

@@ -65,6 +65,13 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "adapter_act_bwd",
     "prefix_to_heads",
     "prefix_grad",
+    "layernorm_fwd",
+    "layernorm_bwd",
+    "layernorm_dwb",
+    "copy_cols_f32",
+    "copy_cols_bf16",
+    "gelu_fwd",
+    "gelu_bwd",
 ];
 
 /// Device errors are run-time failures of the machine, reported as such.

@@ -14,7 +14,7 @@
 use super::blas::Gemm;
 use super::device::{Arg, DBuf, Gpu};
 use super::flash::{flash_supports, launch_flash_bwd, launch_flash_fwd, FlashArgs};
-use super::weights::{GpuModel, DOWN, GATE, K, O, PER_BLOCK, Q, UP, V};
+use super::weights::{Family, GpuModel, GpuNorm, DOWN, GATE, K, O, Q, ROLES, UP, V};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::rng::Rng;
@@ -81,8 +81,11 @@ pub(super) struct LinAct {
 pub(super) struct Mlp {
     n2: DBuf,
     rstd2: DBuf,
+    /// The activation's input: gate (SwiGLU) or fc (GPT-2) output, f32.
     g: DBuf,
-    u: DBuf,
+    /// SwiGLU's up output (f32).
+    u: Option<DBuf>,
+    /// The down (proj) product's input, bf16.
     a: DBuf,
     pub(super) out: DBuf,
     /// gate, up, down.
@@ -133,7 +136,7 @@ struct Saved {
     n2: DBuf,
     rstd2: DBuf,
     g: DBuf,
-    u: DBuf,
+    u: Option<DBuf>,
     a: DBuf,
     /// Per linear: what its LoRA (DoRA) backward needs.
     xa: Vec<Option<LinAct>>,
@@ -231,7 +234,7 @@ impl GpuEngine {
     pub fn new(gpu: Gpu, model: &Model, state: &TrainState) -> Result<Self> {
         if let Some(what) = unsupported_state(state) {
             return Err(Error::usage(format!(
-                "--device cuda trains every peft-train method (QLoRA too) on Llama-family models for now; {what} needs --device cpu"
+                "--device cuda trains every peft-train method (QLoRA too), reward models, DPO and PPO; {what} needs --device cpu"
             )));
         }
         Self::upload(gpu, model, state)
@@ -341,7 +344,8 @@ impl GpuEngine {
                 })
             })
             .collect();
-        let mut lora = Vec::with_capacity(nb * PER_BLOCK);
+        let per_block = self.model.per_block;
+        let mut lora = Vec::with_capacity(nb * per_block);
         let mut stop = nb;
         let mut off = 0;
         for (i, lo) in state.lora.iter().enumerate() {
@@ -349,7 +353,7 @@ impl GpuEngine {
                 lora.push(None);
                 continue;
             };
-            stop = stop.min(i / PER_BLOCK);
+            stop = stop.min(i / per_block);
             let (na, nb_) = (lo.a.len(), lo.b.len());
             lora.push(Some(GpuLora {
                 rank: lo.rank,
@@ -365,7 +369,7 @@ impl GpuEngine {
             }));
             off += na + nb_;
         }
-        if lora.len() != nb * PER_BLOCK {
+        if lora.len() != nb * per_block {
             return Err(Error::usage(
                 "internal: LoRA slots do not match the model's linears",
             ));
@@ -376,7 +380,7 @@ impl GpuEngine {
         self.adapter_len = total;
         // The backward pass stops below the lowest block with anything trainable.
         if let Some(i) = vecs.iter().position(Option::is_some) {
-            stop = stop.min(i / PER_BLOCK);
+            stop = stop.min(i / per_block);
         }
         self.vecs = vecs;
         self.vec_values = vec_values;
@@ -536,8 +540,8 @@ impl GpuEngine {
         let (hs, x) = done?;
         self.phases.mark(&self.gpu, "forward");
         let nf = self.gpu.uninit_bf16(rows * d)?;
-        let rstd = self.gpu.uninit_f32(rows)?;
-        self.rmsnorm(&x, &self.model.final_norm, &nf, &rstd, rows)?;
+        let rstd = self.norm_stats(rows)?;
+        self.norm_fwd(&x, &self.model.final_norm, &nf, &rstd, rows)?;
         Ok(Forward {
             lay,
             hs,
@@ -563,7 +567,7 @@ impl GpuEngine {
         self.norm_weight_grad(2 * nb, &x, &rstd, &dnf, rows)?;
         if self.stop_layer < nb {
             let mut dh = self.gpu.alloc_f32(rows * d)?;
-            self.rmsnorm_bwd(&x, &self.model.final_norm, &rstd, &dnf, &dh, rows)?;
+            self.norm_bwd(&x, &self.model.final_norm, &rstd, &dnf, &dh, rows)?;
             drop((dnf, x));
             for l in (self.stop_layer..nb).rev() {
                 let xl = self.to_f32(&hs[l], rows * d)?;
@@ -582,19 +586,27 @@ impl GpuEngine {
                         .for_each(|(a, b)| *a += b);
                 }
             }
-            // The embedding's gradient: dh is now the gradient of the first block's input.
-            if let Some(g) = self.base_grads.get(&Slot::Embedding) {
-                self.gpu.launch_n(
-                    "embed_grad",
-                    rows * d,
-                    &[
-                        Arg::P(lay.grad_ids.as_ref().unwrap_or(&lay.ids).ptr),
-                        Arg::P(dh.ptr),
-                        Arg::P(g.ptr),
-                        Arg::L(rows as i64),
-                        Arg::I(d as i32),
-                    ],
-                )?;
+            // The embeddings' gradients: dh is now the gradient of the first block's input.
+            // Token rows (not prompt tuning's virtual rows) and, for learned positions, every
+            // row's position.
+            let tables = [
+                (Slot::Embedding, lay.grad_ids.as_ref().unwrap_or(&lay.ids)),
+                (Slot::PositionEmbedding, &lay.row_pos),
+            ];
+            for (slot, ids) in tables {
+                if let Some(g) = self.base_grads.get(&slot) {
+                    self.gpu.launch_n(
+                        "embed_grad",
+                        rows * d,
+                        &[
+                            Arg::P(ids.ptr),
+                            Arg::P(dh.ptr),
+                            Arg::P(g.ptr),
+                            Arg::L(rows as i64),
+                            Arg::I(d as i32),
+                        ],
+                    )?;
+                }
             }
         }
         // Prefix tuning: dL/dP back to the host, through the reparameterization there.
@@ -846,21 +858,51 @@ impl GpuEngine {
         })
     }
 
-    /// The input rows: embedding lookups (f32 copies of the bf16 table's values).
-    fn embed(&self, lay: &Layout) -> Result<DBuf> {
-        let (d, rows) = (self.model.hidden, lay.rows);
-        let h = self.gpu.uninit_f32(rows * d)?;
+    /// Rows `ids` of the bf16 `table` as f32 `[rows, hidden]` (`embed_gather`).
+    fn gather_rows(&self, ids: &DBuf, table: &DBuf, rows: usize) -> Result<DBuf> {
+        let d = self.model.hidden;
+        let out = self.gpu.uninit_f32(rows * d)?;
         self.gpu.launch_n(
             "embed_gather",
             rows * d,
             &[
-                Arg::P(lay.ids.ptr),
-                Arg::P(self.model.embed.ptr),
-                Arg::P(h.ptr),
+                Arg::P(ids.ptr),
+                Arg::P(table.ptr),
+                Arg::P(out.ptr),
                 Arg::L(rows as i64),
                 Arg::I(d as i32),
             ],
         )?;
+        Ok(out)
+    }
+
+    /// The input rows of tokens `ids` at positions `pos`: their embeddings, plus the learned
+    /// positions where the model has them (GPT-2).
+    pub(super) fn embed_rows(&self, ids: &DBuf, pos: &DBuf, rows: usize) -> Result<DBuf> {
+        let h = self.gather_rows(ids, &self.model.embed, rows)?;
+        self.add_positions(&h, pos, rows)?;
+        Ok(h)
+    }
+
+    /// `h += pos_embed[pos]` row by row for a model with learned positions.
+    fn add_positions(&self, h: &DBuf, pos: &DBuf, rows: usize) -> Result<()> {
+        let Some(pe) = &self.model.pos_embed else {
+            return Ok(());
+        };
+        let n = rows * self.model.hidden;
+        let p = self.gather_rows(pos, pe, rows)?;
+        self.gpu.launch_n(
+            "add_inplace",
+            n,
+            &[Arg::P(h.ptr), Arg::P(p.ptr), Arg::L(n as i64)],
+        )
+    }
+
+    /// The input rows: embedding lookups, prompt tuning's virtual rows, then the learned
+    /// positions (virtual rows have positions too, as in PEFT).
+    fn embed(&self, lay: &Layout) -> Result<DBuf> {
+        let (d, rows) = (self.model.hidden, lay.rows);
+        let h = self.gather_rows(&lay.ids, &self.model.embed, rows)?;
         if let Some((n, emb)) = &self.prompt {
             // The virtual rows: the prompt's vectors, one copy per sequence.
             let idx = self.gpu.upload(&lay.virtual_rows)?;
@@ -878,6 +920,7 @@ impl GpuEngine {
                 )?;
             }
         }
+        self.add_positions(&h, &lay.row_pos, rows)?;
         Ok(h)
     }
 
@@ -897,48 +940,82 @@ impl GpuEngine {
         self.to_f32(&b, n)
     }
 
-    pub(super) fn rmsnorm(
+    /// A buffer for a norm's per-row statistics: 1/rms (RMSNorm), or mean and 1/std
+    /// (LayerNorm).
+    pub(super) fn norm_stats(&self, rows: usize) -> Result<DBuf> {
+        let per_row = if self.model.family == Family::Llama {
+            1
+        } else {
+            2
+        };
+        self.gpu.uninit_f32(rows * per_row)
+    }
+
+    /// `y = norm(x)` in bf16 (RMSNorm, or LayerNorm with its bias), its statistics into
+    /// `stats` ([`Self::norm_stats`]).
+    pub(super) fn norm_fwd(
         &self,
         x: &DBuf,
-        w: &DBuf,
+        n: &GpuNorm,
         y: &DBuf,
-        rstd: &DBuf,
+        stats: &DBuf,
         rows: usize,
     ) -> Result<()> {
         let d = self.model.hidden;
-        self.gpu.launch_norm(
-            rows,
-            d,
-            &[
-                Arg::P(x.ptr),
-                Arg::P(w.ptr),
-                Arg::P(y.ptr),
-                Arg::P(rstd.ptr),
-                Arg::I(d as i32),
-                Arg::F(self.model.eps),
-            ],
-        )
+        match &n.b {
+            None => self.gpu.launch_norm(
+                rows,
+                d,
+                &[
+                    Arg::P(x.ptr),
+                    Arg::P(n.w.ptr),
+                    Arg::P(y.ptr),
+                    Arg::P(stats.ptr),
+                    Arg::I(d as i32),
+                    Arg::F(self.model.eps),
+                ],
+            ),
+            Some(b) => self.gpu.launch_rows(
+                "layernorm_fwd",
+                rows,
+                d,
+                &[
+                    Arg::P(x.ptr),
+                    Arg::P(n.w.ptr),
+                    Arg::P(b.ptr),
+                    Arg::P(y.ptr),
+                    Arg::P(stats.ptr),
+                    Arg::I(d as i32),
+                    Arg::F(self.model.eps),
+                ],
+            ),
+        }
     }
 
-    /// dx += rmsnorm backward of dy.
-    fn rmsnorm_bwd(
+    /// dx += the norm's backward pass of dy.
+    fn norm_bwd(
         &self,
         x: &DBuf,
-        w: &DBuf,
-        rstd: &DBuf,
+        n: &GpuNorm,
+        stats: &DBuf,
         dy: &DBuf,
         dx: &DBuf,
         rows: usize,
     ) -> Result<()> {
         let d = self.model.hidden;
+        let kernel = if n.b.is_some() {
+            "layernorm_bwd"
+        } else {
+            "rmsnorm_bwd"
+        };
         self.gpu.launch_rows(
-            "rmsnorm_bwd",
+            kernel,
             rows,
             d,
             &[
                 Arg::P(x.ptr),
-                Arg::P(w.ptr),
-                Arg::P(rstd.ptr),
+                Arg::P(n.w.ptr),
+                Arg::P(stats.ptr),
                 Arg::P(dy.ptr),
                 Arg::P(dx.ptr),
                 Arg::I(d as i32),
@@ -962,7 +1039,7 @@ impl GpuEngine {
 
     /// The LoRA input: `x` itself, or `x` through the adapter's dropout.
     fn lora_input(&self, l: usize, slot: usize, x: &DBuf, n: usize) -> Result<Option<DBuf>> {
-        let lo = self.lora[l * PER_BLOCK + slot].as_ref().unwrap();
+        let lo = self.lora[self.model.index(l, slot)].as_ref().unwrap();
         if lo.dropout <= 0.0 || !self.training.get() {
             return Ok(None);
         }
@@ -992,9 +1069,9 @@ impl GpuEngine {
         y: &DBuf,
         rows: usize,
     ) -> Result<Option<LinAct>> {
-        let lin = &self.model.blocks[l].lin[slot];
+        let lin = self.model.lin(l, slot);
         let on = self.adapters_on.get();
-        let vec = self.vecs[l * PER_BLOCK + slot].filter(|_| on);
+        let vec = self.vecs[self.model.index(l, slot)].filter(|_| on);
         // IA3 on the input (feed-forward modules): the product sees x ⊙ l.
         let scaled_x;
         let x_in = match vec {
@@ -1026,7 +1103,7 @@ impl GpuEngine {
             self.gpu
                 .gemm(&Gemm::nt(rows, lin.out, lin.inp, x_in.ptr, w, y.ptr))?;
         }
-        let mut act = match &self.lora[l * PER_BLOCK + slot] {
+        let mut act = match &self.lora[self.model.index(l, slot)] {
             Some(lo) if on => Some(self.lora_fwd(l, slot, lo, x, y, rows)?),
             _ => None,
         };
@@ -1077,7 +1154,7 @@ impl GpuEngine {
         y: &DBuf,
         rows: usize,
     ) -> Result<LinAct> {
-        let lin = &self.model.blocks[l].lin[slot];
+        let lin = self.model.lin(l, slot);
         let r = lo.rank;
         let xd = self.lora_input(l, slot, x, rows * lin.inp)?;
         let xin = xd.as_ref().unwrap_or(x);
@@ -1097,7 +1174,8 @@ impl GpuEngine {
         )?;
         self.gpu
             .gemm(&Gemm::nt(rows, lin.out, r, xa.ptr, lo.b, y.ptr).accumulate())?;
-        let magnitude = self.vecs[l * PER_BLOCK + slot].filter(|v| v.kind == VecKind::Magnitude);
+        let magnitude =
+            self.vecs[self.model.index(l, slot)].filter(|v| v.kind == VecKind::Magnitude);
         let Some(mag) = magnitude.map(|v| v.value) else {
             return Ok(LinAct {
                 xa: Some(xa),
@@ -1158,10 +1236,10 @@ impl GpuEngine {
         acc: bool,
         rows: usize,
     ) -> Result<()> {
-        let lin = &self.model.blocks[l].lin[slot];
+        let lin = self.model.lin(l, slot);
         let (out, inp) = (lin.out, lin.inp);
-        let lora = self.lora[l * PER_BLOCK + slot].as_ref();
-        let vec = self.vecs[l * PER_BLOCK + slot];
+        let lora = self.lora[self.model.index(l, slot)].as_ref();
+        let vec = self.vecs[self.model.index(l, slot)];
         // IA3 on the input: dl = Σ_rows (dy·W) ⊙ x, dx = (dy·W) ⊙ l; nothing else trains.
         if let Some(v) = vec.filter(|v| v.kind == VecKind::Ia3Input) {
             let w = lin.bf16_weight(&self.gpu, &self.scratch)?;
@@ -1208,7 +1286,7 @@ impl GpuEngine {
             }
             _ => dy,
         };
-        let idx = l * PER_BLOCK + slot;
+        let idx = self.model.index(l, slot);
         if let Some(g) = self.base_grads.get(&Slot::LinearWeight(idx)) {
             // dW += dyᵀ·x
             self.gpu
@@ -1333,7 +1411,7 @@ impl GpuEngine {
                 Arg::I(heads as i32),
                 Arg::I(dh as i32),
                 Arg::I(lay.l as i32),
-                Arg::I(rope as i32),
+                Arg::I((rope && self.model.rope()) as i32),
             ],
         )
     }
@@ -1584,23 +1662,33 @@ impl GpuEngine {
         let m = &self.model;
         let (d, ff) = (m.hidden, m.inter);
         let n2 = gpu.uninit_bf16(rows * d)?;
-        let rstd2 = gpu.uninit_f32(rows)?;
-        self.rmsnorm(h2, &m.blocks[l].mlp_norm, &n2, &rstd2, rows)?;
+        let rstd2 = self.norm_stats(rows)?;
+        self.norm_fwd(h2, &m.blocks[l].mlp_norm, &n2, &rstd2, rows)?;
         let g = gpu.uninit_f32(rows * ff)?;
-        let u = gpu.uninit_f32(rows * ff)?;
-        let xg = self.lin_fwd(l, GATE, &n2, &g, rows)?;
-        let xu = self.lin_fwd(l, UP, &n2, &u, rows)?;
         let a = gpu.uninit_bf16(rows * ff)?;
-        gpu.launch_n(
-            "silu_mul_fwd",
-            rows * ff,
-            &[
-                Arg::P(g.ptr),
-                Arg::P(u.ptr),
-                Arg::P(a.ptr),
-                Arg::L((rows * ff) as i64),
-            ],
-        )?;
+        let n = (rows * ff) as i64;
+        let (xg, xu, u) = match m.family {
+            Family::Llama => {
+                let u = gpu.uninit_f32(rows * ff)?;
+                let xg = self.lin_fwd(l, GATE, &n2, &g, rows)?;
+                let xu = self.lin_fwd(l, UP, &n2, &u, rows)?;
+                gpu.launch_n(
+                    "silu_mul_fwd",
+                    rows * ff,
+                    &[Arg::P(g.ptr), Arg::P(u.ptr), Arg::P(a.ptr), Arg::L(n)],
+                )?;
+                (xg, xu, Some(u))
+            }
+            Family::Gpt2 { gelu } => {
+                let xu = self.lin_fwd(l, UP, &n2, &g, rows)?;
+                gpu.launch_n(
+                    "gelu_fwd",
+                    rows * ff,
+                    &[Arg::P(g.ptr), Arg::P(a.ptr), Arg::L(n), Arg::I(gelu)],
+                )?;
+                (None, xu, None)
+            }
+        };
         let out = gpu.uninit_f32(rows * d)?;
         let xd = self.lin_fwd(l, DOWN, &a, &out, rows)?;
         let adapter = self.adapter_fwd(l, 1, &n2, &out, rows)?;
@@ -1621,6 +1709,89 @@ impl GpuEngine {
         })
     }
 
+    /// The attention's queries, keys and values of block `l` (f32 rows) from the normalized
+    /// input `n1`, and what their linears' backward passes need (GPT-2's fused product: in
+    /// Q's place).
+    pub(super) fn qkv_fwd(
+        &self,
+        l: usize,
+        n1: &DBuf,
+        rows: usize,
+    ) -> Result<(DBuf, DBuf, DBuf, [Option<LinAct>; 3])> {
+        let gpu = &self.gpu;
+        let m = &self.model;
+        let (qd, kvd) = (m.heads * m.head_dim, m.kv_heads * m.head_dim);
+        let q = gpu.uninit_f32(rows * qd)?;
+        let k = gpu.uninit_f32(rows * kvd)?;
+        let v = gpu.uninit_f32(rows * kvd)?;
+        if m.family == Family::Llama {
+            let aq = self.lin_fwd(l, Q, n1, &q, rows)?;
+            let ak = self.lin_fwd(l, K, n1, &k, rows)?;
+            let av = self.lin_fwd(l, V, n1, &v, rows)?;
+            return Ok((q, k, v, [aq, ak, av]));
+        }
+        let width = qd + 2 * kvd;
+        let qkv = gpu.uninit_f32(rows * width)?;
+        let act = self.lin_fwd(l, Q, n1, &qkv, rows)?;
+        for (dst, off, cols) in [(&q, 0, qd), (&k, qd, kvd), (&v, qd + kvd, kvd)] {
+            gpu.launch_n(
+                "copy_cols_f32",
+                rows * cols,
+                &[
+                    Arg::P(qkv.ptr),
+                    Arg::I(width as i32),
+                    Arg::I(off as i32),
+                    Arg::P(dst.ptr),
+                    Arg::I(cols as i32),
+                    Arg::I(0),
+                    Arg::I(cols as i32),
+                    Arg::L(rows as i64),
+                ],
+            )?;
+        }
+        Ok((q, k, v, [act, None, None]))
+    }
+
+    /// The backward pass of [`Self::qkv_fwd`]: the gradients of q, k and v (bf16 rows) through
+    /// their linears (adapters' gradients included); dL/d`n1` into `dn1` when given.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_bwd(
+        &self,
+        l: usize,
+        (dq, dk, dv): (&DBuf, &DBuf, &DBuf),
+        n1: &DBuf,
+        acts: &[Option<LinAct>],
+        dn1: Option<&DBuf>,
+        rows: usize,
+    ) -> Result<()> {
+        let m = &self.model;
+        if m.family == Family::Llama {
+            self.lin_bwd(l, Q, dq, n1, acts[Q].as_ref(), dn1, false, rows)?;
+            self.lin_bwd(l, K, dk, n1, acts[K].as_ref(), dn1, true, rows)?;
+            return self.lin_bwd(l, V, dv, n1, acts[V].as_ref(), dn1, true, rows);
+        }
+        let (qd, kvd) = (m.heads * m.head_dim, m.kv_heads * m.head_dim);
+        let width = qd + 2 * kvd;
+        let dqkv = self.gpu.uninit_bf16(rows * width)?;
+        for (src, off, cols) in [(dq, 0, qd), (dk, qd, kvd), (dv, qd + kvd, kvd)] {
+            self.gpu.launch_n(
+                "copy_cols_bf16",
+                rows * cols,
+                &[
+                    Arg::P(src.ptr),
+                    Arg::I(cols as i32),
+                    Arg::I(0),
+                    Arg::P(dqkv.ptr),
+                    Arg::I(width as i32),
+                    Arg::I(off as i32),
+                    Arg::I(cols as i32),
+                    Arg::L(rows as i64),
+                ],
+            )?;
+        }
+        self.lin_bwd(l, Q, &dqkv, n1, acts[Q].as_ref(), dn1, false, rows)
+    }
+
     fn block_forward(
         &self,
         l: usize,
@@ -1632,18 +1803,14 @@ impl GpuEngine {
         let m = &self.model;
         let blk = &m.blocks[l];
         let (d, rows) = (m.hidden, lay.rows);
-        let (qd, kvd) = (m.heads * m.head_dim, m.kv_heads * m.head_dim);
-        let mut xa: Vec<Option<LinAct>> = (0..PER_BLOCK).map(|_| None).collect();
+        let qd = m.heads * m.head_dim;
+        let mut xa: Vec<Option<LinAct>> = (0..ROLES).map(|_| None).collect();
         // attention
         let n1 = gpu.uninit_bf16(rows * d)?;
-        let rstd1 = gpu.uninit_f32(rows)?;
-        self.rmsnorm(x, &blk.attn_norm, &n1, &rstd1, rows)?;
-        let q = gpu.uninit_f32(rows * qd)?;
-        let k = gpu.uninit_f32(rows * kvd)?;
-        let v = gpu.uninit_f32(rows * kvd)?;
-        xa[Q] = self.lin_fwd(l, Q, &n1, &q, rows)?;
-        xa[K] = self.lin_fwd(l, K, &n1, &k, rows)?;
-        xa[V] = self.lin_fwd(l, V, &n1, &v, rows)?;
+        let rstd1 = self.norm_stats(rows)?;
+        self.norm_fwd(x, &blk.attn_norm, &n1, &rstd1, rows)?;
+        let (q, k, v, acts) = self.qkv_fwd(l, &n1, rows)?;
+        [xa[Q], xa[K], xa[V]] = acts;
         let qp = self.to_heads(&q, m.heads, true, lay)?;
         let kp = self.to_heads(&k, m.kv_heads, true, lay)?;
         let vp = self.to_heads(&v, m.kv_heads, false, lay)?;
@@ -1707,8 +1874,10 @@ impl GpuEngine {
         // The gradient of the block's input: for the blocks below, or the embedding.
         let need_dx = l > self.stop_layer
             || self.base_grads.contains_key(&Slot::Embedding)
+            || self.base_grads.contains_key(&Slot::PositionEmbedding)
             || self.prompt.is_some();
-        let attn_norm_trains = self.base_grads.contains_key(&Slot::NormWeight(2 * l));
+        let attn_norm_trains = self.base_grads.contains_key(&Slot::NormWeight(2 * l))
+            || self.base_grads.contains_key(&Slot::NormBias(2 * l));
         let (_, s) = self.block_forward(l, x, lay, true)?;
         let s = s.expect("saved activations");
         self.phases.mark(gpu, "backward: recompute");
@@ -1727,34 +1896,48 @@ impl GpuEngine {
             rows,
         )?;
         drop(dh_bf);
-        let dg = gpu.uninit_bf16(rows * ff)?;
-        let du = gpu.uninit_bf16(rows * ff)?;
-        gpu.launch_n(
-            "silu_mul_bwd",
-            rows * ff,
-            &[
-                Arg::P(s.g.ptr),
-                Arg::P(s.u.ptr),
-                Arg::P(da.ptr),
-                Arg::P(dg.ptr),
-                Arg::P(du.ptr),
-                Arg::L((rows * ff) as i64),
-            ],
-        )?;
-        drop(da);
         let dn2 = gpu.uninit_f32(rows * d)?;
-        self.lin_bwd(
-            l,
-            GATE,
-            &dg,
-            &s.n2,
-            s.xa[GATE].as_ref(),
-            Some(&dn2),
-            false,
-            rows,
-        )?;
-        self.lin_bwd(l, UP, &du, &s.n2, s.xa[UP].as_ref(), Some(&dn2), true, rows)?;
-        drop((dg, du));
+        let n = (rows * ff) as i64;
+        match (m.family, &s.u) {
+            (Family::Llama, Some(u)) => {
+                let dg = gpu.uninit_bf16(rows * ff)?;
+                let du = gpu.uninit_bf16(rows * ff)?;
+                gpu.launch_n(
+                    "silu_mul_bwd",
+                    rows * ff,
+                    &[
+                        Arg::P(s.g.ptr),
+                        Arg::P(u.ptr),
+                        Arg::P(da.ptr),
+                        Arg::P(dg.ptr),
+                        Arg::P(du.ptr),
+                        Arg::L(n),
+                    ],
+                )?;
+                drop(da);
+                let (n2, xa) = (&s.n2, &s.xa);
+                self.lin_bwd(l, GATE, &dg, n2, xa[GATE].as_ref(), Some(&dn2), false, rows)?;
+                self.lin_bwd(l, UP, &du, n2, xa[UP].as_ref(), Some(&dn2), true, rows)?;
+            }
+            (Family::Gpt2 { gelu }, _) => {
+                let dg = gpu.uninit_bf16(rows * ff)?;
+                gpu.launch_n(
+                    "gelu_bwd",
+                    rows * ff,
+                    &[
+                        Arg::P(s.g.ptr),
+                        Arg::P(da.ptr),
+                        Arg::P(dg.ptr),
+                        Arg::L(n),
+                        Arg::I(gelu),
+                    ],
+                )?;
+                drop(da);
+                let (n2, xa) = (&s.n2, &s.xa);
+                self.lin_bwd(l, UP, &dg, n2, xa[UP].as_ref(), Some(&dn2), false, rows)?;
+            }
+            (Family::Llama, None) => unreachable!("SwiGLU keeps its up output"),
+        }
         if let Some(p) = par_mlp {
             // A parallel adapter read the normalized input too.
             gpu.launch_n(
@@ -1764,7 +1947,7 @@ impl GpuEngine {
             )?;
         }
         // dh now becomes the gradient at h2 (residual plus the norm's path).
-        self.rmsnorm_bwd(&s.h2, &blk.mlp_norm, &s.rstd2, &dn2, &dh, rows)?;
+        self.norm_bwd(&s.h2, &blk.mlp_norm, &s.rstd2, &dn2, &dh, rows)?;
         self.norm_weight_grad(2 * l + 1, &s.h2, &s.rstd2, &dn2, rows)?;
         drop(dn2);
         self.phases.mark(gpu, "backward: MLP");
@@ -1815,34 +1998,12 @@ impl GpuEngine {
         } else {
             None
         };
-        self.lin_bwd(
+        self.qkv_bwd(
             l,
-            Q,
-            &dq_bf,
+            (&dq_bf, &dk_bf, &dv_bf),
             &s.n1,
-            s.xa[Q].as_ref(),
+            &s.xa,
             dn1.as_ref(),
-            false,
-            rows,
-        )?;
-        self.lin_bwd(
-            l,
-            K,
-            &dk_bf,
-            &s.n1,
-            s.xa[K].as_ref(),
-            dn1.as_ref(),
-            true,
-            rows,
-        )?;
-        self.lin_bwd(
-            l,
-            V,
-            &dv_bf,
-            &s.n1,
-            s.xa[V].as_ref(),
-            dn1.as_ref(),
-            true,
             rows,
         )?;
         if let (Some(dn1), Some(p)) = (&dn1, &par_attn) {
@@ -1854,7 +2015,7 @@ impl GpuEngine {
         }
         if let Some(dn1) = dn1 {
             if need_dx {
-                self.rmsnorm_bwd(x, &blk.attn_norm, &s.rstd1, &dn1, &dh, rows)?;
+                self.norm_bwd(x, &blk.attn_norm, &s.rstd1, &dn1, &dh, rows)?;
             }
             self.norm_weight_grad(2 * l, x, &s.rstd1, &dn1, rows)?;
         }
@@ -1880,7 +2041,9 @@ fn unsupported_state(state: &TrainState) -> Option<&'static str> {
                 | Slot::LinearWeight(_)
                 | Slot::LinearBias(_)
                 | Slot::NormWeight(_)
+                | Slot::NormBias(_)
                 | Slot::Embedding
+                | Slot::PositionEmbedding
                 | Slot::Head
                 | Slot::PromptEmbedding
                 | Slot::Bottleneck(..)

@@ -184,6 +184,121 @@ extern "C" __global__ void rmsnorm_bwd(const float* x, const float* w, const flo
     for (int c = threadIdx.x; c < hidden; c += blockDim.x) dx[r * hidden + c] += rs * w[c] * dyr[c] - xr[c] * k;
 }
 
+// ---- LayerNorm (GPT-2; one block per row) --------------------------------------------------
+
+// y = (x − mean)·rstd·w + b as bf16, with biased variance (torch's LayerNorm);
+// stats[2r] = mean, stats[2r + 1] = rstd for the backward pass. Two passes over the row (the
+// variance about the mean, not E[x²] − mean², for accuracy).
+extern "C" __global__ void layernorm_fwd(const float* x, const float* w, const float* b, bf16* y, float* stats, int hidden, float eps) {
+    __shared__ float sh[32];
+    long r = blockIdx.x;
+    const float* xr = x + r * hidden;
+    float s = 0.f;
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) s += xr[c];
+    float mean = block_sum(s, sh) / hidden;
+    float v = 0.f;
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
+        float d = xr[c] - mean;
+        v += d * d;
+    }
+    float rs = rsqrtf(block_sum(v, sh) / hidden + eps);
+    if (threadIdx.x == 0) {
+        stats[2 * r] = mean;
+        stats[2 * r + 1] = rs;
+    }
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) y[r * hidden + c] = f2bf((xr[c] - mean) * rs * w[c] + b[c]);
+}
+
+// dx += d/dx of layernorm(x)·w + b given dy: with x̂ = (x − mean)·rs and g = w·dy,
+// dx = rs·(g − mean(g) − x̂·mean(g·x̂)).
+extern "C" __global__ void layernorm_bwd(const float* x, const float* w, const float* stats, const float* dy, float* dx, int hidden) {
+    __shared__ float sh[32];
+    long r = blockIdx.x;
+    const float* xr = x + r * hidden;
+    const float* dyr = dy + r * hidden;
+    float mean = stats[2 * r], rs = stats[2 * r + 1];
+    float sg = 0.f, sgx = 0.f;
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
+        float g = w[c] * dyr[c];
+        sg += g;
+        sgx += g * (xr[c] - mean) * rs;
+    }
+    sg = block_sum(sg, sh) / hidden;
+    sgx = block_sum(sgx, sh) / hidden;
+    for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
+        float xh = (xr[c] - mean) * rs;
+        dx[r * hidden + c] += rs * (w[c] * dyr[c] - sg - xh * sgx);
+    }
+}
+
+// dw[c] += Σ_r dy·x̂ and (when db is given) db[c] += Σ_r dy: a trainable LayerNorm. One thread
+// per column.
+extern "C" __global__ void layernorm_dwb(const float* x, const float* stats, const float* dy, float* dw, float* db, long rows, int hidden) {
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < hidden; c += gridDim.x * blockDim.x) {
+        float sw = 0.f, sb = 0.f;
+        for (long r = 0; r < rows; r++) {
+            float g = dy[r * hidden + c];
+            sw += g * (x[r * hidden + c] - stats[2 * r]) * stats[2 * r + 1];
+            sb += g;
+        }
+        if (dw) dw[c] += sw;
+        if (db) db[c] += sb;
+    }
+}
+
+// ---- columns of row-major matrices ---------------------------------------------------------
+// dst[r, dst_off + j] = src[r, src_off + j] for j < cols: GPT-2's fused q|k|v split into its
+// parts (f32), and their gradients joined back (bf16).
+extern "C" __global__ void copy_cols_f32(const float* src, int src_stride, int src_off, float* dst, int dst_stride, int dst_off, int cols, long rows) {
+    long n = rows * cols;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        long r = i / cols;
+        int j = i % cols;
+        dst[r * dst_stride + dst_off + j] = src[r * src_stride + src_off + j];
+    }
+}
+
+extern "C" __global__ void copy_cols_bf16(const bf16* src, int src_stride, int src_off, bf16* dst, int dst_stride, int dst_off, int cols, long rows) {
+    long n = rows * cols;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        long r = i / cols;
+        int j = i % cols;
+        dst[r * dst_stride + dst_off + j] = src[r * src_stride + src_off + j];
+    }
+}
+
+// ---- GELU (GPT-2's plain MLP) --------------------------------------------------------------
+// kind 0: the tanh approximation (gelu_new, gelu_pytorch_tanh); 1: the exact erf form.
+__device__ __forceinline__ float gelu_val(float x, int kind, float* dydx) {
+    if (kind == 0) {
+        const float k = 0.7978845608028654f;  // sqrt(2/pi)
+        float u = k * (x + 0.044715f * x * x * x);
+        float t = tanhf(u);
+        *dydx = 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * k * (1.f + 3.f * 0.044715f * x * x);
+        return 0.5f * x * (1.f + t);
+    }
+    float cdf = 0.5f * (1.f + erff(x * 0.7071067811865476f));
+    *dydx = cdf + x * 0.3989422804014327f * __expf(-0.5f * x * x);
+    return x * cdf;
+}
+
+// a = gelu(x) as bf16 (the down product's input).
+extern "C" __global__ void gelu_fwd(const float* x, bf16* a, long n, int kind) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float d;
+        a[i] = f2bf(gelu_val(x[i], kind, &d));
+    }
+}
+
+// dx = da·gelu'(x) as bf16 (the up product's gradient input).
+extern "C" __global__ void gelu_bwd(const float* x, const float* da, bf16* dx, long n, int kind) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float d;
+        gelu_val(x[i], kind, &d);
+        dx[i] = f2bf(da[i] * d);
+    }
+}
+
 // ---- SwiGLU ------------------------------------------------------------------------------
 
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.f + __expf(-g)) * u; }

@@ -367,12 +367,14 @@ mod tests {
             "llama3_rope",
             "qwen2",
             "mistral",
+            "gpt2",
         ];
         // 4-bit weights: the single-token steps take the fused GEMV.
-        let cases = plain
-            .map(|n| (n, None))
-            .into_iter()
-            .chain([("llama_gqa", Some(nf4)), ("qwen2", Some(nf4))]);
+        let cases = plain.map(|n| (n, None)).into_iter().chain([
+            ("llama_gqa", Some(nf4)),
+            ("qwen2", Some(nf4)),
+            ("gpt2", Some(nf4)),
+        ]);
         for (name, quant) in cases {
             let model = Model::load_with(&root.join(name), quant).unwrap();
             let state = TrainState::new(model.linears().len());
@@ -402,7 +404,7 @@ mod tests {
     fn gpu_engine_steps_match_the_cpu_engine() {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
         let mut gpu = sim();
-        for name in ["llama_gqa", "llama_untied", "llama3_rope", "qwen2"] {
+        for name in ["llama_gqa", "llama_untied", "llama3_rope", "qwen2", "gpt2"] {
             for case in check::EngineCase::every() {
                 let (v, failed, g) = check::engine_vs_cpu(gpu, &root.join(name), case).unwrap();
                 gpu = g;

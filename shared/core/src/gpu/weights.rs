@@ -1,7 +1,8 @@
 //! The frozen model on the device: linear weights in bf16 (the compute dtype) or kept 4-bit
 //! (QLoRA: NF4/FP4 bytes plus one f32 scale per block, decoded into a bf16 scratch right
 //! before each product, as bitsandbytes does), norms in f32, the embedding in bf16 (it is
-//! the tied LM head too), and the RoPE tables the CPU path uses (so scaled variants match).
+//! the tied LM head too), and the RoPE tables the CPU path uses (so scaled variants match),
+//! or GPT-2's learned positions (bf16).
 
 use super::device::{Arg, DBuf, Gpu};
 use crate::error::{Error, Result};
@@ -121,7 +122,10 @@ impl GpuLinear {
     }
 }
 
-/// Linear order inside a block (the CPU's `linears()` order for gated models).
+/// The roles of a block's linear layers (the CPU's `linears()` order for gated models). A
+/// block's `lin` holds its layers in the CPU's order; [`GpuModel::lin`] finds a role there.
+/// GPT-2 has four: its fused `c_attn` (q|k|v) takes Q's role, `c_fc` UP's and the MLP's
+/// `c_proj` DOWN's; it has no K, V or GATE.
 pub const Q: usize = 0;
 pub const K: usize = 1;
 pub const V: usize = 2;
@@ -129,13 +133,39 @@ pub const O: usize = 3;
 pub const GATE: usize = 4;
 pub const UP: usize = 5;
 pub const DOWN: usize = 6;
-pub const PER_BLOCK: usize = 7;
+pub const ROLES: usize = 7;
+const NONE: usize = usize::MAX;
+
+/// A norm layer: RMSNorm (a weight) or LayerNorm (a weight and a bias).
+pub struct GpuNorm {
+    pub w: DBuf,
+    pub b: Option<DBuf>,
+}
+
+impl GpuNorm {
+    fn upload(gpu: &Gpu, n: &crate::model::Norm) -> Result<Self> {
+        Ok(Self {
+            w: gpu.upload(&n.weight)?,
+            b: n.bias.as_deref().map(|b| gpu.upload(b)).transpose()?,
+        })
+    }
+}
 
 pub struct GpuBlock {
-    pub attn_norm: DBuf,
-    pub mlp_norm: DBuf,
+    pub attn_norm: GpuNorm,
+    pub mlp_norm: GpuNorm,
     pub lin: Vec<GpuLinear>,
     pub window: Option<usize>,
+}
+
+/// How the architecture computes what the block code leaves open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// Llama, Mistral, Qwen2: RMSNorm, RoPE, separate q/k/v, SwiGLU.
+    Llama,
+    /// GPT-2: LayerNorm, learned positions, fused q|k|v, `proj(gelu(fc(x)))` (`gelu` is the
+    /// kind `gelu_fwd` takes: 0 tanh, 1 erf).
+    Gpt2 { gelu: i32 },
 }
 
 pub struct GpuModel {
@@ -146,10 +176,17 @@ pub struct GpuModel {
     pub head_dim: usize,
     pub vocab: usize,
     pub eps: f32,
+    pub family: Family,
+    /// Linear layers per block, and where each role sits among them (NONE: absent).
+    pub per_block: usize,
+    slot_of: [usize; ROLES],
     /// `[vocab, hidden]` bf16.
     pub embed: DBuf,
+    /// GPT-2's learned positions `[max_positions, hidden]` bf16.
+    pub pos_embed: Option<DBuf>,
+    pub max_positions: usize,
     pub lm_head: Option<GpuLinear>,
-    pub final_norm: DBuf,
+    pub final_norm: GpuNorm,
     pub blocks: Vec<GpuBlock>,
     pub cos: DBuf,
     pub sin: DBuf,
@@ -159,11 +196,17 @@ pub struct GpuModel {
     pub inv_freq: Vec<f32>,
 }
 
-/// Why a model cannot train on the GPU path (it covers the Llama family's layout).
+/// Why a model cannot run on the GPU path (it covers the Llama family's layout and GPT-2's).
 pub fn unsupported_reason(m: &Model) -> Option<String> {
     let c = &m.config;
     if c.arch == Arch::Gpt2 {
-        return Some("GPT-2 models".into());
+        if c.act == Activation::Silu || m.pos_embed.is_none() {
+            return Some("GPT-2 models without GELU and learned positions".into());
+        }
+        if !c.head_dim.is_multiple_of(2) {
+            return Some("odd head dimensions".into());
+        }
+        return None;
     }
     if !matches!(c.norm, NormKind::Rms { .. }) || c.act != Activation::Silu || c.rope.is_none() {
         return Some("models without RMSNorm, SiLU and RoPE".into());
@@ -189,35 +232,45 @@ impl GpuModel {
             NormKind::Rms { eps } => eps,
             NormKind::Layer { eps } => eps,
         };
+        let (family, slot_of) = if c.arch == Arch::Gpt2 {
+            let gelu = i32::from(c.act == Activation::Gelu);
+            (Family::Gpt2 { gelu }, [0, NONE, NONE, 1, NONE, 2, 3])
+        } else {
+            (Family::Llama, [0, 1, 2, 3, 4, 5, 6])
+        };
         let mut blocks = Vec::with_capacity(m.blocks.len());
         let mut max_linear = 0;
         for (i, b) in m.blocks.iter().enumerate() {
-            let (q, k, v) = match &b.attn.qkv {
-                QkvProj::Separate { q, k, v } => (q, k, v),
-                QkvProj::Fused(_) => unreachable!("fused qkv is GPT-2 only"),
+            let mut host: Vec<&Linear> = match &b.attn.qkv {
+                QkvProj::Separate { q, k, v } => vec![q, k, v],
+                QkvProj::Fused(qkv) => vec![qkv],
             };
-            let (gate, up, down) = match &b.mlp {
-                Mlp::Gated { gate, up, down } => (gate, up, down),
-                Mlp::Plain { .. } => unreachable!("plain MLP is GPT-2 only"),
-            };
-            let mut lin = Vec::with_capacity(PER_BLOCK);
-            for l in [q, k, v, &b.attn.o, gate, up, down] {
+            host.push(&b.attn.o);
+            match &b.mlp {
+                Mlp::Gated { gate, up, down } => host.extend([gate, up, down]),
+                Mlp::Plain { fc, proj } => host.extend([fc, proj]),
+            }
+            let mut lin = Vec::with_capacity(host.len());
+            for l in host {
                 max_linear = max_linear.max(l.in_features * l.out_features);
                 lin.push(GpuLinear::upload(gpu, l)?);
             }
             blocks.push(GpuBlock {
-                attn_norm: gpu.upload(&b.attn_norm.weight)?,
-                mlp_norm: gpu.upload(&b.mlp_norm.weight)?,
+                attn_norm: GpuNorm::upload(gpu, &b.attn_norm)?,
+                mlp_norm: GpuNorm::upload(gpu, &b.mlp_norm)?,
                 lin,
                 window: c.sliding_window.get(i).copied().flatten(),
             });
         }
+        let per_block = blocks.first().map_or(ROLES, |b| b.lin.len());
         let lm_head = m
             .lm_head
             .as_ref()
             .map(|l| GpuLinear::upload(gpu, l))
             .transpose()?;
         let table = RopeTable::new(&m.inv_freq, positions.max(1));
+        // Models without RoPE keep one-element placeholders (no launch reads them).
+        let table_or_placeholder = |t: &[f32]| gpu.upload(if t.is_empty() { &[0.0] } else { t });
         Ok(Self {
             hidden: c.hidden,
             inter: c.intermediate,
@@ -226,20 +279,55 @@ impl GpuModel {
             head_dim: c.head_dim,
             vocab: c.vocab,
             eps,
+            family,
+            per_block,
+            slot_of,
             embed: gpu.upload_bf16(&m.embed)?,
+            pos_embed: m
+                .pos_embed
+                .as_deref()
+                .map(|p| gpu.upload_bf16(p))
+                .transpose()?,
+            max_positions: c.max_positions,
             lm_head,
-            final_norm: gpu.upload(&m.final_norm.weight)?,
+            final_norm: GpuNorm::upload(gpu, &m.final_norm)?,
             blocks,
-            cos: gpu.upload(&table.cos)?,
-            sin: gpu.upload(&table.sin)?,
+            cos: table_or_placeholder(&table.cos)?,
+            sin: table_or_placeholder(&table.sin)?,
             rope_positions: positions.max(1),
             max_linear,
             inv_freq: m.inv_freq.clone(),
         })
     }
 
-    /// Makes the RoPE tables cover `positions` positions.
+    /// Whether positions are rotary (else learned, added to the embeddings).
+    pub fn rope(&self) -> bool {
+        self.family == Family::Llama
+    }
+
+    /// Linear layer `role` of block `l`.
+    pub fn lin(&self, l: usize, role: usize) -> &GpuLinear {
+        &self.blocks[l].lin[self.slot_of[role]]
+    }
+
+    /// The index of linear layer `role` of block `l` among all of the model's linears (the
+    /// CPU's `linears()` order, which adapters' slots follow).
+    pub fn index(&self, l: usize, role: usize) -> usize {
+        l * self.per_block + self.slot_of[role]
+    }
+
+    /// Makes the RoPE tables cover `positions` positions (learned positions: checks that the
+    /// model has that many).
     pub fn ensure_positions(&mut self, gpu: &Gpu, positions: usize) -> Result<()> {
+        if self.pos_embed.is_some() {
+            if positions > self.max_positions {
+                return Err(Error::usage(format!(
+                    "sequence of {positions} tokens is longer than the model's {} positions",
+                    self.max_positions
+                )));
+            }
+            return Ok(());
+        }
         if positions > self.rope_positions {
             let table = RopeTable::new(&self.inv_freq, positions);
             self.cos = gpu.upload(&table.cos)?;

@@ -1,5 +1,6 @@
 //! Full and partial fine-tuning on the GPU: gradient buffers of the trainable base tensors,
-//! RMSNorm weight gradients, and the upload of new values after each optimizer step.
+//! norm weight (and LayerNorm bias) gradients, and the upload of new values after each
+//! optimizer step.
 
 use super::*;
 
@@ -8,6 +9,7 @@ impl GpuEngine {
     /// backward pass must reach for them.
     pub(super) fn set_base_trainables(&mut self, model: &Model, state: &TrainState) -> Result<()> {
         let nb = self.model.blocks.len();
+        let per_block = self.model.per_block;
         if let Some(bp) = &state.bottleneck {
             self.unit_act = match bp.activation {
                 crate::train::bottleneck::Activation::Relu => 0,
@@ -58,10 +60,10 @@ impl GpuEngine {
         }
         for (slot, _) in state.params.iter() {
             let block = match *slot {
-                Slot::LinearWeight(i) | Slot::LinearBias(i) => Some(i / PER_BLOCK),
-                Slot::NormWeight(i) if i < 2 * nb => Some(i / 2),
-                Slot::Embedding => Some(0),
-                Slot::NormWeight(_) | Slot::Head => None,
+                Slot::LinearWeight(i) | Slot::LinearBias(i) => Some(i / per_block),
+                Slot::NormWeight(i) | Slot::NormBias(i) if i < 2 * nb => Some(i / 2),
+                Slot::Embedding | Slot::PositionEmbedding => Some(0),
+                Slot::NormWeight(_) | Slot::NormBias(_) | Slot::Head => None,
                 _ => continue,
             };
             if let Some(b) = block {
@@ -77,6 +79,7 @@ impl GpuEngine {
     /// changed them on the host): linear weights and the embedding as bf16, the rest f32.
     pub fn refresh_base(&mut self, model: &Model) -> Result<()> {
         let nb = self.model.blocks.len();
+        let per_block = self.model.per_block;
         let slots: Vec<Slot> = self.base_grads.keys().copied().collect();
         for slot in slots {
             let v = crate::train::params::base_tensor(model, slot);
@@ -88,7 +91,7 @@ impl GpuEngine {
             let m = &mut self.model;
             match slot {
                 Slot::LinearWeight(i) => {
-                    let lin = &mut m.blocks[i / PER_BLOCK].lin[i % PER_BLOCK];
+                    let lin = &mut m.blocks[i / per_block].lin[i % per_block];
                     match &mut lin.w {
                         crate::gpu::weights::GpuWeight::Bf16(b) => self.gpu.write(b, &bf(v))?,
                         crate::gpu::weights::GpuWeight::Q4 { .. } => {
@@ -99,16 +102,29 @@ impl GpuEngine {
                     }
                 }
                 Slot::LinearBias(i) => {
-                    let lin = &mut m.blocks[i / PER_BLOCK].lin[i % PER_BLOCK];
+                    let lin = &mut m.blocks[i / per_block].lin[i % per_block];
                     let b = lin.bias.as_mut().expect("a trainable bias exists");
                     self.gpu.write(b, v)?;
                 }
-                Slot::NormWeight(i) if i == 2 * nb => self.gpu.write(&mut m.final_norm, v)?,
-                Slot::NormWeight(i) if i % 2 == 0 => {
-                    self.gpu.write(&mut m.blocks[i / 2].attn_norm, v)?
+                Slot::NormWeight(i) | Slot::NormBias(i) => {
+                    let norm = if i == 2 * nb {
+                        &mut m.final_norm
+                    } else if i % 2 == 0 {
+                        &mut m.blocks[i / 2].attn_norm
+                    } else {
+                        &mut m.blocks[i / 2].mlp_norm
+                    };
+                    let dst = match slot {
+                        Slot::NormWeight(_) => &mut norm.w,
+                        _ => norm.b.as_mut().expect("a LayerNorm has a bias"),
+                    };
+                    self.gpu.write(dst, v)?
                 }
-                Slot::NormWeight(i) => self.gpu.write(&mut m.blocks[i / 2].mlp_norm, v)?,
                 Slot::Embedding => self.gpu.write(&mut m.embed, &bf(v))?,
+                Slot::PositionEmbedding => {
+                    let p = m.pos_embed.as_mut().expect("learned positions");
+                    self.gpu.write(p, &bf(v))?
+                }
                 Slot::Head => {
                     let head = m.lm_head.as_mut().expect("an untied head");
                     match &mut head.w {
@@ -124,8 +140,9 @@ impl GpuEngine {
         Ok(())
     }
 
-    /// The gradient of RMSNorm `i`'s weight (`norm_ref` order: 2l attention, 2l+1 MLP, 2·blocks
-    /// the final norm), when it trains: `x` its input, `dy` the gradient of its output (f32).
+    /// The gradients of norm `i`'s weight and (LayerNorm) bias (`norm_ref` order: 2l
+    /// attention, 2l+1 MLP, 2·blocks the final norm), when they train: `x` its input, `stats`
+    /// its forward statistics, `dy` the gradient of its output (f32).
     pub(super) fn norm_weight_grad(
         &self,
         i: usize,
@@ -134,10 +151,30 @@ impl GpuEngine {
         dy: &DBuf,
         rows: usize,
     ) -> Result<()> {
+        let d = self.model.hidden;
+        if self.model.family != Family::Llama {
+            let dw = self.base_grads.get(&Slot::NormWeight(i));
+            let db = self.base_grads.get(&Slot::NormBias(i));
+            if dw.is_none() && db.is_none() {
+                return Ok(());
+            }
+            return self.gpu.launch_cols(
+                "layernorm_dwb",
+                d,
+                &[
+                    Arg::P(x.ptr),
+                    Arg::P(rstd.ptr),
+                    Arg::P(dy.ptr),
+                    Arg::P(dw.map_or(0, |g| g.ptr)),
+                    Arg::P(db.map_or(0, |g| g.ptr)),
+                    Arg::L(rows as i64),
+                    Arg::I(d as i32),
+                ],
+            );
+        }
         let Some(g) = self.base_grads.get(&Slot::NormWeight(i)) else {
             return Ok(());
         };
-        let d = self.model.hidden;
         self.gpu.launch_cols(
             "rmsnorm_dw",
             d,
