@@ -685,3 +685,49 @@ fn gpt2_on_the_simulated_gpu_trains_like_the_cpu() {
         &["c_attn.bias"],
     );
 }
+
+/// Full fine-tuning's AdamW on the device (its masters and moments never on the host during
+/// training): a run stopped after 2 steps and resumed from its checkpoint ends where an
+/// uninterrupted run does, so the checkpoint got the device's values and moments, and the
+/// resumed run took them back.
+#[test]
+fn device_optimizer_checkpoints_resume_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let common = ["--method", "full", "--lr", "1e-4", "--schedule", "constant"];
+    fn with<'a>(common: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        common.iter().chain(extra).copied().collect()
+    }
+    let whole = train(
+        &tmp.path().join("whole"),
+        "cuda-sim",
+        Task::NextToken,
+        &with(&common, &["--steps", "4"]),
+    );
+    let part = tmp.path().join("part");
+    train(
+        &part,
+        "cuda-sim",
+        Task::NextToken,
+        &with(&common, &["--steps", "2", "--save-every", "2"]),
+    );
+    let resumed = train(
+        &part,
+        "cuda-sim",
+        Task::NextToken,
+        &with(
+            &common,
+            &["--steps", "4", "--resume", part.to_str().unwrap()],
+        ),
+    );
+    assert_eq!(whole.adapter.len(), resumed.adapter.len());
+    let mut changed = 0;
+    for ((name, a), (_, b)) in whole.adapter.iter().zip(&resumed.adapter) {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let den: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+        if den > 0.0 {
+            changed += 1;
+            assert!((num / den).sqrt() < 1e-3, "{name}: {}", (num / den).sqrt());
+        }
+    }
+    assert!(changed > 10, "only {changed} tensors changed");
+}

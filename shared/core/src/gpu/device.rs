@@ -72,6 +72,7 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "copy_cols_bf16",
     "gelu_fwd",
     "gelu_bwd",
+    "adamw_step",
 ];
 
 /// Device errors are run-time failures of the machine, reported as such.
@@ -238,6 +239,16 @@ impl Gpu {
 
     /// Overwrites the start of `dst` with `data`.
     pub fn write<T: Copy>(&self, dst: &mut DBuf, data: &[T]) -> Result<()> {
+        let raw = bytes_of(data);
+        assert!(
+            raw.len() <= dst.bytes,
+            "write past the end of a device buffer"
+        );
+        self.dev.upload(dst.ptr, raw)
+    }
+
+    /// [`Self::write`] through a shared reference (device memory the caller owns the use of).
+    pub fn overwrite<T: Copy>(&self, dst: &DBuf, data: &[T]) -> Result<()> {
         let raw = bytes_of(data);
         assert!(
             raw.len() <= dst.bytes,

@@ -24,6 +24,7 @@ use crate::train::params::{Slot, TrainState};
 mod base;
 mod bottleneck;
 mod loss;
+mod optim;
 mod prefix;
 
 use bottleneck::{AdapterSaved, GpuUnit};
@@ -172,6 +173,10 @@ pub struct GpuEngine {
     /// on the device for each trainable base tensor; their values are the model's, uploaded
     /// again after each optimizer step ([`Self::refresh_base`]).
     base_grads: std::collections::HashMap<Slot, DBuf>,
+    /// Whether AdamW of those tensors runs on the device (engine/optim.rs): their gradients
+    /// then stay here across micro-batches, and the states below hold masters and moments.
+    device_optim_on: bool,
+    device_slots: Vec<optim::DeviceSlot>,
     /// All those vectors (f32) and their gradients, one after another.
     vec_values: DBuf,
     vec_grads: DBuf,
@@ -277,6 +282,8 @@ impl GpuEngine {
             units_parallel: false,
             prefix: None,
             base_grads: std::collections::HashMap::new(),
+            device_optim_on: false,
+            device_slots: Vec::new(),
             vec_values: gpu.alloc_f32(1)?,
             vec_grads: gpu.alloc_f32(1)?,
             vec_len: 0,
@@ -294,6 +301,7 @@ impl GpuEngine {
         };
         engine.set_adapters(state)?;
         engine.set_base_trainables(model, state)?;
+        engine.choose_device_optimizer();
         Ok(engine)
     }
 
@@ -707,11 +715,15 @@ impl GpuEngine {
                 }
             }
         }
-        let slots: Vec<Slot> = self.base_grads.keys().copied().collect();
-        for slot in slots {
-            let g = self.base_grads.get_mut(&slot).expect("listed");
-            let n = g.bytes;
-            self.gpu.zero(g, n)?;
+        // With the device optimizer the base gradients accumulate over a step's micro-batches
+        // here (its step zeroes them); otherwise each pass's go to the host.
+        if !self.device_optim_on {
+            let slots: Vec<Slot> = self.base_grads.keys().copied().collect();
+            for slot in slots {
+                let g = self.base_grads.get_mut(&slot).expect("listed");
+                let n = g.bytes;
+                self.gpu.zero(g, n)?;
+            }
         }
         if self.vec_len > 0 {
             let mut host = vec![0f32; self.vec_len];
@@ -757,6 +769,9 @@ impl GpuEngine {
             }
         }
         for (slot, g) in &self.base_grads {
+            if self.device_optim_on {
+                break;
+            }
             if let Some(dst) = state.grad_mut(*slot) {
                 let v = self.gpu.download_f32(g, dst.len())?;
                 dst.iter_mut().zip(v).for_each(|(d, s)| *d += s);

@@ -634,6 +634,30 @@ extern "C" __global__ void sum_squares(const float* x, float* out, long n) {
     if (threadIdx.x == 0) atomicAdd(out, s);
 }
 
+// ---- AdamW on the device (full fine-tuning's base tensors) --------------------------------
+// torch.optim.AdamW's arithmetic in f32, as the host's (train/optim.rs): w is the f32 master
+// copy, g the accumulated gradient times gscale (gradient clipping's coefficient); the new
+// value also goes to the compute copy (bf16 for products, or f32), and g is zeroed for the
+// next step's accumulation.
+extern "C" __global__ void adamw_step(float* w, float* m, float* v, float* g, long n, float gscale, float decay,
+                                      float b1, float b2, float eps, float step_size, float bc2_sqrt, bf16* out_bf16,
+                                      float* out_f32) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float gr = g[i] * gscale;
+        float wi = w[i] * decay;
+        float mi = m[i] + (1.f - b1) * (gr - m[i]);
+        float vi = v[i] * b2 + (1.f - b2) * gr * gr;
+        float denom = sqrtf(vi) / bc2_sqrt + eps;
+        wi -= step_size * mi / denom;
+        w[i] = wi;
+        m[i] = mi;
+        v[i] = vi;
+        g[i] = 0.f;
+        if (out_bf16) out_bf16[i] = f2bf(wi);
+        if (out_f32) out_f32[i] = wi;
+    }
+}
+
 // ---- flash attention (tensor cores) ---------------------------------------------------------
 // Causal attention without the [L, L] scores: each block takes 64 query rows of one (sequence,
 // head), 16 per warp, and walks the keys in tiles of 64 with an online softmax (FA2). Products

@@ -300,6 +300,19 @@ impl GpuModel {
         })
     }
 
+    /// Norm `i` in the CPU's `norm_ref` order: 2l block l's attention norm, 2l+1 its MLP
+    /// norm, 2·blocks the final norm.
+    pub fn norm(&self, i: usize) -> &GpuNorm {
+        let nb = self.blocks.len();
+        if i == 2 * nb {
+            &self.final_norm
+        } else if i.is_multiple_of(2) {
+            &self.blocks[i / 2].attn_norm
+        } else {
+            &self.blocks[i / 2].mlp_norm
+        }
+    }
+
     /// Whether positions are rotary (else learned, added to the embeddings).
     pub fn rope(&self) -> bool {
         self.family == Family::Llama

@@ -4,6 +4,9 @@
 //! same [`TrainState`] the CPU one does.
 
 use super::engine::{Batch, Engine, Objective, StepStats};
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+use super::optim::clip_grad_norm_with;
+use super::optim::{clip_grad_norm, AdamW};
 use super::params::TrainState;
 use super::rollout::{self, Response};
 use crate::error::Result;
@@ -60,8 +63,61 @@ impl Backend {
 }
 
 impl Backend {
-    /// After an optimizer step: a GPU uploads the base tensors that train (full and partial
-    /// fine-tuning), whose new values the step wrote into `model` on the host.
+    /// Clips the gradients to a global norm of `clip` and takes one AdamW step at `lr`
+    /// (optimizer step `step`, 1-based); returns the norm before clipping. On a GPU the base
+    /// tensors that train then reach the device: their new values are uploaded, or, with its
+    /// device optimizer (gpu/engine/optim.rs), they step there, their gradients never having
+    /// left it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn clip_and_step(
+        &mut self,
+        opt: &AdamW,
+        model: &mut Model,
+        state: &mut TrainState,
+        clip: Option<f32>,
+        lr: f32,
+        step: u64,
+    ) -> Result<f32> {
+        match self {
+            Self::Cpu => {
+                let norm = clip_grad_norm(state, clip);
+                opt.step(state, model, lr, step);
+                Ok(norm)
+            }
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Self::Cuda(g) => {
+                let (norm, coef) = clip_grad_norm_with(state, clip, g.device_grad_sq()?);
+                opt.step_where(state, model, lr, step, |s| !g.steps_on_device(s));
+                g.device_step(opt, model, state, lr, step, coef)?;
+                g.refresh_base(model)?;
+                Ok(norm)
+            }
+        }
+    }
+
+    /// Brings what only the device holds (the device optimizer's values and moments) back into
+    /// `model` and `state`: before a checkpoint or the output is written.
+    pub fn sync_to_host(&mut self, model: &mut Model, state: &mut TrainState) -> Result<()> {
+        match self {
+            Self::Cpu => {
+                let _ = (model, state);
+                Ok(())
+            }
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Self::Cuda(g) => g.sync_to_host(model, state),
+        }
+    }
+
+    /// Keeps the optimizer on the host (data parallel: the gradients are reduced there).
+    pub fn keep_optimizer_on_host(&mut self) {
+        #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+        if let Self::Cuda(g) = self {
+            g.keep_optimizer_on_host();
+        }
+    }
+
+    /// After the host's base values changed (an optimizer step, a resumed checkpoint): a GPU
+    /// uploads the base tensors that train (full and partial fine-tuning).
     pub fn after_optimizer_step(&mut self, model: &Model) -> Result<()> {
         match self {
             Self::Cpu => {

@@ -1,7 +1,7 @@
 //! AdamW (torch.optim.AdamW's arithmetic), learning-rate schedules (transformers' semantics)
 //! and gradient-norm clipping (torch.nn.utils.clip_grad_norm_).
 
-use super::params::TrainState;
+use super::params::{Slot, TrainState};
 use crate::model::Model;
 use rayon::prelude::*;
 
@@ -29,12 +29,28 @@ impl Default for AdamW {
 impl AdamW {
     /// One update with learning rate `lr` at optimizer step `step` (1-based).
     pub fn step(&self, state: &mut TrainState, model: &mut Model, lr: f32, step: u64) {
+        self.step_where(state, model, lr, step, |_| true);
+    }
+
+    /// [`Self::step`] of the tensors `which` selects (the others step elsewhere: a GPU's
+    /// device optimizer).
+    pub fn step_where(
+        &self,
+        state: &mut TrainState,
+        model: &mut Model,
+        lr: f32,
+        step: u64,
+        which: impl Fn(Slot) -> bool,
+    ) {
         let bc1 = 1.0 - (self.beta1 as f64).powi(step as i32);
         let bc2 = 1.0 - (self.beta2 as f64).powi(step as i32);
         let step_size = (lr as f64 / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
         let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
         for k in 0..state.params.len() {
+            if !which(state.params[k].0) {
+                continue;
+            }
             let (value, p) = state.value_and_state_mut(model, k);
             let decay = if p.decay {
                 1.0 - lr * self.weight_decay
@@ -64,21 +80,35 @@ impl AdamW {
 /// Global L2 norm of all gradients; scales them down to `max_norm` when above it.
 /// Returns the norm before clipping.
 pub fn clip_grad_norm(state: &mut TrainState, max_norm: Option<f32>) -> f32 {
+    clip_grad_norm_with(state, max_norm, 0.0).0
+}
+
+/// [`clip_grad_norm`] with `extra_sq`, the Σ g² of gradients held elsewhere (a GPU's), in the
+/// norm. Returns the norm before clipping and the coefficient applied (which the caller
+/// applies to those other gradients).
+pub fn clip_grad_norm_with(
+    state: &mut TrainState,
+    max_norm: Option<f32>,
+    extra_sq: f64,
+) -> (f32, f32) {
     let sq: f64 = state
         .params
         .iter()
         .map(|(_, p)| p.grad.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())
         .sum();
-    let norm = sq.sqrt() as f32;
+    let norm = (sq + extra_sq).sqrt() as f32;
+    let mut coef = 1.0;
     if let Some(max) = max_norm {
-        let coef = (max / (norm + 1e-6)).min(1.0);
+        coef = (max / (norm + 1e-6)).min(1.0);
         if coef < 1.0 {
             for (_, p) in &mut state.params {
                 p.grad.iter_mut().for_each(|g| *g *= coef);
             }
+        } else {
+            coef = 1.0;
         }
     }
-    norm
+    (norm, coef)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

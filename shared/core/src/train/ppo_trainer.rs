@@ -17,7 +17,6 @@ use super::backend::Backend;
 use super::checkpoint;
 use super::engine::{Batch, Engine};
 use super::lora;
-use super::optim::clip_grad_norm;
 use super::params::{ParamState, Slot, TrainState};
 use super::ppo_math::{gae, masked_mean, masked_var, masked_whiten, KlController, KlEstimator};
 use super::ppo_objective::{PpoObjective, RolloutEval, RolloutSeq};
@@ -504,10 +503,9 @@ fn update(
                     st.tokens += b.ids.iter().map(|s| s.len() as u64).sum::<u64>();
                 }
             }
-            st.grad_norm = clip_grad_norm(state, t.clip) as f64;
             opt_step += 1;
-            t.optim.step(state, model, lr, opt_step);
-            backend.after_optimizer_step(model)?;
+            st.grad_norm =
+                backend.clip_and_step(&t.optim, model, state, t.clip, lr, opt_step)? as f64;
             st.updates += 1;
         }
     }

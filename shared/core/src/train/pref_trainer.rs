@@ -6,7 +6,6 @@
 use super::backend::Backend;
 use super::checkpoint;
 use super::engine::{Batch, Engine};
-use super::optim::clip_grad_norm;
 use super::pairs::{load_pairs, Pair, PairOptions};
 use super::params::{ParamState, Slot, TrainState};
 use super::preference::{DpoLoss, DpoObjective, RewardLoss, SeqLogprobs};
@@ -328,6 +327,9 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
 
     // Where the passes run: the CPU engine or the GPU (`--device`; data parallel: this rank's).
     let mut backend = Backend::new(crate::dist::rank_device(t.device), &model, &state)?;
+    if comm.world() > 1 {
+        backend.keep_optimizer_on_host();
+    }
     let mut head_pack = gemm::PackedWeight::default();
     super::trainer::pack_head(&mut head_pack, &model);
     let (reference, val_reference) = match opts.task {
@@ -361,6 +363,9 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
             prog.step
         ));
         saved_at = resumed_in_place(&t.out, &dir).then_some(prog.step);
+        // The device took the base weights before the checkpoint replaced them (DPO's
+        // reference passes, just above, must see the starting ones).
+        backend.after_optimizer_step(&model)?;
         if head_trains {
             super::trainer::pack_head(&mut head_pack, &model);
         }
@@ -516,11 +521,10 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         crate::dist::all_reduce_grads(comm, &mut state, &mut sums)?;
         let step_tokens = sums[6] as u64;
         let m = Metrics::from_sums(&sums[..6]).finish();
-        let grad_norm = clip_grad_norm(&mut state, t.clip);
         let lr = t.optim.lr * t.schedule.factor(prog.step, t.warmup, total_steps);
         prog.step += 1;
-        t.optim.step(&mut state, &mut model, lr, prog.step);
-        backend.after_optimizer_step(&model)?;
+        let grad_norm =
+            backend.clip_and_step(&t.optim, &mut model, &mut state, t.clip, lr, prog.step)?;
         if head_trains {
             super::trainer::pack_head(&mut head_pack, &model);
         }
@@ -563,6 +567,7 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
             crate::dist::any(comm, stop.load(Ordering::SeqCst))? || stop_after == Some(prog.step);
         if (t.save_every > 0 && prog.step.is_multiple_of(t.save_every)) || interrupted_now {
             if rank0 {
+                backend.sync_to_host(&mut model, &mut state)?;
                 save_checkpoint(&t.out, &model, &state, &prog)?;
             }
             saved_at = Some(prog.step);
@@ -573,6 +578,7 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         }
     }
     bar.finish_and_clear();
+    backend.sync_to_host(&mut model, &mut state)?;
     if !interrupted && rank0 {
         final_checkpoint(&t.out, &model, &state, &prog, saved_at)?;
     }

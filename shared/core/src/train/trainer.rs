@@ -6,7 +6,7 @@ use super::checkpoint::{self, Progress as CkptProgress};
 use super::data::{self, DataOptions, Example};
 use super::engine::{Batch, Engine};
 use super::lora::{self, LoraConfig};
-use super::optim::{clip_grad_norm, AdamW, Schedule};
+use super::optim::{AdamW, Schedule};
 use super::params::{Slot, TrainState};
 use super::{full, output};
 use crate::error::{Error, Result};
@@ -362,6 +362,9 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
     // Data parallel: `--device cuda` is this rank's GPU (dist::rank_device).
     let device = crate::dist::rank_device(opts.device);
     let mut backend = super::backend::Backend::new(device, &model, &state)?;
+    if comm.world() > 1 {
+        backend.keep_optimizer_on_host();
+    }
     let eval_before = if prog.step == 0 && !val.is_empty() {
         refresh_head(&mut head_pack, &mut head_pack_fresh, &model);
         eval(&model, &state, &head_pack, &mut backend, comm)?
@@ -476,11 +479,16 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
             )));
         }
         let _p = crate::profile::scope("step.optimizer");
-        let grad_norm = clip_grad_norm(&mut state, opts.clip);
         let lr = opts.optim.lr * opts.schedule.factor(prog.step, opts.warmup, total_steps);
         prog.step += 1;
-        opts.optim.step(&mut state, &mut model, lr, prog.step);
-        backend.after_optimizer_step(&model)?;
+        let grad_norm = backend.clip_and_step(
+            &opts.optim,
+            &mut model,
+            &mut state,
+            opts.clip,
+            lr,
+            prog.step,
+        )?;
         head_pack_fresh &= !head_trains;
         drop(_p);
         prog.tokens += step_tokens;
@@ -511,6 +519,7 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
             crate::dist::any(comm, stop.load(Ordering::SeqCst))? || stop_after == Some(prog.step);
         if (opts.save_every > 0 && prog.step.is_multiple_of(opts.save_every)) || interrupted_now {
             if rank0 {
+                backend.sync_to_host(&mut model, &mut state)?;
                 save_checkpoint(&opts.out, &model, &state, &prog)?;
             }
             saved_at = Some(prog.step);
@@ -521,6 +530,7 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
         }
     }
     bar.finish_and_clear();
+    backend.sync_to_host(&mut model, &mut state)?;
     if !interrupted && rank0 {
         final_checkpoint(&opts.out, &model, &state, &prog, saved_at)?;
     }

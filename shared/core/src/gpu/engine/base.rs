@@ -78,63 +78,21 @@ impl GpuEngine {
     /// Uploads the current values of the trainable base tensors (after an optimizer step
     /// changed them on the host): linear weights and the embedding as bf16, the rest f32.
     pub fn refresh_base(&mut self, model: &Model) -> Result<()> {
-        let nb = self.model.blocks.len();
-        let per_block = self.model.per_block;
-        let slots: Vec<Slot> = self.base_grads.keys().copied().collect();
-        for slot in slots {
-            let v = crate::train::params::base_tensor(model, slot);
-            let bf = |v: &[f32]| -> Vec<u16> {
-                v.iter()
-                    .map(|&x| half::bf16::from_f32(x).to_bits())
-                    .collect()
-            };
-            let m = &mut self.model;
-            match slot {
-                Slot::LinearWeight(i) => {
-                    let lin = &mut m.blocks[i / per_block].lin[i % per_block];
-                    match &mut lin.w {
-                        crate::gpu::weights::GpuWeight::Bf16(b) => self.gpu.write(b, &bf(v))?,
-                        crate::gpu::weights::GpuWeight::Q4 { .. } => {
-                            return Err(Error::usage(
-                                "internal: a 4-bit weight cannot train (refused before)",
-                            ))
-                        }
-                    }
+        // With the device optimizer the device holds the current values, the host stale ones.
+        if self.steps_taken_on_device() {
+            return Ok(());
+        }
+        for slot in self.base_grads.keys() {
+            let v = crate::train::params::base_tensor(model, *slot);
+            match self.compute_copy(*slot)? {
+                (dst, true) => {
+                    let bf: Vec<u16> = v
+                        .iter()
+                        .map(|&x| half::bf16::from_f32(x).to_bits())
+                        .collect();
+                    self.gpu.overwrite(dst, &bf)?
                 }
-                Slot::LinearBias(i) => {
-                    let lin = &mut m.blocks[i / per_block].lin[i % per_block];
-                    let b = lin.bias.as_mut().expect("a trainable bias exists");
-                    self.gpu.write(b, v)?;
-                }
-                Slot::NormWeight(i) | Slot::NormBias(i) => {
-                    let norm = if i == 2 * nb {
-                        &mut m.final_norm
-                    } else if i % 2 == 0 {
-                        &mut m.blocks[i / 2].attn_norm
-                    } else {
-                        &mut m.blocks[i / 2].mlp_norm
-                    };
-                    let dst = match slot {
-                        Slot::NormWeight(_) => &mut norm.w,
-                        _ => norm.b.as_mut().expect("a LayerNorm has a bias"),
-                    };
-                    self.gpu.write(dst, v)?
-                }
-                Slot::Embedding => self.gpu.write(&mut m.embed, &bf(v))?,
-                Slot::PositionEmbedding => {
-                    let p = m.pos_embed.as_mut().expect("learned positions");
-                    self.gpu.write(p, &bf(v))?
-                }
-                Slot::Head => {
-                    let head = m.lm_head.as_mut().expect("an untied head");
-                    match &mut head.w {
-                        crate::gpu::weights::GpuWeight::Bf16(b) => self.gpu.write(b, &bf(v))?,
-                        crate::gpu::weights::GpuWeight::Q4 { .. } => {
-                            return Err(Error::usage("internal: a 4-bit head cannot train"))
-                        }
-                    }
-                }
-                _ => {}
+                (dst, false) => self.gpu.overwrite(dst, v)?,
             }
         }
         Ok(())
