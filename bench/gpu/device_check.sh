@@ -7,9 +7,13 @@
 #      (gpu-check --bench; QLoRA once more with the flash attention kernels) side by side with
 #      PyTorch + PEFT (+ bitsandbytes) on the same model;
 #   4. peft-train --device cuda:0 end to end on that model (data, steps, adapter output);
-#   5. peft-eval and peft-generate with that adapter, and dpo-train on a tiny model, on the GPU.
+#   5. peft-eval and peft-generate with that adapter, and dpo-train on a tiny model, on the GPU;
+#   6. on tiny models: rm-train, rm-score and ppo-train; GPT-2 LoRA; full fine-tuning with
+#      AdamW on the device and on the host;
+#   7. full fine-tuning's speed on the 1B-class model with either optimizer.
 #
-# Needs: the binaries built with `make build-cuda` (target/cuda/release), python3 with torch,
+# Needs: the binaries built with `make build-cuda` (target/cuda/release, or packed in
+# .gpu/bin.tar.xz by prepare.sh, unpacked here when target/cuda/release has none), python3 with torch,
 # transformers and peft; bitsandbytes from .gpu/whl-slim if it is missing; the tokenizer files
 # in .gpu/tok. Results go to $OUT (or bench/out/gpu): JSON files and log.txt.
 # Usage: bash bench/gpu/device_check.sh [SECONDS_BUDGET]
@@ -20,14 +24,17 @@ mkdir -p "$OUT"
 BUDGET=${1:-420}
 START=$(date +%s)
 BIN=${BIN:-target/cuda/release}
+if [ ! -x "$BIN/gpu-check" ] && [ -f .gpu/bin.tar.xz ]; then
+    mkdir -p /tmp/peftkit-bin && tar -xJf .gpu/bin.tar.xz -C /tmp/peftkit-bin && BIN=/tmp/peftkit-bin
+fi
 MODEL=${MODEL:-/tmp/llama1b}
 BATCH=${BATCH:-4}
 SEQ=${SEQ:-1024}
 STEPS=${STEPS:-8}
 exec > >(tee -a "$OUT/log.txt") 2>&1
 
-# SECTIONS: any of check model ours hf train tools (default all).
-SECTIONS=${SECTIONS:-check model ours hf train tools}
+# SECTIONS: any of check model ours hf train tools more fullft (default all).
+SECTIONS=${SECTIONS:-check model ours hf train tools more fullft}
 want() { case " $SECTIONS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 section() { echo; echo "=== $1 (t=$(( $(date +%s) - START ))s, $(left)s left)"; }
@@ -65,7 +72,7 @@ fi
 python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" || echo "no bitsandbytes: the QLoRA reference will be skipped"
 
 F=tests/fixtures/models
-want check && section "1+2. kernels and training steps against the CPU path" && run 150 "$BIN/gpu-check" --engine "$F/llama_gqa,$F/llama_untied,$F/llama3_rope,$F/qwen2" --json "$OUT/check.json"
+want check && section "1+2. kernels and training steps against the CPU path" && run 150 "$BIN/gpu-check" --engine "$F/llama_gqa,$F/llama_untied,$F/llama3_rope,$F/qwen2,$F/gpt2" --json "$OUT/check.json"
 
 want model && section "make the 1B-class model" && { [ -f "$MODEL/model.safetensors" ] || run 150 python3 bench/gpu/make_model.py --out "$MODEL" --tokenizer-dir .gpu/tok; }
 
@@ -97,6 +104,42 @@ for i in range(24): print(json.dumps({'prompt': f'q{i} say:', 'chosen': ' yes ye
     run 90 "$BIN/dpo-train" --model tests/fixtures/models/llama_gqa --data /tmp/pairs.jsonl --out /tmp/gpu-dpo --steps 4 --batch 4 \
         --device cuda:0 --log "$OUT/dpo.jsonl"
 }
+
+want more && section "6. rm-train, rm-score, ppo-train, GPT-2 and full fine-tuning on tiny models --device cuda:0" && {
+    [ -f /tmp/pairs.jsonl ] || python3 -c "import json
+for i in range(24): print(json.dumps({'prompt': f'q{i} say:', 'chosen': ' yes yes', 'rejected': ' no no'}))" > /tmp/pairs.jsonl
+    rm -rf /tmp/gpu-rm /tmp/gpu-ppo /tmp/gpu-gpt2 /tmp/gpu-full-dev /tmp/gpu-full-host
+    run 60 "$BIN/rm-train" --model "$F/llama_gqa" --data /tmp/pairs.jsonl --out /tmp/gpu-rm --steps 6 --batch 4 --lr 3e-3 \
+        --device cuda:0 --log "$OUT/rm.jsonl"
+    run 30 "$BIN/rm-score" --model "$F/llama_gqa" --adapter /tmp/gpu-rm --data /tmp/pairs.jsonl --device cuda:0
+    run 90 "$BIN/ppo-train" --model "$F/llama_gqa" --reward-model /tmp/gpu-rm --prompts /tmp/pairs.jsonl --out /tmp/gpu-ppo \
+        --steps 3 --batch 4 --response-length 12 --eval-prompts 4 --device cuda:0 --log "$OUT/ppo.jsonl"
+    run 60 "$BIN/peft-train" --model "$F/gpt2" --data tests/fixtures/data/alpaca.json --target c_attn,c_proj,c_fc \
+        --out /tmp/gpu-gpt2 --steps 4 --batch 2 --device cuda:0 --log "$OUT/gpt2.jsonl"
+    run 60 "$BIN/peft-train" --model "$F/llama_gqa" --data tests/fixtures/data/alpaca.json --method full --lr 1e-4 \
+        --out /tmp/gpu-full-dev --steps 4 --batch 2 --device cuda:0 --log "$OUT/full_device.jsonl"
+    PEFTKIT_GPU_OPTIMIZER=host run 60 "$BIN/peft-train" --model "$F/llama_gqa" --data tests/fixtures/data/alpaca.json \
+        --method full --lr 1e-4 --out /tmp/gpu-full-host --steps 4 --batch 2 --device cuda:0 --log "$OUT/full_host.jsonl"
+    python3 - "$OUT" <<'EOF'
+import json, os, sys
+out = sys.argv[1]
+def losses(n):
+    p = os.path.join(out, n)
+    return [r["loss"] for r in map(json.loads, open(p)) if "loss" in r] if os.path.exists(p) else []
+d, h = losses("full_device.jsonl"), losses("full_host.jsonl")
+print("full fine-tuning losses, AdamW on the device:", d)
+print("full fine-tuning losses, AdamW on the host:  ", h)
+if d and h:
+    print("largest relative difference:", max(abs(a - b) / abs(b) for a, b in zip(d, h)))
+EOF
+}
+
+want fullft && section "7. full fine-tuning of the 1B-class model: AdamW on the device vs on the host" && for opt in device host; do
+    rm -rf /tmp/gpu-full1b
+    PEFTKIT_GPU_OPTIMIZER=$opt run 120 "$BIN/peft-train" --model "$MODEL" --data tests/fixtures/data/alpaca.json --method full \
+        --lr 1e-5 --out /tmp/gpu-full1b --steps 4 --batch 4 --device cuda:0 --log "$OUT/full1b_$opt.jsonl"
+    python3 -c "import json; r=[json.loads(l) for l in open('$OUT/full1b_$opt.jsonl') if 'tokens_per_second' in l]; print('$opt tokens/s per step', [round(x['tokens_per_second']) for x in r])" || true
+done
 
 section "summary"
 python3 - "$OUT" <<'EOF'

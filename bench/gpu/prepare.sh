@@ -3,7 +3,8 @@
 # has no network (docs/gpu.md): the cuda build of the tools, the tokenizer of the demo model,
 # and a bitsandbytes wheel cut down to its CPU and CUDA 13 libraries (7 MB instead of 43 MB,
 # so that everything carried stays under a 64 MB transfer limit). Everything goes to .gpu/
-# (git-ignored) and target/cuda/release.
+# (git-ignored) and target/cuda/release; the tools also go to .gpu/bin.tar.xz, which is what
+# a GPU machine is sent.
 #
 #   bash bench/gpu/prepare.sh        # MODEL=models/smollm2 BNB=0.50.2 PYTHON=python3
 set -euo pipefail
@@ -41,7 +42,10 @@ with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED
 print(f"{dst}: {os.path.getsize(dst) / 1e6:.1f} MB")
 EOF
 fi
+# The tools, compressed (about 20 MB for the eight instead of 87): device_check.sh unpacks them.
 B=target/cuda/release
-du -sh .gpu/tok .gpu/whl-slim $B/gpu-check $B/peft-train $B/peft-eval $B/peft-generate $B/dpo-train
-echo "carry: $B/gpu-check $B/peft-train $B/peft-eval $B/peft-generate $B/dpo-train .gpu/whl-slim .gpu/tok"
+TOOLS="gpu-check peft-train peft-eval peft-generate rm-train rm-score dpo-train ppo-train"
+(cd $B && tar -cJf - $TOOLS) > .gpu/bin.tar.xz
+du -sh .gpu/tok .gpu/whl-slim .gpu/bin.tar.xz
+echo "carry: .gpu/bin.tar.xz .gpu/whl-slim .gpu/tok"
 echo "run:   bash bench/gpu/device_check.sh [SECONDS]"

@@ -22,6 +22,10 @@ pub enum Backend {
 }
 
 impl Backend {
+    pub fn is_cpu(&self) -> bool {
+        matches!(self, Self::Cpu)
+    }
+
     /// Opens the device and uploads the frozen model (GPU), or nothing (CPU).
     pub fn new(device: DeviceSpec, model: &Model, state: &TrainState) -> Result<Self> {
         device.check_available()?;

@@ -525,7 +525,8 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         prog.step += 1;
         let grad_norm =
             backend.clip_and_step(&t.optim, &mut model, &mut state, t.clip, lr, prog.step)?;
-        if head_trains {
+        // (Only the CPU engine reads the packs; a GPU has the head on the device.)
+        if head_trains && backend.is_cpu() {
             super::trainer::pack_head(&mut head_pack, &model);
         }
         prog.tokens += step_tokens;

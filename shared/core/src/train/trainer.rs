@@ -489,7 +489,8 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
             lr,
             prog.step,
         )?;
-        head_pack_fresh &= !head_trains;
+        // (Only the CPU engine reads the packs; a GPU has the head on the device.)
+        head_pack_fresh &= !head_trains || !backend.is_cpu();
         drop(_p);
         prog.tokens += step_tokens;
         tokens_since += step_tokens;
