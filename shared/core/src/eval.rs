@@ -63,8 +63,8 @@ pub fn cpu_scorer<'a>(model: &'a Model, forward: &'a ForwardOptions) -> Scorer<'
     })
 }
 
-/// The GPU engine's forward pass (`--device cuda:N`, or the simulator), with the LoRA adapter
-/// in `adapter` or none. A build without GPU support says so.
+/// The GPU engine's forward pass (`--device cuda:N`, or the simulator), with the adapter
+/// folder `adapter` (any PEFT type peft-eval loads) or none. A build without GPU support says so.
 pub fn gpu_scorer<'a>(
     device: DeviceSpec,
     model: &'a Model,
@@ -74,10 +74,10 @@ pub fn gpu_scorer<'a>(
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
     {
         use crate::train::params::TrainState;
-        let mut state = TrainState::new(model.linears().len());
-        if let Some(dir) = adapter {
-            crate::train::lora::load_adapter(dir, model, &mut state)?;
-        }
+        let state = match adapter {
+            Some(dir) => crate::train::lora::load_any_adapter(dir, model)?.0,
+            None => TrainState::new(model.linears().len()),
+        };
         let gpu = crate::gpu::device::Gpu::open(device)?;
         crate::cli::info(format!("evaluating on {} ({device})", gpu.name()));
         let mut engine = crate::gpu::engine::GpuEngine::for_eval(gpu, model, &state)?;

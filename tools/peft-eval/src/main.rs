@@ -66,8 +66,9 @@ struct Args {
     /// Worker threads (0 = one per core)
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// cpu, or cuda:N: evaluate on an NVIDIA GPU in bf16 (the base model or a LoRA adapter;
-    /// a build with the cuda feature, docs/gpu.md); cuda-sim: the GPU code simulated on the CPU
+    /// cpu, or cuda:N: evaluate on an NVIDIA GPU in bf16 (the base model or an adapter of any
+    /// type; a build with the cuda feature, docs/gpu.md); cuda-sim: the GPU code simulated on
+    /// the CPU
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     device: String,
     #[command(flatten)]

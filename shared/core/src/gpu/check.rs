@@ -1204,6 +1204,142 @@ fn ia3_state(model: &Model, seed: u64) -> Result<TrainState> {
     Ok(state)
 }
 
+/// Prompt tuning: 5 random virtual tokens.
+fn prompt_state(model: &Model) -> TrainState {
+    let mut st = TrainState::new(model.linears().len());
+    let h = model.config.hidden;
+    let mut rng = Rng::new(4);
+    let emb = (0..5 * h).map(|_| rng.normal() * 0.5).collect();
+    crate::train::prompt::set_trainable(&mut st, crate::train::prompt::PromptParams { n: 5, emb });
+    st
+}
+
+/// Bottleneck adapters of `variant` with a non-zero up projection, so that every gradient
+/// flows. (The whole-step check uses SiLU: ReLU's derivative jumps at 0, and where bf16
+/// rounding moves an input across it the element's gradient flips, 13-18% of the down
+/// projection's gradient here; the activation kernels are checked on their own in `kernels`.)
+fn bottleneck_state(
+    model: &Model,
+    (variant, activation): (
+        crate::train::bottleneck::Variant,
+        crate::train::bottleneck::Activation,
+    ),
+) -> Result<TrainState> {
+    let mut st = TrainState::new(model.linears().len());
+    let cfg = crate::train::bottleneck::BottleneckConfig {
+        variant,
+        size: 8,
+        reduction_factor: 16,
+        activation,
+        base_model_name_or_path: None,
+    };
+    let mut rng = Rng::new(6);
+    crate::train::bottleneck::attach(model, &mut st, &cfg, &mut rng)?;
+    if let Some(bp) = &mut st.bottleneck {
+        for u in bp.units.iter_mut().flatten().flatten() {
+            u.up_w.iter_mut().for_each(|x| *x = rng.normal() * 0.05);
+        }
+    }
+    Ok(st)
+}
+
+/// Prefix tuning with 4 virtual tokens, through a reparameterization MLP of `width` (0: none).
+fn prefix_state(model: &Model, width: usize) -> Result<TrainState> {
+    let mut st = TrainState::new(model.linears().len());
+    let cfg = crate::train::prefix::PrefixConfig {
+        num_virtual_tokens: 4,
+        projection: (width > 0).then_some(width),
+        base_model_name_or_path: None,
+    };
+    crate::train::prefix::attach(model, &mut st, &cfg, &mut Rng::new(8))?;
+    Ok(st)
+}
+
+/// Generation and evaluation with an adapter of every PEFT type peft-generate and peft-eval
+/// load (LoRA, DoRA, IA3, prompt tuning, prefix tuning with and without its MLP, bottleneck
+/// adapters in series and in parallel), installed into the CPU model as those tools do,
+/// against the same on the GPU: each decoding step's logits, and per-token log-probabilities.
+/// Returns (rows, failures, the device).
+pub fn adapters_vs_cpu(mut gpu: Gpu, model_dir: &Path) -> Result<(Value, usize, Gpu)> {
+    use crate::train::bottleneck::{Activation, Variant};
+    use crate::train::lora::AdapterKind;
+    let mut rep = Report {
+        rows: Vec::new(),
+        failed: 0,
+    };
+    type Make = fn(&Model) -> Result<TrainState>;
+    let kinds: [(&str, AdapterKind, Make); 8] = [
+        ("lora", AdapterKind::Lora, |m| {
+            lora_state(m, 8, Targets::AllLinear, 1, false)
+        }),
+        ("dora", AdapterKind::Lora, |m| {
+            lora_state(m, 8, Targets::AllLinear, 1, true)
+        }),
+        ("ia3", AdapterKind::Ia3, |m| ia3_state(m, 1)),
+        ("prompt", AdapterKind::Prompt, |m| Ok(prompt_state(m))),
+        ("prefix", AdapterKind::Prefix, |m| prefix_state(m, 0)),
+        ("prefix (MLP)", AdapterKind::Prefix, |m| prefix_state(m, 16)),
+        ("bottleneck (Houlsby)", AdapterKind::Bottleneck, |m| {
+            bottleneck_state(m, (Variant::Houlsby, Activation::Silu))
+        }),
+        ("bottleneck (parallel)", AdapterKind::Bottleneck, |m| {
+            bottleneck_state(m, (Variant::Parallel, Activation::Silu))
+        }),
+    ];
+    let mut rng = Rng::new(12);
+    for (name, kind, make) in kinds {
+        let mut model = Model::load(model_dir)?;
+        let state = make(&model)?;
+        // The same adapter again (every maker is seeded) for the CPU model's hooks.
+        let installed = make(&model)?;
+        match kind {
+            AdapterKind::Lora => lora::install(&mut model, installed, 0),
+            AdapterKind::Ia3 => crate::train::ia3::install(&mut model, installed, 0),
+            AdapterKind::Prompt => crate::train::prompt::install(&mut model, installed, 0),
+            AdapterKind::Prefix => crate::train::prefix::install(&mut model, installed, 0),
+            AdapterKind::Bottleneck => crate::train::bottleneck::install(&mut model, installed, 0),
+        }
+        let opts = crate::model::ForwardOptions { adapter: Some(0) };
+        let (worst, g) = decode_vs_cpu(gpu, &model, &state, &opts)?;
+        gpu = g;
+        // bf16 against f32 gives 1-2.5% of these small logits; a missing adapter or a wrong
+        // position gives tens of percent.
+        rep.add(
+            &format!("{name}: generation logits"),
+            worst,
+            5e-2,
+            json!({}),
+        );
+        let vocab = model.config.vocab as u64;
+        let seqs: Vec<Vec<u32>> = [19usize, 33]
+            .iter()
+            .map(|&n| (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect())
+            .collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(|s| &s[..]).collect();
+        let cpu = crate::eval::cpu_scorer(&model, &opts)(&refs)?;
+        let mut eng = GpuEngine::for_eval(gpu, &model, &state)?;
+        let dev = eng.token_logprobs(&state, &refs)?;
+        gpu = eng.gpu;
+        let err = if cpu.len() == dev.len() {
+            cpu.iter()
+                .zip(&dev)
+                .map(|(a, b)| ((a - b).abs() / a.abs().max(1.0)) as f64)
+                .fold(0.0, f64::max)
+        } else {
+            f64::INFINITY
+        };
+        // Relative to each log-probability (random tokens: about −6 nats here).
+        rep.add(
+            &format!("{name}: token log-probabilities"),
+            err,
+            2e-2,
+            json!({}),
+        );
+    }
+    let failed = rep.failed;
+    Ok((Value::Array(rep.rows), failed, gpu))
+}
+
 pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, case: EngineCase) -> Result<(Value, usize, Gpu)> {
     let EngineCase {
         q4,
@@ -1226,55 +1362,12 @@ pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, case: EngineCase) -> Result<(Va
         crate::train::full::register(&model, &mut st, |_| true, false);
         st
     };
-    let prompt_state = || {
-        let mut st = TrainState::new(model.linears().len());
-        let h = model.config.hidden;
-        let mut rng = Rng::new(4);
-        let emb = (0..5 * h).map(|_| rng.normal() * 0.5).collect();
-        crate::train::prompt::set_trainable(
-            &mut st,
-            crate::train::prompt::PromptParams { n: 5, emb },
-        );
-        st
-    };
-    let bottleneck_state = |(variant, activation)| -> Result<TrainState> {
-        let mut st = TrainState::new(model.linears().len());
-        let cfg = crate::train::bottleneck::BottleneckConfig {
-            variant,
-            size: 8,
-            reduction_factor: 16,
-            activation,
-            base_model_name_or_path: None,
-        };
-        let mut rng = Rng::new(6);
-        crate::train::bottleneck::attach(&model, &mut st, &cfg, &mut rng)?;
-        // A non-zero up projection, so that every gradient flows. (The whole-step check uses
-        // SiLU: ReLU's derivative jumps at 0, and where bf16 rounding moves an input across it
-        // the element's gradient flips, 13-18% of the down projection's gradient here; the
-        // activation kernels are checked on their own in `kernels`.)
-        if let Some(bp) = &mut st.bottleneck {
-            for u in bp.units.iter_mut().flatten().flatten() {
-                u.up_w.iter_mut().for_each(|x| *x = rng.normal() * 0.05);
-            }
-        }
-        Ok(st)
-    };
-    let prefix_state = |width: usize| -> Result<TrainState> {
-        let mut st = TrainState::new(model.linears().len());
-        let cfg = crate::train::prefix::PrefixConfig {
-            num_virtual_tokens: 4,
-            projection: (width > 0).then_some(width),
-            base_model_name_or_path: None,
-        };
-        crate::train::prefix::attach(&model, &mut st, &cfg, &mut Rng::new(8))?;
-        Ok(st)
-    };
     let (mut cpu_state, mut gpu_state) = if let Some(w) = prefix {
-        (prefix_state(w)?, prefix_state(w)?)
+        (prefix_state(&model, w)?, prefix_state(&model, w)?)
     } else if let Some(b) = bottleneck {
-        (bottleneck_state(b)?, bottleneck_state(b)?)
+        (bottleneck_state(&model, b)?, bottleneck_state(&model, b)?)
     } else if prompt {
-        (prompt_state(), prompt_state())
+        (prompt_state(&model), prompt_state(&model))
     } else if full {
         (full_state(), full_state())
     } else if ia3 {

@@ -23,8 +23,17 @@ pub struct GpuKvCache {
 }
 
 impl GpuKvCache {
-    /// An empty cache for at most `max_len` tokens of `engine`'s model.
+    /// A cache for at most `max_len` tokens of `engine`'s model with the adapters it decodes
+    /// with ([`GpuEngine::use_adapters_for_decoding`]): empty, or holding a prefix adapter's
+    /// keys and values, or a prompt-tuning adapter's virtual tokens run through the model, at
+    /// positions 0..n (as the CPU's `Model::new_cache`). Room for those n comes on top.
     pub fn new(engine: &mut GpuEngine, max_len: usize) -> Result<Self> {
+        let virtual_len = match (&engine.prompt, &engine.prefix) {
+            (Some((n, _)), _) => *n,
+            (None, Some(p)) => p.n,
+            (None, None) => 0,
+        };
+        let max_len = max_len + virtual_len;
         let m = &engine.model;
         // attn_decode keeps a row's scores in shared memory (48 KB without opting in).
         if (m.head_dim + max_len) * 4 > 48 << 10 {
@@ -42,12 +51,14 @@ impl GpuKvCache {
             k.push(engine.gpu.uninit_bf16(per_layer)?);
             v.push(engine.gpu.uninit_bf16(per_layer)?);
         }
-        Ok(Self {
+        let mut cache = Self {
             k,
             v,
             len: 0,
             max_len,
-        })
+        };
+        engine.prefill(&mut cache)?;
+        Ok(cache)
     }
 
     /// Tokens held.
@@ -64,6 +75,7 @@ impl GpuEngine {
     /// Makes the adapters of `state` (or none, for an empty state) the ones decoding uses.
     pub fn use_adapters_for_decoding(&mut self, state: &TrainState) -> Result<()> {
         self.set_adapters(state)?;
+        self.set_adapter_modules(state)?;
         self.sync_adapters(state)
     }
 
@@ -94,18 +106,74 @@ impl GpuEngine {
         Ok(logits)
     }
 
-    /// The rows of `next` through every block; returns the last row's logits.
+    /// What a fresh cache holds before the first token (see [`GpuKvCache::new`]).
+    fn prefill(&self, cache: &mut GpuKvCache) -> Result<()> {
+        if let Some((n, emb)) = &self.prompt {
+            let (n, d) = (*n, self.model.hidden);
+            let x = self.gpu.uninit_f32(n * d)?;
+            self.gpu.copy(&x, emb, n * d * 4)?;
+            let pos: Vec<i32> = (0..n as i32).collect();
+            let pos = self.gpu.upload(&pos)?;
+            self.add_positions(&x, &pos, n)?;
+            self.training.set(false);
+            let r = self.decode_rows(cache, x, &pos, n);
+            self.training.set(true);
+            r?;
+            cache.len = n;
+        } else if let Some(p) = &self.prefix {
+            for l in 0..self.model.blocks.len() {
+                for (dst, off) in [
+                    (&cache.k[l], 2 * l * p.kv_dim),
+                    (&cache.v[l], (2 * l + 1) * p.kv_dim),
+                ] {
+                    self.gpu.launch_n(
+                        "prefix_to_heads",
+                        self.model.kv_heads * p.n * self.model.head_dim,
+                        &[
+                            Arg::P(p.p.ptr),
+                            Arg::P(dst.ptr),
+                            Arg::I(off as i32),
+                            Arg::I(p.n as i32),
+                            Arg::I(1),
+                            Arg::I(self.model.kv_heads as i32),
+                            Arg::I(self.model.head_dim as i32),
+                            Arg::I(cache.max_len as i32),
+                            Arg::I(p.stride as i32),
+                        ],
+                    )?;
+                }
+            }
+            cache.len = p.n;
+        }
+        Ok(())
+    }
+
+    /// The tokens `next` through every block after what `cache` holds; returns the last row's
+    /// logits.
     fn decode_forward(&self, cache: &GpuKvCache, next: &[u32]) -> Result<Vec<f32>> {
+        let n = next.len();
+        let ids = self.gpu.upload(next)?;
+        let row_pos: Vec<i32> = (cache.len..cache.len + n).map(|p| p as i32).collect();
+        let row_pos = self.gpu.upload(&row_pos)?;
+        let x = self.embed_rows(&ids, &row_pos, n)?;
+        self.decode_rows(cache, x, &row_pos, n)
+    }
+
+    /// `n` input rows `x` (f32, at positions `row_pos` after what `cache` holds) through every
+    /// block, their keys and values into the cache; returns the last row's logits.
+    fn decode_rows(
+        &self,
+        cache: &GpuKvCache,
+        mut x: DBuf,
+        row_pos: &DBuf,
+        n: usize,
+    ) -> Result<Vec<f32>> {
         let e = self;
         let (gpu, m) = (&e.gpu, &e.model);
-        let (n, pos0) = (next.len(), cache.len);
+        let pos0 = cache.len;
         let (d, dh) = (m.hidden, m.head_dim);
         let (qd, kvd) = (m.heads * dh, m.kv_heads * dh);
-        let ids = gpu.upload(next)?;
         let row_seq = gpu.upload(&vec![0i32; n])?;
-        let row_pos: Vec<i32> = (pos0..pos0 + n).map(|p| p as i32).collect();
-        let row_pos = gpu.upload(&row_pos)?;
-        let mut x = e.embed_rows(&ids, &row_pos, n)?;
         let add = |a: &DBuf, b: &DBuf, len: usize| {
             gpu.launch_n(
                 "add_inplace",
@@ -165,6 +233,7 @@ impl GpuEngine {
             let o_in = e.cast_bf16(&o, n * qd)?;
             let h2 = gpu.uninit_f32(n * d)?;
             e.lin_fwd(l, O, &o_in, &h2, n)?;
+            e.adapter_fwd(l, 0, &n1, &h2, n)?;
             add(&h2, &x, n * d)?;
             let out = e.mlp_forward(l, &h2, n)?.out;
             // Rounded to bf16 between blocks, as in training and in a bf16 PyTorch model.
@@ -196,8 +265,8 @@ pub struct GpuDecoder<'e> {
 impl<'e> GpuDecoder<'e> {
     /// A fresh sequence of at most `max_len` tokens with the adapters of `state` (or none).
     pub fn new(engine: &'e mut GpuEngine, state: &TrainState, max_len: usize) -> Result<Self> {
-        let cache = GpuKvCache::new(engine, max_len)?;
         engine.use_adapters_for_decoding(state)?;
+        let cache = GpuKvCache::new(engine, max_len)?;
         Ok(Self { engine, cache })
     }
 }
@@ -225,7 +294,7 @@ pub struct GpuGenerator {
 }
 
 impl GpuGenerator {
-    /// Opens `device` and uploads `model`; `adapter_dirs` are LoRA adapters (PEFT folders) in
+    /// Opens `device` and uploads `model`; `adapter_dirs` are PEFT adapter folders (any type) in
     /// the order the caller numbers them.
     pub fn new(
         device: super::DeviceSpec,
@@ -235,16 +304,10 @@ impl GpuGenerator {
         let base = TrainState::new(model.linears().len());
         let mut adapters = Vec::with_capacity(adapter_dirs.len());
         for dir in adapter_dirs {
-            let mut s = TrainState::new(model.linears().len());
-            crate::train::lora::load_adapter(dir, model, &mut s)?;
-            adapters.push(s);
+            adapters.push(crate::train::lora::load_any_adapter(dir, model)?.0);
         }
         let gpu = super::device::Gpu::open(device)?;
         crate::cli::info(format!("generating on {} ({device})", gpu.name()));
-        // DoRA and the like are refused before the first prompt.
-        for s in &adapters {
-            GpuEngine::check_eval_state(s)?;
-        }
         let engine = GpuEngine::for_eval(gpu, model, &base)?;
         Ok(Self {
             engine,

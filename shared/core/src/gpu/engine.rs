@@ -159,7 +159,7 @@ pub struct GpuEngine {
     vecs: Vec<Option<GpuVec>>,
     /// Prompt tuning: the virtual tokens in front of every sequence, `[n, hidden]` f32 on the
     /// device (refreshed from the host each pass).
-    prompt: Option<(usize, DBuf)>,
+    pub(super) prompt: Option<(usize, DBuf)>,
     /// Bottleneck adapters per block and site, their activation (0 relu, 1 silu), and whether
     /// they read the sub-layer's normalized input (parallel) instead of its output.
     units: Vec<[Option<GpuUnit>; 2]>,
@@ -168,7 +168,7 @@ pub struct GpuEngine {
     /// Prefix tuning / P-Tuning v2: the prefix's keys and values of every layer, P
     /// `[n, layers·2·kv_dim]` f32 (computed on the host each pass, through the
     /// reparameterization MLP when there is one), and dL/dP accumulated by the backward pass.
-    prefix: Option<GpuPrefix>,
+    pub(super) prefix: Option<GpuPrefix>,
     /// Full and partial fine-tuning (and LoRA's biases and modules_to_save): an f32 gradient
     /// on the device for each trainable base tensor; their values are the model's, uploaded
     /// again after each optimizer step ([`Self::refresh_base`]).
@@ -245,18 +245,10 @@ impl GpuEngine {
         Self::upload(gpu, model, state)
     }
 
-    /// An engine for evaluation only ([`Self::token_logprobs`], [`Self::eval`]): the base
-    /// model alone, or with LoRA adapters (not DoRA).
+    /// An engine for evaluation only ([`Self::token_logprobs`], [`Self::eval`], generation):
+    /// the base model alone, or with the adapters of `state` (any type).
     pub fn for_eval(gpu: Gpu, model: &Model, state: &TrainState) -> Result<Self> {
-        Self::check_eval_state(state)?;
         Self::upload(gpu, model, state)
-    }
-
-    /// Refuses adapters the evaluation and generation passes do not compute: those with a
-    /// trainable base part (LoRA biases, modules_to_save), which a loaded adapter never has.
-    pub fn check_eval_state(state: &TrainState) -> Result<()> {
-        let _ = state;
-        Ok(())
     }
 
     fn upload(gpu: Gpu, model: &Model, state: &TrainState) -> Result<Self> {
@@ -436,9 +428,16 @@ impl GpuEngine {
     /// Log-probabilities of every token after the first of each sequence, concatenated in
     /// order (peft-eval): a forward pass without dropout and the LM head's cross-entropy.
     pub fn token_logprobs(&mut self, state: &TrainState, seqs: &[&[u32]]) -> Result<Vec<f32>> {
+        // The first token is not predicted (with prompt tuning the last virtual token would).
         let labels: Vec<Vec<i32>> = seqs
             .iter()
-            .map(|s| s.iter().map(|&t| t as i32).collect())
+            .map(|s| {
+                let mut l: Vec<i32> = s.iter().map(|&t| t as i32).collect();
+                if let Some(first) = l.first_mut() {
+                    *first = -100;
+                }
+                l
+            })
             .collect();
         let batch = Batch {
             ids: seqs.to_vec(),
@@ -900,7 +899,7 @@ impl GpuEngine {
     }
 
     /// `h += pos_embed[pos]` row by row for a model with learned positions.
-    fn add_positions(&self, h: &DBuf, pos: &DBuf, rows: usize) -> Result<()> {
+    pub(super) fn add_positions(&self, h: &DBuf, pos: &DBuf, rows: usize) -> Result<()> {
         let Some(pe) = &self.model.pos_embed else {
             return Ok(());
         };

@@ -390,6 +390,20 @@ mod tests {
         }
     }
 
+    /// Generation and evaluation with an adapter of every PEFT type, against the CPU's, on a
+    /// Llama-family model and on GPT-2 (learned positions: the prefix and the virtual tokens
+    /// shift them).
+    #[test]
+    fn gpu_generation_and_evaluation_take_every_adapter_type() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
+        let mut gpu = sim();
+        for name in ["llama_gqa", "gpt2"] {
+            let (v, failed, g) = check::adapters_vs_cpu(gpu, &root.join(name)).unwrap();
+            gpu = g;
+            assert_eq!(failed, 0, "{name}: {v:#}");
+        }
+    }
+
     /// Evaluation with the adapters on, and off (the base model: DPO's reference pass).
     #[test]
     fn gpu_evaluation_matches_the_cpu_with_and_without_adapters() {

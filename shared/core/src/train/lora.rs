@@ -538,29 +538,54 @@ pub fn install(model: &mut Model, state: TrainState, slot: usize) {
 }
 
 /// Load a PEFT LoRA/DoRA adapter directory into adapter slot `slot` of `model` for inference
-/// (the base weights are shared by every slot; nothing is copied or merged).
+/// (the base weights are shared by every slot; nothing is copied or merged). Other PEFT types
+/// (IA3, prefix and prompt tuning, bottleneck adapters) load too.
 pub fn load_for_inference(model: &mut Model, dir: &Path, slot: usize) -> Result<()> {
+    let (state, kind) = load_any_adapter(dir, model)?;
+    match kind {
+        AdapterKind::Ia3 => super::ia3::install(model, state, slot),
+        AdapterKind::Prefix => super::prefix::install(model, state, slot),
+        AdapterKind::Bottleneck => super::bottleneck::install(model, state, slot),
+        AdapterKind::Prompt => super::prompt::install(model, state, slot),
+        AdapterKind::Lora => install(model, state, slot),
+    }
+    Ok(())
+}
+
+/// The PEFT types an adapter folder may hold (for inference).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdapterKind {
+    Lora,
+    Ia3,
+    Prefix,
+    Bottleneck,
+    Prompt,
+}
+
+/// Reads a PEFT adapter folder of any supported type into a fresh state (its tensors, as
+/// trained) for `model`.
+pub fn load_any_adapter(dir: &Path, model: &Model) -> Result<(TrainState, AdapterKind)> {
     let mut state = TrainState::new(model.linears().len());
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| Error::bad_input(&cfg_path, format!("invalid JSON: {e}")))?;
-    match v.get("peft_type").and_then(Value::as_str) {
+    let kind = match v.get("peft_type").and_then(Value::as_str) {
         Some("IA3") => {
             super::ia3::load_adapter(dir, &v, model, &mut state)?;
-            super::ia3::install(model, state, slot);
+            AdapterKind::Ia3
         }
         Some("PREFIX_TUNING") => {
             super::prefix::load_adapter(dir, &v, model, &mut state)?;
-            super::prefix::install(model, state, slot);
+            AdapterKind::Prefix
         }
         Some("BOTTLENECK") => {
             super::bottleneck::load_adapter(dir, &v, model, &mut state)?;
-            super::bottleneck::install(model, state, slot);
+            AdapterKind::Bottleneck
         }
         Some("PROMPT_TUNING") => {
             super::prompt::load_adapter(dir, &v, model, &mut state)?;
-            super::prompt::install(model, state, slot);
+            AdapterKind::Prompt
         }
         Some(t @ ("P_TUNING" | "ADAPTION_PROMPT" | "MULTITASK_PROMPT_TUNING")) => {
             return Err(Error::bad_input(
@@ -570,10 +595,10 @@ pub fn load_for_inference(model: &mut Model, dir: &Path, slot: usize) -> Result<
         }
         _ => {
             load_adapter(dir, model, &mut state)?;
-            install(model, state, slot);
+            AdapterKind::Lora
         }
-    }
-    Ok(())
+    };
+    Ok((state, kind))
 }
 
 /// Parse `NAME=DIR` (or a bare `DIR`, named after its last path component).

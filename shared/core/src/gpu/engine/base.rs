@@ -10,6 +10,31 @@ impl GpuEngine {
     pub(super) fn set_base_trainables(&mut self, model: &Model, state: &TrainState) -> Result<()> {
         let nb = self.model.blocks.len();
         let per_block = self.model.per_block;
+        self.set_adapter_modules(state)?;
+        for (slot, _) in state.params.iter() {
+            let block = match *slot {
+                Slot::LinearWeight(i) | Slot::LinearBias(i) => Some(i / per_block),
+                Slot::NormWeight(i) | Slot::NormBias(i) if i < 2 * nb => Some(i / 2),
+                Slot::Embedding | Slot::PositionEmbedding => Some(0),
+                Slot::NormWeight(_) | Slot::NormBias(_) | Slot::Head => None,
+                _ => continue,
+            };
+            if let Some(b) = block {
+                self.stop_layer = self.stop_layer.min(b);
+            }
+            let n = crate::train::params::base_tensor(model, *slot).len();
+            self.base_grads.insert(*slot, self.gpu.alloc_f32(n)?);
+        }
+        Ok(())
+    }
+
+    /// The adapters of `state` that are not per-linear (bottleneck units, a prefix, a prompt),
+    /// replacing any the engine had: at construction, and to switch adapters for generation.
+    /// Their values arrive with each pass ([`Self::sync_adapters`]).
+    pub(in crate::gpu) fn set_adapter_modules(&mut self, state: &TrainState) -> Result<()> {
+        self.units.clear();
+        self.prefix = None;
+        self.prompt = None;
         if let Some(bp) = &state.bottleneck {
             self.unit_act = match bp.activation {
                 crate::train::bottleneck::Activation::Relu => 0,
@@ -57,20 +82,6 @@ impl GpuEngine {
             self.prompt = Some((p.n, self.gpu.upload(&p.emb)?));
             // Their gradient is the first block's input gradient at their rows.
             self.stop_layer = 0;
-        }
-        for (slot, _) in state.params.iter() {
-            let block = match *slot {
-                Slot::LinearWeight(i) | Slot::LinearBias(i) => Some(i / per_block),
-                Slot::NormWeight(i) | Slot::NormBias(i) if i < 2 * nb => Some(i / 2),
-                Slot::Embedding | Slot::PositionEmbedding => Some(0),
-                Slot::NormWeight(_) | Slot::NormBias(_) | Slot::Head => None,
-                _ => continue,
-            };
-            if let Some(b) = block {
-                self.stop_layer = self.stop_layer.min(b);
-            }
-            let n = crate::train::params::base_tensor(model, *slot).len();
-            self.base_grads.insert(*slot, self.gpu.alloc_f32(n)?);
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ pub(super) struct GpuUnit {
 
 /// What a bottleneck adapter's backward pass needs: its input (bf16), the activation's input
 /// (f32) and output (bf16).
-pub(super) struct AdapterSaved {
+pub(in crate::gpu) struct AdapterSaved {
     pub(super) src: DBuf,
     pub(super) z: DBuf,
     pub(super) a: DBuf,
@@ -26,7 +26,7 @@ impl GpuEngine {
     /// Adds the bottleneck adapter of (block `l`, `site`), if any, to the sub-layer output `h`
     /// (f32): `h += up(f(down(src)))` with src = `h` itself, or the sub-layer's normalized
     /// input `n` (bf16) for parallel adapters.
-    pub(super) fn adapter_fwd(
+    pub(in crate::gpu) fn adapter_fwd(
         &self,
         l: usize,
         site: usize,

@@ -4,11 +4,11 @@
 use super::*;
 
 /// Prefix tuning on the device (see [`GpuEngine::prefix`]).
-pub(super) struct GpuPrefix {
-    pub(super) n: usize,
-    pub(super) stride: usize,
-    pub(super) kv_dim: usize,
-    pub(super) p: DBuf,
+pub(in crate::gpu) struct GpuPrefix {
+    pub(in crate::gpu) n: usize,
+    pub(in crate::gpu) stride: usize,
+    pub(in crate::gpu) kv_dim: usize,
+    pub(in crate::gpu) p: DBuf,
     pub(super) dp: DBuf,
     /// The host's P of this pass and what its backward needs (the MLP's activations).
     pub(super) values: Option<crate::train::prefix::PrefixValues>,
