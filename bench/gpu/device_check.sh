@@ -82,6 +82,9 @@ want ours && section "3a. ours: LoRA and QLoRA training, ${BATCH}x${SEQ}" && run
 want ours && section "3a'. ours: QLoRA with flash attention (PEFTKIT_GPU_ATTENTION=flash)" && PEFTKIT_GPU_ATTENTION=flash run 120 "$BIN/gpu-check" --no-kernels --bench "$MODEL" --method qlora --batch "$BATCH" --seq "$SEQ" \
     --steps "$STEPS" --json "$OUT/ours_flash.json"
 
+want ours && section "3a''. ours: QLoRA with the fused 4-bit GEMM (PEFTKIT_GPU_Q4_GEMM=fused)" && PEFTKIT_GPU_Q4_GEMM=fused run 120 "$BIN/gpu-check" --no-kernels --bench "$MODEL" --method qlora --batch "$BATCH" --seq "$SEQ" \
+    --steps "$STEPS" --json "$OUT/ours_fused.json"
+
 want hf && section "3b. PyTorch + PEFT LoRA" && run 150 python3 bench/gpu/hf_reference.py --model "$MODEL" --method lora --batch "$BATCH" --seq "$SEQ" \
     --steps "$STEPS" --json "$OUT/hf_lora.json"
 want hf && section "3b'. PyTorch + PEFT LoRA with gradient checkpointing (as ours)" && run 150 python3 bench/gpu/hf_reference.py --model "$MODEL" --method lora --grad-checkpointing --batch "$BATCH" \
@@ -151,8 +154,10 @@ def load(n):
 ours = load("ours.json") or {}
 rows = {r["method"]: r for r in ours.get("bench", [])}
 flash = {r["method"]: r for r in (load("ours_flash.json") or {}).get("bench", [])}
+fused = {r["method"]: r for r in (load("ours_fused.json") or {}).get("bench", [])}
 for m, name, ref, mine in (("lora", "lora", load("hf_lora.json"), rows), ("lora", "lora vs checkpointed", load("hf_lora_gc.json"), rows),
-                           ("qlora", "qlora", load("hf_qlora.json"), rows), ("qlora", "qlora, flash attention", load("hf_qlora.json"), flash)):
+                           ("qlora", "qlora", load("hf_qlora.json"), rows), ("qlora", "qlora, flash attention", load("hf_qlora.json"), flash),
+                           ("qlora", "qlora, fused 4-bit GEMM", load("hf_qlora.json"), fused)):
     o = mine.get(m)
     if not o:
         continue

@@ -411,6 +411,89 @@ pub fn kernels(gpu: &Gpu, s: &KernelShapes) -> Result<(Value, usize)> {
         json!({"ms": t * 1e3, "roofline_fraction": (out * inp / 2 + absmax.len() * 4) as f64 / t / bw,
                "note": "bytes of the 4-bit weight and its scales per call against the copy bandwidth"}),
     );
+    // The fused 4-bit GEMM, both products a linear layer takes (x·Wᵀ, and dy·W added into
+    // what is there), against f64 products of the decoded weight; on a GPU also timed against
+    // decoding into bf16 and cuBLAS.
+    let m = if s.timed { 2048 } else { 37 };
+    for (w_nk, name) in [(1, "x·Wᵀ"), (0, "dy·W, accumulated")] {
+        let (n, k) = if w_nk == 1 { (out, inp) } else { (inp, out) };
+        let x: Vec<f32> = rand_vec(&mut rng, m * k, 1.0)
+            .iter()
+            .map(|&v| bf(v))
+            .collect();
+        let y0 = rand_vec(&mut rng, m * n, 1.0);
+        let (gx, gy) = (gpu.upload_bf16(&x)?, gpu.upload(&y0)?);
+        let fused = || {
+            gpu.launch(
+                "gemm_q4",
+                (m.div_ceil(64) * n.div_ceil(64)) as u32,
+                128,
+                &[
+                    Arg::P(gx.ptr),
+                    Arg::P(gp.ptr),
+                    Arg::P(gam.ptr),
+                    Arg::P(gc.ptr),
+                    Arg::P(gy.ptr),
+                    Arg::I(m as i32),
+                    Arg::I(n as i32),
+                    Arg::I(k as i32),
+                    Arg::I(bs as i32),
+                    Arg::I(w_nk),
+                    Arg::I(1 - w_nk),
+                ],
+            )
+        };
+        fused()?;
+        let got = gpu.download_f32(&gy, m * n)?;
+        // Every row on the simulator; on a GPU the first 16 and the last (an f64 reference of
+        // the whole product would take minutes on the host).
+        let rows: Vec<usize> = (0..m.min(16)).chain((m > 16).then_some(m - 1)).collect();
+        let w_at = |nn: usize, kk: usize| {
+            if w_nk == 1 {
+                cpu[nn * inp + kk]
+            } else {
+                cpu[kk * inp + nn]
+            }
+        };
+        let (mut g_rows, mut want) = (Vec::new(), Vec::new());
+        for &r in &rows {
+            for c in 0..n {
+                let dot: f64 = (0..k)
+                    .map(|j| x[r * k + j] as f64 * bf(w_at(c, j)) as f64)
+                    .sum();
+                want.push((dot + if w_nk == 1 { 0.0 } else { y0[r * n + c] as f64 }) as f32);
+                g_rows.push(got[r * n + c]);
+            }
+        }
+        let t_fused = time(gpu, s.reps(10), fused)?;
+        let t_decoded = time(gpu, s.reps(10), || {
+            gpu.launch_n(
+                "dequant_q4_bf16",
+                (out * inp).div_ceil(2),
+                &[
+                    Arg::P(gp.ptr),
+                    Arg::P(gam.ptr),
+                    Arg::P(gc.ptr),
+                    Arg::P(gbf.ptr),
+                    Arg::L((out * inp) as i64),
+                    Arg::I(bs as i32),
+                ],
+            )?;
+            let g = if w_nk == 1 {
+                Gemm::nt(m, n, k, gx.ptr, gbf.ptr, gy.ptr)
+            } else {
+                Gemm::nn(m, n, k, gx.ptr, gbf.ptr, gy.ptr)
+            };
+            gpu.gemm(&g)
+        })?;
+        rep.add(
+            &format!("gemm_q4 (fused NF4 GEMM, {name})"),
+            rel_err(&g_rows, &want),
+            1e-4,
+            json!({"ms": t_fused * 1e3, "decode_and_cublas_ms": t_decoded * 1e3,
+                   "tflops": 2.0 * (m * n * k) as f64 / t_fused / 1e12}),
+        );
+    }
     drop((gbf, gp, gam));
 
     // bf16 product (cuBLAS) against an f64 product of the same bf16 inputs.
@@ -1122,6 +1205,8 @@ pub fn eval_vs_cpu(gpu: Gpu, model_dir: &Path) -> Result<(Value, usize, Gpu)> {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EngineCase {
     pub q4: bool,
+    /// 4-bit products on the fused `gemm_q4` kernel (with `q4`).
+    pub fused_q4: bool,
     pub flash: bool,
     pub dora: bool,
     pub ia3: bool,
@@ -1143,13 +1228,25 @@ impl EngineCase {
     /// Every method the GPU engine runs, as the device check and the simulator tests go
     /// through them: LoRA, QLoRA, LoRA with flash attention, DoRA and IA3 (each on a 16-bit
     /// and a 4-bit base), full fine-tuning, prompt tuning, bottleneck adapters (Houlsby and
-    /// parallel), P-Tuning v2, and prefix tuning with flash attention.
+    /// parallel), P-Tuning v2, and prefix tuning with flash attention; QLoRA and IA3 on a 4-bit
+    /// base once more with the fused 4-bit GEMM.
     pub fn every() -> Vec<Self> {
         use crate::train::bottleneck::{Activation, Variant};
         let base = Self::default();
         vec![
             base,
             Self { q4: true, ..base },
+            Self {
+                q4: true,
+                fused_q4: true,
+                ..base
+            },
+            Self {
+                ia3: true,
+                q4: true,
+                fused_q4: true,
+                ..base
+            },
             Self {
                 flash: true,
                 ..base
@@ -1343,6 +1440,7 @@ pub fn adapters_vs_cpu(mut gpu: Gpu, model_dir: &Path) -> Result<(Value, usize, 
 pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, case: EngineCase) -> Result<(Value, usize, Gpu)> {
     let EngineCase {
         q4,
+        fused_q4,
         flash,
         dora,
         ia3,
@@ -1413,6 +1511,7 @@ pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, case: EngineCase) -> Result<(Va
     // optimizer would keep the base tensors' on the device).
     eng.keep_optimizer_on_host();
     eng.use_flash_attention(flash);
+    eng.use_fused_q4(fused_q4);
     let g = eng.forward_backward(&mut gpu_state, &batch, scale, &mut Rng::new(0))?;
     let (gc, gg) = (grads(&cpu_state), grads(&gpu_state));
     let num: f64 = gc

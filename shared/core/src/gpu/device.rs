@@ -73,6 +73,7 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "gelu_fwd",
     "gelu_bwd",
     "adamw_step",
+    "gemm_q4",
 ];
 
 /// Device errors are run-time failures of the machine, reported as such.

@@ -68,6 +68,13 @@ enum VecKind {
     Ia3Input,
 }
 
+/// Which product [`GpuEngine::weight_product`] takes with a base weight.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Product {
+    Forward,
+    InputGrad,
+}
+
 /// What a linear layer's forward pass keeps for its backward pass.
 pub(super) struct LinAct {
     /// The scaled LoRA activation `s·(x·Aᵀ)` in bf16 (LoRA, DoRA).
@@ -193,6 +200,9 @@ pub struct GpuEngine {
     /// Attention on the flash kernels (`PEFTKIT_GPU_ATTENTION=flash`; the head sizes listed
     /// by `flash_supports`) instead of products over materialised scores; see docs/gpu.md.
     flash: bool,
+    /// Products with 4-bit weights on the fused kernel `gemm_q4` (`PEFTKIT_GPU_Q4_GEMM=fused`)
+    /// instead of a decoded bf16 copy and cuBLAS; opt-in until a GPU has timed it.
+    fused_q4: bool,
     phases: Phases,
 }
 
@@ -289,6 +299,7 @@ impl GpuEngine {
             training: std::cell::Cell::new(true),
             adapters_on: std::cell::Cell::new(true),
             flash: std::env::var("PEFTKIT_GPU_ATTENTION").is_ok_and(|v| v == "flash"),
+            fused_q4: std::env::var("PEFTKIT_GPU_Q4_GEMM").is_ok_and(|v| v == "fused"),
             phases: Phases::new(),
         };
         engine.set_adapters(state)?;
@@ -634,6 +645,11 @@ impl GpuEngine {
     }
 
     /// Chooses the attention forward kernel (the default comes from `PEFTKIT_GPU_ATTENTION`).
+    /// Runs products with 4-bit weights on the fused `gemm_q4` kernel (or not).
+    pub fn use_fused_q4(&mut self, on: bool) {
+        self.fused_q4 = on;
+    }
+
     pub fn use_flash_attention(&mut self, on: bool) {
         self.flash = on;
     }
@@ -1072,6 +1088,59 @@ impl GpuEngine {
         Ok(Some(y))
     }
 
+    /// A product with a linear layer's base weight, `x` bf16 and `y` f32 (`accumulate`: added
+    /// into `y`): `y = x·Wᵀ` ([`Product::Forward`], x `[rows, in]`) or `y = x·W`
+    /// ([`Product::InputGrad`], x `[rows, out]`). A 4-bit weight is decoded into the bf16
+    /// scratch for cuBLAS, or (`fused_q4`) multiplied by `gemm_q4` straight from its bytes.
+    fn weight_product(
+        &self,
+        lin: &super::weights::GpuLinear,
+        x: u64,
+        y: u64,
+        rows: usize,
+        op: Product,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (n, k) = match op {
+            Product::Forward => (lin.out, lin.inp),
+            Product::InputGrad => (lin.inp, lin.out),
+        };
+        if self.fused_q4 {
+            if let super::weights::GpuWeight::Q4 {
+                packed,
+                absmax,
+                code,
+                blocksize,
+            } = &lin.w
+            {
+                return self.gpu.launch(
+                    "gemm_q4",
+                    (rows.div_ceil(64) * n.div_ceil(64)) as u32,
+                    128,
+                    &[
+                        Arg::P(x),
+                        Arg::P(packed.ptr),
+                        Arg::P(absmax.ptr),
+                        Arg::P(code.ptr),
+                        Arg::P(y),
+                        Arg::I(rows as i32),
+                        Arg::I(n as i32),
+                        Arg::I(k as i32),
+                        Arg::I(*blocksize as i32),
+                        Arg::I(i32::from(op == Product::Forward)),
+                        Arg::I(i32::from(accumulate)),
+                    ],
+                );
+            }
+        }
+        let w = lin.bf16_weight(&self.gpu, &self.scratch)?;
+        let g = match op {
+            Product::Forward => Gemm::nt(rows, n, k, x, w, y),
+            Product::InputGrad => Gemm::nn(rows, n, k, x, w, y),
+        };
+        self.gpu.gemm(&if accumulate { g.accumulate() } else { g })
+    }
+
     /// `y = x·Wᵀ (+ s·(x·Aᵀ)·Bᵀ) (+ bias)` for linear `slot` of block `l`, with DoRA's
     /// rescaling `· m/‖W + s·B·A‖` per output before the bias; `x` bf16 `[rows, in]`, `y` f32
     /// `[rows, out]`. Returns what the backward pass needs (with an adapter).
@@ -1113,9 +1182,7 @@ impl GpuEngine {
             lin.gemv_q4(&self.gpu, xf.ptr, y.ptr)?
         };
         if !gemv {
-            let w = lin.bf16_weight(&self.gpu, &self.scratch)?;
-            self.gpu
-                .gemm(&Gemm::nt(rows, lin.out, lin.inp, x_in.ptr, w, y.ptr))?;
+            self.weight_product(lin, x_in.ptr, y.ptr, rows, Product::Forward, false)?;
         }
         let mut act = match &self.lora[self.model.index(l, slot)] {
             Some(lo) if on => Some(self.lora_fwd(l, slot, lo, x, y, rows)?),
@@ -1256,10 +1323,8 @@ impl GpuEngine {
         let vec = self.vecs[self.model.index(l, slot)];
         // IA3 on the input: dl = Σ_rows (dy·W) ⊙ x, dx = (dy·W) ⊙ l; nothing else trains.
         if let Some(v) = vec.filter(|v| v.kind == VecKind::Ia3Input) {
-            let w = lin.bf16_weight(&self.gpu, &self.scratch)?;
             let dxs = self.gpu.uninit_f32(rows * inp)?;
-            self.gpu
-                .gemm(&Gemm::nn(rows, inp, out, dy.ptr, w, dxs.ptr))?;
+            self.weight_product(lin, dy.ptr, dxs.ptr, rows, Product::InputGrad, false)?;
             return self.gpu.launch_cols(
                 "ia3_input_bwd",
                 inp,
@@ -1319,9 +1384,7 @@ impl GpuEngine {
             )?;
         }
         if let Some(dx) = dx {
-            let w = lin.bf16_weight(&self.gpu, &self.scratch)?;
-            let g = Gemm::nn(rows, inp, out, dy.ptr, w, dx.ptr);
-            self.gpu.gemm(&if acc { g.accumulate() } else { g })?;
+            self.weight_product(lin, dy.ptr, dx.ptr, rows, Product::InputGrad, acc)?;
         }
         let Some(lo) = lora else {
             return Ok(());

@@ -1259,3 +1259,80 @@ extern "C" __global__ void prefix_grad(const float* src, float* dP, int off, int
         dP[(long)r * stride + off + h * dh + c] += acc;
     }
 }
+
+// ---- fused 4-bit GEMM (QLoRA's products without a decoded copy of the weight) -------------
+// Y[M×N] (+)= X[M×K]·op(W) with X bf16 row-major and W the 4-bit weight [out, in] (bitsandbytes
+// layout, as gemv_q4): w_nk = 1 takes W as [N, K] (a linear layer's forward, x·Wᵀ), w_nk = 0
+// as [K, N] (its input gradient, dy·W). Each block computes a 64×64 tile of Y with 4 warps of
+// 32×32 on mma.sync m16n8k16 (the fragment layouts of the flash kernels above); per 32-wide
+// step of K it stages the X tile and the W tile, decoded in shared memory, never in global
+// memory. Grid: one block of 128 threads per tile, flattened (row tiles outer).
+extern "C" __global__ void gemm_q4(const bf16* X, const u8* packed, const float* absmax, const float* code, float* Y,
+                                   int M, int N, int K, int blocksize, int w_nk, int accumulate) {
+    constexpr int BM = 64, BN = 64, BK = 32, P = BK / 2;
+    __shared__ unsigned xs[BM * P];  // [row][k] in bf16 pairs
+    __shared__ unsigned ws[BN * P];  // [n][k] in bf16 pairs
+    __shared__ float cs[16];
+    if (threadIdx.x < 16) cs[threadIdx.x] = code[threadIdx.x];
+    int tiles_n = (N + BN - 1) / BN;
+    int m0 = (blockIdx.x / tiles_n) * BM, n0 = (blockIdx.x % tiles_n) * BN;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+    float acc[2][4][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
+    for (int k0 = 0; k0 < K; k0 += BK) {
+        __syncthreads();  // the code table is in; every warp is done with the previous tiles
+        for (int i = threadIdx.x; i < BM * P; i += blockDim.x) {
+            int r = m0 + i / P, k = k0 + (i % P) * 2;
+            bf16 lo = (r < M && k < K) ? X[(long)r * K + k] : (bf16)0;
+            bf16 hi = (r < M && k + 1 < K) ? X[(long)r * K + k + 1] : (bf16)0;
+            xs[i] = pack_bits(lo, hi);
+        }
+        for (int i = threadIdx.x; i < BN * BK; i += blockDim.x) {
+            int n = n0 + i / BK, k = k0 + i % BK;
+            float v = 0.f;
+            if (n < N && k < K) {
+                long idx = w_nk ? (long)n * K + k : (long)k * N + n;
+                unsigned b = packed[idx >> 1];
+                v = cs[(idx & 1) ? (b & 15u) : (b >> 4)] * absmax[idx / blocksize];
+            }
+            reinterpret_cast<bf16*>(ws)[i] = f2bf(v);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++) {
+            unsigned a[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                const unsigned* x0 = xs + (wm + mt * 16 + g) * P + kk * 8 + tq;
+                const unsigned* x1 = x0 + 8 * P;
+                a[mt][0] = x0[0];
+                a[mt][1] = x1[0];
+                a[mt][2] = x0[4];
+                a[mt][3] = x1[4];
+            }
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                const unsigned* wr = ws + (wn + nt * 8 + g) * P + kk * 8 + tq;
+                unsigned b[2] = {wr[0], wr[4]};
+                mma_bf16_16816(acc[0][nt], a[0], b);
+                mma_bf16_16816(acc[1][nt], a[1], b);
+            }
+        }
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int r = m0 + wm + mt * 16 + g + (e >> 1) * 8, c = n0 + wn + nt * 8 + 2 * tq + (e & 1);
+                if (r < M && c < N) {
+                    float* y = Y + (long)r * N + c;
+                    *y = accumulate ? *y + acc[mt][nt][e] : acc[mt][nt][e];
+                }
+            }
+}
