@@ -25,12 +25,13 @@ pub(super) struct DeviceSlot {
 impl GpuEngine {
     /// Chooses where the base tensors' optimizer runs (at construction): on the device when
     /// there are trainable base tensors, the environment does not say `host`, and their states
-    /// fit in three quarters of the device's free memory.
+    /// fit in half the device's free memory (the rest is for the activations; an allocation
+    /// that fails later is a clear device error, and `PEFTKIT_GPU_OPTIMIZER=host` avoids it).
     pub(super) fn choose_device_optimizer(&mut self) {
         let wanted = std::env::var("PEFTKIT_GPU_OPTIMIZER").map_or(true, |v| v != "host");
         let params: usize = self.base_grads.values().map(|g| g.bytes / 4).sum();
         let (used, total) = self.gpu.device_used();
-        let fits = total == 0 || 12 * params < (total - used) / 4 * 3;
+        let fits = total == 0 || 12 * params < total.saturating_sub(used) / 2;
         self.device_optim_on = wanted && params > 0 && fits;
     }
 
