@@ -28,7 +28,7 @@ fn bf(x: f32) -> f32 {
 
 /// max |a − b| / max(max |b|, tiny); infinite where `a` has a NaN or infinity that `b` has
 /// not (f64::max would skip a NaN and pass the check).
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+pub(crate) fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     let mut num = 0f64;
     let mut den = 1e-30f64;

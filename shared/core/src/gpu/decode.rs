@@ -11,8 +11,6 @@ use crate::error::{Error, Result};
 use crate::generate::Decoder;
 use crate::train::params::TrainState;
 
-const BF: usize = 2;
-
 /// One sequence's KV cache on the device: per layer the keys (rotated) and values seen so
 /// far, bf16 `[kv_heads, max_len, head_dim]`.
 pub struct GpuKvCache {
@@ -82,27 +80,58 @@ impl GpuEngine {
     /// Feeds `next` after what `cache` holds (without dropout); returns the logits of its last
     /// token.
     pub fn decode_step(&self, cache: &mut GpuKvCache, next: &[u32]) -> Result<Vec<f32>> {
-        if next.is_empty() {
-            return Err(Error::usage("internal: an empty step"));
+        self.decode_batch(&mut [cache], &[next])
+    }
+
+    /// One step of several sequences at once: `next[i]` after what `caches[i]` holds (without
+    /// dropout). The products, norms and MLPs take all their rows together (a weight is read
+    /// once per step, not once per sequence); attention runs per sequence against its own
+    /// cache. Returns each sequence's last-token logits, one row after another.
+    pub fn decode_batch(
+        &self,
+        caches: &mut [&mut GpuKvCache],
+        next: &[&[u32]],
+    ) -> Result<Vec<f32>> {
+        if caches.len() != next.len() || next.iter().any(|s| s.is_empty()) {
+            return Err(Error::usage(
+                "internal: an empty or mismatched decoding step",
+            ));
         }
-        if cache.len + next.len() > cache.max_len {
-            return Err(Error::usage(format!(
-                "{} tokens do not fit the GPU cache of {}",
-                cache.len + next.len(),
-                cache.max_len
-            )));
+        for (cache, ids) in caches.iter().zip(next) {
+            if cache.len + ids.len() > cache.max_len {
+                return Err(Error::usage(format!(
+                    "{} tokens do not fit the GPU cache of {}",
+                    cache.len + ids.len(),
+                    cache.max_len
+                )));
+            }
+            if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.model.vocab) {
+                return Err(Error::usage(format!(
+                    "token id {bad} is outside the model's vocabulary of {}",
+                    self.model.vocab
+                )));
+            }
         }
-        if let Some(&bad) = next.iter().find(|&&t| t as usize >= self.model.vocab) {
-            return Err(Error::usage(format!(
-                "token id {bad} is outside the model's vocabulary of {}",
-                self.model.vocab
-            )));
-        }
+        let ids: Vec<u32> = next.concat();
+        let row_pos: Vec<i32> = caches
+            .iter()
+            .zip(next)
+            .flat_map(|(c, s)| (c.len..c.len + s.len()).map(|p| p as i32))
+            .collect();
+        let n = ids.len();
+        let gids = self.gpu.upload(&ids)?;
+        let row_pos = self.gpu.upload(&row_pos)?;
         self.training.set(false);
-        let r = self.decode_forward(cache, next);
+        let r = self.embed_rows(&gids, &row_pos, n).and_then(|x| {
+            let lens: Vec<usize> = next.iter().map(|s| s.len()).collect();
+            let views: Vec<&GpuKvCache> = caches.iter().map(|c| &**c).collect();
+            self.decode_rows(&views, &lens, x, &row_pos)
+        });
         self.training.set(true);
         let logits = r?;
-        cache.len += next.len();
+        for (cache, ids) in caches.iter_mut().zip(next) {
+            cache.len += ids.len();
+        }
         Ok(logits)
     }
 
@@ -116,7 +145,7 @@ impl GpuEngine {
             let pos = self.gpu.upload(&pos)?;
             self.add_positions(&x, &pos, n)?;
             self.training.set(false);
-            let r = self.decode_rows(cache, x, &pos, n);
+            let r = self.decode_rows(&[&*cache], &[n], x, &pos);
             self.training.set(true);
             r?;
             cache.len = n;
@@ -148,32 +177,31 @@ impl GpuEngine {
         Ok(())
     }
 
-    /// The tokens `next` through every block after what `cache` holds; returns the last row's
-    /// logits.
-    fn decode_forward(&self, cache: &GpuKvCache, next: &[u32]) -> Result<Vec<f32>> {
-        let n = next.len();
-        let ids = self.gpu.upload(next)?;
-        let row_pos: Vec<i32> = (cache.len..cache.len + n).map(|p| p as i32).collect();
-        let row_pos = self.gpu.upload(&row_pos)?;
-        let x = self.embed_rows(&ids, &row_pos, n)?;
-        self.decode_rows(cache, x, &row_pos, n)
-    }
-
-    /// `n` input rows `x` (f32, at positions `row_pos` after what `cache` holds) through every
-    /// block, their keys and values into the cache; returns the last row's logits.
+    /// Input rows `x` (f32) of several sequences through every block, sequence i's `lens[i]`
+    /// rows after what `caches[i]` holds, at positions `row_pos`: their keys and values go into
+    /// the caches. Returns each sequence's last-row logits, one row after another.
     fn decode_rows(
         &self,
-        cache: &GpuKvCache,
+        caches: &[&GpuKvCache],
+        lens: &[usize],
         mut x: DBuf,
         row_pos: &DBuf,
-        n: usize,
     ) -> Result<Vec<f32>> {
         let e = self;
         let (gpu, m) = (&e.gpu, &e.model);
-        let pos0 = cache.len;
+        let n: usize = lens.iter().sum();
         let (d, dh) = (m.hidden, m.head_dim);
         let (qd, kvd) = (m.heads * dh, m.kv_heads * dh);
         let row_seq = gpu.upload(&vec![0i32; n])?;
+        // Each sequence's first row.
+        let starts: Vec<usize> = lens
+            .iter()
+            .scan(0, |at, &len| {
+                let s = *at;
+                *at += len;
+                Some(s)
+            })
+            .collect();
         let add = |a: &DBuf, b: &DBuf, len: usize| {
             gpu.launch_n(
                 "add_inplace",
@@ -186,50 +214,53 @@ impl GpuEngine {
             let rstd = e.norm_stats(n)?;
             e.norm_fwd(&x, &blk.attn_norm, &n1, &rstd, n)?;
             let (q, k, v, _) = e.qkv_fwd(l, &n1, n)?;
-            // Keys (rotated) and values into the cache at their positions.
+            // Per sequence: its keys (rotated) and values into its cache at their positions,
+            // then its rows' attention against the cache.
             let rope = i32::from(m.rope());
-            for (src, dst, rope) in [(&k, &cache.k[l], rope), (&v, &cache.v[l], 0)] {
-                gpu.launch_n(
-                    "rope_permute",
-                    n * kvd / 2,
+            let o = gpu.uninit_f32(n * qd)?;
+            for ((cache, &len), &r0) in caches.iter().zip(lens).zip(&starts) {
+                for (src, dst, rope) in [(&k, &cache.k[l], rope), (&v, &cache.v[l], 0)] {
+                    gpu.launch_n(
+                        "rope_permute",
+                        len * kvd / 2,
+                        &[
+                            Arg::P(src.at(r0 * kvd, 4)),
+                            Arg::P(dst.ptr),
+                            Arg::P(row_seq.ptr),
+                            Arg::P(row_pos.at(r0, 4)),
+                            Arg::P(m.cos.ptr),
+                            Arg::P(m.sin.ptr),
+                            Arg::L(len as i64),
+                            Arg::I(m.kv_heads as i32),
+                            Arg::I(dh as i32),
+                            Arg::I(cache.max_len as i32),
+                            Arg::I(rope),
+                        ],
+                    )?;
+                }
+                gpu.launch_shared(
+                    "attn_decode",
+                    (len * m.heads) as u32,
+                    128,
+                    ((dh + cache.len + len) * 4) as u32,
                     &[
-                        Arg::P(src.ptr),
-                        Arg::P(dst.ptr),
-                        Arg::P(row_seq.ptr),
-                        Arg::P(row_pos.ptr),
+                        Arg::P(q.at(r0 * qd, 4)),
+                        Arg::P(cache.k[l].ptr),
+                        Arg::P(cache.v[l].ptr),
+                        Arg::P(o.at(r0 * qd, 4)),
                         Arg::P(m.cos.ptr),
                         Arg::P(m.sin.ptr),
-                        Arg::L(n as i64),
+                        Arg::I(m.heads as i32),
                         Arg::I(m.kv_heads as i32),
                         Arg::I(dh as i32),
                         Arg::I(cache.max_len as i32),
+                        Arg::I(cache.len as i32),
+                        Arg::I(blk.window.unwrap_or(0) as i32),
+                        Arg::F(1.0 / (dh as f32).sqrt()),
                         Arg::I(rope),
                     ],
                 )?;
             }
-            let o = gpu.uninit_f32(n * qd)?;
-            gpu.launch_shared(
-                "attn_decode",
-                (n * m.heads) as u32,
-                128,
-                ((dh + pos0 + n) * 4) as u32,
-                &[
-                    Arg::P(q.ptr),
-                    Arg::P(cache.k[l].ptr),
-                    Arg::P(cache.v[l].ptr),
-                    Arg::P(o.ptr),
-                    Arg::P(m.cos.ptr),
-                    Arg::P(m.sin.ptr),
-                    Arg::I(m.heads as i32),
-                    Arg::I(m.kv_heads as i32),
-                    Arg::I(dh as i32),
-                    Arg::I(cache.max_len as i32),
-                    Arg::I(pos0 as i32),
-                    Arg::I(blk.window.unwrap_or(0) as i32),
-                    Arg::F(1.0 / (dh as f32).sqrt()),
-                    Arg::I(rope),
-                ],
-            )?;
             let o_in = e.cast_bf16(&o, n * qd)?;
             let h2 = gpu.uninit_f32(n * d)?;
             e.lin_fwd(l, O, &o_in, &h2, n)?;
@@ -242,17 +273,30 @@ impl GpuEngine {
         let nf = gpu.uninit_bf16(n * d)?;
         let rstd = e.norm_stats(n)?;
         e.norm_fwd(&x, &m.final_norm, &nf, &rstd, n)?;
+        // Each sequence's last row through the LM head.
+        let last: Vec<i32> = starts
+            .iter()
+            .zip(lens)
+            .map(|(&r0, &len)| (r0 + len - 1) as i32)
+            .collect();
+        let ns = last.len();
+        let rows = gpu.uninit_bf16(ns * d)?;
+        let idx = gpu.upload(&last)?;
+        gpu.launch_n(
+            "gather_rows_bf16",
+            ns * d,
+            &[
+                Arg::P(nf.ptr),
+                Arg::P(idx.ptr),
+                Arg::P(rows.ptr),
+                Arg::L(ns as i64),
+                Arg::I(d as i32),
+            ],
+        )?;
         let head = m.head_ptr(gpu, &e.scratch)?;
-        let logits = gpu.uninit_f32(m.vocab)?;
-        gpu.gemm(&Gemm::nt(
-            1,
-            m.vocab,
-            d,
-            nf.at((n - 1) * d, BF),
-            head,
-            logits.ptr,
-        ))?;
-        gpu.download_f32(&logits, m.vocab)
+        let logits = gpu.uninit_f32(ns * m.vocab)?;
+        gpu.gemm(&Gemm::nt(ns, m.vocab, d, rows.ptr, head, logits.ptr))?;
+        gpu.download_f32(&logits, ns * m.vocab)
     }
 }
 
@@ -328,8 +372,8 @@ impl GpuGenerator {
 }
 
 /// Several sequences generated together on the GPU (PPO's rollouts): one cache each; every
-/// step feeds the active sequences one after another through the engine with the adapters
-/// last given to [`GpuEngine::use_adapters_for_decoding`].
+/// step feeds the active sequences through the engine together ([`GpuEngine::decode_batch`])
+/// with the adapters last given to [`GpuEngine::use_adapters_for_decoding`].
 pub struct GpuBatchDecoder<'e> {
     engine: &'e GpuEngine,
     caches: Vec<GpuKvCache>,
@@ -359,11 +403,16 @@ impl<'e> GpuBatchDecoder<'e> {
 
 impl crate::train::rollout::BatchDecoder for GpuBatchDecoder<'_> {
     fn step(&mut self, active: &[usize], next: &[Vec<u32>]) -> Result<Vec<f32>> {
-        let mut logits = Vec::with_capacity(active.len() * self.engine.model.vocab);
-        for &i in active {
-            logits.extend(self.engine.decode_step(&mut self.caches[i], &next[i])?);
-        }
-        Ok(logits)
+        // The active sequences' caches, in `active`'s order (it is increasing).
+        let mut caches: Vec<&mut GpuKvCache> = self
+            .caches
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| active.binary_search(i).is_ok())
+            .map(|(_, c)| c)
+            .collect();
+        let ids: Vec<&[u32]> = active.iter().map(|&i| next[i].as_slice()).collect();
+        self.engine.decode_batch(&mut caches, &ids)
     }
 
     fn fed(&self, i: usize) -> usize {

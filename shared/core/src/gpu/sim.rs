@@ -390,6 +390,51 @@ mod tests {
         }
     }
 
+    /// Several sequences decoded together (PPO's rollouts: prompts of different lengths, then
+    /// one token each, a sequence leaving the batch) against the CPU's batched decoder.
+    #[test]
+    fn batched_gpu_decoding_matches_the_cpu() {
+        use crate::model::{ForwardOptions, Model};
+        use crate::train::params::TrainState;
+        use crate::train::rollout::{BatchDecoder, CpuBatchDecoder};
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
+        let mut gpu = sim();
+        for name in ["qwen2", "gpt2"] {
+            let model = Model::load(&root.join(name)).unwrap();
+            let state = TrainState::new(model.linears().len());
+            let opts = ForwardOptions::default();
+            let prompts: Vec<Vec<u32>> = [5u32, 9, 2]
+                .iter()
+                .map(|&n| (1..=n).map(|t| t * 7 % 100).collect())
+                .collect();
+            let refs: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
+            let mut engine = crate::gpu::engine::GpuEngine::for_eval(gpu, &model, &state).unwrap();
+            engine.use_adapters_for_decoding(&state).unwrap();
+            {
+                let mut dev =
+                    crate::gpu::decode::GpuBatchDecoder::new(&mut engine, &refs, 4, 128).unwrap();
+                let mut cpu = CpuBatchDecoder::new(&model, 3, &opts).unwrap();
+                let mut next: Vec<Vec<u32>> = prompts.clone();
+                for (step, active) in [vec![0, 1, 2], vec![0, 1, 2], vec![0, 2], vec![2]]
+                    .iter()
+                    .enumerate()
+                {
+                    let (c, g) = (
+                        cpu.step(active, &next).unwrap(),
+                        dev.step(active, &next).unwrap(),
+                    );
+                    assert_eq!(c.len(), g.len());
+                    let worst = crate::gpu::check::rel_err(&g, &c);
+                    assert!(worst < 5e-2, "{name} step {step}: logits differ by {worst}");
+                    for &i in active {
+                        next[i] = vec![(step as u32 * 13 + i as u32) % 100];
+                    }
+                }
+            }
+            gpu = engine.gpu;
+        }
+    }
+
     /// Generation and evaluation with an adapter of every PEFT type, against the CPU's, on a
     /// Llama-family model and on GPT-2 (learned positions: the prefix and the virtual tokens
     /// shift them).
