@@ -1831,7 +1831,6 @@ impl GpuEngine {
 
     /// The backward pass of [`Self::qkv_fwd`]: the gradients of q, k and v (bf16 rows) through
     /// their linears (adapters' gradients included); dL/d`n1` into `dn1` when given.
-    #[allow(clippy::too_many_arguments)]
     fn qkv_bwd(
         &self,
         l: usize,

@@ -72,7 +72,6 @@ impl Backend {
     /// tensors that train then reach the device: their new values are uploaded, or, with its
     /// device optimizer (gpu/engine/optim.rs), they step there, their gradients never having
     /// left it.
-    #[allow(clippy::too_many_arguments)]
     pub fn clip_and_step(
         &mut self,
         opt: &AdamW,
