@@ -391,7 +391,8 @@ mod tests {
     }
 
     /// Several sequences decoded together (PPO's rollouts: prompts of different lengths, then
-    /// one token each, a sequence leaving the batch) against the CPU's batched decoder.
+    /// one token each, a sequence leaving the batch) against the CPU's batched decoder, with
+    /// 16-bit and 4-bit weights.
     #[test]
     fn batched_gpu_decoding_matches_the_cpu() {
         use crate::model::{ForwardOptions, Model};
@@ -399,8 +400,14 @@ mod tests {
         use crate::train::rollout::{BatchDecoder, CpuBatchDecoder};
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
         let mut gpu = sim();
-        for name in ["qwen2", "gpt2"] {
-            let model = Model::load(&root.join(name)).unwrap();
+        let nf4 = crate::model::QuantizeOnLoad {
+            quant_type: crate::quant::QuantType::Nf4,
+            blocksize: 64,
+            double_quant: true,
+        };
+        // 4-bit weights: up to 8 rows take one fused GEMV per row.
+        for (name, quant) in [("qwen2", None), ("gpt2", None), ("llama_gqa", Some(nf4))] {
+            let model = Model::load_with(&root.join(name), quant).unwrap();
             let state = TrainState::new(model.linears().len());
             let opts = ForwardOptions::default();
             let prompts: Vec<Vec<u32>> = [5u32, 9, 2]
