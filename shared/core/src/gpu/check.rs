@@ -415,7 +415,13 @@ pub fn kernels(gpu: &Gpu, s: &KernelShapes) -> Result<(Value, usize)> {
     // what is there), against f64 products of the decoded weight; on a GPU also timed against
     // decoding into bf16 and cuBLAS.
     let m = if s.timed { 2048 } else { 37 };
-    for (w_nk, name) in [(1, "x·Wᵀ"), (0, "dy·W, accumulated")] {
+    // (Tensor-core kernels: sm_80 and later; older GPUs skip them, as the engine does.)
+    let products: &[(i32, &str)] = if gpu.bf16_tensor_cores() {
+        &[(1, "x·Wᵀ"), (0, "dy·W, accumulated")]
+    } else {
+        &[]
+    };
+    for &(w_nk, name) in products {
         let (n, k) = if w_nk == 1 { (out, inp) } else { (inp, out) };
         let x: Vec<f32> = rand_vec(&mut rng, m * k, 1.0)
             .iter()
@@ -675,7 +681,13 @@ pub fn kernels(gpu: &Gpu, s: &KernelShapes) -> Result<(Value, usize)> {
             .max(rel_err(&gpu.download_bf16(&gd_, z.len())?, &want_d));
         rep.add(&format!("adapter_act ({name})"), err, 1e-2, json!({}));
     }
-    for &(nseq, heads, kvh, l, dh, window) in s.attention {
+    let attention = if gpu.bf16_tensor_cores() {
+        s.attention
+    } else {
+        crate::cli::info("no bf16 tensor cores (before sm_80): the flash and fused 4-bit GEMM kernels are not checked; the engine does not use them here");
+        &[]
+    };
+    for &(nseq, heads, kvh, l, dh, window) in attention {
         check_flash(
             gpu,
             &mut rng,

@@ -19,6 +19,8 @@ pub(crate) struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: Blas,
     kernels: HashMap<&'static str, CudaFunction>,
+    /// The compute capability's major version (8 and up have bf16 tensor cores).
+    major: i32,
 }
 
 /// Loads the CUDA driver library, catching the panic cudarc raises when it is absent.
@@ -77,6 +79,7 @@ impl CudaBackend {
             stream,
             blas,
             kernels,
+            major,
         })
     }
 
@@ -173,6 +176,10 @@ impl Backend for CudaBackend {
             .ok()
             .map(|(free, total)| (total - free, total))
     }
+
+    fn bf16_tensor_cores(&self) -> bool {
+        self.major >= 8
+    }
 }
 
 /// NVRTC compiles the kernels for this device's architecture.
@@ -214,14 +221,23 @@ pub fn compile_kernels_only(arch: &'static str) -> Result<usize> {
 
 #[cfg(test)]
 mod tests {
-    /// The kernel source compiles for Hopper (sm_90) and Ampere (sm_80) wherever libnvrtc is
-    /// loadable (no GPU needed); machines without it are told so (CI has no CUDA libraries;
-    /// `make gpu-compile-check` fetches NVRTC from PyPI and runs this).
+    /// The kernel source compiles for Hopper (sm_90), Ampere (sm_80) and Turing (sm_75, with
+    /// no bf16 tensor-core instruction in its PTX, which its driver could not load) wherever
+    /// libnvrtc is loadable (no GPU needed); machines without it are told so (CI has no CUDA
+    /// libraries; `make gpu-compile-check` fetches NVRTC from PyPI and runs this).
     #[test]
     fn kernels_compile_with_nvrtc() {
-        for arch in ["compute_90", "compute_80"] {
-            match super::compile_kernels_only(arch) {
-                Ok(n) => eprintln!("kernels.cu → {n} bytes of PTX for {arch}"),
+        for arch in ["compute_90", "compute_80", "compute_75"] {
+            match super::compile_for(arch) {
+                Ok(ptx) => {
+                    let src = ptx.to_src();
+                    eprintln!("kernels.cu → {} bytes of PTX for {arch}", src.len());
+                    for name in super::KERNEL_NAMES {
+                        assert!(src.contains(&format!(".entry {name}(")), "{name} missing");
+                    }
+                    let has_mma = src.contains("mma.sync");
+                    assert_eq!(has_mma, arch != "compute_75", "mma.sync in the {arch} PTX");
+                }
                 Err(e) if e.to_string().contains("cannot load libnvrtc") => {
                     assert!(std::env::var_os("PEFTKIT_REQUIRE_NVRTC").is_none(), "{e}");
                     eprintln!("note: {e}; kernel compilation not checked");

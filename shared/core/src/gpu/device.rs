@@ -107,6 +107,9 @@ pub(crate) trait Backend {
     fn gemm(&self, g: &Gemm) -> Result<()>;
     /// (used, total) bytes of the whole device, where the backend knows them.
     fn device_used(&self) -> Option<(usize, usize)>;
+    /// Whether the device has bf16 tensor cores (`mma.sync` on bf16: sm_80 and later), which
+    /// the flash-attention and fused 4-bit GEMM kernels need.
+    fn bf16_tensor_cores(&self) -> bool;
 }
 
 #[derive(Default)]
@@ -186,6 +189,10 @@ impl Gpu {
     }
 
     /// Device memory in use by everything on the device (driver's view) and its total.
+    pub fn bf16_tensor_cores(&self) -> bool {
+        self.dev.bf16_tensor_cores()
+    }
+
     pub fn device_used(&self) -> (usize, usize) {
         self.dev.device_used().unwrap_or((0, 0))
     }

@@ -1107,7 +1107,7 @@ impl GpuEngine {
             Product::Forward => (lin.out, lin.inp),
             Product::InputGrad => (lin.inp, lin.out),
         };
-        if self.fused_q4 {
+        if self.fused_q4 && self.gpu.bf16_tensor_cores() {
             if let super::weights::GpuWeight::Q4 {
                 packed,
                 absmax,
@@ -1181,7 +1181,8 @@ impl GpuEngine {
         // row reads the 4-bit bytes (0.56 byte per weight) once per row, where decoding for a
         // product moves 4.5 bytes per weight; up to 8 rows the GEMVs read less. (The fused
         // GEMM, when on, reads them once for all rows.)
-        let gemv = rows <= GEMV_ROWS && lin.is_q4() && !self.fused_q4 && {
+        let fused = self.fused_q4 && self.gpu.bf16_tensor_cores();
+        let gemv = rows <= GEMV_ROWS && lin.is_q4() && !fused && {
             let xf = self.to_f32(x_in, rows * lin.inp)?;
             let mut done = true;
             for r in 0..rows {
@@ -1599,7 +1600,7 @@ impl GpuEngine {
 
     /// Whether attention runs on the flash kernels for this model.
     fn flash_on(&self) -> bool {
-        self.flash && flash_supports(self.model.head_dim)
+        self.flash && flash_supports(self.model.head_dim) && self.gpu.bf16_tensor_cores()
     }
 
     /// Causal attention of the padded heads: `softmax(Q·Kᵀ/√d)·V` as f32 `[seq, heads, L, dh]`.

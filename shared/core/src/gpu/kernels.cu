@@ -672,10 +672,14 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     return (unsigned)f2bf(lo) | ((unsigned)f2bf(hi) << 16);
 }
 
-// d += a·b for one 16×8×16 tile (one warp).
+// d += a·b for one 16×8×16 tile (one warp). bf16 tensor cores need sm_80: for older GPUs
+// (Turing, the floor of CUDA 13) the instruction is left out, so that the module still loads,
+// and the host never launches the kernels that use it there (Gpu::bf16_tensor_cores).
 __device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
 #ifdef CUDASIM
     cudasim::mma_m16n8k16_bf16(d, a, b);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();
 #else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "

@@ -228,6 +228,10 @@ impl Backend for SimBackend {
     fn device_used(&self) -> Option<(usize, usize)> {
         None
     }
+
+    fn bf16_tensor_cores(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
