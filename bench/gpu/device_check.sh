@@ -10,7 +10,8 @@
 #   5. peft-eval and peft-generate with that adapter, and dpo-train on a tiny model, on the GPU;
 #   6. on tiny models: rm-train, rm-score and ppo-train; GPT-2 LoRA; full fine-tuning with
 #      AdamW on the device and on the host;
-#   7. full fine-tuning's speed on the 1B-class model with either optimizer.
+#   7. full fine-tuning's speed on the 1B-class model with AdamW on the device (states in device
+#      memory, then paged) and on the host.
 #
 # Needs: the binaries built with `make build-cuda` (target/cuda/release, or packed in
 # .gpu/bin.tar.xz by prepare.sh, unpacked here when target/cuda/release has none), python3 with torch,
@@ -137,7 +138,7 @@ if d and h:
 EOF
 }
 
-want fullft && section "7. full fine-tuning of the 1B-class model: AdamW on the device vs on the host" && for opt in device host; do
+want fullft && section "7. full fine-tuning of the 1B-class model: AdamW on the device, paged, and on the host" && for opt in device paged host; do
     rm -rf /tmp/gpu-full1b
     PEFTKIT_GPU_OPTIMIZER=$opt run 120 "$BIN/peft-train" --model "$MODEL" --data tests/fixtures/data/alpaca.json --method full \
         --lr 1e-5 --out /tmp/gpu-full1b --steps 4 --batch 4 --device cuda:0 --log "$OUT/full1b_$opt.jsonl"

@@ -180,6 +180,35 @@ impl Backend for CudaBackend {
     fn bf16_tensor_cores(&self) -> bool {
         self.major >= 8
     }
+
+    fn alloc_paged(&self, bytes: usize) -> Result<(Box<dyn Any>, u64)> {
+        self.bind()?;
+        let what = || format!("allocating {} MiB of managed memory", bytes >> 20);
+        let flags = cudarc::driver::sys::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL;
+        let ptr =
+            unsafe { result::malloc_managed(bytes, flags) }.map_err(|e| dev_err(&what(), e))?;
+        let owner = Managed {
+            ptr,
+            stream: self.stream.clone(),
+        };
+        unsafe { result::memset_d8_sync(ptr, 0, bytes) }.map_err(|e| dev_err(&what(), e))?;
+        Ok((Box::new(owner), ptr))
+    }
+}
+
+/// A managed allocation, freed when the stream's work on it is done.
+struct Managed {
+    ptr: u64,
+    stream: Arc<CudaStream>,
+}
+
+impl Drop for Managed {
+    fn drop(&mut self) {
+        // Nothing to report to in a destructor: a failure here leaks the block.
+        let _ = self.stream.context().bind_to_thread();
+        let _ = self.stream.synchronize();
+        let _ = unsafe { result::free_sync(self.ptr) };
+    }
 }
 
 /// NVRTC compiles the kernels for this device's architecture.

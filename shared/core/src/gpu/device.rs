@@ -107,6 +107,11 @@ pub(crate) trait Backend {
     fn gemm(&self, g: &Gemm) -> Result<()>;
     /// (used, total) bytes of the whole device, where the backend knows them.
     fn device_used(&self) -> Option<(usize, usize)>;
+    /// A zeroed managed (unified) allocation, which the driver pages between host and device
+    /// memory as the device runs short; backends without such memory give a plain one.
+    fn alloc_paged(&self, bytes: usize) -> Result<(Box<dyn Any>, u64)> {
+        self.alloc(bytes, true)
+    }
     /// Whether the device has bf16 tensor cores (`mma.sync` on bf16: sm_80 and later), which
     /// the flash-attention and fused 4-bit GEMM kernels need.
     fn bf16_tensor_cores(&self) -> bool;
@@ -188,11 +193,11 @@ impl Gpu {
         self.usage.peak.store(now, Ordering::Relaxed);
     }
 
-    /// Device memory in use by everything on the device (driver's view) and its total.
     pub fn bf16_tensor_cores(&self) -> bool {
         self.dev.bf16_tensor_cores()
     }
 
+    /// Device memory in use by everything on the device (driver's view) and its total.
     pub fn device_used(&self) -> (usize, usize) {
         self.dev.device_used().unwrap_or((0, 0))
     }
@@ -200,14 +205,30 @@ impl Gpu {
     fn track(&self, bytes: usize, zeroed: bool) -> Result<DBuf> {
         let bytes = bytes.max(4);
         let (owner, ptr) = self.dev.alloc(bytes, zeroed)?;
+        Ok(self.tracked(owner, ptr, bytes))
+    }
+
+    fn tracked(&self, owner: Box<dyn Any>, ptr: u64, bytes: usize) -> DBuf {
         let now = self.usage.now.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.usage.peak.fetch_max(now, Ordering::Relaxed);
-        Ok(DBuf {
+        DBuf {
             _owner: owner,
             ptr,
             bytes,
             usage: self.usage.clone(),
-        })
+        }
+    }
+
+    /// `data` in managed (unified) memory, which the driver pages between the device and the
+    /// host as the device runs short: the paged optimizer's states (QLoRA's idea). Counted in
+    /// the peak like any allocation, though part of it may live on the host.
+    pub fn upload_paged<T: Copy>(&self, data: &[T]) -> Result<DBuf> {
+        let raw = bytes_of(data);
+        let bytes = raw.len().max(4);
+        let (owner, ptr) = self.dev.alloc_paged(bytes)?;
+        let buf = self.tracked(owner, ptr, bytes);
+        self.dev.upload(buf.ptr, raw)?;
+        Ok(buf)
     }
 
     /// A zeroed allocation of `bytes` bytes.

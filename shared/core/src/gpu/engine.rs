@@ -183,6 +183,8 @@ pub struct GpuEngine {
     /// Whether AdamW of those tensors runs on the device (engine/optim.rs): their gradients
     /// then stay here across micro-batches, and the states below hold masters and moments.
     device_optim_on: bool,
+    /// Its states in managed memory (`PEFTKIT_GPU_OPTIMIZER=paged`).
+    device_optim_paged: bool,
     device_slots: Vec<optim::DeviceSlot>,
     /// All those vectors (f32) and their gradients, one after another.
     vec_values: DBuf,
@@ -287,6 +289,7 @@ impl GpuEngine {
             prefix: None,
             base_grads: std::collections::HashMap::new(),
             device_optim_on: false,
+            device_optim_paged: false,
             device_slots: Vec::new(),
             vec_values: gpu.alloc_f32(1)?,
             vec_grads: gpu.alloc_f32(1)?,
@@ -306,7 +309,7 @@ impl GpuEngine {
         };
         engine.set_adapters(state)?;
         engine.set_base_trainables(model, state)?;
-        engine.choose_device_optimizer();
+        engine.choose_device_optimizer()?;
         Ok(engine)
     }
 

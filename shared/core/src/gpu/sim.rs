@@ -394,6 +394,89 @@ mod tests {
         }
     }
 
+    /// AdamW on the device (states in device memory, and paged) against the host's AdamW on
+    /// the same gradients: full fine-tuning, two steps with clipping, every tensor's value and
+    /// moments brought back to the host.
+    #[test]
+    fn device_adamw_matches_the_host_optimizer() {
+        use crate::model::Model;
+        use crate::rng::Rng;
+        use crate::train::backend::Backend;
+        use crate::train::engine::{Batch, Engine};
+        use crate::train::optim::AdamW;
+        use crate::train::params::TrainState;
+        let dir =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/gpt2");
+        let ids: Vec<u32> = (0..40).map(|i| (i * 37 % 400) as u32).collect();
+        let labels: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+        let batch = Batch {
+            ids: vec![&ids[..]],
+            labels: vec![&labels[..]],
+        };
+        let opt = AdamW {
+            lr: 1e-3,
+            weight_decay: 0.1,
+            ..AdamW::default()
+        };
+        let run = |place: Option<bool>| {
+            let mut model = Model::load(&dir).unwrap();
+            let mut state = TrainState::new(model.linears().len());
+            crate::train::full::register(&model, &mut state, |_| true, false);
+            let mut engine = crate::gpu::engine::GpuEngine::new(sim(), &model, &state).unwrap();
+            match place {
+                None => engine.keep_optimizer_on_host(),
+                Some(paged) => engine.use_device_optimizer(paged),
+            }
+            let mut backend = Backend::Cuda(Box::new(engine));
+            let before: Vec<Vec<f32>> = (0..state.params.len())
+                .map(|k| state.value_and_state_mut(&mut model, k).0.to_vec())
+                .collect();
+            let mut norms = Vec::new();
+            for step in 1..=2 {
+                state.zero_grads();
+                let cpu = Engine::for_eval(&model);
+                backend
+                    .forward_backward(&cpu, &mut state, &batch, 0.1, &mut Rng::new(0))
+                    .unwrap();
+                let norm = backend
+                    .clip_and_step(&opt, &mut model, &mut state, Some(0.5), opt.lr, step)
+                    .unwrap();
+                norms.push(norm);
+            }
+            backend.sync_to_host(&mut model, &mut state).unwrap();
+            let values: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..state.params.len())
+                .map(|k| {
+                    // The change of the value (the steps), not the value itself.
+                    let (v, p) = state.value_and_state_mut(&mut model, k);
+                    let change = v.iter().zip(&before[k]).map(|(a, b)| a - b).collect();
+                    (change, p.m.clone(), p.v.clone())
+                })
+                .collect();
+            (norms, values)
+        };
+        let (host_norms, host) = run(None);
+        for paged in [false, true] {
+            let (norms, dev) = run(Some(paged));
+            for (a, b) in host_norms.iter().zip(&norms) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * a,
+                    "paged {paged}: grad norm {b} vs {a}"
+                );
+            }
+            for (k, (h, d)) in host.iter().zip(&dev).enumerate() {
+                // (A change is a difference of two f32 values ~100× larger: 1e-5 of it is
+                // their rounding.)
+                for (what, x, y) in [("change", &h.0, &d.0), ("m", &h.1, &d.1), ("v", &h.2, &d.2)] {
+                    let err = crate::gpu::check::rel_err(y, x);
+                    assert!(
+                        err < 1e-4,
+                        "paged {paged}: tensor {k} {what} differs by {err}"
+                    );
+                }
+            }
+        }
+    }
+
     /// Several sequences decoded together (PPO's rollouts: prompts of different lengths, then
     /// one token each, a sequence leaving the batch) against the CPU's batched decoder, with
     /// 16-bit and 4-bit weights.

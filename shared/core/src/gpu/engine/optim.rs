@@ -5,8 +5,12 @@
 //!
 //! The host's copies (model values, AdamW moments) go stale during training; the trainer
 //! brings them back ([`GpuEngine::sync_to_host`]) before it writes a checkpoint or the output.
-//! `PEFTKIT_GPU_OPTIMIZER=host` keeps the whole optimizer on the host; by default the device
-//! takes the base tensors when their states (12 bytes per parameter) fit in the free memory.
+//!
+//! `PEFTKIT_GPU_OPTIMIZER` chooses: `host` keeps the whole optimizer on the host; `device`
+//! puts the base tensors' states (12 bytes per parameter) in device memory; `paged` puts them
+//! in managed memory, which the driver pages out to the host when the device runs short and
+//! back when the step needs them (QLoRA's paged optimizers). By default: `device` when the
+//! states fit in half the free memory, else `host`.
 
 use super::*;
 use crate::gpu::weights::GpuWeight;
@@ -27,18 +31,38 @@ impl GpuEngine {
     /// there are trainable base tensors, the environment does not say `host`, and their states
     /// fit in half the device's free memory (the rest is for the activations; an allocation
     /// that fails later is a clear device error, and `PEFTKIT_GPU_OPTIMIZER=host` avoids it).
-    pub(super) fn choose_device_optimizer(&mut self) {
-        let wanted = std::env::var("PEFTKIT_GPU_OPTIMIZER").map_or(true, |v| v != "host");
+    pub(super) fn choose_device_optimizer(&mut self) -> Result<()> {
         let params: usize = self.base_grads.values().map(|g| g.bytes / 4).sum();
         let (used, total) = self.gpu.device_used();
         let fits = total == 0 || 12 * params < total.saturating_sub(used) / 2;
-        self.device_optim_on = wanted && params > 0 && fits;
+        let (on, paged) = match std::env::var("PEFTKIT_GPU_OPTIMIZER").as_deref() {
+            Err(_) | Ok("") => (fits, false),
+            Ok("host") => (false, false),
+            Ok("device") => (true, false),
+            Ok("paged") => (true, true),
+            Ok(other) => {
+                return Err(Error::usage(format!(
+                    "PEFTKIT_GPU_OPTIMIZER must be host, device or paged, not {other}"
+                )))
+            }
+        };
+        self.device_optim_on = on && params > 0;
+        self.device_optim_paged = paged;
+        Ok(())
     }
 
     /// Whether trainable tensor `slot` steps on the device (a base tensor with the device
     /// optimizer on).
     pub fn steps_on_device(&self, slot: Slot) -> bool {
         self.device_optim_on && self.base_grads.contains_key(&slot)
+    }
+
+    /// Puts the base tensors' optimizer on the device, its states in managed memory when
+    /// `paged` (what `PEFTKIT_GPU_OPTIMIZER=device|paged` asks), before the first step.
+    pub fn use_device_optimizer(&mut self, paged: bool) {
+        assert!(self.device_slots.is_empty(), "after the first step");
+        self.device_optim_on = !self.base_grads.is_empty();
+        self.device_optim_paged = paged;
     }
 
     /// Whether the device optimizer has stepped (its values are then the current ones).
@@ -95,11 +119,18 @@ impl GpuEngine {
                     .expect("a trainable slot")
                     .1;
                 let value = crate::train::params::base_tensor(model, slot);
+                let put = |v: &[f32]| {
+                    if self.device_optim_paged {
+                        self.gpu.upload_paged(v)
+                    } else {
+                        self.gpu.upload(v)
+                    }
+                };
                 self.device_slots.push(DeviceSlot {
                     slot,
-                    master: self.gpu.upload(value)?,
-                    m: self.gpu.upload(&p.m)?,
-                    v: self.gpu.upload(&p.v)?,
+                    master: put(value)?,
+                    m: put(&p.m)?,
+                    v: put(&p.v)?,
                     n: value.len(),
                     decay: p.decay,
                 });
