@@ -548,8 +548,13 @@ pub fn kernels(gpu: &Gpu, s: &KernelShapes) -> Result<(Value, usize)> {
     let logits = rand_vec(&mut rng, cr * v, 3.0);
     let tgt: Vec<i32> = (0..cr).map(|i| ((i * 7919) % v) as i32).collect();
     let (gl, gt) = (gpu.upload(&logits)?, gpu.upload(&tgt)?);
-    let (gn, gg2) = (gpu.alloc_f32(cr)?, gpu.alloc_bf16(cr * v)?);
-    let t = time(gpu, s.reps(20), || {
+    let (gn, gg2, ge) = (
+        gpu.alloc_f32(cr)?,
+        gpu.alloc_bf16(cr * v)?,
+        gpu.alloc_f32(cr)?,
+    );
+    // (scale, 1/temperature, entropies wanted)
+    let ce = |scale: f32, inv_t: f32, entropy: bool| {
         gpu.launch_rows(
             "cross_entropy",
             cr,
@@ -560,13 +565,14 @@ pub fn kernels(gpu: &Gpu, s: &KernelShapes) -> Result<(Value, usize)> {
                 Arg::P(gn.ptr),
                 Arg::P(gg2.ptr),
                 Arg::I(v as i32),
-                Arg::F(1.0),
+                Arg::F(scale),
                 Arg::P(0),
-                Arg::F(1.0),
-                Arg::P(0),
+                Arg::F(inv_t),
+                Arg::P(if entropy { ge.ptr } else { 0 }),
             ],
         )
-    })?;
+    };
+    let t = time(gpu, s.reps(20), || ce(1.0, 1.0, false))?;
     let want: Vec<f32> = (0..cr)
         .map(|r| {
             let row = &logits[r * v..(r + 1) * v];
@@ -584,23 +590,7 @@ pub fn kernels(gpu: &Gpu, s: &KernelShapes) -> Result<(Value, usize)> {
     // At a sampling temperature (PPO): log-probabilities, entropies and the gradient of the
     // tempered distribution.
     let inv_t = 1.0 / 0.7f32;
-    let ge = gpu.alloc_f32(cr)?;
-    gpu.launch_rows(
-        "cross_entropy",
-        cr,
-        v,
-        &[
-            Arg::P(gl.ptr),
-            Arg::P(gt.ptr),
-            Arg::P(gn.ptr),
-            Arg::P(gg2.ptr),
-            Arg::I(v as i32),
-            Arg::F(0.5),
-            Arg::P(0),
-            Arg::F(inv_t),
-            Arg::P(ge.ptr),
-        ],
-    )?;
+    ce(0.5, inv_t, true)?;
     let (mut want_nll, mut want_ent, mut want_grad) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..cr {
         let z: Vec<f64> = logits[r * v..(r + 1) * v]

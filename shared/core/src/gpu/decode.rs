@@ -282,17 +282,7 @@ impl GpuEngine {
         let ns = last.len();
         let rows = gpu.uninit_bf16(ns * d)?;
         let idx = gpu.upload(&last)?;
-        gpu.launch_n(
-            "gather_rows_bf16",
-            ns * d,
-            &[
-                Arg::P(nf.ptr),
-                Arg::P(idx.ptr),
-                Arg::P(rows.ptr),
-                Arg::L(ns as i64),
-                Arg::I(d as i32),
-            ],
-        )?;
+        e.gather_hidden(&nf, idx.ptr, &rows, ns)?;
         let head = m.head_ptr(gpu, &e.scratch)?;
         let logits = gpu.uninit_f32(ns * m.vocab)?;
         gpu.gemm(&Gemm::nt(ns, m.vocab, d, rows.ptr, head, logits.ptr))?;

@@ -345,6 +345,15 @@ mod tests {
         assert!(e.unwrap_err().to_string().contains("threads per block"));
     }
 
+    /// QLoRA's quantization: NF4, blocks of 64, double quantization.
+    fn nf4() -> crate::model::QuantizeOnLoad {
+        crate::model::QuantizeOnLoad {
+            quant_type: crate::quant::QuantType::Nf4,
+            blocksize: 64,
+            double_quant: true,
+        }
+    }
+
     /// Every kernel of kernels.cu against the CPU path, as gpu-check runs them on a GPU.
     #[test]
     fn every_kernel_matches_the_cpu_path() {
@@ -360,11 +369,7 @@ mod tests {
         use crate::train::params::TrainState;
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
         let mut gpu = sim();
-        let nf4 = crate::model::QuantizeOnLoad {
-            quant_type: crate::quant::QuantType::Nf4,
-            blocksize: 64,
-            double_quant: true,
-        };
+        let nf4 = nf4();
         let plain = [
             "llama_gqa",
             "llama_untied",
@@ -487,11 +492,7 @@ mod tests {
         use crate::train::rollout::{BatchDecoder, CpuBatchDecoder};
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
         let mut gpu = sim();
-        let nf4 = crate::model::QuantizeOnLoad {
-            quant_type: crate::quant::QuantType::Nf4,
-            blocksize: 64,
-            double_quant: true,
-        };
+        let nf4 = nf4();
         // 4-bit weights: up to 8 rows take one fused GEMV per row.
         for (name, quant) in [("qwen2", None), ("gpt2", None), ("llama_gqa", Some(nf4))] {
             let model = Model::load_with(&root.join(name), quant).unwrap();

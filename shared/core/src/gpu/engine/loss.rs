@@ -58,6 +58,29 @@ impl RowsCrossEntropy for GpuRowsCe<'_> {
 }
 
 impl GpuEngine {
+    /// `dst[i] = nf[idx[i]]` for `rows` rows of the hidden size (bf16), `idx` an i32 device
+    /// array.
+    pub(in crate::gpu) fn gather_hidden(
+        &self,
+        nf: &DBuf,
+        idx: u64,
+        dst: &DBuf,
+        rows: usize,
+    ) -> Result<()> {
+        let d = self.model.hidden;
+        self.gpu.launch_n(
+            "gather_rows_bf16",
+            rows * d,
+            &[
+                Arg::P(nf.ptr),
+                Arg::P(idx),
+                Arg::P(dst.ptr),
+                Arg::L(rows as i64),
+                Arg::I(d as i32),
+            ],
+        )
+    }
+
     /// Cross-entropy over the loss rows in chunks (the full logits never exist); with `dnf`,
     /// writes dL/d(final norm output) there. Returns Σ nll.
     pub(super) fn loss(
@@ -112,17 +135,7 @@ impl GpuEngine {
         let ent = gpu.uninit_f32(if entropy { n } else { 1 })?;
         for c0 in (0..n).step_by(chunk) {
             let c = chunk.min(n - c0);
-            gpu.launch_n(
-                "gather_rows_bf16",
-                c * d,
-                &[
-                    Arg::P(nf.ptr),
-                    Arg::P(gidx.at(c0, 4)),
-                    Arg::P(hb.ptr),
-                    Arg::L(c as i64),
-                    Arg::I(d as i32),
-                ],
-            )?;
+            self.gather_hidden(nf, gidx.at(c0, 4), &hb, c)?;
             gpu.gemm(&Gemm::nt(c, vocab, d, hb.ptr, head, logits.ptr))?;
             gpu.launch_rows(
                 "cross_entropy",
