@@ -58,15 +58,6 @@ impl GpuKvCache {
         engine.prefill(&mut cache)?;
         Ok(cache)
     }
-
-    /// Tokens held.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 impl GpuEngine {
@@ -121,14 +112,10 @@ impl GpuEngine {
         let n = ids.len();
         let gids = self.gpu.upload(&ids)?;
         let row_pos = self.gpu.upload(&row_pos)?;
-        self.training.set(false);
-        let r = self.embed_rows(&gids, &row_pos, n).and_then(|x| {
-            let lens: Vec<usize> = next.iter().map(|s| s.len()).collect();
-            let views: Vec<&GpuKvCache> = caches.iter().map(|c| &**c).collect();
-            self.decode_rows(&views, &lens, x, &row_pos)
-        });
-        self.training.set(true);
-        let logits = r?;
+        let x = self.embed_rows(&gids, &row_pos, n)?;
+        let lens: Vec<usize> = next.iter().map(|s| s.len()).collect();
+        let views: Vec<&GpuKvCache> = caches.iter().map(|c| &**c).collect();
+        let logits = self.decode_rows(&views, &lens, x, &row_pos)?;
         for (cache, ids) in caches.iter_mut().zip(next) {
             cache.len += ids.len();
         }
@@ -144,10 +131,7 @@ impl GpuEngine {
             let pos: Vec<i32> = (0..n as i32).collect();
             let pos = self.gpu.upload(&pos)?;
             self.add_positions(&x, &pos, n)?;
-            self.training.set(false);
-            let r = self.decode_rows(&[&*cache], &[n], x, &pos);
-            self.training.set(true);
-            r?;
+            self.decode_rows(&[&*cache], &[n], x, &pos)?;
             cache.len = n;
         } else if let Some(p) = &self.prefix {
             for l in 0..self.model.blocks.len() {
@@ -177,10 +161,24 @@ impl GpuEngine {
         Ok(())
     }
 
-    /// Input rows `x` (f32) of several sequences through every block, sequence i's `lens[i]`
-    /// rows after what `caches[i]` holds, at positions `row_pos`: their keys and values go into
-    /// the caches. Returns each sequence's last-row logits, one row after another.
+    /// Input rows `x` (f32) of several sequences through every block without dropout, sequence
+    /// i's `lens[i]` rows after what `caches[i]` holds, at positions `row_pos`: their keys and
+    /// values go into the caches. Returns each sequence's last-row logits, one row after
+    /// another.
     fn decode_rows(
+        &self,
+        caches: &[&GpuKvCache],
+        lens: &[usize],
+        x: DBuf,
+        row_pos: &DBuf,
+    ) -> Result<Vec<f32>> {
+        self.training.set(false);
+        let r = self.decode_layers(caches, lens, x, row_pos);
+        self.training.set(true);
+        r
+    }
+
+    fn decode_layers(
         &self,
         caches: &[&GpuKvCache],
         lens: &[usize],

@@ -303,10 +303,14 @@ impl GpuEngine {
             seed: 0,
             training: std::cell::Cell::new(true),
             adapters_on: std::cell::Cell::new(true),
-            flash: std::env::var("PEFTKIT_GPU_ATTENTION").is_ok_and(|v| v == "flash"),
-            fused_q4: std::env::var("PEFTKIT_GPU_Q4_GEMM").is_ok_and(|v| v == "fused"),
+            flash: false,
+            fused_q4: false,
             phases: Phases::new(),
         };
+        engine.use_flash_attention(
+            std::env::var("PEFTKIT_GPU_ATTENTION").is_ok_and(|v| v == "flash"),
+        );
+        engine.use_fused_q4(std::env::var("PEFTKIT_GPU_Q4_GEMM").is_ok_and(|v| v == "fused"));
         engine.set_adapters(state)?;
         engine.set_base_trainables(model, state)?;
         engine.choose_device_optimizer()?;
@@ -650,13 +654,14 @@ impl GpuEngine {
     }
 
     /// Chooses the attention forward kernel (the default comes from `PEFTKIT_GPU_ATTENTION`).
-    /// Runs products with 4-bit weights on the fused `gemm_q4` kernel (or not).
+    /// Runs products with 4-bit weights on the fused `gemm_q4` kernel (or not). Both tensor-core
+    /// kernels need sm_80 or later: elsewhere the request is ignored.
     pub fn use_fused_q4(&mut self, on: bool) {
-        self.fused_q4 = on;
+        self.fused_q4 = on && self.gpu.bf16_tensor_cores();
     }
 
     pub fn use_flash_attention(&mut self, on: bool) {
-        self.flash = on;
+        self.flash = on && self.gpu.bf16_tensor_cores();
     }
 
     /// Milliseconds per step in each phase, when profiling (`PEFTKIT_GPU_PROFILE=1`).
@@ -788,13 +793,13 @@ impl GpuEngine {
                 }
             }
         }
-        for (slot, g) in &self.base_grads {
-            if self.device_optim_on {
-                break;
-            }
-            if let Some(dst) = state.grad_mut(*slot) {
-                let v = self.gpu.download_f32(g, dst.len())?;
-                dst.iter_mut().zip(v).for_each(|(d, s)| *d += s);
+        // (With the device optimizer the base gradients stay on the device for its step.)
+        if !self.device_optim_on {
+            for (slot, g) in &self.base_grads {
+                if let Some(dst) = state.grad_mut(*slot) {
+                    let v = self.gpu.download_f32(g, dst.len())?;
+                    dst.iter_mut().zip(v).for_each(|(d, s)| *d += s);
+                }
             }
         }
         if self.vec_len > 0 {
@@ -1110,7 +1115,7 @@ impl GpuEngine {
             Product::Forward => (lin.out, lin.inp),
             Product::InputGrad => (lin.inp, lin.out),
         };
-        if self.fused_q4 && self.gpu.bf16_tensor_cores() {
+        if self.fused_q4 {
             if let super::weights::GpuWeight::Q4 {
                 packed,
                 absmax,
@@ -1184,8 +1189,7 @@ impl GpuEngine {
         // row reads the 4-bit bytes (0.56 byte per weight) once per row, where decoding for a
         // product moves 4.5 bytes per weight; up to 8 rows the GEMVs read less. (The fused
         // GEMM, when on, reads them once for all rows.)
-        let fused = self.fused_q4 && self.gpu.bf16_tensor_cores();
-        let gemv = rows <= GEMV_ROWS && lin.is_q4() && !fused && {
+        let gemv = rows <= GEMV_ROWS && lin.is_q4() && !self.fused_q4 && {
             let xf = self.to_f32(x_in, rows * lin.inp)?;
             let mut done = true;
             for r in 0..rows {
@@ -1603,7 +1607,7 @@ impl GpuEngine {
 
     /// Whether attention runs on the flash kernels for this model.
     fn flash_on(&self) -> bool {
-        self.flash && flash_supports(self.model.head_dim) && self.gpu.bf16_tensor_cores()
+        self.flash && flash_supports(self.model.head_dim)
     }
 
     /// Causal attention of the padded heads: `softmax(Q·Kᵀ/√d)·V` as f32 `[seq, heads, L, dh]`.

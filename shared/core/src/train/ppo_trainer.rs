@@ -212,9 +212,11 @@ fn sampling(o: &PpoOptions) -> SamplingParams {
 enum Under<'a> {
     /// The policy's (its log-probabilities, values and entropies).
     Policy,
-    /// The reference: the frozen starting adapter, or none (`None`: the policy's adapters
-    /// switched off).
-    Reference(&'a mut TrainState, bool),
+    /// The reference when it is the starting adapter, frozen: its own state.
+    FrozenStart(&'a mut TrainState),
+    /// The reference when it is the bare base: the policy with its adapters switched off (the
+    /// state is the adapter-less one the CPU runs).
+    AdaptersOff(&'a mut TrainState),
 }
 
 /// Per-token log-probs (and values, entropies) of `resp` after `queries` under the policy
@@ -244,10 +246,10 @@ fn eval_rollouts(
         match &mut under {
             Under::Policy => backend
                 .forward_backward_with(&engine, model, state, &b, &mut rng, false, &mut obj)?,
-            Under::Reference(reference, true) => backend
+            Under::FrozenStart(reference) => backend
                 .forward_backward_with(&engine, model, reference, &b, &mut rng, false, &mut obj)?,
-            Under::Reference(reference, false) => {
-                backend.reference_with(&engine, model, reference, state, &b, &mut obj)?
+            Under::AdaptersOff(base) => {
+                backend.reference_with(&engine, model, base, state, &b, &mut obj)?
             }
         };
         all.logp.extend(obj.logp);
@@ -316,7 +318,11 @@ fn collect(
             model,
             head,
             state,
-            Under::Reference(reference, o.init_adapter.is_some()),
+            if o.init_adapter.is_some() {
+                Under::FrozenStart(reference)
+            } else {
+                Under::AdaptersOff(reference)
+            },
             &seqs,
             &shape,
             (o.temperature, false),
