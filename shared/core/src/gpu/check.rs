@@ -6,7 +6,8 @@ use super::blas::Gemm;
 use super::device::{Arg, Gpu};
 use super::engine::GpuEngine;
 use super::flash::{launch_flash_bwd, launch_flash_fwd, FlashArgs};
-use crate::error::Result;
+use super::weights::{launch_gemv_q4, Q4Ptrs};
+use crate::error::{Error, Result};
 use crate::model::{Model, QuantizeOnLoad};
 use crate::quant::{blockwise, QuantType};
 use crate::rng::Rng;
@@ -133,10 +134,10 @@ impl KernelShapes {
         Self {
             norm: (6, 200),
             swiglu_cols: 67,
-            q4: (40, 320, 64),
+            q4: (42, 1056, 64),
             gemm: (12, 20, 36),
             gemm_speed: None,
-            ce: (5, 1100),
+            ce: (5, 12000),
             copy_bytes: 1 << 16,
             attention: &[
                 (2, 4, 2, 70, 64, 0),
@@ -376,25 +377,20 @@ pub fn kernels(gpu: &Gpu, s: &KernelShapes) -> Result<(Value, usize)> {
     let xv = rand_vec(&mut rng, inp, 1.0);
     let gxv = gpu.upload(&xv)?;
     let gyv = gpu.alloc_f32(out)?;
-    let rows_per_block = 32;
+    let q4 = Q4Ptrs {
+        packed: gp.ptr,
+        absmax: gam.ptr,
+        code: gc.ptr,
+        blocksize: bs,
+    };
     let gemv = || {
-        gpu.launch_shared(
-            "gemv_q4",
-            (out as u32).div_ceil(rows_per_block),
-            256,
-            ((inp + inp / 32) * 4) as u32,
-            &[
-                Arg::P(gp.ptr),
-                Arg::P(gam.ptr),
-                Arg::P(gc.ptr),
-                Arg::P(gxv.ptr),
-                Arg::P(gyv.ptr),
-                Arg::I(out as i32),
-                Arg::I(inp as i32),
-                Arg::I(bs as i32),
-                Arg::I(rows_per_block as i32),
-            ],
-        )
+        if launch_gemv_q4(gpu, &q4, gxv.ptr, gyv.ptr, out, inp)? {
+            Ok(())
+        } else {
+            Err(Error::Device(format!(
+                "gemv_q4 does not take {out} × {inp}"
+            )))
+        }
     };
     let t = time(gpu, s.reps(50), gemv)?;
     let want: Vec<f32> = (0..out)
@@ -543,83 +539,10 @@ pub fn kernels(gpu: &Gpu, s: &KernelShapes) -> Result<(Value, usize)> {
         drop((a2, b2, c2));
     }
 
-    // Cross-entropy rows against an f64 log-sum-exp.
+    // Cross-entropy: the float4 path, and the scalar one (a vocabulary not a multiple of 4).
     let (cr, v) = s.ce;
-    let logits = rand_vec(&mut rng, cr * v, 3.0);
-    let tgt: Vec<i32> = (0..cr).map(|i| ((i * 7919) % v) as i32).collect();
-    let (gl, gt) = (gpu.upload(&logits)?, gpu.upload(&tgt)?);
-    let (gn, gg2, ge) = (
-        gpu.alloc_f32(cr)?,
-        gpu.alloc_bf16(cr * v)?,
-        gpu.alloc_f32(cr)?,
-    );
-    // (scale, 1/temperature, entropies wanted)
-    let ce = |scale: f32, inv_t: f32, entropy: bool| {
-        gpu.launch_rows(
-            "cross_entropy",
-            cr,
-            v,
-            &[
-                Arg::P(gl.ptr),
-                Arg::P(gt.ptr),
-                Arg::P(gn.ptr),
-                Arg::P(gg2.ptr),
-                Arg::I(v as i32),
-                Arg::F(scale),
-                Arg::P(0),
-                Arg::F(inv_t),
-                Arg::P(if entropy { ge.ptr } else { 0 }),
-            ],
-        )
-    };
-    let t = time(gpu, s.reps(20), || ce(1.0, 1.0, false))?;
-    let want: Vec<f32> = (0..cr)
-        .map(|r| {
-            let row = &logits[r * v..(r + 1) * v];
-            let m = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
-            let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-            (lse - row[tgt[r] as usize] as f64) as f32
-        })
-        .collect();
-    rep.add(
-        "cross_entropy",
-        rel_err(&gpu.download_f32(&gn, cr)?, &want),
-        1e-5,
-        json!({"ms": t * 1e3, "roofline_fraction": (cr * v * 6) as f64 / t / bw}),
-    );
-    // At a sampling temperature (PPO): log-probabilities, entropies and the gradient of the
-    // tempered distribution.
-    let inv_t = 1.0 / 0.7f32;
-    ce(0.5, inv_t, true)?;
-    let (mut want_nll, mut want_ent, mut want_grad) = (Vec::new(), Vec::new(), Vec::new());
-    for r in 0..cr {
-        let z: Vec<f64> = logits[r * v..(r + 1) * v]
-            .iter()
-            .map(|&x| x as f64 * inv_t as f64)
-            .collect();
-        let m = z.iter().cloned().fold(f64::MIN, f64::max);
-        let lse = m + z.iter().map(|&x| (x - m).exp()).sum::<f64>().ln();
-        want_nll.push((lse - z[tgt[r] as usize]) as f32);
-        let p: Vec<f64> = z.iter().map(|&x| (x - lse).exp()).collect();
-        want_ent.push(-p.iter().map(|&q| q * q.ln()).sum::<f64>() as f32);
-        for (j, &q) in p.iter().enumerate() {
-            let onehot = f64::from(u8::from(j == tgt[r] as usize));
-            want_grad.push(((q - onehot) * 0.5 * inv_t as f64) as f32);
-        }
-    }
-    rep.add(
-        "cross_entropy at a temperature (nll, entropy)",
-        rel_err(&gpu.download_f32(&gn, cr)?, &want_nll)
-            .max(rel_err(&gpu.download_f32(&ge, cr)?, &want_ent)),
-        1e-5,
-        json!({}),
-    );
-    rep.add(
-        "cross_entropy at a temperature (gradient, bf16)",
-        rel_err(&gpu.download_bf16(&gg2, cr * v)?, &want_grad),
-        8e-3,
-        json!({}),
-    );
+    cross_entropy(gpu, &mut rep, &mut rng, cr, v, s.reps(20), bw, "")?;
+    cross_entropy(gpu, &mut rep, &mut rng, cr, v - 1, 0, bw, ", V odd")?;
     // Bottleneck adapters' activations (ReLU, SiLU) and their derivatives, element by element.
     let z: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) / 97.0).collect();
     let dz = rand_vec(&mut rng, z.len(), 1.0);
@@ -729,6 +652,98 @@ pub(crate) fn attention_reference(
 
 /// Row `q[qi..qi + dh]`'s causal softmax over the keys of head block `kb` (query position
 /// `t`, sliding `window` or 0): the first key it sees and the probabilities, in f64.
+/// Cross-entropy over `cr` rows of a `v` vocabulary against f64: the loss, then at a
+/// sampling temperature (PPO) the log-probabilities, entropies and gradient. Timed over
+/// `reps` calls (none: 0).
+#[allow(clippy::too_many_arguments)]
+fn cross_entropy(
+    gpu: &Gpu,
+    rep: &mut Report,
+    rng: &mut Rng,
+    cr: usize,
+    v: usize,
+    reps: usize,
+    bw: f64,
+    label: &str,
+) -> Result<()> {
+    let logits = rand_vec(rng, cr * v, 3.0);
+    let tgt: Vec<i32> = (0..cr).map(|i| ((i * 7919) % v) as i32).collect();
+    let (gl, gt) = (gpu.upload(&logits)?, gpu.upload(&tgt)?);
+    let (gn, gg2, ge) = (
+        gpu.alloc_f32(cr)?,
+        gpu.alloc_bf16(cr * v)?,
+        gpu.alloc_f32(cr)?,
+    );
+    // (scale, 1/temperature, entropies wanted)
+    let ce = |scale: f32, inv_t: f32, entropy: bool| {
+        gpu.launch_rows(
+            "cross_entropy",
+            cr,
+            v,
+            &[
+                Arg::P(gl.ptr),
+                Arg::P(gt.ptr),
+                Arg::P(gn.ptr),
+                Arg::P(gg2.ptr),
+                Arg::I(v as i32),
+                Arg::F(scale),
+                Arg::P(0),
+                Arg::F(inv_t),
+                Arg::P(if entropy { ge.ptr } else { 0 }),
+            ],
+        )
+    };
+    let t = time(gpu, reps, || ce(1.0, 1.0, false))?;
+    let want: Vec<f32> = (0..cr)
+        .map(|r| {
+            let row = &logits[r * v..(r + 1) * v];
+            let m = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            (lse - row[tgt[r] as usize] as f64) as f32
+        })
+        .collect();
+    rep.add(
+        &format!("cross_entropy{label}"),
+        rel_err(&gpu.download_f32(&gn, cr)?, &want),
+        1e-5,
+        json!({"ms": t * 1e3, "roofline_fraction": (cr * v * 6) as f64 / t / bw}),
+    );
+    // At a sampling temperature (PPO): log-probabilities, entropies and the gradient of the
+    // tempered distribution.
+    let inv_t = 1.0 / 0.7f32;
+    ce(0.5, inv_t, true)?;
+    let (mut want_nll, mut want_ent, mut want_grad) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..cr {
+        let z: Vec<f64> = logits[r * v..(r + 1) * v]
+            .iter()
+            .map(|&x| x as f64 * inv_t as f64)
+            .collect();
+        let m = z.iter().cloned().fold(f64::MIN, f64::max);
+        let lse = m + z.iter().map(|&x| (x - m).exp()).sum::<f64>().ln();
+        want_nll.push((lse - z[tgt[r] as usize]) as f32);
+        let p: Vec<f64> = z.iter().map(|&x| (x - lse).exp()).collect();
+        want_ent.push(-p.iter().map(|&q| q * q.ln()).sum::<f64>() as f32);
+        for (j, &q) in p.iter().enumerate() {
+            let onehot = f64::from(u8::from(j == tgt[r] as usize));
+            want_grad.push(((q - onehot) * 0.5 * inv_t as f64) as f32);
+        }
+    }
+    rep.add(
+        &format!("cross_entropy at a temperature (nll, entropy{label})"),
+        rel_err(&gpu.download_f32(&gn, cr)?, &want_nll)
+            .max(rel_err(&gpu.download_f32(&ge, cr)?, &want_ent)),
+        1e-5,
+        json!({}),
+    );
+    rep.add(
+        &format!("cross_entropy at a temperature (gradient, bf16{label})"),
+        rel_err(&gpu.download_bf16(&gg2, cr * v)?, &want_grad),
+        8e-3,
+        json!({}),
+    );
+    Ok(())
+}
+
 fn causal_probs(
     q: &[f32],
     k: &[f32],

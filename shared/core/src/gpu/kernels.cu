@@ -482,21 +482,53 @@ extern "C" __global__ void softmax_bwd(const bf16* P, const float* dP, bf16* dS,
 // with `grad`, d(scale·row_scale[r]·nll)/dx = (softmax(z) − onehot)·scale·row_scale[r]·inv_t
 // in bf16 for the hidden-state product (row_scale: per-row loss weights, e.g. DPO's
 // per-sequence coefficients, when given); with `entropy`, the entropy of softmax(z).
+//
+// The kernel is bound by DRAM: one pass for the statistics (online max and rescaled sum), one
+// for the gradient, whose reads of the row mostly hit L2. Where V is a multiple of 4 (every
+// vocabulary we know), the passes read float4s, two per thread in flight in the first, and
+// write four bf16 at once: one float per thread in flight is too few bytes to cover DRAM's
+// latency with one block of 1024 threads per row.
+
+// Adds a, b, c, d to a thread's online (max, Σ exp(v − max)): one rescale per group with a new
+// max, one exp per value.
+__device__ __forceinline__ void online_lse4(float& m, float& s, float a, float b, float c, float d) {
+    float g = fmaxf(fmaxf(a, b), fmaxf(c, d));
+    if (g == -INFINITY) return;
+    if (g > m) {
+        s *= __expf(m - g);
+        m = g;
+    }
+    s += __expf(a - m) + __expf(b - m) + __expf(c - m) + __expf(d - m);
+}
+
+__device__ __forceinline__ float ce_grad(float z, float m, float inv, bool is_target, float scale) {
+    return (__expf(z - m) * inv - (is_target ? 1.f : 0.f)) * scale;
+}
+
 extern "C" __global__ void cross_entropy(const float* logits, const int* target, float* nll, bf16* grad, int V, float scale,
                                          const float* row_scale, float inv_t, float* entropy) {
     __shared__ float sh[32];
     long r = blockIdx.x;
     const float* x = logits + r * V;
-    // One pass for the statistics (online max and rescaled sum), one for the gradient.
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    bool vec = (V & 3) == 0;
+    int n4 = vec ? V >> 2 : 0;
+    int step = blockDim.x;
     float mi = -INFINITY, si = 0.f;
-    for (int j = threadIdx.x; j < V; j += blockDim.x) {
-        float v = x[j] * inv_t;
-        if (v > mi) {
-            si = si * __expf(mi - v) + 1.f;
-            mi = v;
-        } else {
-            si += __expf(v - mi);
-        }
+    int j = threadIdx.x;
+    for (; j + step < n4; j += 2 * step) {
+        float4 a = x4[j], b = x4[j + step];
+        online_lse4(mi, si, a.x * inv_t, a.y * inv_t, a.z * inv_t, a.w * inv_t);
+        online_lse4(mi, si, b.x * inv_t, b.y * inv_t, b.z * inv_t, b.w * inv_t);
+    }
+    if (j < n4) {
+        float4 a = x4[j];
+        online_lse4(mi, si, a.x * inv_t, a.y * inv_t, a.z * inv_t, a.w * inv_t);
+    }
+    // The scalar path: V not a multiple of 4 (n4 = 0 then).
+    for (int k = 4 * n4 + threadIdx.x; k < V; k += step) {
+        float v = x[k] * inv_t;
+        online_lse4(mi, si, v, -INFINITY, -INFINITY, -INFINITY);
     }
     float m = block_max(mi, sh);
     float s = block_sum(mi == -INFINITY ? 0.f : si * __expf(mi - m), sh);
@@ -506,9 +538,14 @@ extern "C" __global__ void cross_entropy(const float* logits, const int* target,
     if (entropy) {
         // H = lse − Σ p·z, the sum taken relative to the max for range.
         float pz = 0.f;
-        for (int j = threadIdx.x; j < V; j += blockDim.x) {
-            float z = x[j] * inv_t;
-            pz += __expf(z - m) * (z - m);
+        for (int k = threadIdx.x; k < n4; k += step) {
+            float4 a = x4[k];
+            float z0 = a.x * inv_t - m, z1 = a.y * inv_t - m, z2 = a.z * inv_t - m, z3 = a.w * inv_t - m;
+            pz += __expf(z0) * z0 + __expf(z1) * z1 + __expf(z2) * z2 + __expf(z3) * z3;
+        }
+        for (int k = 4 * n4 + threadIdx.x; k < V; k += step) {
+            float z = x[k] * inv_t - m;
+            pz += __expf(z) * z;
         }
         pz = block_sum(pz, sh);
         if (threadIdx.x == 0) entropy[r] = logf(s) - pz / s;
@@ -517,10 +554,19 @@ extern "C" __global__ void cross_entropy(const float* logits, const int* target,
         if (row_scale) scale *= row_scale[r];
         scale *= inv_t;
         float inv = 1.f / s;
-        for (int j = threadIdx.x; j < V; j += blockDim.x) {
-            float p = __expf(x[j] * inv_t - m) * inv;
-            grad[r * V + j] = f2bf((p - (j == tg ? 1.f : 0.f)) * scale);
+        bf16* g = grad + r * V;
+        // 8-byte stores: the row starts at a multiple of 8 bytes when V is a multiple of 4.
+        uint2* g4 = reinterpret_cast<uint2*>(g);
+        for (int k = threadIdx.x; k < n4; k += step) {
+            float4 a = x4[k];
+            int e = 4 * k;
+            unsigned lo = (unsigned)f2bf(ce_grad(a.x * inv_t, m, inv, e == tg, scale)) |
+                          ((unsigned)f2bf(ce_grad(a.y * inv_t, m, inv, e + 1 == tg, scale)) << 16);
+            unsigned hi = (unsigned)f2bf(ce_grad(a.z * inv_t, m, inv, e + 2 == tg, scale)) |
+                          ((unsigned)f2bf(ce_grad(a.w * inv_t, m, inv, e + 3 == tg, scale)) << 16);
+            g4[k] = make_uint2(lo, hi);
         }
+        for (int k = 4 * n4 + threadIdx.x; k < V; k += step) g[k] = f2bf(ce_grad(x[k] * inv_t, m, inv, k == tg, scale));
     }
 }
 
@@ -583,45 +629,107 @@ extern "C" __global__ void dequant_q4_f32(const u8* packed, const float* absmax,
 }
 
 // Fused 4-bit GEMV for generation: y[o] = Σ_i W[o, i]·x[i], W decoded in registers and never
-// written out. x is staged once per block in shared memory (dynamic, in + in/32 floats); each warp
-// takes rows in turn, each lane 16 bytes (32 weights, one scale: blocksize is a multiple of
-// 32) per step. `in` must be a multiple of 32.
+// written out. Shared memory is the bound, not DRAM, unless x is reused: each lane takes 16
+// bytes of a row (32 weights, one scale: blocksize is a multiple of 32) per step, which costs
+// 32 code-table lookups and 32 x values from shared memory. So each warp takes GEMV_ROWS rows
+// at once and reads its 32 x values once for all of them (8 float4 loads), which brings the
+// shared-memory traffic per weight byte from 4 words to 1 + 1/GEMV_ROWS. The rows' next 16
+// bytes are loaded before the current ones are used, to keep more bytes in flight.
+//
+// x is staged once per block in shared memory (dynamic, `in` floats), with the float4s of each
+// 32-value chunk c stored at position q ^ (c & 7): the 8 lanes of a quarter-warp read chunks
+// c..c+7 and so hit 8 different bank groups. `in` must be a multiple of 32, blocksize a power of
+// two from 32, rows_per_block a multiple of GEMV_ROWS, and blockDim.x = 32 · rows_per_block /
+// GEMV_ROWS.
+#define GEMV_ROWS 4
+__device__ __forceinline__ int gemv_x_slot(int i) {
+    int c = i >> 5, q = (i >> 2) & 7;
+    return (c << 5) + ((q ^ (c & 7)) << 2) + (i & 3);
+}
+
+// The code table's value at a byte offset (code·4): the address is then the offset plus a
+// constant, with no shift.
+__device__ __forceinline__ float gemv_code(const float* cs, unsigned offset) {
+    return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(cs) + offset);
+}
+
 extern "C" __global__ void gemv_q4(const u8* packed, const float* absmax, const float* code, const float* x, float* y,
                                    int out, int in, int blocksize, int rows_per_block) {
     EXTERN_SHARED(float, xs);
     __shared__ float cs[16];
     if (threadIdx.x < 16) cs[threadIdx.x] = code[threadIdx.x];
-    // One pad float per 32: lanes read 32 apart, which would all hit one bank otherwise.
-    for (int i = threadIdx.x; i < in; i += blockDim.x) xs[i + (i >> 5)] = x[i];
+    for (int i = threadIdx.x; i < in; i += blockDim.x) xs[gemv_x_slot(i)] = x[i];
     __syncthreads();
-    int warps = blockDim.x >> 5;
     int lane = threadIdx.x & 31;
-    int row_bytes = in / 2;
-    for (int k = threadIdx.x >> 5; k < rows_per_block; k += warps) {
-        int o = blockIdx.x * rows_per_block + k;
-        if (o >= out) break;
-        const uint4* row = reinterpret_cast<const uint4*>(packed + (long)o * row_bytes);
-        long base = (long)o * in;
-        float acc = 0.f;
-        for (int c = lane; c < row_bytes / 16; c += 32) {
-            uint4 v = row[c];
-            int i0 = c * 32;
-            float sc = absmax[(base + i0) / blocksize];
-            unsigned words[4] = {v.x, v.y, v.z, v.w};
-            float part = 0.f;
+    int first = blockIdx.x * rows_per_block + (threadIdx.x >> 5) * GEMV_ROWS;
+    int last = min(min(first + GEMV_ROWS, out), (int)(blockIdx.x + 1) * rows_per_block);
+    if (first >= last) return;
+    int chunks = in / 32;
+    // Rows past the end repeat the last one; their sums are dropped.
+    const uint4* w = reinterpret_cast<const uint4*>(packed) + (long)first * chunks;
+    int span = last - 1 - first;
+    float acc[GEMV_ROWS];
+    uint4 next[GEMV_ROWS];
 #pragma unroll
-            for (int w = 0; w < 4; w++) {
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        acc[r] = 0.f;
+        if (lane < chunks) next[r] = w[min(r, span) * chunks + lane];
+    }
+    // Scales: chunk c of row o holds weights o·in + 32c, so its scale is number
+    // (o·chunks + c) >> log2(blocksize / 32) (block sizes are powers of two; indices < 2³¹).
+    int shift = 31 - __clz(blocksize / 32);
+    unsigned scale_row[GEMV_ROWS];
 #pragma unroll
-                for (int b = 0; b < 4; b++) {
-                    unsigned byte = (words[w] >> (8 * b)) & 0xffu;
-                    int e = i0 + w * 8 + b * 2;
-                    part += cs[byte >> 4] * xs[e + (e >> 5)] + cs[byte & 15u] * xs[e + 1 + ((e + 1) >> 5)];
+    for (int r = 0; r < GEMV_ROWS; r++) scale_row[r] = (unsigned)(first + min(r, span)) * (unsigned)chunks;
+    for (int c = lane; c < chunks; c += 32) {
+        uint4 cur[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            cur[r] = next[r];
+            if (c + 32 < chunks) next[r] = w[min(r, span) * chunks + c + 32];
+        }
+        float part[GEMV_ROWS];
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) part[r] = 0.f;
+        const float4* xv = reinterpret_cast<const float4*>(xs + (c << 5));
+        // Half a chunk (16 x values, 8 bytes of each row) at a time, to save registers.
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float xr[16];
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                float4 t = xv[(4 * h + q) ^ (c & 7)];
+                xr[4 * q] = t.x;
+                xr[4 * q + 1] = t.y;
+                xr[4 * q + 2] = t.z;
+                xr[4 * q + 3] = t.w;
+            }
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) {
+                unsigned words[2] = {h ? cur[r].z : cur[r].x, h ? cur[r].w : cur[r].y};
+#pragma unroll
+                for (int k = 0; k < 2; k++) {
+                    // Each byte's two codes as byte offsets into cs (code·4), four bytes at once;
+                    // one PRMT then takes out each offset: 10 integer ops per 8 weights.
+                    unsigned hi = (words[k] >> 2) & 0x3c3c3c3cu, lo = (words[k] << 2) & 0x3c3c3c3cu;
+#pragma unroll
+                    for (int b = 0; b < 4; b++) {
+                        int e = k * 8 + b * 2;
+                        part[r] = fmaf(gemv_code(cs, __byte_perm(hi, 0u, 0x4440u | b)), xr[e], part[r]);
+                        part[r] = fmaf(gemv_code(cs, __byte_perm(lo, 0u, 0x4440u | b)), xr[e + 1], part[r]);
+                    }
                 }
             }
-            acc += part * sc;
         }
-        for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-        if (lane == 0) y[o] = acc;
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++)
+            acc[r] += part[r] * absmax[(scale_row[r] + c) >> shift];
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        float a = acc[r];
+        for (int off = 16; off > 0; off >>= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
+        if (lane == 0 && first + r < last) y[first + r] = a;
     }
 }
 

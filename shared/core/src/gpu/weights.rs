@@ -21,6 +21,60 @@ pub enum GpuWeight {
     },
 }
 
+/// Device addresses of a 4-bit weight (bitsandbytes layout) and its block size.
+pub struct Q4Ptrs {
+    pub packed: u64,
+    pub absmax: u64,
+    pub code: u64,
+    pub blocksize: usize,
+}
+
+/// Rows of the 4-bit GEMV per warp (`GEMV_ROWS` in kernels.cu).
+const GEMV_ROWS: usize = 4;
+
+/// Launches the fused 4-bit GEMV (`gemv_q4`, the weight decoded in registers, never written):
+/// `y[out] = W·x[inp]`, f32. False (nothing launched) where it does not apply: `inp` not a
+/// multiple of 32, a block size not a power of two from 32, or `x` longer than the kernel's
+/// 48 KB of shared memory (12288 values). Small layers get 16 rows per block rather than 32, so that more blocks
+/// share the GPU's SMs.
+pub fn launch_gemv_q4(
+    gpu: &Gpu,
+    q4: &Q4Ptrs,
+    x: u64,
+    y: u64,
+    out: usize,
+    inp: usize,
+) -> Result<bool> {
+    let shared = inp * 4;
+    if !inp.is_multiple_of(32)
+        || q4.blocksize < 32
+        || !q4.blocksize.is_power_of_two()
+        || shared > 48 << 10
+        || out * inp / 32 > i32::MAX as usize
+    {
+        return Ok(false);
+    }
+    let rows_per_block = if out >= 8192 { 32 } else { 16 };
+    gpu.launch_shared(
+        "gemv_q4",
+        out.div_ceil(rows_per_block) as u32,
+        (32 * rows_per_block / GEMV_ROWS) as u32,
+        shared as u32,
+        &[
+            Arg::P(q4.packed),
+            Arg::P(q4.absmax),
+            Arg::P(q4.code),
+            Arg::P(x),
+            Arg::P(y),
+            Arg::I(out as i32),
+            Arg::I(inp as i32),
+            Arg::I(q4.blocksize as i32),
+            Arg::I(rows_per_block as i32),
+        ],
+    )?;
+    Ok(true)
+}
+
 pub struct GpuLinear {
     pub out: usize,
     pub inp: usize,
@@ -52,10 +106,9 @@ impl GpuLinear {
         matches!(self.w, GpuWeight::Q4 { .. })
     }
 
-    /// `y = W·x` for one row by the fused 4-bit GEMV (`gemv_q4`: the weight decoded in
-    /// registers, never written): `x` f32 `[in]`, `y` f32 `[out]`. False (nothing launched)
-    /// where it does not apply: a bf16 weight, `in` not a multiple of 32, a block size not a
-    /// multiple of 32, or `x` too long for the kernel's 48 KB of shared memory.
+    /// `y = W·x` for one row by the fused 4-bit GEMV ([`launch_gemv_q4`]): `x` f32 `[in]`,
+    /// `y` f32 `[out]`. False (nothing launched) for a bf16 weight or a shape the kernel
+    /// does not take.
     pub fn gemv_q4(&self, gpu: &Gpu, x: u64, y: u64) -> Result<bool> {
         let GpuWeight::Q4 {
             packed,
@@ -66,29 +119,13 @@ impl GpuLinear {
         else {
             return Ok(false);
         };
-        let shared = (self.inp + self.inp / 32) * 4;
-        if !self.inp.is_multiple_of(32) || !blocksize.is_multiple_of(32) || shared > 48 << 10 {
-            return Ok(false);
-        }
-        let rows_per_block = 32;
-        gpu.launch_shared(
-            "gemv_q4",
-            self.out.div_ceil(rows_per_block) as u32,
-            256,
-            shared as u32,
-            &[
-                Arg::P(packed.ptr),
-                Arg::P(absmax.ptr),
-                Arg::P(code.ptr),
-                Arg::P(x),
-                Arg::P(y),
-                Arg::I(self.out as i32),
-                Arg::I(self.inp as i32),
-                Arg::I(*blocksize as i32),
-                Arg::I(rows_per_block as i32),
-            ],
-        )?;
-        Ok(true)
+        let q4 = Q4Ptrs {
+            packed: packed.ptr,
+            absmax: absmax.ptr,
+            code: code.ptr,
+            blocksize: *blocksize,
+        };
+        launch_gemv_q4(gpu, &q4, x, y, self.out, self.inp)
     }
 
     /// Address of the weight as bf16 `[out, in]`: the stored copy, or the 4-bit weight

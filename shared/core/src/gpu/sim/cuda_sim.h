@@ -124,6 +124,14 @@ inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
     int s = l - (int)delta;
     return cudasim::shuffle(mask, v, s < (l / width) * width ? l : s);
 }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
+// PRMT as __byte_perm exposes it: result byte n is byte (s >> 4n) & 7 of the 8 bytes {y:x}.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    uint64_t in = ((uint64_t)y << 32) | x;
+    unsigned r = 0;
+    for (int n = 0; n < 4; n++) r |= (unsigned)((in >> (8 * ((s >> (4 * n)) & 7u))) & 0xffu) << (8 * n);
+    return r;
+}
 inline unsigned __ballot_sync(unsigned mask, int pred) { return cudasim::ballot(mask, pred != 0); }
 inline int __any_sync(unsigned mask, int pred) { return cudasim::ballot(mask, pred != 0) != 0; }
 inline int __all_sync(unsigned mask, int pred) {
