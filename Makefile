@@ -44,12 +44,13 @@ lint:
 build-cuda:
 	$(CARGO) build --release --target-dir target/cuda -p peft-train -p peft-eval -p peft-generate -p rm-train -p dpo-train -p ppo-train -p rm-score -p gpu-check --features peftkit-core/cuda,gpu-check/cuda
 
-# NVRTC compiles kernels.cu without a GPU: the library comes from PyPI (90 MB, cached).
+# NVRTC compiles kernels.cu without a GPU, to PTX and to machine code (ptxas's register and
+# spill report is checked, gpu/ptxas.rs): the library comes from PyPI (90 MB, cached).
 NVRTC_DIR ?= $(CACHE)/nvrtc
 gpu-compile-check:
 	@[ -f $(NVRTC_DIR)/nvidia/cu13/lib/libnvrtc.so.13 ] || { mkdir -p $(NVRTC_DIR) && \
 	  $(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d $(NVRTC_DIR) "nvidia-cuda-nvrtc==13.0.*" && \
-	  cd $(NVRTC_DIR) && unzip -o -q '*.whl'; }
+	  cd $(NVRTC_DIR) && $(PYTHON) -m zipfile -e nvidia_cuda_nvrtc-*.whl .; }
 	LD_LIBRARY_PATH=$(abspath $(NVRTC_DIR))/nvidia/cu13/lib PEFTKIT_REQUIRE_NVRTC=1 \
 	  $(CARGO) test --release --target-dir target/cuda -p peftkit-core --features cuda --lib gpu::
 

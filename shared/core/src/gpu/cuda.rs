@@ -12,7 +12,7 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-const KERNELS: &str = include_str!("kernels.cu");
+pub(super) const KERNELS: &str = include_str!("kernels.cu");
 
 pub(crate) struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -24,7 +24,7 @@ pub(crate) struct CudaBackend {
 }
 
 /// Loads the CUDA driver library, catching the panic cudarc raises when it is absent.
-fn probe<T>(what: &str, f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T> {
+pub(super) fn probe<T>(what: &str, f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let r = std::panic::catch_unwind(f);

@@ -23,6 +23,8 @@ pub mod device;
 pub mod engine;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 pub mod flash;
+#[cfg(feature = "cuda")]
+pub mod ptxas;
 #[cfg(feature = "cuda-sim")]
 mod sim;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
