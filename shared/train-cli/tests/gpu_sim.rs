@@ -507,7 +507,9 @@ fn prompt_tuning_with_a_trainable_embedding_on_the_simulated_gpu_trains_like_the
 /// ppo-train --device cuda-sim: rollouts sampled on the GPU (top-k 1, so the same tokens as the
 /// CPU's), the policy's and the reference's log-probabilities and entropies at the sampling
 /// temperature, the reward model's scores and the PPO update (value head on the host) against
-/// the same run on the CPU.
+/// the same run on the CPU; with the bare base as the reference (adapters switched off), and
+/// with an SFT adapter the policy starts from and the reference keeps (its values replace the
+/// policy's on the device for the reference's passes, which the policy's then restore).
 #[test]
 fn ppo_on_the_simulated_gpu_trains_like_the_cpu() {
     use peftkit_core::train::ppo_math::KlEstimator;
@@ -530,112 +532,126 @@ fn ppo_on_the_simulated_gpu_trains_like_the_cpu() {
         .collect();
     std::fs::write(&prompts, lines.join("\n")).unwrap();
     let model = root().join("tests/fixtures/models/llama_gqa");
-    let ppo = |device: &str| -> (Vec<serde_json::Value>, Vec<(String, Vec<f32>)>) {
-        let out = tmp.path().join(format!("ppo-{device}"));
-        let log = out.with_extension("jsonl");
-        let argv = [
-            "ppo-train",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            prompts.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--log",
-            log.to_str().unwrap(),
-            "--steps",
-            "2",
-            "--batch",
-            "4",
-            "--rank",
-            "4",
-            "--lr",
-            "1e-2",
-            "--seed",
-            "5",
-            "--device",
-            device,
-            "-q",
-        ];
-        let cli = Cli::parse_from(argv);
-        let mut train = to_options(&cli.train).unwrap();
-        train.clip = Some(1.0);
-        let opts = PpoOptions {
-            train,
-            reward_model: rm.clone(),
-            reward_adapter: None,
-            init_adapter: None,
-            response_length: 6,
-            temperature: 0.7,
-            top_p: 1.0,
-            top_k: 1,
-            kl_coef: 0.05,
-            kl_estimator: KlEstimator::K1,
-            adaptive_kl: None,
-            gamma: 1.0,
-            lam: 0.95,
-            cliprange: 0.2,
-            cliprange_value: 0.2,
-            vf_coef: 0.1,
-            ppo_epochs: 2,
-            mini_batches: 2,
-            missing_eos_penalty: None,
-            whiten_rewards: false,
-            ratio_threshold: Some(10.0),
-            max_prompt_len: 64,
-            eval_prompts: 3,
-        };
-        ppo_trainer::run(&opts).unwrap();
-        let records = std::fs::read_to_string(&log)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        let mut tensors = read_tensors(&out.join("adapter_model.safetensors"));
-        tensors.extend(read_tensors(&out.join("value_head.safetensors")));
-        (records, tensors)
-    };
-    let (cpu, cpu_w) = ppo("cpu");
-    let (sim, sim_w) = ppo("cuda-sim");
-    assert_eq!(cpu.len(), sim.len(), "log records");
-    let mut compared = 0;
-    for (c, g) in cpu.iter().zip(&sim) {
-        // The same responses: greedy sampling picks the CPU's tokens.
-        for key in ["response_length", "eval_response_length"] {
-            assert_eq!(c.get(key), g.get(key), "{key}: {g} vs {c}");
-        }
-        for key in [
-            "score_mean",
-            "eval_score",
-            "entropy",
-            "pg_loss",
-            "vf_loss",
-            "kl",
-            "value_mean",
-        ] {
-            let (Some(x), Some(y)) = (
-                c.get(key).and_then(|v| v.as_f64()),
-                g.get(key).and_then(|v| v.as_f64()),
-            ) else {
-                continue;
+    let sft = tmp.path().join("sft");
+    train(&sft, "cpu", Task::NextToken, &[]);
+    let ppo =
+        |device: &str, init: Option<&Path>| -> (Vec<serde_json::Value>, Vec<(String, Vec<f32>)>) {
+            let out = tmp.path().join(format!("ppo-{device}-{}", init.is_some()));
+            let log = out.with_extension("jsonl");
+            let argv = [
+                "ppo-train",
+                "--model",
+                model.to_str().unwrap(),
+                "--data",
+                prompts.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--log",
+                log.to_str().unwrap(),
+                "--steps",
+                "2",
+                "--batch",
+                "4",
+                "--rank",
+                "4",
+                "--lr",
+                // From an SFT adapter (B not zero) a step moves the policy more: a smaller
+                // one keeps the greedy tokens the CPU's.
+                if init.is_some() { "1e-3" } else { "1e-2" },
+                "--seed",
+                "5",
+                "--device",
+                device,
+                "-q",
+            ];
+            let cli = Cli::parse_from(argv);
+            let mut train = to_options(&cli.train).unwrap();
+            train.clip = Some(1.0);
+            let opts = PpoOptions {
+                train,
+                reward_model: rm.clone(),
+                reward_adapter: None,
+                init_adapter: init.map(Path::to_path_buf),
+                response_length: 6,
+                temperature: 0.7,
+                top_p: 1.0,
+                top_k: 1,
+                kl_coef: 0.05,
+                kl_estimator: KlEstimator::K1,
+                adaptive_kl: None,
+                gamma: 1.0,
+                lam: 0.95,
+                cliprange: 0.2,
+                cliprange_value: 0.2,
+                vf_coef: 0.1,
+                ppo_epochs: 2,
+                mini_batches: 2,
+                missing_eos_penalty: None,
+                whiten_rewards: false,
+                ratio_threshold: Some(10.0),
+                max_prompt_len: 64,
+                eval_prompts: 3,
             };
-            // bf16 products against f32: a few 1e-3 of the larger of the values and 1
-            assert!(
-                (x - y).abs() < 3e-2 * x.abs().max(y.abs()).max(1.0),
-                "{key}: {y} on the simulator, {x} on the CPU (step {})",
-                c["step"]
-            );
-            compared += 1;
+            ppo_trainer::run(&opts).unwrap();
+            let records = std::fs::read_to_string(&log)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            let mut tensors = read_tensors(&out.join("adapter_model.safetensors"));
+            tensors.extend(read_tensors(&out.join("value_head.safetensors")));
+            (records, tensors)
+        };
+    for init in [None, Some(sft.as_path())] {
+        let (cpu, cpu_w) = ppo("cpu", init);
+        let (sim, sim_w) = ppo("cuda-sim", init);
+        assert_eq!(cpu.len(), sim.len(), "log records");
+        let mut compared = 0;
+        for (c, g) in cpu.iter().zip(&sim) {
+            // The same responses: greedy sampling picks the CPU's tokens.
+            for key in ["response_length", "eval_response_length"] {
+                assert_eq!(c.get(key), g.get(key), "{key}: {g} vs {c}");
+            }
+            for key in [
+                "score_mean",
+                "eval_score",
+                "entropy",
+                "pg_loss",
+                "vf_loss",
+                "kl",
+                "value_mean",
+            ] {
+                let (Some(x), Some(y)) = (
+                    c.get(key).and_then(|v| v.as_f64()),
+                    g.get(key).and_then(|v| v.as_f64()),
+                ) else {
+                    continue;
+                };
+                // bf16 products against f32: a few 1e-3 of the larger of the values and 1.
+                // From an SFT adapter the KL sums six tokens' log-ratios of two adapters that
+                // differ by one step, each with its bf16 error: up to 10% (8% seen).
+                let tol = if key == "kl" && init.is_some() {
+                    1e-1
+                } else {
+                    3e-2
+                };
+                assert!(
+                    (x - y).abs() < tol * x.abs().max(y.abs()).max(1.0),
+                    "{key}: {y} on the simulator, {x} on the CPU (step {})",
+                    c["step"]
+                );
+                compared += 1;
+            }
         }
-    }
-    assert!(compared >= 14, "only {compared} values compared");
-    assert_eq!(cpu_w.len(), sim_w.len());
-    for ((name, c), (_, g)) in cpu_w.iter().zip(&sim_w) {
-        let num: f64 = c.iter().zip(g).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-        let den: f64 = c.iter().map(|a| (*a as f64).powi(2)).sum();
-        assert!(den > 0.0, "{name} did not train");
-        let rel = (num / den).sqrt();
-        assert!(rel < 0.3, "{name}: relative difference {rel}");
+        assert!(compared >= 14, "only {compared} values compared");
+        assert_eq!(cpu_w.len(), sim_w.len());
+        for ((name, c), (_, g)) in cpu_w.iter().zip(&sim_w) {
+            let num: f64 = c.iter().zip(g).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+            let den: f64 = c.iter().map(|a| (*a as f64).powi(2)).sum();
+            assert!(den > 0.0, "{name} did not train");
+            let rel = (num / den).sqrt();
+            assert!(rel < 0.3, "{name}: relative difference {rel}");
+        }
     }
 }
 
@@ -700,48 +716,57 @@ fn gpt2_on_the_simulated_gpu_trains_like_the_cpu() {
     );
 }
 
-/// Full fine-tuning's AdamW on the device (its masters and moments never on the host during
-/// training): a run stopped after 2 steps and resumed from its checkpoint ends where an
-/// uninterrupted run does, so the checkpoint got the device's values and moments, and the
-/// resumed run took them back.
+/// AdamW on the device (masters and moments never on the host during training), for full
+/// fine-tuning and for LoRA: a run stopped after 2 steps and resumed from its checkpoint ends
+/// where an uninterrupted run does, so the checkpoint got the device's values and moments, and
+/// the resumed run took them back.
 #[test]
 fn device_optimizer_checkpoints_resume_exactly() {
-    let tmp = tempfile::tempdir().unwrap();
-    let common = ["--method", "full", "--lr", "1e-4", "--schedule", "constant"];
     fn with<'a>(common: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
         common.iter().chain(extra).copied().collect()
     }
-    let whole = train(
-        &tmp.path().join("whole"),
-        "cuda-sim",
-        Task::NextToken,
-        &with(&common, &["--steps", "4"]),
-    );
-    let part = tmp.path().join("part");
-    train(
-        &part,
-        "cuda-sim",
-        Task::NextToken,
-        &with(&common, &["--steps", "2", "--save-every", "2"]),
-    );
-    let resumed = train(
-        &part,
-        "cuda-sim",
-        Task::NextToken,
-        &with(
-            &common,
-            &["--steps", "4", "--resume", part.to_str().unwrap()],
-        ),
-    );
-    assert_eq!(whole.adapter.len(), resumed.adapter.len());
-    let mut changed = 0;
-    for ((name, a), (_, b)) in whole.adapter.iter().zip(&resumed.adapter) {
-        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-        let den: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
-        if den > 0.0 {
-            changed += 1;
-            assert!((num / den).sqrt() < 1e-3, "{name}: {}", (num / den).sqrt());
+    for (method, lr, min_changed) in [("full", "1e-4", 10), ("lora", "1e-3", 4)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let common = ["--method", method, "--lr", lr, "--schedule", "constant"];
+        let whole = train(
+            &tmp.path().join("whole"),
+            "cuda-sim",
+            Task::NextToken,
+            &with(&common, &["--steps", "4"]),
+        );
+        let part = tmp.path().join("part");
+        train(
+            &part,
+            "cuda-sim",
+            Task::NextToken,
+            &with(&common, &["--steps", "2", "--save-every", "2"]),
+        );
+        let resumed = train(
+            &part,
+            "cuda-sim",
+            Task::NextToken,
+            &with(
+                &common,
+                &["--steps", "4", "--resume", part.to_str().unwrap()],
+            ),
+        );
+        assert_eq!(whole.adapter.len(), resumed.adapter.len());
+        let mut changed = 0;
+        for ((name, a), (_, b)) in whole.adapter.iter().zip(&resumed.adapter) {
+            let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+            let den: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+            if den > 0.0 {
+                changed += 1;
+                assert!(
+                    (num / den).sqrt() < 1e-3,
+                    "{method} {name}: {}",
+                    (num / den).sqrt()
+                );
+            }
         }
+        assert!(
+            changed >= min_changed,
+            "{method}: only {changed} tensors changed"
+        );
     }
-    assert!(changed > 10, "only {changed} tensors changed");
 }

@@ -1526,7 +1526,7 @@ pub fn engine_vs_cpu(gpu: Gpu, model_dir: &Path, case: EngineCase) -> Result<(Va
     let mut eng = GpuEngine::new(gpu, &model, &gpu_state)?;
     // The gradients come back to the host, where this check compares them (the device
     // optimizer would keep the base tensors' on the device).
-    eng.keep_optimizer_on_host();
+    eng.keep_optimizer_on_host()?;
     eng.use_flash_attention(flash);
     eng.use_fused_q4(fused_q4);
     let g = eng.forward_backward(&mut gpu_state, &batch, scale, &mut Rng::new(0))?;
@@ -1656,7 +1656,8 @@ pub fn bench(gpu: Gpu, model_dir: &Path, o: &BenchOptions) -> Result<(Value, Gpu
             1.0 / batch.loss_tokens() as f32,
             &mut rng,
         )?;
-        opt.step(&mut state, &mut model, 1e-4, step as u64 + 1);
+        // As the trainers step (no clipping, as the reference): adapters on the device.
+        eng.clip_and_step(&opt, &mut model, &mut state, None, 1e-4, step as u64 + 1)?;
         eng.gpu.sync()?;
         let dt = t.elapsed().as_secs_f64();
         losses.push(s.nll_sum / s.loss_tokens as f64);

@@ -62,9 +62,13 @@ impl GpuKvCache {
 
 impl GpuEngine {
     /// Makes the adapters of `state` (or none, for an empty state) the ones decoding uses.
+    /// The state the engine was built for keeps its layout (PPO samples from the policy it
+    /// trains, whose values the device optimizer may hold); another is laid out anew.
     pub fn use_adapters_for_decoding(&mut self, state: &TrainState) -> Result<()> {
-        self.set_adapters(state)?;
-        self.set_adapter_modules(state)?;
+        if !self.built_for(state) {
+            self.set_adapters(state)?;
+            self.set_adapter_modules(state)?;
+        }
         self.sync_adapters(state)
     }
 

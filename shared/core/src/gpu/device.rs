@@ -324,6 +324,11 @@ impl Gpu {
         self.dev.copy(dst.ptr, src.ptr, bytes)
     }
 
+    /// Copies `bytes` bytes between device addresses (parts of buffers).
+    pub fn copy_raw(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        self.dev.copy(dst, src, bytes)
+    }
+
     /// Zeroes the first `bytes` bytes of `b`.
     pub fn zero(&self, b: &mut DBuf, bytes: usize) -> Result<()> {
         self.dev.zero(b.ptr, bytes.min(b.bytes))

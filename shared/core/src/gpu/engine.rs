@@ -180,12 +180,9 @@ pub struct GpuEngine {
     /// on the device for each trainable base tensor; their values are the model's, uploaded
     /// again after each optimizer step ([`Self::refresh_base`]).
     base_grads: std::collections::HashMap<Slot, DBuf>,
-    /// Whether AdamW of those tensors runs on the device (engine/optim.rs): their gradients
-    /// then stay here across micro-batches, and the states below hold masters and moments.
-    device_optim_on: bool,
-    /// Its states in managed memory (`PEFTKIT_GPU_OPTIMIZER=paged`).
-    device_optim_paged: bool,
-    device_slots: Vec<optim::DeviceSlot>,
+    /// AdamW on the device (engine/optim.rs): which tensors step here, their masters and
+    /// moments; their gradients stay here across micro-batches.
+    optim: optim::DeviceOptim,
     /// All those vectors (f32) and their gradients, one after another.
     vec_values: DBuf,
     vec_grads: DBuf,
@@ -288,9 +285,7 @@ impl GpuEngine {
             units_parallel: false,
             prefix: None,
             base_grads: std::collections::HashMap::new(),
-            device_optim_on: false,
-            device_optim_paged: false,
-            device_slots: Vec::new(),
+            optim: optim::DeviceOptim::new(state),
             vec_values: gpu.alloc_f32(1)?,
             vec_grads: gpu.alloc_f32(1)?,
             vec_len: 0,
@@ -320,6 +315,8 @@ impl GpuEngine {
     /// Lays out the LoRA adapters of `state` on the device (their values arrive with each
     /// pass): at construction, and to switch adapters between generations.
     pub(super) fn set_adapters(&mut self, state: &TrainState) -> Result<()> {
+        // The device optimizer's ranges point into the buffers replaced here.
+        self.optim.forget_adapters()?;
         let gpu = &self.gpu;
         let nb = self.model.blocks.len();
         let total: usize = state
@@ -680,8 +677,36 @@ impl GpuEngine {
         )
     }
 
-    /// Copies the current host LoRA values (bf16) and zeroes the gradient accumulators.
+    /// Copies the current host LoRA values (bf16) and zeroes the gradient accumulators, or,
+    /// for the tensors that step on the device, makes sure their compute copies hold the run's
+    /// values and lets their gradients accumulate.
     pub(super) fn sync_adapters(&mut self, state: &TrainState) -> Result<()> {
+        let held = self.adapters_held_on_device(state)?;
+        if !held {
+            self.upload_adapter_values(state)?;
+        }
+        if !self.optim.keeps_adapter_grads() {
+            let n = self.adapter_grads.bytes;
+            self.gpu.zero(&mut self.adapter_grads, n)?;
+            let n = self.vec_grads.bytes;
+            self.gpu.zero(&mut self.vec_grads, n)?;
+        }
+        self.sync_adapter_modules(state)?;
+        // With the device optimizer the base gradients accumulate over a step's micro-batches
+        // here (its step zeroes them); otherwise each pass's go to the host.
+        if !self.optim.keeps_base_grads() {
+            let slots: Vec<Slot> = self.base_grads.keys().copied().collect();
+            for slot in slots {
+                let g = self.base_grads.get_mut(&slot).expect("listed");
+                let n = g.bytes;
+                self.gpu.zero(g, n)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The host's LoRA values (as bf16) and DoRA/IA3 vectors into their compute copies.
+    fn upload_adapter_values(&mut self, state: &TrainState) -> Result<()> {
         use rayon::prelude::*;
         let mut host = vec![0u16; self.adapter_len];
         // Adapters are disjoint ranges of `host`: convert them in parallel (bf16 rounding in
@@ -705,8 +730,26 @@ impl GpuEngine {
             }
         });
         self.gpu.write(&mut self.adapter_values, &host)?;
-        let n = self.adapter_grads.bytes;
-        self.gpu.zero(&mut self.adapter_grads, n)?;
+        if self.vec_len > 0 {
+            let mut host = vec![0f32; self.vec_len];
+            for (i, g) in self.vecs.iter().enumerate() {
+                let Some(g) = g else { continue };
+                let src = match g.kind {
+                    VecKind::Magnitude => state.lora[i].as_ref().and_then(|l| l.magnitude.as_ref()),
+                    _ => state.ia3[i].as_ref().map(|v| &v.l),
+                };
+                if let Some(v) = src {
+                    host[g.at..g.at + g.len].copy_from_slice(v);
+                }
+            }
+            self.gpu.write(&mut self.vec_values, &host)?;
+        }
+        Ok(())
+    }
+
+    /// The host's prompt, prefix and bottleneck values (host optimizer) to the device, their
+    /// gradients zeroed.
+    fn sync_adapter_modules(&mut self, state: &TrainState) -> Result<()> {
         if let (Some((_, buf)), Some(p)) = (&mut self.prompt, &state.prompt) {
             self.gpu.write(buf, &p.emb)?;
         }
@@ -740,43 +783,32 @@ impl GpuEngine {
                 }
             }
         }
-        // With the device optimizer the base gradients accumulate over a step's micro-batches
-        // here (its step zeroes them); otherwise each pass's go to the host.
-        if !self.device_optim_on {
-            let slots: Vec<Slot> = self.base_grads.keys().copied().collect();
-            for slot in slots {
-                let g = self.base_grads.get_mut(&slot).expect("listed");
-                let n = g.bytes;
-                self.gpu.zero(g, n)?;
-            }
-        }
-        if self.vec_len > 0 {
-            let mut host = vec![0f32; self.vec_len];
-            for (i, g) in self.vecs.iter().enumerate() {
-                let Some(g) = g else { continue };
-                let src = match g.kind {
-                    VecKind::Magnitude => state.lora[i].as_ref().and_then(|l| l.magnitude.as_ref()),
-                    _ => state.ia3[i].as_ref().map(|v| &v.l),
-                };
-                if let Some(v) = src {
-                    host[g.at..g.at + g.len].copy_from_slice(v);
-                }
-            }
-            self.gpu.write(&mut self.vec_values, &host)?;
-            let n = self.vec_grads.bytes;
-            self.gpu.zero(&mut self.vec_grads, n)?;
-        }
         Ok(())
     }
 
+    /// Adds the pass's gradients of the tensors that step on the host into `state`.
     fn collect_grads(&mut self, state: &mut TrainState) -> Result<()> {
-        let all = self
-            .gpu
-            .download_f32(&self.adapter_grads, self.adapter_len)?;
+        self.check_gradient_owner(state)?;
+        let on_host = |e: &Self, slot: Slot| !e.steps_on_device(slot);
+        let any_lora = self.lora.iter().enumerate().any(|(i, g)| {
+            g.is_some() && (on_host(self, Slot::LoraA(i)) || on_host(self, Slot::LoraB(i)))
+        });
+        let all = if any_lora {
+            self.gpu
+                .download_f32(&self.adapter_grads, self.adapter_len)?
+        } else {
+            Vec::new()
+        };
         for (i, g) in self.lora.iter().enumerate() {
             let Some(g) = g else { continue };
+            if !any_lora {
+                break;
+            }
             let (ga, gb) = all[g.off..g.off + g.na + g.nb].split_at(g.na);
             for (slot, v) in [(Slot::LoraA(i), ga), (Slot::LoraB(i), gb)] {
+                if !on_host(self, slot) {
+                    continue;
+                }
                 if let Some(dst) = state.grad_mut(slot) {
                     dst.iter_mut().zip(v).for_each(|(d, s)| *d += s);
                 }
@@ -793,23 +825,32 @@ impl GpuEngine {
                 }
             }
         }
-        // (With the device optimizer the base gradients stay on the device for its step.)
-        if !self.device_optim_on {
-            for (slot, g) in &self.base_grads {
-                if let Some(dst) = state.grad_mut(*slot) {
-                    let v = self.gpu.download_f32(g, dst.len())?;
-                    dst.iter_mut().zip(v).for_each(|(d, s)| *d += s);
-                }
+        // (The gradients of tensors that step on the device stay there for its step.)
+        for (slot, g) in &self.base_grads {
+            if !on_host(self, *slot) {
+                continue;
+            }
+            if let Some(dst) = state.grad_mut(*slot) {
+                let v = self.gpu.download_f32(g, dst.len())?;
+                dst.iter_mut().zip(v).for_each(|(d, s)| *d += s);
             }
         }
-        if self.vec_len > 0 {
+        let vec_slot = |i: usize, kind: VecKind| match kind {
+            VecKind::Magnitude => Slot::LoraMagnitude(i),
+            _ => Slot::Ia3(i),
+        };
+        let any_vec = self.vecs.iter().enumerate().any(|(i, g)| {
+            g.as_ref()
+                .is_some_and(|g| on_host(self, vec_slot(i, g.kind)))
+        });
+        if any_vec {
             let all = self.gpu.download_f32(&self.vec_grads, self.vec_len)?;
             for (i, g) in self.vecs.iter().enumerate() {
                 let Some(g) = g else { continue };
-                let slot = match g.kind {
-                    VecKind::Magnitude => Slot::LoraMagnitude(i),
-                    _ => Slot::Ia3(i),
-                };
+                let slot = vec_slot(i, g.kind);
+                if !on_host(self, slot) {
+                    continue;
+                }
                 if let Some(dst) = state.grad_mut(slot) {
                     dst.iter_mut()
                         .zip(&all[g.at..g.at + g.len])

@@ -429,8 +429,8 @@ mod tests {
             crate::train::full::register(&model, &mut state, |_| true, false);
             let mut engine = crate::gpu::engine::GpuEngine::new(sim(), &model, &state).unwrap();
             match place {
-                None => engine.keep_optimizer_on_host(),
-                Some(paged) => engine.use_device_optimizer(paged),
+                None => engine.keep_optimizer_on_host().unwrap(),
+                Some(paged) => engine.use_device_optimizer(paged).unwrap(),
             }
             let mut backend = Backend::Cuda(Box::new(engine));
             let before: Vec<Vec<f32>> = (0..state.params.len())
@@ -480,6 +480,97 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The adapters' AdamW on the device: after a step the device holds the run's values and
+    /// the host's are stale (saving refuses them) until `sync_to_host`; a pass of another
+    /// state (PPO's frozen reference) uses its own values and the run's next pass gets the
+    /// run's back; an evaluation copy of the run's state evaluates the device's values; after
+    /// `sync_to_host` a new state with the host's values computes the same loss to the bit.
+    #[test]
+    fn device_adapter_optimizer_keeps_the_runs_values() {
+        use crate::model::Model;
+        use crate::rng::Rng;
+        use crate::train::engine::Batch;
+        use crate::train::lora::{self, LoraConfig};
+        use crate::train::optim::AdamW;
+        use crate::train::params::TrainState;
+        let dir =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/llama_gqa");
+        let mut model = Model::load(&dir).unwrap();
+        let n = model.linears().len();
+        let mut state = TrainState::new(n);
+        let cfg = LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            ..Default::default()
+        };
+        lora::attach(&model, &mut state, &cfg, &mut Rng::new(1)).unwrap();
+        let ids: Vec<u32> = (0..24).map(|i| (i * 37 % 200) as u32).collect();
+        let labels: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+        let batch = Batch {
+            ids: vec![&ids[..]],
+            labels: vec![&labels[..]],
+        };
+        let mut engine = crate::gpu::engine::GpuEngine::new(sim(), &model, &state).unwrap();
+        let with_values = |lora: &[Option<crate::train::params::LoraParams>]| {
+            let mut s = TrainState::new(n);
+            s.lora = lora.to_vec();
+            s
+        };
+        let initial = with_values(&state.lora);
+        engine
+            .forward_backward(&mut state, &batch, 0.1, &mut Rng::new(0))
+            .unwrap();
+        let opt = AdamW::default();
+        engine
+            .clip_and_step(&opt, &mut model, &mut state, Some(1.0), 1e-2, 1)
+            .unwrap();
+        assert!(state.host_stale && state.check_synced().is_err());
+        let loss = |e: &mut crate::gpu::engine::GpuEngine, s: &TrainState| {
+            e.eval(s, &batch).unwrap().nll_sum
+        };
+        let run = loss(&mut engine, &state);
+        let mut other = with_values(&state.lora);
+        for lo in other.lora.iter_mut().flatten() {
+            lo.b.iter_mut().for_each(|b| *b = 0.05);
+        }
+        let o = loss(&mut engine, &other);
+        assert!(
+            (o - run).abs() > 1e-3,
+            "another state's values: {o} vs {run}"
+        );
+        assert_eq!(
+            loss(&mut engine, &state),
+            run,
+            "the run's values after another's"
+        );
+        assert_eq!(
+            loss(&mut engine, &state.adapters_only()),
+            run,
+            "an evaluation copy"
+        );
+        let stale = loss(&mut engine, &initial);
+        assert!(
+            (stale - run).abs() > 1e-5,
+            "the step changed nothing: {stale}"
+        );
+        engine.sync_to_host(&mut model, &mut state).unwrap();
+        assert!(!state.host_stale);
+        assert_eq!(
+            loss(&mut engine, &with_values(&state.lora)),
+            run,
+            "synced values"
+        );
+        // The moments came back too (A's gradient is zero while B is: only B's moved).
+        let b_moments = state
+            .params
+            .iter()
+            .filter(|(s, _)| matches!(s, crate::train::params::Slot::LoraB(_)));
+        assert!(b_moments
+            .clone()
+            .all(|(_, p)| p.v.iter().any(|&x| x != 0.0)));
+        assert!(b_moments.count() > 0);
     }
 
     /// Several sequences decoded together (PPO's rollouts: prompts of different lengths, then

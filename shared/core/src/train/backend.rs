@@ -4,8 +4,6 @@
 //! same [`TrainState`] the CPU one does.
 
 use super::engine::{Batch, Engine, Objective, StepStats};
-#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-use super::optim::clip_grad_norm_with;
 use super::optim::{clip_grad_norm, AdamW};
 use super::params::TrainState;
 use super::rollout::{self, Response};
@@ -88,13 +86,7 @@ impl Backend {
                 Ok(norm)
             }
             #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-            Self::Cuda(g) => {
-                let (norm, coef) = clip_grad_norm_with(state, clip, g.device_grad_sq()?);
-                opt.step_where(state, model, lr, step, |s| !g.steps_on_device(s));
-                g.device_step(opt, model, state, lr, step, coef)?;
-                g.refresh_base(model)?;
-                Ok(norm)
-            }
+            Self::Cuda(g) => g.clip_and_step(opt, model, state, clip, lr, step),
         }
     }
 
@@ -112,11 +104,12 @@ impl Backend {
     }
 
     /// Keeps the optimizer on the host (data parallel: the gradients are reduced there).
-    pub fn keep_optimizer_on_host(&mut self) {
+    pub fn keep_optimizer_on_host(&mut self) -> Result<()> {
         #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
         if let Self::Cuda(g) = self {
-            g.keep_optimizer_on_host();
+            g.keep_optimizer_on_host()?;
         }
+        Ok(())
     }
 
     /// After the host's base values changed (an optimizer step, a resumed checkpoint): a GPU

@@ -100,6 +100,20 @@ pub struct LoraParams {
     pub magnitude: Option<Vec<f32>>,
 }
 
+/// Identity of a run's adapter values: fresh for every new state, shared by its evaluation
+/// copies ([`TrainState::adapters_only`]). A GPU whose optimizer holds the current values
+/// (gpu/engine/optim.rs) tells by it the run's own passes from those of another state (PPO's
+/// frozen reference).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateId(u64);
+
+impl Default for StateId {
+    fn default() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Self(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 /// All trainable state of a run.
 #[derive(Default)]
 pub struct TrainState {
@@ -120,6 +134,10 @@ pub struct TrainState {
     pub value_bias: Option<f32>,
     pub params: Vec<(Slot, ParamState)>,
     index: HashMap<Slot, usize>,
+    pub id: StateId,
+    /// Set while a GPU's optimizer holds newer values and moments than these (until
+    /// `Backend::sync_to_host`): nothing may be saved from them then.
+    pub host_stale: bool,
 }
 
 impl TrainState {
@@ -135,11 +153,14 @@ impl TrainState {
             value_bias: None,
             params: Vec::new(),
             index: HashMap::new(),
+            id: StateId::default(),
+            host_stale: false,
         }
     }
 
     /// A copy of the adapters (LoRA, IA3, prefix, prompt) without gradients or optimizer
-    /// state: what evaluation needs, and nothing it could change.
+    /// state: what evaluation needs, and nothing it could change. It keeps the state's
+    /// [`StateId`]: on a GPU whose optimizer holds newer values, the evaluation uses those.
     pub fn adapters_only(&self) -> Self {
         Self {
             lora: self.lora.clone(),
@@ -152,7 +173,21 @@ impl TrainState {
             value_bias: self.value_bias,
             params: Vec::new(),
             index: HashMap::new(),
+            // The same values: a GPU holding newer ones evaluates those.
+            id: self.id,
+            host_stale: self.host_stale,
         }
+    }
+
+    /// Refuses to let stale values be saved: while a GPU's optimizer holds newer ones,
+    /// `Backend::sync_to_host` must bring them back first.
+    pub fn check_synced(&self) -> crate::error::Result<()> {
+        if self.host_stale {
+            return Err(crate::error::Error::Device(
+                "internal: the GPU holds newer values than the host; they were not brought back before saving".into(),
+            ));
+        }
+        Ok(())
     }
 
     pub fn add(&mut self, slot: Slot, state: ParamState) {

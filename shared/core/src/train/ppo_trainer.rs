@@ -877,6 +877,8 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
         )?;
         let stop_now = stop_flag.load(Ordering::SeqCst);
         if (t.save_every > 0 && prog.step.is_multiple_of(t.save_every)) || stop_now {
+            // A GPU's optimizer holds the current values and moments.
+            backend.sync_to_host(&mut model, &mut state)?;
             save_checkpoint(&t.out, &model, &state, &prog)?;
             saved_at = Some(prog.step);
         }
@@ -899,6 +901,7 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
             interrupted,
         });
     }
+    backend.sync_to_host(&mut model, &mut state)?;
     final_checkpoint(&t.out, &model, &state, &prog, saved_at)?;
     let after = evaluate(
         o,

@@ -328,7 +328,7 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
     // Where the passes run: the CPU engine or the GPU (`--device`; data parallel: this rank's).
     let mut backend = Backend::new(crate::dist::rank_device(t.device), &model, &state)?;
     if comm.world() > 1 {
-        backend.keep_optimizer_on_host();
+        backend.keep_optimizer_on_host()?;
     }
     let mut head_pack = gemm::PackedWeight::default();
     super::trainer::pack_head(&mut head_pack, &model);

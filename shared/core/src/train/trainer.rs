@@ -363,7 +363,7 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
     let device = crate::dist::rank_device(opts.device);
     let mut backend = super::backend::Backend::new(device, &model, &state)?;
     if comm.world() > 1 {
-        backend.keep_optimizer_on_host();
+        backend.keep_optimizer_on_host()?;
     }
     let eval_before = if prog.step == 0 && !val.is_empty() {
         refresh_head(&mut head_pack, &mut head_pack_fresh, &model);
@@ -731,6 +731,7 @@ pub fn save_output(
     state: &TrainState,
     task_type: &str,
 ) -> Result<()> {
+    state.check_synced()?;
     match opts.method {
         Method::Lora | Method::Dora => {
             lora::save_adapter(&opts.out, &a.lora, model, state, task_type)?
@@ -847,6 +848,7 @@ pub(crate) fn save_checkpoint(
     state: &TrainState,
     prog: &CkptProgress,
 ) -> Result<()> {
+    state.check_synced()?;
     let dir = out.join("checkpoints");
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     checkpoint::save(&dir.join(format!("step-{}", prog.step)), model, state, prog)?;

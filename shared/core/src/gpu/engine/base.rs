@@ -89,11 +89,13 @@ impl GpuEngine {
     /// Uploads the current values of the trainable base tensors (after an optimizer step
     /// changed them on the host): linear weights and the embedding as bf16, the rest f32.
     pub fn refresh_base(&mut self, model: &Model) -> Result<()> {
-        // With the device optimizer the device holds the current values, the host stale ones.
-        if self.steps_taken_on_device() {
-            return Ok(());
-        }
+        // Once the device optimizer has stepped, it holds the current values of its tensors
+        // and the host stale ones.
+        let stepped = self.steps_taken_on_device();
         for slot in self.base_grads.keys() {
+            if stepped && self.steps_on_device(*slot) {
+                continue;
+            }
             let v = crate::train::params::base_tensor(model, *slot);
             match self.compute_copy(*slot)? {
                 (dst, true) => {
