@@ -98,6 +98,9 @@ pub struct KernelShapes {
     pub swiglu_cols: usize,
     /// 4-bit weight out × in and block size.
     pub q4: (usize, usize, usize),
+    /// More 4-bit GEMV shapes (out × in, block size 64): the layers of a model, from small
+    /// (launch-bound) to large.
+    pub gemv: &'static [(usize, usize)],
     /// The checked product m × n × k, and the timed square product's size.
     pub gemm: (usize, usize, usize),
     pub gemm_speed: Option<usize>,
@@ -117,6 +120,14 @@ impl KernelShapes {
             norm: (4096, 2048),
             swiglu_cols: 4096,
             q4: (8192, 8192, 64),
+            // A 1B Llama's q/o, k/v, gate/up and down projections, and a 7B's MLP.
+            gemv: &[
+                (2048, 2048),
+                (512, 2048),
+                (8192, 2048),
+                (2048, 8192),
+                (11008, 4096),
+            ],
             gemm: (512, 1024, 2048),
             gemm_speed: Some(8192),
             ce: (1024, 49152),
@@ -135,6 +146,8 @@ impl KernelShapes {
             norm: (6, 200),
             swiglu_cols: 67,
             q4: (42, 1056, 64),
+            // 32 rows per block (8192 rows and more) with a partial last block; one chunk.
+            gemv: &[(8200, 64), (3, 32)],
             gemm: (12, 20, 36),
             gemm_speed: None,
             ce: (5, 12000),
@@ -407,6 +420,7 @@ pub fn kernels(gpu: &Gpu, s: &KernelShapes) -> Result<(Value, usize)> {
         json!({"ms": t * 1e3, "roofline_fraction": (out * inp / 2 + absmax.len() * 4) as f64 / t / bw,
                "note": "bytes of the 4-bit weight and its scales per call against the copy bandwidth"}),
     );
+    gemv_shapes(gpu, s, &mut rep, &mut rng, bw)?;
     // The fused 4-bit GEMM, both products a linear layer takes (x·Wᵀ, and dy·W added into
     // what is there), against f64 products of the decoded weight; on a GPU also timed against
     // decoding into bf16 and cuBLAS.
@@ -741,6 +755,60 @@ fn cross_entropy(
         8e-3,
         json!({}),
     );
+    Ok(())
+}
+
+/// The fused 4-bit GEMV on the sweep's shapes against f64 products of the decoded weight, timed
+/// on a GPU (ms and the fraction of the copy bandwidth its bytes take).
+fn gemv_shapes(
+    gpu: &Gpu,
+    s: &KernelShapes,
+    rep: &mut Report,
+    rng: &mut Rng,
+    bw: f64,
+) -> Result<()> {
+    let bs = 64;
+    let code = QuantType::Nf4.code();
+    let gc = gpu.upload(&code[..])?;
+    for &(out, inp) in s.gemv {
+        let w = rand_vec(rng, out * inp, 0.02);
+        let (packed, absmax) = blockwise::quantize_4bit(&w, bs, QuantType::Nf4);
+        let dec = blockwise::dequantize_4bit(&packed, &absmax, out * inp, bs, code);
+        let x = rand_vec(rng, inp, 1.0);
+        let (gp, gam, gx) = (gpu.upload(&packed)?, gpu.upload(&absmax)?, gpu.upload(&x)?);
+        let gy = gpu.alloc_f32(out)?;
+        let q4 = Q4Ptrs {
+            packed: gp.ptr,
+            absmax: gam.ptr,
+            code: gc.ptr,
+            blocksize: bs,
+        };
+        let gemv = || {
+            if launch_gemv_q4(gpu, &q4, gx.ptr, gy.ptr, out, inp)? {
+                Ok(())
+            } else {
+                Err(Error::Device(format!(
+                    "gemv_q4 does not take {out} × {inp}"
+                )))
+            }
+        };
+        let t = time(gpu, s.reps(50), gemv)?;
+        let want: Vec<f32> = dec
+            .chunks(inp)
+            .map(|row| {
+                row.iter()
+                    .zip(&x)
+                    .map(|(&w, &x)| w as f64 * x as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        rep.add(
+            &format!("gemv_q4 {out}×{inp}"),
+            rel_err(&gpu.download_f32(&gy, out)?, &want),
+            1e-4,
+            json!({"ms": t * 1e3, "roofline_fraction": (out * inp / 2 + absmax.len() * 4) as f64 / t / bw}),
+        );
+    }
     Ok(())
 }
 
