@@ -4,6 +4,7 @@
 
 use super::blas::Gemm;
 use super::device::{Arg, Gpu};
+use super::engine::loss::{launch_cross_entropy, CeKernel};
 use super::engine::GpuEngine;
 use super::flash::{launch_flash_bwd, launch_flash_fwd, FlashArgs};
 use super::weights::{launch_gemv_q4, Q4Ptrs};
@@ -555,8 +556,22 @@ pub fn kernels(gpu: &Gpu, s: &KernelShapes) -> Result<(Value, usize)> {
 
     // Cross-entropy: the float4 path, and the scalar one (a vocabulary not a multiple of 4).
     let (cr, v) = s.ce;
-    cross_entropy(gpu, &mut rep, &mut rng, cr, v, s.reps(20), bw, "")?;
-    cross_entropy(gpu, &mut rep, &mut rng, cr, v - 1, 0, bw, ", V odd")?;
+    // Each with the row cached in shared memory where it fits (the engine's choice), and read
+    // twice from global memory.
+    for (kernel, label) in [(CeKernel::Best, ""), (CeKernel::Uncached, ", uncached")] {
+        let odd = format!(", V odd{label}");
+        cross_entropy(
+            gpu,
+            &mut rep,
+            &mut rng,
+            (cr, v),
+            kernel,
+            s.reps(20),
+            bw,
+            label,
+        )?;
+        cross_entropy(gpu, &mut rep, &mut rng, (cr, v - 1), kernel, 0, bw, &odd)?;
+    }
     // Bottleneck adapters' activations (ReLU, SiLU) and their derivatives, element by element.
     let z: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) / 97.0).collect();
     let dz = rand_vec(&mut rng, z.len(), 1.0);
@@ -667,15 +682,15 @@ pub(crate) fn attention_reference(
 /// Row `q[qi..qi + dh]`'s causal softmax over the keys of head block `kb` (query position
 /// `t`, sliding `window` or 0): the first key it sees and the probabilities, in f64.
 /// Cross-entropy over `cr` rows of a `v` vocabulary against f64: the loss, then at a
-/// sampling temperature (PPO) the log-probabilities, entropies and gradient. Timed over
+/// sampling temperature (PPO) the log-probabilities, entropies and gradient, by `kernel`. Timed over
 /// `reps` calls (none: 0).
 #[allow(clippy::too_many_arguments)]
 fn cross_entropy(
     gpu: &Gpu,
     rep: &mut Report,
     rng: &mut Rng,
-    cr: usize,
-    v: usize,
+    (cr, v): (usize, usize),
+    kernel: CeKernel,
     reps: usize,
     bw: f64,
     label: &str,
@@ -690,10 +705,11 @@ fn cross_entropy(
     );
     // (scale, 1/temperature, entropies wanted)
     let ce = |scale: f32, inv_t: f32, entropy: bool| {
-        gpu.launch_rows(
-            "cross_entropy",
+        launch_cross_entropy(
+            gpu,
             cr,
             v,
+            kernel,
             &[
                 Arg::P(gl.ptr),
                 Arg::P(gt.ptr),

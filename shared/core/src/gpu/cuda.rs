@@ -3,7 +3,7 @@
 //! pool and go back to it on drop; everything runs on one stream, so event tracking is off.
 
 use super::blas::{Blas, Gemm};
-use super::device::{dev_err, Arg, Backend, KERNEL_NAMES};
+use super::device::{dev_err, Arg, Backend, KERNEL_NAMES, LARGE_SHARED_KERNELS};
 use crate::error::{Error, Result};
 use cudarc::driver::{
     result, CudaContext, CudaFunction, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
@@ -21,6 +21,8 @@ pub(crate) struct CudaBackend {
     kernels: HashMap<&'static str, CudaFunction>,
     /// The compute capability's major version (8 and up have bf16 tensor cores).
     major: i32,
+    /// Dynamic shared memory `LARGE_SHARED_KERNELS` may take (bytes).
+    max_dynamic_shared: usize,
 }
 
 /// Loads the CUDA driver library, catching the panic cudarc raises when it is absent.
@@ -70,6 +72,27 @@ impl CudaBackend {
                 .map_err(|e| dev_err(&format!("kernel {name}"), e))?;
             kernels.insert(name, f);
         }
+        // Kernels that cache a row in shared memory may take what the device allows a block
+        // (less their static shared memory, under 1 KB); where the opt-in fails, 48 KB.
+        use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+        let optin = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_or(0, |v| v.max(0) as usize);
+        let mut max_dynamic_shared = 48 << 10;
+        if optin > (48 << 10) + 1024 {
+            let want = optin - 1024;
+            let ok = LARGE_SHARED_KERNELS.iter().all(|name| {
+                kernels[name]
+                    .set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        want as i32,
+                    )
+                    .is_ok()
+            });
+            if ok {
+                max_dynamic_shared = want;
+            }
+        }
         let blas = probe("cannot load libcublas", {
             let s = stream.clone();
             move || Blas::new(s)
@@ -80,6 +103,7 @@ impl CudaBackend {
             blas,
             kernels,
             major,
+            max_dynamic_shared,
         })
     }
 
@@ -179,6 +203,10 @@ impl Backend for CudaBackend {
 
     fn bf16_tensor_cores(&self) -> bool {
         self.major >= 8
+    }
+
+    fn max_dynamic_shared(&self) -> usize {
+        self.max_dynamic_shared
     }
 
     fn alloc_paged(&self, bytes: usize) -> Result<(Box<dyn Any>, u64)> {

@@ -33,6 +33,7 @@ pub(crate) const KERNEL_NAMES: &[&str] = &[
     "softmax_causal",
     "softmax_bwd",
     "cross_entropy",
+    "cross_entropy_cached",
     "gather_rows_bf16",
     "scatter_rows_f32",
     "dequant_q4_bf16",
@@ -115,7 +116,15 @@ pub(crate) trait Backend {
     /// Whether the device has bf16 tensor cores (`mma.sync` on bf16: sm_80 and later), which
     /// the flash-attention and fused 4-bit GEMM kernels need.
     fn bf16_tensor_cores(&self) -> bool;
+    /// The most dynamic shared memory a launch may ask for (bytes): 48 KB everywhere, more
+    /// where the device allows it and the kernel was opted in (`LARGE_SHARED_KERNELS`).
+    fn max_dynamic_shared(&self) -> usize {
+        48 << 10
+    }
 }
+
+/// Kernels that may take more than 48 KB of dynamic shared memory (opted in at load).
+pub(crate) const LARGE_SHARED_KERNELS: &[&str] = &["cross_entropy_cached"];
 
 #[derive(Default)]
 struct Usage {
@@ -195,6 +204,11 @@ impl Gpu {
 
     pub fn bf16_tensor_cores(&self) -> bool {
         self.dev.bf16_tensor_cores()
+    }
+
+    /// The most dynamic shared memory a launch of one of `LARGE_SHARED_KERNELS` may ask for.
+    pub fn max_dynamic_shared(&self) -> usize {
+        self.dev.max_dynamic_shared()
     }
 
     /// Device memory in use by everything on the device (driver's view) and its total.
@@ -377,6 +391,18 @@ impl Gpu {
 
     /// Launches a kernel with one block per row.
     pub fn launch_rows(&self, name: &str, rows: usize, cols: usize, args: &[Arg]) -> Result<()> {
+        self.launch_rows_shared(name, rows, cols, 0, args)
+    }
+
+    /// [`Gpu::launch_rows`] with `shared` bytes of dynamic shared memory per block.
+    pub fn launch_rows_shared(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        shared: u32,
+        args: &[Arg],
+    ) -> Result<()> {
         let block = if cols >= 4096 {
             1024
         } else if cols >= 1024 {
@@ -386,7 +412,7 @@ impl Gpu {
         } else {
             64
         };
-        self.launch(name, rows as u32, block, args)
+        self.launch_shared(name, rows as u32, block, shared, args)
     }
 
     /// RMSNorm forward: one block per row, sized so each thread holds up to 16 of the row's

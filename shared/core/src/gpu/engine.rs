@@ -23,7 +23,7 @@ use crate::train::params::{Slot, TrainState};
 
 mod base;
 mod bottleneck;
-mod loss;
+pub(crate) mod loss;
 mod optim;
 mod prefix;
 

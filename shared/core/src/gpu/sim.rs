@@ -232,6 +232,11 @@ impl Backend for SimBackend {
     fn bf16_tensor_cores(&self) -> bool {
         true
     }
+
+    /// Hopper's opt-in limit (227 KB) less 1 KB, so the shared-memory paths run here too.
+    fn max_dynamic_shared(&self) -> usize {
+        (227 << 10) - 1024
+    }
 }
 
 #[cfg(test)]

@@ -137,10 +137,11 @@ impl GpuEngine {
             let c = chunk.min(n - c0);
             self.gather_hidden(nf, gidx.at(c0, 4), &hb, c)?;
             gpu.gemm(&Gemm::nt(c, vocab, d, hb.ptr, head, logits.ptr))?;
-            gpu.launch_rows(
-                "cross_entropy",
+            launch_cross_entropy(
+                gpu,
                 c,
                 vocab,
+                CeKernel::Best,
                 &[
                     Arg::P(logits.ptr),
                     Arg::P(gtgt.at(c0, 4)),
@@ -209,5 +210,32 @@ impl<'a> RowsCe<'a> {
             inv_t: 1.0,
             entropy: false,
         }
+    }
+}
+
+/// Which cross-entropy kernel [`launch_cross_entropy`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CeKernel {
+    /// The row cached in shared memory where it fits, else read twice from global memory.
+    Best,
+    /// Always read twice (the check runs both).
+    Uncached,
+}
+
+/// Launches the cross-entropy over `rows` rows of a `vocab` vocabulary with the `cross_entropy`
+/// kernel's arguments: `cross_entropy_cached` (the row read from DRAM once) where the row fits
+/// in the dynamic shared memory the device allows, else `cross_entropy`.
+pub(crate) fn launch_cross_entropy(
+    gpu: &Gpu,
+    rows: usize,
+    vocab: usize,
+    kernel: CeKernel,
+    args: &[Arg],
+) -> Result<()> {
+    let bytes = vocab * 4;
+    if kernel == CeKernel::Best && bytes <= gpu.max_dynamic_shared() {
+        gpu.launch_rows_shared("cross_entropy_cached", rows, vocab, bytes as u32, args)
+    } else {
+        gpu.launch_rows("cross_entropy", rows, vocab, args)
     }
 }
