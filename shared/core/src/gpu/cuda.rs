@@ -3,7 +3,7 @@
 //! pool and go back to it on drop; everything runs on one stream, so event tracking is off.
 
 use super::blas::{Blas, Gemm};
-use super::device::{dev_err, Arg, Backend, KERNEL_NAMES, LARGE_SHARED_KERNELS};
+use super::device::{dev_err, Arg, Backend, KERNEL_NAMES};
 use crate::error::{Error, Result};
 use cudarc::driver::{
     result, CudaContext, CudaFunction, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
@@ -13,6 +13,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub(super) const KERNELS: &str = include_str!("kernels.cu");
+
+/// Kernels that may take more than 48 KB of dynamic shared memory (opted in at load).
+const LARGE_SHARED_KERNELS: &[&str] = &["cross_entropy_cached"];
 
 pub(crate) struct CudaBackend {
     ctx: Arc<CudaContext>,

@@ -117,14 +117,12 @@ pub(crate) trait Backend {
     /// the flash-attention and fused 4-bit GEMM kernels need.
     fn bf16_tensor_cores(&self) -> bool;
     /// The most dynamic shared memory a launch may ask for (bytes): 48 KB everywhere, more
-    /// where the device allows it and the kernel was opted in (`LARGE_SHARED_KERNELS`).
+    /// where the device allows it, for the kernels opted in at load (the CUDA backend's
+    /// `LARGE_SHARED_KERNELS`).
     fn max_dynamic_shared(&self) -> usize {
         48 << 10
     }
 }
-
-/// Kernels that may take more than 48 KB of dynamic shared memory (opted in at load).
-pub(crate) const LARGE_SHARED_KERNELS: &[&str] = &["cross_entropy_cached"];
 
 #[derive(Default)]
 struct Usage {
@@ -206,7 +204,8 @@ impl Gpu {
         self.dev.bf16_tensor_cores()
     }
 
-    /// The most dynamic shared memory a launch of one of `LARGE_SHARED_KERNELS` may ask for.
+    /// The most dynamic shared memory a launch of a kernel that caches rows in shared memory
+    /// (`cross_entropy_cached`) may ask for.
     pub fn max_dynamic_shared(&self) -> usize {
         self.dev.max_dynamic_shared()
     }
@@ -317,6 +316,20 @@ impl Gpu {
         let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, n * 4) };
         self.dev.download(src.ptr, bytes)?;
         Ok(out)
+    }
+
+    /// `n` f32 values at a device address inside a buffer (a part of one).
+    pub fn download_f32_at(&self, src: u64, n: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; n];
+        // Safety: f32 has no invalid bit patterns; the byte view covers exactly `out`.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, n * 4) };
+        self.dev.download(src, bytes)?;
+        Ok(out)
+    }
+
+    /// Writes f32 values at a device address inside a buffer the caller owns the use of.
+    pub fn upload_f32_at(&self, dst: u64, data: &[f32]) -> Result<()> {
+        self.dev.upload(dst, bytes_of(data))
     }
 
     pub fn download_bf16(&self, src: &DBuf, n: usize) -> Result<Vec<f32>> {

@@ -578,6 +578,99 @@ mod tests {
         assert!(b_moments.count() > 0);
     }
 
+    /// Data parallel with AdamW on the device: two ranks (threads, the in-process
+    /// communicator) each take half of a window, sum the gradients their devices keep and
+    /// step; both end where one engine does that takes the halves as two micro-batches.
+    #[test]
+    fn data_parallel_device_optimizer_matches_one_process() {
+        use crate::dist::InProcess;
+        use crate::model::Model;
+        use crate::rng::Rng;
+        use crate::train::engine::Batch;
+        use crate::train::lora::{self, LoraConfig};
+        use crate::train::optim::AdamW;
+        use crate::train::params::TrainState;
+        fn setup() -> (Model, TrainState) {
+            let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/models/llama_gqa");
+            let model = Model::load(&dir).unwrap();
+            let mut state = TrainState::new(model.linears().len());
+            let cfg = LoraConfig {
+                rank: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                ..Default::default()
+            };
+            lora::attach(&model, &mut state, &cfg, &mut Rng::new(1)).unwrap();
+            // B away from zero, so that A's gradient is not zero either.
+            for lo in state.lora.iter_mut().flatten() {
+                lo.b.iter_mut()
+                    .enumerate()
+                    .for_each(|(i, b)| *b = (i % 7) as f32 * 0.01 - 0.03);
+            }
+            (model, state)
+        }
+        fn half(rank: usize) -> Vec<u32> {
+            (0..20)
+                .map(|i| ((i * 37 + rank * 11) % 200) as u32)
+                .collect()
+        }
+        // Two optimizer steps from `halves` (this rank's, or both), their values afterwards.
+        fn run(ranks: &[usize], comm: Option<&mut InProcess>) -> Vec<Vec<f32>> {
+            let (mut model, mut state) = setup();
+            let mut e = crate::gpu::engine::GpuEngine::new(sim(), &model, &state).unwrap();
+            let opt = AdamW::default();
+            let mut comm = comm;
+            for step in 1..=2 {
+                state.zero_grads();
+                for &r in ranks {
+                    let ids = half(r);
+                    let labels: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+                    let batch = Batch {
+                        ids: vec![&ids[..]],
+                        labels: vec![&labels[..]],
+                    };
+                    e.forward_backward(&mut state, &batch, 0.05, &mut Rng::new(0))
+                        .unwrap();
+                }
+                if let Some(c) = comm.as_deref_mut() {
+                    crate::dist::all_reduce_grads(c, &mut state, &mut [0.0]).unwrap();
+                    e.all_reduce_device_grads(c).unwrap();
+                }
+                e.clip_and_step(&opt, &mut model, &mut state, Some(1.0), 1e-2, step)
+                    .unwrap();
+            }
+            e.sync_to_host(&mut model, &mut state).unwrap();
+            (0..state.params.len())
+                .map(|k| state.value_and_state_mut(&mut model, k).0.to_vec())
+                .collect()
+        }
+        let one = run(&[0, 1], None);
+        let ranks: Vec<Vec<Vec<f32>>> = InProcess::group(2)
+            .into_iter()
+            .enumerate()
+            .map(|(rank, mut c)| std::thread::spawn(move || run(&[rank], Some(&mut c))))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        let (_, start) = setup();
+        for (rank, values) in ranks.iter().enumerate() {
+            for (k, (a, b)) in one.iter().zip(values).enumerate() {
+                let err = crate::gpu::check::rel_err(b, a);
+                assert!(err < 1e-6, "rank {rank}, tensor {k}: {err}");
+            }
+        }
+        // (And the steps moved every tensor.)
+        let moved = start
+            .lora
+            .iter()
+            .flatten()
+            .zip(one.chunks(2))
+            .all(|(lo, ab)| lo.a != ab[0] && lo.b != ab[1]);
+        assert!(moved);
+    }
+
     /// Several sequences decoded together (PPO's rollouts: prompts of different lengths, then
     /// one token each, a sequence leaving the batch) against the CPU's batched decoder, with
     /// 16-bit and 4-bit weights.

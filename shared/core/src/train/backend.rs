@@ -103,13 +103,20 @@ impl Backend {
         }
     }
 
-    /// Keeps the optimizer on the host (data parallel: the gradients are reduced there).
-    pub fn keep_optimizer_on_host(&mut self) -> Result<()> {
-        #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-        if let Self::Cuda(g) = self {
-            g.keep_optimizer_on_host()?;
+    /// Data parallel: sums the gradients a GPU keeps on the device (its optimizer's tensors)
+    /// over the ranks, after `dist::all_reduce_grads` summed the host's. Nothing on a CPU.
+    pub fn all_reduce_device_grads(
+        &mut self,
+        comm: &mut dyn crate::dist::Communicator,
+    ) -> Result<()> {
+        match self {
+            Self::Cpu => {
+                let _ = comm;
+                Ok(())
+            }
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Self::Cuda(g) => g.all_reduce_device_grads(comm),
         }
-        Ok(())
     }
 
     /// After the host's base values changed (an optimizer step, a resumed checkpoint): a GPU

@@ -327,9 +327,6 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
 
     // Where the passes run: the CPU engine or the GPU (`--device`; data parallel: this rank's).
     let mut backend = Backend::new(crate::dist::rank_device(t.device), &model, &state)?;
-    if comm.world() > 1 {
-        backend.keep_optimizer_on_host()?;
-    }
     let mut head_pack = gemm::PackedWeight::default();
     super::trainer::pack_head(&mut head_pack, &model);
     let (reference, val_reference) = match opts.task {
@@ -519,6 +516,7 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         sums[..6].copy_from_slice(&metrics.sums());
         sums[6] = step_tokens as f64;
         crate::dist::all_reduce_grads(comm, &mut state, &mut sums)?;
+        backend.all_reduce_device_grads(comm)?;
         let step_tokens = sums[6] as u64;
         let m = Metrics::from_sums(&sums[..6]).finish();
         let lr = t.optim.lr * t.schedule.factor(prog.step, t.warmup, total_steps);

@@ -361,10 +361,9 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
     };
     // Data parallel: `--device cuda` is this rank's GPU (dist::rank_device).
     let device = crate::dist::rank_device(opts.device);
+    // (Data parallel on GPUs: AdamW stays on the device; the gradients it keeps there are summed
+    // over the ranks after each window, `Backend::all_reduce_device_grads`.)
     let mut backend = super::backend::Backend::new(device, &model, &state)?;
-    if comm.world() > 1 {
-        backend.keep_optimizer_on_host()?;
-    }
     let eval_before = if prog.step == 0 && !val.is_empty() {
         refresh_head(&mut head_pack, &mut head_pack_fresh, &model);
         eval(&model, &state, &head_pack, &mut backend, comm)?
@@ -470,6 +469,7 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
         // Data parallel: sum the gradients and the loss statistics over the ranks.
         let mut sums = [nll, step_tokens as f64, step_flops];
         crate::dist::all_reduce_grads(comm, &mut state, &mut sums)?;
+        backend.all_reduce_device_grads(comm)?;
         let (nll, step_tokens, step_flops) = (sums[0], sums[1] as u64, sums[2]);
         let loss = nll / window_tokens.max(1) as f64;
         if !loss.is_finite() {

@@ -17,8 +17,9 @@
 //! `PEFTKIT_GPU_OPTIMIZER` chooses: `host` keeps the whole optimizer on the host; `device`
 //! puts the base tensors' states in device memory whatever their size; `paged` puts all states
 //! in managed memory, which the driver pages out to the host when the device runs short and
-//! back when the step needs them (QLoRA's paged optimizers). Data-parallel runs keep the
-//! optimizer on the host, where the gradients are reduced.
+//! back when the step needs them (QLoRA's paged optimizers). Data-parallel ranks each step on
+//! their device, after the gradients kept here are summed over the ranks
+//! ([`GpuEngine::all_reduce_device_grads`]).
 //!
 //! The host's copies (values, moments) go stale once the device has stepped
 //! (`TrainState::host_stale`); the trainer brings them back ([`GpuEngine::sync_to_host`])
@@ -27,6 +28,7 @@
 //! next pass of the run's state restores them from the masters.
 
 use super::*;
+use crate::dist::Communicator;
 use crate::gpu::weights::GpuWeight;
 use crate::train::optim::{clip_grad_norm_with, AdamW};
 use crate::train::params::StateId;
@@ -218,8 +220,8 @@ impl GpuEngine {
         self.plan_optimizer(true, true, paged)
     }
 
-    /// Keeps the whole optimizer on the host (data parallel: the gradients are reduced there),
-    /// before the first step.
+    /// Keeps the whole optimizer on the host (what `PEFTKIT_GPU_OPTIMIZER=host` asks; checks
+    /// that compare the gradients on the host), before the first step.
     pub fn keep_optimizer_on_host(&mut self) -> Result<()> {
         self.plan_optimizer(false, false, false)
     }
@@ -262,6 +264,27 @@ impl GpuEngine {
                 "internal: a backward pass of another state than the one the GPU optimizer trains"
                     .into(),
             ));
+        }
+        Ok(())
+    }
+
+    /// Data parallel: sums the gradients kept on the device over the ranks (every rank then
+    /// takes the same step), through the host in one reduction: downloaded, reduced by `comm`,
+    /// written back. Ranks must call it at the same point of every step.
+    pub fn all_reduce_device_grads(&mut self, comm: &mut dyn Communicator) -> Result<()> {
+        if comm.world() == 1 || self.optim.ranges.is_empty() {
+            return Ok(());
+        }
+        let n: usize = self.optim.ranges.iter().map(|r| r.n).sum();
+        let mut flat = Vec::with_capacity(n);
+        for r in &self.optim.ranges {
+            flat.extend(self.gpu.download_f32_at(r.grad, r.n)?);
+        }
+        comm.all_reduce_sum(&mut flat)?;
+        let mut at = 0;
+        for r in &self.optim.ranges {
+            self.gpu.upload_f32_at(r.grad, &flat[at..at + r.n])?;
+            at += r.n;
         }
         Ok(())
     }
