@@ -178,5 +178,22 @@ for m, name, ref, mine in (("lora", "lora", load("hf_lora.json"), rows), ("lora"
         if hp:
             line += f", memory {o['peak_allocated_bytes']/hp:.2f}x"
     print(line)
+# Issue 11's targets: QLoRA >= 2x PEFT + bitsandbytes at <= 0.5x its peak memory; kernels at
+# >= 60% of the roofline they are bound by.
+ref = load("hf_qlora.json") or {}
+if ref.get("tokens_per_s"):
+    hp = (ref.get("train_peak_allocated_mib") or 0) * 2**20
+    for name, mine in (("default", rows), ("flash attention", flash), ("fused 4-bit GEMM", fused), ("AdamW on the host", hostopt)):
+        o = mine.get("qlora")
+        if not o or not hp:
+            continue
+        sp, mem = o["tokens_per_second"] / ref["tokens_per_s"], o["peak_allocated_bytes"] / hp
+        ok = sp >= 2.0 and mem <= 0.5
+        print(f"TARGET qlora ({name}): {sp:.2f}x speed, {mem:.2f}x memory: {'met' if ok else 'not met'}")
+check = load("check.json") or {}
+for k in (check.get("kernels") or {}).get("kernels", []):
+    f = k.get("roofline_fraction")
+    if isinstance(f, (int, float)) and f == f:
+        print(f"TARGET kernel {k['check']}: {100 * f:.0f}% of its roofline ({k.get('ms') or 0:.3f} ms): {'met' if f >= 0.6 else 'below 60%'}")
 EOF
 echo "done in $(( $(date +%s) - START )) s"
