@@ -5,8 +5,8 @@
 #      committed tiny models (Llama GQA, untied head, llama3 RoPE, Qwen2 biases);
 #   3. LoRA and QLoRA training tokens/s and peak GPU memory on a random 1B-class Llama, ours
 #      (gpu-check --bench; QLoRA once more with the flash attention kernels, the fused 4-bit
-#      GEMM, and AdamW on the host instead of the device) side by side with
-#      PyTorch + PEFT (+ bitsandbytes) on the same model;
+#      GEMM, and AdamW on the host instead of the device; LoRA without gradient checkpointing)
+#      side by side with PyTorch + PEFT (+ bitsandbytes) on the same model;
 #   4. peft-train --device cuda:0 end to end on that model (data, steps, adapter output);
 #   5. peft-eval and peft-generate with that adapter, and dpo-train on a tiny model, on the GPU;
 #   6. on tiny models: rm-train, rm-score and ppo-train; GPT-2 LoRA; full fine-tuning with
@@ -90,6 +90,9 @@ want ours && section "3a''. ours: QLoRA with the fused 4-bit GEMM (PEFTKIT_GPU_Q
 want ours && section "3a'''. ours: QLoRA with AdamW on the host (PEFTKIT_GPU_OPTIMIZER=host, the default before 2026-12-07)" && PEFTKIT_GPU_OPTIMIZER=host run 120 "$BIN/gpu-check" --no-kernels --bench "$MODEL" --method qlora --batch "$BATCH" --seq "$SEQ" \
     --steps "$STEPS" --json "$OUT/ours_hostopt.json"
 
+want ours && section "3a5. ours: LoRA without gradient checkpointing (PEFTKIT_GPU_CHECKPOINTING=off), as PyTorch's 3b" && PEFTKIT_GPU_CHECKPOINTING=off run 120 "$BIN/gpu-check" --no-kernels --bench "$MODEL" --method lora --batch "$BATCH" --seq "$SEQ" \
+    --steps "$STEPS" --json "$OUT/ours_nockpt.json"
+
 want hf && section "3b. PyTorch + PEFT LoRA" && run 150 python3 bench/gpu/hf_reference.py --model "$MODEL" --method lora --batch "$BATCH" --seq "$SEQ" \
     --steps "$STEPS" --json "$OUT/hf_lora.json"
 want hf && section "3b'. PyTorch + PEFT LoRA with gradient checkpointing (as ours)" && run 150 python3 bench/gpu/hf_reference.py --model "$MODEL" --method lora --grad-checkpointing --batch "$BATCH" \
@@ -163,7 +166,9 @@ rows = {r["method"]: r for r in ours.get("bench", [])}
 flash = {r["method"]: r for r in (load("ours_flash.json") or {}).get("bench", [])}
 fused = {r["method"]: r for r in (load("ours_fused.json") or {}).get("bench", [])}
 hostopt = {r["method"]: r for r in (load("ours_hostopt.json") or {}).get("bench", [])}
+nockpt = {r["method"]: r for r in (load("ours_nockpt.json") or {}).get("bench", [])}
 for m, name, ref, mine in (("lora", "lora", load("hf_lora.json"), rows), ("lora", "lora vs checkpointed", load("hf_lora_gc.json"), rows),
+                           ("lora", "lora, both without checkpointing", load("hf_lora.json"), nockpt),
                            ("qlora", "qlora", load("hf_qlora.json"), rows), ("qlora", "qlora, flash attention", load("hf_qlora.json"), flash),
                            ("qlora", "qlora, fused 4-bit GEMM", load("hf_qlora.json"), fused),
                            ("qlora", "qlora, AdamW on the host", load("hf_qlora.json"), hostopt)):

@@ -671,6 +671,60 @@ mod tests {
         assert!(moved);
     }
 
+    /// Gradient checkpointing off (the forward pass keeps every block's activations) gives the
+    /// gradients that recomputing them gives, to the bit: LoRA with dropout, and full
+    /// fine-tuning.
+    #[test]
+    fn kept_activations_give_the_recomputed_gradients() {
+        use crate::model::Model;
+        use crate::rng::Rng;
+        use crate::train::engine::Batch;
+        use crate::train::lora::{self, LoraConfig};
+        use crate::train::params::TrainState;
+        let dir =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/llama_gqa");
+        let model = Model::load(&dir).unwrap();
+        let ids: Vec<u32> = (0..30).map(|i| (i * 37 % 200) as u32).collect();
+        let labels: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+        let batch = Batch {
+            ids: vec![&ids[..], &ids[..17]],
+            labels: vec![&labels[..], &labels[..17]],
+        };
+        for full in [false, true] {
+            let grads = |checkpointing: bool| {
+                let mut state = TrainState::new(model.linears().len());
+                if full {
+                    crate::train::full::register(&model, &mut state, |_| true, false);
+                } else {
+                    let cfg = LoraConfig {
+                        rank: 4,
+                        alpha: 8.0,
+                        dropout: 0.1,
+                        ..Default::default()
+                    };
+                    lora::attach(&model, &mut state, &cfg, &mut Rng::new(1)).unwrap();
+                    for lo in state.lora.iter_mut().flatten() {
+                        lo.b.iter_mut().for_each(|b| *b = 0.02);
+                    }
+                }
+                let mut e = crate::gpu::engine::GpuEngine::new(sim(), &model, &state).unwrap();
+                // (The gradients come to the host, where they are compared.)
+                e.keep_optimizer_on_host().unwrap();
+                e.use_gradient_checkpointing(checkpointing);
+                e.forward_backward(&mut state, &batch, 0.05, &mut Rng::new(3))
+                    .unwrap();
+                state
+                    .params
+                    .iter()
+                    .flat_map(|(_, p)| p.grad.clone())
+                    .collect::<Vec<f32>>()
+            };
+            let (recomputed, kept) = (grads(true), grads(false));
+            assert!(recomputed.iter().any(|&g| g != 0.0));
+            assert_eq!(recomputed, kept, "full fine-tuning: {full}");
+        }
+    }
+
     /// Several sequences decoded together (PPO's rollouts: prompts of different lengths, then
     /// one token each, a sequence leaving the batch) against the CPU's batched decoder, with
     /// 16-bit and 4-bit weights.
