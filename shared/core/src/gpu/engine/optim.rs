@@ -235,7 +235,10 @@ impl GpuEngine {
     /// state after a device step), which are then in the compute copies, restored from the
     /// masters if another state's pass replaced them. False: the caller uploads the state's.
     pub(super) fn adapters_held_on_device(&mut self, state: &TrainState) -> Result<bool> {
-        let held = self.optim.stepped() && state.id == self.optim.owner;
+        // (Without adapter ranges the host steps the adapters: its values are the current ones.)
+        let held = self.optim.stepped()
+            && self.optim.keeps_adapter_grads()
+            && state.id == self.optim.owner;
         if held && self.optim.compute_of != Some(state.id) {
             for r in self.optim.ranges.iter().filter(|r| r.adapter) {
                 let Some([master, _, _]) = &r.states else {
