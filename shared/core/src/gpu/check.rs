@@ -388,39 +388,14 @@ pub fn kernels(gpu: &Gpu, s: &KernelShapes) -> Result<(Value, usize)> {
         0.0,
         json!({"ms": t * 1e3, "roofline_fraction": (out * inp / 2 + out * inp * 2 + absmax.len() * 4) as f64 / t / bw}),
     );
-    let xv = rand_vec(&mut rng, inp, 1.0);
-    let gxv = gpu.upload(&xv)?;
-    let gyv = gpu.alloc_f32(out)?;
     let q4 = Q4Ptrs {
         packed: gp.ptr,
         absmax: gam.ptr,
         code: gc.ptr,
         blocksize: bs,
     };
-    let gemv = || {
-        if launch_gemv_q4(gpu, &q4, gxv.ptr, gyv.ptr, out, inp)? {
-            Ok(())
-        } else {
-            Err(Error::Device(format!(
-                "gemv_q4 does not take {out} × {inp}"
-            )))
-        }
-    };
-    let t = time(gpu, s.reps(50), gemv)?;
-    let want: Vec<f32> = (0..out)
-        .map(|o| {
-            (0..inp)
-                .map(|i| cpu[o * inp + i] as f64 * xv[i] as f64)
-                .sum::<f64>() as f32
-        })
-        .collect();
-    rep.add(
-        "gemv_q4 (fused NF4 GEMV)",
-        rel_err(&gpu.download_f32(&gyv, out)?, &want),
-        1e-4,
-        json!({"ms": t * 1e3, "roofline_fraction": (out * inp / 2 + absmax.len() * 4) as f64 / t / bw,
-               "note": "bytes of the 4-bit weight and its scales per call against the copy bandwidth"}),
-    );
+    let shape = (out, inp, absmax.len());
+    check_gemv(gpu, &mut rep, &mut rng, &q4, &cpu, shape, s.reps(50), bw)?;
     gemv_shapes(gpu, s, &mut rep, &mut rng, bw)?;
     // The fused 4-bit GEMM, both products a linear layer takes (x·Wᵀ, and dy·W added into
     // what is there), against f64 products of the decoded weight; on a GPU also timed against
@@ -774,8 +749,7 @@ fn cross_entropy(
     Ok(())
 }
 
-/// The fused 4-bit GEMV on the sweep's shapes against f64 products of the decoded weight, timed
-/// on a GPU (ms and the fraction of the copy bandwidth its bytes take).
+/// The fused 4-bit GEMV on the sweep's shapes (block size 64).
 fn gemv_shapes(
     gpu: &Gpu,
     s: &KernelShapes,
@@ -790,41 +764,61 @@ fn gemv_shapes(
         let w = rand_vec(rng, out * inp, 0.02);
         let (packed, absmax) = blockwise::quantize_4bit(&w, bs, QuantType::Nf4);
         let dec = blockwise::dequantize_4bit(&packed, &absmax, out * inp, bs, code);
-        let x = rand_vec(rng, inp, 1.0);
-        let (gp, gam, gx) = (gpu.upload(&packed)?, gpu.upload(&absmax)?, gpu.upload(&x)?);
-        let gy = gpu.alloc_f32(out)?;
+        let (gp, gam) = (gpu.upload(&packed)?, gpu.upload(&absmax)?);
         let q4 = Q4Ptrs {
             packed: gp.ptr,
             absmax: gam.ptr,
             code: gc.ptr,
             blocksize: bs,
         };
-        let gemv = || {
-            if launch_gemv_q4(gpu, &q4, gx.ptr, gy.ptr, out, inp)? {
-                Ok(())
-            } else {
-                Err(Error::Device(format!(
-                    "gemv_q4 does not take {out} × {inp}"
-                )))
-            }
-        };
-        let t = time(gpu, s.reps(50), gemv)?;
-        let want: Vec<f32> = dec
-            .chunks(inp)
-            .map(|row| {
-                row.iter()
-                    .zip(&x)
-                    .map(|(&w, &x)| w as f64 * x as f64)
-                    .sum::<f64>() as f32
-            })
-            .collect();
-        rep.add(
-            &format!("gemv_q4 {out}×{inp}"),
-            rel_err(&gpu.download_f32(&gy, out)?, &want),
-            1e-4,
-            json!({"ms": t * 1e3, "roofline_fraction": (out * inp / 2 + absmax.len() * 4) as f64 / t / bw}),
-        );
+        let shape = (out, inp, absmax.len());
+        check_gemv(gpu, rep, rng, &q4, &dec, shape, s.reps(50), bw)?;
     }
+    Ok(())
+}
+
+/// The fused 4-bit GEMV of `q4` (`out` × `inp`, `scales` scales; `dec` its decoded values)
+/// against an f64 product, timed over `reps` calls: ms and the fraction of the copy bandwidth
+/// the weight's bytes and scales take per call.
+#[allow(clippy::too_many_arguments)]
+fn check_gemv(
+    gpu: &Gpu,
+    rep: &mut Report,
+    rng: &mut Rng,
+    q4: &Q4Ptrs,
+    dec: &[f32],
+    (out, inp, scales): (usize, usize, usize),
+    reps: usize,
+    bw: f64,
+) -> Result<()> {
+    let x = rand_vec(rng, inp, 1.0);
+    let gx = gpu.upload(&x)?;
+    let gy = gpu.alloc_f32(out)?;
+    let gemv = || {
+        if launch_gemv_q4(gpu, q4, gx.ptr, gy.ptr, out, inp)? {
+            Ok(())
+        } else {
+            Err(Error::Device(format!(
+                "gemv_q4 does not take {out} × {inp}"
+            )))
+        }
+    };
+    let t = time(gpu, reps, gemv)?;
+    let want: Vec<f32> = dec
+        .chunks(inp)
+        .map(|row| {
+            row.iter()
+                .zip(&x)
+                .map(|(&w, &x)| w as f64 * x as f64)
+                .sum::<f64>() as f32
+        })
+        .collect();
+    rep.add(
+        &format!("gemv_q4 {out}×{inp}"),
+        rel_err(&gpu.download_f32(&gy, out)?, &want),
+        1e-4,
+        json!({"ms": t * 1e3, "roofline_fraction": (out * inp / 2 + scales * 4) as f64 / t / bw}),
+    );
     Ok(())
 }
 
