@@ -159,6 +159,8 @@ impl KernelShapes {
                 (1, 2, 2, 90, 64, 20),
                 (2, 4, 1, 33, 16, 0),
                 (1, 2, 2, 20, 80, 0),
+                // Query tiles wholly after key tiles, inside the sequence: the unmasked path.
+                (2, 2, 1, 200, 32, 0),
             ],
             timed: false,
         }

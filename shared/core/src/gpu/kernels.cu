@@ -893,15 +893,18 @@ __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O,
                 mma_bf16_16816(sc[nt], qa[kk], b);
             }
         }
-        // Mask, then the online softmax: new row maxima, rescale what was summed so far.
+        // Mask, then the online softmax: new row maxima, rescale what was summed so far. A tile
+        // wholly below the diagonal, with every row inside the sequence and no window, needs no
+        // mask: all tiles but the diagonal one of a full-length causal block.
         float mx0 = m0, mx1 = m1;
+        bool full = window <= 0 && k0 + BC <= q0 + 1 && q0 + BR <= len;
 #pragma unroll
         for (int nt = 0; nt < BC / 8; nt++)
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 int j = k0 + nt * 8 + tq * 2 + e;
-                bool ok0 = r0 < len && j <= r0 && (window <= 0 || j > r0 - window);
-                bool ok1 = r1 < len && j <= r1 && (window <= 0 || j > r1 - window);
+                bool ok0 = full || (r0 < len && j <= r0 && (window <= 0 || j > r0 - window));
+                bool ok1 = full || (r1 < len && j <= r1 && (window <= 0 || j > r1 - window));
                 sc[nt][e] = ok0 ? sc[nt][e] * scale : -INFINITY;
                 sc[nt][2 + e] = ok1 ? sc[nt][2 + e] * scale : -INFINITY;
                 mx0 = fmaxf(mx0, sc[nt][e]);
@@ -1084,7 +1087,9 @@ __device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf1
                     mma_bf16_16816(dp[nt], va[kk], bo);
                 }
             }
-            // Pᵀ and dSᵀ = Pᵀ ∘ (dPᵀ − Dv)·scale.
+            // Pᵀ and dSᵀ = Pᵀ ∘ (dPᵀ − Dv)·scale. Queries all at or after the tile's keys,
+            // inside the sequence and without a window, need no mask (as in the forward pass).
+            bool full = window <= 0 && k0 + BC <= q0 + 1 && q0 + BR <= len;
 #pragma unroll
             for (int nt = 0; nt < NT; nt++)
 #pragma unroll
@@ -1092,7 +1097,7 @@ __device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf1
                     int j = e < 2 ? j0 : j1;
                     int qi = nt * 8 + tq * 2 + (e & 1);
                     int t = q0 + qi;
-                    bool ok = t < len && j <= t && (window <= 0 || j > t - window);
+                    bool ok = full || (t < len && j <= t && (window <= 0 || j > t - window));
                     float p = ok ? __expf(sc[nt][e] * scale - lse_s[qi]) : 0.f;
                     sc[nt][e] = p;
                     dp[nt][e] = p * (dp[nt][e] - dv_s[qi]) * scale;
