@@ -842,8 +842,13 @@ template <int D>
 __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O, float* lse, const int* seq_len,
                           int heads, int kv_heads, int L, int window, float scale) {
     constexpr int BR = 64, BC = 64, KS = D / 16, NO = D / 8;
-    __shared__ unsigned ks[BC * D / 2];  // the key tile, [key][D] in bf16 pairs
-    __shared__ unsigned vt[D * BC / 2];  // the value tile transposed, [D][key] in bf16 pairs
+    // Rows padded by 4 words: an mma B fragment's 8 rows × 4 words then fall in 32 different
+    // banks (unpadded, a row of D/2 or BC/2 words, a multiple of 32 words for D ≥ 64, put all
+    // 8 rows in one bank: 8-way conflicts), and the value tile's transposing stores, 32 rows
+    // apart, in 8 banks instead of 1.
+    constexpr int KW = D / 2 + 4, VW = BC / 2 + 4;
+    __shared__ unsigned ks[BC * KW];  // the key tile, [key][D] in bf16 pairs
+    __shared__ unsigned vt[D * VW];   // the value tile transposed, [D][key] in bf16 pairs
     int tiles = (L + BR - 1) / BR;
     int q0 = (blockIdx.x % tiles) * BR;
     int h = (blockIdx.x / tiles) % heads;
@@ -874,11 +879,12 @@ __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O,
         __syncthreads();  // every warp is done with the previous tile
         for (int i = threadIdx.x; i < BC * D / 2; i += blockDim.x) {
             int j = k0 + i / (D / 2);
-            ks[i] = j < L ? reinterpret_cast<const unsigned*>(Kh + (long)j * D)[i % (D / 2)] : 0u;
+            ks[i / (D / 2) * KW + i % (D / 2)] =
+                j < L ? reinterpret_cast<const unsigned*>(Kh + (long)j * D)[i % (D / 2)] : 0u;
         }
         for (int i = threadIdx.x; i < BC * D; i += blockDim.x) {
             int key = i / D, c = i % D, j = k0 + key;
-            reinterpret_cast<bf16*>(vt)[c * BC + key] = j < L ? Vh[(long)j * D + c] : (bf16)0;
+            reinterpret_cast<bf16*>(vt)[c * 2 * VW + key] = j < L ? Vh[(long)j * D + c] : (bf16)0;
         }
         __syncthreads();
         // Scores of 16 rows × 64 keys.
@@ -886,7 +892,7 @@ __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O,
 #pragma unroll
         for (int nt = 0; nt < BC / 8; nt++) {
             sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
-            const unsigned* kr = ks + (nt * 8 + g) * (D / 2);
+            const unsigned* kr = ks + (nt * 8 + g) * KW;
 #pragma unroll
             for (int kk = 0; kk < KS; kk++) {
                 unsigned b[2] = {kr[kk * 8 + tq], kr[kk * 8 + 4 + tq]};
@@ -945,7 +951,7 @@ __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O,
                               pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
 #pragma unroll
             for (int n = 0; n < NO; n++) {
-                const unsigned* vr = vt + (n * 8 + g) * (BC / 2) + kk * 8;
+                const unsigned* vr = vt + (n * 8 + g) * VW + kk * 8;
                 unsigned b[2] = {vr[tq], vr[4 + tq]};
                 mma_bf16_16816(o[n], pa, b);
             }
