@@ -311,11 +311,7 @@ impl Gpu {
     /// vector's memory: no conversion pass).
     pub fn download_f32(&self, src: &DBuf, n: usize) -> Result<Vec<f32>> {
         assert!(n * 4 <= src.bytes, "read past the end of a device buffer");
-        let mut out = vec![0f32; n];
-        // Safety: f32 has no invalid bit patterns; the byte view covers exactly `out`.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, n * 4) };
-        self.dev.download(src.ptr, bytes)?;
-        Ok(out)
+        self.download_f32_at(src.ptr, n)
     }
 
     /// `n` f32 values at a device address inside a buffer (a part of one).
@@ -348,7 +344,7 @@ impl Gpu {
             bytes <= dst.bytes && bytes <= src.bytes,
             "copy past a buffer's end"
         );
-        self.dev.copy(dst.ptr, src.ptr, bytes)
+        self.copy_raw(dst.ptr, src.ptr, bytes)
     }
 
     /// Copies `bytes` bytes between device addresses (parts of buffers).

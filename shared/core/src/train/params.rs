@@ -204,6 +204,11 @@ impl TrainState {
         Some(&mut self.params[i].1.grad)
     }
 
+    /// Where `slot` is in `params`, when it trains.
+    pub fn index_of(&self, slot: Slot) -> Option<usize> {
+        self.index.get(&slot).copied()
+    }
+
     pub fn get(&self, slot: Slot) -> Option<&ParamState> {
         self.index.get(&slot).map(|&i| &self.params[i].1)
     }

@@ -32,7 +32,7 @@ use crate::dist::Communicator;
 use crate::gpu::weights::GpuWeight;
 use crate::train::optim::{clip_grad_norm_with, AdamW};
 use crate::train::params::StateId;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// Tensors that step in one launch: `slots` (with their lengths) lie one after another at
 /// `grad` (f32) and at `out`, the compute copy the passes read (bf16 or f32).
@@ -59,7 +59,7 @@ pub(super) struct DeviceOptim {
     /// Whose adapter values the compute copies hold.
     compute_of: Option<StateId>,
     /// The trainable tensors and whether weight decay applies to each (HF Trainer's rule).
-    decay: Vec<(Slot, bool)>,
+    decay: HashMap<Slot, bool>,
 }
 
 impl DeviceOptim {
@@ -111,7 +111,7 @@ impl DeviceOptim {
     /// Adds tensor `slot` (`n` values at `grad` and `out`) when it trains, to the last range
     /// when it continues it in memory with the same decay and kind.
     fn push(&mut self, slot: Slot, n: usize, grad: u64, out: (u64, bool), adapter: bool) {
-        let Some(&(_, decay)) = self.decay.iter().find(|(s, _)| *s == slot) else {
+        let Some(&decay) = self.decay.get(&slot) else {
             return;
         };
         let elem = if out.1 { 2 } else { 4 };
@@ -349,11 +349,7 @@ impl GpuEngine {
             for r in &mut self.optim.ranges {
                 let mut host: [Vec<f32>; 3] = std::array::from_fn(|_| Vec::with_capacity(r.n));
                 for &(slot, _) in &r.slots {
-                    let k = state
-                        .params
-                        .iter()
-                        .position(|(s, _)| *s == slot)
-                        .expect("a trainable slot");
+                    let k = state.index_of(slot).expect("a trainable slot");
                     let (value, p) = state.value_and_state_mut(model, k);
                     host[0].extend_from_slice(value);
                     host[1].extend_from_slice(&p.m);
@@ -457,11 +453,7 @@ impl GpuEngine {
             );
             let mut at = 0;
             for &(slot, n) in &r.slots {
-                let k = state
-                    .params
-                    .iter()
-                    .position(|(s, _)| *s == slot)
-                    .expect("a trainable slot");
+                let k = state.index_of(slot).expect("a trainable slot");
                 let (value, p) = state.value_and_state_mut(model, k);
                 value.copy_from_slice(&master[at..at + n]);
                 p.m.copy_from_slice(&m[at..at + n]);
