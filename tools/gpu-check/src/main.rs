@@ -95,6 +95,12 @@ fn run(a: &Args, dev: DeviceSpec) -> peftkit_core::Result<()> {
         let (v, f) = check::kernels(&gpu, &shapes)?;
         out["kernels"] = v;
         failed += f;
+        #[cfg(feature = "cuda")]
+        if dev != DeviceSpec::Sim {
+            let (v, f) = check::nccl_one_rank(&gpu)?;
+            out["nccl"] = v;
+            failed += f;
+        }
     }
     if !a.engine.is_empty() {
         let mut rows = Vec::new();

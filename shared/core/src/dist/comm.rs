@@ -1,6 +1,7 @@
 //! The collective operations data-parallel training needs, and the single-process one.
 
 use crate::error::{Error, Result};
+use crate::gpu::DeviceSpec;
 
 /// The processes (ranks) of one data-parallel job. Every rank calls the same collectives in
 /// the same order with buffers of the same length; each call returns when its result is there.
@@ -23,6 +24,21 @@ pub trait Communicator: Send {
     fn broadcast(&mut self, root: usize, bytes: &mut Vec<u8>) -> Result<()>;
     /// Return once every rank has called it.
     fn barrier(&mut self) -> Result<()>;
+    /// The device whose memory [`Communicator::all_reduce_sum_gpu`] sums in place (NCCL:
+    /// this rank's GPU); `None` for communicators that sum host buffers only.
+    fn gpu_device(&self) -> Option<DeviceSpec> {
+        None
+    }
+    /// Replace the `n` f32 values at device address `ptr` (on [`Communicator::gpu_device`])
+    /// by their sum over the ranks, on the GPU. Every write to them must have finished; the
+    /// sum is there when this returns. Callers first agree over all ranks that each can
+    /// (a rank that cannot would leave the others waiting).
+    fn all_reduce_sum_gpu(&mut self, _ptr: u64, _n: usize) -> Result<()> {
+        Err(Error::Device(format!(
+            "internal: the {} communicator cannot sum GPU buffers",
+            self.backend()
+        )))
+    }
 }
 
 /// One process: every collective is the identity.

@@ -18,7 +18,7 @@
 
 use super::comm::Communicator;
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtrMut, DeviceSlice, SyncOnDrop};
 use cudarc::nccl::{Comm, Id, ReduceOp};
 use std::sync::Arc;
 
@@ -138,6 +138,30 @@ impl Nccl {
     }
 }
 
+/// `n` f32 values at a raw device address that another owner (the training engine, in the
+/// same primary context) allocated: what NCCL's in-place sum needs of a buffer. Its writers
+/// have finished (the caller synchronised), so there is nothing to wait for.
+struct RawF32 {
+    ptr: u64,
+    n: usize,
+    stream: Arc<CudaStream>,
+}
+
+impl DeviceSlice<f32> for RawF32 {
+    fn len(&self) -> usize {
+        self.n
+    }
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl DevicePtrMut<f32> for RawF32 {
+    fn device_ptr_mut<'a>(&'a mut self, _: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+        (self.ptr, SyncOnDrop::Sync(None))
+    }
+}
+
 fn nccl_error(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device(format!("data parallel over NCCL: {what} failed: {e:?}"))
 }
@@ -192,6 +216,26 @@ impl Communicator for Nccl {
     fn barrier(&mut self) -> Result<()> {
         self.host.barrier()
     }
+    fn gpu_device(&self) -> Option<crate::gpu::DeviceSpec> {
+        Some(crate::gpu::DeviceSpec::Cuda(self.device))
+    }
+    fn all_reduce_sum_gpu(&mut self, ptr: u64, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let mut buf = RawF32 {
+            ptr,
+            n,
+            stream: self.stream.clone(),
+        };
+        self.comm
+            .0
+            .all_reduce_in_place(&mut buf, &ReduceOp::Sum)
+            .map_err(|e| nccl_error("ncclAllReduce", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| nccl_error("the all-reduce's stream", e))
+    }
 }
 
 #[cfg(test)]
@@ -200,7 +244,7 @@ mod tests {
     use crate::dist::Single;
 
     /// Without CUDA or NCCL (this test's usual machine): an error, not a panic. With them: one
-    /// rank, whose sums are its inputs, on the host path and the device path.
+    /// rank, whose sums are its inputs, on the host path and the device paths.
     #[test]
     fn one_rank_or_a_clean_error() {
         let mut c = match Nccl::new(Box::new(Single), 0) {
@@ -218,6 +262,14 @@ mod tests {
         let mut d = c.stream().clone_htod(&want).unwrap();
         c.all_reduce_device(&mut d).unwrap();
         assert_eq!(c.stream().clone_dtoh(&d).unwrap(), want);
+        // A raw address, as the training engine's gradients are summed.
+        let raw = c.stream().clone_htod(&want).unwrap();
+        let ptr = {
+            use cudarc::driver::DevicePtr;
+            raw.device_ptr(c.stream()).0
+        };
+        c.all_reduce_sum_gpu(ptr, want.len()).unwrap();
+        assert_eq!(c.stream().clone_dtoh(&raw).unwrap(), want);
         eprintln!("NCCL on cuda:{}: one-rank all-reduce ok", c.device());
     }
 }

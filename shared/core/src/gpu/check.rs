@@ -175,6 +175,39 @@ impl KernelShapes {
     }
 }
 
+/// NCCL on this GPU, as one rank of one (`cuda:N` builds): the communicator starts, and sums
+/// in place a buffer of the training engine's (its raw address, in the context the engine
+/// opened), as data-parallel runs sum the gradients AdamW keeps on the device. One rank's sum
+/// is its input. Returns (json, failures); no NCCL library is not a failure.
+#[cfg(feature = "cuda")]
+pub fn nccl_one_rank(gpu: &Gpu) -> Result<(Value, usize)> {
+    use crate::dist::{nccl::Nccl, Communicator, Single};
+    let super::DeviceSpec::Cuda(ordinal) = gpu.spec else {
+        return Ok((json!({"skipped": "not a CUDA device"}), 0));
+    };
+    let mut comm = match Nccl::new(Box::new(Single), ordinal) {
+        Ok(c) => c,
+        Err(e) if e.to_string().contains("was not found") => {
+            crate::cli::info(format!("NCCL: skipped ({e})"));
+            return Ok((json!({"skipped": e.to_string()}), 0));
+        }
+        Err(e) => return Err(e),
+    };
+    let want: Vec<f32> = (0..100_003).map(|i| (i % 97) as f32 * 0.25 - 3.0).collect();
+    let buf = gpu.upload(&want)?;
+    gpu.sync()?;
+    comm.all_reduce_sum_gpu(buf.ptr, want.len())?;
+    let got = gpu.download_f32(&buf, want.len())?;
+    let mut host = want.clone();
+    comm.all_reduce_sum(&mut host)?;
+    let pass = got == want && host == want;
+    crate::cli::info(format!(
+        "NCCL, one rank: in-place sum of the engine's memory and of host memory {}",
+        if pass { "ok" } else { "FAILED" }
+    ));
+    Ok((json!({"pass": pass}), usize::from(!pass)))
+}
+
 /// Kernel-by-kernel checks and speeds. Returns (json rows, failures).
 pub fn kernels(gpu: &Gpu, s: &KernelShapes) -> Result<(Value, usize)> {
     let mut rep = Report {

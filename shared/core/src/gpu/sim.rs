@@ -241,6 +241,7 @@ impl Backend for SimBackend {
 
 #[cfg(test)]
 mod tests {
+    use crate::error::Result;
     use crate::gpu::check::{self, KernelShapes};
     use crate::gpu::device::{Arg, Gpu};
     use crate::gpu::DeviceSpec;
@@ -578,12 +579,56 @@ mod tests {
         assert!(b_moments.count() > 0);
     }
 
+    /// A communicator that sums the simulator's device memory in place, as NCCL sums a GPU's
+    /// (the simulator's device addresses are host addresses), and counts the values it
+    /// summed so.
+    struct SumsSimMemory {
+        inner: crate::dist::InProcess,
+        on_device: usize,
+    }
+
+    impl crate::dist::Communicator for SumsSimMemory {
+        fn rank(&self) -> usize {
+            self.inner.rank()
+        }
+        fn world(&self) -> usize {
+            self.inner.world()
+        }
+        fn backend(&self) -> &'static str {
+            "in-process, on the simulator's memory"
+        }
+        fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+            self.inner.all_reduce_sum(buf)
+        }
+        fn all_reduce_sum_f64(&mut self, buf: &mut [f64]) -> Result<()> {
+            self.inner.all_reduce_sum_f64(buf)
+        }
+        fn broadcast(&mut self, root: usize, bytes: &mut Vec<u8>) -> Result<()> {
+            self.inner.broadcast(root, bytes)
+        }
+        fn barrier(&mut self) -> Result<()> {
+            self.inner.barrier()
+        }
+        fn gpu_device(&self) -> Option<crate::gpu::DeviceSpec> {
+            Some(crate::gpu::DeviceSpec::Sim)
+        }
+        fn all_reduce_sum_gpu(&mut self, ptr: u64, n: usize) -> Result<()> {
+            // SAFETY: a live simulator allocation of at least n f32s (the engine's gradients),
+            // which nothing else touches during the call.
+            let values = unsafe { std::slice::from_raw_parts_mut(ptr as *mut f32, n) };
+            self.on_device += n;
+            self.inner.all_reduce_sum(values)
+        }
+    }
+
     /// Data parallel with AdamW on the device: two ranks (threads, the in-process
     /// communicator) each take half of a window, sum the gradients their devices keep and
     /// step; both end where one engine does that takes the halves as two micro-batches.
+    /// Three ways: through the host; in place in device memory (as NCCL does); and with one
+    /// rank that cannot sum in device memory, which sends both through the host.
     #[test]
     fn data_parallel_device_optimizer_matches_one_process() {
-        use crate::dist::InProcess;
+        use crate::dist::{Communicator, InProcess};
         use crate::model::Model;
         use crate::rng::Rng;
         use crate::train::engine::Batch;
@@ -616,7 +661,7 @@ mod tests {
                 .collect()
         }
         // Two optimizer steps from `halves` (this rank's, or both), their values afterwards.
-        fn run(ranks: &[usize], comm: Option<&mut InProcess>) -> Vec<Vec<f32>> {
+        fn run(ranks: &[usize], comm: Option<&mut dyn Communicator>) -> Vec<Vec<f32>> {
             let (mut model, mut state) = setup();
             let mut e = crate::gpu::engine::GpuEngine::new(sim(), &model, &state).unwrap();
             let opt = AdamW::default();
@@ -646,21 +691,43 @@ mod tests {
                 .collect()
         }
         let one = run(&[0, 1], None);
-        let ranks: Vec<Vec<Vec<f32>>> = InProcess::group(2)
-            .into_iter()
-            .enumerate()
-            .map(|(rank, mut c)| std::thread::spawn(move || run(&[rank], Some(&mut c))))
-            .collect::<Vec<_>>()
-            .into_iter()
-            .map(|h| h.join().unwrap())
-            .collect();
-        let (_, start) = setup();
-        for (rank, values) in ranks.iter().enumerate() {
-            for (k, (a, b)) in one.iter().zip(values).enumerate() {
-                let err = crate::gpu::check::rel_err(b, a);
-                assert!(err < 1e-6, "rank {rank}, tensor {k}: {err}");
+        // Which ranks' communicators sum device memory; how many values each summed there.
+        for (in_place, want_on_device) in [
+            ([false, false], false),
+            ([true, true], true),
+            ([true, false], false),
+        ] {
+            let ranks: Vec<(Vec<Vec<f32>>, usize)> = InProcess::group(2)
+                .into_iter()
+                .enumerate()
+                .map(|(rank, c)| {
+                    std::thread::spawn(move || {
+                        if in_place[rank] {
+                            let mut c = SumsSimMemory {
+                                inner: c,
+                                on_device: 0,
+                            };
+                            let values = run(&[rank], Some(&mut c));
+                            (values, c.on_device)
+                        } else {
+                            let mut c = c;
+                            (run(&[rank], Some(&mut c)), 0)
+                        }
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect();
+            for (rank, (values, on_device)) in ranks.iter().enumerate() {
+                assert_eq!(*on_device > 0, want_on_device, "{in_place:?}, rank {rank}");
+                for (k, (a, b)) in one.iter().zip(values).enumerate() {
+                    let err = crate::gpu::check::rel_err(b, a);
+                    assert!(err < 1e-6, "{in_place:?}, rank {rank}, tensor {k}: {err}");
+                }
             }
         }
+        let (_, start) = setup();
         // (And the steps moved every tensor.)
         let moved = start
             .lora
