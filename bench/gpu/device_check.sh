@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU device check (issue 11), one script for one short GPU lease (< 8 minutes on an H200):
-#   1. every kernel against the CPU path, with its speed against the roofline it is bound by;
-#   2. one LoRA and one QLoRA training step of the GPU engine against the CPU engine on the
-#      committed tiny models (Llama GQA, untied head, llama3 RoPE, Qwen2 biases);
+#   1. every kernel against the CPU path, with its speed against the roofline it is bound by,
+#      and NCCL on one rank summing the engine's memory;
+#   2. a training step of every method of the GPU engine against the CPU engine on the
+#      committed tiny models (Llama GQA, untied head, llama3 RoPE, Qwen2 biases, GPT-2), then
+#      evaluation and generation (run after 3, as it decides no target);
 #   3. LoRA and QLoRA training tokens/s and peak GPU memory on a random 1B-class Llama, ours
 #      (gpu-check --bench; QLoRA once more with the flash attention kernels, the fused 4-bit
 #      GEMM, and AdamW on the host instead of the device; LoRA without gradient checkpointing)
@@ -35,8 +37,8 @@ SEQ=${SEQ:-1024}
 STEPS=${STEPS:-8}
 exec > >(tee -a "$OUT/log.txt") 2>&1
 
-# SECTIONS: any of check model ours hf train tools more fullft (default all).
-SECTIONS=${SECTIONS:-check model ours hf train tools more fullft}
+# SECTIONS: any of check model ours hf engine train tools more fullft (default all).
+SECTIONS=${SECTIONS:-check model ours hf engine train tools more fullft}
 want() { case " $SECTIONS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 section() { echo; echo "=== $1 (t=$(( $(date +%s) - START ))s, $(left)s left)"; }
@@ -74,15 +76,27 @@ fi
 python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" || echo "no bitsandbytes: the QLoRA reference will be skipped"
 
 F=tests/fixtures/models
-want check && section "1+2. kernels and training steps against the CPU path" && run 150 "$BIN/gpu-check" --engine "$F/llama_gqa,$F/llama_untied,$F/llama3_rope,$F/qwen2,$F/gpt2" --json "$OUT/check.json"
+# Ordered so that what decides issue 11's targets comes first (a lease may end early, and the
+# budget skips what is left): the kernels against their roofline, ours and PyTorch's QLoRA,
+# then the variants and the slower correctness runs.
+want check && section "1. kernels against the CPU path and their roofline; NCCL on one rank" && run 90 "$BIN/gpu-check" --json "$OUT/check.json"
 
 want model && section "make the 1B-class model" && { [ -f "$MODEL/model.safetensors" ] || run 150 python3 bench/gpu/make_model.py --out "$MODEL" --tokenizer-dir .gpu/tok; }
 
 want ours && section "3a. ours: LoRA and QLoRA training, ${BATCH}x${SEQ}" && run 200 "$BIN/gpu-check" --no-kernels --bench "$MODEL" --method lora,qlora --batch "$BATCH" --seq "$SEQ" \
     --steps "$STEPS" --json "$OUT/ours.json"
 
+want hf && section "3c. PyTorch + PEFT + bitsandbytes QLoRA" && run 150 python3 bench/gpu/hf_reference.py --model "$MODEL" --method qlora --batch "$BATCH" --seq "$SEQ" \
+    --steps "$STEPS" --json "$OUT/hf_qlora.json"
+
 want ours && section "3a'. ours: QLoRA with flash attention (PEFTKIT_GPU_ATTENTION=flash)" && PEFTKIT_GPU_ATTENTION=flash run 120 "$BIN/gpu-check" --no-kernels --bench "$MODEL" --method qlora --batch "$BATCH" --seq "$SEQ" \
     --steps "$STEPS" --json "$OUT/ours_flash.json"
+
+want ours && section "3a5. ours: LoRA without gradient checkpointing (PEFTKIT_GPU_CHECKPOINTING=off), as PyTorch's 3b" && PEFTKIT_GPU_CHECKPOINTING=off run 120 "$BIN/gpu-check" --no-kernels --bench "$MODEL" --method lora --batch "$BATCH" --seq "$SEQ" \
+    --steps "$STEPS" --json "$OUT/ours_nockpt.json"
+
+want hf && section "3b. PyTorch + PEFT LoRA" && run 150 python3 bench/gpu/hf_reference.py --model "$MODEL" --method lora --batch "$BATCH" --seq "$SEQ" \
+    --steps "$STEPS" --json "$OUT/hf_lora.json"
 
 want ours && section "3a''. ours: QLoRA with the fused 4-bit GEMM (PEFTKIT_GPU_Q4_GEMM=fused)" && PEFTKIT_GPU_Q4_GEMM=fused run 120 "$BIN/gpu-check" --no-kernels --bench "$MODEL" --method qlora --batch "$BATCH" --seq "$SEQ" \
     --steps "$STEPS" --json "$OUT/ours_fused.json"
@@ -90,15 +104,10 @@ want ours && section "3a''. ours: QLoRA with the fused 4-bit GEMM (PEFTKIT_GPU_Q
 want ours && section "3a'''. ours: QLoRA with AdamW on the host (PEFTKIT_GPU_OPTIMIZER=host, the default before 2026-12-07)" && PEFTKIT_GPU_OPTIMIZER=host run 120 "$BIN/gpu-check" --no-kernels --bench "$MODEL" --method qlora --batch "$BATCH" --seq "$SEQ" \
     --steps "$STEPS" --json "$OUT/ours_hostopt.json"
 
-want ours && section "3a5. ours: LoRA without gradient checkpointing (PEFTKIT_GPU_CHECKPOINTING=off), as PyTorch's 3b" && PEFTKIT_GPU_CHECKPOINTING=off run 120 "$BIN/gpu-check" --no-kernels --bench "$MODEL" --method lora --batch "$BATCH" --seq "$SEQ" \
-    --steps "$STEPS" --json "$OUT/ours_nockpt.json"
-
-want hf && section "3b. PyTorch + PEFT LoRA" && run 150 python3 bench/gpu/hf_reference.py --model "$MODEL" --method lora --batch "$BATCH" --seq "$SEQ" \
-    --steps "$STEPS" --json "$OUT/hf_lora.json"
 want hf && section "3b'. PyTorch + PEFT LoRA with gradient checkpointing (as ours)" && run 150 python3 bench/gpu/hf_reference.py --model "$MODEL" --method lora --grad-checkpointing --batch "$BATCH" \
     --seq "$SEQ" --steps "$STEPS" --json "$OUT/hf_lora_gc.json"
-want hf && section "3c. PyTorch + PEFT + bitsandbytes QLoRA" && run 150 python3 bench/gpu/hf_reference.py --model "$MODEL" --method qlora --batch "$BATCH" --seq "$SEQ" \
-    --steps "$STEPS" --json "$OUT/hf_qlora.json"
+
+want engine && section "2. a training step of every method against the CPU engine; evaluation and generation" && run 150 "$BIN/gpu-check" --no-kernels --engine "$F/llama_gqa,$F/llama_untied,$F/llama3_rope,$F/qwen2,$F/gpt2" --json "$OUT/engine.json"
 
 want train && section "4. peft-train --device cuda:0 end to end" && rm -rf /tmp/gpu-run && run 120 "$BIN/peft-train" --model "$MODEL" --data tests/fixtures/data/alpaca.json --method lora \
     --out /tmp/gpu-run --steps 6 --batch 4 --lr 1e-3 --device cuda:0 --log "$OUT/train.jsonl" \
@@ -196,6 +205,13 @@ if ref.get("tokens_per_s"):
         ok = sp >= 2.0 and mem <= 0.5
         print(f"TARGET qlora ({name}): {sp:.2f}x speed, {mem:.2f}x memory: {'met' if ok else 'not met'}")
 check = load("check.json") or {}
+if "nccl" in check:
+    print("NCCL, one rank, in place on the engine's memory:", check["nccl"])
+engine = load("engine.json")
+if engine:
+    bad = [f"{r.get('model')} {r.get('case', 'eval/generation')}" for r in engine.get("engine", [])
+           if r.get("pass") is False or any(c.get("pass") is False for c in (r.get("checks") or []) if isinstance(c, dict))]
+    print("engine against the CPU:", "all passed" if not bad else "FAILED: " + ", ".join(bad))
 for k in (check.get("kernels") or {}).get("kernels", []):
     f = k.get("roofline_fraction")
     if isinstance(f, (int, float)) and f == f:
