@@ -803,8 +803,27 @@ extern "C" __global__ void adamw_step(float* w, float* m, float* v, float* g, lo
 //   C 16×8:            c0,c1 = (g, 2·tig..+1), c2,c3 = (g+8, same)
 // so a C tile of scores is, packed in pairs, the A fragment of P·V without leaving registers.
 
+// Two floats as bf16 (round to nearest even) in one register, `lo` in the low half: one
+// cvt.rn.bf16x2 on sm_80 and later (the value f2bf gives; a NaN may come out as another NaN).
 __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+#if !defined(CUDASIM) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
     return (unsigned)f2bf(lo) | ((unsigned)f2bf(hi) << 16);
+#endif
+}
+
+// 2^x for the online softmax: MUFU.EX2 (ex2.approx.ftz, as __expf uses it), 2^−inf = 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+#ifdef CUDASIM
+    return exp2f(x);
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#endif
 }
 
 // d += a·b for one 16×8×16 tile (one warp). bf16 tensor cores need sm_80: for older GPUs
@@ -821,6 +840,38 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned* a, cons
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// ldmatrix (sm_75 and later): four 8×8 matrices of 16-bit values from shared memory in one
+// instruction, where the fragments took four 32-bit loads (or, transposed, eight 16-bit ones
+// and four packs). Lane l gives the address of row l % 8 of matrix l / 8 (16 bytes, 16-byte
+// aligned); register m of lane l gets what an mma fragment wants of matrix m: row l / 4,
+// columns 2(l % 4) and 2(l % 4) + 1 (low half first), or with .trans column l / 4 of rows
+// 2(l % 4) and 2(l % 4) + 1.
+#ifndef CUDASIM
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 p; cvta.to.shared.u64 p, %1; cvt.u32.u64 %0, p; }" : "=r"(a) : "l"(p));
+    return a;
+}
+#endif
+__device__ __forceinline__ void ldsm_x4(unsigned* r, const void* row) {
+#ifdef CUDASIM
+    cudasim::ldmatrix_x4(r, row, false);
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(row)));
+#endif
+}
+__device__ __forceinline__ void ldsm_x4_trans(unsigned* r, const void* row) {
+#ifdef CUDASIM
+    cudasim::ldmatrix_x4(r, row, true);
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(row)));
 #endif
 }
 
@@ -842,13 +893,14 @@ template <int D>
 __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O, float* lse, const int* seq_len,
                           int heads, int kv_heads, int L, int window, float scale) {
     constexpr int BR = 64, BC = 64, KS = D / 16, NO = D / 8;
-    // Rows padded by 4 words: an mma B fragment's 8 rows × 4 words then fall in 32 different
-    // banks (unpadded, a row of D/2 or BC/2 words, a multiple of 32 words for D ≥ 64, put all
-    // 8 rows in one bank: 8-way conflicts), and the value tile's transposing stores, 32 rows
-    // apart, in 8 banks instead of 1.
-    constexpr int KW = D / 2 + 4, VW = BC / 2 + 4;
-    __shared__ unsigned ks[BC * KW];  // the key tile, [key][D] in bf16 pairs
-    __shared__ unsigned vt[D * VW];   // the value tile transposed, [D][key] in bf16 pairs
+    // Both tiles row-major, [key][D] in bf16 pairs, rows padded by 4 words (16 bytes): the 8
+    // rows one ldmatrix phase reads then start 4 banks apart and cover all 32 (unpadded, a row
+    // of D/2 words, a multiple of 32 for D ≥ 64, put all 8 in the same banks), and every row
+    // stays 16-byte aligned for ldmatrix and the tiles' 16-byte stores. The value tile needs
+    // no transposing copy: ldmatrix.trans hands out its columns.
+    constexpr int KW = D / 2 + 4;
+    __shared__ __align__(16) unsigned ks[BC * KW];  // the key tile
+    __shared__ __align__(16) unsigned vs[BC * KW];  // the value tile
     int tiles = (L + BR - 1) / BR;
     int q0 = (blockIdx.x % tiles) * BR;
     int h = (blockIdx.x / tiles) % heads;
@@ -873,60 +925,72 @@ __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O,
 #pragma unroll
     for (int n = 0; n < NO; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    const float c2 = scale * 1.44269504088896341f;  // log2 e
     int hi = min(q0 + BR, len);
     int lo = window > 0 ? max(0, q0 - window + 1) / BC * BC : 0;
     for (int k0 = lo; k0 < hi; k0 += BC) {
         __syncthreads();  // every warp is done with the previous tile
-        for (int i = threadIdx.x; i < BC * D / 2; i += blockDim.x) {
-            int j = k0 + i / (D / 2);
-            ks[i / (D / 2) * KW + i % (D / 2)] =
-                j < L ? reinterpret_cast<const unsigned*>(Kh + (long)j * D)[i % (D / 2)] : 0u;
-        }
-        for (int i = threadIdx.x; i < BC * D; i += blockDim.x) {
-            int key = i / D, c = i % D, j = k0 + key;
-            reinterpret_cast<bf16*>(vt)[c * 2 * VW + key] = j < L ? Vh[(long)j * D + c] : (bf16)0;
+        // 16 bytes (8 values) per load and store: a row is D / 8 of them.
+        for (int i = threadIdx.x; i < BC * D / 8; i += blockDim.x) {
+            int key = i / (D / 8), c = i % (D / 8), j = k0 + key;
+            uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = kv;
+            if (j < L) {
+                kv = reinterpret_cast<const uint4*>(Kh + (long)j * D)[c];
+                vv = reinterpret_cast<const uint4*>(Vh + (long)j * D)[c];
+            }
+            *reinterpret_cast<uint4*>(ks + key * KW + c * 4) = kv;
+            *reinterpret_cast<uint4*>(vs + key * KW + c * 4) = vv;
         }
         __syncthreads();
-        // Scores of 16 rows × 64 keys.
+        // Scores of 16 rows × 64 keys. One ldmatrix gives the B fragments of two key tiles:
+        // matrices (keys nt·8.., values kk·16..), (the same, +8 values), then keys + 8.
         float sc[BC / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < BC / 8; nt++) {
-            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
-            const unsigned* kr = ks + (nt * 8 + g) * KW;
+        for (int nt = 0; nt < BC / 8; nt++) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+        const unsigned* krow = ks + (lane & 7) * KW + (lane >> 3 & 1) * 4 + (lane >> 4) * 8 * KW;
 #pragma unroll
-            for (int kk = 0; kk < KS; kk++) {
-                unsigned b[2] = {kr[kk * 8 + tq], kr[kk * 8 + 4 + tq]};
+        for (int kk = 0; kk < KS; kk++)
+#pragma unroll
+            for (int nt = 0; nt < BC / 8; nt += 2) {
+                unsigned b[4];
+                ldsm_x4(b, krow + nt * 8 * KW + kk * 8);
                 mma_bf16_16816(sc[nt], qa[kk], b);
+                mma_bf16_16816(sc[nt + 1], qa[kk], b + 2);
             }
-        }
         // Mask, then the online softmax: new row maxima, rescale what was summed so far. A tile
         // wholly below the diagonal, with every row inside the sequence and no window, needs no
-        // mask: all tiles but the diagonal one of a full-length causal block.
-        float mx0 = m0, mx1 = m1;
+        // mask: all tiles but the diagonal one of a full-length causal block skip it. The
+        // maxima are of the raw scores (scale > 0 keeps their order), and with c = scale·log2 e
+        // each term 2^(s·c − m·c) is one FMA and one EX2.
         bool full = window <= 0 && k0 + BC <= q0 + 1 && q0 + BR <= len;
+        if (!full) {
 #pragma unroll
-        for (int nt = 0; nt < BC / 8; nt++)
+            for (int nt = 0; nt < BC / 8; nt++)
 #pragma unroll
-            for (int e = 0; e < 2; e++) {
-                int j = k0 + nt * 8 + tq * 2 + e;
-                bool ok0 = full || (r0 < len && j <= r0 && (window <= 0 || j > r0 - window));
-                bool ok1 = full || (r1 < len && j <= r1 && (window <= 0 || j > r1 - window));
-                sc[nt][e] = ok0 ? sc[nt][e] * scale : -INFINITY;
-                sc[nt][2 + e] = ok1 ? sc[nt][2 + e] * scale : -INFINITY;
-                mx0 = fmaxf(mx0, sc[nt][e]);
-                mx1 = fmaxf(mx1, sc[nt][2 + e]);
-            }
+                for (int e = 0; e < 2; e++) {
+                    int j = k0 + nt * 8 + tq * 2 + e;
+                    if (!(r0 < len && j <= r0 && (window <= 0 || j > r0 - window))) sc[nt][e] = -INFINITY;
+                    if (!(r1 < len && j <= r1 && (window <= 0 || j > r1 - window))) sc[nt][2 + e] = -INFINITY;
+                }
+        }
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int nt = 0; nt < BC / 8; nt++) {
+            mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
+        }
         mx0 = quad_max(mx0);
         mx1 = quad_max(mx1);
-        float a0 = mx0 == -INFINITY ? 1.f : __expf(m0 - mx0);
-        float a1 = mx1 == -INFINITY ? 1.f : __expf(m1 - mx1);
+        // A row that sees no key yet keeps −inf: its terms are 0 (and its o and l stay 0).
+        float b0 = mx0 == -INFINITY ? 0.f : -mx0 * c2, b1 = mx1 == -INFINITY ? 0.f : -mx1 * c2;
+        float a0 = fast_exp2(fmaf(m0, c2, b0)), a1 = fast_exp2(fmaf(m1, c2, b1));
         float rs0 = 0.f, rs1 = 0.f;
 #pragma unroll
         for (int nt = 0; nt < BC / 8; nt++)
 #pragma unroll
             for (int e = 0; e < 2; e++) {
-                float p0 = mx0 == -INFINITY ? 0.f : __expf(sc[nt][e] - mx0);
-                float p1 = mx1 == -INFINITY ? 0.f : __expf(sc[nt][2 + e] - mx1);
+                float p0 = fast_exp2(fmaf(sc[nt][e], c2, b0));
+                float p1 = fast_exp2(fmaf(sc[nt][2 + e], c2, b1));
                 sc[nt][e] = p0;
                 sc[nt][2 + e] = p1;
                 rs0 += p0;
@@ -943,17 +1007,21 @@ __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O,
             o[n][2] *= a1;
             o[n][3] *= a1;
         }
-        // O += P·V: the score tiles, packed to bf16, are P's A fragments.
+        // O += P·V: the score tiles, packed to bf16, are P's A fragments. One ldmatrix.trans
+        // gives the B fragments of two 8-value column tiles: matrices (keys kk·16.., values
+        // n·8..), (keys + 8, the same), then values + 8.
+        const unsigned* vrow = vs + (lane & 7) * KW + (lane >> 3 & 1) * 8 * KW + (lane >> 4) * 4;
 #pragma unroll
         for (int kk = 0; kk < BC / 16; kk++) {
             unsigned pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
                               pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
                               pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
 #pragma unroll
-            for (int n = 0; n < NO; n++) {
-                const unsigned* vr = vt + (n * 8 + g) * VW + kk * 8;
-                unsigned b[2] = {vr[tq], vr[4 + tq]};
+            for (int n = 0; n < NO; n += 2) {
+                unsigned b[4];
+                ldsm_x4_trans(b, vrow + kk * 16 * KW + n * 4);
                 mma_bf16_16816(o[n], pa, b);
+                mma_bf16_16816(o[n + 1], pa, b + 2);
             }
         }
     }
@@ -973,8 +1041,8 @@ __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O,
     }
     if (lse && tq == 0) {
         float* lh = lse + ((long)s * heads + h) * L;
-        if (r0 < L) lh[r0] = l0 > 0.f ? m0 + logf(l0) : -INFINITY;
-        if (r1 < L) lh[r1] = l1 > 0.f ? m1 + logf(l1) : -INFINITY;
+        if (r0 < L) lh[r0] = l0 > 0.f ? m0 * scale + logf(l0) : -INFINITY;
+        if (r1 < L) lh[r1] = l1 > 0.f ? m1 * scale + logf(l1) : -INFINITY;
     }
 }
 
@@ -1009,15 +1077,21 @@ __device__ __forceinline__ unsigned pack_bits(bf16 lo, bf16 hi) { return (unsign
 // tile of every query head sharing the kv head. P and dS are recomputed from Q, K and the
 // forward pass's log-sum-exp; dQ is accumulated with atomics (dQ must start at zero).
 // dK, dV: [seq, kv_heads, L, D] f32, every row written (zero where no query sees the key).
+// Every B fragment (and dS's A fragment) comes from shared memory through ldmatrix: the
+// tiles are row-major with rows padded by 16 bytes (see flash_fwd), read plain where the
+// fragment runs along a row and transposed where it runs down a column.
 template <int D, int BR>
 __device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf16* dO, const float* lse,
                           const float* Dv, float* dQ, float* dK, float* dV, const int* seq_len, int heads,
                           int kv_heads, int L, int window, float scale) {
     constexpr int BC = 64, KS = D / 16, NO = D / 8, NT = BR / 8;
-    __shared__ __align__(16) bf16 qs[BR * D];   // the query tile
-    __shared__ __align__(16) bf16 dos[BR * D];  // its output gradient
-    __shared__ bf16 kt[BC * D];                 // this block's keys
-    __shared__ bf16 dst[4 * 16 * BR];           // per warp: dSᵀ, [16 keys][BR queries]
+    constexpr int RW = D / 2 + 4;   // words per padded row of a [row][D] tile
+    constexpr int SW = BR / 2 + 4;  // words per padded row of dSᵀ, [key][BR queries]
+    const float c2 = scale * 1.44269504088896341f;  // P = 2^(s·c2 − lse·log2 e)
+    __shared__ __align__(16) unsigned qs[BR * RW];   // the query tile
+    __shared__ __align__(16) unsigned dos[BR * RW];  // its output gradient
+    __shared__ __align__(16) unsigned kt[BC * RW];   // this block's keys
+    __shared__ __align__(16) unsigned dst[4 * 16 * SW];  // per warp: dSᵀ of its 16 keys
     __shared__ float lse_s[BR];
     __shared__ float dv_s[BR];
     int tiles = (L + BC - 1) / BC;
@@ -1031,24 +1105,23 @@ __device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf1
     const bf16* Kh = K + kvbase;
     const bf16* Vh = V + kvbase;
     int j0 = k0 + warp * 16 + g, j1 = j0 + 8;  // this lane's two keys
-    // This warp's keys and values as A fragments (16 keys × D).
-    unsigned ka[KS][4], va[KS][4];
+    // This warp's values as A fragments (16 keys × D), kept in registers; its keys' A
+    // fragments are read from the key tile for each query tile (KS ldmatrix), which leaves
+    // the registers of the D = 128 kernel room without spilling.
+    unsigned va[KS][4];
 #pragma unroll
     for (int kk = 0; kk < KS; kk++) {
         int c = kk * 16 + tq * 2;
-        const bf16* rows[2] = {Kh, Vh};
-#pragma unroll
-        for (int w = 0; w < 2; w++) {
-            unsigned* f = w ? va[kk] : ka[kk];
-            f[0] = j0 < L ? *reinterpret_cast<const unsigned*>(rows[w] + (long)j0 * D + c) : 0u;
-            f[1] = j1 < L ? *reinterpret_cast<const unsigned*>(rows[w] + (long)j1 * D + c) : 0u;
-            f[2] = j0 < L ? *reinterpret_cast<const unsigned*>(rows[w] + (long)j0 * D + c + 8) : 0u;
-            f[3] = j1 < L ? *reinterpret_cast<const unsigned*>(rows[w] + (long)j1 * D + c + 8) : 0u;
-        }
+        va[kk][0] = j0 < L ? *reinterpret_cast<const unsigned*>(Vh + (long)j0 * D + c) : 0u;
+        va[kk][1] = j1 < L ? *reinterpret_cast<const unsigned*>(Vh + (long)j1 * D + c) : 0u;
+        va[kk][2] = j0 < L ? *reinterpret_cast<const unsigned*>(Vh + (long)j0 * D + c + 8) : 0u;
+        va[kk][3] = j1 < L ? *reinterpret_cast<const unsigned*>(Vh + (long)j1 * D + c + 8) : 0u;
     }
-    for (int i = threadIdx.x; i < BC * D; i += blockDim.x) {
-        int j = k0 + i / D;
-        kt[i] = j < L ? Kh[(long)j * D + i % D] : (bf16)0;
+    // 16 bytes (8 values) per load and store: a row is D / 8 of them.
+    for (int i = threadIdx.x; i < BC * D / 8; i += blockDim.x) {
+        int key = i / (D / 8), c = i % (D / 8), j = k0 + key;
+        *reinterpret_cast<uint4*>(kt + key * RW + c * 4) =
+            j < L ? reinterpret_cast<const uint4*>(Kh + (long)j * D)[c] : make_uint4(0u, 0u, 0u, 0u);
     }
     float dk[NO][4], dv[NO][4];
 #pragma unroll
@@ -1059,38 +1132,58 @@ __device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf1
     int qlo = k0 / BR * BR;
     int qhi = len;
     if (window > 0) qhi = min(qhi, k0 + BC - 1 + window);
-    bf16* myds = dst + warp * 16 * BR;
+    unsigned* myds = dst + warp * 16 * SW;
+    // ldmatrix row addresses (lane l: row l % 8 of matrix l / 8), in words:
+    // plain reads of two 8-row tiles × one 16-value step (matrices: rows +0, values +0 / +8,
+    // then rows +8), transposed reads of one 16-row step × two 8-value tiles (matrices: rows
+    // +0 / +8, values +0, then values +8), and dS's A fragment from dSᵀ (matrices: keys +0,
+    // queries +0 / +8, then keys +8).
+    const int plain = (lane & 7) * RW + (lane >> 3 & 1) * 4 + (lane >> 4) * 8 * RW;
+    const int trans = (lane & 7) * RW + (lane >> 3 & 1) * 8 * RW + (lane >> 4) * 4;
+    const unsigned* ds_row = myds + (lane & 7) * SW + (lane >> 3 & 1) * 4 + (lane >> 4) * 8 * SW;
+    const unsigned* k_row = kt + warp * 16 * RW + trans;
     for (int hi = 0; hi < grp; hi++) {
         int h = kvh * grp + hi;
         long qbase = ((long)s * heads + h) * L;
         for (int q0 = qlo; q0 < qhi; q0 += BR) {
-            __syncthreads();  // the previous tile is no longer read
-            for (int i = threadIdx.x; i < BR * D; i += blockDim.x) {
-                int t = q0 + i / D;
-                qs[i] = t < L ? Q[(qbase + t) * D + i % D] : (bf16)0;
-                dos[i] = t < L ? dO[(qbase + t) * D + i % D] : (bf16)0;
+            __syncthreads();  // the previous tile is no longer read (and, first, kt is written)
+            for (int i = threadIdx.x; i < BR * D / 8; i += blockDim.x) {
+                int row = i / (D / 8), c = i % (D / 8), t = q0 + row;
+                uint4 qv = make_uint4(0u, 0u, 0u, 0u), ov = qv;
+                if (t < L) {
+                    qv = reinterpret_cast<const uint4*>(Q + (qbase + t) * D)[c];
+                    ov = reinterpret_cast<const uint4*>(dO + (qbase + t) * D)[c];
+                }
+                *reinterpret_cast<uint4*>(qs + row * RW + c * 4) = qv;
+                *reinterpret_cast<uint4*>(dos + row * RW + c * 4) = ov;
             }
             for (int i = threadIdx.x; i < BR; i += blockDim.x) {
                 int t = q0 + i;
-                lse_s[i] = t < L ? lse[qbase + t] : 0.f;
+                lse_s[i] = t < L ? lse[qbase + t] * 1.44269504088896341f : 0.f;  // in log2 units
                 dv_s[i] = t < L ? Dv[qbase + t] : 0.f;
             }
             __syncthreads();
             // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for this warp's 16 keys × BR queries.
             float sc[NT][4], dp[NT][4];
-            const unsigned* qs2 = reinterpret_cast<const unsigned*>(qs);
-            const unsigned* dos2 = reinterpret_cast<const unsigned*>(dos);
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
+            for (int nt = 0; nt < NT; nt++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) sc[nt][e] = dp[nt][e] = 0.f;
-                int row = (nt * 8 + g) * (D / 2);
 #pragma unroll
-                for (int kk = 0; kk < KS; kk++) {
-                    unsigned bq[2] = {qs2[row + kk * 8 + tq], qs2[row + kk * 8 + 4 + tq]};
-                    unsigned bo[2] = {dos2[row + kk * 8 + tq], dos2[row + kk * 8 + 4 + tq]};
-                    mma_bf16_16816(sc[nt], ka[kk], bq);
+            for (int kk = 0; kk < KS; kk++) {
+                // The keys' A fragment (16 keys × 16 values), read plain: matrices (keys +0 /
+                // +8, values +0), then values +8 — the transposed reads' addresses.
+                unsigned ka[4];
+                ldsm_x4(ka, k_row + kk * 8);
+#pragma unroll
+                for (int nt = 0; nt < NT; nt += 2) {
+                    unsigned bq[4], bo[4];
+                    ldsm_x4(bq, qs + plain + nt * 8 * RW + kk * 8);
+                    ldsm_x4(bo, dos + plain + nt * 8 * RW + kk * 8);
+                    mma_bf16_16816(sc[nt], ka, bq);
+                    mma_bf16_16816(sc[nt + 1], ka, bq + 2);
                     mma_bf16_16816(dp[nt], va[kk], bo);
+                    mma_bf16_16816(dp[nt + 1], va[kk], bo + 2);
                 }
             }
             // Pᵀ and dSᵀ = Pᵀ ∘ (dPᵀ − Dv)·scale. Queries all at or after the tile's keys,
@@ -1104,12 +1197,12 @@ __device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf1
                     int qi = nt * 8 + tq * 2 + (e & 1);
                     int t = q0 + qi;
                     bool ok = full || (t < len && j <= t && (window <= 0 || j > t - window));
-                    float p = ok ? __expf(sc[nt][e] * scale - lse_s[qi]) : 0.f;
+                    float p = ok ? fast_exp2(fmaf(sc[nt][e], c2, -lse_s[qi])) : 0.f;
                     sc[nt][e] = p;
                     dp[nt][e] = p * (dp[nt][e] - dv_s[qi]) * scale;
                 }
-            // dV += Pᵀ·dO and dK += dSᵀ·Q: the score tiles are the A fragments; B pairs run
-            // along the queries (two 16-bit loads each).
+            // dV += Pᵀ·dO and dK += dSᵀ·Q: the score tiles are the A fragments, the B fragments
+            // run down the columns of dO and Q (transposed reads).
 #pragma unroll
             for (int kk = 0; kk < BR / 16; kk++) {
                 unsigned pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
@@ -1118,49 +1211,49 @@ __device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf1
                 unsigned sa[4] = {pack_bf16(dp[2 * kk][0], dp[2 * kk][1]), pack_bf16(dp[2 * kk][2], dp[2 * kk][3]),
                                   pack_bf16(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
                                   pack_bf16(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
-                int t = kk * 16 + tq * 2;
 #pragma unroll
-                for (int n = 0; n < NO; n++) {
-                    int c = n * 8 + g;
-                    unsigned bo[2] = {pack_bits(dos[t * D + c], dos[(t + 1) * D + c]),
-                                      pack_bits(dos[(t + 8) * D + c], dos[(t + 9) * D + c])};
-                    unsigned bq[2] = {pack_bits(qs[t * D + c], qs[(t + 1) * D + c]),
-                                      pack_bits(qs[(t + 8) * D + c], qs[(t + 9) * D + c])};
+                for (int n = 0; n < NO; n += 2) {
+                    unsigned bo[4], bq[4];
+                    ldsm_x4_trans(bo, dos + trans + kk * 16 * RW + n * 4);
+                    ldsm_x4_trans(bq, qs + trans + kk * 16 * RW + n * 4);
                     mma_bf16_16816(dv[n], pa, bo);
+                    mma_bf16_16816(dv[n + 1], pa, bo + 2);
                     mma_bf16_16816(dk[n], sa, bq);
+                    mma_bf16_16816(dk[n + 1], sa, bq + 2);
                 }
             }
-            // dQ += dS·K: dSᵀ goes through shared memory to become an A fragment of dS.
+            // dQ += dS·K: dSᵀ goes through shared memory (bf16 pairs along the queries) to
+            // come back, transposed by ldmatrix, as the A fragments of dS.
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    myds[((e < 2 ? 0 : 8) + g) * BR + nt * 8 + tq * 2 + (e & 1)] = f2bf(dp[nt][e]);
+            for (int nt = 0; nt < NT; nt++) {
+                myds[g * SW + nt * 4 + tq] = pack_bf16(dp[nt][0], dp[nt][1]);
+                myds[(g + 8) * SW + nt * 4 + tq] = pack_bf16(dp[nt][2], dp[nt][3]);
+            }
             __syncwarp();
-#pragma unroll
+            // (Not unrolled: unrolled, the atomics' addresses stay live and the kernel spills.)
+#pragma unroll 1
             for (int m = 0; m < BR / 16; m++) {
-                int r = m * 16 + g;
-                int kc = tq * 2;
-                unsigned da[4] = {pack_bits(myds[kc * BR + r], myds[(kc + 1) * BR + r]),
-                                  pack_bits(myds[kc * BR + r + 8], myds[(kc + 1) * BR + r + 8]),
-                                  pack_bits(myds[(kc + 8) * BR + r], myds[(kc + 9) * BR + r]),
-                                  pack_bits(myds[(kc + 8) * BR + r + 8], myds[(kc + 9) * BR + r + 8])};
+                unsigned da[4];
+                ldsm_x4_trans(da, ds_row + m * 8);
+                // Rows past L (the last tile's padding) have dS = 0 exactly (no key is visible
+                // to them, and their dO rows are zero): they add 0 to row L − 1 instead of
+                // branching around every atomic.
+                int t0 = min(q0 + m * 16 + g, L - 1), t1 = min(q0 + m * 16 + g + 8, L - 1);
+                float* dq0 = dQ + (qbase + t0) * D + tq * 2;
+                float* dq1 = dQ + (qbase + t1) * D + tq * 2;
 #pragma unroll
-                for (int n = 0; n < NO; n++) {
-                    int c = n * 8 + g;
-                    int kr = warp * 16 + tq * 2;
-                    unsigned bk[2] = {pack_bits(kt[kr * D + c], kt[(kr + 1) * D + c]),
-                                      pack_bits(kt[(kr + 8) * D + c], kt[(kr + 9) * D + c])};
-                    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-                    mma_bf16_16816(acc, da, bk);
-                    int t0 = q0 + r, t1 = t0 + 8, col = n * 8 + tq * 2;
-                    if (t0 < L) {
-                        atomicAdd(&dQ[(qbase + t0) * D + col], acc[0]);
-                        atomicAdd(&dQ[(qbase + t0) * D + col + 1], acc[1]);
-                    }
-                    if (t1 < L) {
-                        atomicAdd(&dQ[(qbase + t1) * D + col], acc[2]);
-                        atomicAdd(&dQ[(qbase + t1) * D + col + 1], acc[3]);
+                for (int n = 0; n < NO; n += 2) {
+                    unsigned bk[4];
+                    ldsm_x4_trans(bk, k_row + n * 4);
+#pragma unroll
+                    for (int h2 = 0; h2 < 2; h2++) {
+                        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+                        mma_bf16_16816(acc, da, bk + 2 * h2);
+                        int col = (n + h2) * 8;
+                        atomicAdd(dq0 + col, acc[0]);
+                        atomicAdd(dq0 + col + 1, acc[1]);
+                        atomicAdd(dq1 + col, acc[2]);
+                        atomicAdd(dq1 + col + 1, acc[3]);
                     }
                 }
             }

@@ -294,6 +294,49 @@ mod tests {
         assert!(ballot.iter().all(|&b| b as u32 == want));
     }
 
+    /// ldmatrix as the PTX ISA defines it: lane 8·m + r gives the address of row r of matrix
+    /// m, and the 32-bit word w of row r goes to lane 4·r + w, register m; with .trans the
+    /// matrices are read as their transposes.
+    #[test]
+    fn ldmatrix_follows_the_ptx_isa() {
+        let gpu = sim();
+        // Matrix m, row r, column c holds m·64 + r·8 + c.
+        let src: Vec<u16> = (0..256).collect();
+        let gsrc = gpu.upload(&src).unwrap();
+        for trans in [false, true] {
+            let out = gpu.alloc(32 * 4 * 4).unwrap();
+            gpu.launch(
+                "sim_ldmatrix",
+                1,
+                32,
+                &[Arg::P(gsrc.ptr), Arg::P(out.ptr), Arg::I(i32::from(trans))],
+            )
+            .unwrap();
+            let got: Vec<u32> = gpu
+                .download_f32(&out, 128)
+                .unwrap()
+                .iter()
+                .map(|f| f.to_bits())
+                .collect();
+            let value = |m: usize, r: usize, c: usize| (m * 64 + r * 8 + c) as u32;
+            for lane in 0..32 {
+                let (r, w) = (lane / 4, lane % 4);
+                for m in 0..4 {
+                    let (lo, hi) = if trans {
+                        (value(m, 2 * w, r), value(m, 2 * w + 1, r))
+                    } else {
+                        (value(m, r, 2 * w), value(m, r, 2 * w + 1))
+                    };
+                    assert_eq!(
+                        got[lane * 4 + m],
+                        lo | hi << 16,
+                        "trans {trans}, lane {lane}, matrix {m}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_shuffle_some_lanes_skip_is_a_deadlock_not_a_hang() {
         let gpu = sim();

@@ -58,6 +58,11 @@ void* dynamic_shared();
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for the calling warp: d += a·b with the
 // PTX ISA's fragment layouts (every lane of the warp must call it).
 void mma_m16n8k16_bf16(float* d, const unsigned* a, const unsigned* b);
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 for the calling warp: lane l gives the
+// address of row l % 8 of 8×8 matrix l / 8 (8 consecutive 16-bit values); register m of lane
+// l gets row l / 4, columns 2(l % 4) and 2(l % 4) + 1 of matrix m (low half first), or with
+// `trans` column l / 4, rows 2(l % 4) and 2(l % 4) + 1 (every lane of the warp must call it).
+void ldmatrix_x4(unsigned* r, const void* row, bool trans);
 // Registers a block's static shared array (once per OS thread): it is filled with NaN now and
 // before every later block.
 bool track(void* p, unsigned long bytes);

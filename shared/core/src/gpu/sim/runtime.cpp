@@ -314,6 +314,31 @@ void mma_m16n8k16_bf16(float* d, const unsigned* a, const unsigned* b) {
     }
 }
 
+void ldmatrix_x4(unsigned* r, const void* row, bool trans) {
+    unsigned me = blk.current, n = (unsigned)blk.fibers.size(), base = me & ~31u;
+    blk.fibers[me].offered = reinterpret_cast<uint64_t>(row);
+    sync_warp(0xffffffffu);
+    unsigned l = me & 31u;
+    // The 16-bit value at column `col` of the row lane `src` gave.
+    auto at = [&](unsigned src, unsigned col) -> unsigned {
+        if (base + src >= n) return 0u;  // a lane outside the block: undefined on a GPU
+        const unsigned short* p = reinterpret_cast<const unsigned short*>(blk.fibers[base + src].offered);
+        return p[col];
+    };
+    for (unsigned m = 0; m < 4; m++) {
+        unsigned lo, hi;
+        if (trans) {
+            lo = at(m * 8 + 2 * (l & 3), l >> 2);
+            hi = at(m * 8 + 2 * (l & 3) + 1, l >> 2);
+        } else {
+            lo = at(m * 8 + (l >> 2), 2 * (l & 3));
+            hi = at(m * 8 + (l >> 2), 2 * (l & 3) + 1);
+        }
+        r[m] = lo | (hi << 16);
+    }
+    sync_warp(0xffffffffu);  // every lane has read the others' rows before a new offer
+}
+
 bool track(void* p, unsigned long bytes) {
     std::memset(p, 0xff, bytes);
     tracked_shared.emplace_back(p, bytes);

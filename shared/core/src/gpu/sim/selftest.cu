@@ -38,3 +38,19 @@ extern "C" __global__ void sim_unwritten_shared(float* out) {
     EXTERN_SHARED(float, buf);
     out[threadIdx.x] = buf[threadIdx.x];
 }
+
+// ldmatrix.x4 (ldsm_x4 / ldsm_x4_trans of kernels.cu): four 8×8 matrices of 16-bit values,
+// matrix m's row r at src[m·64 + r·8], staged in shared memory with rows 32 bytes apart (not
+// contiguous, as in the flash kernels' padded tiles). out[lane·4 + m] is register m of a lane.
+extern "C" __global__ void sim_ldmatrix(const unsigned short* src, unsigned* out, int trans) {
+    __shared__ __align__(16) unsigned short tile[32 * 16];
+    for (int i = threadIdx.x; i < 32 * 16; i += blockDim.x) tile[i] = i % 16 < 8 ? src[i / 16 * 8 + i % 16] : 0xffff;
+    __syncthreads();
+    unsigned r[4];
+    const unsigned short* row = tile + threadIdx.x * 16;  // lane l: row l % 8 of matrix l / 8
+    if (trans)
+        ldsm_x4_trans(r, row);
+    else
+        ldsm_x4(r, row);
+    for (int m = 0; m < 4; m++) out[threadIdx.x * 4 + m] = r[m];
+}
