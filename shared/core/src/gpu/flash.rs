@@ -34,6 +34,17 @@ fn kernel(kind: &str, dh: usize) -> Result<String> {
     Ok(format!("{kind}_d{dh}"))
 }
 
+/// The kernels read Q, K, V and dO 16 bytes at a time: their rows (a multiple of 16 values)
+/// stay aligned when the tensors start on a 16-byte boundary, as every allocation does.
+fn check_aligned(tensors: &[u64]) -> Result<()> {
+    if tensors.iter().any(|&p| p % 16 != 0) {
+        return Err(Error::Device(
+            "internal: flash attention's inputs must start on 16-byte boundaries".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// The gradients of [`launch_flash_fwd`] given `dO` (bf16, Q's layout), the forward output
 /// `o` (f32) and its log-sum-exp: dQ (f32, Q's layout; zeroed here, the kernel adds into it),
 /// dK and dV (f32, K's layout).
@@ -44,6 +55,7 @@ pub(crate) fn launch_flash_bwd(
     o: u64,
     lse: u64,
 ) -> Result<(DBuf, DBuf, DBuf)> {
+    check_aligned(&[a.q, a.k, a.v, d_o])?;
     let q_rows = a.nseq * a.heads * a.l;
     let kv_len = a.nseq * a.kv_heads * a.l * a.dh;
     let dv_rows = gpu.uninit_f32(q_rows)?;
@@ -92,6 +104,7 @@ pub(crate) fn launch_flash_bwd(
 /// when non-zero, `lse` the rows' log-sum-exp.
 pub(crate) fn launch_flash_fwd(gpu: &Gpu, a: &FlashArgs, o: u64, lse: u64) -> Result<()> {
     let name = kernel("flash_fwd", a.dh)?;
+    check_aligned(&[a.q, a.k, a.v])?;
     let blocks = a.l.div_ceil(64) * a.heads * a.nseq;
     gpu.launch(
         &name,

@@ -875,6 +875,36 @@ __device__ __forceinline__ void ldsm_x4_trans(unsigned* r, const void* row) {
 #endif
 }
 
+// cp.async (sm_80 and later): 16 bytes from global to shared memory without passing through
+// registers, done once a cp.async.wait_group covers its group; `valid` false zero-fills them
+// and reads nothing. Older GPUs never launch the kernels that use it (Gpu::bf16_tensor_cores).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#ifdef CUDASIM
+    cudasim::cp_async16(dst, src, valid ? 16u : 0u);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();
+#else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef CUDASIM
+    cudasim::cp_async_commit();
+#elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+// Waits until at most N of this thread's newest groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef CUDASIM
+    cudasim::cp_async_wait(N);
+#elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 // Max and sum over the four lanes that share a row of a C fragment.
 __device__ __forceinline__ float quad_max(float v) {
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -898,9 +928,12 @@ __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O,
     // of D/2 words, a multiple of 32 for D ≥ 64, put all 8 in the same banks), and every row
     // stays 16-byte aligned for ldmatrix and the tiles' 16-byte stores. The value tile needs
     // no transposing copy: ldmatrix.trans hands out its columns.
-    constexpr int KW = D / 2 + 4;
-    __shared__ __align__(16) unsigned ks[BC * KW];  // the key tile
-    __shared__ __align__(16) unsigned vs[BC * KW];  // the value tile
+    constexpr int KW = D / 2 + 4, TILE = BC * KW;
+    // Two stages of both tiles where they fit the 48 KB of static shared memory (head sizes up
+    // to 80): the next tiles are copied (cp.async) while these are multiplied.
+    constexpr int STAGES = 2 * 2 * TILE * 4 <= 48 * 1024 ? 2 : 1;
+    __shared__ __align__(16) unsigned ks[STAGES * TILE];  // the key tiles
+    __shared__ __align__(16) unsigned vs[STAGES * TILE];  // the value tiles
     int tiles = (L + BR - 1) / BR;
     int q0 = (blockIdx.x % tiles) * BR;
     int h = (blockIdx.x / tiles) % heads;
@@ -928,26 +961,42 @@ __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O,
     const float c2 = scale * 1.44269504088896341f;  // log2 e
     int hi = min(q0 + BR, len);
     int lo = window > 0 ? max(0, q0 - window + 1) / BC * BC : 0;
-    for (int k0 = lo; k0 < hi; k0 += BC) {
-        __syncthreads();  // every warp is done with the previous tile
-        // 16 bytes (8 values) per load and store: a row is D / 8 of them.
+    int ntiles = hi > lo ? (hi - lo + BC - 1) / BC : 0;
+    // Tile t's keys and values into stage t % STAGES, 16 bytes (8 values) per copy (a row is
+    // D / 8 of them), as one cp.async group; rows past L are zero-filled, nothing read.
+    auto fetch = [&](int t) {
+        int st = (t % STAGES) * TILE;
         for (int i = threadIdx.x; i < BC * D / 8; i += blockDim.x) {
-            int key = i / (D / 8), c = i % (D / 8), j = k0 + key;
-            uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = kv;
-            if (j < L) {
-                kv = reinterpret_cast<const uint4*>(Kh + (long)j * D)[c];
-                vv = reinterpret_cast<const uint4*>(Vh + (long)j * D)[c];
-            }
-            *reinterpret_cast<uint4*>(ks + key * KW + c * 4) = kv;
-            *reinterpret_cast<uint4*>(vs + key * KW + c * 4) = vv;
+            int key = i / (D / 8), c = i % (D / 8), j = lo + t * BC + key;
+            long row = j < L ? j : 0;
+            cp_async16(ks + st + key * KW + c * 4, Kh + row * D + c * 8, j < L);
+            cp_async16(vs + st + key * KW + c * 4, Vh + row * D + c * 8, j < L);
         }
-        __syncthreads();
+        cp_async_commit();
+    };
+    if (ntiles > 0) fetch(0);
+    for (int t = 0; t < ntiles; t++) {
+        int k0 = lo + t * BC;
+        if (STAGES == 2) {
+            // The next tile's copy runs while this one is multiplied (an empty group after
+            // the last, so that waiting for all but the newest group always means this one).
+            if (t + 1 < ntiles)
+                fetch(t + 1);
+            else
+                cp_async_commit();
+            cp_async_wait<STAGES - 1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // every thread's copies of tile t are in
+        const unsigned* ks_t = ks + (t % STAGES) * TILE;
+        const unsigned* vs_t = vs + (t % STAGES) * TILE;
         // Scores of 16 rows × 64 keys. One ldmatrix gives the B fragments of two key tiles:
         // matrices (keys nt·8.., values kk·16..), (the same, +8 values), then keys + 8.
         float sc[BC / 8][4];
 #pragma unroll
         for (int nt = 0; nt < BC / 8; nt++) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
-        const unsigned* krow = ks + (lane & 7) * KW + (lane >> 3 & 1) * 4 + (lane >> 4) * 8 * KW;
+        const unsigned* krow = ks_t + (lane & 7) * KW + (lane >> 3 & 1) * 4 + (lane >> 4) * 8 * KW;
 #pragma unroll
         for (int kk = 0; kk < KS; kk++)
 #pragma unroll
@@ -1010,7 +1059,7 @@ __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O,
         // O += P·V: the score tiles, packed to bf16, are P's A fragments. One ldmatrix.trans
         // gives the B fragments of two 8-value column tiles: matrices (keys kk·16.., values
         // n·8..), (keys + 8, the same), then values + 8.
-        const unsigned* vrow = vs + (lane & 7) * KW + (lane >> 3 & 1) * 8 * KW + (lane >> 4) * 4;
+        const unsigned* vrow = vs_t + (lane & 7) * KW + (lane >> 3 & 1) * 8 * KW + (lane >> 4) * 4;
 #pragma unroll
         for (int kk = 0; kk < BC / 16; kk++) {
             unsigned pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
@@ -1024,6 +1073,8 @@ __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O,
                 mma_bf16_16816(o[n + 1], pa, b + 2);
             }
         }
+        __syncthreads();  // every warp is done with this stage before it is refilled
+        if (STAGES == 1 && t + 1 < ntiles) fetch(t + 1);
     }
     float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
     float* Oh = O + ((long)s * heads + h) * L * D;

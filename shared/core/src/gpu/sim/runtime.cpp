@@ -64,6 +64,16 @@ struct Fiber {
     unsigned mask;     // lanes of the pending warp rendezvous
     uint64_t offered;  // the value this lane offers to a shuffle
     bool pred;         // this lane's ballot predicate
+    // cp.async copies not yet done (they land at the cp.async.wait_group that waits for their
+    // group, so a read before it sees the old contents), and the groups committed so far.
+    struct AsyncCopy {
+        void* dst;
+        const void* src;
+        unsigned bytes;
+        unsigned group;
+    };
+    std::vector<AsyncCopy> in_flight;
+    unsigned committed = 0;
 };
 
 constexpr size_t kStack = 64 * 1024;
@@ -271,6 +281,28 @@ unsigned ballot(unsigned mask, bool pred) {
 }
 
 void* dynamic_shared() { return blk.shared.data(); }
+
+void cp_async16(void* dst, const void* src, unsigned src_bytes) {
+    Fiber& f = blk.fibers[blk.current];
+    f.in_flight.push_back({dst, src, src_bytes, f.committed});
+}
+
+void cp_async_commit() { blk.fibers[blk.current].committed++; }
+
+void cp_async_wait(unsigned n) {
+    Fiber& f = blk.fibers[blk.current];
+    std::vector<Fiber::AsyncCopy> still;
+    for (const auto& c : f.in_flight) {
+        // Done: every copy of a committed group older than the newest n.
+        if (c.group + n < f.committed) {
+            std::memcpy(c.dst, c.src, c.bytes);
+            std::memset(static_cast<char*>(c.dst) + c.bytes, 0, 16 - c.bytes);
+        } else {
+            still.push_back(c);
+        }
+    }
+    f.in_flight.swap(still);
+}
 
 namespace {
 float bf16_to_float(unsigned bits) {
