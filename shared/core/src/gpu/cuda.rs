@@ -15,7 +15,15 @@ use std::sync::Arc;
 pub(super) const KERNELS: &str = include_str!("kernels.cu");
 
 /// Kernels that may take more than 48 KB of dynamic shared memory (opted in at load).
-const LARGE_SHARED_KERNELS: &[&str] = &["cross_entropy_cached"];
+const LARGE_SHARED_KERNELS: &[&str] = &[
+    "cross_entropy_cached",
+    "flash_bwd_d16",
+    "flash_bwd_d32",
+    "flash_bwd_d64",
+    "flash_bwd_d80",
+    "flash_bwd_d96",
+    "flash_bwd_d128",
+];
 
 pub(crate) struct CudaBackend {
     ctx: Arc<CudaContext>,

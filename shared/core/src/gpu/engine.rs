@@ -13,7 +13,7 @@
 
 use super::blas::Gemm;
 use super::device::{Arg, DBuf, Gpu};
-use super::flash::{flash_supports, launch_flash_bwd, launch_flash_fwd, FlashArgs};
+use super::flash::{flash_available, launch_flash_bwd, launch_flash_fwd, FlashArgs};
 use super::weights::{Family, GpuModel, GpuNorm, DOWN, GATE, K, O, Q, ROLES, UP, V};
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -199,8 +199,8 @@ pub struct GpuEngine {
     pub(super) training: std::cell::Cell<bool>,
     /// False while a reference pass runs: the base model without the adapters.
     adapters_on: std::cell::Cell<bool>,
-    /// Attention on the flash kernels (`PEFTKIT_GPU_ATTENTION=flash`; the head sizes listed
-    /// by `flash_supports`) instead of products over materialised scores; see docs/gpu.md.
+    /// Attention on the flash kernels (`PEFTKIT_GPU_ATTENTION=flash`, where `flash_available`
+    /// says they run) instead of products over materialised scores; see docs/gpu.md.
     flash: bool,
     /// Gradient checkpointing (the default): the backward pass recomputes each block from its
     /// input. Off (`PEFTKIT_GPU_CHECKPOINTING=off`): the forward pass keeps every block's
@@ -683,7 +683,7 @@ impl GpuEngine {
     }
 
     pub fn use_flash_attention(&mut self, on: bool) {
-        self.flash = on && self.gpu.bf16_tensor_cores();
+        self.flash = on && flash_available(&self.gpu, self.model.head_dim);
     }
 
     /// Milliseconds per step in each phase, when profiling (`PEFTKIT_GPU_PROFILE=1`).
@@ -1673,7 +1673,7 @@ impl GpuEngine {
 
     /// Whether attention runs on the flash kernels for this model.
     fn flash_on(&self) -> bool {
-        self.flash && flash_supports(self.model.head_dim)
+        self.flash
     }
 
     /// Causal attention of the padded heads: `softmax(Q·Kᵀ/√d)·V` as f32 `[seq, heads, L, dh]`.

@@ -24,6 +24,33 @@ pub(crate) fn flash_supports(dh: usize) -> bool {
     matches!(dh, 16 | 32 | 64 | 80 | 96 | 128)
 }
 
+/// Query rows per tile of `flash_bwd_d{dh}` (kernels.cu's FLASH_BWD_CALL).
+fn bwd_rows(dh: usize) -> usize {
+    if dh <= 64 {
+        64
+    } else {
+        32
+    }
+}
+
+/// The dynamic shared memory `flash_bwd_d{dh}` takes, in bytes (kernels.cu's
+/// `flash_bwd_shared_words`, which the kernel checks): two stages of Q and dO, the key tile
+/// (and above head size 64 the value tile), four warps' dSᵀ, two stages of two floats per
+/// query row. 55 KB at head size 64, 74 KB at 128.
+pub(crate) fn flash_bwd_shared_bytes(dh: usize) -> usize {
+    let (br, rw) = (bwd_rows(dh), dh / 2 + 4);
+    let kv_tiles = if dh > 64 { 2 } else { 1 };
+    4 * (2 * 2 * br * rw + kv_tiles * 64 * rw + 64 * (br / 2 + 4) + 2 * 2 * br)
+}
+
+/// Whether the flash kernels run on `gpu` for head size `dh`: bf16 tensor cores (sm_80 and
+/// later) and the backward pass's shared memory.
+pub(crate) fn flash_available(gpu: &Gpu, dh: usize) -> bool {
+    flash_supports(dh)
+        && gpu.bf16_tensor_cores()
+        && flash_bwd_shared_bytes(dh) <= gpu.max_dynamic_shared()
+}
+
 /// The entry point of `kind` built for head size `dh`.
 fn kernel(kind: &str, dh: usize) -> Result<String> {
     if !flash_supports(dh) {
@@ -75,10 +102,19 @@ pub(crate) fn launch_flash_bwd(
     let dk = gpu.uninit_f32(kv_len)?;
     let dv = gpu.uninit_f32(kv_len)?;
     let blocks = a.l.div_ceil(64) * a.kv_heads * a.nseq;
-    gpu.launch(
+    let shared = flash_bwd_shared_bytes(a.dh);
+    if shared > gpu.max_dynamic_shared() {
+        return Err(Error::Device(format!(
+            "flash attention's backward pass needs {} KB of shared memory per block; this GPU allows {} KB",
+            shared >> 10,
+            gpu.max_dynamic_shared() >> 10
+        )));
+    }
+    gpu.launch_shared(
         &kernel("flash_bwd", a.dh)?,
         blocks as u32,
         128,
+        shared as u32,
         &[
             Arg::P(a.q),
             Arg::P(a.k),
@@ -101,7 +137,7 @@ pub(crate) fn launch_flash_bwd(
 }
 
 /// Causal attention in one kernel (kernels.cu `flash_fwd_d*`): `o` f32 in Q's layout and,
-/// when non-zero, `lse` the rows' log-sum-exp.
+/// when non-zero, `lse` the rows' log-sum-exp (in log2 units, for [`launch_flash_bwd`]).
 pub(crate) fn launch_flash_fwd(gpu: &Gpu, a: &FlashArgs, o: u64, lse: u64) -> Result<()> {
     let name = kernel("flash_fwd", a.dh)?;
     check_aligned(&[a.q, a.k, a.v])?;

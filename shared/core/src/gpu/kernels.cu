@@ -880,7 +880,7 @@ __device__ __forceinline__ void ldsm_x4_trans(unsigned* r, const void* row) {
 // and reads nothing. Older GPUs never launch the kernels that use it (Gpu::bf16_tensor_cores).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
 #ifdef CUDASIM
-    cudasim::cp_async16(dst, src, valid ? 16u : 0u);
+    cudasim::cp_async(dst, src, 16u, valid ? 16u : 0u);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap();
 #else
@@ -905,6 +905,41 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// 4 bytes, as cp_async16 (cp.async.ca: the 16-byte form is the only .cg one).
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+#ifdef CUDASIM
+    cudasim::cp_async(dst, src, 4u, valid ? 4u : 0u);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();
+#else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared_address(dst)), "l"(src),
+                 "r"(valid ? 4 : 0));
+#endif
+}
+
+// The dynamic shared memory this launch was given, in bytes.
+__device__ __forceinline__ unsigned dynamic_shared_bytes() {
+#ifdef CUDASIM
+    return cudasim::dynamic_shared_size();
+#else
+    unsigned r;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+    return r;
+#endif
+}
+
+// Ends the kernel with an error: __trap() on a GPU (the launch fails), a launch error that
+// names `why` in the simulator.
+#ifdef CUDASIM
+#define KERNEL_TRAP(why)         \
+    do {                         \
+        cudasim::trap(why);      \
+        return;                  \
+    } while (0)
+#else
+#define KERNEL_TRAP(why) __trap()
+#endif
+
 // Max and sum over the four lanes that share a row of a C fragment.
 __device__ __forceinline__ float quad_max(float v) {
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -916,8 +951,9 @@ __device__ __forceinline__ float quad_sum(float v) {
 }
 
 // Q [seq, heads, L, D], K and V [seq, kv_heads, L, D] bf16 (the padded layout); O f32 in Q's
-// layout (padding rows zero); lse (optional) the rows' log-sum-exp of the scaled scores, for a
-// backward pass. Row t of sequence s sees keys j ≤ t, j < len[s] and, with window w > 0,
+// layout (padding rows zero); lse (optional) the rows' log-sum-exp of the scaled scores in
+// log2 units (log2 Σ 2^(s·scale·log2 e) = lse·log2 e, so that the backward pass's terms are one
+// FMA and one EX2), for a backward pass. Row t of sequence s sees keys j ≤ t, j < len[s] and, with window w > 0,
 // j > t − w. Grid: one block of 128 threads per (64-row tile, head, sequence), flattened.
 template <int D>
 __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O, float* lse, const int* seq_len,
@@ -1092,8 +1128,8 @@ __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O,
     }
     if (lse && tq == 0) {
         float* lh = lse + ((long)s * heads + h) * L;
-        if (r0 < L) lh[r0] = l0 > 0.f ? m0 * scale + logf(l0) : -INFINITY;
-        if (r1 < L) lh[r1] = l1 > 0.f ? m1 * scale + logf(l1) : -INFINITY;
+        if (r0 < L) lh[r0] = l0 > 0.f ? m0 * c2 + log2f(l0) : -INFINITY;
+        if (r1 < L) lh[r1] = l1 > 0.f ? m1 * c2 + log2f(l1) : -INFINITY;
     }
 }
 
@@ -1131,6 +1167,14 @@ __device__ __forceinline__ unsigned pack_bits(bf16 lo, bf16 hi) { return (unsign
 // Every B fragment (and dS's A fragment) comes from shared memory through ldmatrix: the
 // tiles are row-major with rows padded by 16 bytes (see flash_fwd), read plain where the
 // fragment runs along a row and transposed where it runs down a column.
+// flash_bwd's dynamic shared memory in 32-bit words (gpu/flash.rs computes the same for the
+// launch; the kernel traps when it is given less): two stages of Q and dO (BR rows of D/2 + 4
+// words), the key tile (and above D = 64 the value tile), four warps' dSᵀ (16 rows of BR/2 + 4
+// words), two stages of two floats per query row.
+__host__ __device__ constexpr unsigned flash_bwd_shared_words(int D, int BR) {
+    return 2u * 2u * BR * (D / 2 + 4) + (D > 64 ? 2u : 1u) * 64u * (D / 2 + 4) + 64u * (BR / 2 + 4) + 2u * 2u * BR;
+}
+
 template <int D, int BR>
 __device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf16* dO, const float* lse,
                           const float* Dv, float* dQ, float* dK, float* dV, const int* seq_len, int heads,
@@ -1138,13 +1182,21 @@ __device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf1
     constexpr int BC = 64, KS = D / 16, NO = D / 8, NT = BR / 8;
     constexpr int RW = D / 2 + 4;   // words per padded row of a [row][D] tile
     constexpr int SW = BR / 2 + 4;  // words per padded row of dSᵀ, [key][BR queries]
-    const float c2 = scale * 1.44269504088896341f;  // P = 2^(s·c2 − lse·log2 e)
-    __shared__ __align__(16) unsigned qs[BR * RW];   // the query tile
-    __shared__ __align__(16) unsigned dos[BR * RW];  // its output gradient
-    __shared__ __align__(16) unsigned kt[BC * RW];   // this block's keys
-    __shared__ __align__(16) unsigned dst[4 * 16 * SW];  // per warp: dSᵀ of its 16 keys
-    __shared__ float lse_s[BR];
-    __shared__ float dv_s[BR];
+    constexpr bool VS = D > 64;     // the values' A fragments come from shared memory
+    const float c2 = scale * 1.44269504088896341f;  // P = 2^(s·c2 − lse), lse in log2 units
+    // Dynamic shared memory (flash_bwd_shared_words; 55–57 KB, over the 48 KB static limit):
+    // two stages of the query tile and its output gradient, so that the next query tile is
+    // copied (cp.async) while this one is multiplied, then this block's keys and each warp's
+    // dSᵀ, then two stages of the rows' log-sum-exp and dO·O.
+    EXTERN_SHARED(unsigned, smem);
+    if (dynamic_shared_bytes() < flash_bwd_shared_words(D, BR) * 4u) KERNEL_TRAP("flash_bwd: too little shared memory");
+    unsigned* qs = smem;                     // [stage][BR][RW]
+    unsigned* dos = qs + 2 * BR * RW;        // [stage][BR][RW]
+    unsigned* kt = dos + 2 * BR * RW;        // [BC][RW]
+    unsigned* vt = kt + BC * RW;             // [BC][RW], above D = 64
+    unsigned* dst = vt + (VS ? BC * RW : 0); // [warp][16][SW]
+    float* lse_s = reinterpret_cast<float*>(dst + 4 * 16 * SW);  // [stage][BR]
+    float* dv_s = lse_s + 2 * BR;                                // [stage][BR]
     int tiles = (L + BC - 1) / BC;
     int k0 = (blockIdx.x % tiles) * BC;
     int kvh = (blockIdx.x / tiles) % kv_heads;
@@ -1156,23 +1208,28 @@ __device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf1
     const bf16* Kh = K + kvbase;
     const bf16* Vh = V + kvbase;
     int j0 = k0 + warp * 16 + g, j1 = j0 + 8;  // this lane's two keys
-    // This warp's values as A fragments (16 keys × D), kept in registers; its keys' A
-    // fragments are read from the key tile for each query tile (KS ldmatrix), which leaves
-    // the registers of the D = 128 kernel room without spilling.
-    unsigned va[KS][4];
+    // This warp's values as A fragments (16 keys × D): in registers up to D = 64; above, read
+    // from the value tile for each query tile, as the keys' always are (KS ldmatrix each),
+    // which leaves the larger kernels' registers room without spilling.
+    unsigned va[VS ? 1 : KS][4];
+    if constexpr (!VS) {
 #pragma unroll
-    for (int kk = 0; kk < KS; kk++) {
-        int c = kk * 16 + tq * 2;
-        va[kk][0] = j0 < L ? *reinterpret_cast<const unsigned*>(Vh + (long)j0 * D + c) : 0u;
-        va[kk][1] = j1 < L ? *reinterpret_cast<const unsigned*>(Vh + (long)j1 * D + c) : 0u;
-        va[kk][2] = j0 < L ? *reinterpret_cast<const unsigned*>(Vh + (long)j0 * D + c + 8) : 0u;
-        va[kk][3] = j1 < L ? *reinterpret_cast<const unsigned*>(Vh + (long)j1 * D + c + 8) : 0u;
+        for (int kk = 0; kk < KS; kk++) {
+            int c = kk * 16 + tq * 2;
+            va[kk][0] = j0 < L ? *reinterpret_cast<const unsigned*>(Vh + (long)j0 * D + c) : 0u;
+            va[kk][1] = j1 < L ? *reinterpret_cast<const unsigned*>(Vh + (long)j1 * D + c) : 0u;
+            va[kk][2] = j0 < L ? *reinterpret_cast<const unsigned*>(Vh + (long)j0 * D + c + 8) : 0u;
+            va[kk][3] = j1 < L ? *reinterpret_cast<const unsigned*>(Vh + (long)j1 * D + c + 8) : 0u;
+        }
     }
     // 16 bytes (8 values) per load and store: a row is D / 8 of them.
     for (int i = threadIdx.x; i < BC * D / 8; i += blockDim.x) {
         int key = i / (D / 8), c = i % (D / 8), j = k0 + key;
         *reinterpret_cast<uint4*>(kt + key * RW + c * 4) =
             j < L ? reinterpret_cast<const uint4*>(Kh + (long)j * D)[c] : make_uint4(0u, 0u, 0u, 0u);
+        if constexpr (VS)
+            *reinterpret_cast<uint4*>(vt + key * RW + c * 4) =
+                j < L ? reinterpret_cast<const uint4*>(Vh + (long)j * D)[c] : make_uint4(0u, 0u, 0u, 0u);
     }
     float dk[NO][4], dv[NO][4];
 #pragma unroll
@@ -1193,27 +1250,55 @@ __device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf1
     const int trans = (lane & 7) * RW + (lane >> 3 & 1) * 8 * RW + (lane >> 4) * 4;
     const unsigned* ds_row = myds + (lane & 7) * SW + (lane >> 3 & 1) * 4 + (lane >> 4) * 8 * SW;
     const unsigned* k_row = kt + warp * 16 * RW + trans;
-    for (int hi = 0; hi < grp; hi++) {
-        int h = kvh * grp + hi;
-        long qbase = ((long)s * heads + h) * L;
-        for (int q0 = qlo; q0 < qhi; q0 += BR) {
-            __syncthreads();  // the previous tile is no longer read (and, first, kt is written)
-            for (int i = threadIdx.x; i < BR * D / 8; i += blockDim.x) {
-                int row = i / (D / 8), c = i % (D / 8), t = q0 + row;
-                uint4 qv = make_uint4(0u, 0u, 0u, 0u), ov = qv;
-                if (t < L) {
-                    qv = reinterpret_cast<const uint4*>(Q + (qbase + t) * D)[c];
-                    ov = reinterpret_cast<const uint4*>(dO + (qbase + t) * D)[c];
-                }
-                *reinterpret_cast<uint4*>(qs + row * RW + c * 4) = qv;
-                *reinterpret_cast<uint4*>(dos + row * RW + c * 4) = ov;
-            }
-            for (int i = threadIdx.x; i < BR; i += blockDim.x) {
-                int t = q0 + i;
-                lse_s[i] = t < L ? lse[qbase + t] * 1.44269504088896341f : 0.f;  // in log2 units
-                dv_s[i] = t < L ? Dv[qbase + t] : 0.f;
-            }
-            __syncthreads();
+    // The query tiles, every query head of the group in turn, as one sequence u = 0..nu.
+    int nq = qhi > qlo ? (qhi - qlo + BR - 1) / BR : 0, nu = grp * nq;
+    long head0 = ((long)s * heads + kvh * grp) * L;  // the group's first query head
+    // The next tile to copy: its stage, first query and head (its rows start at fbase).
+    int fst = 0, fq0 = qlo;
+    long fbase = head0;
+    // The next tile's rows of Q and dO, log-sum-exp and dO·O into its stage, as one cp.async
+    // group (rows past L zero-filled, nothing read).
+    auto fetch = [&]() {
+        int st = fst, q0 = fq0;
+        long qbase = fbase;
+        fst ^= 1;
+        fq0 += BR;
+        if (fq0 >= qhi) {
+            fq0 = qlo;
+            fbase += L;
+        }
+        for (int i = threadIdx.x; i < BR * D / 8; i += blockDim.x) {
+            int row = i / (D / 8), c = i % (D / 8), t = q0 + row;
+            long r = qbase + (t < L ? t : 0);
+            cp_async16(qs + (st * BR + row) * RW + c * 4, Q + r * D + c * 8, t < L);
+            cp_async16(dos + (st * BR + row) * RW + c * 4, dO + r * D + c * 8, t < L);
+        }
+        for (int i = threadIdx.x; i < BR; i += blockDim.x) {
+            int t = q0 + i;
+            long r = qbase + (t < L ? t : 0);
+            cp_async4(lse_s + st * BR + i, lse + r, t < L);
+            cp_async4(dv_s + st * BR + i, Dv + r, t < L);
+        }
+        cp_async_commit();
+    };
+    if (nu > 0) fetch();
+    int q0 = qlo;
+    long qbase = head0;
+    for (int u = 0; u < nu; u++) {
+        int st = u & 1;
+        // The next tile's copy runs while this one is multiplied (an empty group after the
+        // last, so that waiting for all but the newest group always means this one).
+        if (u + 1 < nu)
+            fetch();
+        else
+            cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();  // every thread's copies of tile u are in (and, first, kt is written)
+        {
+            const unsigned* qs = smem + st * BR * RW;
+            const unsigned* dos = smem + (2 + st) * BR * RW;
+            const float* lse_t = lse_s + st * BR;
+            const float* dv_t = dv_s + st * BR;
             // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for this warp's 16 keys × BR queries.
             float sc[NT][4], dp[NT][4];
 #pragma unroll
@@ -1224,8 +1309,10 @@ __device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf1
             for (int kk = 0; kk < KS; kk++) {
                 // The keys' A fragment (16 keys × 16 values), read plain: matrices (keys +0 /
                 // +8, values +0), then values +8 — the transposed reads' addresses.
-                unsigned ka[4];
+                unsigned ka[4], vf[4];
                 ldsm_x4(ka, k_row + kk * 8);
+                if constexpr (VS) ldsm_x4(vf, k_row + (vt - kt) + kk * 8);
+                const unsigned* vak = VS ? vf : va[kk];
 #pragma unroll
                 for (int nt = 0; nt < NT; nt += 2) {
                     unsigned bq[4], bo[4];
@@ -1233,8 +1320,8 @@ __device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf1
                     ldsm_x4(bo, dos + plain + nt * 8 * RW + kk * 8);
                     mma_bf16_16816(sc[nt], ka, bq);
                     mma_bf16_16816(sc[nt + 1], ka, bq + 2);
-                    mma_bf16_16816(dp[nt], va[kk], bo);
-                    mma_bf16_16816(dp[nt + 1], va[kk], bo + 2);
+                    mma_bf16_16816(dp[nt], vak, bo);
+                    mma_bf16_16816(dp[nt + 1], vak, bo + 2);
                 }
             }
             // Pᵀ and dSᵀ = Pᵀ ∘ (dPᵀ − Dv)·scale. Queries all at or after the tile's keys,
@@ -1248,9 +1335,9 @@ __device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf1
                     int qi = nt * 8 + tq * 2 + (e & 1);
                     int t = q0 + qi;
                     bool ok = full || (t < len && j <= t && (window <= 0 || j > t - window));
-                    float p = ok ? fast_exp2(fmaf(sc[nt][e], c2, -lse_s[qi])) : 0.f;
+                    float p = ok ? fast_exp2(fmaf(sc[nt][e], c2, -lse_t[qi])) : 0.f;
                     sc[nt][e] = p;
-                    dp[nt][e] = p * (dp[nt][e] - dv_s[qi]) * scale;
+                    dp[nt][e] = p * (dp[nt][e] - dv_t[qi]) * scale;
                 }
             // dV += Pᵀ·dO and dK += dSᵀ·Q: the score tiles are the A fragments, the B fragments
             // run down the columns of dO and Q (transposed reads).
@@ -1308,7 +1395,12 @@ __device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf1
                     }
                 }
             }
-            __syncwarp();  // dSᵀ is read before the next tile overwrites it
+        }
+        __syncthreads();  // every warp is done with this stage (and its dSᵀ) before a refill
+        q0 += BR;
+        if (q0 >= qhi) {
+            q0 = qlo;
+            qbase += L;
         }
     }
     // The softmax scale was applied to dS; dK needs no more. Write this warp's rows.

@@ -337,6 +337,30 @@ mod tests {
         }
     }
 
+    /// A kernel that traps (flash attention's backward given less shared memory than it
+    /// lays out) fails its launch with the reason, as __trap() fails one on a GPU.
+    #[test]
+    fn a_trap_fails_the_launch() {
+        let gpu = sim();
+        let buf = gpu.alloc_f32(1024).unwrap();
+        let lens = gpu.upload(&[64i32]).unwrap();
+        let mut args: Vec<Arg> = (0..9).map(|_| Arg::P(buf.ptr)).collect();
+        args.extend([
+            Arg::P(lens.ptr),
+            Arg::I(1),
+            Arg::I(1),
+            Arg::I(64),
+            Arg::I(0),
+            Arg::F(0.125),
+        ]);
+        let enough = crate::gpu::flash::flash_bwd_shared_bytes(64) as u32;
+        let err = gpu
+            .launch_shared("flash_bwd_d64", 1, 128, enough - 16, &args)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("too little shared memory"), "{err}");
+    }
+
     #[test]
     fn a_shuffle_some_lanes_skip_is_a_deadlock_not_a_hang() {
         let gpu = sim();

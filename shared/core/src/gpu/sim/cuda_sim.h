@@ -55,6 +55,10 @@ uint64_t exchange(unsigned mask, uint64_t v, int src);
 // A 32-bit mask of the lanes in `mask` whose `pred` is non-zero.
 unsigned ballot(unsigned mask, bool pred);
 void* dynamic_shared();
+// The bytes of dynamic shared memory the launch gave.
+unsigned dynamic_shared_size();
+// __trap(): the block's threads return, and the launch fails with `why`.
+void trap(const char* why);
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for the calling warp: d += a·b with the
 // PTX ISA's fragment layouts (every lane of the warp must call it).
 void mma_m16n8k16_bf16(float* d, const unsigned* a, const unsigned* b);
@@ -63,10 +67,10 @@ void mma_m16n8k16_bf16(float* d, const unsigned* a, const unsigned* b);
 // l gets row l / 4, columns 2(l % 4) and 2(l % 4) + 1 of matrix m (low half first), or with
 // `trans` column l / 4, rows 2(l % 4) and 2(l % 4) + 1 (every lane of the warp must call it).
 void ldmatrix_x4(unsigned* r, const void* row, bool trans);
-// cp.async.cg.shared.global of 16 bytes (`src_bytes` of them read, the rest zero-filled),
+// cp.async of `size` bytes (`src_bytes` of them read, the rest zero-filled),
 // cp.async.commit_group and cp.async.wait_group n for the calling thread. The copies land when
 // a wait covers their group, not before, so a read that skips the wait sees the old bytes.
-void cp_async16(void* dst, const void* src, unsigned src_bytes);
+void cp_async(void* dst, const void* src, unsigned size, unsigned src_bytes);
 void cp_async_commit();
 void cp_async_wait(unsigned n);
 // Registers a block's static shared array (once per OS thread): it is filled with NaN now and

@@ -69,7 +69,7 @@ struct Fiber {
     struct AsyncCopy {
         void* dst;
         const void* src;
-        unsigned bytes;
+        unsigned size, src_bytes;
         unsigned group;
     };
     std::vector<AsyncCopy> in_flight;
@@ -93,6 +93,7 @@ struct Block {
     void (*invoke)(void**) = nullptr;
     void** args = nullptr;
     std::vector<unsigned char> shared;
+    std::string trapped;  // why a thread trapped (the launch then fails)
 };
 
 thread_local Block blk;
@@ -227,7 +228,12 @@ bool run_block(unsigned n, std::string& err) {
             done += f.state == State::Done;
             at_barrier += f.state == State::AtBarrier;
         }
-        if (done == n) return true;
+        if (done == n) {
+            if (blk.trapped.empty()) return true;
+            err = blk.trapped;
+            blk.trapped.clear();
+            return false;
+        }
         if (done + at_barrier == n) {
             for (Fiber& f : blk.fibers)
                 if (f.state == State::AtBarrier) f.state = State::Ready;
@@ -282,9 +288,15 @@ unsigned ballot(unsigned mask, bool pred) {
 
 void* dynamic_shared() { return blk.shared.data(); }
 
-void cp_async16(void* dst, const void* src, unsigned src_bytes) {
+unsigned dynamic_shared_size() { return (unsigned)blk.shared.size(); }
+
+void trap(const char* why) {
+    if (blk.trapped.empty()) blk.trapped = why;
+}
+
+void cp_async(void* dst, const void* src, unsigned size, unsigned src_bytes) {
     Fiber& f = blk.fibers[blk.current];
-    f.in_flight.push_back({dst, src, src_bytes, f.committed});
+    f.in_flight.push_back({dst, src, size, src_bytes, f.committed});
 }
 
 void cp_async_commit() { blk.fibers[blk.current].committed++; }
@@ -295,8 +307,8 @@ void cp_async_wait(unsigned n) {
     for (const auto& c : f.in_flight) {
         // Done: every copy of a committed group older than the newest n.
         if (c.group + n < f.committed) {
-            std::memcpy(c.dst, c.src, c.bytes);
-            std::memset(static_cast<char*>(c.dst) + c.bytes, 0, 16 - c.bytes);
+            std::memcpy(c.dst, c.src, c.src_bytes);
+            std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.size - c.src_bytes);
         } else {
             still.push_back(c);
         }
