@@ -17,6 +17,12 @@ pub(super) const KERNELS: &str = include_str!("kernels.cu");
 /// Kernels that may take more than 48 KB of dynamic shared memory (opted in at load).
 const LARGE_SHARED_KERNELS: &[&str] = &[
     "cross_entropy_cached",
+    "flash_fwd_d16",
+    "flash_fwd_d32",
+    "flash_fwd_d64",
+    "flash_fwd_d80",
+    "flash_fwd_d96",
+    "flash_fwd_d128",
     "flash_bwd_d16",
     "flash_bwd_d32",
     "flash_bwd_d64",

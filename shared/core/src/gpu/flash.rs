@@ -43,12 +43,31 @@ pub(crate) fn flash_bwd_shared_bytes(dh: usize) -> usize {
     4 * (2 * 2 * br * rw + kv_tiles * 64 * rw + 64 * (br / 2 + 4) + 2 * 2 * br)
 }
 
+/// The dynamic shared memory `flash_fwd_d{dh}` takes, in bytes (kernels.cu's
+/// `flash_fwd_shared_words`, which the kernel checks): two stages of the key and the value
+/// tile of 64 rows. 36 KB at head size 64, 68 KB at 128.
+pub(crate) fn flash_fwd_shared_bytes(dh: usize) -> usize {
+    4 * 2 * 2 * 64 * (dh / 2 + 4)
+}
+
 /// Whether the flash kernels run on `gpu` for head size `dh`: bf16 tensor cores (sm_80 and
-/// later) and the backward pass's shared memory.
+/// later) and the shared memory both passes lay out.
 pub(crate) fn flash_available(gpu: &Gpu, dh: usize) -> bool {
     flash_supports(dh)
         && gpu.bf16_tensor_cores()
-        && flash_bwd_shared_bytes(dh) <= gpu.max_dynamic_shared()
+        && flash_fwd_shared_bytes(dh).max(flash_bwd_shared_bytes(dh)) <= gpu.max_dynamic_shared()
+}
+
+/// Refuses a launch that needs more shared memory than the device grants a block.
+fn check_shared(gpu: &Gpu, pass: &str, bytes: usize) -> Result<()> {
+    if bytes > gpu.max_dynamic_shared() {
+        return Err(Error::Device(format!(
+            "flash attention's {pass} pass needs {} KB of shared memory per block; this GPU allows {} KB",
+            bytes >> 10,
+            gpu.max_dynamic_shared() >> 10
+        )));
+    }
+    Ok(())
 }
 
 /// The entry point of `kind` built for head size `dh`.
@@ -103,13 +122,7 @@ pub(crate) fn launch_flash_bwd(
     let dv = gpu.uninit_f32(kv_len)?;
     let blocks = a.l.div_ceil(64) * a.kv_heads * a.nseq;
     let shared = flash_bwd_shared_bytes(a.dh);
-    if shared > gpu.max_dynamic_shared() {
-        return Err(Error::Device(format!(
-            "flash attention's backward pass needs {} KB of shared memory per block; this GPU allows {} KB",
-            shared >> 10,
-            gpu.max_dynamic_shared() >> 10
-        )));
-    }
+    check_shared(gpu, "backward", shared)?;
     gpu.launch_shared(
         &kernel("flash_bwd", a.dh)?,
         blocks as u32,
@@ -141,11 +154,14 @@ pub(crate) fn launch_flash_bwd(
 pub(crate) fn launch_flash_fwd(gpu: &Gpu, a: &FlashArgs, o: u64, lse: u64) -> Result<()> {
     let name = kernel("flash_fwd", a.dh)?;
     check_aligned(&[a.q, a.k, a.v])?;
+    let shared = flash_fwd_shared_bytes(a.dh);
+    check_shared(gpu, "forward", shared)?;
     let blocks = a.l.div_ceil(64) * a.heads * a.nseq;
-    gpu.launch(
+    gpu.launch_shared(
         &name,
         blocks as u32,
         128,
+        shared as u32,
         &[
             Arg::P(a.q),
             Arg::P(a.k),

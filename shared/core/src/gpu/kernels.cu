@@ -950,6 +950,11 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// flash_fwd's dynamic shared memory in 32-bit words (gpu/flash.rs computes the same for the
+// launch; the kernel traps when it is given less): two stages of the key and the value tile
+// (64 rows of D/2 + 4 words).
+__host__ __device__ constexpr unsigned flash_fwd_shared_words(int D) { return 2u * 2u * 64u * (D / 2 + 4); }
+
 // Q [seq, heads, L, D], K and V [seq, kv_heads, L, D] bf16 (the padded layout); O f32 in Q's
 // layout (padding rows zero); lse (optional) the rows' log-sum-exp of the scaled scores in
 // log2 units (log2 Σ 2^(s·scale·log2 e) = lse·log2 e, so that the backward pass's terms are one
@@ -965,11 +970,13 @@ __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O,
     // stays 16-byte aligned for ldmatrix and the tiles' 16-byte stores. The value tile needs
     // no transposing copy: ldmatrix.trans hands out its columns.
     constexpr int KW = D / 2 + 4, TILE = BC * KW;
-    // Two stages of both tiles where they fit the 48 KB of static shared memory (head sizes up
-    // to 80): the next tiles are copied (cp.async) while these are multiplied.
-    constexpr int STAGES = 2 * 2 * TILE * 4 <= 48 * 1024 ? 2 : 1;
-    __shared__ __align__(16) unsigned ks[STAGES * TILE];  // the key tiles
-    __shared__ __align__(16) unsigned vs[STAGES * TILE];  // the value tiles
+    // Two stages of both tiles in dynamic shared memory (flash_fwd_shared_words: 36 KB at
+    // head size 64, 68 KB at 128): the next tiles are copied (cp.async) while these are
+    // multiplied.
+    EXTERN_SHARED(unsigned, smem);
+    if (dynamic_shared_bytes() < flash_fwd_shared_words(D) * 4u) KERNEL_TRAP("flash_fwd: too little shared memory");
+    unsigned* ks = smem;              // the key tiles, [stage][BC][KW]
+    unsigned* vs = smem + 2 * TILE;   // the value tiles
     int tiles = (L + BR - 1) / BR;
     int q0 = (blockIdx.x % tiles) * BR;
     int h = (blockIdx.x / tiles) % heads;
@@ -998,10 +1005,10 @@ __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O,
     int hi = min(q0 + BR, len);
     int lo = window > 0 ? max(0, q0 - window + 1) / BC * BC : 0;
     int ntiles = hi > lo ? (hi - lo + BC - 1) / BC : 0;
-    // Tile t's keys and values into stage t % STAGES, 16 bytes (8 values) per copy (a row is
-    // D / 8 of them), as one cp.async group; rows past L are zero-filled, nothing read.
+    // Tile t's keys and values into stage t % 2, 16 bytes (8 values) per copy (a row is D / 8
+    // of them), as one cp.async group; rows past L are zero-filled, nothing read.
     auto fetch = [&](int t) {
-        int st = (t % STAGES) * TILE;
+        int st = (t & 1) * TILE;
         for (int i = threadIdx.x; i < BC * D / 8; i += blockDim.x) {
             int key = i / (D / 8), c = i % (D / 8), j = lo + t * BC + key;
             long row = j < L ? j : 0;
@@ -1013,20 +1020,16 @@ __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O,
     if (ntiles > 0) fetch(0);
     for (int t = 0; t < ntiles; t++) {
         int k0 = lo + t * BC;
-        if (STAGES == 2) {
-            // The next tile's copy runs while this one is multiplied (an empty group after
-            // the last, so that waiting for all but the newest group always means this one).
-            if (t + 1 < ntiles)
-                fetch(t + 1);
-            else
-                cp_async_commit();
-            cp_async_wait<STAGES - 1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        // The next tile's copy runs while this one is multiplied (an empty group after the
+        // last, so that waiting for all but the newest group always means this one).
+        if (t + 1 < ntiles)
+            fetch(t + 1);
+        else
+            cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();  // every thread's copies of tile t are in
-        const unsigned* ks_t = ks + (t % STAGES) * TILE;
-        const unsigned* vs_t = vs + (t % STAGES) * TILE;
+        const unsigned* ks_t = ks + (t & 1) * TILE;
+        const unsigned* vs_t = vs + (t & 1) * TILE;
         // Scores of 16 rows × 64 keys. One ldmatrix gives the B fragments of two key tiles:
         // matrices (keys nt·8.., values kk·16..), (the same, +8 values), then keys + 8.
         float sc[BC / 8][4];
@@ -1110,7 +1113,6 @@ __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O,
             }
         }
         __syncthreads();  // every warp is done with this stage before it is refilled
-        if (STAGES == 1 && t + 1 < ntiles) fetch(t + 1);
     }
     float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
     float* Oh = O + ((long)s * heads + h) * L * D;

@@ -337,8 +337,8 @@ mod tests {
         }
     }
 
-    /// A kernel that traps (flash attention's backward given less shared memory than it
-    /// lays out) fails its launch with the reason, as __trap() fails one on a GPU.
+    /// A kernel that traps (flash attention's passes given less shared memory than they lay
+    /// out) fails its launch with the reason, as __trap() fails one on a GPU.
     #[test]
     fn a_trap_fails_the_launch() {
         let gpu = sim();
@@ -359,6 +359,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("too little shared memory"), "{err}");
+        // The forward pass's arguments: Q, K, V, O, lse, lengths, then the same scalars.
+        let mut args: Vec<Arg> = (0..5).map(|_| Arg::P(buf.ptr)).collect();
+        args.extend([
+            Arg::P(lens.ptr),
+            Arg::I(1),
+            Arg::I(1),
+            Arg::I(64),
+            Arg::I(0),
+            Arg::F(0.125),
+        ]);
+        let enough = crate::gpu::flash::flash_fwd_shared_bytes(64) as u32;
+        let err = gpu
+            .launch_shared("flash_fwd_d64", 1, 128, enough - 16, &args)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("flash_fwd: too little shared memory"), "{err}");
     }
 
     #[test]
