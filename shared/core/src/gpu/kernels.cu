@@ -1250,7 +1250,7 @@ __device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf1
     // queries +0 / +8, then keys +8).
     const int plain = (lane & 7) * RW + (lane >> 3 & 1) * 4 + (lane >> 4) * 8 * RW;
     const int trans = (lane & 7) * RW + (lane >> 3 & 1) * 8 * RW + (lane >> 4) * 4;
-    const unsigned* ds_row = myds + (lane & 7) * SW + (lane >> 3 & 1) * 4 + (lane >> 4) * 8 * SW;
+    const int ds_lane = (lane & 7) * SW + (lane >> 3 & 1) * 4 + (lane >> 4) * 8 * SW;
     const unsigned* k_row = kt + warp * 16 * RW + trans;
     // The query tiles, every query head of the group in turn, as one sequence u = 0..nu.
     int nq = qhi > qlo ? (qhi - qlo + BR - 1) / BR : 0, nu = grp * nq;
@@ -1362,39 +1362,51 @@ __device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf1
                     mma_bf16_16816(dk[n + 1], sa, bq + 2);
                 }
             }
-            // dQ += dS·K: dSᵀ goes through shared memory (bf16 pairs along the queries) to
-            // come back, transposed by ldmatrix, as the A fragments of dS.
+            // dQ += dS·K over the block's 64 keys: every warp's dSᵀ goes through shared memory
+            // (bf16 pairs along the queries) to come back, transposed by ldmatrix, as A
+            // fragments of dS. Warp w then takes query rows (w % MB)·16.. and value columns
+            // (w / MB)·NW·8.. of the tile (MB = BR / 16 row blocks, NW column tiles each), so
+            // each dQ value gets one atomic per block and query tile, not one per warp.
 #pragma unroll
             for (int nt = 0; nt < NT; nt++) {
                 myds[g * SW + nt * 4 + tq] = pack_bf16(dp[nt][0], dp[nt][1]);
                 myds[(g + 8) * SW + nt * 4 + tq] = pack_bf16(dp[nt][2], dp[nt][3]);
             }
-            __syncwarp();
-            // (Not unrolled: unrolled, the atomics' addresses stay live and the kernel spills.)
+            __syncthreads();  // every warp's dSᵀ is in
+            {
+                constexpr int MB = BR / 16, NW = NO * MB / 4;
+                int mq = warp % MB, n0 = (warp / MB) * NW;
+                float acc[NW][4];
+#pragma unroll
+                for (int n = 0; n < NW; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+                // (Not unrolled: unrolled, the fragments of all four stay live and it spills.)
 #pragma unroll 1
-            for (int m = 0; m < BR / 16; m++) {
-                unsigned da[4];
-                ldsm_x4_trans(da, ds_row + m * 8);
+                for (int kw = 0; kw < 4; kw++) {  // the keys of warp kw: 16 of the block's 64
+                    unsigned da[4];
+                    ldsm_x4_trans(da, dst + kw * 16 * SW + ds_lane + mq * 8);
+#pragma unroll
+                    for (int n = 0; n < NW; n += 2) {
+                        // (With NW odd, the second tile of the last pair is the next warp's or
+                        // the rows' padding: read, never used.)
+                        unsigned bk[4];
+                        ldsm_x4_trans(bk, kt + kw * 16 * RW + trans + (n0 + n) * 4);
+                        mma_bf16_16816(acc[n], da, bk);
+                        if (n + 1 < NW) mma_bf16_16816(acc[n + 1], da, bk + 2);
+                    }
+                }
                 // Rows past L (the last tile's padding) have dS = 0 exactly (no key is visible
                 // to them, and their dO rows are zero): they add 0 to row L − 1 instead of
                 // branching around every atomic.
-                int t0 = min(q0 + m * 16 + g, L - 1), t1 = min(q0 + m * 16 + g + 8, L - 1);
+                int t0 = min(q0 + mq * 16 + g, L - 1), t1 = min(q0 + mq * 16 + g + 8, L - 1);
                 float* dq0 = dQ + (qbase + t0) * D + tq * 2;
                 float* dq1 = dQ + (qbase + t1) * D + tq * 2;
 #pragma unroll
-                for (int n = 0; n < NO; n += 2) {
-                    unsigned bk[4];
-                    ldsm_x4_trans(bk, k_row + n * 4);
-#pragma unroll
-                    for (int h2 = 0; h2 < 2; h2++) {
-                        float acc[4] = {0.f, 0.f, 0.f, 0.f};
-                        mma_bf16_16816(acc, da, bk + 2 * h2);
-                        int col = (n + h2) * 8;
-                        atomicAdd(dq0 + col, acc[0]);
-                        atomicAdd(dq0 + col + 1, acc[1]);
-                        atomicAdd(dq1 + col, acc[2]);
-                        atomicAdd(dq1 + col + 1, acc[3]);
-                    }
+                for (int n = 0; n < NW; n++) {
+                    int col = (n0 + n) * 8;
+                    atomicAdd(dq0 + col, acc[n][0]);
+                    atomicAdd(dq0 + col + 1, acc[n][1]);
+                    atomicAdd(dq1 + col, acc[n][2]);
+                    atomicAdd(dq1 + col + 1, acc[n][3]);
                 }
             }
         }
