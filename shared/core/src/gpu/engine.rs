@@ -670,9 +670,8 @@ impl GpuEngine {
         self.adapters_on.set(on);
     }
 
-    /// Chooses the attention forward kernel (the default comes from `PEFTKIT_GPU_ATTENTION`).
-    /// Runs products with 4-bit weights on the fused `gemm_q4` kernel (or not). Both tensor-core
-    /// kernels need sm_80 or later: elsewhere the request is ignored.
+    /// Runs products with 4-bit weights on the fused `gemm_q4` kernel (or not). The kernel
+    /// needs bf16 tensor cores (sm_80 or later): elsewhere the request is ignored.
     pub fn use_fused_q4(&mut self, on: bool) {
         self.fused_q4 = on && self.gpu.bf16_tensor_cores();
     }
@@ -682,8 +681,23 @@ impl GpuEngine {
         self.checkpointing = on;
     }
 
+    /// Runs attention on the flash kernels (or not; the default comes from
+    /// `PEFTKIT_GPU_ATTENTION`). Where they cannot run (before sm_80, a head size they are not
+    /// built for, too little shared memory) the request is ignored, and said once.
     pub fn use_flash_attention(&mut self, on: bool) {
-        self.flash = on && flash_available(&self.gpu, self.model.head_dim);
+        let available = flash_available(&self.gpu, self.model.head_dim);
+        if on && !available {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                crate::cli::info(format!(
+                    "flash attention is not available on {} for head size {} (it needs sm_80 or later, head size 16, 32, 64, 80, 96 or 128, and {} KB of shared memory per block): using the default attention",
+                    self.gpu.name(),
+                    self.model.head_dim,
+                    crate::gpu::flash::flash_bwd_shared_bytes(self.model.head_dim) >> 10
+                ))
+            });
+        }
+        self.flash = on && available;
     }
 
     /// Milliseconds per step in each phase, when profiling (`PEFTKIT_GPU_PROFILE=1`).
