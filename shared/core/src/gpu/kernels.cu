@@ -956,10 +956,11 @@ __device__ __forceinline__ float quad_sum(float v) {
 __host__ __device__ constexpr unsigned flash_fwd_shared_words(int D) { return 2u * 2u * 64u * (D / 2 + 4); }
 
 // Q [seq, heads, L, D], K and V [seq, kv_heads, L, D] bf16 (the padded layout); O f32 in Q's
-// layout (padding rows zero); lse (optional) the rows' log-sum-exp of the scaled scores in
-// log2 units (log2 Σ 2^(s·scale·log2 e) = lse·log2 e, so that the backward pass's terms are one
-// FMA and one EX2), for a backward pass. Row t of sequence s sees keys j ≤ t, j < len[s] and, with window w > 0,
-// j > t − w. Grid: one block of 128 threads per (64-row tile, head, sequence), flattened.
+// layout (padding rows zero); lse (optional) the rows' log-sum-exp of the scaled scores, for a
+// backward pass, in log2 units (log2 Σ 2^(s·scale·log2 e) = lse·log2 e, so that the backward
+// pass's terms are one FMA and one EX2). Row t of sequence s sees keys j ≤ t, j < len[s] and,
+// with window w > 0, j > t − w. Grid: one block of 128 threads per (64-row tile, head,
+// sequence), flattened.
 template <int D>
 __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O, float* lse, const int* seq_len,
                           int heads, int kv_heads, int L, int window, float scale) {
