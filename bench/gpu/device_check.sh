@@ -8,7 +8,8 @@
 #   3. LoRA and QLoRA training tokens/s and peak GPU memory on a random 1B-class Llama, ours
 #      (gpu-check --bench; QLoRA once more with the flash attention kernels, the fused 4-bit
 #      GEMM, and AdamW on the host instead of the device; LoRA without gradient checkpointing)
-#      side by side with PyTorch + PEFT (+ bitsandbytes) on the same model;
+#      side by side with PyTorch + PEFT (+ bitsandbytes) on the same model; then QLoRA with
+#      flash attention profiled, phase by phase;
 #   4. peft-train --device cuda:0 end to end on that model (data, steps, adapter output);
 #   5. peft-eval and peft-generate with that adapter, and dpo-train on a tiny model, on the GPU;
 #   6. on tiny models: rm-train, rm-score and ppo-train; GPT-2 LoRA; full fine-tuning with
@@ -107,6 +108,9 @@ want ours && section "3a'''. ours: QLoRA with AdamW on the host (PEFTKIT_GPU_OPT
 want hf && section "3b'. PyTorch + PEFT LoRA with gradient checkpointing (as ours)" && run 150 python3 bench/gpu/hf_reference.py --model "$MODEL" --method lora --grad-checkpointing --batch "$BATCH" \
     --seq "$SEQ" --steps "$STEPS" --json "$OUT/hf_lora_gc.json"
 
+want ours && section "3a6. ours: where a QLoRA step with flash attention goes (PEFTKIT_GPU_PROFILE=1: synchronises at each phase, so slower)" && PEFTKIT_GPU_PROFILE=1 PEFTKIT_GPU_ATTENTION=flash run 90 "$BIN/gpu-check" --no-kernels --bench "$MODEL" --method qlora --batch "$BATCH" --seq "$SEQ" \
+    --steps 3 --warmup 1 --json "$OUT/ours_flash_profile.json"
+
 want engine && section "2. a training step of every method against the CPU engine; evaluation and generation" && run 150 "$BIN/gpu-check" --no-kernels --engine "$F/llama_gqa,$F/llama_untied,$F/llama3_rope,$F/qwen2,$F/gpt2" --json "$OUT/engine.json"
 
 want train && section "4. peft-train --device cuda:0 end to end" && rm -rf /tmp/gpu-run && run 120 "$BIN/peft-train" --model "$MODEL" --data tests/fixtures/data/alpaca.json --method lora \
@@ -204,6 +208,9 @@ if ref.get("tokens_per_s"):
         sp, mem = o["tokens_per_second"] / ref["tokens_per_s"], o["peak_allocated_bytes"] / hp
         ok = sp >= 2.0 and mem <= 0.5
         print(f"TARGET qlora ({name}): {sp:.2f}x speed, {mem:.2f}x memory: {'met' if ok else 'not met'}")
+prof = ((load("ours_flash_profile.json") or {}).get("bench") or [{}])[0].get("profile_ms_per_step")
+if prof:
+    print("QLoRA step with flash attention, ms per phase:", ", ".join(f"{k} {v:.1f}" for k, v in prof.items()))
 check = load("check.json") or {}
 if "nccl" in check:
     print("NCCL, one rank, in place on the engine's memory:", check["nccl"])
