@@ -668,9 +668,14 @@ pub(crate) fn attention_reference(
     dh: usize,
     window: usize,
 ) -> Vec<f32> {
+    use rayon::prelude::*;
     let mut out = vec![0f32; q.len()];
-    for (s, &len) in lens.iter().enumerate() {
-        for h in 0..heads {
+    // One (sequence, head) per task: the device check's shapes take minutes on one thread.
+    out.par_chunks_mut(l * dh)
+        .enumerate()
+        .for_each(|(sh, out)| {
+            let (s, h) = (sh / heads, sh % heads);
+            let len = lens[s];
             let kh = h / (heads / kvh);
             let qb = (s * heads + h) * l * dh;
             let kb = (s * kvh + kh) * l * dh;
@@ -681,16 +686,13 @@ pub(crate) fn attention_reference(
                         .zip(&p)
                         .map(|(j, p)| p * v[kb + j * dh + c] as f64)
                         .sum();
-                    out[qb + t * dh + c] = o as f32;
+                    out[t * dh + c] = o as f32;
                 }
             }
-        }
-    }
+        });
     out
 }
 
-/// Row `q[qi..qi + dh]`'s causal softmax over the keys of head block `kb` (query position
-/// `t`, sliding `window` or 0): the first key it sees and the probabilities, in f64.
 /// Cross-entropy over `cr` rows of a `v` vocabulary against f64: the loss, then at a
 /// sampling temperature (PPO) the log-probabilities, entropies and gradient, by `kernel`. Timed over
 /// `reps` calls (none: 0).
@@ -857,6 +859,8 @@ fn check_gemv(
     Ok(())
 }
 
+/// Row `q[qi..qi + dh]`'s causal softmax over the keys of head block `kb` (query position
+/// `t`, sliding `window` or 0): the first key it sees and the probabilities, in f64.
 fn causal_probs(
     q: &[f32],
     k: &[f32],
@@ -900,36 +904,46 @@ pub(crate) fn attention_backward_reference(
     dh: usize,
     window: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    use rayon::prelude::*;
     let scale = 1.0 / (dh as f64).sqrt();
+    let grp = heads / kvh;
     let mut dq = vec![0f64; q.len()];
     let mut dk = vec![0f64; k.len()];
     let mut dv = vec![0f64; v.len()];
-    for (s, &len) in lens.iter().enumerate() {
-        for h in 0..heads {
-            let kh = h / (heads / kvh);
-            let qb = (s * heads + h) * l * dh;
-            let kb = (s * kvh + kh) * l * dh;
-            for t in 0..len {
-                let (lo, p) = causal_probs(q, k, qb + t * dh, kb, t, dh, window);
-                let dp: Vec<f64> = (lo..=t)
-                    .map(|j| {
-                        (0..dh)
-                            .map(|c| d_o[qb + t * dh + c] as f64 * v[kb + j * dh + c] as f64)
-                            .sum()
-                    })
-                    .collect();
-                let pdp: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
-                for (i, j) in (lo..=t).enumerate() {
-                    let ds = p[i] * (dp[i] - pdp) * scale;
-                    for c in 0..dh {
-                        dv[kb + j * dh + c] += p[i] * d_o[qb + t * dh + c] as f64;
-                        dq[qb + t * dh + c] += ds * k[kb + j * dh + c] as f64;
-                        dk[kb + j * dh + c] += ds * q[qb + t * dh + c] as f64;
+    // One (sequence, kv head) per task, with the dQ of its group's query heads: the tasks'
+    // outputs do not overlap (the device check's shapes take minutes on one thread).
+    dq.par_chunks_mut(grp * l * dh)
+        .zip(dk.par_chunks_mut(l * dh))
+        .zip(dv.par_chunks_mut(l * dh))
+        .enumerate()
+        .for_each(|(sk, ((dq, dk), dv))| {
+            let (s, kh) = (sk / kvh, sk % kvh);
+            let len = lens[s];
+            let kb = sk * l * dh;
+            for hg in 0..grp {
+                let qb = (s * heads + kh * grp + hg) * l * dh;
+                let dq = &mut dq[hg * l * dh..(hg + 1) * l * dh];
+                for t in 0..len {
+                    let (lo, p) = causal_probs(q, k, qb + t * dh, kb, t, dh, window);
+                    let dp: Vec<f64> = (lo..=t)
+                        .map(|j| {
+                            (0..dh)
+                                .map(|c| d_o[qb + t * dh + c] as f64 * v[kb + j * dh + c] as f64)
+                                .sum()
+                        })
+                        .collect();
+                    let pdp: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                    for (i, j) in (lo..=t).enumerate() {
+                        let ds = p[i] * (dp[i] - pdp) * scale;
+                        for c in 0..dh {
+                            dv[j * dh + c] += p[i] * d_o[qb + t * dh + c] as f64;
+                            dq[t * dh + c] += ds * k[kb + j * dh + c] as f64;
+                            dk[j * dh + c] += ds * q[qb + t * dh + c] as f64;
+                        }
                     }
                 }
             }
-        }
-    }
+        });
     let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
     (f(dq), f(dk), f(dv))
 }
