@@ -640,6 +640,12 @@ pub fn kernels(gpu: &Gpu, s: &KernelShapes) -> Result<(Value, usize)> {
         &[]
     };
     for &(nseq, heads, kvh, l, dh, window) in attention {
+        if !super::flash::flash_available(gpu, dh) {
+            crate::cli::info(format!(
+                "flash attention at head size {dh} cannot run on this GPU (shared memory): not checked"
+            ));
+            continue;
+        }
         check_flash(
             gpu,
             &mut rng,
