@@ -350,11 +350,14 @@ fn evaluation_on_the_simulated_gpu_matches_the_cpu() {
 
 /// peft-generate --device cuda-sim: greedy generation with the base model and with trained
 /// adapters of every type gives the CPU's tokens (the logits of every step are compared on all
-/// the architectures in peftkit-core's simulator tests).
+/// the architectures in peftkit-core's simulator tests). The GPU computes in bf16: where the
+/// CPU's two best tokens are a near tie, its rounding may pick the other one, and the two
+/// generations part there; anything else is a failure.
 #[test]
 fn greedy_generation_on_the_simulated_gpu_matches_the_cpu() {
-    use peftkit_core::generate::{Generator, SamplingParams};
+    use peftkit_core::generate::{CpuDecoder, Decoder, Generator, SamplingParams};
     use peftkit_core::gpu::DeviceSpec;
+    use peftkit_core::model::ForwardOptions;
     use peftkit_core::model::Model;
     use peftkit_core::rng::Rng;
     use peftkit_core::tokenizer::TextTokenizer;
@@ -382,7 +385,26 @@ fn greedy_generation_on_the_simulated_gpu_matches_the_cpu() {
         let cpu = run(DeviceSpec::Cpu, adapter);
         let sim = run(DeviceSpec::Sim, adapter);
         assert_eq!(cpu.len(), 10);
-        assert_eq!(sim, cpu, "adapter {adapter:?}");
+        assert_eq!(sim.len(), 10, "adapter {adapter:?}");
+        let Some(k) = cpu.iter().zip(&sim).position(|(a, b)| a != b) else {
+            continue;
+        };
+        // Where they part, the CPU's logits for the two tokens are within 1 % of their spread.
+        let opts = ForwardOptions { adapter };
+        let mut dec = CpuDecoder::new(&model, &opts).unwrap();
+        let mut context = prompt.clone();
+        context.extend(&cpu[..k]);
+        let logits = dec.step(&context).unwrap();
+        let (hi, lo) = logits
+            .iter()
+            .fold((f32::MIN, f32::MAX), |(h, l), &x| (h.max(x), l.min(x)));
+        let (want, got) = (logits[cpu[k] as usize], logits[sim[k] as usize]);
+        assert!(
+            want - got <= 0.01 * (hi - lo),
+            "adapter {adapter:?}: step {k} chose token {} (logit {got}) over the CPU's {} ({want}; logits span {lo}..{hi})",
+            sim[k],
+            cpu[k]
+        );
     }
     // The adapter changes what is generated (so the comparison above sees it).
     assert_ne!(run(DeviceSpec::Cpu, None), run(DeviceSpec::Cpu, Some(0)));

@@ -11,6 +11,15 @@ use crate::error::{Error, Result};
 use crate::generate::Decoder;
 use crate::train::params::TrainState;
 
+/// Warps per block of `attn_decode`: they split a row's keys for the weighted sum of values.
+const ATTN_DECODE_WARPS: usize = 4;
+
+/// The dynamic shared memory `attn_decode` takes for head size `dh` and `keys` cached
+/// positions: the rotated query, one score per key, and each warp's partial output.
+fn attn_decode_shared_bytes(dh: usize, keys: usize) -> usize {
+    (dh + keys + ATTN_DECODE_WARPS * dh) * 4
+}
+
 /// One sequence's KV cache on the device: per layer the keys (rotated) and values seen so
 /// far, bf16 `[kv_heads, max_len, head_dim]`.
 pub struct GpuKvCache {
@@ -34,10 +43,10 @@ impl GpuKvCache {
         let max_len = max_len + virtual_len;
         let m = &engine.model;
         // attn_decode keeps a row's scores in shared memory (48 KB without opting in).
-        if (m.head_dim + max_len) * 4 > 48 << 10 {
+        if attn_decode_shared_bytes(m.head_dim, max_len) > 48 << 10 {
             return Err(Error::usage(format!(
                 "generation on the GPU holds at most {} tokens; ask for fewer new tokens",
-                (48 << 10) / 4 - m.head_dim
+                (48 << 10) / 4 - (1 + ATTN_DECODE_WARPS) * m.head_dim
             )));
         }
         engine.model.ensure_positions(&engine.gpu, max_len)?;
@@ -243,8 +252,8 @@ impl GpuEngine {
                 gpu.launch_shared(
                     "attn_decode",
                     (len * m.heads) as u32,
-                    128,
-                    ((dh + cache.len + len) * 4) as u32,
+                    (32 * ATTN_DECODE_WARPS) as u32,
+                    attn_decode_shared_bytes(dh, cache.len + len) as u32,
                     &[
                         Arg::P(q.at(r0 * qd, 4)),
                         Arg::P(cache.k[l].ptr),

@@ -1453,16 +1453,19 @@ extern "C" __global__ void flash_bwd_d128(FLASH_BWD_PARAMS) { FLASH_BWD_CALL(128
 // q f32 [n, heads·dh] (not rotated: rotated here for its position pos0 + row); kc, vc the
 // cache, bf16 [kv_heads, Lmax, dh], holding positions 0 .. pos0 + n − 1 (keys rotated);
 // out f32 [n, heads·dh]. Row i sees keys j ≤ pos0 + i (and j > pos0 + i − w with a window w).
-// One block per (row, head); dynamic shared memory: dh + pos0 + n floats (the rotated query,
-// then the row's scores).
+// One block per (row, head), four warps; dynamic shared memory: dh + pos0 + n + 4·dh floats
+// (the rotated query, the row's scores, the warps' partial outputs: gpu/decode.rs).
 extern "C" __global__ void attn_decode(const float* q, const bf16* kc, const bf16* vc, float* out, const float* cosb,
                                        const float* sinb, int heads, int kv_heads, int dh, int Lmax, int pos0, int window,
                                        float scale, int rope) {
+    // Dynamic shared memory (attn_decode_shared_floats): the query row (dh), the scores of
+    // the keys it sees (up to pos0 + rows), then each warp's partial output (warps × dh).
     EXTERN_SHARED(float, sm);
     __shared__ float red[32];
     int i = blockIdx.x / heads, h = blockIdx.x % heads;
     int t = pos0 + i;
     int kvh = h / (heads / kv_heads);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     float* qs = sm;
     float* sc = sm + dh;
     const float* qr = q + ((long)i * heads + h) * dh;
@@ -1482,10 +1485,26 @@ extern "C" __global__ void attn_decode(const float* q, const bf16* kc, const bf1
     int lo = (window > 0 && t - window + 1 > 0) ? t - window + 1 : 0;
     const bf16* K = kc + (long)kvh * Lmax * dh;
     const bf16* V = vc + (long)kvh * Lmax * dh;
+    float* part = sc + (t - lo + 1);  // [warp][dh]
+    // Scores: one key per thread, its row read 16 bytes (8 values) at a time where the head
+    // size allows (every supported model's): an eighth of the loads of 2-byte reads.
     float m = -INFINITY;
     for (int j = lo + threadIdx.x; j <= t; j += blockDim.x) {
         float s = 0.f;
-        for (int c = 0; c < dh; c++) s += qs[c] * bf2f(K[(long)j * dh + c]);
+        const bf16* kr = K + (long)j * dh;
+        if ((dh & 7) == 0) {
+            for (int c = 0; c < dh; c += 8) {
+                uint4 w = *reinterpret_cast<const uint4*>(kr + c);
+                unsigned u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    s += qs[c + 2 * e] * __uint_as_float(u[e] << 16);
+                    s += qs[c + 2 * e + 1] * __uint_as_float(u[e] & 0xffff0000u);
+                }
+            }
+        } else {
+            for (int c = 0; c < dh; c++) s += qs[c] * bf2f(kr[c]);
+        }
         s *= scale;
         sc[j - lo] = s;
         m = fmaxf(m, s);
@@ -1499,10 +1518,26 @@ extern "C" __global__ void attn_decode(const float* q, const bf16* kc, const bf1
     }
     sum = block_sum(sum, red);  // (its barriers also publish every thread's sc writes)
     float inv = 1.f / sum;
+    // Σ p_j V[j]: warp w takes keys lo + w, lo + w + nw, …; its lanes take value pairs (a
+    // warp reads 128 bytes of a row at a time), a second round of pairs above head size 64.
+    for (int pc = lane; pc < half; pc += 32) {
+        float a0 = 0.f, a1 = 0.f;
+        const unsigned* vp = reinterpret_cast<const unsigned*>(V + (long)(lo + warp) * dh) + pc;
+        const float* sp = sc + warp;
+        for (int j = lo + warp; j <= t; j += nw, vp += nw * half, sp += nw) {
+            unsigned w = *vp;
+            float p = *sp;
+            a0 += p * __uint_as_float(w << 16);
+            a1 += p * __uint_as_float(w & 0xffff0000u);
+        }
+        part[warp * dh + 2 * pc] = a0;
+        part[warp * dh + 2 * pc + 1] = a1;
+    }
+    __syncthreads();
     for (int c = threadIdx.x; c < dh; c += blockDim.x) {
-        float acc = 0.f;
-        for (int j = lo; j <= t; j++) acc += sc[j - lo] * bf2f(V[(long)j * dh + c]);
-        out[((long)i * heads + h) * dh + c] = acc * inv;
+        float o = 0.f;
+        for (int w = 0; w < nw; w++) o += part[w * dh + c];
+        out[((long)i * heads + h) * dh + c] = o * inv;
     }
 }
 
