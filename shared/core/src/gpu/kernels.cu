@@ -1187,10 +1187,11 @@ __device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf1
     constexpr int SW = BR / 2 + 4;  // words per padded row of dSᵀ, [key][BR queries]
     constexpr bool VS = D > 64;     // the values' A fragments come from shared memory
     const float c2 = scale * 1.44269504088896341f;  // P = 2^(s·c2 − lse), lse in log2 units
-    // Dynamic shared memory (flash_bwd_shared_words; 55–57 KB, over the 48 KB static limit):
-    // two stages of the query tile and its output gradient, so that the next query tile is
-    // copied (cp.async) while this one is multiplied, then this block's keys and each warp's
-    // dSᵀ, then two stages of the rows' log-sum-exp and dO·O.
+    // Dynamic shared memory (flash_bwd_shared_words: 55 KB at D = 64, 74 KB at 128, over the
+    // 48 KB static limit): two stages of the query tile and its output gradient, so that the
+    // next query tile is copied (cp.async) while this one is multiplied, then this block's
+    // keys (and above D = 64 its values), each warp's dSᵀ, and two stages of the rows'
+    // log-sum-exp and dO·O.
     EXTERN_SHARED(unsigned, smem);
     if (dynamic_shared_bytes() < flash_bwd_shared_words(D, BR) * 4u) KERNEL_TRAP("flash_bwd: too little shared memory");
     unsigned* qs = smem;                     // [stage][BR][RW]
