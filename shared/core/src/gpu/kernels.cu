@@ -27,6 +27,18 @@ __device__ __forceinline__ bf16 f2bf(float f) {
     return (bf16)(u >> 16);
 }
 
+// Two floats as bf16 (round to nearest even) in one register, `lo` in the low half: one
+// cvt.rn.bf16x2 on sm_80 and later (the value f2bf gives; a NaN may come out as another NaN).
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+#if !defined(CUDASIM) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    return (unsigned)f2bf(lo) | ((unsigned)f2bf(hi) << 16);
+#endif
+}
+
 // Sum over a block of up to 1024 threads; every thread gets the result. `sh` holds 32 floats.
 __device__ float block_sum(float v, float* sh) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -573,10 +585,10 @@ __device__ void cross_entropy_row(const float* logits, const int* target, float*
         for (int k = threadIdx.x; k < n4; k += step) {
             float4 a = src4[k];
             int e = 4 * k;
-            unsigned lo = (unsigned)f2bf(ce_grad(a.x * inv_t, m, inv, e == tg, scale)) |
-                          ((unsigned)f2bf(ce_grad(a.y * inv_t, m, inv, e + 1 == tg, scale)) << 16);
-            unsigned hi = (unsigned)f2bf(ce_grad(a.z * inv_t, m, inv, e + 2 == tg, scale)) |
-                          ((unsigned)f2bf(ce_grad(a.w * inv_t, m, inv, e + 3 == tg, scale)) << 16);
+            unsigned lo = pack_bf16(ce_grad(a.x * inv_t, m, inv, e == tg, scale),
+                                    ce_grad(a.y * inv_t, m, inv, e + 1 == tg, scale));
+            unsigned hi = pack_bf16(ce_grad(a.z * inv_t, m, inv, e + 2 == tg, scale),
+                                    ce_grad(a.w * inv_t, m, inv, e + 3 == tg, scale));
             g4[k] = make_uint2(lo, hi);
         }
         for (int k = 4 * n4 + threadIdx.x; k < V; k += step) g[k] = f2bf(ce_grad(src[k] * inv_t, m, inv, k == tg, scale));
@@ -802,18 +814,6 @@ extern "C" __global__ void adamw_step(float* w, float* m, float* v, float* g, lo
 //   B 16×8 "col":      b0,b1 = (k = 2·tig..+1, n = g), b2,b3 = (k + 8, n = g)
 //   C 16×8:            c0,c1 = (g, 2·tig..+1), c2,c3 = (g+8, same)
 // so a C tile of scores is, packed in pairs, the A fragment of P·V without leaving registers.
-
-// Two floats as bf16 (round to nearest even) in one register, `lo` in the low half: one
-// cvt.rn.bf16x2 on sm_80 and later (the value f2bf gives; a NaN may come out as another NaN).
-__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
-#if !defined(CUDASIM) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-#else
-    return (unsigned)f2bf(lo) | ((unsigned)f2bf(hi) << 16);
-#endif
-}
 
 // 2^x for the online softmax: MUFU.EX2 (ex2.approx.ftz, as __expf uses it), 2^−inf = 0.
 __device__ __forceinline__ float fast_exp2(float x) {
