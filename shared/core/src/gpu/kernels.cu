@@ -875,17 +875,24 @@ __device__ __forceinline__ void ldsm_x4_trans(unsigned* r, const void* row) {
 #endif
 }
 
-// cp.async (sm_80 and later): 16 bytes from global to shared memory without passing through
-// registers, done once a cp.async.wait_group covers its group; `valid` false zero-fills them
-// and reads nothing. Older GPUs never launch the kernels that use it (Gpu::bf16_tensor_cores).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+// cp.async (sm_80 and later): BYTES (16, or 4) from global to shared memory without passing
+// through registers, done once a cp.async.wait_group covers its group; `valid` false
+// zero-fills them and reads nothing (16 bytes bypass L1, .cg; 4 bytes can only go through it,
+// .ca). Older GPUs never launch the kernels that use it (Gpu::bf16_tensor_cores).
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
+    static_assert(BYTES == 16 || BYTES == 4, "cp.async copies 4 or 16 bytes here");
 #ifdef CUDASIM
-    cudasim::cp_async(dst, src, 16u, valid ? 16u : 0u);
+    cudasim::cp_async(dst, src, BYTES, valid ? BYTES : 0u);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap();
 #else
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
-                 "r"(valid ? 16 : 0));
+    if constexpr (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
+                     "r"(valid ? 16 : 0));
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared_address(dst)), "l"(src),
+                     "r"(valid ? 4 : 0));
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
@@ -902,18 +909,6 @@ __device__ __forceinline__ void cp_async_wait() {
     cudasim::cp_async_wait(N);
 #elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
-
-// 4 bytes, as cp_async16 (cp.async.ca: the 16-byte form is the only .cg one).
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
-#ifdef CUDASIM
-    cudasim::cp_async(dst, src, 4u, valid ? 4u : 0u);
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-    __trap();
-#else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared_address(dst)), "l"(src),
-                 "r"(valid ? 4 : 0));
 #endif
 }
 
@@ -1013,8 +1008,8 @@ __device__ void flash_fwd(const bf16* Q, const bf16* K, const bf16* V, float* O,
         for (int i = threadIdx.x; i < BC * D / 8; i += blockDim.x) {
             int key = i / (D / 8), c = i % (D / 8), j = lo + t * BC + key;
             long row = j < L ? j : 0;
-            cp_async16(ks + st + key * KW + c * 4, Kh + row * D + c * 8, j < L);
-            cp_async16(vs + st + key * KW + c * 4, Vh + row * D + c * 8, j < L);
+            cp_async<16>(ks + st + key * KW + c * 4, Kh + row * D + c * 8, j < L);
+            cp_async<16>(vs + st + key * KW + c * 4, Vh + row * D + c * 8, j < L);
         }
         cp_async_commit();
     };
@@ -1274,14 +1269,14 @@ __device__ void flash_bwd(const bf16* Q, const bf16* K, const bf16* V, const bf1
         for (int i = threadIdx.x; i < BR * D / 8; i += blockDim.x) {
             int row = i / (D / 8), c = i % (D / 8), t = q0 + row;
             long r = qbase + (t < L ? t : 0);
-            cp_async16(qs + (st * BR + row) * RW + c * 4, Q + r * D + c * 8, t < L);
-            cp_async16(dos + (st * BR + row) * RW + c * 4, dO + r * D + c * 8, t < L);
+            cp_async<16>(qs + (st * BR + row) * RW + c * 4, Q + r * D + c * 8, t < L);
+            cp_async<16>(dos + (st * BR + row) * RW + c * 4, dO + r * D + c * 8, t < L);
         }
         for (int i = threadIdx.x; i < BR; i += blockDim.x) {
             int t = q0 + i;
             long r = qbase + (t < L ? t : 0);
-            cp_async4(lse_s + st * BR + i, lse + r, t < L);
-            cp_async4(dv_s + st * BR + i, Dv + r, t < L);
+            cp_async<4>(lse_s + st * BR + i, lse + r, t < L);
+            cp_async<4>(dv_s + st * BR + i, Dv + r, t < L);
         }
         cp_async_commit();
     };

@@ -344,37 +344,34 @@ mod tests {
         let gpu = sim();
         let buf = gpu.alloc_f32(1024).unwrap();
         let lens = gpu.upload(&[64i32]).unwrap();
-        let mut args: Vec<Arg> = (0..9).map(|_| Arg::P(buf.ptr)).collect();
-        args.extend([
-            Arg::P(lens.ptr),
-            Arg::I(1),
-            Arg::I(1),
-            Arg::I(64),
-            Arg::I(0),
-            Arg::F(0.125),
-        ]);
-        let enough = crate::gpu::flash::flash_bwd_shared_bytes(64) as u32;
-        let err = gpu
-            .launch_shared("flash_bwd_d64", 1, 128, enough - 16, &args)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("too little shared memory"), "{err}");
-        // The forward pass's arguments: Q, K, V, O, lse, lengths, then the same scalars.
-        let mut args: Vec<Arg> = (0..5).map(|_| Arg::P(buf.ptr)).collect();
-        args.extend([
-            Arg::P(lens.ptr),
-            Arg::I(1),
-            Arg::I(1),
-            Arg::I(64),
-            Arg::I(0),
-            Arg::F(0.125),
-        ]);
-        let enough = crate::gpu::flash::flash_fwd_shared_bytes(64) as u32;
-        let err = gpu
-            .launch_shared("flash_fwd_d64", 1, 128, enough - 16, &args)
-            .unwrap_err()
-            .to_string();
+        // `tensors` pointers, the lengths, then heads, kv heads, L, window and the scale, with
+        // 16 bytes less shared memory than the kernel lays out.
+        let launch = |kernel: &str, tensors: usize, shared: usize| {
+            let mut args: Vec<Arg> = (0..tensors).map(|_| Arg::P(buf.ptr)).collect();
+            args.extend([
+                Arg::P(lens.ptr),
+                Arg::I(1),
+                Arg::I(1),
+                Arg::I(64),
+                Arg::I(0),
+                Arg::F(0.125),
+            ]);
+            gpu.launch_shared(kernel, 1, 128, shared as u32 - 16, &args)
+                .unwrap_err()
+                .to_string()
+        };
+        let err = launch(
+            "flash_fwd_d64",
+            5,
+            crate::gpu::flash::flash_fwd_shared_bytes(64),
+        );
         assert!(err.contains("flash_fwd: too little shared memory"), "{err}");
+        let err = launch(
+            "flash_bwd_d64",
+            9,
+            crate::gpu::flash::flash_bwd_shared_bytes(64),
+        );
+        assert!(err.contains("flash_bwd: too little shared memory"), "{err}");
     }
 
     #[test]
