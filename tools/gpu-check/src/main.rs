@@ -12,7 +12,7 @@ use std::path::PathBuf;
     version,
     about = "Check the CUDA backend against the CPU path and measure LoRA/QLoRA training speed",
     after_help = "Examples:
-  gpu-check                                        # kernels vs CPU, speeds vs roofline
+  gpu-check                                        # kernels vs CPU, speeds vs roofline, NCCL on one rank
   gpu-check --engine tests/fixtures/models/llama_gqa,tests/fixtures/models/qwen2    # + one LoRA and one QLoRA step vs the CPU engine
   gpu-check --no-kernels --bench /tmp/llama1b --method qlora --batch 4 --seq 1024 --json out.json
 
