@@ -40,6 +40,9 @@ pub(crate) struct CudaBackend {
     major: i32,
     /// Dynamic shared memory `LARGE_SHARED_KERNELS` may take (bytes).
     max_dynamic_shared: usize,
+    /// The device's ordinal, where it can prefetch managed memory (concurrent managed
+    /// access: Linux, Pascal and later), for `prefetch_paged`.
+    prefetch_to: Option<i32>,
 }
 
 /// Loads the CUDA driver library, catching the panic cudarc raises when it is absent.
@@ -110,6 +113,10 @@ impl CudaBackend {
                 max_dynamic_shared = want;
             }
         }
+        let prefetch_to = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS)
+            .is_ok_and(|v| v != 0)
+            .then_some(ordinal as i32);
         let blas = probe("cannot load libcublas", {
             let s = stream.clone();
             move || Blas::new(s)
@@ -121,6 +128,7 @@ impl CudaBackend {
             kernels,
             major,
             max_dynamic_shared,
+            prefetch_to,
         })
     }
 
@@ -224,6 +232,18 @@ impl Backend for CudaBackend {
 
     fn max_dynamic_shared(&self) -> usize {
         self.max_dynamic_shared
+    }
+
+    fn prefetch_paged(&self, ptr: u64, bytes: usize) {
+        let Some(id) = self.prefetch_to else { return };
+        let location = cudarc::driver::sys::CUmemLocation {
+            type_: cudarc::driver::sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+            id,
+        };
+        // A hint: a failure only means the pages come on demand, as without it.
+        let _ = self.bind();
+        let _ =
+            unsafe { result::mem_prefetch_async(ptr, bytes, location, self.stream.cu_stream()) };
     }
 
     fn alloc_paged(&self, bytes: usize) -> Result<(Box<dyn Any>, u64)> {

@@ -113,6 +113,10 @@ pub(crate) trait Backend {
     fn alloc_paged(&self, bytes: usize) -> Result<(Box<dyn Any>, u64)> {
         self.alloc(bytes, true)
     }
+    /// Asks the driver to move a managed allocation's pages (from `alloc_paged`) to the device
+    /// ahead of the kernels that touch it, in one transfer instead of a page fault at a time.
+    /// A hint: where it cannot be done, nothing happens.
+    fn prefetch_paged(&self, _ptr: u64, _bytes: usize) {}
     /// Whether the device has bf16 tensor cores (`mma.sync` on bf16: sm_80 and later), which
     /// the flash-attention and fused 4-bit GEMM kernels need.
     fn bf16_tensor_cores(&self) -> bool;
@@ -355,6 +359,11 @@ impl Gpu {
     /// Zeroes the first `bytes` bytes of `b`.
     pub fn zero(&self, b: &mut DBuf, bytes: usize) -> Result<()> {
         self.dev.zero(b.ptr, bytes.min(b.bytes))
+    }
+
+    /// See [`Backend::prefetch_paged`].
+    pub fn prefetch_paged(&self, b: &DBuf) {
+        self.dev.prefetch_paged(b.ptr, b.bytes);
     }
 
     pub fn sync(&self) -> Result<()> {

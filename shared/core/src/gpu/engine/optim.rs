@@ -400,6 +400,13 @@ impl GpuEngine {
         let bc2_sqrt = bc2.sqrt() as f32;
         for r in &self.optim.ranges {
             let [master, m, v] = r.states.as_ref().expect("uploaded above");
+            if self.optim.paged {
+                // As bitsandbytes' paged optimizers do: the states move in before the update
+                // (the driver pages them out again when the device runs short).
+                for b in [master, m, v] {
+                    self.gpu.prefetch_paged(b);
+                }
+            }
             let decay = if r.decay {
                 1.0 - lr * opt.weight_decay
             } else {
