@@ -92,8 +92,9 @@ impl CudaBackend {
                 .map_err(|e| dev_err(&format!("kernel {name}"), e))?;
             kernels.insert(name, f);
         }
-        // Kernels that cache a row in shared memory may take what the device allows a block
-        // (less their static shared memory, under 1 KB); where the opt-in fails, 48 KB.
+        // The kernels that lay out more than 48 KB of dynamic shared memory (the cached
+        // cross-entropy, flash attention) may take what the device allows a block (less their
+        // static shared memory, under 1 KB); where the opt-in fails, 48 KB.
         use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
         let optin = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)

@@ -208,8 +208,9 @@ impl Gpu {
         self.dev.bf16_tensor_cores()
     }
 
-    /// The most dynamic shared memory a launch of a kernel that caches rows in shared memory
-    /// (`cross_entropy_cached`) may ask for.
+    /// The most dynamic shared memory a launch of a kernel opted in to more than 48 KB (the
+    /// cached cross-entropy, flash attention: the CUDA backend's `LARGE_SHARED_KERNELS`) may
+    /// ask for.
     pub fn max_dynamic_shared(&self) -> usize {
         self.dev.max_dynamic_shared()
     }
