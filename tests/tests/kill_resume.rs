@@ -566,9 +566,9 @@ fn kill_and_resume(name: &'static str, kills: usize, seed: u64) -> usize {
             .max()
             .unwrap_or(0);
         let left = job.steps - done;
-        // Every moment lands before the run can finish: a step record is followed by at
-        // least one more step (or the final checkpoint and output), and a checkpoint is
-        // written after every step it waits for.
+        // Every moment lands before the run can finish: a step record it waits for is
+        // followed by at least one more step, and a checkpoint is written after every step
+        // it waits for.
         let moment = if k + 1 == kills || left == 0 {
             Moment::Final
         } else {
@@ -578,12 +578,17 @@ fn kill_and_resume(name: &'static str, kills: usize, seed: u64) -> usize {
                     let saves = left.div_ceil(save_every);
                     Moment::CheckpointWrite(rand.range(1, saves.min(3)) as usize)
                 }
+                // After the last step's record only the final checkpoint and the outputs
+                // are left, which can take less than the delay: the run would finish before
+                // the kill. So a record kill waits for an earlier step's record, and with one
+                // step left the kill comes during a checkpoint write instead.
+                _ if left == 1 => Moment::CheckpointWrite(1),
                 _ => {
                     // within half a step's time (the straight run's average, start-up
                     // included, overestimates it)
                     let us = took.as_micros() as u64 / job.steps / 2;
                     Moment::AfterRecord(
-                        rand.range(1, left.min(3)) as usize,
+                        rand.range(1, (left - 1).min(3)) as usize,
                         Duration::from_micros(rand.range(0, us)),
                     )
                 }
