@@ -79,7 +79,7 @@ venv: $(VENV)/bin/python
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q torch transformers peft trl bitsandbytes safetensors gguf numpy
+	$(VENV)/bin/pip install -q torch transformers peft trl bitsandbytes safetensors gguf numpy sentencepiece
 
 bench: build model venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/run.sh
@@ -101,6 +101,7 @@ fixtures: venv build
 	$(VENV)/bin/python tests/fixtures/generate_interop.py
 	$(VENV)/bin/python tests/fixtures/generate_nf4.py
 	$(VENV)/bin/python tests/fixtures/generate_qlora.py
+	$(VENV)/bin/python tests/fixtures/generate_gguf_export.py
 
 completions: build
 	bash scripts/gen-completions.sh $(BIN)

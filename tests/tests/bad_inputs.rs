@@ -34,6 +34,7 @@ const TOOLS: &[&str] = &[
     "adapter-merge",
     "dpo-train",
     "gpu-check",
+    "model-export",
     "model-import",
     "peft-eval",
     "peft-generate",

@@ -6,8 +6,9 @@
 
 use peftkit_tests::run;
 
-const TOOLS: [&str; 12] = [
+const TOOLS: [&str; 13] = [
     "model-import",
+    "model-export",
     "quantize-nf4",
     "peft-train",
     "peft-eval",

@@ -215,3 +215,53 @@ fn refuses_unsupported_dtype_and_missing_file() {
     assert_clean_error(&o, "/nonexistent/x.gguf");
     assert!(!out.exists());
 }
+
+/// GGUFs written by llama.cpp's own convert_hf_to_gguf.py from the tiny HF fixtures
+/// (tests/fixtures/gguf_export, generate_gguf_export.py) import back to exactly the tensors
+/// they were made from: names, q/k row order (Llama's permutation undone; Qwen2 has none),
+/// untied heads and biases. The f32 and f16 conversions lose nothing, so equality is exact.
+#[test]
+fn imports_llama_cpp_converter_output_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (gguf, model) in [
+        ("llama_gqa.f32.gguf", "llama_gqa"),
+        ("qwen2.f16.gguf", "qwen2"),
+        ("llama_untied.f32.gguf", "llama_untied"),
+    ] {
+        let out = tmp.path().join(model);
+        let g = fixtures().join("gguf_export").join(gguf);
+        let o = run(
+            "model-import",
+            &[
+                "--gguf",
+                g.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--quiet",
+            ],
+        );
+        assert!(
+            o.status.success(),
+            "{gguf}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let ours = peftkit_tests::read_tensors(&out.join("model.safetensors"));
+        let orig = peftkit_tests::read_tensors(
+            &fixtures()
+                .join("models")
+                .join(model)
+                .join("model.safetensors"),
+        );
+        let names = |v: &[(String, Vec<usize>, Vec<f32>)]| {
+            let mut n: Vec<String> = v.iter().map(|t| t.0.clone()).collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(&ours), names(&orig), "{gguf}: tensor names");
+        for (name, shape, values) in &orig {
+            let (_, s, v) = ours.iter().find(|t| &t.0 == name).unwrap();
+            assert_eq!(s, shape, "{gguf}: {name} shape");
+            assert!(v == values, "{gguf}: {name} differs from the HF original");
+        }
+    }
+}

@@ -3,6 +3,7 @@
 //! Tensors are streamed one at a time (dequantize, rename, un-permute, encode, write, drop), so
 //! peak memory stays about one f32 tensor plus the memory map.
 
+use super::names::{hf_name, unpermute_rows};
 use super::reader::{GgufFile, TensorInfo};
 use super::tokenizer;
 use crate::error::{Error, Result};
@@ -33,56 +34,6 @@ struct Plan<'a> {
     shape: Vec<usize>,
     /// Undo llama.cpp's q/k row permutation with this many heads.
     unpermute_heads: Option<usize>,
-}
-
-fn hf_name(name: &str) -> Option<String> {
-    let fixed = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_owned());
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (part, suffix) = rest.rsplit_once('.')?;
-    if suffix != "weight" && suffix != "bias" {
-        return None;
-    }
-    let hf = match part {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
-}
-
-/// Inverse of llama.cpp's `permute`: rows viewed as [heads, head_dim/2, 2, cols], axes 1 and 2
-/// swapped, giving [heads, 2, head_dim/2, cols] (the rotate-half layout of transformers).
-pub fn unpermute_rows(x: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
-    let hd = rows / heads;
-    let half = hd / 2;
-    let mut out = vec![0f32; x.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for two in 0..2 {
-                let src = h * hd + i * 2 + two;
-                let dst = h * hd + two * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&x[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
 }
 
 /// Convert `gguf` into an HF model folder at `out`.
@@ -348,55 +299,4 @@ fn rope_scaling(g: &GgufFile, arch: &str) -> Result<J> {
             )))
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// llama.cpp's permute, written out: rows [heads, 2, hd/2] → [heads, hd/2, 2].
-    fn permute(x: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
-        let hd = rows / heads;
-        let half = hd / 2;
-        let mut out = vec![0f32; x.len()];
-        for h in 0..heads {
-            for two in 0..2 {
-                for i in 0..half {
-                    let src = h * hd + two * half + i;
-                    let dst = h * hd + i * 2 + two;
-                    out[dst * cols..(dst + 1) * cols]
-                        .copy_from_slice(&x[src * cols..(src + 1) * cols]);
-                }
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn unpermute_inverts_permute() {
-        let (rows, cols, heads) = (24, 3, 3);
-        let x: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
-        assert_eq!(
-            unpermute_rows(&permute(&x, rows, cols, heads), rows, cols, heads),
-            x
-        );
-    }
-
-    #[test]
-    fn names_map() {
-        assert_eq!(
-            hf_name("blk.3.attn_q.weight").unwrap(),
-            "model.layers.3.self_attn.q_proj.weight"
-        );
-        assert_eq!(
-            hf_name("blk.0.ffn_norm.weight").unwrap(),
-            "model.layers.0.post_attention_layernorm.weight"
-        );
-        assert_eq!(
-            hf_name("blk.1.attn_k.bias").unwrap(),
-            "model.layers.1.self_attn.k_proj.bias"
-        );
-        assert!(hf_name("blk.x.attn_q.weight").is_none());
-        assert!(hf_name("foo").is_none());
-    }
 }

@@ -9,7 +9,7 @@ use memmap2::Mmap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-/// ggml tensor types (the numbers are the on-disk ids).
+/// ggml tensor types (on-disk ids: [`GgmlType::id`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GgmlType {
     F32,
@@ -47,6 +47,13 @@ pub enum GgmlType {
 }
 
 impl GgmlType {
+    /// The on-disk id ([`from_id`](Self::from_id)'s inverse).
+    pub fn id(self) -> u32 {
+        (0..64)
+            .find(|&i| Self::from_id(i) == Some(self))
+            .expect("every type has an id")
+    }
+
     pub fn from_id(id: u32) -> Option<Self> {
         use GgmlType::*;
         Some(match id {

@@ -45,6 +45,24 @@ pub fn write_file_with(
     Ok(())
 }
 
+/// Like [`write_file_with`], for a callback whose failures are ours (a bad input found while
+/// streaming): on any error the temporary file is removed and the error returned unchanged.
+pub fn write_file_try(path: &Path, fill: impl FnOnce(&mut fs::File) -> Result<()>) -> Result<()> {
+    let tmp = temp_sibling(path);
+    let result = (|| {
+        let mut f = fs::File::create(&tmp).map_err(|e| Error::io(path, e))?;
+        fill(&mut f)?;
+        f.sync_all().map_err(|e| Error::io(path, e))?;
+        fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result?;
+    sync_parent(path);
+    Ok(())
+}
+
 /// fsync the directory holding `path`, best effort: some filesystems refuse to sync a
 /// directory, and the data itself is already synced by then.
 fn sync_parent(path: &Path) {
