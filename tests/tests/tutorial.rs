@@ -1,6 +1,6 @@
 //! The tutorial's Makefile (examples/pipeline.mk, docs/tutorial.md) runs end to end: on the tiny
 //! Llama fixture with a dozen records instead of SmolLM2 and the alpaca / dpo demo data, every
-//! step (quantize-nf4, peft-train with --plot, peft-eval, adapter-inspect, adapter-merge,
+//! step (quantize-nf4, peft-train with --plot, peft-eval, adapter-inspect, model-export, adapter-merge,
 //! peft-generate, rm-train, dpo-train, ppo-train) leaves its output. Skipped when `make` is
 //! not installed.
 //!
@@ -71,6 +71,7 @@ fn pipeline_makefile_runs_on_the_fixtures() {
         "eval-base.json",
         "inspect.txt",
         "lora-norms.png",
+        "lora.gguf",
         "merged/config.json",
         "answers.jsonl",
         "answers-merged.jsonl",
