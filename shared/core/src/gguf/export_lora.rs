@@ -40,7 +40,7 @@ pub fn export_lora(
             return Err(Error::bad_input(
                 &cfg_path,
                 format!(
-                    "a {} adapter: llama.cpp loads only LoRA adapters; merge it into the base (adapter-merge) and export the merged model instead",
+                    "peft_type {}: llama.cpp loads only LoRA adapters; merge it into the base (adapter-merge) and convert the merged model (llama.cpp's convert_hf_to_gguf.py)",
                     other.name()
                 ),
             ))
@@ -50,7 +50,7 @@ pub fn export_lora(
     if lcfg.dora {
         return Err(Error::bad_input(
             &cfg_path,
-            "a DoRA adapter (use_dora): llama.cpp's LoRA files have no magnitude vectors; merge it into the base (adapter-merge) and export the merged model instead",
+            "a DoRA adapter (use_dora): llama.cpp's LoRA files have no magnitude vectors; merge it into the base (adapter-merge) and convert the merged model (llama.cpp's convert_hf_to_gguf.py)",
         ));
     }
     let modules = dir.lora_modules()?;
@@ -60,8 +60,9 @@ pub fn export_lora(
             "no lora_A/lora_B tensors in this adapter",
         ));
     }
-    // llama.cpp's scale is file_alpha / r. Keep PEFT's alpha where that is exact for every
-    // module; fold the rest into lora_b.
+    // llama.cpp's scale is file_alpha / r. The file keeps the config's alpha (so a plain
+    // LoRA is byte-identical with the converter's); a module whose PEFT scale differs (rsLoRA,
+    // alpha_pattern) gets the ratio folded into its lora_b.
     let file_alpha = lcfg.alpha;
     let mut folded = 0usize;
     let mut outs: Vec<Out> = Vec::new();
@@ -124,7 +125,7 @@ pub fn export_lora(
             return Err(Error::bad_input(
                 dir.weights_path(),
                 format!(
-                    "{key}: a full copy of {base} (modules_to_save, a trained bias or new tokens); llama.cpp's LoRA files take only norms; merge the adapter (adapter-merge) and export the merged model instead"
+                    "{key}: a full copy of {base} (modules_to_save, a trained bias or new tokens); llama.cpp's LoRA files take only norms; merge the adapter (adapter-merge) and convert the merged model"
                 ),
             ));
         };
