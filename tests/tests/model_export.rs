@@ -163,3 +163,180 @@ fn adapters_llama_cpp_cannot_load_are_refused() {
     assert_clean_error(&o, "q4_k");
     assert_eq!(o.status.code(), Some(2));
 }
+
+fn export_model(model: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    run("model-export", &args)
+}
+
+/// Whole models: byte for byte what convert_hf_to_gguf.py writes, for every type and both of
+/// its vocabulary paths (byte-level BPE: llama_gqa, qwen2; SentencePiece-style tokenizer.json:
+/// llama_untied, mistral). The fixture tokenizers are unknown to llama.cpp's pre-tokenizer
+/// table, so the references were made with "default", and so are ours.
+#[test]
+fn model_files_are_byte_identical_to_llama_cpp_converter() {
+    let tmp = tempfile::tempdir().unwrap();
+    for file in [
+        "llama_gqa.f32.gguf",
+        "llama_gqa.f16.gguf",
+        "llama_gqa.bf16.gguf",
+        "llama_gqa.q8_0.gguf",
+        "qwen2.f16.gguf",
+        "llama_untied.f32.gguf",
+        "mistral.q8_0.gguf",
+    ] {
+        let mut parts = file.split('.');
+        let (model, ty) = (parts.next().unwrap(), parts.next().unwrap());
+        let out = tmp.path().join(file);
+        let o = export_model(
+            &fixtures().join("models").join(model),
+            &out,
+            &["--type", ty, "--tokenizer-pre", "default", "--json"],
+        );
+        assert!(
+            o.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(summary["kind"], "model");
+        let ours = std::fs::read(&out).unwrap();
+        let theirs = std::fs::read(reference(file)).unwrap();
+        if ours != theirs {
+            // Name the first difference: a metadata key or a tensor.
+            let a = GgufFile::open(&out).unwrap();
+            let b = GgufFile::open(&reference(file)).unwrap();
+            for (x, y) in a.metadata.iter().zip(&b.metadata) {
+                assert_eq!(x, y, "{file}: metadata differs");
+            }
+            assert_eq!(a.metadata.len(), b.metadata.len(), "{file}: key count");
+            for (x, y) in a.tensors.iter().zip(&b.tensors) {
+                assert_eq!((&x.name, &x.dims, x.ty), (&y.name, &y.dims, y.ty), "{file}");
+                assert!(a.data(x) == b.data(y), "{file}: tensor {} differs", x.name);
+            }
+            panic!(
+                "{file}: files differ ({} vs {} bytes)",
+                ours.len(),
+                theirs.len()
+            );
+        }
+    }
+}
+
+/// The pre-tokenizer hash is the converter's: the same ids for its fixed text, hence the
+/// same sha256 it recorded (pre_hashes.json). An unknown hash is a clean error that names it.
+#[test]
+fn pre_tokenizer_hash_matches_the_converter() {
+    let recorded = peftkit_tests::read_json(&reference("pre_hashes.json"));
+    for model in ["llama_gqa", "qwen2", "llama_untied", "mistral"] {
+        let want = recorded["models"][model]["chkhsh"]
+            .as_str()
+            .or_else(|| recorded[model]["chkhsh"].as_str())
+            .unwrap_or_else(|| panic!("no chkhsh for {model} in pre_hashes.json"));
+        let got = peftkit_core::gguf::export_vocab::pre_tokenizer_hash(
+            &fixtures().join("models").join(model),
+        )
+        .unwrap();
+        assert_eq!(got, want, "{model}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m.gguf");
+    let o = export_model(&fixtures().join("models/llama_gqa"), &out, &[]);
+    assert_clean_error(
+        &o,
+        "6e3f6bb1250ddb84fa2156e6d1e61919fcfe01a526045aafd419422eaa6ede44",
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--tokenizer-pre"));
+    assert!(!out.exists());
+}
+
+/// A 4-bit folder is decoded exactly: its GGUF equals the GGUF of the same model dequantized
+/// by quantize-nf4 --dequantize (same folder name, so the same general.name).
+#[test]
+fn four_bit_models_export_their_decoded_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nf4 = tmp.path().join("a").join("llama_gqa");
+    let plain = tmp.path().join("b").join("llama_gqa");
+    std::fs::create_dir_all(nf4.parent().unwrap()).unwrap();
+    std::fs::create_dir_all(plain.parent().unwrap()).unwrap();
+    let m = fixtures().join("models/llama_gqa");
+    let o = run(
+        "quantize-nf4",
+        &[
+            "--model",
+            m.to_str().unwrap(),
+            "--out",
+            nf4.to_str().unwrap(),
+            "--quiet",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(
+        "quantize-nf4",
+        &[
+            "--model",
+            nf4.to_str().unwrap(),
+            "--out",
+            plain.to_str().unwrap(),
+            "--dequantize",
+            "--quiet",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (tmp.path().join("a.gguf"), tmp.path().join("b.gguf"));
+    for (dir, out) in [(&nf4, &a), (&plain, &b)] {
+        let o = export_model(dir, out, &["--type", "f32", "--tokenizer-pre", "default"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let (ga, gb) = (GgufFile::open(&a).unwrap(), GgufFile::open(&b).unwrap());
+    assert_eq!(ga.metadata, gb.metadata);
+    assert_eq!(ga.tensors.len(), gb.tensors.len());
+    for (x, y) in ga.tensors.iter().zip(&gb.tensors) {
+        assert_eq!((&x.name, &x.dims, x.ty), (&y.name, &y.dims, y.ty));
+        assert!(ga.data(x) == gb.data(y), "{} differs", x.name);
+    }
+    // And the decoded weights are not the original ones (the 4-bit base really was read).
+    let orig = GgufFile::open(&reference("llama_gqa.f32.gguf")).unwrap();
+    let q = ga.tensor("blk.0.attn_q.weight").unwrap();
+    assert!(ga.data(q) != orig.data(orig.tensor("blk.0.attn_q.weight").unwrap()));
+}
+
+#[test]
+fn models_llama_cpp_cannot_take_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.gguf");
+    let o = export_model(&fixtures().join("models/gpt2"), &out, &[]);
+    assert_clean_error(&o, "GPT-2");
+    let o = export_model(&fixtures().join("preference/seq_cls/llama"), &out, &[]);
+    assert_clean_error(&o, "sequence-classification");
+    // A SentencePiece tokenizer.model takes the converter's SentencePiece path (not built).
+    let spm = tmp.path().join("spm");
+    peftkit_tests::copy_dir(&fixtures().join("models/llama_untied"), &spm);
+    std::fs::write(spm.join("tokenizer.model"), b"not read").unwrap();
+    let o = export_model(&spm, &out, &[]);
+    assert_clean_error(&o, "tokenizer.model");
+    assert!(!out.exists());
+    // --tokenizer-pre belongs to model exports.
+    let o = run(
+        "model-export",
+        &[
+            "--model",
+            fixtures().join("models/llama_gqa").to_str().unwrap(),
+            "--adapter",
+            fixtures().join("interop/llama_gqa_lora").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--tokenizer-pre",
+            "default",
+        ],
+    );
+    assert_clean_error(&o, "--tokenizer-pre");
+    assert_eq!(o.status.code(), Some(2));
+}

@@ -173,7 +173,7 @@ pub fn id_to_title(id: &str) -> String {
 /// What an export wrote.
 #[derive(Clone, Debug, Serialize)]
 pub struct ExportSummary {
-    /// "lora" (the only export so far)
+    /// "model" or "lora"
     pub kind: String,
     pub architecture: String,
     pub tensors: usize,

@@ -1,0 +1,399 @@
+//! A Hugging Face model folder (Llama, Mistral, Qwen2; plain or 4-bit) → one GGUF file, the
+//! file llama.cpp's convert_hf_to_gguf.py writes for it.
+//!
+//! Tensors are streamed one at a time (read, decode a 4-bit weight, permute, encode, write),
+//! so peak memory is about one f32 tensor plus the tokenizer.
+
+use super::export::{add_general_name, file_type_of, ExportSummary, ExportType, GgufArch};
+use super::export_vocab::add_vocab;
+use super::names::{gguf_name, permute_rows};
+use super::reader::GgmlType;
+use super::writer::{encode, GgufWriter, TensorEntry};
+use crate::error::{Error, Result};
+use crate::io::atomic::{refuse_overwriting_inputs, write_file_try};
+use crate::io::model_folder::ModelFolder;
+use crate::io::safetensors_file::{to_f32, TensorRef};
+use crate::model::config::{ModelConfig, RopeScaling};
+use crate::progress::Progress;
+use crate::quant::checkpoint::{component_suffixes, read_quantized, weight_of_quant_state};
+use half::f16;
+use safetensors::Dtype;
+use serde_json::Value as J;
+use std::collections::HashSet;
+use std::path::Path;
+
+/// One output tensor and where its values come from.
+struct Planned {
+    entry: TensorEntry,
+    source: Source,
+    /// Permute rows for llama.cpp's RoPE with this many heads.
+    permute_heads: Option<usize>,
+}
+
+enum Source {
+    /// A tensor of the folder (a 4-bit weight is decoded).
+    Hf(String),
+    /// llama3 RoPE's per-frequency factors (`rope_freqs.weight`).
+    RopeFactors(Vec<f32>),
+}
+
+/// Write the model folder `model` to `out` as a GGUF of type `ty`. `pre` names llama.cpp's
+/// pre-tokenizer where its hash table does not know the tokenizer.
+pub fn export_model(
+    model: &Path,
+    out: &Path,
+    ty: ExportType,
+    pre: Option<&str>,
+    show_progress: bool,
+) -> Result<ExportSummary> {
+    refuse_overwriting_inputs(out, &[model])?;
+    let cfg = ModelConfig::load(model)?;
+    let arch = GgufArch::of(&cfg, model)?;
+    let cfg_path = model.join("config.json");
+    if cfg.seq_cls {
+        return Err(Error::bad_input(
+            &cfg_path,
+            "a sequence-classification model (score head): llama.cpp's converter writes causal LMs",
+        ));
+    }
+    let folder = ModelFolder::open(model)?;
+    let raw = &cfg.raw;
+
+    // Tensors: per safetensors file (sorted by file name), names sorted, as the converter.
+    let quantized: HashSet<String> = folder
+        .names
+        .iter()
+        .filter_map(|n| weight_of_quant_state(n).map(String::from))
+        .collect();
+    let components: HashSet<String> = quantized
+        .iter()
+        .flat_map(|w| component_suffixes().map(|s| format!("{w}.{s}")))
+        .collect();
+    let mut names: Vec<(String, String)> = folder
+        .names
+        .iter()
+        .filter(|n| !components.contains(*n))
+        .map(|n| (folder.path_of(n).display().to_string(), n.clone()))
+        .collect();
+    names.sort();
+    let mut plans: Vec<Planned> = Vec::new();
+    if let Some(factors) = llama3_rope_factors(&cfg) {
+        plans.push(Planned {
+            entry: TensorEntry::new("rope_freqs.weight", &[factors.len()], GgmlType::F32),
+            source: Source::RopeFactors(factors),
+            permute_heads: None,
+        });
+    }
+    for (_, name) in &names {
+        let Some(gname) = gguf_name(name) else {
+            if name.ends_with(".rotary_emb.inv_freq") {
+                continue;
+            }
+            return Err(Error::bad_input(
+                folder.path_of(name),
+                format!("tensor {name} has no llama.cpp counterpart"),
+            ));
+        };
+        let shape = if quantized.contains(name) {
+            read_quantized(&folder.weights, name)?
+                .expect("4-bit weight")
+                .state
+                .shape
+                .clone()
+        } else {
+            folder.info(name).1
+        };
+        let is_norm = gname.ends_with("_norm.weight") || !gname.ends_with(".weight");
+        let module = name.rsplit_once('.').map(|(m, _)| m).unwrap_or(name);
+        let permute_heads = arch.permute_heads(&cfg, module);
+        let out_ty = ty.type_for(&shape, is_norm);
+        plans.push(Planned {
+            entry: TensorEntry::new(gname, &shape, out_ty),
+            source: Source::Hf(name.clone()),
+            permute_heads,
+        });
+    }
+
+    let mut w = GgufWriter::default();
+    w.add_str("general.architecture", arch.name());
+    w.add_str("general.type", "model");
+    add_general_name(&mut w, model);
+    let params: usize = plans.iter().map(|p| p.entry.n_elements()).sum();
+    w.add_str("general.size_label", &size_label(params as u64));
+    add_hparams(&mut w, arch, &cfg, raw, ty, &cfg_path)?;
+    w.add_u32("general.quantization_version", 2);
+    let vocab_size = raw
+        .get("vocab_size")
+        .and_then(J::as_u64)
+        .map(|v| v as usize)
+        .unwrap_or(cfg.vocab);
+    add_vocab(&mut w, model, arch, vocab_size, pre)?;
+    w.tensors = plans.iter().map(|p| p.entry.clone()).collect();
+
+    let bar = Progress::new(!show_progress).bar(plans.len() as u64, "tensors");
+    let mut bytes = 0u64;
+    write_file_try(out, |f| {
+        let mut bw = std::io::BufWriter::new(f);
+        bytes = w.write(out, &mut bw, |i, t| {
+            let p = &plans[i];
+            let encoded = match &p.source {
+                Source::RopeFactors(v) => encode(v, t.ty),
+                Source::Hf(name) => {
+                    let (values, from_f16) = read_values(&folder, &quantized, name)?;
+                    let shape: Vec<usize> = t.ne.iter().rev().map(|&d| d as usize).collect();
+                    let values = match p.permute_heads {
+                        Some(h) => {
+                            let cols = values.len() / shape[0];
+                            permute_rows(&values, shape[0], cols, h)
+                        }
+                        None => values,
+                    };
+                    if t.ty == GgmlType::Q8_0 && from_f16 {
+                        encode_q8_0_half(&values)
+                    } else {
+                        encode(&values, t.ty)
+                    }
+                }
+            };
+            bar.inc(1);
+            Ok(encoded)
+        })?;
+        std::io::Write::flush(&mut bw).map_err(|e| Error::io(out, e))
+    })?;
+    bar.finish_and_clear();
+    Ok(ExportSummary {
+        kind: "model".into(),
+        architecture: arch.name().into(),
+        tensors: plans.len(),
+        bytes,
+        out_type: ty.name().into(),
+        folded_scales: 0,
+        out: out.display().to_string(),
+    })
+}
+
+/// A tensor's values in f32, and whether they were stored as f16 (the converter keeps f16
+/// data in f16, which matters for Q8_0's arithmetic).
+fn read_values(
+    folder: &ModelFolder,
+    quantized: &HashSet<String>,
+    name: &str,
+) -> Result<(Vec<f32>, bool)> {
+    if quantized.contains(name) {
+        let q = read_quantized(&folder.weights, name)?.expect("4-bit weight");
+        return Ok((q.dequantize(), false));
+    }
+    // A positioned read, not the memory map: the page cache, not our RSS, holds the file.
+    let (dtype, shape, _) = folder.info(name);
+    let bytes = folder.read(name)?;
+    let t = TensorRef {
+        dtype,
+        shape: &shape,
+        bytes: &bytes,
+    };
+    let v = to_f32(name, &t).map_err(|m| Error::bad_input(folder.path_of(name), m))?;
+    Ok((v, dtype == Dtype::F16))
+}
+
+/// Q8_0 of f16 data as gguf-py computes it: numpy keeps float16 arithmetic, so the scale,
+/// its inverse and each product are rounded to f16 before the rounding to an integer.
+fn encode_q8_0_half(values: &[f32]) -> Vec<u8> {
+    let h = |x: f32| f16::from_f32(x).to_f32();
+    let mut out = Vec::with_capacity(values.len() / 32 * 34);
+    for block in values.chunks_exact(32) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = h(amax / 127.0);
+        let id = if d == 0.0 { 0.0 } else { h(1.0 / d) };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        out.extend(block.iter().map(|&v| h(v * id).round() as i8 as u8));
+    }
+    out
+}
+
+/// The first of `keys` present in the config (the converter's `find_hparam`).
+fn find<'a>(raw: &'a J, keys: &[&str]) -> Option<&'a J> {
+    keys.iter()
+        .find_map(|k| raw.get(*k).filter(|v| !v.is_null()))
+}
+
+fn add_hparams(
+    w: &mut GgufWriter,
+    arch: GgufArch,
+    cfg: &ModelConfig,
+    raw: &J,
+    ty: ExportType,
+    cfg_path: &Path,
+) -> Result<()> {
+    let a = arch.name();
+    let u32_of = |v: &J, what: &str| -> Result<u32> {
+        v.as_u64()
+            .and_then(|x| u32::try_from(x).ok())
+            .ok_or_else(|| Error::bad_input(cfg_path, format!("{what} is not a count")))
+    };
+    w.add_u32(&format!("{a}.block_count"), cfg.layers as u32);
+    let hp: [(&str, &[&str]); 5] = [
+        (
+            "context_length",
+            &[
+                "max_position_embeddings",
+                "n_ctx",
+                "n_positions",
+                "max_length",
+                "max_sequence_length",
+                "model_max_length",
+            ],
+        ),
+        ("embedding_length", &["hidden_size", "n_embd", "dim"]),
+        (
+            "feed_forward_length",
+            &[
+                "prefix_dense_intermediate_size",
+                "dense_intermediate_size",
+                "intermediate_size",
+                "n_inner",
+                "hidden_dim",
+            ],
+        ),
+        (
+            "attention.head_count",
+            &["num_attention_heads", "n_head", "n_heads"],
+        ),
+        (
+            "attention.head_count_kv",
+            &["num_key_value_heads", "n_kv_heads"],
+        ),
+    ];
+    for (key, names) in hp {
+        if let Some(v) = find(raw, names) {
+            w.add_u32(&format!("{a}.{key}"), u32_of(v, key)?);
+        }
+    }
+    // RoPE: transformers 5's rope_parameters, or the older top-level keys.
+    let params = raw
+        .get("rope_parameters")
+        .or_else(|| raw.get("rope_scaling"))
+        .filter(|v| v.is_object());
+    if let RopeScaling::Linear { factor } = cfg
+        .rope
+        .as_ref()
+        .map(|r| &r.scaling)
+        .unwrap_or(&RopeScaling::None)
+    {
+        w.add_str(&format!("{a}.rope.scaling.type"), "linear");
+        w.add_f32(&format!("{a}.rope.scaling.factor"), *factor);
+    }
+    let theta = params
+        .and_then(|p| p.get("rope_theta"))
+        .or_else(|| {
+            find(
+                raw,
+                &[
+                    "global_rope_theta",
+                    "rope_global_theta",
+                    "rope_theta_global",
+                    "rope_theta",
+                    "rotary_emb_base",
+                ],
+            )
+        })
+        .and_then(J::as_f64);
+    if let Some(t) = theta {
+        w.add_f32(&format!("{a}.rope.freq_base"), t as f32);
+    }
+    if let Some(eps) = find(raw, &["rms_norm_eps", "norm_eps"]).and_then(J::as_f64) {
+        w.add_f32(&format!("{a}.attention.layer_norm_rms_epsilon"), eps as f32);
+    }
+    if let Some(hd) = raw.get("head_dim").filter(|v| !v.is_null()) {
+        let hd = u32_of(hd, "head_dim")?;
+        w.add_u32(&format!("{a}.attention.key_length"), hd);
+        w.add_u32(&format!("{a}.attention.value_length"), hd);
+    }
+    w.add_u32("general.file_type", file_type_of(ty));
+    if arch == GgufArch::Llama {
+        if let Some(v) = raw.get("vocab_size") {
+            w.add_u32("llama.vocab_size", u32_of(v, "vocab_size")?);
+        }
+        w.add_u32("llama.rope.dimension_count", cfg.head_dim as u32);
+    }
+    Ok(())
+}
+
+/// llama3 RoPE's factors, as LlamaModel.generate_extra_tensors computes them (in f32).
+fn llama3_rope_factors(cfg: &ModelConfig) -> Option<Vec<f32>> {
+    let rope = cfg.rope.as_ref()?;
+    let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings: old,
+    } = rope.scaling
+    else {
+        return None;
+    };
+    let dim = cfg.head_dim;
+    let low_wavelen = old / low_freq_factor;
+    let high_wavelen = old / high_freq_factor;
+    Some(
+        (0..dim)
+            .step_by(2)
+            .map(|i| {
+                let freq = 1.0 / rope.theta.powf(i as f32 / dim as f32);
+                let wavelen = 2.0 * std::f32::consts::PI / freq;
+                if wavelen < high_wavelen {
+                    1.0
+                } else if wavelen > low_wavelen {
+                    factor
+                } else {
+                    let smooth =
+                        (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                }
+            })
+            .collect(),
+    )
+}
+
+/// gguf-py's `size_label` (`model_weight_count_rounded_notation` with 2 digits): 103104 →
+/// `103K`, 134515008 → `135M`, 1235814400 → `1.2B`.
+pub fn size_label(n: u64) -> String {
+    let n = n as f64;
+    let (scaled, suffix) = if n > 1e12 {
+        (n * 1e-12, "T")
+    } else if n > 1e9 {
+        (n * 1e-9, "B")
+    } else if n > 1e6 {
+        (n * 1e-6, "M")
+    } else {
+        (n * 1e-3, "K")
+    };
+    let digits = format!("{}", scaled.round_ties_even() as u64);
+    let digits = digits.trim_start_matches('0').len();
+    let fix = 2usize.saturating_sub(digits);
+    format!("{scaled:.fix$}{suffix}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_labels_like_gguf_py() {
+        // Expected values printed by gguf.size_label.
+        assert_eq!(size_label(103_104), "103K");
+        assert_eq!(size_label(134_515_008), "135M");
+        assert_eq!(size_label(1_235_814_400), "1.2B");
+        assert_eq!(size_label(7_241_732_096), "7.2B");
+        assert_eq!(size_label(999), "1.0K");
+    }
+
+    #[test]
+    fn q8_0_of_f16_data_rounds_in_f16() {
+        let v: Vec<f32> = (0..32)
+            .map(|i| f16::from_f32(i as f32 * 0.37 - 5.0).to_f32())
+            .collect();
+        let e = encode_q8_0_half(&v);
+        assert_eq!(e.len(), 34);
+        let d = f16::from_le_bytes([e[0], e[1]]).to_f32();
+        assert!((d - 6.47 / 127.0).abs() < 1e-3);
+    }
+}
