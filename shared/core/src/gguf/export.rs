@@ -1,8 +1,8 @@
 //! What GGUF exports need besides the writer: the output types and their per-tensor rules,
-//! the architectures llama.cpp knows ours by, `general.name`, and the summary a tool prints.
+//! the architectures llama.cpp knows ours by, and the summary a tool prints.
 
 use super::reader::GgmlType;
-use super::writer::{q8_0_fits, GgufWriter};
+use super::writer::q8_0_fits;
 use crate::error::{Error, Result};
 use crate::model::config::{Arch, ModelConfig};
 use serde::Serialize;
@@ -113,63 +113,6 @@ impl GgufArch {
     }
 }
 
-/// `general.name` as llama.cpp's converters derive it from a folder without a model card:
-/// the folder's name through gguf-py's `Metadata.id_to_title` (`llama_gqa_lora` →
-/// `Llama_Gqa_Lora`). Their other naming guesses (basename, size label, fine-tune, version)
-/// are not made: llama.cpp only shows them.
-pub fn add_general_name(w: &mut GgufWriter, src: &Path) {
-    let folder = src
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "model".into());
-    w.add_str("general.name", &id_to_title(&folder));
-}
-
-/// gguf-py's `Metadata.id_to_title`: '-' becomes a space, and every all-lowercase word that
-/// is not a version (`v1.2`) or starts with a digit is title-cased the way Python's
-/// `str.title` does it.
-pub fn id_to_title(id: &str) -> String {
-    let title = |w: &str| {
-        let mut out = String::new();
-        let mut prev_cased = false;
-        for c in w.chars() {
-            let cased = c.is_lowercase() || c.is_uppercase();
-            if cased && prev_cased {
-                out.extend(c.to_lowercase());
-            } else if cased {
-                out.extend(c.to_uppercase());
-            } else {
-                out.push(c);
-            }
-            prev_cased = cased;
-        }
-        out
-    };
-    let is_lower =
-        |w: &str| w.chars().any(char::is_lowercase) && !w.chars().any(char::is_uppercase);
-    let is_version = |w: &str| {
-        w.starts_with(|c: char| c.is_ascii_digit())
-            || w.strip_prefix('v').is_some_and(|v| {
-                !v.is_empty()
-                    && v.split('.')
-                        .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
-            })
-    };
-    id.trim()
-        .replace('-', " ")
-        .split_whitespace()
-        .map(|w| {
-            if is_lower(w) && !is_version(w) {
-                title(w)
-            } else {
-                w.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// What an export wrote.
 #[derive(Clone, Debug, Serialize)]
 pub struct ExportSummary {
@@ -182,22 +125,4 @@ pub struct ExportSummary {
     /// LoRA modules whose scale was folded into lora_b (rsLoRA, alpha_pattern).
     pub folded_scales: usize,
     pub out: String,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn titles_like_gguf_py() {
-        // Expected values printed by gguf-py's Metadata.id_to_title.
-        assert_eq!(id_to_title("llama_gqa_lora"), "Llama_Gqa_Lora");
-        assert_eq!(
-            id_to_title("SmolLM2-135M-Instruct"),
-            "SmolLM2 135M Instruct"
-        );
-        assert_eq!(id_to_title("smollm2-nf4"), "Smollm2 Nf4");
-        assert_eq!(id_to_title("my-model-v1.2"), "My Model v1.2");
-        assert_eq!(id_to_title("qwen2.5-7b"), "Qwen2.5 7b");
-    }
 }

@@ -6,8 +6,9 @@
 //! difference is folded into `lora_b`, so the adapter computes what it computed in PEFT;
 //! convert_lora_to_gguf.py ignores both and writes an adapter that is silently off.
 
-use super::export::{add_general_name, ExportSummary, ExportType, GgufArch};
+use super::export::{ExportSummary, ExportType, GgufArch};
 use super::names::{gguf_name, permute_rows};
+use super::naming::add_naming;
 use super::writer::{encode, GgufWriter, TensorEntry};
 use crate::error::{Error, Result};
 use crate::io::atomic::{refuse_overwriting_inputs, write_file_try};
@@ -145,7 +146,25 @@ pub fn export_lora(
     w.add_str("general.architecture", arch.name());
     w.add_str("general.type", "adapter");
     w.add_str("adapter.type", "lora");
-    add_general_name(&mut w, adapter);
+    // gguf-py counts a LoRA file's parameters as ΔW's (out × in per pair), negated.
+    let total: usize = outs
+        .iter()
+        .filter(|o| !o.entry.name.ends_with(".lora_a"))
+        .map(|o| {
+            if o.entry.name.ends_with(".lora_b") {
+                let a = outs
+                    .iter()
+                    .find(|x| {
+                        x.entry.name == format!("{}a", &o.entry.name[..o.entry.name.len() - 1])
+                    })
+                    .expect("lora_a before lora_b");
+                o.entry.ne[1] as usize * a.entry.ne[0] as usize
+            } else {
+                o.entry.n_elements()
+            }
+        })
+        .sum();
+    add_naming(&mut w, adapter, None, -(total as i64));
     w.add_f32("adapter.lora.alpha", file_alpha);
     w.add_u32("general.quantization_version", 2);
     w.tensors = outs.iter().map(|o| o.entry.clone()).collect();

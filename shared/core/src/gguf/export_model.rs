@@ -4,9 +4,10 @@
 //! Tensors are streamed one at a time (read, decode a 4-bit weight, permute, encode, write),
 //! so peak memory is about one f32 tensor plus the tokenizer.
 
-use super::export::{add_general_name, file_type_of, ExportSummary, ExportType, GgufArch};
+use super::export::{file_type_of, ExportSummary, ExportType, GgufArch};
 use super::export_vocab::add_vocab;
 use super::names::{gguf_name, permute_rows};
+use super::naming::add_naming;
 use super::reader::GgmlType;
 use super::writer::{encode, GgufWriter, TensorEntry};
 use crate::error::{Error, Result};
@@ -117,9 +118,8 @@ pub fn export_model(
     let mut w = GgufWriter::default();
     w.add_str("general.architecture", arch.name());
     w.add_str("general.type", "model");
-    add_general_name(&mut w, model);
     let params: usize = plans.iter().map(|p| p.entry.n_elements()).sum();
-    w.add_str("general.size_label", &size_label(params as u64));
+    add_naming(&mut w, model, Some(raw), params as i64);
     add_hparams(&mut w, arch, &cfg, raw, ty, &cfg_path)?;
     w.add_u32("general.quantization_version", 2);
     let vocab_size = raw
@@ -353,38 +353,9 @@ fn llama3_rope_factors(cfg: &ModelConfig) -> Option<Vec<f32>> {
     )
 }
 
-/// gguf-py's `size_label` (`model_weight_count_rounded_notation` with 2 digits): 103104 →
-/// `103K`, 134515008 → `135M`, 1235814400 → `1.2B`.
-pub fn size_label(n: u64) -> String {
-    let n = n as f64;
-    let (scaled, suffix) = if n > 1e12 {
-        (n * 1e-12, "T")
-    } else if n > 1e9 {
-        (n * 1e-9, "B")
-    } else if n > 1e6 {
-        (n * 1e-6, "M")
-    } else {
-        (n * 1e-3, "K")
-    };
-    let digits = format!("{}", scaled.round_ties_even() as u64);
-    let digits = digits.trim_start_matches('0').len();
-    let fix = 2usize.saturating_sub(digits);
-    format!("{scaled:.fix$}{suffix}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn size_labels_like_gguf_py() {
-        // Expected values printed by gguf.size_label.
-        assert_eq!(size_label(103_104), "103K");
-        assert_eq!(size_label(134_515_008), "135M");
-        assert_eq!(size_label(1_235_814_400), "1.2B");
-        assert_eq!(size_label(7_241_732_096), "7.2B");
-        assert_eq!(size_label(999), "1.0K");
-    }
 
     #[test]
     fn q8_0_of_f16_data_rounds_in_f16() {
