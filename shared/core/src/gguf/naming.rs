@@ -92,31 +92,39 @@ fn add_sampling(w: &mut GgufWriter, dir: &Path) {
         return;
     };
     let get = |keys: &[&str]| keys.iter().find_map(|k| g.get(*k).filter(|v| !v.is_null()));
-    let int = |v: &J| v.as_i64().map(|x| Value::I32(x as i32));
-    let float = |v: &J| v.as_f64().map(|x| Value::F32(x as f32));
-    let fields: [(&str, &[&str], &dyn Fn(&J) -> Option<Value>); 12] = [
-        ("sequence", &["sequence"], &|v: &J| {
-            v.as_str().map(|s| Value::String(s.to_owned()))
-        }),
-        ("top_k", &["top_k"], &int),
-        ("top_p", &["top_p"], &float),
-        ("min_p", &["min_p"], &float),
-        ("xtc_probability", &["xtc_probability"], &float),
-        ("xtc_threshold", &["xtc_threshold"], &float),
-        ("temp", &["temperature"], &float),
-        ("penalty_last_n", &["penalty_last_n"], &int),
+    // gguf-py's setters: int32, float32 or string.
+    enum Kind {
+        Int,
+        Float,
+        Text,
+    }
+    let fields: [(&str, &[&str], Kind); 12] = [
+        ("sequence", &["sequence"], Kind::Text),
+        ("top_k", &["top_k"], Kind::Int),
+        ("top_p", &["top_p"], Kind::Float),
+        ("min_p", &["min_p"], Kind::Float),
+        ("xtc_probability", &["xtc_probability"], Kind::Float),
+        ("xtc_threshold", &["xtc_threshold"], Kind::Float),
+        ("temp", &["temperature"], Kind::Float),
+        ("penalty_last_n", &["penalty_last_n"], Kind::Int),
         (
             "penalty_repeat",
             &["penalty_repeat", "repetition_penalty"],
-            &float,
+            Kind::Float,
         ),
-        ("mirostat", &["mirostat"], &int),
-        ("mirostat_tau", &["mirostat_tau"], &float),
-        ("mirostat_eta", &["mirostat_eta"], &float),
+        ("mirostat", &["mirostat"], Kind::Int),
+        ("mirostat_tau", &["mirostat_tau"], Kind::Float),
+        ("mirostat_eta", &["mirostat_eta"], Kind::Float),
     ];
-    for (key, sources, conv) in fields {
-        if let Some(v) = get(sources).and_then(conv) {
-            w.add(&format!("general.sampling.{key}"), v);
+    for (key, sources, kind) in fields {
+        let Some(v) = get(sources) else { continue };
+        let value = match kind {
+            Kind::Int => v.as_i64().map(|x| Value::I32(x as i32)),
+            Kind::Float => v.as_f64().map(|x| Value::F32(x as f32)),
+            Kind::Text => v.as_str().map(|x| Value::String(x.to_owned())),
+        };
+        if let Some(value) = value {
+            w.add(&format!("general.sampling.{key}"), value);
         }
     }
 }
