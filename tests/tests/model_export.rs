@@ -176,9 +176,9 @@ fn export_model(model: &Path, out: &Path, extra: &[&str]) -> std::process::Outpu
     run("model-export", &args)
 }
 
-/// Whole models: byte for byte what convert_hf_to_gguf.py writes, for every type and both of
-/// its vocabulary paths (byte-level BPE: llama_gqa, qwen2; SentencePiece-style tokenizer.json:
-/// llama_untied, mistral). The fixture tokenizers are unknown to llama.cpp's pre-tokenizer
+/// Whole models: byte for byte what convert_hf_to_gguf.py writes, for every type and its three
+/// vocabulary paths (byte-level BPE: llama_gqa, qwen2; SentencePiece-style tokenizer.json:
+/// llama_untied, mistral; SentencePiece tokenizer.model: llama_spm). The fixture tokenizers are unknown to llama.cpp's pre-tokenizer
 /// table, so the references were made with "default", and so are ours.
 #[test]
 fn model_files_are_byte_identical_to_llama_cpp_converter() {
@@ -191,12 +191,20 @@ fn model_files_are_byte_identical_to_llama_cpp_converter() {
         "qwen2.f16.gguf",
         "llama_untied.f32.gguf",
         "mistral.q8_0.gguf",
+        "llama_spm.f32.gguf",
+        "llama_spm.q8_0.gguf",
     ] {
         let mut parts = file.split('.');
         let (model, ty) = (parts.next().unwrap(), parts.next().unwrap());
+        // llama_spm (a SentencePiece tokenizer.model, added tokens, sampling defaults in
+        // generation_config.json) lives apart from the models the other tests load.
+        let dir = match model {
+            "llama_spm" => fixtures().join("models_gguf").join(model),
+            _ => fixtures().join("models").join(model),
+        };
         let out = tmp.path().join(file);
         let o = export_model(
-            &fixtures().join("models").join(model),
+            &dir,
             &out,
             &["--type", ty, "--tokenizer-pre", "default", "--json"],
         );
@@ -316,7 +324,7 @@ fn models_llama_cpp_cannot_take_are_refused() {
     assert_clean_error(&o, "GPT-2");
     let o = export_model(&fixtures().join("preference/seq_cls/llama"), &out, &[]);
     assert_clean_error(&o, "sequence-classification");
-    // A SentencePiece tokenizer.model takes the converter's SentencePiece path (not built).
+    // A tokenizer.model that is not a SentencePiece model is a clean error.
     let spm = tmp.path().join("spm");
     peftkit_tests::copy_dir(&fixtures().join("models/llama_untied"), &spm);
     std::fs::write(spm.join("tokenizer.model"), b"not read").unwrap();

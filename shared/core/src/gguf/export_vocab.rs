@@ -9,8 +9,9 @@
 //! - then gguf-py's `SpecialVocab`: special token ids, whether BOS/EOS are added, the chat
 //!   template.
 //!
-//! A `tokenizer.model` (SentencePiece protobuf) takes the converter's SentencePiece path,
-//! which is not reproduced: such folders are refused.
+//! - a SentencePiece `tokenizer.model` (Llama 2, Mistral), the converter's first choice
+//!   (`_set_vocab_sentencepiece`): model `llama`, the pieces' scores and types read from the
+//!   protobuf, added tokens over them, `[PADn]` up to the config's vocabulary size.
 
 use super::export::GgufArch;
 use super::pre_hashes::{CHKTXT, PRE_HASHES};
@@ -101,19 +102,8 @@ pub fn add_vocab(
     vocab_size: usize,
     pre: Option<&str>,
 ) -> Result<()> {
-    if dir.join("tokenizer.model").is_file() {
-        return Err(Error::bad_input(
-            dir.join("tokenizer.model"),
-            "a SentencePiece tokenizer.model: llama.cpp's converter reads its scores from it, which model-export does not do yet; convert this folder with llama.cpp's convert_hf_to_gguf.py",
-        ));
-    }
     let tok_path = dir.join("tokenizer.json");
-    let tok = read_json(&tok_path)?.ok_or_else(|| {
-        Error::bad_input(
-            &tok_path,
-            "tokenizer.json is missing (the GGUF needs the tokenizer)",
-        )
-    })?;
+    let tok_json = read_json(&tok_path)?;
     let cfg_path = dir.join("tokenizer_config.json");
     let tcfg = read_json(&cfg_path)?;
     if arch == GgufArch::Llama {
@@ -125,6 +115,25 @@ pub fn add_vocab(
             w.add("tokenizer.ggml.add_space_prefix", Value::Bool(b));
         }
     }
+    let spm = dir.join("tokenizer.model");
+    if spm.is_file() {
+        // The converter's first choice for both architectures (`_set_vocab_sentencepiece`);
+        // tokenizer.json, if any, only lends SpecialVocab its added tokens.
+        let n = add_sentencepiece(w, &spm, tcfg.as_ref(), dir, vocab_size)?;
+        let config = read_json(&dir.join("config.json"))?;
+        let tok = tok_json.unwrap_or(J::Null);
+        special_vocab(w, dir, &tok, tcfg, config.as_ref(), false, Some(n))?;
+        if arch == GgufArch::Llama && vocab_size == 49152 {
+            set_or_add(w, "tokenizer.ggml.add_bos_token", Value::Bool(false));
+        }
+        return Ok(());
+    }
+    let tok = tok_json.ok_or_else(|| {
+        Error::bad_input(
+            &tok_path,
+            "tokenizer.json is missing (the GGUF needs the tokenizer)",
+        )
+    })?;
     let model = &tok["model"];
     let byte_fallback = model.get("byte_fallback").and_then(J::as_bool);
     let is_llama3 = model["type"] == "BPE"
@@ -359,6 +368,173 @@ fn add_llama_hf(
         Value::Array(types.into_iter().map(Value::I32).collect()),
     );
     Ok(Some(n))
+}
+
+/// One piece of a SentencePiece model: text, score, type (1 normal, 2 unknown, 3 control,
+/// 4 user-defined, 5 unused, 6 byte).
+struct Piece {
+    text: String,
+    score: f32,
+    kind: u64,
+}
+
+/// The pieces of a SentencePiece `ModelProto` (field 1: repeated `SentencePiece` with piece = 1,
+/// score = 2, type = 3), read with a minimal protobuf decoder.
+fn sentencepiece_pieces(path: &Path) -> Result<Vec<Piece>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |what: &str| Error::bad_input(path, format!("not a SentencePiece model: {what}"));
+    let mut pieces = Vec::new();
+    for (field, value) in protobuf_fields(&bytes).map_err(|m| bad(&m))? {
+        let Field::Bytes(msg) = value else { continue };
+        if field != 1 {
+            continue;
+        }
+        let mut piece = Piece {
+            text: String::new(),
+            score: 0.0,
+            kind: 1,
+        };
+        for (f, v) in protobuf_fields(msg).map_err(|m| bad(&m))? {
+            match (f, v) {
+                (1, Field::Bytes(b)) => {
+                    piece.text =
+                        String::from_utf8(b.to_vec()).map_err(|_| bad("a piece is not UTF-8"))?
+                }
+                (2, Field::Fixed32(x)) => piece.score = f32::from_bits(x),
+                (3, Field::Varint(x)) => piece.kind = x,
+                _ => {}
+            }
+        }
+        pieces.push(piece);
+    }
+    if pieces.is_empty() {
+        return Err(bad("no pieces"));
+    }
+    Ok(pieces)
+}
+
+enum Field<'a> {
+    Varint(u64),
+    Fixed64,
+    Bytes(&'a [u8]),
+    Fixed32(u32),
+}
+
+fn protobuf_fields(mut b: &[u8]) -> std::result::Result<Vec<(u64, Field<'_>)>, String> {
+    fn varint(b: &mut &[u8]) -> std::result::Result<u64, String> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = b.split_first().ok_or("truncated varint")?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("varint too long".into())
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let key = varint(&mut b)?;
+        let field = key >> 3;
+        let value = match key & 7 {
+            0 => Field::Varint(varint(&mut b)?),
+            1 => {
+                b = b.get(8..).ok_or("truncated 64-bit field")?;
+                Field::Fixed64
+            }
+            2 => {
+                let n = varint(&mut b)? as usize;
+                let v = b.get(..n).ok_or("truncated field")?;
+                b = &b[n..];
+                Field::Bytes(v)
+            }
+            5 => {
+                let v = b.get(..4).ok_or("truncated 32-bit field")?;
+                b = &b[4..];
+                Field::Fixed32(u32::from_le_bytes(v.try_into().expect("4 bytes")))
+            }
+            w => return Err(format!("wire type {w}")),
+        };
+        out.push((field, value));
+    }
+    Ok(out)
+}
+
+/// The converter's `_create_vocab_sentencepiece` + `_set_vocab_sentencepiece`: the pieces
+/// with their scores and types, added_tokens.json and tokenizer_config.json's
+/// added_tokens_decoder over them, `[PADn]` up to the config's vocab_size. Returns the number
+/// of tokens.
+fn add_sentencepiece(
+    w: &mut GgufWriter,
+    spm: &Path,
+    tcfg: Option<&J>,
+    dir: &Path,
+    vocab_size: usize,
+) -> Result<usize> {
+    let pieces = sentencepiece_pieces(spm)?;
+    let n = if vocab_size > 0 {
+        vocab_size
+    } else {
+        pieces.len()
+    };
+    let mut tokens: Vec<String> = (0..n).map(|i| format!("[PAD{i}]")).collect();
+    let mut scores = vec![-10000f32; n];
+    let mut types = vec![UNUSED; n];
+    for (i, p) in pieces.iter().enumerate().take(n) {
+        tokens[i] = p.text.clone();
+        scores[i] = p.score;
+        types[i] = match p.kind {
+            2 => 2,
+            3 => CONTROL,
+            5 => UNUSED,
+            6 => BYTE,
+            _ => NORMAL,
+        };
+    }
+    if let Some(added) = read_json(&dir.join("added_tokens.json"))? {
+        for (t, id) in added.as_object().into_iter().flatten() {
+            if let Some(i) = id.as_u64().map(|i| i as usize).filter(|&i| i < n) {
+                tokens[i] = t.clone();
+                scores[i] = -1000.0;
+                types[i] = USER_DEFINED;
+            }
+        }
+    }
+    if let Some(dec) = tcfg
+        .and_then(|c| c.get("added_tokens_decoder"))
+        .and_then(J::as_object)
+    {
+        for (id, data) in dec {
+            let (Ok(i), Some(t)) = (id.parse::<usize>(), data["content"].as_str()) else {
+                continue;
+            };
+            if i >= n {
+                continue;
+            }
+            let special = data["special"].as_bool().unwrap_or(false);
+            if special || looks_special(t) {
+                types[i] = CONTROL;
+                tokens[i] = t.to_owned();
+            } else {
+                types[i] = USER_DEFINED;
+                tokens[i] = t.replace('\u{2581}', " ");
+            }
+            scores[i] = -1000.0;
+        }
+    }
+    w.add_str("tokenizer.ggml.model", "llama");
+    w.add_str("tokenizer.ggml.pre", "default");
+    w.add("tokenizer.ggml.tokens", strings(tokens));
+    w.add(
+        "tokenizer.ggml.scores",
+        Value::Array(scores.into_iter().map(Value::F32).collect()),
+    );
+    w.add(
+        "tokenizer.ggml.token_type",
+        Value::Array(types.into_iter().map(Value::I32).collect()),
+    );
+    Ok(n)
 }
 
 /// gguf-py's `SpecialVocab(dir, load_merges, n_vocab).add_to_gguf`.

@@ -91,7 +91,8 @@ fn add_sampling(w: &mut GgufWriter, dir: &Path) {
     else {
         return;
     };
-    let get = |keys: &[&str]| keys.iter().find_map(|k| g.get(*k).filter(|v| !v.is_null()));
+    // The first source key present wins, even when it is null (Python's nested dict.get).
+    let get = |keys: &[&str]| keys.iter().find_map(|k| g.get(*k)).filter(|v| !v.is_null());
     // gguf-py's setters: int32, float32 or string.
     enum Kind {
         Int,
