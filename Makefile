@@ -84,6 +84,7 @@ $(VENV)/bin/python:
 bench: build model venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/run.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/quantize.sh
+	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/export.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/merge.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/rm.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/ppo.sh
