@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::io::atomic::{refuse_overwriting_inputs, write_file_try};
 use crate::io::model_folder::ModelFolder;
 use crate::io::safetensors_file::{to_f32, TensorRef};
-use crate::model::config::{ModelConfig, RopeScaling};
+use crate::model::config::{Arch, ModelConfig, NormKind, RopeScaling};
 use crate::progress::Progress;
 use crate::quant::checkpoint::{component_suffixes, read_quantized, weight_of_quant_state};
 use half::f16;
@@ -120,7 +120,7 @@ pub fn export_model(
     w.add_str("general.type", "model");
     let params: usize = plans.iter().map(|p| p.entry.n_elements()).sum();
     add_naming(&mut w, model, Some(raw), params as i64);
-    add_hparams(&mut w, arch, &cfg, raw, ty, &cfg_path)?;
+    add_hparams(&mut w, arch, &cfg, raw, ty)?;
     w.add_u32("general.quantization_version", 2);
     let vocab_size = raw
         .get("vocab_size")
@@ -210,109 +210,55 @@ fn encode_q8_0_half(values: &[f32]) -> Vec<u8> {
     out
 }
 
-/// The first of `keys` present in the config (the converter's `find_hparam`).
-fn find<'a>(raw: &'a J, keys: &[&str]) -> Option<&'a J> {
-    keys.iter()
-        .find_map(|k| raw.get(*k).filter(|v| !v.is_null()))
-}
-
+/// The hyperparameters in the converter's order. It reads config.json through transformers'
+/// `AutoConfig`, so a key the file lacks still has the config class's default there (and a
+/// Llama or Mistral config always has `head_dim`); ModelConfig's values, with the classes'
+/// defaults where they differ, stand in for that.
 fn add_hparams(
     w: &mut GgufWriter,
     arch: GgufArch,
     cfg: &ModelConfig,
     raw: &J,
     ty: ExportType,
-    cfg_path: &Path,
 ) -> Result<()> {
     let a = arch.name();
-    let u32_of = |v: &J, what: &str| -> Result<u32> {
-        v.as_u64()
-            .and_then(|x| u32::try_from(x).ok())
-            .ok_or_else(|| Error::bad_input(cfg_path, format!("{what} is not a count")))
+    let context = match raw.get("max_position_embeddings").and_then(J::as_u64) {
+        Some(n) => n as usize,
+        None => match cfg.arch {
+            Arch::Mistral => 4096 * 32,
+            Arch::Qwen2 => 32768,
+            _ => 2048,
+        },
     };
     w.add_u32(&format!("{a}.block_count"), cfg.layers as u32);
-    let hp: [(&str, &[&str]); 5] = [
-        (
-            "context_length",
-            &[
-                "max_position_embeddings",
-                "n_ctx",
-                "n_positions",
-                "max_length",
-                "max_sequence_length",
-                "model_max_length",
-            ],
-        ),
-        ("embedding_length", &["hidden_size", "n_embd", "dim"]),
-        (
-            "feed_forward_length",
-            &[
-                "prefix_dense_intermediate_size",
-                "dense_intermediate_size",
-                "intermediate_size",
-                "n_inner",
-                "hidden_dim",
-            ],
-        ),
-        (
-            "attention.head_count",
-            &["num_attention_heads", "n_head", "n_heads"],
-        ),
-        (
-            "attention.head_count_kv",
-            &["num_key_value_heads", "n_kv_heads"],
-        ),
-    ];
-    for (key, names) in hp {
-        if let Some(v) = find(raw, names) {
-            w.add_u32(&format!("{a}.{key}"), u32_of(v, key)?);
-        }
-    }
-    // RoPE: transformers 5's rope_parameters, or the older top-level keys.
-    let params = raw
-        .get("rope_parameters")
-        .or_else(|| raw.get("rope_scaling"))
-        .filter(|v| v.is_object());
-    if let RopeScaling::Linear { factor } = cfg
-        .rope
-        .as_ref()
-        .map(|r| &r.scaling)
-        .unwrap_or(&RopeScaling::None)
-    {
+    w.add_u32(&format!("{a}.context_length"), context as u32);
+    w.add_u32(&format!("{a}.embedding_length"), cfg.hidden as u32);
+    w.add_u32(&format!("{a}.feed_forward_length"), cfg.intermediate as u32);
+    w.add_u32(&format!("{a}.attention.head_count"), cfg.heads as u32);
+    w.add_u32(&format!("{a}.attention.head_count_kv"), cfg.kv_heads as u32);
+    let rope = cfg.rope.as_ref();
+    if let Some(RopeScaling::Linear { factor }) = rope.map(|r| &r.scaling) {
         w.add_str(&format!("{a}.rope.scaling.type"), "linear");
         w.add_f32(&format!("{a}.rope.scaling.factor"), *factor);
     }
-    let theta = params
-        .and_then(|p| p.get("rope_theta"))
-        .or_else(|| {
-            find(
-                raw,
-                &[
-                    "global_rope_theta",
-                    "rope_global_theta",
-                    "rope_theta_global",
-                    "rope_theta",
-                    "rotary_emb_base",
-                ],
-            )
-        })
-        .and_then(J::as_f64);
-    if let Some(t) = theta {
-        w.add_f32(&format!("{a}.rope.freq_base"), t as f32);
+    if let Some(r) = rope {
+        w.add_f32(&format!("{a}.rope.freq_base"), r.theta);
     }
-    if let Some(eps) = find(raw, &["rms_norm_eps", "norm_eps"]).and_then(J::as_f64) {
-        w.add_f32(&format!("{a}.attention.layer_norm_rms_epsilon"), eps as f32);
+    if let NormKind::Rms { eps } = cfg.norm {
+        w.add_f32(&format!("{a}.attention.layer_norm_rms_epsilon"), eps);
     }
-    if let Some(hd) = raw.get("head_dim").filter(|v| !v.is_null()) {
-        let hd = u32_of(hd, "head_dim")?;
-        w.add_u32(&format!("{a}.attention.key_length"), hd);
-        w.add_u32(&format!("{a}.attention.value_length"), hd);
+    // Qwen2's config class has no head_dim: there it is only what the file says.
+    let head_dim_key = match arch {
+        GgufArch::Llama => Some(cfg.head_dim),
+        GgufArch::Qwen2 => raw.get("head_dim").and_then(J::as_u64).map(|v| v as usize),
+    };
+    if let Some(hd) = head_dim_key {
+        w.add_u32(&format!("{a}.attention.key_length"), hd as u32);
+        w.add_u32(&format!("{a}.attention.value_length"), hd as u32);
     }
     w.add_u32("general.file_type", file_type_of(ty));
     if arch == GgufArch::Llama {
-        if let Some(v) = raw.get("vocab_size") {
-            w.add_u32("llama.vocab_size", u32_of(v, "vocab_size")?);
-        }
+        w.add_u32("llama.vocab_size", cfg.vocab as u32);
         w.add_u32("llama.rope.dimension_count", cfg.head_dim as u32);
     }
     Ok(())
