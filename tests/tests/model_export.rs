@@ -36,11 +36,17 @@ fn lora_files_are_byte_identical_to_llama_cpp_converter() {
         ("interop/llama_gqa_lora", "f16", "llama_gqa_lora.f16.gguf"),
         ("interop/llama_gqa_lora", "q8_0", "llama_gqa_lora.q8_0.gguf"),
         ("merge/lora_llama/adapter", "f32", "lora_llama.f32.gguf"),
+        ("models_gguf/qwen2_lora", "f32", "qwen2_lora.f32.gguf"),
     ];
     for (adapter, ty, want) in cases {
         let out = tmp.path().join(want);
+        let base = if want.starts_with("qwen2") {
+            "qwen2"
+        } else {
+            "llama_gqa"
+        };
         let o = export(
-            "llama_gqa",
+            base,
             &fixtures().join(adapter),
             &out,
             &["--type", ty, "--json"],
@@ -91,46 +97,15 @@ fn rslora_and_patterns_compute_pefts_delta() {
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(summary["folded_scales"].as_u64().unwrap() > 0);
 
-    let g = GgufFile::open(&out).unwrap();
-    let alpha = g.get_f64("adapter.lora.alpha").unwrap().unwrap() as f32;
-    let modules = AdapterDir::open(&adapter).unwrap().lora_modules().unwrap();
-    assert!(!modules.is_empty());
-    for m in &modules {
-        let name = peftkit_core::gguf::names::gguf_name(&format!("{}.weight", m.path)).unwrap();
-        let a_t = g.tensor(&format!("{name}.lora_a")).unwrap();
-        let b_t = g.tensor(&format!("{name}.lora_b")).unwrap();
-        assert_eq!(a_t.shape(), vec![m.rank, m.in_features]);
-        assert_eq!(b_t.shape(), vec![m.out_features, m.rank]);
-        let a = g.dequantize(a_t).unwrap();
-        let mut b = g.dequantize(b_t).unwrap();
-        let heads = if m.path.ends_with("q_proj") {
+    assert_delta_matches(&out, &adapter, |m| {
+        if m.ends_with("q_proj") {
             Some(4)
-        } else if m.path.ends_with("k_proj") {
+        } else if m.ends_with("k_proj") {
             Some(2)
         } else {
             None
-        };
-        if let Some(h) = heads {
-            b = unpermute_rows(&b, m.out_features, m.rank, h);
         }
-        // llama.cpp: scale = alpha / r, r = lora_b's inner dimension.
-        let s = alpha / m.rank as f32;
-        let want = m.delta();
-        let (o, i, r) = (m.out_features, m.in_features, m.rank);
-        let mut worst = 0f32;
-        let norm = want.iter().fold(0f32, |x, v| x.max(v.abs()));
-        for row in 0..o {
-            for col in 0..i {
-                let got: f32 = (0..r).map(|k| b[row * r + k] * a[k * i + col]).sum::<f32>() * s;
-                worst = worst.max((got - want[row * i + col]).abs());
-            }
-        }
-        assert!(
-            worst <= 1e-5 * norm.max(1.0),
-            "{}: ΔW off by {worst} (max |ΔW| {norm})",
-            m.path
-        );
-    }
+    });
 }
 
 #[test]
@@ -141,7 +116,6 @@ fn adapters_llama_cpp_cannot_load_are_refused() {
         ("llama_gqa", "merge/dora_llama/adapter", "DoRA"),
         ("llama_gqa", "interop/llama_gqa_ia3", "IA3"),
         ("llama_gqa", "interop/llama_gqa_prefix", "PREFIX_TUNING"),
-        ("gpt2", "interop/gpt2_lora", "GPT-2"),
         ("llama_gqa", "interop/does_not_exist", "does_not_exist"),
     ];
     for (model, adapter, needle) in cases {
@@ -177,8 +151,10 @@ fn export_model(model: &Path, out: &Path, extra: &[&str]) -> std::process::Outpu
 }
 
 /// Whole models: byte for byte what convert_hf_to_gguf.py writes, for every type and its three
-/// vocabulary paths (byte-level BPE: llama_gqa, qwen2; SentencePiece-style tokenizer.json:
-/// llama_untied, mistral; SentencePiece tokenizer.model: llama_spm). The fixture tokenizers are unknown to llama.cpp's pre-tokenizer
+/// vocabulary paths (byte-level BPE: llama_gqa, qwen2, gpt2; SentencePiece-style tokenizer.json:
+/// llama_untied, mistral; SentencePiece tokenizer.model: llama_spm). GPT-2's reference was
+/// converted from a copy whose config.json also has `n_ctx`: the converter fails without it,
+/// and transformers 5 no longer writes it. The fixture tokenizers are unknown to llama.cpp's pre-tokenizer
 /// table, so the references were made with "default", and so are ours.
 #[test]
 fn model_files_are_byte_identical_to_llama_cpp_converter() {
@@ -193,6 +169,8 @@ fn model_files_are_byte_identical_to_llama_cpp_converter() {
         "mistral.q8_0.gguf",
         "llama_spm.f32.gguf",
         "llama_spm.q8_0.gguf",
+        "gpt2.f32.gguf",
+        "gpt2.q8_0.gguf",
     ] {
         let mut parts = file.split('.');
         let (model, ty) = (parts.next().unwrap(), parts.next().unwrap());
@@ -317,11 +295,9 @@ fn four_bit_models_export_their_decoded_weights() {
 }
 
 #[test]
-fn models_llama_cpp_cannot_take_are_refused() {
+fn models_the_export_cannot_take_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("x.gguf");
-    let o = export_model(&fixtures().join("models/gpt2"), &out, &[]);
-    assert_clean_error(&o, "GPT-2");
     let o = export_model(&fixtures().join("preference/seq_cls/llama"), &out, &[]);
     assert_clean_error(&o, "sequence-classification");
     // A tokenizer.model that is not a SentencePiece model is a clean error.
@@ -347,4 +323,80 @@ fn models_llama_cpp_cannot_take_are_refused() {
     );
     assert_clean_error(&o, "--tokenizer-pre");
     assert_eq!(o.status.code(), Some(2));
+}
+
+/// LoRA on GPT-2's Conv1D modules. convert_lora_to_gguf.py applies the weights' Conv1D
+/// transpose to the pair, which swaps A and B and transposes both: llama.cpp refuses that file
+/// ("incorrect shape", gpt2_lora.f32.gguf). Ours keeps lora_a = A and lora_b = B, whose shapes
+/// fit the base GGUF's weights the way llama.cpp checks them, and computes PEFT's ΔW.
+#[test]
+fn gpt2_lora_fits_llama_cpp_where_the_converter_swaps_a_and_b() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("g.gguf");
+    let adapter = fixtures().join("interop/gpt2_lora");
+    let o = export("gpt2", &adapter, &out, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours = GgufFile::open(&out).unwrap();
+    let base = GgufFile::open(&reference("gpt2.f32.gguf")).unwrap();
+    let theirs = GgufFile::open(&reference("gpt2_lora.f32.gguf")).unwrap();
+    let mut pairs = 0;
+    for t in ours.tensors.iter().filter(|t| t.name.ends_with(".lora_a")) {
+        let stem = t.name.strip_suffix(".lora_a").unwrap();
+        let b = ours.tensor(&format!("{stem}.lora_b")).unwrap();
+        let w = base.tensor(stem).unwrap();
+        // llama.cpp's check: a.ne[0] == w.ne[0], b.ne[1] == w.ne[1], a.ne[1] == b.ne[0].
+        assert_eq!(t.dims[0], w.dims[0], "{stem}: lora_a");
+        assert_eq!(b.dims[1], w.dims[1], "{stem}: lora_b");
+        assert_eq!(t.dims[1], b.dims[0], "{stem}: rank");
+        let their_a = theirs.tensor(&t.name).unwrap();
+        if w.dims[0] != w.dims[1] {
+            assert_ne!(
+                their_a.dims[0], w.dims[0],
+                "{stem}: the converter's file now fits"
+            );
+        }
+        pairs += 1;
+    }
+    assert_eq!(pairs, 8);
+    assert_delta_matches(&out, &adapter, |_| None);
+}
+
+/// Every module's ΔW read back from `gguf` (q/k rows un-permuted with `heads(module)`), as
+/// llama.cpp computes it (alpha / r), equals PEFT's s·B·A of `adapter`.
+fn assert_delta_matches(gguf: &Path, adapter: &Path, heads: impl Fn(&str) -> Option<usize>) {
+    let g = GgufFile::open(gguf).unwrap();
+    let alpha = g.get_f64("adapter.lora.alpha").unwrap().unwrap() as f32;
+    let modules = AdapterDir::open(adapter).unwrap().lora_modules().unwrap();
+    assert!(!modules.is_empty());
+    for m in &modules {
+        let target = format!("{}.weight", m.path);
+        let name = peftkit_core::gguf::names::gguf_name(&target)
+            .or_else(|| peftkit_core::gguf::names::gpt2_gguf_name(&target))
+            .unwrap();
+        let a_t = g.tensor(&format!("{name}.lora_a")).unwrap();
+        let b_t = g.tensor(&format!("{name}.lora_b")).unwrap();
+        assert_eq!(a_t.shape(), vec![m.rank, m.in_features]);
+        assert_eq!(b_t.shape(), vec![m.out_features, m.rank]);
+        let a = g.dequantize(a_t).unwrap();
+        let mut b = g.dequantize(b_t).unwrap();
+        if let Some(h) = heads(&m.path) {
+            b = unpermute_rows(&b, m.out_features, m.rank, h);
+        }
+        let s = alpha / m.rank as f32;
+        let want = m.delta();
+        let (o, i, r) = (m.out_features, m.in_features, m.rank);
+        let norm = want.iter().fold(0f32, |x, v| x.max(v.abs()));
+        let mut worst = 0f32;
+        for row in 0..o {
+            for col in 0..i {
+                let got: f32 = (0..r).map(|k| b[row * r + k] * a[k * i + col]).sum::<f32>() * s;
+                worst = worst.max((got - want[row * i + col]).abs());
+            }
+        }
+        assert!(
+            worst <= 1e-5 * norm.max(1.0),
+            "{}: ΔW off by {worst} (max |ΔW| {norm})",
+            m.path
+        );
+    }
 }

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 #[command(
     name = "model-export",
     version,
-    about = "Write a model folder (Llama, Mistral, Qwen2; plain or 4-bit) or a LoRA adapter as \
-             a GGUF file for llama.cpp: the files llama.cpp's convert_hf_to_gguf.py and \
+    about = "Write a model folder (Llama, Mistral, Qwen2, GPT-2; plain or 4-bit) or a LoRA \
+             adapter as a GGUF file for llama.cpp: the files llama.cpp's convert_hf_to_gguf.py and \
              convert_lora_to_gguf.py write, without Python; rsLoRA and alpha_pattern scales \
              made exact",
     after_help = "Examples:\n  \

@@ -6,7 +6,6 @@ use super::writer::q8_0_fits;
 use crate::error::{Error, Result};
 use crate::model::config::{Arch, ModelConfig};
 use serde::Serialize;
-use std::path::Path;
 
 /// `--type`: what the tensors are stored as (llama.cpp's converters' `--outtype`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,24 +77,37 @@ pub enum GgufArch {
     /// Llama and Mistral (llama.cpp runs Mistral as `llama`)
     Llama,
     Qwen2,
+    Gpt2,
 }
 
 impl GgufArch {
-    pub fn of(cfg: &ModelConfig, model: &Path) -> Result<Self> {
+    pub fn of(cfg: &ModelConfig) -> Self {
         match cfg.arch {
-            Arch::Llama | Arch::Mistral => Ok(Self::Llama),
-            Arch::Qwen2 => Ok(Self::Qwen2),
-            Arch::Gpt2 => Err(Error::bad_input(
-                model.join("config.json"),
-                "GPT-2 models are not exported to GGUF (supported: Llama, Mistral, Qwen2)",
-            )),
+            Arch::Llama | Arch::Mistral => Self::Llama,
+            Arch::Qwen2 => Self::Qwen2,
+            Arch::Gpt2 => Self::Gpt2,
         }
     }
     pub fn name(self) -> &'static str {
         match self {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
+            Self::Gpt2 => "gpt2",
         }
+    }
+    /// The GGUF name of an HF tensor of this architecture.
+    pub fn tensor_name(self, hf: &str) -> Option<String> {
+        match self {
+            Self::Gpt2 => super::names::gpt2_gguf_name(hf),
+            _ => super::names::gguf_name(hf),
+        }
+    }
+    /// GPT-2's Conv1D weights are stored `[in, out]`; llama.cpp wants them as a Linear's.
+    pub fn transposed(self, hf: &str) -> bool {
+        self == Self::Gpt2
+            && [".c_attn.weight", ".c_proj.weight", ".c_fc.weight"]
+                .iter()
+                .any(|s| hf.ends_with(s))
     }
     /// llama.cpp permutes the rows of the `llama` architecture's q and k projections (and
     /// of their LoRA B) for its RoPE: by the query heads for q, the key/value heads for k.

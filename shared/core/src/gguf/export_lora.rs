@@ -4,16 +4,18 @@
 //! llama.cpp scales every pair by `alpha / r`, with one alpha per file and r read from the
 //! tensor's shape. Where PEFT's scale differs (rsLoRA's `alpha / √r`, `alpha_pattern`), the
 //! difference is folded into `lora_b`, so the adapter computes what it computed in PEFT;
-//! convert_lora_to_gguf.py ignores both and writes an adapter that is silently off.
+//! convert_lora_to_gguf.py ignores both and writes an adapter that is silently off. For GPT-2
+//! it also swaps and transposes A and B (the Conv1D transpose of the weights applied to the
+//! pair), which llama.cpp refuses; here A and B stay as they are.
 
 use super::export::{ExportSummary, ExportType, GgufArch};
-use super::names::{gguf_name, permute_rows};
+use super::names::permute_rows;
 use super::naming::add_naming;
 use super::writer::{encode, GgufWriter, TensorEntry};
 use crate::error::{Error, Result};
 use crate::io::atomic::{refuse_overwriting_inputs, write_file_try};
 use crate::merge::adapter_dir::{AdapterDir, LoraModule, PeftKind};
-use crate::model::config::ModelConfig;
+use crate::model::config::{Arch, ModelConfig};
 use std::path::Path;
 
 /// What one output tensor holds.
@@ -32,7 +34,7 @@ pub fn export_lora(
 ) -> Result<ExportSummary> {
     refuse_overwriting_inputs(out, &[adapter, model])?;
     let cfg = ModelConfig::load(model)?;
-    let arch = GgufArch::of(&cfg, model)?;
+    let arch = GgufArch::of(&cfg);
     let dir = AdapterDir::open(adapter)?;
     let cfg_path = dir.config_path();
     match &dir.kind {
@@ -82,7 +84,7 @@ pub fn export_lora(
                 m.path
             )));
         }
-        let Some(name) = gguf_name(&target) else {
+        let Some(name) = arch.tensor_name(&target) else {
             return Err(bad(format!(
                 "{}: no llama.cpp tensor corresponds to this module (llama.cpp takes LoRA on {})",
                 m.path, "q/k/v/o_proj and gate/up/down_proj"
@@ -122,7 +124,10 @@ pub fn export_lora(
     // modules_to_save copies: llama.cpp's loader takes full norm tensors, nothing else.
     let replacements = dir.replacement_tensors();
     for (key, base) in &replacements {
-        let Some(name) = gguf_name(base).filter(|n| n.ends_with("_norm.weight")) else {
+        let Some(name) = arch
+            .tensor_name(base)
+            .filter(|n| n.ends_with("_norm.weight"))
+        else {
             return Err(Error::bad_input(
                 dir.weights_path(),
                 format!(
@@ -188,6 +193,21 @@ pub fn export_lora(
 /// `[out, in]` of a llama-family linear layer `model.layers.N.<module>`, from the config; None
 /// for a layer the model does not have.
 fn expected_shape(cfg: &ModelConfig, path: &str) -> Option<(usize, usize)> {
+    if cfg.arch == Arch::Gpt2 {
+        let rest = path.strip_prefix("transformer.").unwrap_or(path);
+        let (layer, module) = rest.strip_prefix("h.")?.split_once('.')?;
+        if layer.parse::<usize>().ok()? >= cfg.layers {
+            return None;
+        }
+        let (h, ff) = (cfg.hidden, cfg.intermediate);
+        return Some(match module {
+            "attn.c_attn" => (3 * h, h),
+            "attn.c_proj" => (h, h),
+            "mlp.c_fc" => (ff, h),
+            "mlp.c_proj" => (h, ff),
+            _ => return None,
+        });
+    }
     let rest = path.strip_prefix("model.layers.")?;
     let (layer, module) = rest.split_once('.')?;
     if layer.parse::<usize>().ok()? >= cfg.layers {

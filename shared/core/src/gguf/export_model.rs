@@ -1,12 +1,12 @@
-//! A Hugging Face model folder (Llama, Mistral, Qwen2; plain or 4-bit) → one GGUF file, the
-//! file llama.cpp's convert_hf_to_gguf.py writes for it.
+//! A Hugging Face model folder (Llama, Mistral, Qwen2, GPT-2; plain or 4-bit) → one GGUF
+//! file, the file llama.cpp's convert_hf_to_gguf.py writes for it.
 //!
 //! Tensors are streamed one at a time (read, decode a 4-bit weight, permute, encode, write),
 //! so peak memory is about one f32 tensor plus the tokenizer.
 
 use super::export::{file_type_of, ExportSummary, ExportType, GgufArch};
 use super::export_vocab::add_vocab;
-use super::names::{gguf_name, permute_rows};
+use super::names::permute_rows;
 use super::naming::add_naming;
 use super::reader::GgmlType;
 use super::writer::{encode, GgufWriter, TensorEntry};
@@ -29,6 +29,8 @@ struct Planned {
     source: Source,
     /// Permute rows for llama.cpp's RoPE with this many heads.
     permute_heads: Option<usize>,
+    /// A GPT-2 Conv1D weight, stored `[in, out]`: written transposed.
+    transpose: bool,
 }
 
 enum Source {
@@ -49,7 +51,7 @@ pub fn export_model(
 ) -> Result<ExportSummary> {
     refuse_overwriting_inputs(out, &[model])?;
     let cfg = ModelConfig::load(model)?;
-    let arch = GgufArch::of(&cfg, model)?;
+    let arch = GgufArch::of(&cfg);
     let cfg_path = model.join("config.json");
     if cfg.seq_cls {
         return Err(Error::bad_input(
@@ -83,11 +85,16 @@ pub fn export_model(
             entry: TensorEntry::new("rope_freqs.weight", &[factors.len()], GgmlType::F32),
             source: Source::RopeFactors(factors),
             permute_heads: None,
+            transpose: false,
         });
     }
     for (_, name) in &names {
-        let Some(gname) = gguf_name(name) else {
-            if name.ends_with(".rotary_emb.inv_freq") {
+        let Some(gname) = arch.tensor_name(name) else {
+            // Buffers, not weights (older checkpoints saved them).
+            if name.ends_with(".rotary_emb.inv_freq")
+                || name.ends_with(".attn.bias")
+                || name.ends_with(".attn.masked_bias")
+            {
                 continue;
             }
             return Err(Error::bad_input(
@@ -95,7 +102,7 @@ pub fn export_model(
                 format!("tensor {name} has no llama.cpp counterpart"),
             ));
         };
-        let shape = if quantized.contains(name) {
+        let mut shape = if quantized.contains(name) {
             read_quantized(&folder.weights, name)?
                 .expect("4-bit weight")
                 .state
@@ -104,7 +111,13 @@ pub fn export_model(
         } else {
             folder.info(name).1
         };
-        let is_norm = gname.ends_with("_norm.weight") || !gname.ends_with(".weight");
+        if arch.transposed(name) {
+            shape.reverse();
+        }
+        // F32 whatever the type: norms, biases, and (the converter's list) position embeddings.
+        let is_norm = gname.ends_with("_norm.weight")
+            || !gname.ends_with(".weight")
+            || gname == "position_embd.weight";
         let module = name.rsplit_once('.').map(|(m, _)| m).unwrap_or(name);
         let permute_heads = arch.permute_heads(&cfg, module);
         let out_ty = ty.type_for(&shape, is_norm);
@@ -112,6 +125,7 @@ pub fn export_model(
             entry: TensorEntry::new(gname, &shape, out_ty),
             source: Source::Hf(name.clone()),
             permute_heads,
+            transpose: arch.transposed(name),
         });
     }
 
@@ -141,6 +155,12 @@ pub fn export_model(
                 Source::Hf(name) => {
                     let (values, from_f16) = read_values(&folder, &quantized, name)?;
                     let shape: Vec<usize> = t.ne.iter().rev().map(|&d| d as usize).collect();
+                    let values = if p.transpose {
+                        // stored [in, out] = [shape[1], shape[0]]
+                        crate::kernels::ops::transpose(&values, shape[1], shape[0])
+                    } else {
+                        values
+                    };
                     let values = match p.permute_heads {
                         Some(h) => {
                             let cols = values.len() / shape[0];
@@ -222,6 +242,25 @@ fn add_hparams(
     ty: ExportType,
 ) -> Result<()> {
     let a = arch.name();
+    if arch == GgufArch::Gpt2 {
+        // GPT2Model.set_gguf_parameters: n_ctx (transformers 5 configs only have
+        // n_positions, on which the converter fails), 4·n_embd as the MLP width.
+        let ctx = raw
+            .get("n_ctx")
+            .and_then(J::as_u64)
+            .map(|v| v as usize)
+            .unwrap_or(cfg.max_positions);
+        w.add_u32("gpt2.block_count", cfg.layers as u32);
+        w.add_u32("gpt2.context_length", ctx as u32);
+        w.add_u32("gpt2.embedding_length", cfg.hidden as u32);
+        w.add_u32("gpt2.feed_forward_length", 4 * cfg.hidden as u32);
+        w.add_u32("gpt2.attention.head_count", cfg.heads as u32);
+        if let NormKind::Layer { eps } = cfg.norm {
+            w.add_f32("gpt2.attention.layer_norm_epsilon", eps);
+        }
+        w.add_u32("general.file_type", file_type_of(ty));
+        return Ok(());
+    }
     let context = match raw.get("max_position_embeddings").and_then(J::as_u64) {
         Some(n) => n as usize,
         None => match cfg.arch {
@@ -250,7 +289,9 @@ fn add_hparams(
     // Qwen2's config class has no head_dim: there it is only what the file says.
     let head_dim_key = match arch {
         GgufArch::Llama => Some(cfg.head_dim),
-        GgufArch::Qwen2 => raw.get("head_dim").and_then(J::as_u64).map(|v| v as usize),
+        GgufArch::Qwen2 | GgufArch::Gpt2 => {
+            raw.get("head_dim").and_then(J::as_u64).map(|v| v as usize)
+        }
     };
     if let Some(hd) = head_dim_key {
         w.add_u32(&format!("{a}.attention.key_length"), hd as u32);

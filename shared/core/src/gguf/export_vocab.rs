@@ -116,7 +116,8 @@ pub fn add_vocab(
         }
     }
     let spm = dir.join("tokenizer.model");
-    if spm.is_file() {
+    // GPT-2's converter goes straight to the byte-level BPE path.
+    if spm.is_file() && arch != GgufArch::Gpt2 {
         // The converter's first choice for both architectures (`_set_vocab_sentencepiece`);
         // tokenizer.json, if any, only lends SpecialVocab its added tokens.
         let n = add_sentencepiece(w, &spm, tcfg.as_ref(), dir, vocab_size)?;

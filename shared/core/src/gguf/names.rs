@@ -1,5 +1,5 @@
 //! Tensor names and row orders of llama.cpp's GGUF files against Hugging Face's, both ways:
-//! model-import reads GGUF names, model-export writes them.
+//! model-import reads GGUF names, model-export writes them (GPT-2's too).
 
 /// Whole-model tensors: (GGUF name, HF name).
 const FIXED: &[(&str, &str)] = &[
@@ -51,6 +51,44 @@ pub fn gguf_name(name: &str) -> Option<String> {
         return None;
     }
     let (g, _) = LAYER.iter().find(|(_, hf)| *hf == module)?;
+    Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+/// GPT-2's per-block modules: (GGUF part, HF module under `h.N.`).
+const GPT2_LAYER: &[(&str, &str)] = &[
+    ("attn_norm", "ln_1"),
+    ("attn_qkv", "attn.c_attn"),
+    ("attn_output", "attn.c_proj"),
+    ("ffn_norm", "ln_2"),
+    ("ffn_up", "mlp.c_fc"),
+    ("ffn_down", "mlp.c_proj"),
+];
+
+/// The GGUF name of a GPT-2 tensor (with or without the `transformer.` prefix of
+/// GPT2LMHeadModel's checkpoints): `transformer.h.0.attn.c_attn.weight` →
+/// `blk.0.attn_qkv.weight`.
+pub fn gpt2_gguf_name(name: &str) -> Option<String> {
+    if name == "lm_head.weight" {
+        return Some("output.weight".into());
+    }
+    let name = name.strip_prefix("transformer.").unwrap_or(name);
+    let (module, suffix) = name.rsplit_once('.')?;
+    if suffix != "weight" && suffix != "bias" {
+        return None;
+    }
+    let fixed = match module {
+        "wte" => Some("token_embd"),
+        "wpe" => Some("position_embd"),
+        "ln_f" => Some("output_norm"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(format!("{f}.{suffix}"));
+    }
+    let rest = module.strip_prefix("h.")?;
+    let (layer, module) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (g, _) = GPT2_LAYER.iter().find(|(_, hf)| *hf == module)?;
     Some(format!("blk.{layer}.{g}.{suffix}"))
 }
 
@@ -124,5 +162,18 @@ mod tests {
         assert!(hf_name("foo").is_none());
         assert!(gguf_name("model.layers.0.mlp.act.weight").is_none());
         assert!(gguf_name("model.layers.0.self_attn.q_proj.lora_A.weight").is_none());
+        for (hf, g) in [
+            (
+                "transformer.h.1.attn.c_attn.weight",
+                "blk.1.attn_qkv.weight",
+            ),
+            ("h.0.mlp.c_proj.bias", "blk.0.ffn_down.bias"),
+            ("transformer.wpe.weight", "position_embd.weight"),
+            ("transformer.ln_f.bias", "output_norm.bias"),
+            ("lm_head.weight", "output.weight"),
+        ] {
+            assert_eq!(gpt2_gguf_name(hf).unwrap(), g);
+        }
+        assert!(gpt2_gguf_name("transformer.h.0.attn.bias").is_none());
     }
 }
