@@ -1273,3 +1273,34 @@ fn write_raw(p: &Path, raw: &RawTensors) {
         .collect();
     std::fs::write(p, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
 }
+
+/// What llama.cpp's convert_lora_to_gguf gets wrong without a word is flagged too: rsLoRA and
+/// alpha_pattern scales (it writes alpha / r) and GPT-2's Conv1D pairs (it swaps A and B), each
+/// pointing to model-export.
+#[test]
+fn gguf_check_flags_what_the_converter_gets_wrong_silently() {
+    let v = inspect_json(&[
+        s(&fx("interop/llama_gqa_rslora_patterns")),
+        "--base",
+        s(&llama()),
+    ]);
+    let g = problems(&v, "gguf_incompatible");
+    let text: Vec<&str> = g.iter().map(|p| p["message"].as_str().unwrap()).collect();
+    assert!(text.iter().any(|m| m.starts_with("use_rslora")), "{text:?}");
+    assert!(
+        text.iter().any(|m| m.starts_with("alpha_pattern")),
+        "{text:?}"
+    );
+    assert!(text.iter().all(|m| m.contains("model-export")));
+    assert_eq!(v["check"]["errors"], 0);
+
+    let v = inspect_json(&[s(&fx("interop/gpt2_lora")), "--base", s(&fx("models/gpt2"))]);
+    let g = problems(&v, "gguf_incompatible");
+    assert_eq!(g.len(), 8, "one per Conv1D module: {g:?}");
+    assert!(g
+        .iter()
+        .all(|p| p["severity"] == "warning" && p["module"].is_string()));
+    // A plain Llama LoRA has nothing to flag.
+    let v = inspect_json(&[s(&lora_qv()), "--base", s(&llama())]);
+    assert!(problems(&v, "gguf_incompatible").is_empty());
+}

@@ -366,8 +366,25 @@ fn is_embedding_or_head(name: &str) -> bool {
 }
 
 /// What llama.cpp's convert_lora_to_gguf accepts: lora_A/lora_B (and lora_embedding_A/B)
-/// pairs, norm tensors (kept), `.base_layer.weight` (skipped); anything else stops it.
-fn check_gguf(a: &Analysis, p: &mut Problems) {
+/// pairs, norm tensors (kept), `.base_layer.weight` (skipped); anything else stops it. And
+/// what it gets wrong without a word: scales other than alpha / r, GPT-2's Conv1D pairs.
+fn check_gguf(a: &Analysis, ctx: &Context, p: &mut Problems) {
+    if let Some(cfg) = &ctx.lora {
+        if cfg.rslora {
+            p.add(GGUF_INCOMPATIBLE, false, None, None, "use_rslora: llama.cpp scales a pair by alpha / r and convert_lora_to_gguf ignores rsLoRA's alpha / √r, so its GGUF applies ΔW divided by √r; model-export folds the scale into lora_b".to_string());
+        }
+        if !cfg.alpha_pattern.is_empty() {
+            p.add(GGUF_INCOMPATIBLE, false, None, None, "alpha_pattern: convert_lora_to_gguf writes one alpha for every module, so the patterned modules get the wrong scale; model-export folds their scales into lora_b".to_string());
+        }
+    }
+    for path in a.lora.keys() {
+        if [".c_attn", ".c_proj", ".c_fc"]
+            .iter()
+            .any(|m| path.ends_with(m))
+        {
+            p.add(GGUF_INCOMPATIBLE, false, Some(path), None, format!("LoRA on GPT-2's Conv1D {path}: convert_lora_to_gguf swaps and transposes A and B, and llama.cpp refuses the file; model-export writes one it loads"));
+        }
+    }
     for name in a.file.names() {
         let pair = [
             ".lora_A.weight",
@@ -408,7 +425,7 @@ pub fn check(a: &Analysis, ctx: &Context, base: &ModelFolder) -> Result<CheckRep
     let lora = ctx.kind == Some(PeftKind::Lora)
         || (ctx.kind.is_none() && a.grouped.modules.iter().any(Group::is_lora));
     if lora {
-        check_gguf(a, &mut p);
+        check_gguf(a, ctx, &mut p);
     }
     // Without --base a NaN is only shown (non_finite, null norms); against a base it is an
     // error: merged or applied, it turns the base's outputs into NaN.
