@@ -57,6 +57,11 @@ for line in sys.stdin:
 echo "==> what the adapter holds, checked against its base (adapter-inspect)"
 "$BIN/adapter-inspect" "$RUNS/demo-lora" --base "$QMODEL" | head -20
 
+echo "==> for llama.cpp / Ollama: the 4-bit base (decoded exactly) and the adapter as GGUF files (model-export)"
+"$BIN/model-export" --model "$QMODEL" --out "$RUNS/demo-base.gguf" --type q8_0
+"$BIN/model-export" --model "$QMODEL" --adapter "$RUNS/demo-lora" --out "$RUNS/demo-lora.gguf"
+echo "   run them with: llama-cli -m $RUNS/demo-base.gguf --lora $RUNS/demo-lora.gguf"
+
 echo "==> QLoRA-correct merge: dequantized NF4 weights + ΔW, one plain model (adapter-merge)"
 "$BIN/adapter-merge" --model "$QMODEL" --adapter "$RUNS/demo-lora" --out "$RUNS/demo-merged"
 "$BIN/peft-generate" --model "$RUNS/demo-merged" --prompt "$PROMPT" --max-new-tokens 48 | sed 's/^/merged model: /' | head -8
