@@ -610,7 +610,6 @@ fn special_vocab(
             special_eos = special_sep.clone();
         }
     }
-    let mut extra_types: Vec<&str> = Vec::new();
     if let Some(pp) = tok.get("post_processor").filter(|p| !p.is_null()) {
         let procs: Vec<&J> = match pp.get("processors").and_then(J::as_array) {
             Some(list) => list.iter().collect(),
@@ -658,7 +657,6 @@ fn special_vocab(
                                 };
                                 if let (Some(slot), Some(J::Object(c))) = (slot, tcfg.as_mut()) {
                                     types.push(slot);
-                                    extra_types.push(slot);
                                     if let Some(e) = &special_eos {
                                         c.insert(format!("{slot}_token"), J::String(e.clone()));
                                     }
