@@ -16,7 +16,7 @@ use crate::io::model_folder::ModelFolder;
 use crate::io::safetensors_file::{to_f32, TensorRef};
 use crate::model::config::{Arch, ModelConfig, NormKind, RopeScaling};
 use crate::progress::Progress;
-use crate::quant::checkpoint::{component_suffixes, read_quantized, weight_of_quant_state};
+use crate::quant::checkpoint::{four_bit_weights, read_quantized};
 use half::f16;
 use safetensors::Dtype;
 use serde_json::Value as J;
@@ -63,15 +63,7 @@ pub fn export_model(
     let raw = &cfg.raw;
 
     // Tensors: per safetensors file (sorted by file name), names sorted, as the converter.
-    let quantized: HashSet<String> = folder
-        .names
-        .iter()
-        .filter_map(|n| weight_of_quant_state(n).map(String::from))
-        .collect();
-    let components: HashSet<String> = quantized
-        .iter()
-        .flat_map(|w| component_suffixes().map(|s| format!("{w}.{s}")))
-        .collect();
+    let (quantized, components) = four_bit_weights(&folder.names);
     let mut names: Vec<(String, String)> = folder
         .names
         .iter()

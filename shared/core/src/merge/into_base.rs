@@ -32,14 +32,14 @@ use crate::io::safetensors_file::{
 };
 use crate::progress::Progress;
 use crate::quant::blockwise::{block_absmax, Source};
-use crate::quant::checkpoint::{component_suffixes, read_quantized, weight_of_quant_state};
+use crate::quant::checkpoint::{component_suffixes, four_bit_weights, read_quantized};
 use crate::quant::state::{NestedState, QuantState};
 use crate::quant::torch_mean::{torch_mean_f32, TorchReduce};
 use crate::quant::weight::{quantize_weight, serialized_specs};
 use safetensors::Dtype;
 use serde::Serialize;
 use serde_json::Value;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -197,15 +197,7 @@ pub fn merge_into_base(
     let adapters = Adapters::open(adapter_paths)?;
 
     // 4-bit weights and their parts
-    let quantized: HashSet<String> = folder
-        .names
-        .iter()
-        .filter_map(|n| weight_of_quant_state(n).map(String::from))
-        .collect();
-    let components: HashSet<String> = quantized
-        .iter()
-        .flat_map(|w| component_suffixes().map(|s| format!("{w}.{s}")))
-        .collect();
+    let (quantized, components) = four_bit_weights(&folder.names);
     let base_4bit = !quantized.is_empty();
     if opts.requantize && !base_4bit {
         return Err(Error::usage(format!(

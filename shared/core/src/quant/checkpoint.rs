@@ -127,6 +127,25 @@ pub fn weight_of_quant_state(name: &str) -> Option<&str> {
     matches!(suffix, "nf4" | "fp4").then_some(w)
 }
 
+/// The 4-bit weights among a folder's tensor `names`, and the names of their parts (absmax,
+/// code, quant state...), which are not tensors of the model in their own right.
+pub fn four_bit_weights(
+    names: &[String],
+) -> (
+    std::collections::HashSet<String>,
+    std::collections::HashSet<String>,
+) {
+    let weights: std::collections::HashSet<String> = names
+        .iter()
+        .filter_map(|n| weight_of_quant_state(n).map(String::from))
+        .collect();
+    let parts = weights
+        .iter()
+        .flat_map(|w| component_suffixes().map(|s| format!("{w}.{s}")))
+        .collect();
+    (weights, parts)
+}
+
 /// Read 4-bit weight `weight` (e.g. `model.layers.0.mlp.up_proj.weight`): `Ok(None)` when
 /// it is not stored 4-bit, an error naming the file and tensor when its parts are inconsistent.
 pub fn read_quantized<S: TensorSource + ?Sized>(
