@@ -40,10 +40,10 @@ impl ExportType {
     }
 
     /// The ggml type of one tensor of row-major `shape`, by llama.cpp's converter's rules:
-    /// vectors and norms stay F32; Q8_0 needs rows of whole 32-value blocks and falls back to
-    /// F16 otherwise.
-    pub fn type_for(self, shape: &[usize], is_norm: bool) -> GgmlType {
-        if shape.len() <= 1 || is_norm {
+    /// vectors and what the caller says must stay F32 (norms, biases...) are F32; Q8_0 needs
+    /// rows of whole 32-value blocks and falls back to F16 otherwise.
+    pub fn type_for(self, shape: &[usize], keep_f32: bool) -> GgmlType {
+        if shape.len() <= 1 || keep_f32 {
             return GgmlType::F32;
         }
         match self {

@@ -13,7 +13,7 @@ use super::names::permute_rows;
 use super::naming::add_naming;
 use super::writer::{encode, GgufWriter, TensorEntry};
 use crate::error::{Error, Result};
-use crate::io::atomic::{refuse_overwriting_inputs, write_file_try};
+use crate::io::atomic::refuse_overwriting_inputs;
 use crate::merge::adapter_dir::{AdapterDir, LoraModule, PeftKind};
 use crate::model::config::{Arch, ModelConfig};
 use std::path::Path;
@@ -86,8 +86,8 @@ pub fn export_lora(
         }
         let Some(name) = arch.tensor_name(&target) else {
             return Err(bad(format!(
-                "{}: no llama.cpp tensor corresponds to this module (llama.cpp takes LoRA on {})",
-                m.path, "q/k/v/o_proj and gate/up/down_proj"
+                "{}: no llama.cpp tensor corresponds to this module (llama.cpp takes LoRA on the attention and MLP projections)",
+                m.path
             )));
         };
         if let Some(want) = expected_shape(&cfg, &m.path) {
@@ -152,33 +152,20 @@ pub fn export_lora(
     w.add_str("general.type", "adapter");
     w.add_str("adapter.type", "lora");
     // gguf-py counts a LoRA file's parameters as ΔW's (out × in per pair), negated.
-    let total: usize = outs
+    let total: usize = modules
         .iter()
-        .filter(|o| !o.entry.name.ends_with(".lora_a"))
-        .map(|o| {
-            if o.entry.name.ends_with(".lora_b") {
-                let a = outs
-                    .iter()
-                    .find(|x| {
-                        x.entry.name == format!("{}a", &o.entry.name[..o.entry.name.len() - 1])
-                    })
-                    .expect("lora_a before lora_b");
-                o.entry.ne[1] as usize * a.entry.ne[0] as usize
-            } else {
-                o.entry.n_elements()
-            }
-        })
+        .map(|m| m.out_features * m.in_features)
+        .chain(
+            outs.iter()
+                .skip(2 * modules.len())
+                .map(|o| o.entry.n_elements()),
+        )
         .sum();
     add_naming(&mut w, adapter, None, -(total as i64));
     w.add_f32("adapter.lora.alpha", file_alpha);
     w.add_u32("general.quantization_version", 2);
     w.tensors = outs.iter().map(|o| o.entry.clone()).collect();
-    let mut bytes = 0u64;
-    write_file_try(out, |f| {
-        let mut bw = std::io::BufWriter::new(f);
-        bytes = w.write(out, &mut bw, |i, t| Ok(encode(&outs[i].values, t.ty)))?;
-        std::io::Write::flush(&mut bw).map_err(|e| Error::io(out, e))
-    })?;
+    let bytes = w.write_file(out, |i, t| Ok(encode(&outs[i].values, t.ty)))?;
     Ok(ExportSummary {
         kind: "lora".into(),
         architecture: arch.name().into(),

@@ -2,7 +2,8 @@
 //! file, the file llama.cpp's convert_hf_to_gguf.py writes for it.
 //!
 //! Tensors are streamed one at a time (read, decode a 4-bit weight, permute, encode, write),
-//! so peak memory is about one f32 tensor plus the tokenizer.
+//! so peak memory is a few copies of the largest tensor plus the tokenizer, whatever the
+//! model's size.
 
 use super::export::{file_type_of, ExportSummary, ExportType, GgufArch};
 use super::export_vocab::add_vocab;
@@ -11,14 +12,12 @@ use super::naming::add_naming;
 use super::reader::GgmlType;
 use super::writer::{encode, GgufWriter, TensorEntry};
 use crate::error::{Error, Result};
-use crate::io::atomic::{refuse_overwriting_inputs, write_file_try};
+use crate::io::atomic::refuse_overwriting_inputs;
 use crate::io::model_folder::ModelFolder;
 use crate::io::safetensors_file::{to_f32, TensorRef};
 use crate::model::config::{Arch, ModelConfig, NormKind, RopeScaling};
 use crate::progress::Progress;
 use crate::quant::checkpoint::{four_bit_weights, read_quantized};
-use half::f16;
-use safetensors::Dtype;
 use serde_json::Value as J;
 use std::collections::HashSet;
 use std::path::Path;
@@ -107,12 +106,12 @@ pub fn export_model(
             shape.reverse();
         }
         // F32 whatever the type: norms, biases, and (the converter's list) position embeddings.
-        let is_norm = gname.ends_with("_norm.weight")
+        let keep_f32 = gname.ends_with("_norm.weight")
             || !gname.ends_with(".weight")
             || gname == "position_embd.weight";
         let module = name.rsplit_once('.').map(|(m, _)| m).unwrap_or(name);
         let permute_heads = arch.permute_heads(&cfg, module);
-        let out_ty = ty.type_for(&shape, is_norm);
+        let out_ty = ty.type_for(&shape, keep_f32);
         plans.push(Planned {
             entry: TensorEntry::new(gname, &shape, out_ty),
             source: Source::Hf(name.clone()),
@@ -128,49 +127,35 @@ pub fn export_model(
     add_naming(&mut w, model, Some(raw), params as i64);
     add_hparams(&mut w, arch, &cfg, raw, ty)?;
     w.add_u32("general.quantization_version", 2);
-    let vocab_size = raw
-        .get("vocab_size")
-        .and_then(J::as_u64)
-        .map(|v| v as usize)
-        .unwrap_or(cfg.vocab);
-    add_vocab(&mut w, model, arch, vocab_size, pre)?;
+    add_vocab(&mut w, model, arch, cfg.vocab, pre)?;
     w.tensors = plans.iter().map(|p| p.entry.clone()).collect();
 
     let bar = Progress::new(!show_progress).bar(plans.len() as u64, "tensors");
-    let mut bytes = 0u64;
-    write_file_try(out, |f| {
-        let mut bw = std::io::BufWriter::new(f);
-        bytes = w.write(out, &mut bw, |i, t| {
-            let p = &plans[i];
-            let encoded = match &p.source {
-                Source::RopeFactors(v) => encode(v, t.ty),
-                Source::Hf(name) => {
-                    let (values, from_f16) = read_values(&folder, &quantized, name)?;
-                    let shape: Vec<usize> = t.ne.iter().rev().map(|&d| d as usize).collect();
-                    let values = if p.transpose {
-                        // stored [in, out] = [shape[1], shape[0]]
-                        crate::kernels::ops::transpose(&values, shape[1], shape[0])
-                    } else {
-                        values
-                    };
-                    let values = match p.permute_heads {
-                        Some(h) => {
-                            let cols = values.len() / shape[0];
-                            permute_rows(&values, shape[0], cols, h)
-                        }
-                        None => values,
-                    };
-                    if t.ty == GgmlType::Q8_0 && from_f16 {
-                        encode_q8_0_half(&values)
-                    } else {
-                        encode(&values, t.ty)
+    let bytes = w.write_file(out, |i, t| {
+        let p = &plans[i];
+        let encoded = match &p.source {
+            Source::RopeFactors(v) => encode(v, t.ty),
+            Source::Hf(name) => {
+                let values = read_values(&folder, &quantized, name)?;
+                let shape: Vec<usize> = t.ne.iter().rev().map(|&d| d as usize).collect();
+                let values = if p.transpose {
+                    // stored [in, out] = [shape[1], shape[0]]
+                    crate::kernels::ops::transpose(&values, shape[1], shape[0])
+                } else {
+                    values
+                };
+                let values = match p.permute_heads {
+                    Some(h) => {
+                        let cols = values.len() / shape[0];
+                        permute_rows(&values, shape[0], cols, h)
                     }
-                }
-            };
-            bar.inc(1);
-            Ok(encoded)
-        })?;
-        std::io::Write::flush(&mut bw).map_err(|e| Error::io(out, e))
+                    None => values,
+                };
+                encode(&values, t.ty)
+            }
+        };
+        bar.inc(1);
+        Ok(encoded)
     })?;
     bar.finish_and_clear();
     Ok(ExportSummary {
@@ -184,16 +169,11 @@ pub fn export_model(
     })
 }
 
-/// A tensor's values in f32, and whether they were stored as f16 (the converter keeps f16
-/// data in f16, which matters for Q8_0's arithmetic).
-fn read_values(
-    folder: &ModelFolder,
-    quantized: &HashSet<String>,
-    name: &str,
-) -> Result<(Vec<f32>, bool)> {
+/// A tensor's values in f32 (a 4-bit weight decoded).
+fn read_values(folder: &ModelFolder, quantized: &HashSet<String>, name: &str) -> Result<Vec<f32>> {
     if quantized.contains(name) {
         let q = read_quantized(&folder.weights, name)?.expect("4-bit weight");
-        return Ok((q.dequantize(), false));
+        return Ok(q.dequantize());
     }
     // A positioned read, not the memory map: the page cache, not our RSS, holds the file.
     let (dtype, shape, _) = folder.info(name);
@@ -203,23 +183,7 @@ fn read_values(
         shape: &shape,
         bytes: &bytes,
     };
-    let v = to_f32(name, &t).map_err(|m| Error::bad_input(folder.path_of(name), m))?;
-    Ok((v, dtype == Dtype::F16))
-}
-
-/// Q8_0 of f16 data as gguf-py computes it: numpy keeps float16 arithmetic, so the scale,
-/// its inverse and each product are rounded to f16 before the rounding to an integer.
-fn encode_q8_0_half(values: &[f32]) -> Vec<u8> {
-    let h = |x: f32| f16::from_f32(x).to_f32();
-    let mut out = Vec::with_capacity(values.len() / 32 * 34);
-    for block in values.chunks_exact(32) {
-        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = h(amax / 127.0);
-        let id = if d == 0.0 { 0.0 } else { h(1.0 / d) };
-        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-        out.extend(block.iter().map(|&v| h(v * id).round() as i8 as u8));
-    }
-    out
+    to_f32(name, &t).map_err(|m| Error::bad_input(folder.path_of(name), m))
 }
 
 /// The hyperparameters in the converter's order. It reads config.json through transformers'
@@ -330,20 +294,4 @@ fn llama3_rope_factors(cfg: &ModelConfig) -> Option<Vec<f32>> {
             })
             .collect(),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn q8_0_of_f16_data_rounds_in_f16() {
-        let v: Vec<f32> = (0..32)
-            .map(|i| f16::from_f32(i as f32 * 0.37 - 5.0).to_f32())
-            .collect();
-        let e = encode_q8_0_half(&v);
-        assert_eq!(e.len(), 34);
-        let d = f16::from_le_bytes([e[0], e[1]]).to_f32();
-        assert!((d - 6.47 / 127.0).abs() < 1e-3);
-    }
 }

@@ -116,43 +116,40 @@ pub fn add_vocab(
         }
     }
     let spm = dir.join("tokenizer.model");
-    // GPT-2's converter goes straight to the byte-level BPE path.
-    if spm.is_file() && arch != GgufArch::Gpt2 {
-        // The converter's first choice for both architectures (`_set_vocab_sentencepiece`);
-        // tokenizer.json, if any, only lends SpecialVocab its added tokens.
+    // The vocabulary, by the converter's first path that applies; then SpecialVocab reads
+    // tokenizer.json (merges only for byte-level BPE) and the configs.
+    let (tok, load_merges, n_vocab) = if spm.is_file() && arch != GgufArch::Gpt2 {
+        // `_set_vocab_sentencepiece`, tried first for Llama and Qwen2 (GPT-2 goes straight to
+        // byte-level BPE); tokenizer.json, if any, only lends SpecialVocab its added tokens.
         let n = add_sentencepiece(w, &spm, tcfg.as_ref(), dir, vocab_size)?;
-        let config = read_json(&dir.join("config.json"))?;
-        let tok = tok_json.unwrap_or(J::Null);
-        special_vocab(w, dir, &tok, tcfg, config.as_ref(), false, Some(n))?;
-        if arch == GgufArch::Llama && vocab_size == 49152 {
-            set_or_add(w, "tokenizer.ggml.add_bos_token", Value::Bool(false));
-        }
-        return Ok(());
-    }
-    let tok = tok_json.ok_or_else(|| {
-        Error::bad_input(
-            &tok_path,
-            "tokenizer.json is missing (the GGUF needs the tokenizer)",
-        )
-    })?;
-    let model = &tok["model"];
-    let byte_fallback = model.get("byte_fallback").and_then(J::as_bool);
-    let is_llama3 = model["type"] == "BPE"
-        && model.get("ignore_merges").and_then(J::as_bool) == Some(true)
-        && !byte_fallback.unwrap_or(true);
-    let llama_hf = arch == GgufArch::Llama
-        && !is_llama3
-        && model["type"] == "BPE"
-        && byte_fallback == Some(true)
-        && tok["decoder"]["type"] == "Sequence";
-    let n_vocab = if llama_hf {
-        add_llama_hf(w, &tok, tcfg.as_ref(), &tok_path)?
+        (tok_json.unwrap_or(J::Null), false, Some(n))
     } else {
-        add_gpt2(w, dir, &tok, vocab_size, pre, &tok_path)?;
-        None
+        let tok = tok_json.ok_or_else(|| {
+            Error::bad_input(
+                &tok_path,
+                "tokenizer.json is missing (the GGUF needs the tokenizer)",
+            )
+        })?;
+        let model = &tok["model"];
+        let byte_fallback = model.get("byte_fallback").and_then(J::as_bool);
+        let is_llama3 = model["type"] == "BPE"
+            && model.get("ignore_merges").and_then(J::as_bool) == Some(true)
+            && !byte_fallback.unwrap_or(true);
+        let llama_hf = arch == GgufArch::Llama
+            && !is_llama3
+            && model["type"] == "BPE"
+            && byte_fallback == Some(true)
+            && tok["decoder"]["type"] == "Sequence";
+        if llama_hf {
+            let n = add_llama_hf(w, &tok, tcfg.as_ref(), &tok_path)?;
+            (tok, false, Some(n))
+        } else {
+            add_gpt2(w, dir, &tok, vocab_size, pre, &tok_path)?;
+            (tok, true, None)
+        }
     };
     let config = read_json(&dir.join("config.json"))?;
-    special_vocab(w, dir, &tok, tcfg, config.as_ref(), !llama_hf, n_vocab)?;
+    special_vocab(w, dir, &tok, tcfg, config.as_ref(), load_merges, n_vocab)?;
     // convert_hf_to_gguf's "granite small models" rule, which SmolLM2's 49152 tokens meet.
     if arch == GgufArch::Llama && vocab_size == 49152 {
         set_or_add(w, "tokenizer.ggml.add_bos_token", Value::Bool(false));
@@ -268,12 +265,7 @@ fn looks_special(t: &str) -> bool {
 }
 
 /// gguf-py's `LlamaHfVocab` through `_set_vocab_llama_hf`. Returns the number of tokens.
-fn add_llama_hf(
-    w: &mut GgufWriter,
-    tok: &J,
-    tcfg: Option<&J>,
-    tok_path: &Path,
-) -> Result<Option<usize>> {
+fn add_llama_hf(w: &mut GgufWriter, tok: &J, tcfg: Option<&J>, tok_path: &Path) -> Result<usize> {
     let vocab = tok["model"]["vocab"]
         .as_object()
         .ok_or_else(|| Error::bad_input(tok_path, "model.vocab is not a token → id map"))?;
@@ -368,7 +360,7 @@ fn add_llama_hf(
         "tokenizer.ggml.token_type",
         Value::Array(types.into_iter().map(Value::I32).collect()),
     );
-    Ok(Some(n))
+    Ok(n)
 }
 
 /// One piece of a SentencePiece model: text, score, type (1 normal, 2 unknown, 3 control,

@@ -7,6 +7,7 @@
 
 use super::reader::{GgmlType, Value};
 use crate::error::{Error, Result};
+use crate::io::atomic::write_file_try;
 use half::{bf16, f16};
 use std::io::Write;
 use std::path::Path;
@@ -82,8 +83,9 @@ pub fn q8_0_fits(row_len: usize) -> bool {
     row_len.is_multiple_of(32)
 }
 
-/// ggml's `quantize_row_q8_0_ref` (and gguf-py's `Q8_0.quantize_blocks`): per 32 values an
-/// f16 scale d = max|x| / 127 and 32 signed bytes round(x / d), rounding half away from zero.
+/// ggml's `quantize_row_q8_0_ref` (and gguf-py's `Q8_0.quantize_blocks`, which converts every
+/// input, f16 included, to f32 first): per 32 values an f16 scale d = max|x| / 127 and 32
+/// signed bytes round(x / d), rounding half away from zero.
 fn encode_q8_0(values: &[f32]) -> Vec<u8> {
     assert!(values.len().is_multiple_of(32), "Q8_0 needs whole blocks");
     let mut out = Vec::with_capacity(values.len() / 32 * 34);
@@ -180,6 +182,23 @@ impl GgufWriter {
             written += padded;
         }
         Ok(written)
+    }
+}
+
+impl GgufWriter {
+    /// [`write`](Self::write) into `path` atomically (a temporary file renamed into place).
+    pub fn write_file(
+        &self,
+        path: &Path,
+        data: impl FnMut(usize, &TensorEntry) -> Result<Vec<u8>>,
+    ) -> Result<u64> {
+        let mut bytes = 0;
+        write_file_try(path, |f| {
+            let mut bw = std::io::BufWriter::new(f);
+            bytes = self.write(path, &mut bw, data)?;
+            bw.flush().map_err(|e| Error::io(path, e))
+        })?;
+        Ok(bytes)
     }
 }
 

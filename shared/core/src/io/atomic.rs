@@ -28,24 +28,10 @@ pub fn write_file_with(
     path: &Path,
     fill: impl FnOnce(&mut fs::File) -> std::io::Result<()>,
 ) -> Result<()> {
-    let tmp = temp_sibling(path);
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        fill(&mut f)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    // The rename itself is durable only once the directory is synced (a power cut could
-    // otherwise bring back the old file, or none).
-    sync_parent(path);
-    Ok(())
+    write_file_try(path, |f| fill(f).map_err(|e| Error::io(path, e)))
 }
 
-/// Like [`write_file_with`], for a callback whose failures are ours (a bad input found while
+/// [`write_file_with`] for a callback whose failures are ours (a bad input found while
 /// streaming): on any error the temporary file is removed and the error returned unchanged.
 pub fn write_file_try(path: &Path, fill: impl FnOnce(&mut fs::File) -> Result<()>) -> Result<()> {
     let tmp = temp_sibling(path);
@@ -59,6 +45,8 @@ pub fn write_file_try(path: &Path, fill: impl FnOnce(&mut fs::File) -> Result<()
         let _ = fs::remove_file(&tmp);
     }
     result?;
+    // The rename itself is durable only once the directory is synced (a power cut could
+    // otherwise bring back the old file, or none).
     sync_parent(path);
     Ok(())
 }
