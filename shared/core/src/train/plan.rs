@@ -85,20 +85,65 @@ pub fn ppo_report(
     separate_reward: Option<&Model>,
     prompts: &[super::prompts::Prompt],
 ) -> String {
+    let b = o.train.batch as f64;
+    on_policy_report(
+        model,
+        state,
+        &OnPolicyShape {
+            tool: "ppo-train",
+            model_dir: &o.train.model,
+            trainable: "adapter + value head",
+            sequences: o.train.batch,
+            micro: (b / o.mini_batches.max(1) as f64 / o.train.grad_accum.max(1) as f64).ceil(),
+            response_length: o.response_length,
+            separate_reward,
+            per_step: format!(
+                "{} prompts, ≤ {} response tokens each, {} PPO epochs × {} mini-batches",
+                o.train.batch, o.response_length, o.ppo_epochs, o.mini_batches
+            ),
+        },
+        prompts,
+    )
+}
+
+/// What an on-policy trainer holds at once, for [`on_policy_report`].
+pub struct OnPolicyShape<'a> {
+    pub tool: &'a str,
+    pub model_dir: &'a std::path::Path,
+    /// What the trainable parameters are.
+    pub trainable: &'a str,
+    /// Sequences sampled together per step (their KV caches are resident at once).
+    pub sequences: usize,
+    /// Sequences per forward-backward micro-batch.
+    pub micro: f64,
+    pub response_length: usize,
+    /// A reward model with its own weights (None: on the policy's base, or none at all).
+    pub separate_reward: Option<&'a Model>,
+    /// One line on what a step does.
+    pub per_step: String,
+}
+
+/// Memory of an on-policy run (PPO, GRPO): one base serving policy, reference and reward
+/// adapters, the KV caches of a step's samples, and a micro-batch's activations.
+pub fn on_policy_report(
+    model: &Model,
+    state: &TrainState,
+    o: &OnPolicyShape,
+    prompts: &[super::prompts::Prompt],
+) -> String {
     let c = &model.config;
     let base_bytes = |m: &Model| {
         let (lp, lb) = m.linear_weight_memory();
         (m.config.param_count() - lp) as f64 * 4.0 + lb as f64
     };
     let weights = base_bytes(model);
-    let reward = separate_reward.map_or(0.0, base_bytes);
+    let reward = o.separate_reward.map_or(0.0, base_bytes);
     let trainable = state.trainable_count() as f64;
     let adapter_copies = trainable * 4.0 * 2.0; // sampling hooks + reference (at most)
-    let b = o.train.batch as f64;
     let max_prompt = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0) as f64;
     let seq = max_prompt + o.response_length as f64;
-    let kv = b * seq * c.layers as f64 * 2.0 * c.kv_dim() as f64 * 4.0;
-    let micro = (b / o.mini_batches.max(1) as f64 / o.train.grad_accum.max(1) as f64).ceil();
+    let kv = o.sequences as f64 * seq * c.layers as f64 * 2.0 * c.kv_dim() as f64 * 4.0;
+    let micro = o.micro;
     let per_token_layer =
         (4 * c.hidden + 2 * c.q_dim() + 2 * c.kv_dim() + 3 * c.intermediate) as f64 * 4.0;
     let activations = (per_token_layer * micro * seq + c.heads as f64 * seq * seq * 4.0 * micro)
@@ -108,27 +153,26 @@ pub fn ppo_report(
     let total =
         weights + reward + adapter_copies + trainable * 4.0 + optimizer + kv + activations + logits;
     format!(
-        "plan for ppo-train on {} ({} layers, {} parameters)\n  base weights (policy, reference{}) {}\n  reward model           {}\n  trainable (adapter + value head) {} ({})\n  gradients + AdamW      {}\n  adapter copies (sampling, reference) {}\n  KV cache ({} sequences × {:.0} tokens) {}\n  activations (micro-batch of {:.0} sequences) {}\n  logits chunk           {}\n  total (estimate)       {}\n  per step: {} prompts, ≤ {} response tokens each, {} PPO epochs × {} mini-batches\n",
-        o.train.model.display(),
+        "plan for {} on {} ({} layers, {} parameters)\n  base weights (policy, reference{}) {}\n  reward model           {}\n  trainable ({}) {} ({})\n  gradients + AdamW      {}\n  adapter copies (sampling, reference) {}\n  KV cache ({} sequences × {:.0} tokens) {}\n  activations (micro-batch of {:.0} sequences) {}\n  logits chunk           {}\n  total (estimate)       {}\n  per step: {}\n",
+        o.tool,
+        o.model_dir.display(),
         c.layers,
         c.param_count(),
-        if separate_reward.is_none() { ", reward" } else { "" },
+        if o.separate_reward.is_none() { ", reward" } else { "" },
         gb(weights),
-        if separate_reward.is_some() { gb(reward) } else { "shared with the policy's base".into() },
+        if o.separate_reward.is_some() { gb(reward) } else { "shared with the policy's base (or none)".into() },
+        o.trainable,
         trainable as u64,
         gb(trainable * 4.0),
         gb(optimizer),
         gb(adapter_copies),
-        o.train.batch,
+        o.sequences,
         seq,
         gb(kv),
         micro,
         gb(activations),
         gb(logits),
         gb(total),
-        o.train.batch,
-        o.response_length,
-        o.ppo_epochs,
-        o.mini_batches,
+        o.per_step,
     )
 }

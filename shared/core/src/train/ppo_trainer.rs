@@ -19,9 +19,11 @@ use super::engine::{Batch, Engine};
 use super::lora;
 use super::params::{ParamState, Slot, TrainState};
 use super::ppo_math::{gae, masked_mean, masked_var, masked_whiten, KlController, KlEstimator};
-use super::ppo_objective::{PpoObjective, RolloutEval, RolloutSeq};
+use super::ppo_objective::{PpoObjective, RolloutSeq};
 use super::prompts::{load_prompts, Prompt, PromptOptions};
+use super::rewards::RewardModel;
 use super::rollout::Response;
+use super::rollout_eval::{eval_rollouts, Under};
 use super::trainer::{
     attach_method, final_checkpoint, next_window, prepare_output, resumed_in_place,
     save_checkpoint, save_output, split_validation, start_progress, stop_on_ctrl_c, write_log,
@@ -87,100 +89,6 @@ pub struct PpoSummary {
     pub interrupted: bool,
 }
 
-/// The reward model resident for the run.
-struct Reward {
-    /// None: the policy's own base model.
-    model: Option<Model>,
-    state: TrainState,
-    pad: Option<u32>,
-    /// Where its passes run (on a GPU: its own copy of the weights on the device).
-    backend: Backend,
-}
-
-impl Reward {
-    fn load(o: &PpoOptions, policy_base: &Model, tok: &TextTokenizer) -> Result<Self> {
-        let rm = &o.reward_model;
-        let is_adapter = rm.join("adapter_config.json").exists();
-        let (base, adapter): (Option<&Path>, Option<&Path>) = match (&o.reward_adapter, is_adapter)
-        {
-            (Some(_), true) => {
-                return Err(Error::usage(format!(
-                    "--reward-model {} is an adapter; give its base with --reward-model and the adapter with --reward-adapter, or the adapter alone",
-                    rm.display()
-                )))
-            }
-            (Some(a), false) => (Some(rm.as_path()), Some(a.as_path())),
-            (None, true) => (None, Some(rm.as_path())),
-            (None, false) => (Some(rm.as_path()), None),
-        };
-        let shared = base.is_none_or(|b| same_dir(b, &o.train.model));
-        let reward = match adapter {
-            Some(a) => {
-                let model = if shared {
-                    None
-                } else {
-                    Some(Model::load(base.expect("base"))?)
-                };
-                let m = model.as_ref().unwrap_or(policy_base);
-                let state = super::preference::load_reward_adapter(m, a)?;
-                let pad = super::preference::reward_pad(m, tok);
-                let backend = Backend::for_eval(o.train.device, m, &state)?;
-                Reward {
-                    model,
-                    state,
-                    pad,
-                    backend,
-                }
-            }
-            None => {
-                let dir = base.expect("reward model folder");
-                let (m, state) = super::preference::load_reward_model(dir, None)?;
-                let pad = super::preference::reward_pad(&m, tok);
-                let backend = Backend::for_eval(o.train.device, &m, &state)?;
-                Reward {
-                    model: Some(m),
-                    state,
-                    pad,
-                    backend,
-                }
-            }
-        };
-        let vocab = reward
-            .model
-            .as_ref()
-            .map_or(policy_base.config.vocab, |m| m.config.vocab);
-        if vocab != policy_base.config.vocab {
-            return Err(Error::bad_input(
-                rm,
-                format!(
-                    "the reward model's vocabulary has {vocab} tokens, the policy's {}: it must share the policy's tokenizer",
-                    policy_base.config.vocab
-                ),
-            ));
-        }
-        Ok(reward)
-    }
-
-    fn score(&mut self, policy_base: &Model, seqs: &[Vec<u32>], batch: usize) -> Result<Vec<f32>> {
-        let m = self.model.as_ref().unwrap_or(policy_base);
-        super::preference::score_sequences_on(
-            &mut self.backend,
-            m,
-            &mut self.state,
-            seqs,
-            self.pad,
-            batch,
-        )
-    }
-}
-
-fn same_dir(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => a == b,
-    }
-}
-
 /// One step's rollouts and everything the update needs.
 struct Rollouts {
     /// query + response per sequence
@@ -208,57 +116,6 @@ fn sampling(o: &PpoOptions) -> SamplingParams {
     }
 }
 
-/// Which adapters a rollout evaluation runs with.
-enum Under<'a> {
-    /// The policy's (its log-probabilities, values and entropies).
-    Policy,
-    /// The reference when it is the starting adapter, frozen: its own state.
-    FrozenStart(&'a mut TrainState),
-    /// The reference when it is the bare base: the policy with its adapters switched off (the
-    /// state is the adapter-less one the CPU runs).
-    AdaptersOff(&'a mut TrainState),
-}
-
-/// Per-token log-probs (and values, entropies) of `resp` after `queries` under the policy
-/// `state` or the reference.
-#[allow(clippy::too_many_arguments)]
-fn eval_rollouts(
-    backend: &mut Backend,
-    model: &Model,
-    head: &gemm::PackedWeight,
-    state: &mut TrainState,
-    mut under: Under,
-    seqs: &[Vec<u32>],
-    shape: &[(usize, usize, bool)],
-    (temperature, entropy): (f32, bool),
-    batch: usize,
-) -> Result<RolloutEval> {
-    let engine = Engine::for_eval(model).with_head_pack(head);
-    let mut all = RolloutEval::new(Vec::new(), temperature, entropy);
-    for (chunk, sh) in seqs.chunks(batch.max(1)).zip(shape.chunks(batch.max(1))) {
-        let labels: Vec<Vec<i32>> = chunk.iter().map(|s| vec![-100; s.len()]).collect();
-        let b = Batch {
-            ids: chunk.iter().map(Vec::as_slice).collect(),
-            labels: labels.iter().map(Vec::as_slice).collect(),
-        };
-        let mut obj = RolloutEval::new(sh.to_vec(), temperature, entropy);
-        let mut rng = Rng::new(0);
-        match &mut under {
-            Under::Policy => backend
-                .forward_backward_with(&engine, model, state, &b, &mut rng, false, &mut obj)?,
-            Under::FrozenStart(reference) => backend
-                .forward_backward_with(&engine, model, reference, &b, &mut rng, false, &mut obj)?,
-            Under::AdaptersOff(base) => {
-                backend.reference_with(&engine, model, base, state, &b, &mut obj)?
-            }
-        };
-        all.logp.extend(obj.logp);
-        all.entropies.extend(obj.entropies);
-        all.values.extend(obj.values);
-    }
-    Ok(all)
-}
-
 /// Sample, score and evaluate one batch of prompts; build rewards, advantages and returns.
 #[allow(clippy::too_many_arguments)]
 fn collect(
@@ -268,7 +125,7 @@ fn collect(
     head: &gemm::PackedWeight,
     state: &mut TrainState,
     reference: &mut TrainState,
-    reward: &mut Reward,
+    reward: &mut RewardModel,
     prompts: &[&[u32]],
     stop: &[u32],
     rng: &mut Rng,
@@ -534,7 +391,7 @@ fn evaluate(
     head: &gemm::PackedWeight,
     state: &mut TrainState,
     reference: &mut TrainState,
-    reward: &mut Reward,
+    reward: &mut RewardModel,
     prompts: &[&[u32]],
     stop: &[u32],
 ) -> Result<Option<PolicyEval>> {
@@ -671,7 +528,14 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
     );
     super::full::refuse_4bit_trainables(&model, &state, &t.model)?;
     super::trainer::apply_compute_dtype(&topts, &mut model, &state, true);
-    let mut reward = Reward::load(o, &model, &tok)?;
+    let mut reward = RewardModel::load(
+        &o.reward_model,
+        o.reward_adapter.as_deref(),
+        t.device,
+        &t.model,
+        &model,
+        &tok,
+    )?;
     let stop = crate::generate::stop_tokens(&t.model, &model.config, &tok)?;
     println!(
         "trainable params: {} || all params: {}",
@@ -681,7 +545,7 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
     if t.plan {
         print!(
             "{}",
-            super::plan::ppo_report(&model, &state, o, reward.model.as_ref(), &prompts)
+            super::plan::ppo_report(&model, &state, o, reward.own_model(), &prompts)
         );
         return Ok(PpoSummary {
             steps: 0,

@@ -21,6 +21,8 @@ pub struct Prompt {
     pub ids: Vec<u32>,
     /// Line (or array element) of the file it came from.
     pub line: usize,
+    /// The record itself (grpo-train's reward functions read its other fields).
+    pub record: Value,
 }
 
 #[derive(Clone, Debug)]
@@ -67,7 +69,11 @@ pub fn load_prompts(
     for (line, v) in records {
         match prompt_ids(tok, &v) {
             Ok(ids) if ids.len() > opts.max_len => stats.dropped_long += 1,
-            Ok(ids) => out.push(Prompt { ids, line }),
+            Ok(ids) => out.push(Prompt {
+                ids,
+                line,
+                record: v,
+            }),
             Err(_) if opts.skip_bad_lines => stats.skipped_bad_lines += 1,
             Err(e) => {
                 return Err(Error::bad_input(

@@ -1,0 +1,122 @@
+//! GRPO's update objective on the engine's hidden states: the clipped surrogate of every
+//! counted completion token with its group-relative advantage, plus β·KL to the reference
+//! ([`super::grpo_math::grpo_loss`]), through the LM head at the sampling temperature.
+//!
+//! Per sequence (prompt + completion), completion token t is predicted from hidden row
+//! prompt_len + t − 1. Tokens outside the mask (a truncated completion under
+//! `--mask-truncated`) are not even run through the head.
+
+use super::engine::{Objective, ObjectiveCtx, StepStats};
+use super::grpo_math::{grpo_loss, CompletionTokens, GrpoLoss, LossOutput, StepShare};
+use super::params::TrainState;
+use super::policy_head;
+use crate::error::{Error, Result};
+
+/// What one completion of a GRPO micro-batch carries from its rollout.
+#[derive(Clone, Debug)]
+pub struct GrpoSeq {
+    /// Tokens of the prompt; the completion follows it in the batch's ids.
+    pub prompt_len: usize,
+    /// Per completion token: whether it counts.
+    pub mask: Vec<bool>,
+    pub advantage: f64,
+    /// Log-probs at sampling time (None: the current ones, detached: ratio 1).
+    pub old_logp: Option<Vec<f64>>,
+    /// Log-probs under the reference (when β ≠ 0).
+    pub ref_logp: Option<Vec<f64>>,
+}
+
+pub struct GrpoObjective {
+    pub seqs: Vec<GrpoSeq>,
+    pub loss: GrpoLoss,
+    pub share: StepShare,
+    /// Sampling temperature the log-probabilities are taken at.
+    pub temperature: f32,
+    /// Filled by `apply`: the loss, its gradient and the metrics.
+    pub out: LossOutput,
+    /// Per sequence, per completion token: the current log-probs (0 where not counted).
+    pub logp: Vec<Vec<f64>>,
+}
+
+impl GrpoObjective {
+    pub fn new(seqs: Vec<GrpoSeq>, loss: GrpoLoss, share: StepShare, temperature: f32) -> Self {
+        Self {
+            seqs,
+            loss,
+            share,
+            temperature,
+            out: LossOutput::default(),
+            logp: Vec::new(),
+        }
+    }
+}
+
+impl Objective for GrpoObjective {
+    fn apply(
+        &mut self,
+        ctx: &ObjectiveCtx,
+        state: &mut TrainState,
+        dh: &mut [f32],
+    ) -> Result<StepStats> {
+        if self.seqs.len() != ctx.batch.ids.len() {
+            return Err(Error::usage("internal: GRPO batch and rollouts disagree"));
+        }
+        // rows of the counted tokens, and where each lands in its sequence
+        let mut rows = Vec::new();
+        let mut at = Vec::new();
+        for (k, ((ids, &(first, _)), s)) in ctx
+            .batch
+            .ids
+            .iter()
+            .zip(&ctx.seq_rows)
+            .zip(&self.seqs)
+            .enumerate()
+        {
+            if s.prompt_len == 0 || s.prompt_len + s.mask.len() != ids.len() {
+                return Err(Error::usage(
+                    "internal: GRPO completion positions do not fit the sequence",
+                ));
+            }
+            for (t, &m) in s.mask.iter().enumerate() {
+                if m {
+                    rows.push((first + s.prompt_len + t - 1, ids[s.prompt_len + t]));
+                    at.push((k, t));
+                }
+            }
+        }
+        let flat = policy_head::rows_logp(ctx, &rows, self.temperature)?;
+        let mut logp: Vec<Vec<f64>> = self.seqs.iter().map(|s| vec![0.0; s.mask.len()]).collect();
+        for (&(k, t), &v) in at.iter().zip(&flat) {
+            logp[k][t] = v;
+        }
+        let tokens: Vec<CompletionTokens> = self
+            .seqs
+            .iter()
+            .zip(&logp)
+            .map(|(s, lp)| CompletionTokens {
+                logp: lp,
+                old_logp: s.old_logp.as_deref(),
+                ref_logp: s.ref_logp.as_deref(),
+                mask: &s.mask,
+                advantage: s.advantage,
+            })
+            .collect();
+        if self.loss.beta != 0.0 && tokens.iter().any(|t| t.ref_logp.is_none()) {
+            return Err(Error::usage(
+                "internal: GRPO's KL needs the reference log-probs",
+            ));
+        }
+        let out = grpo_loss(&self.loss, &tokens, self.share);
+        if ctx.backward {
+            let dlogp: Vec<f32> = at.iter().map(|&(k, t)| out.grad[k][t] as f32).collect();
+            policy_head::rows_logp_backward(ctx, state, &rows, self.temperature, &dlogp, dh)?;
+        }
+        let stats = StepStats {
+            nll_sum: out.loss,
+            loss_tokens: rows.len(),
+        };
+        self.out = out;
+        self.logp = logp;
+        Ok(stats)
+    }
+}

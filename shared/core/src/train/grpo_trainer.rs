@@ -1,0 +1,802 @@
+//! The loop of grpo-train: Group Relative Policy Optimization (DeepSeekMath; TRL's
+//! `GRPOTrainer`) on one machine, with one copy of the base weights and no value model.
+//!
+//! Each step: take `batch` prompts, sample `num_generations` completions of each with the KV
+//! cache, score every completion with the reward functions (a reward model, a regular
+//! expression, the record's reference answer, or an external command), turn the weighted
+//! rewards into advantages relative to each prompt's group, then `iterations` optimizer steps
+//! on the clipped surrogate (+ β·KL to the reference when β ≠ 0), each over `grad_accum`
+//! micro-batches. The formulas and TRL's defaults are in docs/grpo-train.md.
+
+use super::backend::Backend;
+use super::checkpoint;
+use super::engine::{Batch, Engine};
+use super::grpo_math::{
+    advantages, nanmean, nanstd, Aggregation, GrpoLoss, RewardScale, StepShare,
+};
+use super::grpo_objective::{GrpoObjective, GrpoSeq};
+use super::lora;
+use super::params::TrainState;
+use super::prompts::{load_prompts, Prompt, PromptOptions};
+use super::rewards::{RewardFn, RewardSpec, Scored};
+use super::rollout_eval::{eval_rollouts, Under};
+use super::trainer::{
+    attach_method, final_checkpoint, next_window, prepare_output, resumed_in_place,
+    save_checkpoint, save_output, split_validation, start_progress, stop_on_ctrl_c, write_log,
+    Method, TrainOptions,
+};
+use crate::error::{Error, Result};
+use crate::generate::SamplingParams;
+use crate::kernels::gemm;
+use crate::model::Model;
+use crate::progress::Progress;
+use crate::rng::Rng;
+use crate::tokenizer::TextTokenizer;
+use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+/// GRPO's settings (model, prompts, adapter, optimizer, batch = prompts per step, steps,
+/// checkpoints and logging come from `train`).
+#[derive(Clone, Debug)]
+pub struct GrpoOptions {
+    pub train: TrainOptions,
+    pub rewards: Vec<RewardSpec>,
+    /// One weight per reward function.
+    pub reward_weights: Vec<f64>,
+    /// An SFT LoRA adapter the policy starts from (and the reference keeps).
+    pub init_adapter: Option<PathBuf>,
+    /// Completions sampled per prompt (the group).
+    pub num_generations: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    /// The loss (its `max_completion_len` is the sampling limit too).
+    pub loss: GrpoLoss,
+    pub scale: RewardScale,
+    pub aggregation: Aggregation,
+    /// Optimizer steps on each batch of completions (TRL's μ, `num_iterations`).
+    pub iterations: usize,
+    /// Completions cut at the length limit count in no loss (DAPO).
+    pub mask_truncated: bool,
+    pub max_prompt_len: usize,
+    /// Prompts sampled before and after training to report the mean reward (0 = none).
+    pub eval_prompts: usize,
+}
+
+/// Mean reward and completion length of the policy's samples on the evaluation prompts.
+#[derive(Clone, Copy, Debug)]
+pub struct PolicyEval {
+    pub reward: f64,
+    pub response_length: f64,
+}
+
+pub struct GrpoSummary {
+    pub steps: u64,
+    pub before: Option<PolicyEval>,
+    pub after: Option<PolicyEval>,
+    pub interrupted: bool,
+}
+
+/// The reward functions and their weights.
+struct Rewards {
+    fns: Vec<RewardFn>,
+    names: Vec<String>,
+    weights: Vec<f64>,
+}
+
+/// One step's completions and what the update needs.
+struct Rollouts {
+    /// prompt + completion per completion (prompt i's group is rows i·G .. (i+1)·G)
+    seqs: Vec<Vec<u32>>,
+    data: Vec<GrpoSeq>,
+    /// per completion, per reward function
+    per_func: Vec<Vec<f64>>,
+    /// weighted sum per completion (NaN: no function could score it)
+    rewards: Vec<f64>,
+    std_zero: Vec<bool>,
+    response_len: Vec<usize>,
+    stopped: Vec<bool>,
+}
+
+fn sampling(o: &GrpoOptions) -> SamplingParams {
+    SamplingParams {
+        max_new_tokens: o.loss.max_completion_len,
+        temperature: o.temperature,
+        top_p: o.top_p,
+        top_k: o.top_k,
+    }
+}
+
+/// Sample `g` completions of every prompt and score them.
+#[allow(clippy::too_many_arguments)]
+fn sample_and_score(
+    o: &GrpoOptions,
+    backend: &mut Backend,
+    model: &mut Model,
+    state: &TrainState,
+    rewards: &mut Rewards,
+    tok: &TextTokenizer,
+    prompts: &[&Prompt],
+    g: usize,
+    stop: &[u32],
+    rng: &mut Rng,
+) -> Result<(
+    Vec<Vec<u32>>,
+    Vec<crate::train::rollout::Response>,
+    Vec<Vec<f64>>,
+)> {
+    let rep: Vec<&[u32]> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.ids.as_slice(), g))
+        .collect();
+    let responses = {
+        let _p = crate::profile::scope("grpo.sample");
+        backend.sample(model, state, &rep, &sampling(o), stop, rng)?
+    };
+    let model: &Model = model;
+    let mut seqs = Vec::with_capacity(rep.len());
+    for (p, r) in rep.iter().zip(&responses) {
+        if r.ids.is_empty() {
+            return Err(Error::usage(format!(
+                "a prompt of {} tokens leaves no room to respond within the model's {} positions; lower --max-prompt-len",
+                p.len(),
+                model.config.max_positions
+            )));
+        }
+        let mut s = p.to_vec();
+        s.extend_from_slice(&r.ids);
+        seqs.push(s);
+    }
+    let _p = crate::profile::scope("grpo.reward");
+    let prompt_text: Vec<String> = prompts
+        .iter()
+        .map(|p| tok.decode(&p.ids, false))
+        .collect::<Result<_>>()?;
+    let completion_text: Vec<String> = responses
+        .iter()
+        .map(|r| tok.decode(&r.ids, true))
+        .collect::<Result<_>>()?;
+    let items: Vec<Scored> = (0..rep.len())
+        .map(|i| Scored {
+            prompt: &prompt_text[i / g],
+            completion: &completion_text[i],
+            stopped: responses[i].stopped,
+            record: &prompts[i / g].record,
+            ids: &seqs[i],
+        })
+        .collect();
+    let mut per_func = vec![Vec::with_capacity(rewards.fns.len()); rep.len()];
+    for f in rewards.fns.iter_mut() {
+        let r = f.score(model, &items, o.train.batch.max(1))?;
+        for (row, v) in per_func.iter_mut().zip(r) {
+            row.push(v);
+        }
+    }
+    Ok((seqs, responses, per_func))
+}
+
+/// Sample, score and evaluate one step's prompts; build advantages and masks.
+#[allow(clippy::too_many_arguments)]
+fn collect(
+    o: &GrpoOptions,
+    backend: &mut Backend,
+    model: &mut Model,
+    head: &gemm::PackedWeight,
+    state: &mut TrainState,
+    reference: &mut TrainState,
+    rewards: &mut Rewards,
+    tok: &TextTokenizer,
+    prompts: &[&Prompt],
+    stop: &[u32],
+    rng: &mut Rng,
+) -> Result<Rollouts> {
+    let g = o.num_generations;
+    let (seqs, responses, per_func) = sample_and_score(
+        o, backend, model, state, rewards, tok, prompts, g, stop, rng,
+    )?;
+    let adv = advantages(&per_func, &rewards.weights, g, o.scale, o.aggregation);
+    let model: &Model = model;
+    let shape: Vec<(usize, usize, bool)> = seqs
+        .iter()
+        .zip(&responses)
+        .map(|(s, r)| (s.len() - r.ids.len(), r.ids.len(), false))
+        .collect();
+    let micro = seqs.len().div_ceil(o.train.grad_accum.max(1));
+    let ref_logp = if o.loss.beta != 0.0 {
+        let _p = crate::profile::scope("grpo.reference_eval");
+        let under = if o.init_adapter.is_some() {
+            Under::FrozenStart(reference)
+        } else {
+            Under::AdaptersOff(reference)
+        };
+        let e = eval_rollouts(
+            backend,
+            model,
+            head,
+            state,
+            under,
+            &seqs,
+            &shape,
+            (o.temperature, false),
+            micro,
+        )?;
+        Some(e.logp)
+    } else {
+        None
+    };
+    // With one iteration the policy that sampled is the one being trained: ratio 1, no pass.
+    let old_logp = if o.iterations > 1 {
+        let _p = crate::profile::scope("grpo.policy_eval");
+        let e = eval_rollouts(
+            backend,
+            model,
+            head,
+            state,
+            Under::Policy,
+            &seqs,
+            &shape,
+            (o.temperature, false),
+            micro,
+        )?;
+        Some(e.logp)
+    } else {
+        None
+    };
+    let data = (0..seqs.len())
+        .map(|i| {
+            let r = &responses[i];
+            let counted = !(o.mask_truncated && !r.stopped);
+            GrpoSeq {
+                prompt_len: shape[i].0,
+                mask: vec![counted; r.ids.len()],
+                advantage: adv.advantages[i],
+                old_logp: old_logp.as_ref().map(|l| l[i].clone()),
+                ref_logp: ref_logp.as_ref().map(|l| l[i].clone()),
+            }
+        })
+        .collect();
+    Ok(Rollouts {
+        seqs,
+        data,
+        per_func,
+        rewards: adv.rewards,
+        std_zero: adv.std_zero,
+        response_len: responses.iter().map(|r| r.ids.len()).collect(),
+        stopped: responses.iter().map(|r| r.stopped).collect(),
+    })
+}
+
+/// What the optimizer steps of one batch report.
+#[derive(Default)]
+struct UpdateStats {
+    loss: f64,
+    kl_sum: f64,
+    low: f64,
+    high: f64,
+    region: f64,
+    /// the count the clip metrics are over (tokens, or completions for sequence-level ratios)
+    clip_count: usize,
+    tokens_counted: usize,
+    grad_norm: f64,
+    updates: usize,
+    tokens: u64,
+}
+
+/// `iterations` optimizer steps over the batch, each split into `grad_accum` micro-batches.
+#[allow(clippy::too_many_arguments)]
+fn update(
+    o: &GrpoOptions,
+    backend: &mut Backend,
+    model: &mut Model,
+    head: &gemm::PackedWeight,
+    state: &mut TrainState,
+    ro: &Rollouts,
+    step: u64,
+    lr: f32,
+    dropout_rng: &mut Rng,
+) -> Result<UpdateStats> {
+    let t = &o.train;
+    let n = ro.seqs.len();
+    let micro_size = n.div_ceil(t.grad_accum.max(1));
+    let parts: Vec<std::ops::Range<usize>> = (0..n)
+        .step_by(micro_size)
+        .map(|s| s..(s + micro_size).min(n))
+        .collect();
+    let share = StepShare {
+        grad_accum: parts.len(),
+        step_tokens: ro
+            .data
+            .iter()
+            .map(|d| d.mask.iter().filter(|&&m| m).count())
+            .sum(),
+    };
+    let mut st = UpdateStats::default();
+    for it in 0..o.iterations {
+        state.zero_grads();
+        {
+            let engine = Engine::new(model, state).with_head_pack(head);
+            for part in &parts {
+                let labels: Vec<Vec<i32>> =
+                    part.clone().map(|i| vec![-100; ro.seqs[i].len()]).collect();
+                let b = Batch {
+                    ids: part.clone().map(|i| ro.seqs[i].as_slice()).collect(),
+                    labels: labels.iter().map(Vec::as_slice).collect(),
+                };
+                let mut obj = GrpoObjective::new(
+                    ro.data[part.clone()].to_vec(),
+                    o.loss,
+                    share,
+                    o.temperature,
+                );
+                backend.forward_backward_with(
+                    &engine,
+                    model,
+                    state,
+                    &b,
+                    dropout_rng,
+                    true,
+                    &mut obj,
+                )?;
+                let out = &obj.out;
+                if !out.loss.is_finite() {
+                    return Err(Error::Numeric(format!(
+                        "GRPO loss is not finite at step {} ({}); lower the learning rate",
+                        step + 1,
+                        out.loss
+                    )));
+                }
+                st.loss += out.loss;
+                st.kl_sum += out.kl_sum;
+                st.low += out.low_clipped;
+                st.high += out.high_clipped;
+                st.region += out.region_clipped;
+                st.clip_count += match o.loss.level {
+                    super::grpo_math::RatioLevel::Token => out.tokens,
+                    super::grpo_math::RatioLevel::Sequence => out.completions,
+                };
+                st.tokens_counted += out.tokens;
+                st.tokens += b.ids.iter().map(|s| s.len() as u64).sum::<u64>();
+            }
+        }
+        let opt_step = step * o.iterations as u64 + it as u64 + 1;
+        st.grad_norm = backend.clip_and_step(&t.optim, model, state, t.clip, lr, opt_step)? as f64;
+        st.updates += 1;
+    }
+    st.loss /= o.iterations as f64;
+    Ok(st)
+}
+
+/// Sample one completion of each evaluation prompt with a fixed seed: mean reward and length.
+#[allow(clippy::too_many_arguments)]
+fn evaluate(
+    o: &GrpoOptions,
+    backend: &mut Backend,
+    model: &mut Model,
+    state: &TrainState,
+    rewards: &mut Rewards,
+    tok: &TextTokenizer,
+    prompts: &[Prompt],
+    stop: &[u32],
+) -> Result<Option<PolicyEval>> {
+    if prompts.is_empty() {
+        return Ok(None);
+    }
+    let mut rng = Rng::new(o.train.seed ^ 0xE7A1);
+    let (mut sum, mut scored, mut len) = (0.0, 0usize, 0usize);
+    for chunk in prompts.chunks(o.train.batch.max(1) * o.num_generations) {
+        let refs: Vec<&Prompt> = chunk.iter().collect();
+        let (_, responses, per_func) = sample_and_score(
+            o, backend, model, state, rewards, tok, &refs, 1, stop, &mut rng,
+        )?;
+        for (row, r) in per_func.iter().zip(&responses) {
+            if row.iter().any(|v| !v.is_nan()) {
+                sum += row
+                    .iter()
+                    .zip(&rewards.weights)
+                    .filter(|(v, _)| !v.is_nan())
+                    .map(|(v, w)| v * w)
+                    .sum::<f64>();
+                scored += 1;
+            }
+            len += r.ids.len();
+        }
+    }
+    Ok(Some(PolicyEval {
+        reward: if scored == 0 {
+            f64::NAN
+        } else {
+            sum / scored as f64
+        },
+        response_length: len as f64 / prompts.len() as f64,
+    }))
+}
+
+/// Train a policy with GRPO (a failed run leaves no empty output folder).
+pub fn run(o: &GrpoOptions) -> Result<GrpoSummary> {
+    super::trainer::remove_empty_output_on_error(&o.train.out, || run_steps(o))
+}
+
+fn check(o: &GrpoOptions) -> Result<()> {
+    let t = &o.train;
+    if !matches!(t.method, Method::Lora | Method::Dora) {
+        return Err(Error::usage(
+            "grpo-train trains LoRA or DoRA adapters (--method lora|dora)",
+        ));
+    }
+    if o.temperature <= 0.0 {
+        return Err(Error::usage(
+            "--temperature must be positive: GRPO samples its completions",
+        ));
+    }
+    if o.num_generations < 2 {
+        return Err(Error::usage(
+            "--num-generations must be at least 2: advantages are relative to a prompt's group",
+        ));
+    }
+    if o.rewards.is_empty() {
+        return Err(Error::usage(
+            "give at least one --reward (model:DIR, regex:PATTERN, answer:FIELD or cmd:COMMAND)",
+        ));
+    }
+    if o.reward_weights.len() != o.rewards.len() {
+        return Err(Error::usage(format!(
+            "--reward-weights has {} values for {} --reward functions",
+            o.reward_weights.len(),
+            o.rewards.len()
+        )));
+    }
+    if t.grad_accum > t.batch * o.num_generations {
+        return Err(Error::usage(format!(
+            "--grad-accum {} splits {} completions per step into empty micro-batches",
+            t.grad_accum,
+            t.batch * o.num_generations
+        )));
+    }
+    Ok(())
+}
+
+fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
+    let t = &o.train;
+    super::trainer::check_options(t)?;
+    check(o)?;
+    t.device.check_available()?;
+    crate::dist::single_process_only("grpo-train")?;
+    let progress = Progress::new(t.quiet);
+    let tok = TextTokenizer::load(&t.model)?;
+    let config = crate::model::ModelConfig::load(&t.model)?;
+    let max_prompt = o.max_prompt_len.min(
+        config
+            .max_positions
+            .saturating_sub(o.loss.max_completion_len),
+    );
+    let popts = PromptOptions {
+        max_len: max_prompt,
+        skip_bad_lines: t.data_opts.skip_bad_lines,
+    };
+    let (mut prompts, stats) = load_prompts(&t.data, &tok, &popts)?;
+    crate::cli::info(format!(
+        "prompts: {} from {} records; {} dropped as longer than {max_prompt} tokens, {} bad records skipped",
+        stats.prompts, stats.records, stats.dropped_long, stats.skipped_bad_lines
+    ));
+    let eval_set: Vec<Prompt> = match &t.val_data {
+        Some(p) => load_prompts(p, &tok, &popts)?.0,
+        None if t.val_split > 0.0 => {
+            let (train, val) = split_validation(prompts, t.val_split, t.seed);
+            prompts = train;
+            val
+        }
+        None => prompts.iter().take(o.eval_prompts).cloned().collect(),
+    };
+
+    let mut model = Model::load_with(&t.model, t.quantize)?;
+    let mut state = TrainState::new(model.linears().len());
+    let mut init_rng = Rng::new(t.seed);
+    let mut topts = t.clone();
+    // the ratio compares the sampling policy with the trained one: dropout would make them differ
+    topts.lora.dropout = 0.0;
+    let attached = match &o.init_adapter {
+        Some(dir) => {
+            let mut loaded = TrainState::new(model.linears().len());
+            let mut cfg = lora::load_adapter(dir, &model, &mut loaded)?;
+            cfg.dropout = 0.0;
+            topts.lora = cfg.clone();
+            topts.method = if cfg.dora { Method::Dora } else { Method::Lora };
+            let a = attach_method(&topts, &model, &mut state, &tok, &mut init_rng)?;
+            state.lora = loaded.lora;
+            a
+        }
+        None => attach_method(&topts, &model, &mut state, &tok, &mut init_rng)?,
+    };
+    // the reference: the starting adapter frozen (none: the bare base)
+    let mut reference = TrainState::new(model.linears().len());
+    if o.init_adapter.is_some() {
+        reference.lora = state.lora.clone();
+    }
+    super::full::refuse_4bit_trainables(&model, &state, &t.model)?;
+    super::trainer::apply_compute_dtype(&topts, &mut model, &state, true);
+    let mut rewards = Rewards {
+        fns: o
+            .rewards
+            .iter()
+            .map(|s| RewardFn::new(s, t.device, &t.model, &model, &tok))
+            .collect::<Result<_>>()?,
+        names: o
+            .rewards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.name(i))
+            .collect(),
+        weights: o.reward_weights.clone(),
+    };
+    let stop = crate::generate::stop_tokens(&t.model, &model.config, &tok)?;
+    println!(
+        "trainable params: {} || all params: {}",
+        state.trainable_count(),
+        model.config.param_count() + state.trainable_count()
+    );
+    if t.plan {
+        let separate = rewards.fns.iter().find_map(|f| match f {
+            RewardFn::Model(m) => m.own_model(),
+            _ => None,
+        });
+        let n = t.batch * o.num_generations;
+        print!(
+            "{}",
+            super::plan::on_policy_report(
+                &model,
+                &state,
+                &super::plan::OnPolicyShape {
+                    tool: "grpo-train",
+                    model_dir: &t.model,
+                    trainable: "adapter",
+                    sequences: n,
+                    micro: n.div_ceil(t.grad_accum.max(1)) as f64,
+                    response_length: o.loss.max_completion_len,
+                    separate_reward: separate,
+                    per_step: format!(
+                        "{} prompts × {} completions, ≤ {} tokens each, {} optimizer step(s)",
+                        t.batch, o.num_generations, o.loss.max_completion_len, o.iterations
+                    ),
+                },
+                &prompts,
+            )
+        );
+        return Ok(GrpoSummary {
+            steps: 0,
+            before: None,
+            after: None,
+            interrupted: false,
+        });
+    }
+    let mut head_pack = gemm::PackedWeight::default();
+    super::trainer::pack_head(&mut head_pack, &model);
+    let mut backend = Backend::new(t.device, &model, &state)?;
+
+    let total_steps = t
+        .steps
+        .unwrap_or_else(|| (prompts.len().div_ceil(t.batch.max(1)) as f64 * t.epochs).ceil() as u64)
+        .max(1);
+    let mut sample_rng = Rng::new(t.seed.wrapping_add(2));
+    let mut prog = start_progress(t.seed);
+    // The step whose checkpoint is on disk in OUT (the final save is not repeated).
+    let mut saved_at = None;
+    if let Some(r) = &t.resume {
+        let dir = checkpoint::resolve(r)?;
+        prog = checkpoint::load(&dir, &mut model, &mut state)?;
+        saved_at = resumed_in_place(&t.out, &dir).then_some(prog.step);
+        let extra = prog.extra.clone().unwrap_or_default();
+        match (
+            extra.get("trainer").and_then(Value::as_str),
+            extra
+                .get("sample_rng")
+                .and_then(|v| serde_json::from_value::<[u64; 4]>(v.clone()).ok()),
+        ) {
+            (Some("grpo-train"), Some(s)) => sample_rng = Rng::from_state(s),
+            _ => {
+                return Err(Error::bad_input(
+                    &dir,
+                    "not a grpo-train checkpoint (no sampling state)",
+                ))
+            }
+        }
+        crate::cli::info(format!(
+            "resumed from {} at step {}",
+            dir.display(),
+            prog.step
+        ));
+    }
+    let mut inputs: Vec<&Path> = vec![&t.model, &t.data];
+    for r in &o.rewards {
+        if let RewardSpec::Model(d) = r {
+            inputs.push(d);
+        }
+    }
+    let mut log = prepare_output(&t.out, &inputs, t.log.as_deref())?;
+    let stop_flag = stop_on_ctrl_c();
+    let before = if prog.step == 0 {
+        let e = evaluate(
+            o,
+            &mut backend,
+            &mut model,
+            &state,
+            &mut rewards,
+            &tok,
+            &eval_set,
+            &stop,
+        )?;
+        if let Some(e) = &e {
+            crate::cli::info(format!(
+                "before training: mean reward {:.4}, completion length {:.1} ({} prompts)",
+                e.reward,
+                e.response_length,
+                eval_set.len()
+            ));
+            write_log(
+                &mut log,
+                json!({"step": 0, "eval_reward": finite(e.reward), "eval_response_length": e.response_length}),
+            )?;
+        }
+        e
+    } else {
+        None
+    };
+
+    let bar = progress.bar(total_steps, "grpo");
+    bar.set_position(prog.step);
+    let mut dropout_rng = Rng::from_state(prog.rng);
+    let mut order: (u64, Vec<usize>) = (u64::MAX, Vec::new());
+    let mut select = t.clone();
+    select.grad_accum = 1;
+    select.steps = Some(total_steps);
+    let mut interrupted = false;
+    while prog.step < total_steps {
+        let window = next_window(&mut prog, &mut order, prompts.len(), &select);
+        let batch_prompts: Vec<&Prompt> = window[0].iter().map(|&i| &prompts[i]).collect();
+        let t0 = std::time::Instant::now();
+        let ro = collect(
+            o,
+            &mut backend,
+            &mut model,
+            &head_pack,
+            &mut state,
+            &mut reference,
+            &mut rewards,
+            &tok,
+            &batch_prompts,
+            &stop,
+            &mut sample_rng,
+        )?;
+        let rollout_s = t0.elapsed().as_secs_f64();
+        let lr = t.optim.lr * t.schedule.factor(prog.step, t.warmup, total_steps);
+        let t1 = std::time::Instant::now();
+        let up = update(
+            o,
+            &mut backend,
+            &mut model,
+            &head_pack,
+            &mut state,
+            &ro,
+            prog.step,
+            lr,
+            &mut dropout_rng,
+        )?;
+        let update_s = t1.elapsed().as_secs_f64();
+        prog.step += 1;
+        let n = ro.seqs.len() as f64;
+        let resp_tokens: usize = ro.response_len.iter().sum();
+        prog.tokens += ro.seqs.iter().map(|s| s.len() as u64).sum::<u64>();
+        prog.rng = dropout_rng.state();
+        prog.extra = Some(json!({"trainer": "grpo-train", "sample_rng": sample_rng.state()}));
+        let reward = nanmean(&ro.rewards);
+        let len_mean = resp_tokens as f64 / n;
+        bar.set_position(prog.step);
+        bar.set_message(format!("reward {reward:.3} len {len_mean:.1}"));
+        let mut rec = Map::new();
+        rec.insert("step".into(), json!(prog.step));
+        rec.insert("epoch".into(), json!(prog.epoch));
+        rec.insert("lr".into(), json!(lr));
+        rec.insert("reward".into(), finite(reward));
+        rec.insert("reward_std".into(), finite(nanstd(&ro.rewards)));
+        for (k, name) in rewards.names.iter().enumerate() {
+            let col: Vec<f64> = ro.per_func.iter().map(|r| r[k]).collect();
+            rec.insert(format!("reward_{name}"), finite(nanmean(&col)));
+        }
+        let zero = ro.std_zero.iter().filter(|&&z| z).count() as f64 / n;
+        rec.insert("frac_reward_zero_std".into(), json!(zero));
+        rec.insert("loss".into(), json!(up.loss));
+        if o.loss.beta != 0.0 {
+            rec.insert(
+                "kl".into(),
+                json!(up.kl_sum / up.tokens_counted.max(1) as f64),
+            );
+        }
+        let cc = up.clip_count.max(1) as f64;
+        rec.insert("clip_ratio_low".into(), json!(up.low / cc));
+        rec.insert("clip_ratio_high".into(), json!(up.high / cc));
+        rec.insert("clip_ratio_region".into(), json!(up.region / cc));
+        rec.insert("response_length".into(), json!(len_mean));
+        rec.insert(
+            "truncated_fraction".into(),
+            json!(ro.stopped.iter().filter(|&&s| !s).count() as f64 / n),
+        );
+        rec.insert("grad_norm".into(), json!(up.grad_norm));
+        rec.insert("optimizer_steps".into(), json!(up.updates));
+        rec.insert(
+            "rollout_tokens_per_second".into(),
+            json!(resp_tokens as f64 / rollout_s.max(1e-9)),
+        );
+        rec.insert(
+            "update_tokens_per_second".into(),
+            json!(up.tokens as f64 / update_s.max(1e-9)),
+        );
+        rec.insert("rollout_seconds".into(), json!(rollout_s));
+        rec.insert("update_seconds".into(), json!(update_s));
+        write_log(&mut log, Value::Object(rec))?;
+        let stop_now = stop_flag.load(Ordering::SeqCst);
+        if (t.save_every > 0 && prog.step.is_multiple_of(t.save_every)) || stop_now {
+            // A GPU's optimizer holds the current values and moments.
+            backend.sync_to_host(&mut model, &mut state)?;
+            save_checkpoint(&t.out, &model, &state, &prog)?;
+            saved_at = Some(prog.step);
+        }
+        if stop_now {
+            interrupted = true;
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    if interrupted {
+        crate::cli::info(format!(
+            "interrupted: checkpoint saved at step {}; continue with --resume {}",
+            prog.step,
+            t.out.display()
+        ));
+        return Ok(GrpoSummary {
+            steps: prog.step,
+            before,
+            after: None,
+            interrupted,
+        });
+    }
+    backend.sync_to_host(&mut model, &mut state)?;
+    final_checkpoint(&t.out, &model, &state, &prog, saved_at)?;
+    let after = evaluate(
+        o,
+        &mut backend,
+        &mut model,
+        &state,
+        &mut rewards,
+        &tok,
+        &eval_set,
+        &stop,
+    )?;
+    if let Some(e) = &after {
+        crate::cli::info(format!(
+            "after training: mean reward {:.4}, completion length {:.1} ({} prompts)",
+            e.reward,
+            e.response_length,
+            eval_set.len()
+        ));
+        write_log(
+            &mut log,
+            json!({"step": prog.step, "eval_reward": finite(e.reward), "eval_response_length": e.response_length}),
+        )?;
+    }
+    save_output(&topts, &attached, &model, &state, "CAUSAL_LM")?;
+    Ok(GrpoSummary {
+        steps: prog.step,
+        before,
+        after,
+        interrupted,
+    })
+}
+
+/// JSON has no NaN: a quantity nothing could score is logged as null.
+fn finite(x: f64) -> Value {
+    if x.is_finite() {
+        json!(x)
+    } else {
+        Value::Null
+    }
+}

@@ -1,0 +1,113 @@
+//! Log-probabilities of chosen tokens under the LM head at a sampling temperature, and their
+//! backward pass: what the on-policy objectives (PPO, GRPO) need from the head.
+//!
+//! log softmax(h·Wᵀ / T)[target] is computed as the cross-entropy of the tempered rows h / T
+//! (TRL divides the logits by `temperature + 1e-7`); the gradient flows back scaled by 1 / T.
+//! On a device (the GPU engine) the head runs where the hidden states live.
+
+use super::engine::ObjectiveCtx;
+use super::loss;
+use super::params::{Slot, TrainState};
+use crate::error::Result;
+
+/// `rows[i] = (hidden row, target token)`.
+pub type Rows = [(usize, u32)];
+
+fn inv_temperature(temperature: f32) -> f32 {
+    1.0 / (temperature + 1e-7)
+}
+
+/// The hidden states divided by the temperature (None at temperature 1: use them as they are).
+fn tempered(ctx: &ObjectiveCtx, temperature: f32) -> Option<Vec<f32>> {
+    let inv_t = inv_temperature(temperature);
+    (temperature != 1.0).then(|| ctx.hidden.iter().map(|x| x * inv_t).collect())
+}
+
+/// log π(target) of every row at `temperature`.
+pub fn rows_logp(ctx: &ObjectiveCtx, rows: &Rows, temperature: f32) -> Result<Vec<f64>> {
+    let m = ctx.model;
+    let mut nll = vec![0f64; rows.len()];
+    match ctx.rows_ce {
+        Some(ce) => {
+            let inv_t = if temperature != 1.0 {
+                inv_temperature(temperature)
+            } else {
+                1.0
+            };
+            ce.run(rows, inv_t, &|_| 0.0, None, &mut nll, None)?
+        }
+        None => {
+            let t = tempered(ctx, temperature);
+            loss::cross_entropy_rows(
+                t.as_deref().unwrap_or(ctx.hidden),
+                m.config.hidden,
+                loss::Head::of(m, ctx.head_pack),
+                m.config.vocab,
+                rows,
+                &|_| 0.0,
+                None,
+                None,
+                &mut nll,
+            )
+        }
+    }
+    Ok(nll.iter().map(|l| -l).collect())
+}
+
+/// Adds d L / d hidden into `dh` (and d L / d W_head when the head trains) for
+/// L = Σ_i dlogp[i] · log π(target_i) at `temperature`.
+pub fn rows_logp_backward(
+    ctx: &ObjectiveCtx,
+    state: &mut TrainState,
+    rows: &Rows,
+    temperature: f32,
+    dlogp: &[f32],
+    dh: &mut [f32],
+) -> Result<()> {
+    let m = ctx.model;
+    let h = m.config.hidden;
+    // d L / d nll_i = −d L / d logp_i
+    let scale = |i: usize| -dlogp[i];
+    let mut nll = vec![0f64; rows.len()];
+    if let Some(ce) = ctx.rows_ce {
+        // the device engine never trains the head here (LoRA/DoRA only)
+        let inv_t = if temperature != 1.0 {
+            inv_temperature(temperature)
+        } else {
+            1.0
+        };
+        return ce.run(rows, inv_t, &scale, Some(dh), &mut nll, None);
+    }
+    let dw = state.grad_mut(Slot::lm_head(m)).map(|g| &mut g[..]);
+    let head = loss::Head::of(m, ctx.head_pack);
+    match tempered(ctx, temperature) {
+        Some(t) => {
+            let mut dht = vec![0f32; dh.len()];
+            loss::cross_entropy_rows(
+                &t,
+                h,
+                head,
+                m.config.vocab,
+                rows,
+                &scale,
+                Some(&mut dht),
+                dw,
+                &mut nll,
+            );
+            let inv_t = inv_temperature(temperature);
+            dh.iter_mut().zip(&dht).for_each(|(d, g)| *d += g * inv_t);
+        }
+        None => loss::cross_entropy_rows(
+            ctx.hidden,
+            h,
+            head,
+            m.config.vocab,
+            rows,
+            &scale,
+            Some(dh),
+            dw,
+            &mut nll,
+        ),
+    }
+    Ok(())
+}
