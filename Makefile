@@ -42,7 +42,7 @@ lint:
 
 # The GPU build: its own target folder, so the CPU binaries in target/release stay as they are.
 build-cuda:
-	$(CARGO) build --release --target-dir target/cuda -p peft-train -p peft-eval -p peft-generate -p rm-train -p dpo-train -p ppo-train -p rm-score -p gpu-check --features peftkit-core/cuda,gpu-check/cuda
+	$(CARGO) build --release --target-dir target/cuda -p peft-train -p peft-eval -p peft-generate -p rm-train -p dpo-train -p ppo-train -p grpo-train -p rm-score -p gpu-check --features peftkit-core/cuda,gpu-check/cuda
 
 # NVRTC compiles kernels.cu without a GPU, to PTX and to machine code (ptxas's register and
 # spill report is checked, gpu/ptxas.rs): the library comes from PyPI (90 MB, cached).

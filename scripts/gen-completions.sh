@@ -9,7 +9,7 @@
 set -euo pipefail
 BIN=${1:-${BIN:-target/release}}
 OUT=${OUT:-target}
-TOOLS="model-import model-export quantize-nf4 peft-train peft-eval peft-generate adapter-merge adapter-inspect rm-train rm-score dpo-train ppo-train gpu-check"
+TOOLS="model-import model-export quantize-nf4 peft-train peft-eval peft-generate adapter-merge adapter-inspect rm-train rm-score dpo-train ppo-train grpo-train gpu-check"
 mkdir -p "$OUT/completions" "$OUT/man/man1"
 for t in $TOOLS; do
   if [ ! -x "$BIN/$t" ]; then

@@ -34,6 +34,7 @@ const TOOLS: &[&str] = &[
     "adapter-merge",
     "dpo-train",
     "gpu-check",
+    "grpo-train",
     "model-export",
     "model-import",
     "peft-eval",

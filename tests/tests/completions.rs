@@ -6,7 +6,7 @@
 
 use peftkit_tests::run;
 
-const TOOLS: [&str; 13] = [
+const TOOLS: [&str; 14] = [
     "model-import",
     "model-export",
     "quantize-nf4",
@@ -19,6 +19,7 @@ const TOOLS: [&str; 13] = [
     "rm-score",
     "dpo-train",
     "ppo-train",
+    "grpo-train",
     "gpu-check",
 ];
 

@@ -213,6 +213,47 @@ fn job(name: &'static str, dir: &Path) -> Job {
             outputs: adapter,
             steps: 12,
         },
+        // GRPO: the sampling RNG, the optimizer over several iterations per batch and the
+        // KL to the reference must all resume.
+        "grpo" => {
+            let p = prompts(dir);
+            Job {
+                name,
+                tool: "grpo-train",
+                args: strings(&[
+                    "--model",
+                    s(&m),
+                    "--prompts",
+                    s(&p),
+                    "--reward",
+                    "regex: the",
+                    "--reward",
+                    "answer:answer",
+                    "--steps",
+                    "12",
+                    "--batch",
+                    "2",
+                    "--num-generations",
+                    "4",
+                    "--max-completion-length",
+                    "6",
+                    "--beta",
+                    "0.04",
+                    "--num-iterations",
+                    "2",
+                    "--eval-prompts",
+                    "2",
+                    "--lr",
+                    "3e-3",
+                    "--save-every",
+                    "1",
+                    "--seed",
+                    "19",
+                ]),
+                outputs: adapter,
+                steps: 12,
+            }
+        }
         // PPO: sampling RNG, adaptive KL coefficient and the value head must all resume.
         "ppo" => {
             let p = prompts(dir);
@@ -716,6 +757,12 @@ fn dpo_train_survives_kills() {
 }
 
 #[test]
+fn grpo_train_survives_kills() {
+    let n = kill_and_resume("grpo", 10, 6);
+    assert!(n >= 8, "only {n} kills landed");
+}
+
+#[test]
 fn ppo_train_survives_kills() {
     let n = kill_and_resume("ppo", 10, 5);
     assert!(n >= 8, "only {n} kills landed");
@@ -730,7 +777,7 @@ fn ppo_train_survives_kills() {
 fn same_seed_twice_and_any_thread_count_are_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
     let m = llama();
-    let mut jobs: Vec<Job> = ["peft-lora", "peft-full", "rm", "dpo", "ppo"]
+    let mut jobs: Vec<Job> = ["peft-lora", "peft-full", "rm", "dpo", "ppo", "grpo"]
         .iter()
         .map(|n| job(n, tmp.path()))
         .collect();

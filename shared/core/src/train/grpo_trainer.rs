@@ -117,7 +117,7 @@ fn sample_and_score(
     state: &TrainState,
     rewards: &mut Rewards,
     tok: &TextTokenizer,
-    prompts: &[&Prompt],
+    (prompts, file): (&[&Prompt], &Path),
     g: usize,
     stop: &[u32],
     rng: &mut Rng,
@@ -163,6 +163,8 @@ fn sample_and_score(
             completion: &completion_text[i],
             stopped: responses[i].stopped,
             record: &prompts[i / g].record,
+            file,
+            line: prompts[i / g].line,
             ids: &seqs[i],
         })
         .collect();
@@ -193,7 +195,16 @@ fn collect(
 ) -> Result<Rollouts> {
     let g = o.num_generations;
     let (seqs, responses, per_func) = sample_and_score(
-        o, backend, model, state, rewards, tok, prompts, g, stop, rng,
+        o,
+        backend,
+        model,
+        state,
+        rewards,
+        tok,
+        (prompts, &o.train.data),
+        g,
+        stop,
+        rng,
     )?;
     let adv = advantages(&per_func, &rewards.weights, g, o.scale, o.aggregation);
     let model: &Model = model;
@@ -387,7 +398,16 @@ fn evaluate(
     for chunk in prompts.chunks(o.train.batch.max(1) * o.num_generations) {
         let refs: Vec<&Prompt> = chunk.iter().collect();
         let (_, responses, per_func) = sample_and_score(
-            o, backend, model, state, rewards, tok, &refs, 1, stop, &mut rng,
+            o,
+            backend,
+            model,
+            state,
+            rewards,
+            tok,
+            (&refs, o.train.val_data.as_deref().unwrap_or(&o.train.data)),
+            1,
+            stop,
+            &mut rng,
         )?;
         for (row, r) in per_func.iter().zip(&responses) {
             if row.iter().any(|v| !v.is_nan()) {
@@ -529,6 +549,15 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
             .collect(),
         weights: o.reward_weights.clone(),
     };
+    let eval_file = t.val_data.as_deref().unwrap_or(&t.data);
+    for f in &rewards.fns {
+        for p in &prompts {
+            f.check_record(&p.record, &t.data, p.line)?;
+        }
+        for p in &eval_set {
+            f.check_record(&p.record, eval_file, p.line)?;
+        }
+    }
     let stop = crate::generate::stop_tokens(&t.model, &model.config, &tok)?;
     println!(
         "trainable params: {} || all params: {}",

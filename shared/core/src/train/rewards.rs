@@ -183,8 +183,10 @@ pub struct Scored<'a> {
     pub completion: &'a str,
     /// Whether it ended with a stop token (false: cut at the length limit).
     pub stopped: bool,
-    /// The prompt's record in the data file.
+    /// The prompt's record, the file it is in and its line there.
     pub record: &'a Value,
+    pub file: &'a Path,
+    pub line: usize,
     /// Prompt and completion token ids (what a reward model scores).
     pub ids: &'a [u32],
 }
@@ -223,6 +225,16 @@ impl RewardFn {
         })
     }
 
+    /// Refuses, before any training, a record this function could never read (an answer
+    /// field that is neither text nor a number).
+    pub fn check_record(&self, record: &Value, file: &Path, line: usize) -> Result<()> {
+        if let Self::Answer(field) = self {
+            reference_answer(record, field)
+                .map_err(|e| Error::bad_input(file, format!("line {line}: {e}")))?;
+        }
+        Ok(())
+    }
+
     /// One reward per completion (NaN: this function cannot score it).
     pub fn score(
         &mut self,
@@ -246,7 +258,8 @@ impl RewardFn {
             Self::Answer(field) => items
                 .iter()
                 .map(|s| {
-                    let gold = reference_answer(s.record, field)?;
+                    let gold = reference_answer(s.record, field)
+                        .map_err(|e| Error::bad_input(s.file, format!("line {}: {e}", s.line)))?;
                     Ok(match gold {
                         None => f64::NAN,
                         Some(g) => f64::from(u8::from(
@@ -262,7 +275,7 @@ impl RewardFn {
 
 /// The record's reference answer: FIELD as a string or number; a GSM8K-style solution keeps
 /// only what follows its last `####`. None when the record has no such field (or it is null).
-fn reference_answer(record: &Value, field: &str) -> Result<Option<String>> {
+fn reference_answer(record: &Value, field: &str) -> std::result::Result<Option<String>, String> {
     let v = match record.get(field) {
         None | Some(Value::Null) => return Ok(None),
         Some(v) => v,
@@ -272,9 +285,9 @@ fn reference_answer(record: &Value, field: &str) -> Result<Option<String>> {
         Value::Number(n) => n.to_string(),
         Value::Bool(b) => b.to_string(),
         _ => {
-            return Err(Error::usage(format!(
-                "--reward answer:{field}: the record's {field:?} must be a string or a number"
-            )))
+            return Err(format!(
+                "{field:?} must be a string or a number for --reward answer:{field}"
+            ))
         }
     };
     Ok(Some(match s.rfind("####") {
@@ -501,6 +514,8 @@ mod tests {
                 completion: c,
                 stopped: true,
                 record: &rec,
+                file: Path::new("p.jsonl"),
+                line: 1,
                 ids: &[],
             })
             .collect();
