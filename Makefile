@@ -103,6 +103,7 @@ fixtures: venv build
 	$(VENV)/bin/python tests/fixtures/generate_nf4.py
 	$(VENV)/bin/python tests/fixtures/generate_qlora.py
 	$(VENV)/bin/python tests/fixtures/generate_gguf_export.py
+	$(VENV)/bin/python tests/fixtures/generate_grpo.py
 
 completions: build
 	bash scripts/gen-completions.sh $(BIN)
