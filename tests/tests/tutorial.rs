@@ -1,7 +1,7 @@
 //! The tutorial's Makefile (examples/pipeline.mk, docs/tutorial.md) runs end to end: on the tiny
 //! Llama fixture with a dozen records instead of SmolLM2 and the alpaca / dpo demo data, every
 //! step (quantize-nf4, peft-train with --plot, peft-eval, adapter-inspect, model-export, adapter-merge,
-//! peft-generate, rm-train, dpo-train, ppo-train) leaves its output. Skipped when `make` is
+//! peft-generate, rm-train, dpo-train, ppo-train, grpo-train) leaves its output. Skipped when `make` is
 //! not installed.
 //!
 //! The tools must be built first: `cargo build --release --bins` (make test does).
@@ -49,6 +49,7 @@ fn pipeline_makefile_runs_on_the_fixtures() {
             "STEPS=2",
             "PREF_STEPS=2",
             "PPO_STEPS=1",
+            "GRPO_STEPS=1",
             "MAXLEN=200",
             "PREF_MAXLEN=96",
             "THREADS=1",
@@ -81,6 +82,8 @@ fn pipeline_makefile_runs_on_the_fixtures() {
         "dpo.png",
         "ppo/adapter_config.json",
         "ppo.png",
+        "grpo/adapter_config.json",
+        "grpo.png",
     ] {
         assert!(runs.join(f).is_file(), "the pipeline did not write {f}");
     }

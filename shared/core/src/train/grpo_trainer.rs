@@ -636,6 +636,7 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
         ));
     }
     let mut inputs: Vec<&Path> = vec![&t.model, &t.data];
+    inputs.extend(o.init_adapter.as_deref());
     for r in &o.rewards {
         if let RewardSpec::Model(d) = r {
             inputs.push(d);

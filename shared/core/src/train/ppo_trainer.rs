@@ -598,11 +598,10 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
             prog.step
         ));
     }
-    let mut log = prepare_output(
-        &t.out,
-        &[&t.model, &t.data, &o.reward_model],
-        t.log.as_deref(),
-    )?;
+    let mut inputs: Vec<&Path> = vec![&t.model, &t.data, &o.reward_model];
+    inputs.extend(o.init_adapter.as_deref());
+    inputs.extend(o.reward_adapter.as_deref());
+    let mut log = prepare_output(&t.out, &inputs, t.log.as_deref())?;
     let stop_flag = stop_on_ctrl_c();
     let eval_ids: Vec<&[u32]> = eval_set.iter().map(|p| p.ids.as_slice()).collect();
     let before = if prog.step == 0 {
