@@ -81,7 +81,7 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch transformers peft trl bitsandbytes safetensors gguf numpy sentencepiece
 
-bench: build model venv
+bench: build model data venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/run.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/quantize.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/export.sh
@@ -89,6 +89,7 @@ bench: build model venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/rm.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/ppo.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/dpo.sh
+	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/grpo.sh
 
 bench-methods: build model data venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/methods.sh

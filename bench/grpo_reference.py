@@ -25,14 +25,15 @@ reference is the policy with its adapter disabled, ref_model=None); per_device_t
 num_iterations 1 (so no old-policy log-prob pass, as grpo-train), max_completion_length 64,
 temperature 1, top_p 1, top_k 0, generation stops at EOS <|im_end|> (asserted), beta 0.04,
 loss_type dapo, epsilon 0.2, scale_rewards group, use_bias_correction_kl True (defaults),
-disable_dropout True, gradient_checkpointing False (GRPOConfig's default is True; grpo-train
-keeps activations), AdamW (TrainingArguments' default optim) lr 5e-6 with linear decay over
-max_steps, max_grad_norm 1.0, weight decay 0, seed 42. Reward: one function, 1.0 when the
-decoded completion (skip_special_tokens, as TRL decodes) contains "the", else 0.0 (grpo-train:
---reward 'regex:the' on its decoded completion). Prompt order: shuffle_dataset=False on a dataset
-laid out in grpo-train's order (peftkit's epoch shuffle, bench_common.epoch_order, seed 42), so
-both sides sample completions for the same 2 prompts at every step (bench/grpo.sh checks the
-prompt tokens per step).
+disable_dropout True, activation checkpointing off (activation_checkpointing=False, the
+transformers 5 name of gradient_checkpointing, whose GRPOConfig default is True; grpo-train
+keeps activations), AdamW (TrainingArguments' default optim, adamw_torch_fused) lr 5e-6 with
+linear decay over max_steps, max_grad_norm 1.0, weight decay 0, seed 42. Reward: one function,
+1.0 when the decoded completion (skip_special_tokens, as TRL decodes) contains "the", else 0.0
+(grpo-train: --reward 'regex:the' on its decoded completion). Prompt order: shuffle_dataset=False
+on a dataset laid out in grpo-train's order (peftkit's epoch shuffle, bench_common.epoch_order,
+seed 42), so both sides sample completions for the same 2 prompts at every step (bench/grpo.sh
+checks the prompt tokens per step).
 
 Instrumentation (a GRPOTrainer subclass whose overrides time and call the originals unchanged, and
 a TrainerCallback; nothing of the algorithm is changed):
@@ -246,7 +247,7 @@ policy = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
 peft_config = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                          task_type="CAUSAL_LM")
 args = GRPOConfig(
-    output_dir="bench/out/grpo/trl_run", use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+    output_dir="bench/out/grpo/trl_run", use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
     per_device_train_batch_size=rollout_rows, gradient_accumulation_steps=1, steps_per_generation=1,
     num_generations=a.num_generations, num_iterations=1, max_completion_length=a.max_completion_length,
     temperature=1.0, top_p=1.0, top_k=0, generation_kwargs={"eos_token_id": [EOS]},
@@ -259,7 +260,8 @@ trainer = TimedGRPOTrainer(model=policy, reward_funcs=contains_the, args=args, t
 assert trainer.eos_token_ids == [EOS], trainer.eos_token_ids
 assert trainer.generation_config.eos_token_id in (EOS, [EOS]), trainer.generation_config.eos_token_id
 assert trainer.ref_model is None and trainer.beta == a.beta
-assert trainer.args.use_bias_correction_kl and not trainer.args.gradient_checkpointing
+assert trainer.args.use_bias_correction_kl and not trainer.args.activation_checkpointing
+assert not trainer.args.gradient_checkpointing and trainer.args.disable_dropout
 trainable = sum(q.numel() for q in trainer.model.parameters() if q.requires_grad)
 t0 = time.perf_counter()
 trainer.train()

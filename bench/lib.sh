@@ -1,4 +1,4 @@
-# Shared by the side-by-side benchmarks (rm.sh, ppo.sh, dpo.sh), sourced after OUT and
+# Shared by the side-by-side benchmarks (rm.sh, ppo.sh, dpo.sh, grpo.sh), sourced after OUT and
 # WAIT_FOR are set: waiting for an idle machine, timing a run with /usr/bin/time -v while
 # measuring the CPU share other processes took, and reading peak RSS.
 

@@ -437,13 +437,15 @@ pub fn sgemm_with(
         },
         #[cfg(target_arch = "x86_64")]
         GemmPath::Avx2 => unsafe {
-            if !short_product(m, n, k, av, bv, cp, c_rs, acc, threads, gemv_avx2::gemv) {
+            if !short_product(m, n, k, av, bv, cp, c_rs, acc, threads, gemv_avx2::gemv, 0) {
                 driver::gemm_packed::<avx2::Avx2>(m, n, k, av, bv, cp, c_rs, acc, threads)
             }
         },
         #[cfg(target_arch = "x86_64")]
         GemmPath::Avx512 => unsafe {
-            if !short_product(m, n, k, av, bv, cp, c_rs, acc, threads, gemv::gemv) {
+            if !short_product(
+                m, n, k, av, bv, cp, c_rs, acc, threads, gemv::gemv, gemv::MAX_ROWS,
+            ) {
                 driver::gemm_packed::<avx512::Avx512>(m, n, k, av, bv, cp, c_rs, acc, threads)
             }
         },
@@ -456,7 +458,8 @@ pub fn sgemm_with(
 #[cfg(target_arch = "x86_64")]
 type GemvFn = unsafe fn(usize, usize, usize, &[f32], View, *mut f32, usize, usize, bool, usize);
 
-/// Products with m or n ≤ [`gemv::MAX_M`] through `gemv` (B streamed once, no packing);
+/// Products with m or n ≤ [`gemv::MAX_M`] through `gemv` (B streamed once, no packing), and
+/// up to `max_rows` rows of A against a B of dot-product layout (a weight matrix, x·Wᵀ);
 /// returns false, doing nothing, for the others.
 ///
 /// # Safety
@@ -474,10 +477,11 @@ unsafe fn short_product(
     acc: bool,
     threads: usize,
     gemv: GemvFn,
+    max_rows: usize,
 ) -> bool {
     // SAFETY: forwarded contract.
     unsafe {
-        if m <= gemv::MAX_M && (bv.ks == 1 || bv.ls == 1) {
+        if (m <= gemv::MAX_M && (bv.ks == 1 || bv.ls == 1)) || (m <= max_rows && bv.ks == 1) {
             let at = gather_rows(m, k, av);
             gemv(m, n, k, &at, bv, cp, c_rs, 1, acc, threads);
         } else if n <= gemv::MAX_M && (av.ks == 1 || av.ls == 1) {
@@ -678,6 +682,11 @@ mod tests {
             (37, 100, 17),
             (12, 32, 400),
             (25, 47, 900),
+            // 9..32 rows over several column blocks of B (batched decoding)
+            (16, 1000, 70),
+            (32, 300, 129),
+            (20, 130, 600),
+            (33, 70, 20),
             (200, 301, 50),
             (64, 64, 64),
             (8, 0, 5),

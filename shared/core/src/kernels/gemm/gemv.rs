@@ -1,5 +1,5 @@
-//! AVX-512 path for very short products (m ≤ 8 rows of A, e.g. token-by-token generation):
-//! B is streamed once, with no packing.
+//! AVX-512 path for short products (m ≤ 32 rows of A: token-by-token generation, batched
+//! sampling): B is streamed once, with no packing.
 
 use super::avx512::lane_mask;
 use super::driver::{SendPtr, View};
@@ -28,29 +28,74 @@ pub(crate) unsafe fn gemv(
     acc: bool,
     threads: usize,
 ) {
-    debug_assert!((1..=MAX_M).contains(&m) && at.len() >= m * k);
+    debug_assert!((1..=MAX_ROWS).contains(&m) && at.len() >= m * k);
     let cp = SendPtr(c);
     let run = |j0: usize, j1: usize| {
         // SAFETY: columns j0..j1 of C are written by this call only.
         unsafe {
-            // Enough independent accumulators (≥ 8) to hide the FMA latency, and few enough
-            // (with the B vectors) for the 32 registers: from 5 rows on, 2 columns (or 32
-            // lanes) at a time. With 4, 8 rows needed 36 registers and ran at half the
-            // speed of 4 rows.
             let c = cp.get();
-            match m {
-                1 => cols::<1, 3, 4, 4>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
-                2 => cols::<2, 2, 4, 4>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
-                3 => cols::<3, 1, 4, 4>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
-                4 => cols::<4, 1, 4, 4>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
-                5 => cols::<5, 1, 2, 2>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
-                6 => cols::<6, 1, 2, 2>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
-                7 => cols::<7, 1, 2, 2>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
-                _ => cols::<8, 1, 2, 2>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
+            if m <= MAX_M {
+                rows8(m, j0, j1, k, at, b, c, c_rs, c_cs, acc);
+                return;
+            }
+            // More than 8 rows: blocks of COL_BLOCK columns of B, each used by every group
+            // of 8 rows while it is in L2, so that B still comes from memory once.
+            let mut jb = j0;
+            while jb < j1 {
+                let je = (jb + COL_BLOCK).min(j1);
+                for i0 in (0..m).step_by(MAX_M) {
+                    let mi = (m - i0).min(MAX_M);
+                    let ci = c.add(i0 * c_rs);
+                    rows8(mi, jb, je, k, &at[i0 * k..], b, ci, c_rs, c_cs, acc);
+                }
+                jb = je;
             }
         }
     };
     split_columns(m, n, k, threads, run);
+}
+
+/// Most rows of A `gemv` takes: up to 8 in one pass over B, more in groups of 8 over blocks
+/// of B's columns. Batched decoding (16 sequences sampled together) has this shape, where
+/// packing B for a blocked GEMM cost as much as the products.
+pub(crate) const MAX_ROWS: usize = 32;
+
+/// Columns of B per block when more than 8 rows share it (64 columns × k = 4096: 1 MB).
+const COL_BLOCK: usize = 64;
+
+/// Columns j0..j1 of C for m ≤ 8 rows.
+///
+/// # Safety
+/// As [`gemv`], for those columns.
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows8(
+    m: usize,
+    j0: usize,
+    j1: usize,
+    k: usize,
+    at: &[f32],
+    b: View,
+    c: *mut f32,
+    c_rs: usize,
+    c_cs: usize,
+    acc: bool,
+) {
+    // Enough independent accumulators (≥ 8) to hide the FMA latency, and few enough (with the
+    // B vectors) for the 32 registers: from 5 rows on, 2 columns (or 32 lanes) at a time.
+    // With 4, 8 rows needed 36 registers and ran at half the speed of 4 rows.
+    // SAFETY: forwarded contract.
+    unsafe {
+        match m {
+            1 => cols::<1, 3, 4, 4>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
+            2 => cols::<2, 2, 4, 4>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
+            3 => cols::<3, 1, 4, 4>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
+            4 => cols::<4, 1, 4, 4>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
+            5 => cols::<5, 1, 2, 2>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
+            6 => cols::<6, 1, 2, 2>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
+            7 => cols::<7, 1, 2, 2>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
+            _ => cols::<8, 1, 2, 2>(j0, j1, k, at, b, c, c_rs, c_cs, acc),
+        }
+    }
 }
 
 /// Run `run(j0, j1)` over C's n columns: in one call, or for big enough products in one chunk
