@@ -444,7 +444,17 @@ pub fn sgemm_with(
         #[cfg(target_arch = "x86_64")]
         GemmPath::Avx512 => unsafe {
             if !short_product(
-                m, n, k, av, bv, cp, c_rs, acc, threads, gemv::gemv, gemv::MAX_ROWS,
+                m,
+                n,
+                k,
+                av,
+                bv,
+                cp,
+                c_rs,
+                acc,
+                threads,
+                gemv::gemv,
+                gemv::MAX_ROWS,
             ) {
                 driver::gemm_packed::<avx512::Avx512>(m, n, k, av, bv, cp, c_rs, acc, threads)
             }

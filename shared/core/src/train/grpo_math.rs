@@ -377,10 +377,8 @@ pub fn grpo_loss(cfg: &GrpoLoss, seqs: &[CompletionTokens], share: StepShare) ->
                 let (l, dlr, low, high) = surrogate(mean_log_ratio(&log_ratio, s.mask));
                 // the same loss on every counted token
                 seq_loss += l * weight * n_i as f64;
-                for t in 0..len {
-                    if s.mask[t] {
-                        g[t] += dlr * weight * n_i as f64 / n_i.max(1) as f64;
-                    }
+                for (gt, _) in g.iter_mut().zip(s.mask).filter(|(_, &m)| m) {
+                    *gt += dlr * weight * n_i as f64 / n_i.max(1) as f64;
                 }
                 out.low_clipped += f64::from(u8::from(low));
                 out.high_clipped += f64::from(u8::from(high));
@@ -416,10 +414,8 @@ pub fn grpo_loss(cfg: &GrpoLoss, seqs: &[CompletionTokens], share: StepShare) ->
             if cfg.kl_ratio && cfg.level == RatioLevel::Sequence {
                 // every token's log-prob moves the shared ratio
                 let share = cfg.beta * kl_total * seq_ratio * weight / n_i.max(1) as f64;
-                for t in 0..len {
-                    if s.mask[t] {
-                        g[t] += share;
-                    }
+                for (gt, _) in g.iter_mut().zip(s.mask).filter(|(_, &m)| m) {
+                    *gt += share;
                 }
             }
         }

@@ -19,6 +19,7 @@ use super::lora;
 use super::params::TrainState;
 use super::prompts::{load_prompts, Prompt, PromptOptions};
 use super::rewards::{RewardFn, RewardSpec, Scored};
+use super::rollout::Response;
 use super::rollout_eval::{eval_rollouts, Under};
 use super::trainer::{
     attach_method, final_checkpoint, next_window, prepare_output, resumed_in_place,
@@ -108,6 +109,10 @@ fn sampling(o: &GrpoOptions) -> SamplingParams {
     }
 }
 
+/// Sampled completions: prompt + completion ids, the completions, and each one's rewards per
+/// function.
+type Sampled = (Vec<Vec<u32>>, Vec<Response>, Vec<Vec<f64>>);
+
 /// Sample `g` completions of every prompt and score them.
 #[allow(clippy::too_many_arguments)]
 fn sample_and_score(
@@ -121,11 +126,7 @@ fn sample_and_score(
     g: usize,
     stop: &[u32],
     rng: &mut Rng,
-) -> Result<(
-    Vec<Vec<u32>>,
-    Vec<crate::train::rollout::Response>,
-    Vec<Vec<f64>>,
-)> {
+) -> Result<Sampled> {
     let rep: Vec<&[u32]> = prompts
         .iter()
         .flat_map(|p| std::iter::repeat_n(p.ids.as_slice(), g))
@@ -257,7 +258,7 @@ fn collect(
     let data = (0..seqs.len())
         .map(|i| {
             let r = &responses[i];
-            let counted = !(o.mask_truncated && !r.stopped);
+            let counted = !o.mask_truncated || r.stopped;
             GrpoSeq {
                 prompt_len: shape[i].0,
                 mask: vec![counted; r.ids.len()],

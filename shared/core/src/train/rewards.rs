@@ -193,7 +193,7 @@ pub struct Scored<'a> {
 
 /// A reward function ready to score.
 pub enum RewardFn {
-    Model(RewardModel),
+    Model(Box<RewardModel>),
     Regex(regex::Regex),
     Answer(String),
     Command(String),
@@ -208,14 +208,14 @@ impl RewardFn {
         tok: &TextTokenizer,
     ) -> Result<Self> {
         Ok(match spec {
-            RewardSpec::Model(dir) => Self::Model(RewardModel::load(
+            RewardSpec::Model(dir) => Self::Model(Box::new(RewardModel::load(
                 dir,
                 None,
                 device,
                 policy_dir,
                 policy_base,
                 tok,
-            )?),
+            )?)),
             RewardSpec::Regex(p) => Self::Regex(
                 regex::Regex::new(p)
                     .map_err(|e| Error::usage(format!("--reward regex:{p}: {e}")))?,
