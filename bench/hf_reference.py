@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 p = argparse.ArgumentParser()
-p.add_argument("task", choices=["eval", "generate", "train", "train-bf16", "qlora-train", "qlora-train-bf16",
+p.add_argument("task", choices=["eval", "generate", "generate-batch", "train", "train-bf16", "qlora-train", "qlora-train-bf16",
                               "train-full", "train-frozen"])
 p.add_argument("--model", required=True)
 p.add_argument("--data")
@@ -69,6 +69,22 @@ elif a.task in ("train", "train-bf16", "qlora-train", "qlora-train-bf16", "train
         times.append(time.perf_counter() - t)
     dt = sum(times[1:]) / max(1, len(times) - 1)  # first step is warm-up
     res = {"tokens": ids.numel(), "seconds_per_step": dt, "tokens_per_second": ids.numel() / dt, "loss": loss.item()}
+elif a.task == "generate-batch":
+    # every prompt of --data ({"messages": [...]} lines) in one left-padded batch, greedy
+    chats = [json.loads(l)["messages"] for l in open(a.data, encoding="utf-8")]
+    texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in chats]
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        model.generate(**enc, max_new_tokens=4, do_sample=False)  # warm-up
+        t = time.perf_counter()
+        out = model.generate(**enc, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
+                             do_sample=False)
+        dt = time.perf_counter() - t
+    n = (out.shape[1] - enc.input_ids.shape[1]) * out.shape[0]
+    res = {"tokens": n, "sequences": out.shape[0], "seconds": dt, "tokens_per_second": n / dt}
 else:
     msgs = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
     prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)

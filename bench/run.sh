@@ -19,7 +19,7 @@ measure() { # name, command...
 }
 
 # SECTIONS picks rows (default: all); e.g. SECTIONS="train_bf16 qlora_bf16" make bench.
-SECTIONS=${SECTIONS:-eval gen train train_bf16 qlora qlora_bf16 full frozen}
+SECTIONS=${SECTIONS:-eval gen gen_batch train train_bf16 qlora qlora_bf16 full frozen}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 # Our side of a LoRA r16 q,v training row: 4 steps of 4 x 256 on $OUT/train.jsonl, steady-state
@@ -49,6 +49,31 @@ if want gen; then
   echo "==> generation, greedy, 128 new tokens" >&2
   measure ours_gen "$BIN/peft-generate" --model "$MODEL" --chat --prompt "$PROMPT" --max-new-tokens 128 --ignore-eos --threads "$THREADS" --json
   measure hf_gen "$PY" bench/hf_reference.py generate --model "$MODEL" --threads "$THREADS"
+fi
+
+if want gen_batch; then
+  echo "==> batched generation: 16 chat prompts together, 64 greedy tokens each" >&2
+  "$PY" -c '
+import json, sys
+topics = ["a lighthouse keeper", "a lost cat", "the first snow", "a robot gardener", "an old map",
+          "a night train", "a quiet library", "a desert well", "a broken clock", "a river town",
+          "a kite festival", "a secret recipe", "a mountain pass", "a letter never sent",
+          "a market at dawn", "the last bus"]
+with open(sys.argv[1], "w") as f:
+    for t in topics:
+        f.write(json.dumps({"messages": [{"role": "user", "content": f"Write a short story about {t}."}]}) + "\n")
+' "$OUT/gen16.jsonl"
+  measure ours_gen_batch "$BIN/peft-generate" --model "$MODEL" --prompts "$OUT/gen16.jsonl" --chat --json \
+    --batch 16 --max-new-tokens 64 --ignore-eos --threads "$THREADS" --quiet
+  # one batch: its tokens/s is the sum of the lines' (each line: its tokens / the batch's seconds)
+  "$PY" -c '
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print(json.dumps({"tokens": sum(len(l["token_ids"]) for l in lines), "sequences": len(lines),
+                  "tokens_per_second": sum(l["tokens_per_second"] for l in lines)}))
+' "$OUT/ours_gen_batch.json" >> "$OUT/ours_gen_batch.json"
+  measure hf_gen_batch "$PY" bench/hf_reference.py generate-batch --model "$MODEL" --data "$OUT/gen16.jsonl" \
+    --new-tokens 64 --threads "$THREADS"
 fi
 
 head -n 4 "$OUT/eval.jsonl" > "$OUT/train.jsonl"
@@ -96,6 +121,7 @@ def load(n):
     return d
 rows = [("eval", "eval 8x256 (f32)", "ours_eval", "hf_eval"),
         ("gen", "generate 128 greedy (f32)", "ours_gen", "hf_gen"),
+        ("gen_batch", "generate 16 prompts x 64 greedy, one batch (f32)", "ours_gen_batch", "hf_gen_batch"),
         ("train", "LoRA r16 q,v train 4x256 (f32)", "ours_train", "hf_train"),
         ("train_bf16", "LoRA r16 q,v train 4x256 (bf16: ours autocast-style, PyTorch bf16 model)", "ours_train_bf16", "hf_train_bf16"),
         ("qlora", "QLoRA r16 q,v train 4x256 (NF4 base, f32 compute)", "ours_qlora", "hf_qlora"),

@@ -406,3 +406,101 @@ fn generate_bad_prompts_file() {
     );
     assert_clean_error(&out, "no chat_template");
 }
+
+/// --batch: prompts decoded together give, greedy, exactly the tokens of one by one, with the
+/// per-prompt adapter choice (a batch never mixes adapters) and stop reasons kept, in order;
+/// sampled batches are reproducible from the seed.
+#[test]
+fn batched_generation_equals_one_prompt_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_dir("llama_gqa");
+    let adapter = fixtures().join("grpo").join("adapter_init");
+    let prompts = tmp.path().join("p.jsonl");
+    let lines: Vec<String> = [
+        ("The capital of France is", None),
+        ("2 + 2 =", None),
+        ("Once upon a time", Some("null")),
+        ("Water boils at", None),
+        ("A healthy diet", Some("\"a\"")),
+        ("Tell me", Some("null")),
+        ("x", None),
+        ("x", Some("null")),
+    ]
+    .iter()
+    .map(|(p, a)| match a {
+        None => format!("{{\"prompt\": \"{p}\"}}"),
+        Some(a) => format!("{{\"prompt\": \"{p}\", \"adapter\": {a}}}"),
+    })
+    .collect();
+    std::fs::write(&prompts, lines.join("\n")).unwrap();
+    let named = format!("a={}", adapter.display());
+    let gen = |extra: &[&str]| -> Vec<Value> {
+        let mut args = vec![
+            "--model",
+            m.to_str().unwrap(),
+            "--adapter",
+            &named,
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--max-new-tokens",
+            "10",
+            "--json",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        let out = run("peft-generate", &args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let one = gen(&[]);
+    assert_eq!(one.len(), 8);
+    for batch in ["2", "4", "32"] {
+        let many = gen(&["--batch", batch]);
+        assert_eq!(many.len(), 8);
+        for (a, b) in one.iter().zip(&many) {
+            for k in ["prompt", "text", "token_ids", "stop_reason", "adapter"] {
+                assert_eq!(a[k], b[k], "--batch {batch}: {k}");
+            }
+        }
+    }
+    // the adapter changes the answers (so the grouping above was tested)
+    assert_eq!(one[6]["adapter"], "a");
+    assert_ne!(one[6]["token_ids"], one[7]["token_ids"]);
+    let sampled = ["--temperature", "1.0", "--seed", "3", "--batch", "4"];
+    let (a, b) = (gen(&sampled), gen(&sampled));
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["token_ids"], y["token_ids"]);
+    }
+    // plain text: one answer per line, in order
+    let out = run(
+        "peft-generate",
+        &[
+            "--model",
+            m.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--adapter",
+            &named,
+            "--max-new-tokens",
+            "3",
+            "--batch",
+            "3",
+            "--quiet",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.matches('\n').count(), 8, "{text:?}");
+}

@@ -23,7 +23,7 @@ pub struct TrainArgs {
     pub config: Option<PathBuf>,
     #[arg(long)]
     pub model: PathBuf,
-    /// Training data (ppo-train: the prompts; --prompts is the same option)
+    /// Training data (ppo-train, grpo-train: the prompts; --prompts is the same option)
     #[arg(long, alias = "prompts")]
     pub data: PathBuf,
     /// auto, text, alpaca, prompt-completion, messages, sharegpt

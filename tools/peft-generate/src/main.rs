@@ -20,6 +20,8 @@ use std::path::PathBuf;
   peft-generate --model models/smollm2 --chat --prompt 'What is the capital of France?'
   peft-generate --model models/smollm2 --prompt 'Once upon a time' --temperature 0.8 --top-p 0.9 --seed 1
   peft-generate --model models/smollm2 --prompts prompts.jsonl --chat --json > out.jsonl
+  # 16 prompts at a time: several times the tokens per second of one by one on a CPU
+  peft-generate --model models/smollm2 --prompts prompts.jsonl --chat --json --batch 16 > out.jsonl
   # bf16 weights (f32 accumulation): half the bytes read per token
   peft-generate --model models/smollm2 --chat --prompt 'Hi!' --compute-dtype bf16
 
@@ -83,6 +85,13 @@ struct Args {
     /// accumulation (AVX-512 BF16 or AMX where the CPU has them): half the bytes per token
     #[arg(long, default_value = "f32")]
     compute_dtype: String,
+    /// Prompts decoded together (CPU): on a CPU a batch of up to 32 costs about what one
+    /// prompt costs per token, since the weights are read once for all of them. Consecutive
+    /// prompts with the same adapter share a batch; answers come out in prompt order once
+    /// their batch is done (no streaming). Greedy answers equal --batch 1's; sampled ones
+    /// are reproducible for the same --batch and --seed
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    batch: usize,
     /// Worker threads (0 = one per core)
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -180,12 +189,56 @@ fn run(args: Args) -> Result<()> {
         .collect();
     let mut generator = Generator::new(device, &model, &dirs)?;
     let stdout = std::io::stdout();
+    if args.batch == 0 {
+        return Err(Error::usage("--batch must be at least 1"));
+    }
+    let resolve = |c: &Choice| -> Result<Option<usize>> {
+        match c {
+            Choice::Default => Ok(default_slot),
+            Choice::Base => Ok(None),
+            Choice::Named(n) => slot_of(n),
+        }
+    };
+    if args.batch > 1 {
+        // consecutive prompts with the same adapter, up to --batch at a time
+        let mut i = 0;
+        while i < prompts.len() {
+            let adapter = resolve(&prompts[i].adapter)?;
+            let mut j = i + 1;
+            while j < prompts.len()
+                && j - i < args.batch
+                && resolve(&prompts[j].adapter)? == adapter
+            {
+                j += 1;
+            }
+            let encoded: Vec<(String, Vec<u32>)> = prompts[i..j]
+                .iter()
+                .map(|p| encode_prompt(&p.body, &args, &tok))
+                .collect::<Result<_>>()?;
+            let ids: Vec<&[u32]> = encoded.iter().map(|(_, ids)| ids.as_slice()).collect();
+            let start = std::time::Instant::now();
+            let outs = generator.generate_batch(&ids, &params, &eos, &mut rng, adapter)?;
+            let secs = start.elapsed().as_secs_f64();
+            for ((shown, ids), (out, reason)) in encoded.iter().zip(outs) {
+                let text = tok.decode(&out, true)?;
+                emit(
+                    &args,
+                    &stdout,
+                    shown,
+                    ids.len(),
+                    &text,
+                    &out,
+                    reason,
+                    adapter.map(|s| names[s].as_str()),
+                    secs,
+                )?;
+            }
+            i = j;
+        }
+        return Ok(());
+    }
     for prompt in prompts {
-        let adapter = match &prompt.adapter {
-            Choice::Default => default_slot,
-            Choice::Base => None,
-            Choice::Named(n) => slot_of(n)?,
-        };
+        let adapter = resolve(&prompt.adapter)?;
         let (shown, ids) = encode_prompt(&prompt.body, &args, &tok)?;
         let start = std::time::Instant::now();
         let mut printed = String::new();
@@ -210,26 +263,58 @@ fn run(args: Args) -> Result<()> {
         })?;
         let text = tok.decode(&out, true)?;
         let secs = start.elapsed().as_secs_f64();
-        let mut lock = stdout.lock();
-        if args.json {
-            let line = json!({
-                "prompt": shown,
-                "text": text,
-                "token_ids": out,
-                "stop_reason": reason,
-                "adapter": adapter.map(|s| names[s].clone()),
-                "prompt_tokens": ids.len(),
-                "tokens_per_second": out.len() as f64 / secs.max(1e-9),
-            });
-            writeln!(lock, "{line}").map_err(|e| Error::io("stdout", e))?;
+        // the streamed part is out already: print the rest
+        let rest = if !args.json && text.len() > printed.len() && text.starts_with(&printed) {
+            &text[printed.len()..]
+        } else if args.json {
+            text.as_str()
         } else {
-            if text.len() > printed.len() && text.starts_with(&printed) {
-                let _ = lock.write_all(&text.as_bytes()[printed.len()..]);
-            }
-            writeln!(lock).map_err(|e| Error::io("stdout", e))?;
-        }
+            ""
+        };
+        emit(
+            &args,
+            &stdout,
+            &shown,
+            ids.len(),
+            rest,
+            &out,
+            reason,
+            adapter.map(|s| names[s].as_str()),
+            secs,
+        )?;
     }
     Ok(())
+}
+
+/// One answer: a JSON line, or the text (what was not streamed yet) and a newline.
+#[allow(clippy::too_many_arguments)]
+fn emit(
+    args: &Args,
+    stdout: &std::io::Stdout,
+    shown: &str,
+    prompt_tokens: usize,
+    text: &str,
+    out: &[u32],
+    reason: peftkit_core::generate::StopReason,
+    adapter: Option<&str>,
+    secs: f64,
+) -> Result<()> {
+    let mut lock = stdout.lock();
+    if args.json {
+        let line = json!({
+            "prompt": shown,
+            "text": text,
+            "token_ids": out,
+            "stop_reason": reason,
+            "adapter": adapter,
+            "prompt_tokens": prompt_tokens,
+            "tokens_per_second": out.len() as f64 / secs.max(1e-9),
+        });
+        writeln!(lock, "{line}").map_err(|e| Error::io("stdout", e))
+    } else {
+        let _ = lock.write_all(text.as_bytes());
+        writeln!(lock).map_err(|e| Error::io("stdout", e))
+    }
 }
 
 fn collect_prompts(args: &Args) -> Result<Vec<Prompt>> {
