@@ -99,6 +99,7 @@ fn grpo_raises_a_verifiable_reward_and_writes_a_loadable_adapter() {
         "reward_regex0",
         "frac_reward_zero_std",
         "clip_ratio_region",
+        "entropy",
         "response_length",
         "truncated_fraction",
         "grad_norm",

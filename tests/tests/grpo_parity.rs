@@ -291,6 +291,13 @@ fn losses_and_gradients_of_every_case_match_trl() {
                 "{case}: kl {kl} vs {w}"
             );
         }
+        // TRL's entropy metric: the policy's tempered entropy, averaged over counted tokens
+        let ent = obj.entropy_sum / obj.out.tokens as f64;
+        let w = m["entropy"].as_f64().unwrap();
+        assert!(
+            (ent - w).abs() <= 1e-4 * w.abs(),
+            "{case}: entropy {ent} vs {w}"
+        );
         let count = match level {
             RatioLevel::Token => obj.out.tokens,
             RatioLevel::Sequence => obj.out.completions,

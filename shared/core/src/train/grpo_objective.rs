@@ -36,6 +36,8 @@ pub struct GrpoObjective {
     pub out: LossOutput,
     /// Per sequence, per completion token: the current log-probs (0 where not counted).
     pub logp: Vec<Vec<f64>>,
+    /// Σ over the counted tokens of the entropy of the policy's (tempered) distribution.
+    pub entropy_sum: f64,
 }
 
 impl GrpoObjective {
@@ -47,6 +49,7 @@ impl GrpoObjective {
             temperature,
             out: LossOutput::default(),
             logp: Vec::new(),
+            entropy_sum: 0.0,
         }
     }
 }
@@ -84,7 +87,9 @@ impl Objective for GrpoObjective {
                 }
             }
         }
-        let flat = policy_head::rows_logp(ctx, &rows, self.temperature)?;
+        let scale = policy_head::logit_scale(self.temperature);
+        let (flat, entropy) = policy_head::rows_logp_entropy(ctx, &rows, scale, true)?;
+        self.entropy_sum = entropy.iter().sum();
         let mut logp: Vec<Vec<f64>> = self.seqs.iter().map(|s| vec![0.0; s.mask.len()]).collect();
         for (&(k, t), &v) in at.iter().zip(&flat) {
             logp[k][t] = v;

@@ -284,6 +284,8 @@ fn collect(
 struct UpdateStats {
     loss: f64,
     kl_sum: f64,
+    /// Σ entropy over the counted tokens of the first iteration
+    entropy_sum: f64,
     low: f64,
     high: f64,
     region: f64,
@@ -360,6 +362,9 @@ fn update(
                 }
                 st.loss += out.loss;
                 st.kl_sum += out.kl_sum;
+                if it == 0 {
+                    st.entropy_sum += obj.entropy_sum;
+                }
                 st.low += out.low_clipped;
                 st.high += out.high_clipped;
                 st.region += out.region_clipped;
@@ -742,6 +747,10 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
                 json!(up.kl_sum / up.tokens_counted.max(1) as f64),
             );
         }
+        rec.insert(
+            "entropy".into(),
+            json!(up.entropy_sum / (up.tokens_counted / o.iterations).max(1) as f64),
+        );
         let cc = up.clip_count.max(1) as f64;
         rec.insert("clip_ratio_low".into(), json!(up.low / cc));
         rec.insert("clip_ratio_high".into(), json!(up.high / cc));

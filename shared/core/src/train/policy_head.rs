@@ -17,6 +17,16 @@ fn inv_temperature(temperature: f32) -> f32 {
     1.0 / (temperature + 1e-7)
 }
 
+/// The logits' factor [`rows_logp`] and [`rows_logp_backward`] use: exactly 1 at temperature
+/// 1, else 1 / (T + 1e-7).
+pub fn logit_scale(temperature: f32) -> f64 {
+    if temperature == 1.0 {
+        1.0
+    } else {
+        inv_temperature(temperature) as f64
+    }
+}
+
 /// The hidden states divided by the temperature (None at temperature 1: use them as they are).
 fn tempered(ctx: &ObjectiveCtx, temperature: f32) -> Option<Vec<f32>> {
     let inv_t = inv_temperature(temperature);
@@ -110,4 +120,76 @@ pub fn rows_logp_backward(
         ),
     }
     Ok(())
+}
+
+/// log π(target) of every row and the entropy of each row's distribution, both with the
+/// logits times `inv_t` (1 / temperature), in one pass through the head (no gradient): on the
+/// host in f64 from chunks of logits, or where a GPU engine keeps the hidden states. Entropies
+/// are 0 unless `want_entropy`.
+pub fn rows_logp_entropy(
+    ctx: &ObjectiveCtx,
+    rows: &Rows,
+    inv_t: f64,
+    want_entropy: bool,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    Ok(match ctx.rows_ce {
+        Some(ce) => {
+            let mut nll = vec![0f64; rows.len()];
+            let mut ent = vec![0f64; rows.len()];
+            let want = want_entropy.then_some(&mut ent[..]);
+            ce.run(rows, inv_t as f32, &|_| 0.0, None, &mut nll, want)?;
+            (nll.iter().map(|l| -l).collect(), ent)
+        }
+        None => tempered_logp_entropy(ctx, rows, inv_t, want_entropy),
+    })
+}
+
+/// log softmax(z)[target] and the entropy of softmax(z), z = (h · Wᵀ) · inv_t, per row, in
+/// chunks so that the logits of a whole batch never exist at once.
+fn tempered_logp_entropy(
+    ctx: &ObjectiveCtx,
+    rows: &[(usize, u32)],
+    inv_t: f64,
+    want_entropy: bool,
+) -> (Vec<f64>, Vec<f64>) {
+    let (h, vocab) = (ctx.model.config.hidden, ctx.model.config.vocab);
+    use rayon::prelude::*;
+    const CHUNK: usize = 128;
+    let mut logp = Vec::with_capacity(rows.len());
+    let mut ent = Vec::with_capacity(rows.len());
+    let mut x = vec![0f32; CHUNK.min(rows.len().max(1)) * h];
+    let mut logits = vec![0f32; CHUNK.min(rows.len().max(1)) * vocab];
+    for chunk in rows.chunks(CHUNK) {
+        let n = chunk.len();
+        for (i, &(r, _)) in chunk.iter().enumerate() {
+            x[i * h..(i + 1) * h].copy_from_slice(&ctx.hidden[r * h..(r + 1) * h]);
+        }
+        let lg = &mut logits[..n * vocab];
+        loss::Head::of(ctx.model, ctx.head_pack).logits(&x[..n * h], lg, n, vocab, h);
+        let out: Vec<(f64, f64)> = lg
+            .par_chunks(vocab)
+            .zip(chunk.par_iter())
+            .map(|(row, &(_, t))| {
+                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64 * inv_t;
+                let mut sum = 0f64;
+                let mut zsum = 0f64;
+                for &v in row {
+                    let z = v as f64 * inv_t;
+                    let e = (z - max).exp();
+                    sum += e;
+                    if want_entropy {
+                        zsum += e * z;
+                    }
+                }
+                let lse = max + sum.ln();
+                let lp = row[t as usize] as f64 * inv_t - lse;
+                (lp, if want_entropy { lse - zsum / sum } else { 0.0 })
+            })
+            .collect();
+        for (a, b) in out {
+            logp.push(a);
+            ent.push(b);
+        }
+    }
+    (logp, ent)
 }

@@ -6,8 +6,8 @@
 
 use super::backend::Backend;
 use super::engine::{Batch, Engine, Objective, ObjectiveCtx, StepStats};
-use super::loss;
 use super::params::TrainState;
+use super::policy_head;
 use crate::error::{Error, Result};
 use crate::kernels::gemm;
 use crate::model::Model;
@@ -100,7 +100,7 @@ impl Objective for RolloutEval {
         _dh: &mut [f32],
     ) -> Result<StepStats> {
         let m = ctx.model;
-        let (h, vocab) = (m.config.hidden, m.config.vocab);
+        let h = m.config.hidden;
         let inv_t = 1.0 / (self.temperature as f64 + 1e-7);
         let mut rows = Vec::new();
         for ((ids, &(first, _)), &(q, r, _)) in
@@ -113,17 +113,7 @@ impl Objective for RolloutEval {
                 rows.push((first + q + t - 1, ids[q + t]));
             }
         }
-        let (logp, ent) = match ctx.rows_ce {
-            // On a device (the GPU engine): the LM head runs where the hidden states are.
-            Some(ce) => {
-                let mut nll = vec![0f64; rows.len()];
-                let mut ent = vec![0f64; rows.len()];
-                let want = self.entropy.then_some(&mut ent[..]);
-                ce.run(&rows, inv_t as f32, &|_| 0.0, None, &mut nll, want)?;
-                (nll.iter().map(|l| -l).collect::<Vec<f64>>(), ent)
-            }
-            None => tempered_logp_entropy(ctx, &rows, h, vocab, inv_t, self.entropy),
-        };
+        let (logp, ent) = policy_head::rows_logp_entropy(ctx, &rows, inv_t, self.entropy)?;
         let (mut k, mut lp, mut en, mut vals) = (0, Vec::new(), Vec::new(), Vec::new());
         for (&(first, _), &(q, r, terminal)) in ctx.seq_rows.iter().zip(&self.seqs) {
             lp.push(logp[k..k + r].to_vec());
@@ -150,55 +140,4 @@ impl Objective for RolloutEval {
             loss_tokens: rows.len(),
         })
     }
-}
-
-/// log softmax(z)[target] and the entropy of softmax(z), z = (h · Wᵀ) · inv_t, per row, in
-/// chunks so that the logits of a whole batch never exist at once.
-fn tempered_logp_entropy(
-    ctx: &ObjectiveCtx,
-    rows: &[(usize, u32)],
-    h: usize,
-    vocab: usize,
-    inv_t: f64,
-    want_entropy: bool,
-) -> (Vec<f64>, Vec<f64>) {
-    use rayon::prelude::*;
-    const CHUNK: usize = 128;
-    let mut logp = Vec::with_capacity(rows.len());
-    let mut ent = Vec::with_capacity(rows.len());
-    let mut x = vec![0f32; CHUNK.min(rows.len().max(1)) * h];
-    let mut logits = vec![0f32; CHUNK.min(rows.len().max(1)) * vocab];
-    for chunk in rows.chunks(CHUNK) {
-        let n = chunk.len();
-        for (i, &(r, _)) in chunk.iter().enumerate() {
-            x[i * h..(i + 1) * h].copy_from_slice(&ctx.hidden[r * h..(r + 1) * h]);
-        }
-        let lg = &mut logits[..n * vocab];
-        loss::Head::of(ctx.model, ctx.head_pack).logits(&x[..n * h], lg, n, vocab, h);
-        let out: Vec<(f64, f64)> = lg
-            .par_chunks(vocab)
-            .zip(chunk.par_iter())
-            .map(|(row, &(_, t))| {
-                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64 * inv_t;
-                let mut sum = 0f64;
-                let mut zsum = 0f64;
-                for &v in row {
-                    let z = v as f64 * inv_t;
-                    let e = (z - max).exp();
-                    sum += e;
-                    if want_entropy {
-                        zsum += e * z;
-                    }
-                }
-                let lse = max + sum.ln();
-                let lp = row[t as usize] as f64 * inv_t - lse;
-                (lp, if want_entropy { lse - zsum / sum } else { 0.0 })
-            })
-            .collect();
-        for (a, b) in out {
-            logp.push(a);
-            ent.push(b);
-        }
-    }
-    (logp, ent)
 }
