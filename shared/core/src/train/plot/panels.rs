@@ -1,8 +1,8 @@
 //! Which curves go together: one panel per quantity, each with its training series and its
 //! held-out (`eval_`) counterpart. The panels a log gets follow from the fields it has, so
 //! the same table serves peft-train (loss, lr), rm-train and dpo-train (loss, accuracy, margin,
-//! lr), ppo-train (score, KL, response length, lr) and grpo-train (reward, KL, completion
-//! length, lr).
+//! lr), ppo-train (score, KL, entropy, response length, lr) and grpo-train (reward, KL,
+//! entropy, completion length, lr).
 
 use super::metrics::Series;
 
@@ -14,6 +14,7 @@ const PANELS: &[(&str, &[&str])] = &[
     ("score", &["score_mean", "rlhf_reward", "eval_score"]),
     ("reward", &["reward", "eval_reward"]),
     ("KL to the reference", &["kl", "eval_kl"]),
+    ("entropy", &["entropy"]),
     (
         "response length",
         &["response_length", "eval_response_length"],
@@ -65,9 +66,9 @@ mod tests {
         assert_eq!(p[0].series[1].name, "eval_loss");
         let p = panels(&[s("score_mean"), s("kl"), s("eval_kl")]);
         assert_eq!(p.len(), 2);
-        let p = panels(&[s("reward"), s("eval_reward"), s("kl")]);
+        let p = panels(&[s("reward"), s("eval_reward"), s("kl"), s("entropy")]);
         let titles: Vec<&str> = p.iter().map(|p| p.title.as_str()).collect();
-        assert_eq!(titles, ["reward", "KL to the reference"]);
+        assert_eq!(titles, ["reward", "KL to the reference", "entropy"]);
         assert!(panels(&[s("grad_norm")]).is_empty());
     }
 }
