@@ -90,6 +90,7 @@ bench: build model data venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/ppo.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/dpo.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/grpo.sh
+	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) DTYPE=bf16 bash bench/grpo.sh
 
 bench-methods: build model data venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/methods.sh

@@ -36,7 +36,9 @@
 # timing: the prompt tokens of every step are equal on both sides (same prompts, same order).
 # Results: bench/out/grpo/results.json and a markdown table on stdout.
 #
-# Environment: MODEL BIN VENV THREADS DATA STEPS SKIP RUNS WAIT_FOR (defaults below). About
+# DTYPE=bf16: both sides in bf16 mixed precision instead (grpo-train --compute-dtype bf16, TRL
+# GRPOConfig bf16=True: autocast over f32 weights; its default), results in bench/out/grpo-bf16.
+# Environment: MODEL BIN VENV THREADS DATA STEPS SKIP RUNS WAIT_FOR DTYPE (defaults below). About
 # 5 minutes on 2 Zen 5 cores with the defaults (297 s measured). Never builds: $BIN must hold
 # grpo-train, peft-generate and peft-eval.
 set -euo pipefail
@@ -51,7 +53,11 @@ RUNS=${RUNS:-2}
 # Optional, on a shared machine: a pgrep -f pattern of other jobs to wait out before each timed
 # run (20 s polls, 15 min at most), which also waits until the CPUs are at least 85 % idle.
 WAIT_FOR=${WAIT_FOR:-}
-OUT=bench/out/grpo
+# f32, or bf16: grpo-train --compute-dtype bf16 against TRL's bf16 mixed precision (GRPOConfig
+# bf16=True, its own default: autocast with f32 weights); results in bench/out/grpo-bf16.
+DTYPE=${DTYPE:-f32}
+case "$DTYPE" in f32) OUT=bench/out/grpo ;; bf16) OUT=bench/out/grpo-bf16 ;;
+  *) echo "DTYPE must be f32 or bf16" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 PY="$VENV/bin/python"
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS RAYON_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false
@@ -98,14 +104,14 @@ ours() { # run
     --max-prompt-len "$PROMPTLEN" --temperature 1 --top-p 1 --top-k 0 --beta "$BETA" --loss-type dapo \
     --num-iterations 1 --lr "$LR" --schedule linear --clip 1.0 --weight-decay 0 --rank 16 --alpha 32 \
     --target q_proj,v_proj --dropout 0 --reward 'regex:the' --eval-prompts 0 --save-every 1000000 \
-    --steps "$STEPS" --seed "$SEED" --threads "$THREADS" --log "$OUT/ours_$1.log" \
+    --steps "$STEPS" --seed "$SEED" --threads "$THREADS" --compute-dtype "$DTYPE" --log "$OUT/ours_$1.log" \
     > "$OUT/ours_$1.stdout" 2> "$OUT/ours_$1.stderr"
   echo "  run $1 grpo-train: rss $(rss_mb "$OUT/ours_$1.time") MB, others' CPU share $(cat "$OUT/ours_$1.others"); $(grep -m1 '^prompts' "$OUT/ours_$1.stderr")" >&2
 }
 trl() { # run
   timed "trl_$1" "$PY" bench/grpo_reference.py train --model "$MODEL" --prompts "$OUT/prompts.jsonl" \
     --threads "$THREADS" --batch "$BATCH" --num-generations "$GENS" --max-completion-length "$MAXLEN" \
-    --steps "$STEPS" --beta "$BETA" --lr "$LR" --seed "$SEED" --out "$OUT/trl_$1.json" \
+    --steps "$STEPS" --beta "$BETA" --lr "$LR" --seed "$SEED" --out "$OUT/trl_$1.json" $([ "$DTYPE" = bf16 ] && echo --bf16) \
     > "$OUT/trl_$1.stdout" 2> "$OUT/trl_$1.stderr"
   echo "  run $1 TRL: rss $(rss_mb "$OUT/trl_$1.time") MB, others' CPU share $(cat "$OUT/trl_$1.others"); $(tail -n1 "$OUT/trl_$1.stdout" | head -c 120)" >&2
 }
@@ -118,9 +124,10 @@ for run in $(seq "$RUNS"); do
   measure trl "$run"
 done
 
-"$PY" - "$OUT" "$RUNS" "$SKIP" "$STEPS" "$((BATCH * GENS))" "$((SECONDS - start))" <<'PY'
+"$PY" - "$OUT" "$RUNS" "$SKIP" "$STEPS" "$((BATCH * GENS))" "$((SECONDS - start))" "$DTYPE" <<'PY'
 import json, re, sys
 out, runs, skip, steps, rows, script_s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+dtype = sys.argv[7]
 
 def time_v(path):
     t = open(path).read()
@@ -206,7 +213,7 @@ def row(label, key, fmt, f=max, ratio="speed"):
     r = {"speed": f"{bo / bt:.2f}×", "time": f"{bt / bo:.2f}×", "ratio": f"{bo / bt:.2f}×", "none": "—"}[ratio]
     print(f"| {label}{listed} | {fmt.format(bo)} | {fmt.format(bt)} | {r} |")
 
-print(f"GRPO, SmolLM2-135M-Instruct (f32), LoRA r16 α32 q,v, {rows // 8} prompts × 8 completions ≤ 64 tokens, β 0.04, "
+print(f"GRPO, SmolLM2-135M-Instruct ({'f32' if dtype == 'f32' else 'bf16 compute, f32 weights'}), LoRA r16 α32 q,v, {rows // 8} prompts × 8 completions ≤ 64 tokens, β 0.04, "
       f"steps {skip + 1}..{steps} of {steps}" + (f", best of {runs}" if runs > 1 else "") + "\n")
 print("| metric | grpo-train | TRL 1.16 GRPOTrainer | grpo-train vs TRL |")
 print("|---|---|---|---|")

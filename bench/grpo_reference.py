@@ -74,6 +74,8 @@ p.add_argument("--steps", type=int, default=4)
 p.add_argument("--beta", type=float, default=0.04)
 p.add_argument("--lr", type=float, default=5e-6)
 p.add_argument("--seed", type=int, default=42)
+p.add_argument("--bf16", action="store_true",
+               help="train: bf16 mixed precision (GRPOConfig bf16=True: autocast, f32 weights)")
 a = p.parse_args()
 
 import torch
@@ -247,7 +249,7 @@ policy = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
 peft_config = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                          task_type="CAUSAL_LM")
 args = GRPOConfig(
-    output_dir="bench/out/grpo/trl_run", use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
+    output_dir="bench/out/grpo/trl_run", use_cpu=True, bf16=a.bf16, fp16=False, activation_checkpointing=False,
     per_device_train_batch_size=rollout_rows, gradient_accumulation_steps=1, steps_per_generation=1,
     num_generations=a.num_generations, num_iterations=1, max_completion_length=a.max_completion_length,
     temperature=1.0, top_p=1.0, top_k=0, generation_kwargs={"eos_token_id": [EOS]},
