@@ -22,8 +22,8 @@ use super::rewards::{RewardFn, RewardSpec, Scored};
 use super::rollout::Response;
 use super::rollout_eval::{eval_rollouts, Under};
 use super::trainer::{
-    attach_method, final_checkpoint, next_window, prepare_output, resumed_in_place,
-    save_checkpoint, save_output, split_validation, start_progress, stop_on_ctrl_c, write_log,
+    attach_method, checkpoint_if_due, final_checkpoint, next_window, prepare_output,
+    resumed_in_place, save_output, split_validation, start_progress, stop_on_ctrl_c, write_log,
     Method, TrainOptions,
 };
 use crate::error::{Error, Result};
@@ -662,16 +662,7 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
             &stop,
         )?;
         if let Some(e) = &e {
-            crate::cli::info(format!(
-                "before training: mean reward {:.4}, completion length {:.1} ({} prompts)",
-                e.reward,
-                e.response_length,
-                eval_set.len()
-            ));
-            write_log(
-                &mut log,
-                json!({"step": 0, "eval_reward": finite(e.reward), "eval_response_length": e.response_length}),
-            )?;
+            report_eval(&mut log, "before", 0, e, eval_set.len())?;
         }
         e
     } else {
@@ -774,12 +765,17 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
         rec.insert("update_seconds".into(), json!(update_s));
         write_log(&mut log, Value::Object(rec))?;
         let stop_now = stop_flag.load(Ordering::SeqCst);
-        if (t.save_every > 0 && prog.step.is_multiple_of(t.save_every)) || stop_now {
-            // A GPU's optimizer holds the current values and moments.
-            backend.sync_to_host(&mut model, &mut state)?;
-            save_checkpoint(&t.out, &model, &state, &prog)?;
-            saved_at = Some(prog.step);
-        }
+        checkpoint_if_due(
+            &t.out,
+            t.save_every,
+            stop_now,
+            true,
+            &mut backend,
+            &mut model,
+            &mut state,
+            &prog,
+            &mut saved_at,
+        )?;
         if stop_now {
             interrupted = true;
             break;
@@ -812,16 +808,7 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
         &stop,
     )?;
     if let Some(e) = &after {
-        crate::cli::info(format!(
-            "after training: mean reward {:.4}, completion length {:.1} ({} prompts)",
-            e.reward,
-            e.response_length,
-            eval_set.len()
-        ));
-        write_log(
-            &mut log,
-            json!({"step": prog.step, "eval_reward": finite(e.reward), "eval_response_length": e.response_length}),
-        )?;
+        report_eval(&mut log, "after", prog.step, e, eval_set.len())?;
     }
     save_output(&topts, &attached, &model, &state, "CAUSAL_LM")?;
     Ok(GrpoSummary {
@@ -830,6 +817,24 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
         after,
         interrupted,
     })
+}
+
+/// Prints an evaluation of the policy (`when`: before or after training) and logs it.
+fn report_eval(
+    log: &mut Option<std::fs::File>,
+    when: &str,
+    step: u64,
+    e: &PolicyEval,
+    prompts: usize,
+) -> Result<()> {
+    crate::cli::info(format!(
+        "{when} training: mean reward {:.4}, completion length {:.1} ({prompts} prompts)",
+        e.reward, e.response_length
+    ));
+    write_log(
+        log,
+        json!({"step": step, "eval_reward": finite(e.reward), "eval_response_length": e.response_length}),
+    )
 }
 
 /// JSON has no NaN: a quantity nothing could score is logged as null.

@@ -25,8 +25,8 @@ use super::rewards::RewardModel;
 use super::rollout::Response;
 use super::rollout_eval::{eval_rollouts, Under};
 use super::trainer::{
-    attach_method, final_checkpoint, next_window, prepare_output, resumed_in_place,
-    save_checkpoint, save_output, split_validation, start_progress, stop_on_ctrl_c, write_log,
+    attach_method, checkpoint_if_due, final_checkpoint, next_window, prepare_output,
+    resumed_in_place, save_output, split_validation, start_progress, stop_on_ctrl_c, write_log,
     Method, TrainOptions,
 };
 use crate::error::{Error, Result};
@@ -739,12 +739,17 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
             }),
         )?;
         let stop_now = stop_flag.load(Ordering::SeqCst);
-        if (t.save_every > 0 && prog.step.is_multiple_of(t.save_every)) || stop_now {
-            // A GPU's optimizer holds the current values and moments.
-            backend.sync_to_host(&mut model, &mut state)?;
-            save_checkpoint(&t.out, &model, &state, &prog)?;
-            saved_at = Some(prog.step);
-        }
+        checkpoint_if_due(
+            &t.out,
+            t.save_every,
+            stop_now,
+            true,
+            &mut backend,
+            &mut model,
+            &mut state,
+            &prog,
+            &mut saved_at,
+        )?;
         if stop_now {
             interrupted = true;
             break;

@@ -10,8 +10,8 @@ use super::pairs::{load_pairs, Pair, PairOptions};
 use super::params::{ParamState, Slot, TrainState};
 use super::preference::{DpoLoss, DpoObjective, RewardLoss, SeqLogprobs};
 use super::trainer::{
-    attach_method, final_checkpoint, next_window, prepare_output, resumed_in_place,
-    save_checkpoint, save_output, split_validation, start_progress, stop_on_ctrl_c, write_log,
+    attach_method, checkpoint_if_due, final_checkpoint, next_window, prepare_output,
+    resumed_in_place, save_output, split_validation, start_progress, stop_on_ctrl_c, write_log,
     Method, TrainOptions,
 };
 use crate::dist::Communicator;
@@ -564,13 +564,17 @@ fn run_steps(opts: &PrefOptions) -> Result<PrefSummary> {
         // Data parallel: Ctrl-C reaches the ranks at different moments; all stop together.
         let interrupted_now =
             crate::dist::any(comm, stop.load(Ordering::SeqCst))? || stop_after == Some(prog.step);
-        if (t.save_every > 0 && prog.step.is_multiple_of(t.save_every)) || interrupted_now {
-            if rank0 {
-                backend.sync_to_host(&mut model, &mut state)?;
-                save_checkpoint(&t.out, &model, &state, &prog)?;
-            }
-            saved_at = Some(prog.step);
-        }
+        checkpoint_if_due(
+            &t.out,
+            t.save_every,
+            interrupted_now,
+            rank0,
+            &mut backend,
+            &mut model,
+            &mut state,
+            &prog,
+            &mut saved_at,
+        )?;
         if interrupted_now {
             interrupted = true;
             break;

@@ -518,13 +518,17 @@ fn run_steps(opts: &TrainOptions) -> Result<TrainSummary> {
         // Data parallel: Ctrl-C reaches the ranks at different moments; all stop together.
         let interrupted_now =
             crate::dist::any(comm, stop.load(Ordering::SeqCst))? || stop_after == Some(prog.step);
-        if (opts.save_every > 0 && prog.step.is_multiple_of(opts.save_every)) || interrupted_now {
-            if rank0 {
-                backend.sync_to_host(&mut model, &mut state)?;
-                save_checkpoint(&opts.out, &model, &state, &prog)?;
-            }
-            saved_at = Some(prog.step);
-        }
+        checkpoint_if_due(
+            &opts.out,
+            opts.save_every,
+            interrupted_now,
+            rank0,
+            &mut backend,
+            &mut model,
+            &mut state,
+            &prog,
+            &mut saved_at,
+        )?;
         if interrupted_now {
             interrupted = true;
             break;
@@ -840,6 +844,31 @@ pub(crate) fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     Rng::new(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xDA7A).shuffle(&mut order);
     order
+}
+
+/// At the end of a step: a checkpoint in `out` when the step is a multiple of `save_every` or
+/// the run stops after it, written by `writer` (rank 0; the other ranks only note the step).
+/// A GPU's optimizer holds the current values and moments, so they come back first.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn checkpoint_if_due(
+    out: &Path,
+    save_every: u64,
+    stopping: bool,
+    writer: bool,
+    backend: &mut super::backend::Backend,
+    model: &mut Model,
+    state: &mut TrainState,
+    prog: &CkptProgress,
+    saved_at: &mut Option<u64>,
+) -> Result<()> {
+    if (save_every > 0 && prog.step.is_multiple_of(save_every)) || stopping {
+        if writer {
+            backend.sync_to_host(model, state)?;
+            save_checkpoint(out, model, state, prog)?;
+        }
+        *saved_at = Some(prog.step);
+    }
+    Ok(())
 }
 
 pub(crate) fn save_checkpoint(
