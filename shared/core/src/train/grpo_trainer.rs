@@ -170,8 +170,10 @@ fn sample_and_score(
         })
         .collect();
     let mut per_func = vec![Vec::with_capacity(rewards.fns.len()); rep.len()];
+    // a reward model scores a training micro-batch's worth of completions per pass
+    let micro = (o.train.batch * o.num_generations).div_ceil(o.train.grad_accum.max(1));
     for f in rewards.fns.iter_mut() {
-        let r = f.score(model, &items, o.train.batch.max(1))?;
+        let r = f.score(model, &items, micro.max(1))?;
         for (row, v) in per_func.iter_mut().zip(r) {
             row.push(v);
         }
