@@ -10,6 +10,11 @@
 //! - rm-train and dpo-train as 2-process jobs match their single-process runs the same way
 //!   (adapters, step losses and token counts, sharded evaluation); an interrupted distributed
 //!   dpo-train run resumes to the straight one bit for bit.
+//! - grpo-train as 2- and 3-process jobs samples, scores and evaluates exactly what one process
+//!   does and writes its adapter to rounding; an interrupted run resumes bit for bit.
+//! - ppo-train as 2- and 3-process jobs (whole micro-batches per rank) samples the single
+//!   process's responses, logs its scores, KLs and losses and writes its adapter and value head
+//!   to rounding.
 //! - Bad launches fail on every rank with one clean error line: bad variables, no rank 0 at
 //!   MASTER_ADDR:MASTER_PORT, ranks that do not run the same job.
 //!
@@ -854,4 +859,355 @@ fn interrupted_data_parallel_dpo_run_resumes_to_the_straight_run() {
         steps(&straight.with_extension("jsonl")),
         steps(&resumed.with_extension("jsonl"))
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// grpo-train
+
+fn grpo_prompts(dir: &Path, n: usize) -> PathBuf {
+    let p = dir.join("grpo-prompts.jsonl");
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            json!({"prompt": format!("item {i} says"), "answer": (i % 3).to_string()}).to_string()
+        })
+        .collect();
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    p
+}
+
+/// grpo-train's per-step records: (loss, reward, response length, entropy), and the
+/// evaluations: (step, mean reward, completion length).
+#[allow(clippy::type_complexity)]
+fn grpo_log(log: &Path) -> (Vec<[f64; 4]>, Vec<(u64, f64, f64)>) {
+    let lines: Vec<Value> = std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let steps = lines
+        .iter()
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| {
+            [
+                f(v, "loss"),
+                f(v, "reward"),
+                f(v, "response_length"),
+                f(v, "entropy"),
+            ]
+        })
+        .collect();
+    let evals = lines
+        .iter()
+        .filter(|v| v.get("eval_reward").is_some())
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                f(v, "eval_reward"),
+                f(v, "eval_response_length"),
+            )
+        })
+        .collect();
+    (steps, evals)
+}
+
+fn grpo_args(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a = train_args(
+        model,
+        data,
+        out,
+        &[
+            "--reward",
+            "regex: the",
+            "--reward",
+            "answer:answer",
+            "--reward-weights",
+            "1,0.5",
+            "--max-completion-length",
+            "6",
+            "--eval-prompts",
+            "5",
+        ],
+    );
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
+
+/// Each rank samples, scores and trains on its share of every step's completions; with one
+/// generator per completion they sample what one process samples, so the rewards, lengths and
+/// evaluations are the single process's exactly and the adapter and losses within rounding.
+#[test]
+fn data_parallel_grpo_train_matches_the_single_process_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("models").join("llama_gqa");
+    let data = grpo_prompts(dir.path(), 9);
+    // (processes, options): DAPO (the default: the step's tokens are its denominator) with 9
+    // completions split 4/5, a KL penalty and two iterations per batch; the per-sequence loss
+    // with batch-scaled rewards and whole micro-batches per rank; 3 ranks over 4 completions.
+    let cases: &[(usize, &[&str])] = &[
+        (
+            2,
+            &[
+                "--steps",
+                "3",
+                "--batch",
+                "3",
+                "--num-generations",
+                "3",
+                "--beta",
+                "0.04",
+                "--num-iterations",
+                "2",
+            ],
+        ),
+        (
+            2,
+            &[
+                "--steps",
+                "3",
+                "--batch",
+                "2",
+                "--num-generations",
+                "4",
+                "--grad-accum",
+                "2",
+                "--loss-type",
+                "grpo",
+                "--scale-rewards",
+                "batch",
+            ],
+        ),
+        (
+            3,
+            &[
+                "--steps",
+                "2",
+                "--batch",
+                "2",
+                "--num-generations",
+                "2",
+                "--mask-truncated-completions",
+            ],
+        ),
+    ];
+    for (k, &(world, opts)) in cases.iter().enumerate() {
+        let single = dir.path().join(format!("grpo-single-{k}"));
+        let multi = dir.path().join(format!("grpo-multi-{k}"));
+        ok(
+            &tool_cmd("grpo-train", &grpo_args(&model, &data, &single, opts), &[])
+                .output()
+                .unwrap(),
+        );
+        let outs = launch_tool(
+            "grpo-train",
+            world,
+            &grpo_args(&model, &data, &multi, opts),
+            &[],
+        );
+        outs.iter().for_each(|o| {
+            ok(o);
+        });
+        assert!(String::from_utf8_lossy(&outs[0].stdout).contains("mean reward"));
+        assert!(String::from_utf8_lossy(&outs[0].stderr).contains("data parallel: "));
+        for o in &outs[1..] {
+            assert!(o.stdout.is_empty() && o.stderr.is_empty(), "{o:?}");
+        }
+        let (diff, identical) = max_diff(&single, &multi);
+        eprintln!(
+            "grpo case {k}: max |Δ| {diff:e}{}",
+            if identical { " (bit-identical)" } else { "" }
+        );
+        assert!(diff <= 1e-4, "case {k}: adapters differ by {diff}");
+        let (ss, es) = grpo_log(&single.with_extension("jsonl"));
+        let (sm, em) = grpo_log(&multi.with_extension("jsonl"));
+        assert_eq!(ss.len(), sm.len());
+        for (a, b) in ss.iter().zip(&sm) {
+            // the same completions and rewards; losses and entropies summed in other groups
+            assert_eq!(a[1].to_bits(), b[1].to_bits(), "reward {a:?} vs {b:?}");
+            assert_eq!(a[2], b[2], "response length {a:?} vs {b:?}");
+            for j in [0, 3] {
+                assert!(
+                    (a[j] - b[j]).abs() <= 1e-5 * a[j].abs().max(1.0),
+                    "case {k}: {a:?} vs {b:?}"
+                );
+            }
+        }
+        assert_eq!(es.len(), 2);
+        assert_eq!(es, em, "evaluations");
+    }
+}
+
+/// A distributed grpo-train run stopped after step 2 and resumed is the straight run, bit for
+/// bit: the sampling generator comes back from rank 0's checkpoint on every rank.
+#[test]
+fn interrupted_data_parallel_grpo_run_resumes_to_the_straight_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("models").join("llama_gqa");
+    let data = grpo_prompts(dir.path(), 6);
+    let opts = &["--steps", "4", "--batch", "2", "--num-generations", "3"];
+    let straight = dir.path().join("straight");
+    for o in launch_tool(
+        "grpo-train",
+        2,
+        &grpo_args(&model, &data, &straight, opts),
+        &[],
+    ) {
+        ok(&o);
+    }
+    let resumed = dir.path().join("resumed");
+    let args = grpo_args(&model, &data, &resumed, opts);
+    let outs = launch_tool(
+        "grpo-train",
+        2,
+        &args,
+        &[("PEFTKIT_STOP_AFTER_STEP", "2".into())],
+    );
+    for o in &outs {
+        assert_eq!(o.status.code(), Some(130), "{o:?}");
+    }
+    let mut args = args.clone();
+    args.extend(["--resume".to_string(), s(&resumed).to_string()]);
+    for o in launch_tool("grpo-train", 2, &args, &[]) {
+        ok(&o);
+    }
+    let (diff, identical) = max_diff(&straight, &resumed);
+    assert!(identical, "resumed run differs by {diff}");
+    let (a, b) = (
+        grpo_log(&straight.with_extension("jsonl")).0,
+        grpo_log(&resumed.with_extension("jsonl")).0,
+    );
+    assert_eq!(a.len(), 4);
+    for (x, y) in a.iter().zip(&b) {
+        for (p, q) in x.iter().zip(y) {
+            assert_eq!(p.to_bits(), q.to_bits(), "{x:?} vs {y:?}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ppo-train
+
+/// A small reward model (rm-train, a few steps on the preference pairs): any scores will do,
+/// as long as single- and multi-process runs see the same ones.
+fn small_reward_model(dir: &Path, model: &Path) -> PathBuf {
+    let out = dir.join("rm");
+    let pairs = preference_pairs(dir, 8);
+    let args = train_args(model, &pairs, &out, &["--steps", "3", "--batch", "4"]);
+    ok(&tool_cmd("rm-train", &args, &[]).output().unwrap());
+    out
+}
+
+/// ppo-train's per-step records: (score, response length, KL, policy loss, value loss).
+fn ppo_log(log: &Path) -> Vec<[f64; 5]> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("pg_loss").is_some())
+        .map(|v| {
+            ["score_mean", "response_length", "kl", "pg_loss", "vf_loss"]
+                .map(|k| v[k].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// Each rank samples and evaluates its share of every batch and all gather the whole batch
+/// (whitening, GAE and the shuffled mini-batches are the single process's); each trains on its
+/// share of every mini-batch. With whole micro-batches per rank the responses are the single
+/// process's exactly, the scores, KLs, losses and the adapter within rounding.
+#[test]
+fn data_parallel_ppo_train_matches_the_single_process_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("models").join("llama_gqa");
+    let rm = small_reward_model(dir.path(), &model);
+    let data = grpo_prompts(dir.path(), 8);
+    let common = [
+        "--reward-model",
+        s(&rm),
+        "--response-length",
+        "6",
+        "--eval-prompts",
+        "5",
+    ];
+    let cases: &[(usize, &[&str])] = &[
+        (
+            2,
+            &[
+                "--steps",
+                "3",
+                "--batch",
+                "4",
+                "--mini-batches",
+                "2",
+                "--grad-accum",
+                "2",
+                "--ppo-epochs",
+                "2",
+                "--whiten-rewards",
+            ],
+        ),
+        (
+            3,
+            &[
+                "--steps",
+                "2",
+                "--batch",
+                "6",
+                "--mini-batches",
+                "2",
+                "--grad-accum",
+                "3",
+            ],
+        ),
+    ];
+    for (k, &(world, opts)) in cases.iter().enumerate() {
+        let opts: Vec<&str> = common.iter().chain(opts).copied().collect();
+        let single = dir.path().join(format!("ppo-single-{k}"));
+        let multi = dir.path().join(format!("ppo-multi-{k}"));
+        ok(
+            &tool_cmd("ppo-train", &train_args(&model, &data, &single, &opts), &[])
+                .output()
+                .unwrap(),
+        );
+        let outs = launch_tool(
+            "ppo-train",
+            world,
+            &train_args(&model, &data, &multi, &opts),
+            &[],
+        );
+        outs.iter().for_each(|o| {
+            ok(o);
+        });
+        assert!(String::from_utf8_lossy(&outs[0].stdout).contains("mean score"));
+        for o in &outs[1..] {
+            assert!(o.stdout.is_empty() && o.stderr.is_empty(), "{o:?}");
+        }
+        let (diff, identical) = max_diff(&single, &multi);
+        eprintln!(
+            "ppo case {k}: max |Δ| {diff:e}{}",
+            if identical { " (bit-identical)" } else { "" }
+        );
+        assert!(diff <= 1e-4, "case {k}: adapters differ by {diff}");
+        let heads = |d: &Path| read_tensors(&d.join("value_head.safetensors"));
+        for ((_, _, a), (_, _, b)) in heads(&single).iter().zip(&heads(&multi)) {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-4, "value head {x} vs {y}");
+            }
+        }
+        let (ls, lm) = (
+            ppo_log(&single.with_extension("jsonl")),
+            ppo_log(&multi.with_extension("jsonl")),
+        );
+        assert_eq!(ls.len(), lm.len());
+        for (a, b) in ls.iter().zip(&lm) {
+            // the same responses; the reward model scores them in other batches (f32 rounding)
+            assert_eq!(a[1], b[1], "response length {a:?} vs {b:?}");
+            for j in [0, 2, 3, 4] {
+                assert!(
+                    (a[j] - b[j]).abs() <= 1e-5 * a[j].abs().max(1.0),
+                    "case {k}: {a:?} vs {b:?}"
+                );
+            }
+        }
+    }
 }

@@ -6,7 +6,7 @@ use peftkit_core::model::{ForwardOptions, Model};
 use peftkit_core::rng::Rng;
 use peftkit_core::tokenizer::TextTokenizer;
 use peftkit_core::train::prompts::{load_prompts, prompt_ids, PromptOptions};
-use peftkit_core::train::rollout::sample_responses;
+use peftkit_core::train::rollout::{row_rngs, sample_responses};
 use peftkit_tests::fixtures;
 use serde_json::json;
 
@@ -29,8 +29,15 @@ fn batched_sampling_matches_one_sequence_at_a_time() {
         })
         .collect();
     let stop = vec![probe[1][2]];
-    let batched =
-        sample_responses(&model, &prompts, &greedy, &stop, &mut Rng::new(0), &opts).unwrap();
+    let batched = sample_responses(
+        &model,
+        &prompts,
+        &greedy,
+        &stop,
+        &mut vec![Rng::new(0); 3],
+        &opts,
+    )
+    .unwrap();
     for (p, b) in prompts.iter().zip(&batched) {
         let (one, _) =
             generate(&model, p, &greedy, &stop, &mut Rng::new(0), &opts, |_| {}).unwrap();
@@ -38,15 +45,33 @@ fn batched_sampling_matches_one_sequence_at_a_time() {
         assert_eq!(b.stopped, one.last().is_some_and(|t| stop.contains(t)));
     }
     assert!(batched.iter().any(|b| b.stopped) && batched.iter().any(|b| !b.stopped));
-    // sampling is reproducible from the seed
+    // sampling is reproducible from the seed, and each prompt's tokens depend on its own
+    // generator alone: sampled alone, or in another batch (a data-parallel rank's share), a
+    // prompt gets the very tokens it got in the whole batch
     let hot = SamplingParams {
-        max_new_tokens: 5,
+        max_new_tokens: 12,
         temperature: 0.9,
         ..Default::default()
     };
-    let a = sample_responses(&model, &prompts, &hot, &[], &mut Rng::new(7), &opts).unwrap();
-    let b = sample_responses(&model, &prompts, &hot, &[], &mut Rng::new(7), &opts).unwrap();
+    let rngs = row_rngs(&mut Rng::new(7), prompts.len());
+    let a = sample_responses(&model, &prompts, &hot, &[], &mut rngs.clone(), &opts).unwrap();
+    let b = sample_responses(&model, &prompts, &hot, &[], &mut rngs.clone(), &opts).unwrap();
     assert_eq!(a, b);
+    for (i, p) in prompts.iter().enumerate() {
+        let alone =
+            sample_responses(&model, &[p], &hot, &[], &mut [rngs[i].clone()], &opts).unwrap();
+        assert_eq!(alone[0], a[i], "prompt {i}");
+    }
+    let tail = sample_responses(
+        &model,
+        &prompts[1..],
+        &hot,
+        &[],
+        &mut rngs[1..].to_vec(),
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(tail[..], a[1..]);
 }
 
 #[test]

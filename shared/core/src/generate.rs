@@ -183,29 +183,30 @@ impl<'m> Generator<'m> {
 
     /// Several prompts decoded together (one matrix product per layer for all of them, which
     /// on a CPU costs about what one sequence costs: the weights are read once per token).
-    /// Greedy decoding gives what [`Self::generate`] gives prompt by prompt; sampling draws
-    /// from `rng` in prompt order at every step, so a seed reproduces a run of the same batch
-    /// size. On a GPU the prompts run one after another.
+    /// Prompt `i` samples from `rngs[i]` (`train::rollout::row_rngs`), so it gets what
+    /// [`Self::generate`] gives it alone with that generator, greedy or sampled, whatever the
+    /// batch. On a GPU the prompts run one after another.
     pub fn generate_batch(
         &mut self,
         prompts: &[&[u32]],
         params: &SamplingParams,
         eos: &[u32],
-        rng: &mut Rng,
+        rngs: &mut [Rng],
         adapter: Option<usize>,
     ) -> Result<Vec<(Vec<u32>, StopReason)>> {
         #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
         if self.gpu.is_some() {
             return prompts
                 .iter()
-                .map(|p| self.generate(p, params, eos, rng, adapter, |_| {}))
+                .zip(rngs)
+                .map(|(p, rng)| self.generate(p, params, eos, rng, adapter, |_| {}))
                 .collect();
         }
         let opts = ForwardOptions { adapter };
         let mut dec =
             crate::train::rollout::CpuBatchDecoder::new(self.model, prompts.len(), &opts)?;
         let out =
-            crate::train::rollout::sample_responses_with(&mut dec, prompts, params, eos, rng)?;
+            crate::train::rollout::sample_responses_with(&mut dec, prompts, params, eos, rngs)?;
         Ok(out
             .into_iter()
             .map(|r| {

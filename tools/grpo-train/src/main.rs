@@ -240,7 +240,7 @@ fn main() {
             return Ok(());
         }
         cli::info(format!("done: {} steps", s.steps));
-        if let (Some(b), Some(a)) = (s.before, s.after) {
+        if let (Some(b), Some(a), true) = (s.before, s.after, s.rank0) {
             println!(
                 "mean reward {:.4} -> {:.4}, completion length {:.1} -> {:.1}",
                 b.reward, a.reward, b.response_length, a.response_length

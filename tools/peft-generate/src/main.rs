@@ -7,6 +7,7 @@ use peftkit_core::gpu::DeviceSpec;
 use peftkit_core::model::Model;
 use peftkit_core::rng::Rng;
 use peftkit_core::tokenizer::{Message, TextTokenizer};
+use peftkit_core::train::rollout::row_rngs;
 use peftkit_core::{cli, kernels, Error, Result};
 use serde_json::{json, Value};
 use std::io::Write;
@@ -88,8 +89,8 @@ struct Args {
     /// Prompts decoded together (CPU): on a CPU a batch of up to 32 costs about what one
     /// prompt costs per token, since the weights are read once for all of them. Consecutive
     /// prompts with the same adapter share a batch; answers come out in prompt order once
-    /// their batch is done (no streaming). Greedy answers equal --batch 1's; sampled ones
-    /// are reproducible for the same --batch and --seed
+    /// their batch is done (no streaming). Answers equal --batch 1's, greedy or sampled
+    /// with the same --seed (a generator per prompt)
     #[arg(long, default_value_t = 1, value_name = "N")]
     batch: usize,
     /// Worker threads (0 = one per core)
@@ -217,7 +218,8 @@ fn run(args: Args) -> Result<()> {
                 .collect::<Result<_>>()?;
             let ids: Vec<&[u32]> = encoded.iter().map(|(_, ids)| ids.as_slice()).collect();
             let start = std::time::Instant::now();
-            let outs = generator.generate_batch(&ids, &params, &eos, &mut rng, adapter)?;
+            let mut rngs = row_rngs(&mut rng, ids.len());
+            let outs = generator.generate_batch(&ids, &params, &eos, &mut rngs, adapter)?;
             let secs = start.elapsed().as_secs_f64();
             for ((shown, ids), (out, reason)) in encoded.iter().zip(outs) {
                 let text = tok.decode(&out, true)?;
@@ -243,24 +245,27 @@ fn run(args: Args) -> Result<()> {
         let start = std::time::Instant::now();
         let mut printed = String::new();
         let mut generated: Vec<u32> = Vec::new();
-        let (out, reason) = generator.generate(&ids, &params, &eos, &mut rng, adapter, |t| {
-            if args.json {
-                return;
-            }
-            // Stream: print what decoding added, once it is no longer a partial character.
-            generated.push(t);
-            if let Ok(text) = tok.decode(&generated, true) {
-                if !text.ends_with('\u{FFFD}')
-                    && text.len() > printed.len()
-                    && text.starts_with(&printed)
-                {
-                    let mut lock = stdout.lock();
-                    let _ = lock.write_all(&text.as_bytes()[printed.len()..]);
-                    let _ = lock.flush();
-                    printed = text;
+        // a generator of its own per prompt, as in batches: a seed gives the same text at any --batch
+        let mut prompt_rng = row_rngs(&mut rng, 1).remove(0);
+        let (out, reason) =
+            generator.generate(&ids, &params, &eos, &mut prompt_rng, adapter, |t| {
+                if args.json {
+                    return;
                 }
-            }
-        })?;
+                // Stream: print what decoding added, once it is no longer a partial character.
+                generated.push(t);
+                if let Ok(text) = tok.decode(&generated, true) {
+                    if !text.ends_with('\u{FFFD}')
+                        && text.len() > printed.len()
+                        && text.starts_with(&printed)
+                    {
+                        let mut lock = stdout.lock();
+                        let _ = lock.write_all(&text.as_bytes()[printed.len()..]);
+                        let _ = lock.flush();
+                        printed = text;
+                    }
+                }
+            })?;
         let text = tok.decode(&out, true)?;
         let secs = start.elapsed().as_secs_f64();
         // the streamed part is out already: print the rest

@@ -189,7 +189,7 @@ fn main() {
             return Ok(());
         }
         cli::info(format!("done: {} steps", s.steps));
-        if let (Some(b), Some(a)) = (s.before, s.after) {
+        if let (Some(b), Some(a), true) = (s.before, s.after, s.rank0) {
             println!(
                 "mean score {:.4} -> {:.4}, KL to the reference {:.4} -> {:.4}, response length {:.1} -> {:.1}",
                 b.score, a.score, b.kl, a.kl, b.response_length, a.response_length

@@ -83,19 +83,6 @@ pub fn rank_device(device: crate::gpu::DeviceSpec) -> crate::gpu::DeviceSpec {
     }
 }
 
-/// Refuse to run as one rank of several: for the tools whose loops do not shard their data
-/// yet (each process would train alone and all would write the same output).
-pub fn single_process_only(tool: &str) -> Result<()> {
-    let env = DistEnv::from_env()?;
-    if env.is_distributed() {
-        return Err(Error::usage(format!(
-            "{tool} does not train data-parallel yet (WORLD_SIZE={}): run it as one process (peft-train does: docs/distributed.md)",
-            env.world
-        )));
-    }
-    Ok(())
-}
-
 /// Make every rank but 0 quiet (no info lines, no progress bars: the launcher interleaves the
 /// ranks' outputs); rank 0 says what the job is. Returns whether this is rank 0, the one rank
 /// that writes files and prints results. Warnings and errors still show on every rank.
@@ -143,6 +130,27 @@ pub fn shard_window(
         .chunks(batch.max(1))
         .map(<[usize]>::to_vec)
         .collect()
+}
+
+/// Every rank's rows on every rank: this rank computed rows `mine` of `n` (`width` numbers
+/// each, in `local`). The other rows are −0 here and one sum over the ranks fills them in;
+/// adding −0 is exact for every value (a zero keeps its sign, NaN and infinities pass), so
+/// every rank ends up with the very bits each row's rank computed. One process: `local`.
+pub fn gather_rows(
+    comm: &mut dyn Communicator,
+    n: usize,
+    width: usize,
+    mine: Range<usize>,
+    local: &[f64],
+) -> Result<Vec<f64>> {
+    assert_eq!(local.len(), mine.len() * width, "rows of {width} numbers");
+    if comm.world() == 1 {
+        return Ok(local.to_vec());
+    }
+    let mut all = vec![-0.0; n * width];
+    all[mine.start * width..mine.end * width].copy_from_slice(local);
+    comm.all_reduce_sum_f64(&mut all)?;
+    Ok(all)
 }
 
 /// Sum the gradients of every trainable tensor over the ranks (for PEFT methods only the
@@ -280,6 +288,39 @@ mod tests {
                 let lens: Vec<usize> = (0..w).map(|r| shard_range(n, r, w).len()).collect();
                 assert_eq!(lens.iter().sum::<usize>(), n);
                 assert!(lens.iter().max().unwrap() - lens.iter().min().unwrap() <= 1);
+            }
+        }
+    }
+
+    #[test]
+    fn gathered_rows_are_every_ranks_values_exactly() {
+        let n = 5;
+        let rows = |r: Range<usize>| -> Vec<f64> {
+            r.flat_map(|i| {
+                [
+                    i as f64 * 0.1 + 1e-17,
+                    if i == 3 { f64::NAN } else { -(i as f64) },
+                ]
+            })
+            .collect()
+        };
+        let comms = InProcess::group(3);
+        let got: Vec<Vec<f64>> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .map(|mut c| {
+                    s.spawn(move || {
+                        let mine = shard_range(n, c.rank(), c.world());
+                        gather_rows(&mut c, n, 2, mine.clone(), &rows(mine)).unwrap()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let want = rows(0..n);
+        for g in got {
+            for (a, b) in g.iter().zip(&want) {
+                assert_eq!(a.to_bits(), b.to_bits());
             }
         }
     }

@@ -228,7 +228,7 @@ impl Backend {
     }
 
     /// One response per prompt sampled with the LoRA adapters of `state` (PPO's rollouts),
-    /// all prompts stepped together, tokens drawn from `rng` in prompt order at every step
+    /// all prompts stepped together, prompt `i`'s tokens drawn from `rngs[i]`
     /// ([`rollout::sample_responses_with`]). On the CPU the adapters are installed into
     /// `model`'s inference slot 0 for it.
     pub fn sample(
@@ -238,7 +238,7 @@ impl Backend {
         prompts: &[&[u32]],
         params: &SamplingParams,
         stop: &[u32],
-        rng: &mut Rng,
+        rngs: &mut [Rng],
     ) -> Result<Vec<Response>> {
         match self {
             Self::Cpu => {
@@ -246,7 +246,7 @@ impl Backend {
                 policy.lora = state.lora.clone();
                 super::lora::install(model, policy, 0);
                 let opts = crate::model::ForwardOptions { adapter: Some(0) };
-                rollout::sample_responses(model, prompts, params, stop, rng, &opts)
+                rollout::sample_responses(model, prompts, params, stop, rngs, &opts)
             }
             #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
             Self::Cuda(g) => {
@@ -257,7 +257,7 @@ impl Backend {
                     params.max_new_tokens,
                     model.config.max_positions,
                 )?;
-                rollout::sample_responses_with(&mut dec, prompts, params, stop, rng)
+                rollout::sample_responses_with(&mut dec, prompts, params, stop, rngs)
             }
         }
     }

@@ -19,13 +19,14 @@ use super::lora;
 use super::params::TrainState;
 use super::prompts::{load_prompts, Prompt, PromptOptions};
 use super::rewards::{RewardFn, RewardSpec, Scored};
-use super::rollout::Response;
+use super::rollout::{row_rngs, Response};
 use super::rollout_eval::{eval_rollouts, Under};
 use super::trainer::{
     attach_method, checkpoint_if_due, final_checkpoint, next_window, prepare_output,
     resumed_in_place, save_output, split_validation, start_progress, stop_on_ctrl_c, write_log,
     Method, TrainOptions,
 };
+use crate::dist::Communicator;
 use crate::error::{Error, Result};
 use crate::generate::SamplingParams;
 use crate::kernels::gemm;
@@ -34,6 +35,7 @@ use crate::progress::Progress;
 use crate::rng::Rng;
 use crate::tokenizer::TextTokenizer;
 use serde_json::{json, Map, Value};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
@@ -77,6 +79,8 @@ pub struct GrpoSummary {
     pub before: Option<PolicyEval>,
     pub after: Option<PolicyEval>,
     pub interrupted: bool,
+    /// Data parallel: whether this process prints results (rank 0, or the only process).
+    pub rank0: bool,
 }
 
 /// The reward functions and their weights.
@@ -86,8 +90,10 @@ struct Rewards {
     weights: Vec<f64>,
 }
 
-/// One step's completions and what the update needs.
+/// One step's completions and what the update needs. Data parallel: `seqs` and `data` are
+/// this rank's share; the rest covers all `total` completions of the step.
 struct Rollouts {
+    total: usize,
     /// prompt + completion per completion (prompt i's group is rows i·G .. (i+1)·G)
     seqs: Vec<Vec<u32>>,
     data: Vec<GrpoSeq>,
@@ -98,6 +104,10 @@ struct Rollouts {
     std_zero: Vec<bool>,
     response_len: Vec<usize>,
     stopped: Vec<bool>,
+    /// prompt + completion tokens of the step
+    tokens: usize,
+    /// completion tokens counted in the loss (DAPO's denominator)
+    step_tokens: usize,
 }
 
 fn sampling(o: &GrpoOptions) -> SamplingParams {
@@ -113,7 +123,8 @@ fn sampling(o: &GrpoOptions) -> SamplingParams {
 /// function.
 type Sampled = (Vec<Vec<u32>>, Vec<Response>, Vec<Vec<f64>>);
 
-/// Sample `g` completions of every prompt and score them.
+/// Sample and score completions `rows` of the step (completion `i` is one of prompt `i / g`'s
+/// `g`; data parallel: this rank's share), completion `rows.start + k` drawn from `rngs[k]`.
 #[allow(clippy::too_many_arguments)]
 fn sample_and_score(
     o: &GrpoOptions,
@@ -123,17 +134,15 @@ fn sample_and_score(
     rewards: &mut Rewards,
     tok: &TextTokenizer,
     (prompts, file): (&[&Prompt], &Path),
-    g: usize,
+    (g, rows): (usize, Range<usize>),
     stop: &[u32],
-    rng: &mut Rng,
+    rngs: &mut [Rng],
 ) -> Result<Sampled> {
-    let rep: Vec<&[u32]> = prompts
-        .iter()
-        .flat_map(|p| std::iter::repeat_n(p.ids.as_slice(), g))
-        .collect();
+    let of = |i: usize| prompts[i / g];
+    let rep: Vec<&[u32]> = rows.clone().map(|i| of(i).ids.as_slice()).collect();
     let responses = {
         let _p = crate::profile::scope("grpo.sample");
-        backend.sample(model, state, &rep, &sampling(o), stop, rng)?
+        backend.sample(model, state, &rep, &sampling(o), stop, rngs)?
     };
     let model: &Model = model;
     let mut seqs = Vec::with_capacity(rep.len());
@@ -150,23 +159,25 @@ fn sample_and_score(
         seqs.push(s);
     }
     let _p = crate::profile::scope("grpo.reward");
-    let prompt_text: Vec<String> = prompts
-        .iter()
-        .map(|p| tok.decode(&p.ids, false))
+    let prompt_text: Vec<String> = rows
+        .clone()
+        .map(|i| tok.decode(&of(i).ids, false))
         .collect::<Result<_>>()?;
     let completion_text: Vec<String> = responses
         .iter()
         .map(|r| tok.decode(&r.ids, true))
         .collect::<Result<_>>()?;
-    let items: Vec<Scored> = (0..rep.len())
-        .map(|i| Scored {
-            prompt: &prompt_text[i / g],
-            completion: &completion_text[i],
-            stopped: responses[i].stopped,
-            record: &prompts[i / g].record,
+    let items: Vec<Scored> = rows
+        .clone()
+        .enumerate()
+        .map(|(k, i)| Scored {
+            prompt: &prompt_text[k],
+            completion: &completion_text[k],
+            stopped: responses[k].stopped,
+            record: &of(i).record,
             file,
-            line: prompts[i / g].line,
-            ids: &seqs[i],
+            line: of(i).line,
+            ids: &seqs[k],
         })
         .collect();
     let mut per_func = vec![Vec::with_capacity(rewards.fns.len()); rep.len()];
@@ -182,6 +193,13 @@ fn sample_and_score(
 }
 
 /// Sample, score and evaluate one step's prompts; build advantages and masks.
+///
+/// Data parallel: each rank samples, scores and evaluates its contiguous share of the step's
+/// completions; the rewards, lengths and stop flags of all of them are gathered on every rank
+/// (advantages are relative to a prompt's group, or to the whole batch), so every rank holds
+/// the advantages a single process computes, and keeps its own rows'. Completion `i` samples
+/// from the `i`-th of the step's generators ([`row_rngs`]) wherever it runs, so the ranks
+/// together sample what one process samples.
 #[allow(clippy::too_many_arguments)]
 fn collect(
     o: &GrpoOptions,
@@ -195,9 +213,13 @@ fn collect(
     prompts: &[&Prompt],
     stop: &[u32],
     rng: &mut Rng,
+    comm: &mut dyn Communicator,
 ) -> Result<Rollouts> {
     let g = o.num_generations;
-    let (seqs, responses, per_func) = sample_and_score(
+    let total = prompts.len() * g;
+    let mine = crate::dist::shard_range(total, comm.rank(), comm.world());
+    let mut rngs = row_rngs(rng, total);
+    let (seqs, responses, local_rewards) = sample_and_score(
         o,
         backend,
         model,
@@ -205,18 +227,38 @@ fn collect(
         rewards,
         tok,
         (prompts, &o.train.data),
-        g,
+        (g, mine.clone()),
         stop,
-        rng,
+        &mut rngs[mine.clone()],
     )?;
+    // every completion's rewards (one per function), length and stop flag, on every rank
+    let f = rewards.fns.len();
+    let local: Vec<f64> = local_rewards
+        .iter()
+        .zip(&responses)
+        .flat_map(|(r, resp)| {
+            r.iter()
+                .copied()
+                .chain([resp.ids.len() as f64, f64::from(u8::from(resp.stopped))])
+        })
+        .collect();
+    let all = crate::dist::gather_rows(comm, total, f + 2, mine.clone(), &local)?;
+    let per_func: Vec<Vec<f64>> = all.chunks(f + 2).map(|r| r[..f].to_vec()).collect();
+    let response_len: Vec<usize> = all.chunks(f + 2).map(|r| r[f] as usize).collect();
+    let stopped: Vec<bool> = all.chunks(f + 2).map(|r| r[f + 1] > 0.5).collect();
     let adv = advantages(&per_func, &rewards.weights, g, o.scale, o.aggregation);
+    let counted = |i: usize| !o.mask_truncated || stopped[i];
+    let step_tokens = (0..total)
+        .filter(|&i| counted(i))
+        .map(|i| response_len[i])
+        .sum();
     let model: &Model = model;
     let shape: Vec<(usize, usize, bool)> = seqs
         .iter()
         .zip(&responses)
         .map(|(s, r)| (s.len() - r.ids.len(), r.ids.len(), false))
         .collect();
-    let micro = seqs.len().div_ceil(o.train.grad_accum.max(1));
+    let micro = micro_size(total, o.train.grad_accum);
     let ref_logp = if o.loss.beta != 0.0 {
         let _p = crate::profile::scope("grpo.reference_eval");
         let under = if o.init_adapter.is_some() {
@@ -257,28 +299,35 @@ fn collect(
     } else {
         None
     };
-    let data = (0..seqs.len())
-        .map(|i| {
-            let r = &responses[i];
-            let counted = !o.mask_truncated || r.stopped;
-            GrpoSeq {
-                prompt_len: shape[i].0,
-                mask: vec![counted; r.ids.len()],
-                advantage: adv.advantages[i],
-                old_logp: old_logp.as_ref().map(|l| l[i].clone()),
-                ref_logp: ref_logp.as_ref().map(|l| l[i].clone()),
-            }
+    let data = mine
+        .clone()
+        .enumerate()
+        .map(|(k, i)| GrpoSeq {
+            prompt_len: shape[k].0,
+            mask: vec![counted(i); responses[k].ids.len()],
+            advantage: adv.advantages[i],
+            old_logp: old_logp.as_ref().map(|l| l[k].clone()),
+            ref_logp: ref_logp.as_ref().map(|l| l[k].clone()),
         })
         .collect();
+    let prompt_tokens: usize = prompts.iter().map(|p| p.ids.len() * g).sum();
     Ok(Rollouts {
+        total,
         seqs,
         data,
         per_func,
         rewards: adv.rewards,
         std_zero: adv.std_zero,
-        response_len: responses.iter().map(|r| r.ids.len()).collect(),
-        stopped: responses.iter().map(|r| r.stopped).collect(),
+        tokens: prompt_tokens + response_len.iter().sum::<usize>(),
+        response_len,
+        stopped,
+        step_tokens,
     })
+}
+
+/// Completions per micro-batch: a step's `total` split into `grad_accum` parts.
+fn micro_size(total: usize, grad_accum: usize) -> usize {
+    total.div_ceil(grad_accum.max(1)).max(1)
 }
 
 /// What the optimizer steps of one batch report.
@@ -299,6 +348,34 @@ struct UpdateStats {
     tokens: u64,
 }
 
+impl UpdateStats {
+    /// Data parallel: the sums over the ranks (one process: unchanged).
+    fn all_reduce(&mut self, comm: &mut dyn Communicator) -> Result<()> {
+        if comm.world() == 1 {
+            return Ok(());
+        }
+        let mut v = [
+            self.loss,
+            self.kl_sum,
+            self.entropy_sum,
+            self.low,
+            self.high,
+            self.region,
+            self.clip_count as f64,
+            self.tokens_counted as f64,
+            self.tokens as f64,
+        ];
+        comm.all_reduce_sum_f64(&mut v)?;
+        let [loss, kl, ent, low, high, region, cc, tc, tokens] = v;
+        (self.loss, self.kl_sum, self.entropy_sum) = (loss, kl, ent);
+        (self.low, self.high, self.region) = (low, high, region);
+        self.clip_count = cc as usize;
+        self.tokens_counted = tc as usize;
+        self.tokens = tokens as u64;
+        Ok(())
+    }
+}
+
 /// `iterations` optimizer steps over the batch, each split into `grad_accum` micro-batches.
 #[allow(clippy::too_many_arguments)]
 fn update(
@@ -308,24 +385,30 @@ fn update(
     head: &gemm::PackedWeight,
     state: &mut TrainState,
     ro: &Rollouts,
-    step: u64,
-    lr: f32,
+    (step, lr): (u64, f32),
     dropout_rng: &mut Rng,
+    comm: &mut dyn Communicator,
 ) -> Result<UpdateStats> {
     let t = &o.train;
     let n = ro.seqs.len();
-    let micro_size = n.div_ceil(t.grad_accum.max(1));
-    let parts: Vec<std::ops::Range<usize>> = (0..n)
-        .step_by(micro_size)
-        .map(|s| s..(s + micro_size).min(n))
+    let micro = micro_size(ro.total, t.grad_accum);
+    let parts: Vec<Range<usize>> = (0..n)
+        .step_by(micro)
+        .map(|s| s..(s + micro).min(n))
         .collect();
+    // Data parallel: every rank cuts its share into micro-batches of the single-process size;
+    // each micro-batch's loss is a share of all ranks' micro-batches (TRL's DDP mean).
+    let world = comm.world();
+    let all_parts: usize = (0..world)
+        .map(|r| {
+            crate::dist::shard_range(ro.total, r, world)
+                .len()
+                .div_ceil(micro)
+        })
+        .sum();
     let share = StepShare {
-        grad_accum: parts.len(),
-        step_tokens: ro
-            .data
-            .iter()
-            .map(|d| d.mask.iter().filter(|&&m| m).count())
-            .sum(),
+        grad_accum: all_parts,
+        step_tokens: ro.step_tokens,
     };
     let mut st = UpdateStats::default();
     for it in 0..o.iterations {
@@ -378,15 +461,20 @@ fn update(
                 st.tokens += b.ids.iter().map(|s| s.len() as u64).sum::<u64>();
             }
         }
+        // Data parallel: the adapter gradients summed over the ranks
+        crate::dist::all_reduce_grads(comm, state, &mut [])?;
+        backend.all_reduce_device_grads(comm)?;
         let opt_step = step * o.iterations as u64 + it as u64 + 1;
         st.grad_norm = backend.clip_and_step(&t.optim, model, state, t.clip, lr, opt_step)? as f64;
         st.updates += 1;
     }
     st.loss /= o.iterations as f64;
+    st.all_reduce(comm)?;
     Ok(st)
 }
 
 /// Sample one completion of each evaluation prompt with a fixed seed: mean reward and length.
+/// Data parallel: each rank takes its share of every chunk of prompts, and the sums are added.
 #[allow(clippy::too_many_arguments)]
 fn evaluate(
     o: &GrpoOptions,
@@ -397,14 +485,17 @@ fn evaluate(
     tok: &TextTokenizer,
     prompts: &[Prompt],
     stop: &[u32],
+    comm: &mut dyn Communicator,
 ) -> Result<Option<PolicyEval>> {
     if prompts.is_empty() {
         return Ok(None);
     }
     let mut rng = Rng::new(o.train.seed ^ 0xE7A1);
-    let (mut sum, mut scored, mut len) = (0.0, 0usize, 0usize);
+    let mut sums = [0.0f64; 3]; // weighted reward, completions scored, completion tokens
     for chunk in prompts.chunks(o.train.batch.max(1) * o.num_generations) {
         let refs: Vec<&Prompt> = chunk.iter().collect();
+        let mine = crate::dist::shard_range(refs.len(), comm.rank(), comm.world());
+        let mut rngs = row_rngs(&mut rng, refs.len());
         let (_, responses, per_func) = sample_and_score(
             o,
             backend,
@@ -413,30 +504,34 @@ fn evaluate(
             rewards,
             tok,
             (&refs, o.train.val_data.as_deref().unwrap_or(&o.train.data)),
-            1,
+            (1, mine.clone()),
             stop,
-            &mut rng,
+            &mut rngs[mine],
         )?;
         for (row, r) in per_func.iter().zip(&responses) {
             if row.iter().any(|v| !v.is_nan()) {
-                sum += row
+                sums[0] += row
                     .iter()
                     .zip(&rewards.weights)
                     .filter(|(v, _)| !v.is_nan())
                     .map(|(v, w)| v * w)
                     .sum::<f64>();
-                scored += 1;
+                sums[1] += 1.0;
             }
-            len += r.ids.len();
+            sums[2] += r.ids.len() as f64;
         }
     }
+    if comm.world() > 1 {
+        comm.all_reduce_sum_f64(&mut sums)?;
+    }
+    let [sum, scored, len] = sums;
     Ok(Some(PolicyEval {
-        reward: if scored == 0 {
+        reward: if scored == 0.0 {
             f64::NAN
         } else {
-            sum / scored as f64
+            sum / scored
         },
-        response_length: len as f64 / prompts.len() as f64,
+        response_length: len / prompts.len() as f64,
     }))
 }
 
@@ -489,7 +584,14 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
     super::trainer::check_options(t)?;
     check(o)?;
     t.device.check_available()?;
-    crate::dist::single_process_only("grpo-train")?;
+    // Data parallel (docs/distributed.md), as in peft-train: every rank loads the same model
+    // and prompts and walks the same order; each samples, scores and trains on its share of
+    // every step's completions; rewards are gathered and gradients summed, every rank steps
+    // identically; only rank 0 prints and writes files.
+    let mut comm = crate::dist::from_env()?;
+    let comm = comm.as_mut();
+    let rank0 = crate::dist::only_rank0_speaks(comm);
+    let device = crate::dist::rank_device(t.device);
     let progress = Progress::new(t.quiet);
     let tok = TextTokenizer::load(&t.model)?;
     let config = crate::model::ModelConfig::load(&t.model)?;
@@ -547,7 +649,7 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
         fns: o
             .rewards
             .iter()
-            .map(|s| RewardFn::new(s, t.device, &t.model, &model, &tok))
+            .map(|s| RewardFn::new(s, device, &t.model, &model, &tok))
             .collect::<Result<_>>()?,
         names: o
             .rewards
@@ -567,11 +669,13 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
         }
     }
     let stop = crate::generate::stop_tokens(&t.model, &model.config, &tok)?;
-    println!(
-        "trainable params: {} || all params: {}",
-        state.trainable_count(),
-        model.config.param_count() + state.trainable_count()
-    );
+    if rank0 {
+        println!(
+            "trainable params: {} || all params: {}",
+            state.trainable_count(),
+            model.config.param_count() + state.trainable_count()
+        );
+    }
     if t.plan {
         let separate = rewards.fns.iter().find_map(|f| match f {
             RewardFn::Model(m) => m.own_model(),
@@ -604,11 +708,12 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
             before: None,
             after: None,
             interrupted: false,
+            rank0,
         });
     }
     let mut head_pack = gemm::PackedWeight::default();
     super::trainer::pack_head(&mut head_pack, &model);
-    let mut backend = Backend::new(t.device, &model, &state)?;
+    let mut backend = Backend::new(device, &model, &state)?;
 
     let total_steps = t
         .steps
@@ -650,8 +755,30 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
             inputs.push(d);
         }
     }
-    let mut log = prepare_output(&t.out, &inputs, t.log.as_deref())?;
+    // Data parallel: the ranks must agree on the job before rank 0 touches OUT (and its
+    // checkpoints, which the others may still be reading).
+    crate::dist::check_same_job(
+        comm,
+        &model,
+        &state,
+        &[
+            ("prompts", prompts.len() as u64),
+            ("total steps", total_steps),
+            ("step", prog.step),
+            ("completions per step", (t.batch * o.num_generations) as u64),
+            ("seed", t.seed),
+        ],
+    )?;
+    let mut log = if rank0 {
+        prepare_output(&t.out, &inputs, t.log.as_deref())?
+    } else {
+        None
+    };
     let stop_flag = stop_on_ctrl_c();
+    // Test hook (as in peft-train): behave as if Ctrl-C arrived during step N.
+    let stop_after: Option<u64> = std::env::var("PEFTKIT_STOP_AFTER_STEP")
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
     let before = if prog.step == 0 {
         let e = evaluate(
             o,
@@ -662,6 +789,7 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
             &tok,
             &eval_set,
             &stop,
+            comm,
         )?;
         if let Some(e) = &e {
             report_eval(&mut log, "before", 0, e, eval_set.len())?;
@@ -695,6 +823,7 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
             &batch_prompts,
             &stop,
             &mut sample_rng,
+            comm,
         )?;
         let rollout_s = t0.elapsed().as_secs_f64();
         let lr = t.optim.lr * t.schedule.factor(prog.step, t.warmup, total_steps);
@@ -706,15 +835,15 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
             &head_pack,
             &mut state,
             &ro,
-            prog.step,
-            lr,
+            (prog.step, lr),
             &mut dropout_rng,
+            comm,
         )?;
         let update_s = t1.elapsed().as_secs_f64();
         prog.step += 1;
-        let n = ro.seqs.len() as f64;
+        let n = ro.total as f64;
         let resp_tokens: usize = ro.response_len.iter().sum();
-        prog.tokens += ro.seqs.iter().map(|s| s.len() as u64).sum::<u64>();
+        prog.tokens += ro.tokens as u64;
         prog.rng = dropout_rng.state();
         prog.extra = Some(json!({"trainer": "grpo-train", "sample_rng": sample_rng.state()}));
         let reward = nanmean(&ro.rewards);
@@ -766,12 +895,14 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
         rec.insert("rollout_seconds".into(), json!(rollout_s));
         rec.insert("update_seconds".into(), json!(update_s));
         write_log(&mut log, Value::Object(rec))?;
-        let stop_now = stop_flag.load(Ordering::SeqCst);
+        // Data parallel: Ctrl-C reaches the ranks at different moments; all stop together.
+        let stop_now = crate::dist::any(comm, stop_flag.load(Ordering::SeqCst))?
+            || stop_after == Some(prog.step);
         checkpoint_if_due(
             &t.out,
             t.save_every,
             stop_now,
-            true,
+            rank0,
             &mut backend,
             &mut model,
             &mut state,
@@ -795,10 +926,13 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
             before,
             after: None,
             interrupted,
+            rank0,
         });
     }
     backend.sync_to_host(&mut model, &mut state)?;
-    final_checkpoint(&t.out, &model, &state, &prog, saved_at)?;
+    if rank0 {
+        final_checkpoint(&t.out, &model, &state, &prog, saved_at)?;
+    }
     let after = evaluate(
         o,
         &mut backend,
@@ -808,16 +942,20 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
         &tok,
         &eval_set,
         &stop,
+        comm,
     )?;
     if let Some(e) = &after {
         report_eval(&mut log, "after", prog.step, e, eval_set.len())?;
     }
-    save_output(&topts, &attached, &model, &state, "CAUSAL_LM")?;
+    if rank0 {
+        save_output(&topts, &attached, &model, &state, "CAUSAL_LM")?;
+    }
     Ok(GrpoSummary {
         steps: prog.step,
         before,
         after,
         interrupted,
+        rank0,
     })
 }
 

@@ -22,13 +22,14 @@ use super::ppo_math::{gae, masked_mean, masked_var, masked_whiten, KlController,
 use super::ppo_objective::{PpoObjective, RolloutSeq};
 use super::prompts::{load_prompts, Prompt, PromptOptions};
 use super::rewards::RewardModel;
-use super::rollout::Response;
+use super::rollout::{row_rngs, Response};
 use super::rollout_eval::{eval_rollouts, Under};
 use super::trainer::{
     attach_method, checkpoint_if_due, final_checkpoint, next_window, prepare_output,
     resumed_in_place, save_output, split_validation, start_progress, stop_on_ctrl_c, write_log,
     Method, TrainOptions,
 };
+use crate::dist::Communicator;
 use crate::error::{Error, Result};
 use crate::generate::SamplingParams;
 use crate::kernels::gemm;
@@ -87,6 +88,8 @@ pub struct PpoSummary {
     pub before: Option<PolicyEval>,
     pub after: Option<PolicyEval>,
     pub interrupted: bool,
+    /// Data parallel: whether this process prints results (rank 0, or the only process).
+    pub rank0: bool,
 }
 
 /// One step's rollouts and everything the update needs.
@@ -116,7 +119,80 @@ fn sampling(o: &PpoOptions) -> SamplingParams {
     }
 }
 
+/// One batch's sampled responses with what the policy, the reference and the reward model say
+/// of them (every rank holds all of them after [`gather`]).
+struct Evaluated {
+    responses: Vec<Response>,
+    /// per response: log-probs, entropies (its tokens), values (its positions), reference log-probs
+    logp: Vec<Vec<f64>>,
+    entropies: Vec<Vec<f64>>,
+    values: Vec<Vec<f64>>,
+    ref_logp: Vec<Vec<f64>>,
+    scores: Vec<f32>,
+}
+
+/// Data parallel: every rank's responses and their evaluations on every rank, packed one row
+/// per response (length, stop flag, score, then `w` tokens and four `w`-long series, zeros
+/// past the response) and gathered exactly (`dist::gather_rows`).
+fn gather(
+    comm: &mut dyn Communicator,
+    n: usize,
+    mine: std::ops::Range<usize>,
+    w: usize,
+    e: Evaluated,
+) -> Result<Evaluated> {
+    if comm.world() == 1 {
+        return Ok(e);
+    }
+    let width = 3 + 5 * w;
+    let mut local = vec![0.0; mine.len() * width];
+    for (k, row) in local.chunks_mut(width).enumerate() {
+        let r = &e.responses[k];
+        row[0] = r.ids.len() as f64;
+        row[1] = f64::from(u8::from(r.stopped));
+        row[2] = f64::from(e.scores[k]);
+        let series: [&[f64]; 4] = [&e.logp[k], &e.entropies[k], &e.values[k], &e.ref_logp[k]];
+        for (t, &id) in r.ids.iter().enumerate() {
+            row[3 + t] = f64::from(id);
+        }
+        for (j, x) in series.iter().enumerate() {
+            row[3 + (j + 1) * w..][..x.len()].copy_from_slice(x);
+        }
+    }
+    let all = crate::dist::gather_rows(comm, n, width, mine, &local)?;
+    let mut out = Evaluated {
+        responses: Vec::with_capacity(n),
+        logp: Vec::with_capacity(n),
+        entropies: Vec::with_capacity(n),
+        values: Vec::with_capacity(n),
+        ref_logp: Vec::with_capacity(n),
+        scores: Vec::with_capacity(n),
+    };
+    for row in all.chunks(width) {
+        let r = row[0] as usize;
+        let stopped = row[1] > 0.5;
+        // a value per position: the response's tokens, and the score's position past them
+        // when the window has room
+        let npos = r + usize::from(r < w);
+        out.responses.push(Response {
+            ids: row[3..3 + r].iter().map(|&x| x as u32).collect(),
+            stopped,
+        });
+        out.scores.push(row[2] as f32);
+        out.logp.push(row[3 + w..][..r].to_vec());
+        out.entropies.push(row[3 + 2 * w..][..r].to_vec());
+        out.values.push(row[3 + 3 * w..][..npos].to_vec());
+        out.ref_logp.push(row[3 + 4 * w..][..r].to_vec());
+    }
+    Ok(out)
+}
+
 /// Sample, score and evaluate one batch of prompts; build rewards, advantages and returns.
+///
+/// Data parallel: each rank samples and evaluates its contiguous share of the batch's prompts
+/// (prompt `i` sampling from the `i`-th of the step's generators, [`row_rngs`], so the ranks
+/// sample what one process samples) and every rank gathers all of them: the whitening and
+/// GAE over the batch, and the mini-batches the update shuffles, are the single process's.
 #[allow(clippy::too_many_arguments)]
 fn collect(
     o: &PpoOptions,
@@ -130,10 +206,45 @@ fn collect(
     stop: &[u32],
     rng: &mut Rng,
     kl_coef: f64,
+    comm: &mut dyn Communicator,
 ) -> Result<Rollouts> {
+    let n = prompts.len();
+    let mine = crate::dist::shard_range(n, comm.rank(), comm.world());
+    let mut rngs = row_rngs(rng, n);
+    let e = evaluate_share(
+        o,
+        backend,
+        model,
+        head,
+        state,
+        reference,
+        reward,
+        &prompts[mine.clone()],
+        stop,
+        &mut rngs[mine.clone()],
+    )?;
+    let e = gather(comm, n, mine, o.response_length, e)?;
+    Ok(rollouts_of(o, kl_coef, prompts, e))
+}
+
+/// Sample responses to `prompts` (prompt `i` from `rngs[i]`) and evaluate them under the
+/// policy (log-probs, entropies, values), the reference and the reward model.
+#[allow(clippy::too_many_arguments)]
+fn evaluate_share(
+    o: &PpoOptions,
+    backend: &mut Backend,
+    model: &mut Model,
+    head: &gemm::PackedWeight,
+    state: &mut TrainState,
+    reference: &mut TrainState,
+    reward: &mut RewardModel,
+    prompts: &[&[u32]],
+    stop: &[u32],
+    rngs: &mut [Rng],
+) -> Result<Evaluated> {
     let responses: Vec<Response> = {
         let _p = crate::profile::scope("ppo.sample");
-        backend.sample(model, state, prompts, &sampling(o), stop, rng)?
+        backend.sample(model, state, prompts, &sampling(o), stop, rngs)?
     };
     let model: &Model = model;
     let w = o.response_length;
@@ -186,10 +297,35 @@ fn collect(
             b,
         )?
     };
-    let scores_raw = {
+    let scores = {
         let _p = crate::profile::scope("ppo.reward");
         reward.score(model, &seqs, b)?
     };
+    Ok(Evaluated {
+        responses,
+        logp: pol.logp,
+        entropies: pol.entropies,
+        values: pol.values,
+        ref_logp: refe.logp,
+        scores,
+    })
+}
+
+/// The rewards (score and KL penalty), advantages and returns of a batch of evaluated
+/// responses to `prompts`.
+fn rollouts_of(o: &PpoOptions, kl_coef: f64, prompts: &[&[u32]], e: Evaluated) -> Rollouts {
+    let w = o.response_length;
+    let responses = e.responses;
+    let mut seqs = Vec::new();
+    let mut shape = Vec::new();
+    for (p, r) in prompts.iter().zip(&responses) {
+        let mut s = p.to_vec();
+        s.extend_from_slice(&r.ids);
+        seqs.push(s);
+        // PPOv2: the score lands one past the last token when the window has room
+        shape.push((p.len(), r.ids.len(), r.ids.len() < w));
+    }
+    let scores_raw = e.scores;
     let n = seqs.len();
     let mut scores: Vec<f64> = scores_raw.iter().map(|&s| s as f64).collect();
     if let Some(pen) = o.missing_eos_penalty {
@@ -211,19 +347,19 @@ fn collect(
         let (_, r, terminal) = shape[i];
         let npos = r + usize::from(terminal);
         for t in 0..r {
-            let (lp, rp) = (pol.logp[i][t], refe.logp[i][t]);
+            let (lp, rp) = (e.logp[i][t], e.ref_logp[i][t]);
             let kl = o.kl_estimator.estimate(lp, rp);
             kl_penalty[i] += kl;
             kl_k1[i] += lp - rp;
             rewards[i * w + t] = -kl_coef * kl;
             pmask[i * w + t] = true;
         }
-        ent_sum += pol.entropies[i].iter().sum::<f64>();
+        ent_sum += e.entropies[i].iter().sum::<f64>();
         ent_n += r;
         rewards[i * w + npos - 1] += scores[i];
         for t in 0..npos {
             vmask[i * w + t] = true;
-            values[i * w + t] = pol.values[i][t];
+            values[i * w + t] = e.values[i][t];
         }
     }
     if o.whiten_rewards {
@@ -247,7 +383,7 @@ fn collect(
             let (q, r, terminal) = shape[i];
             let npos = r + usize::from(terminal);
             let row = |v: &[f64]| v[i * w..i * w + npos].to_vec();
-            let mut old_logp = pol.logp[i].clone();
+            let mut old_logp = e.logp[i].clone();
             if terminal {
                 old_logp.push(1.0); // TRL's INVALID_LOGPROB; never counted
             }
@@ -262,7 +398,7 @@ fn collect(
             }
         })
         .collect();
-    Ok(Rollouts {
+    Rollouts {
         seqs,
         data,
         scores,
@@ -275,7 +411,7 @@ fn collect(
         values,
         returns,
         vmask,
-    })
+    }
 }
 
 /// What the PPO epochs of one step report.
@@ -304,9 +440,9 @@ fn update(
     head: &gemm::PackedWeight,
     state: &mut TrainState,
     ro: &Rollouts,
-    step: u64,
-    lr: f32,
+    (step, lr): (u64, f32),
     dropout_rng: &mut Rng,
+    comm: &mut dyn Communicator,
 ) -> Result<UpdateStats> {
     let t = &o.train;
     let n = ro.seqs.len();
@@ -319,7 +455,19 @@ fn update(
             .shuffle(&mut order);
         for mb in order.chunks(mb_size) {
             state.zero_grads();
-            let micro: Vec<&[usize]> = mb.chunks(mb.len().div_ceil(t.grad_accum.max(1))).collect();
+            // Data parallel: each rank takes a contiguous share of the mini-batch in
+            // micro-batches of the single-process size; each counts as one of all ranks'.
+            let micro_size = mb.len().div_ceil(t.grad_accum.max(1));
+            let world = comm.world();
+            let share = &mb[crate::dist::shard_range(mb.len(), comm.rank(), world)];
+            let micro: Vec<&[usize]> = share.chunks(micro_size).collect();
+            let all_micro: usize = (0..world)
+                .map(|r| {
+                    crate::dist::shard_range(mb.len(), r, world)
+                        .len()
+                        .div_ceil(micro_size)
+                })
+                .sum();
             {
                 let engine = Engine::new(model, state).with_head_pack(head);
                 for part in &micro {
@@ -335,7 +483,7 @@ fn update(
                         o.cliprange_value,
                         o.vf_coef,
                     );
-                    obj.loss_scale = 1.0 / micro.len() as f32;
+                    obj.loss_scale = 1.0 / all_micro as f32;
                     obj.temperature = o.temperature;
                     obj.ratio_threshold = o.ratio_threshold;
                     backend.forward_backward_with(
@@ -366,11 +514,34 @@ fn update(
                     st.tokens += b.ids.iter().map(|s| s.len() as u64).sum::<u64>();
                 }
             }
+            // Data parallel: the adapter and value-head gradients summed over the ranks
+            crate::dist::all_reduce_grads(comm, state, &mut [])?;
+            backend.all_reduce_device_grads(comm)?;
             opt_step += 1;
             st.grad_norm =
                 backend.clip_and_step(&t.optim, model, state, t.clip, lr, opt_step)? as f64;
             st.updates += 1;
         }
+    }
+    if comm.world() > 1 {
+        let mut v = [
+            st.pg_loss,
+            st.vf_loss,
+            st.clipfrac,
+            st.vf_clipfrac,
+            st.approx_kl,
+            st.ratio,
+            st.micro as f64,
+            st.skipped as f64,
+            st.tokens as f64,
+        ];
+        comm.all_reduce_sum_f64(&mut v)?;
+        let [pg, vf, cf, vcf, akl, ratio, micro, skipped, tokens] = v;
+        (st.pg_loss, st.vf_loss, st.clipfrac, st.vf_clipfrac) = (pg, vf, cf, vcf);
+        (st.approx_kl, st.ratio) = (akl, ratio);
+        st.micro = micro as usize;
+        st.skipped = skipped as usize;
+        st.tokens = tokens as u64;
     }
     let k = st.micro.max(1) as f64;
     st.pg_loss /= k;
@@ -394,6 +565,7 @@ fn evaluate(
     reward: &mut RewardModel,
     prompts: &[&[u32]],
     stop: &[u32],
+    comm: &mut dyn Communicator,
 ) -> Result<Option<PolicyEval>> {
     if prompts.is_empty() {
         return Ok(None);
@@ -402,7 +574,7 @@ fn evaluate(
     let mut sum = (0.0, 0.0, 0.0);
     for chunk in prompts.chunks(o.train.batch.max(1)) {
         let ro = collect(
-            o, backend, model, head, state, reference, reward, chunk, stop, &mut rng, 0.0,
+            o, backend, model, head, state, reference, reward, chunk, stop, &mut rng, 0.0, comm,
         )?;
         sum.0 += ro.scores.iter().sum::<f64>();
         sum.1 += ro.kl_k1.iter().sum::<f64>();
@@ -436,7 +608,6 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
     let t = &o.train;
     super::trainer::check_options(t)?;
     t.device.check_available()?;
-    crate::dist::single_process_only("ppo-train")?;
     if !matches!(t.method, Method::Lora | Method::Dora) {
         return Err(Error::usage(
             "ppo-train trains LoRA or DoRA adapters (--method lora|dora)",
@@ -453,6 +624,14 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
             t.batch
         )));
     }
+    // Data parallel (docs/distributed.md): every rank loads the same model and prompts and
+    // walks the same order; each samples and evaluates its share of every batch, all gather
+    // the whole batch, each trains on its share of every mini-batch and the gradients are
+    // summed; only rank 0 prints and writes files.
+    let mut comm = crate::dist::from_env()?;
+    let comm = comm.as_mut();
+    let rank0 = crate::dist::only_rank0_speaks(comm);
+    let device = crate::dist::rank_device(t.device);
     let progress = Progress::new(t.quiet);
     let tok = TextTokenizer::load(&t.model)?;
     let config = crate::model::ModelConfig::load(&t.model)?;
@@ -531,17 +710,19 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
     let mut reward = RewardModel::load(
         &o.reward_model,
         o.reward_adapter.as_deref(),
-        t.device,
+        device,
         &t.model,
         &model,
         &tok,
     )?;
     let stop = crate::generate::stop_tokens(&t.model, &model.config, &tok)?;
-    println!(
-        "trainable params: {} || all params: {}",
-        state.trainable_count(),
-        model.config.param_count() + state.trainable_count()
-    );
+    if rank0 {
+        println!(
+            "trainable params: {} || all params: {}",
+            state.trainable_count(),
+            model.config.param_count() + state.trainable_count()
+        );
+    }
     if t.plan {
         print!(
             "{}",
@@ -552,11 +733,12 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
             before: None,
             after: None,
             interrupted: false,
+            rank0,
         });
     }
     let mut head_pack = gemm::PackedWeight::default();
     super::trainer::pack_head(&mut head_pack, &model);
-    let mut backend = Backend::new(t.device, &model, &state)?;
+    let mut backend = Backend::new(device, &model, &state)?;
 
     let total_steps = t
         .steps
@@ -601,8 +783,29 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
     let mut inputs: Vec<&Path> = vec![&t.model, &t.data, &o.reward_model];
     inputs.extend(o.init_adapter.as_deref());
     inputs.extend(o.reward_adapter.as_deref());
-    let mut log = prepare_output(&t.out, &inputs, t.log.as_deref())?;
+    // Data parallel: the ranks must agree on the job before rank 0 touches OUT.
+    crate::dist::check_same_job(
+        comm,
+        &model,
+        &state,
+        &[
+            ("prompts", prompts.len() as u64),
+            ("total steps", total_steps),
+            ("step", prog.step),
+            ("batch", t.batch as u64),
+            ("seed", t.seed),
+        ],
+    )?;
+    let mut log = if rank0 {
+        prepare_output(&t.out, &inputs, t.log.as_deref())?
+    } else {
+        None
+    };
     let stop_flag = stop_on_ctrl_c();
+    // Test hook (as in peft-train): behave as if Ctrl-C arrived during step N.
+    let stop_after: Option<u64> = std::env::var("PEFTKIT_STOP_AFTER_STEP")
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
     let eval_ids: Vec<&[u32]> = eval_set.iter().map(|p| p.ids.as_slice()).collect();
     let before = if prog.step == 0 {
         let e = evaluate(
@@ -615,6 +818,7 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
             &mut reward,
             &eval_ids,
             &stop,
+            comm,
         )?;
         if let Some(e) = &e {
             crate::cli::info(format!(
@@ -662,6 +866,7 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
             &stop,
             &mut sample_rng,
             beta,
+            comm,
         )?;
         let rollout_s = t0.elapsed().as_secs_f64();
         let lr = t.optim.lr * t.schedule.factor(prog.step, t.warmup, total_steps);
@@ -673,9 +878,9 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
             &head_pack,
             &mut state,
             &ro,
-            prog.step,
-            lr,
+            (prog.step, lr),
             &mut dropout_rng,
+            comm,
         )?;
         let update_s = t1.elapsed().as_secs_f64();
         let (score_mean, score_std) = mean_std(&ro.scores);
@@ -738,12 +943,14 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
                 "update_seconds": update_s,
             }),
         )?;
-        let stop_now = stop_flag.load(Ordering::SeqCst);
+        // Data parallel: Ctrl-C reaches the ranks at different moments; all stop together.
+        let stop_now = crate::dist::any(comm, stop_flag.load(Ordering::SeqCst))?
+            || stop_after == Some(prog.step);
         checkpoint_if_due(
             &t.out,
             t.save_every,
             stop_now,
-            true,
+            rank0,
             &mut backend,
             &mut model,
             &mut state,
@@ -767,10 +974,13 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
             before,
             after: None,
             interrupted,
+            rank0,
         });
     }
     backend.sync_to_host(&mut model, &mut state)?;
-    final_checkpoint(&t.out, &model, &state, &prog, saved_at)?;
+    if rank0 {
+        final_checkpoint(&t.out, &model, &state, &prog, saved_at)?;
+    }
     let after = evaluate(
         o,
         &mut backend,
@@ -781,6 +991,7 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
         &mut reward,
         &eval_ids,
         &stop,
+        comm,
     )?;
     if let Some(e) = &after {
         crate::cli::info(format!(
@@ -795,13 +1006,16 @@ fn run_steps(o: &PpoOptions) -> Result<PpoSummary> {
             json!({"step": prog.step, "eval_score": e.score, "eval_kl": e.kl, "eval_response_length": e.response_length}),
         )?;
     }
-    save_output(&topts, &attached, &model, &state, "CAUSAL_LM")?;
-    save_value_head(&t.out, &state)?;
+    if rank0 {
+        save_output(&topts, &attached, &model, &state, "CAUSAL_LM")?;
+        save_value_head(&t.out, &state)?;
+    }
     Ok(PpoSummary {
         steps: prog.step,
         before,
         after,
         interrupted,
+        rank0,
     })
 }
 

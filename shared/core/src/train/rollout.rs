@@ -77,30 +77,38 @@ impl BatchDecoder for CpuBatchDecoder<'_> {
     }
 }
 
-/// Sample one response per prompt (at most `params.max_new_tokens` tokens each) on the CPU.
-/// Tokens are drawn from `rng` in prompt order at every step, so a run is reproducible.
+/// One generator per sequence, each seeded by one draw from `shared`: a sequence's tokens
+/// then depend on its own generator alone, not on which other sequences share its batch, its
+/// rank (data parallel) or the batch size, and `shared` advances by `n` draws whatever
+/// happens (so a checkpoint of it resumes the same samples).
+pub fn row_rngs(shared: &mut Rng, n: usize) -> Vec<Rng> {
+    (0..n).map(|_| Rng::new(shared.next_u64())).collect()
+}
+
+/// Sample one response per prompt (at most `params.max_new_tokens` tokens each) on the CPU,
+/// prompt `i`'s tokens drawn from `rngs[i]` ([`row_rngs`]), so a run is reproducible.
 pub fn sample_responses(
     model: &Model,
     prompts: &[&[u32]],
     params: &SamplingParams,
     stop: &[u32],
-    rng: &mut Rng,
+    rngs: &mut [Rng],
     opts: &ForwardOptions,
 ) -> Result<Vec<Response>> {
     let mut dec = CpuBatchDecoder::new(model, prompts.len(), opts)?;
-    sample_responses_with(&mut dec, prompts, params, stop, rng)
+    sample_responses_with(&mut dec, prompts, params, stop, rngs)
 }
 
-/// [`sample_responses`] on any [`BatchDecoder`] (fresh: nothing fed yet), with the same
-/// order of draws from `rng`.
+/// [`sample_responses`] on any [`BatchDecoder`] (fresh: nothing fed yet).
 pub fn sample_responses_with(
     dec: &mut dyn BatchDecoder,
     prompts: &[&[u32]],
     params: &SamplingParams,
     stop: &[u32],
-    rng: &mut Rng,
+    rngs: &mut [Rng],
 ) -> Result<Vec<Response>> {
     let n = prompts.len();
+    assert_eq!(rngs.len(), n, "one generator per prompt");
     let limit = dec.limit();
     let mut out: Vec<Response> = vec![
         Response {
@@ -120,7 +128,7 @@ pub fn sample_responses_with(
         let logits = dec.step(&active, &next)?;
         let vocab = logits.len() / active.len();
         for (k, &i) in active.iter().enumerate() {
-            let tok = choose(&logits[k * vocab..(k + 1) * vocab], params, rng);
+            let tok = choose(&logits[k * vocab..(k + 1) * vocab], params, &mut rngs[i]);
             out[i].ids.push(tok);
             if stop.contains(&tok) {
                 out[i].stopped = true;
