@@ -14,7 +14,7 @@
 //!   does and writes its adapter to rounding; an interrupted run resumes bit for bit.
 //! - ppo-train as 2- and 3-process jobs (whole micro-batches per rank) samples the single
 //!   process's responses, logs its scores, KLs and losses and writes its adapter and value head
-//!   to rounding.
+//!   to rounding; an interrupted run (adaptive KL) resumes bit for bit.
 //! - Bad launches fail on every rank with one clean error line: bad variables, no rank 0 at
 //!   MASTER_ADDR:MASTER_PORT, ranks that do not run the same job.
 //!
@@ -1208,6 +1208,74 @@ fn data_parallel_ppo_train_matches_the_single_process_run() {
                     "case {k}: {a:?} vs {b:?}"
                 );
             }
+        }
+    }
+}
+
+/// A distributed ppo-train run (adaptive KL) stopped after step 2 and resumed is the straight
+/// run, bit for bit: the KL coefficient and the sampling generator come back on every rank.
+#[test]
+fn interrupted_data_parallel_ppo_run_resumes_to_the_straight_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("models").join("llama_gqa");
+    let rm = small_reward_model(dir.path(), &model);
+    let data = grpo_prompts(dir.path(), 6);
+    let opts = &[
+        "--reward-model",
+        s(&rm),
+        "--response-length",
+        "5",
+        "--steps",
+        "4",
+        "--batch",
+        "4",
+        "--mini-batches",
+        "2",
+        "--grad-accum",
+        "2",
+        "--adaptive-kl",
+        "--kl-target",
+        "0.5",
+        "--kl-horizon",
+        "20",
+        "--eval-prompts",
+        "0",
+    ];
+    let straight = dir.path().join("straight");
+    for o in launch_tool(
+        "ppo-train",
+        2,
+        &train_args(&model, &data, &straight, opts),
+        &[],
+    ) {
+        ok(&o);
+    }
+    let resumed = dir.path().join("resumed");
+    let args = train_args(&model, &data, &resumed, opts);
+    let outs = launch_tool(
+        "ppo-train",
+        2,
+        &args,
+        &[("PEFTKIT_STOP_AFTER_STEP", "2".into())],
+    );
+    for o in &outs {
+        assert_eq!(o.status.code(), Some(130), "{o:?}");
+    }
+    let mut args = args.clone();
+    args.extend(["--resume".to_string(), s(&resumed).to_string()]);
+    for o in launch_tool("ppo-train", 2, &args, &[]) {
+        ok(&o);
+    }
+    let (diff, identical) = max_diff(&straight, &resumed);
+    assert!(identical, "resumed run differs by {diff}");
+    let (a, b) = (
+        ppo_log(&straight.with_extension("jsonl")),
+        ppo_log(&resumed.with_extension("jsonl")),
+    );
+    assert_eq!(a.len(), 4);
+    for (x, y) in a.iter().zip(&b) {
+        for (p, q) in x.iter().zip(y) {
+            assert_eq!(p.to_bits(), q.to_bits(), "{x:?} vs {y:?}");
         }
     }
 }
