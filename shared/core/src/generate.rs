@@ -183,9 +183,10 @@ impl<'m> Generator<'m> {
 
     /// Several prompts decoded together (one matrix product per layer for all of them, which
     /// on a CPU costs about what one sequence costs: the weights are read once per token).
-    /// Prompt `i` samples from `rngs[i]` (`train::rollout::row_rngs`), so it gets what
-    /// [`Self::generate`] gives it alone with that generator, greedy or sampled, whatever the
-    /// batch. On a GPU the prompts run one after another.
+    /// Prompt `i` samples from `rngs[i]` (`train::rollout::row_rngs`), so on a CPU it gets
+    /// what [`Self::generate`] gives it alone with that generator, greedy or sampled, whatever
+    /// the batch. A GPU steps the prompts together too (`GpuBatchDecoder`: one product per
+    /// weight for all of them, attention per sequence).
     pub fn generate_batch(
         &mut self,
         prompts: &[&[u32]],
@@ -194,33 +195,38 @@ impl<'m> Generator<'m> {
         rngs: &mut [Rng],
         adapter: Option<usize>,
     ) -> Result<Vec<(Vec<u32>, StopReason)>> {
+        use crate::train::rollout::{sample_responses_with, CpuBatchDecoder};
         #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-        if self.gpu.is_some() {
-            return prompts
-                .iter()
-                .zip(rngs)
-                .map(|(p, rng)| self.generate(p, params, eos, rng, adapter, |_| {}))
-                .collect();
+        if let Some(g) = &mut self.gpu {
+            let limit = self.model.config.max_positions;
+            let mut dec = g.batch_decoder(adapter, prompts, params.max_new_tokens, limit)?;
+            let out = sample_responses_with(&mut dec, prompts, params, eos, rngs)?;
+            return Ok(with_stop_reasons(out, params));
         }
         let opts = ForwardOptions { adapter };
-        let mut dec =
-            crate::train::rollout::CpuBatchDecoder::new(self.model, prompts.len(), &opts)?;
-        let out =
-            crate::train::rollout::sample_responses_with(&mut dec, prompts, params, eos, rngs)?;
-        Ok(out
-            .into_iter()
-            .map(|r| {
-                let reason = if r.stopped {
-                    StopReason::Eos
-                } else if r.ids.len() < params.max_new_tokens {
-                    StopReason::ContextFull
-                } else {
-                    StopReason::MaxTokens
-                };
-                (r.ids, reason)
-            })
-            .collect())
+        let mut dec = CpuBatchDecoder::new(self.model, prompts.len(), &opts)?;
+        let out = sample_responses_with(&mut dec, prompts, params, eos, rngs)?;
+        Ok(with_stop_reasons(out, params))
     }
+}
+
+/// Why each batched response ended.
+fn with_stop_reasons(
+    out: Vec<crate::train::rollout::Response>,
+    params: &SamplingParams,
+) -> Vec<(Vec<u32>, StopReason)> {
+    out.into_iter()
+        .map(|r| {
+            let reason = if r.stopped {
+                StopReason::Eos
+            } else if r.ids.len() < params.max_new_tokens {
+                StopReason::ContextFull
+            } else {
+                StopReason::MaxTokens
+            };
+            (r.ids, reason)
+        })
+        .collect()
 }
 
 /// Pick the next token from one row of logits: candidates in descending order of logit / T

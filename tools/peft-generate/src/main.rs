@@ -86,7 +86,7 @@ struct Args {
     /// accumulation (AVX-512 BF16 or AMX where the CPU has them): half the bytes per token
     #[arg(long, default_value = "f32")]
     compute_dtype: String,
-    /// Prompts decoded together (CPU): on a CPU a batch of up to 32 costs about what one
+    /// Prompts decoded together (CPU or GPU): on a CPU a batch of up to 32 costs about what one
     /// prompt costs per token, since the weights are read once for all of them. Consecutive
     /// prompts with the same adapter share a batch; answers come out in prompt order once
     /// their batch is done (no streaming). Answers equal --batch 1's, greedy or sampled

@@ -370,6 +370,23 @@ impl GpuGenerator {
         };
         GpuDecoder::new(&mut self.engine, state, max_len)
     }
+
+    /// A decoder for `prompts` generated together (`max_new` tokens each at most) with adapter
+    /// `adapter` or none: peft-generate's `--batch` on the GPU.
+    pub fn batch_decoder(
+        &mut self,
+        adapter: Option<usize>,
+        prompts: &[&[u32]],
+        max_new: usize,
+        limit: usize,
+    ) -> Result<GpuBatchDecoder<'_>> {
+        let state = match adapter {
+            Some(i) => &self.adapters[i],
+            None => &self.base,
+        };
+        self.engine.use_adapters_for_decoding(state)?;
+        GpuBatchDecoder::new(&mut self.engine, prompts, max_new, limit)
+    }
 }
 
 /// Several sequences generated together on the GPU (PPO's rollouts): one cache each; every
