@@ -11,9 +11,11 @@
 #      side by side with PyTorch + PEFT (+ bitsandbytes) on the same model; then QLoRA with
 #      flash attention profiled, phase by phase;
 #   4. peft-train --device cuda:0 end to end on that model (data, steps, adapter output);
-#   5. peft-eval and peft-generate with that adapter, and dpo-train on a tiny model, on the GPU;
-#   6. on tiny models: rm-train, rm-score and ppo-train; GPT-2 LoRA; full fine-tuning with
-#      AdamW on the device and on the host;
+#   5. peft-eval and peft-generate with that adapter (one prompt, then 16 with --batch 16 and
+#      --batch 1), and dpo-train on a tiny model, on the GPU;
+#   6. on tiny models: rm-train, rm-score, ppo-train, grpo-train (one process, then two
+#      data-parallel ranks sharing the GPU); GPT-2 LoRA; full fine-tuning with AdamW on the
+#      device and on the host;
 #   7. full fine-tuning's speed on the 1B-class model with AdamW on the device (states in device
 #      memory, then paged) and on the host.
 #
@@ -122,6 +124,24 @@ want tools && section "5. peft-eval, peft-generate and dpo-train --device cuda:0
         > "$OUT/eval.json" && cat "$OUT/eval.json"
     run 60 "$BIN/peft-generate" --model "$MODEL" --adapter /tmp/gpu-run --prompt "Once upon a time" --max-new-tokens 64 \
         --device cuda:0 --json | tee "$OUT/generate.jsonl"
+    # --batch on the GPU: 16 prompts stepped together against one at a time
+    python3 -c "import json
+for i in range(16): print(json.dumps({'prompt': f'Story {i}: once upon a time'}))" > /tmp/gen16.jsonl
+    for b in 16 1; do
+        run 60 "$BIN/peft-generate" --model "$MODEL" --prompts /tmp/gen16.jsonl --max-new-tokens 64 --ignore-eos \
+            --batch $b --device cuda:0 --json --quiet > "$OUT/generate_batch$b.jsonl" || true
+    done
+    python3 - "$OUT" <<'EOF'
+import json, os, sys
+for b in (16, 1):
+    p = os.path.join(sys.argv[1], f"generate_batch{b}.jsonl")
+    rows = [json.loads(l) for l in open(p)] if os.path.exists(p) else []
+    if rows:
+        toks = sum(len(r["token_ids"]) for r in rows)
+        secs = sum(max(len(r["token_ids"]) / r["tokens_per_second"] for r in rows[i:i + b])
+                   for i in range(0, len(rows), b))
+        print(f"peft-generate --batch {b}: {len(rows)} answers, {toks / secs:.1f} tokens/s")
+EOF
     python3 -c "import json
 for i in range(24): print(json.dumps({'prompt': f'q{i} say:', 'chosen': ' yes yes', 'rejected': ' no no'}))" > /tmp/pairs.jsonl
     rm -rf /tmp/gpu-dpo
@@ -138,6 +158,17 @@ for i in range(24): print(json.dumps({'prompt': f'q{i} say:', 'chosen': ' yes ye
     run 30 "$BIN/rm-score" --model "$F/llama_gqa" --adapter /tmp/gpu-rm --data /tmp/pairs.jsonl --device cuda:0
     run 90 "$BIN/ppo-train" --model "$F/llama_gqa" --reward-model /tmp/gpu-rm --prompts /tmp/pairs.jsonl --out /tmp/gpu-ppo \
         --steps 3 --batch 4 --response-length 12 --eval-prompts 4 --device cuda:0 --log "$OUT/ppo.jsonl"
+    rm -rf /tmp/gpu-grpo /tmp/gpu-grpo2
+    run 60 "$BIN/grpo-train" --model "$F/llama_gqa" --prompts /tmp/pairs.jsonl --reward 'regex: yes' --out /tmp/gpu-grpo \
+        --steps 3 --batch 2 --num-generations 4 --max-completion-length 8 --device cuda:0 --log "$OUT/grpo.jsonl"
+    # two data-parallel ranks sharing the GPU (TCP), as torchrun would start them
+    for r in 0 1; do
+        CUDA_VISIBLE_DEVICES=0 RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 \
+            timeout 60 "$BIN/grpo-train" --model "$F/llama_gqa" --prompts /tmp/pairs.jsonl --reward 'regex: yes' \
+            --out /tmp/gpu-grpo2 --steps 3 --batch 2 --num-generations 4 --max-completion-length 8 --device cuda:0 \
+            --log "$OUT/grpo_dp.jsonl" &
+    done
+    wait
     run 60 "$BIN/peft-train" --model "$F/gpt2" --data tests/fixtures/data/alpaca.json --target c_attn,c_proj,c_fc \
         --out /tmp/gpu-gpt2 --steps 4 --batch 2 --device cuda:0 --log "$OUT/gpt2.jsonl"
     run 60 "$BIN/peft-train" --model "$F/llama_gqa" --data tests/fixtures/data/alpaca.json --method full --lr 1e-4 \

@@ -44,7 +44,7 @@ EOF
 fi
 # The tools, compressed (about 20 MB for the eight instead of 87): device_check.sh unpacks them.
 B=target/cuda/release
-TOOLS="gpu-check peft-train peft-eval peft-generate rm-train rm-score dpo-train ppo-train"
+TOOLS="gpu-check peft-train peft-eval peft-generate rm-train rm-score dpo-train ppo-train grpo-train"
 (cd $B && tar -cJf - $TOOLS) > .gpu/bin.tar.xz
 du -sh .gpu/tok .gpu/whl-slim .gpu/bin.tar.xz
 echo "carry: .gpu/bin.tar.xz .gpu/whl-slim .gpu/tok"
