@@ -199,6 +199,56 @@ fn a_reward_command_sees_every_completion_with_its_record() {
     assert!(step[0]["kl"].as_f64().unwrap() < 1e-6, "{}", step[0]);
 }
 
+/// serve:COMMAND is started once for the whole run (the evaluations and every step) and
+/// answers each completion with a line; its rewards are those cmd: gives for the same program.
+#[test]
+fn a_reward_server_is_started_once_and_answers_every_completion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prompts(tmp.path(), 4);
+    let (starts, seen) = (tmp.path().join("starts"), tmp.path().join("seen.jsonl"));
+    // 1 for the records whose answer is "2", null for "3", else 0; `echo` writes at once
+    let body = r#"while IFS= read -r l; do echo "$l" >> SEEN; case "$l" in *'"answer":"2"'*) echo 1;; *'"answer":"3"'*) echo null;; *) echo 0;; esac; done"#
+        .replace("SEEN", s(&seen));
+    let serve = format!("serve:echo started >> {}; {body}", s(&starts));
+    let args = |reward: &str| -> Vec<String> {
+        [
+            "--reward",
+            reward,
+            "--num-generations",
+            "3",
+            "--batch",
+            "2",
+            "--steps",
+            "3",
+            "--eval-prompts",
+            "4",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let served = args(&serve);
+    let served: Vec<&str> = served.iter().map(String::as_str).collect();
+    let (log, _) = grpo(&data, &tmp.path().join("served"), &served);
+    assert_eq!(std::fs::read_to_string(&starts).unwrap(), "started\n");
+    // 3 steps × 2 prompts × 3 completions, and 4 prompts before and after training
+    let n = std::fs::read_to_string(&seen).unwrap().lines().count();
+    assert_eq!(n, 18 + 8);
+    // the same program run per step gives the same run
+    let per_step = args(&format!("cmd:{body}"));
+    let per_step: Vec<&str> = per_step.iter().map(String::as_str).collect();
+    let (again, _) = grpo(&data, &tmp.path().join("per-step"), &per_step);
+    let rewards = |l: &[Value], k: &str| -> Vec<Value> {
+        l.iter().filter_map(|v| v.get(k).cloned()).collect()
+    };
+    assert_eq!(rewards(&log, "reward"), rewards(&again, "reward"));
+    assert_eq!(rewards(&log, "eval_reward"), rewards(&again, "eval_reward"));
+    assert_eq!(
+        rewards(&log, "reward_serve0"),
+        rewards(&again, "reward_cmd0")
+    );
+    assert_eq!(rewards(&log, "reward").len(), 3);
+}
+
 #[test]
 fn grpo_resume_continues_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -296,6 +346,39 @@ fn grpo_fails_cleanly() {
     assert_clean_error(&go(&["--reward", "cmd:exit 4"]), "exited with");
     assert_clean_error(&go(&["--reward", "cmd:echo 1"]), "printed 1 lines");
     assert_clean_error(&go(&["--reward", "cmd:sed s/.*/x/"]), "not a number");
+    assert_clean_error(&go(&["--reward", "serve:exit 3"]), "exited with");
+    assert_clean_error(
+        &go(&["--reward", "serve:while read l; do echo x; done"]),
+        "not a number",
+    );
+    assert_clean_error(
+        &go(&["--reward", "serve:read l; echo 1; exit 0"]),
+        "before answering every completion",
+    );
+    // a server that never answers (here: nothing flushed) stops the run after the timeout
+    let mut silent = std::process::Command::new(peftkit_tests::bin("grpo-train"));
+    silent
+        .args([
+            "--model",
+            s(&m),
+            "--prompts",
+            s(&data),
+            "--out",
+            s(&out),
+            "--steps",
+            "1",
+            "--num-generations",
+            "2",
+            "--max-completion-length",
+            "4",
+            "--eval-prompts",
+            "0",
+            "--quiet",
+            "--reward",
+            "serve:cat > /dev/null",
+        ])
+        .env("PEFTKIT_REWARD_TIMEOUT", "0.5");
+    assert_clean_error(&silent.output().unwrap(), "within 0.5 s");
     assert_clean_error(
         &go(&["--reward", "regex:a", "--loss-type", "ppo"]),
         "--loss-type",

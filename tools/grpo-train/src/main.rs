@@ -26,6 +26,8 @@ use std::path::PathBuf;
   # any program as the reward: JSON lines in ({\"prompt\", \"completion\", \"stopped\", \"record\"}),
   # one number per line out (null: cannot score)
   grpo-train --model M --prompts p.jsonl --out runs/grpo --reward 'cmd:python3 score.py'
+  # the same protocol from a program started once and kept running (loads its judge once)
+  grpo-train --model M --prompts p.jsonl --out runs/grpo --reward 'serve:python3 -u judge.py'
   # a reward model from rm-train, a KL penalty to the base (DeepSeek-R1's β)
   grpo-train --model M --prompts p.jsonl --out runs/grpo --reward model:runs/rm --beta 0.001
   # Dr. GRPO (no std scaling, constant normalizer), DAPO's clip-higher, GSPO's sequence ratio
@@ -52,7 +54,9 @@ struct Args {
     train: TrainArgs,
     /// A reward function, KIND:ARGUMENT (repeatable): model:DIR (rm-train adapter or
     /// sequence-classification folder), regex:PATTERN (1 if the completion matches),
-    /// answer:FIELD (1 if its final answer equals the record's FIELD), cmd:COMMAND
+    /// answer:FIELD (1 if its final answer equals the record's FIELD), cmd:COMMAND (run per
+    /// step: JSON lines in, a number per line out), serve:COMMAND (started once: a line per
+    /// completion in, a line out, flushed)
     #[arg(long = "reward", value_name = "KIND:ARG", required_unless_present_any = ["plot_log"])]
     rewards: Vec<String>,
     /// One weight per --reward, comma-separated (default: all 1)

@@ -559,7 +559,7 @@ fn check(o: &GrpoOptions) -> Result<()> {
     }
     if o.rewards.is_empty() {
         return Err(Error::usage(
-            "give at least one --reward (model:DIR, regex:PATTERN, answer:FIELD or cmd:COMMAND)",
+            "give at least one --reward (model:DIR, regex:PATTERN, answer:FIELD, cmd:COMMAND or serve:COMMAND)",
         ));
     }
     if o.reward_weights.len() != o.rewards.len() {

@@ -32,6 +32,7 @@ pub mod preference;
 pub mod prefix;
 pub mod prompt;
 pub mod prompts;
+pub mod reward_command;
 pub mod rewards;
 pub mod rollout;
 pub mod rollout_eval;

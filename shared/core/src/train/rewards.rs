@@ -8,14 +8,13 @@
 //!   lines and prints one number per line (TRL's reward functions, as a Unix filter).
 
 use super::params::TrainState;
+use super::reward_command::{run_command, RewardServer};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tokenizer::TextTokenizer;
 use crate::train::backend::Backend;
-use serde_json::{json, Value};
-use std::io::Write;
+use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 /// The reward model resident for the run.
 pub struct RewardModel {
@@ -138,8 +137,10 @@ pub enum RewardSpec {
     Regex(String),
     /// `answer:FIELD`: 1 when the completion's final answer equals the record's FIELD.
     Answer(String),
-    /// `cmd:COMMAND`: a shell command; JSON lines in, one number per line out.
+    /// `cmd:COMMAND`: a shell command run once per step; JSON lines in, one number per line out.
     Command(String),
+    /// `serve:COMMAND`: a shell command started once, answering each completion with a line.
+    Serve(String),
 }
 
 impl RewardSpec {
@@ -147,7 +148,7 @@ impl RewardSpec {
         let (kind, arg) = s.split_once(':').unwrap_or((s, ""));
         if arg.is_empty() {
             return Err(Error::usage(format!(
-                "--reward {s}: expected KIND:ARGUMENT with KIND model, regex, answer or cmd (e.g. answer:answer, cmd:'python3 score.py')"
+                "--reward {s}: expected KIND:ARGUMENT with KIND model, regex, answer, cmd or serve (e.g. answer:answer, cmd:'python3 score.py')"
             )));
         }
         Ok(match kind {
@@ -155,11 +156,10 @@ impl RewardSpec {
             "regex" => Self::Regex(arg.to_string()),
             "answer" => Self::Answer(arg.to_string()),
             "cmd" => Self::Command(arg.to_string()),
-            _ => {
-                return Err(Error::usage(format!(
-                    "--reward {s}: unknown kind {kind:?}; expected model, regex, answer or cmd"
-                )))
-            }
+            "serve" => Self::Serve(arg.to_string()),
+            _ => return Err(Error::usage(format!(
+                "--reward {s}: unknown kind {kind:?}; expected model, regex, answer, cmd or serve"
+            ))),
         })
     }
 
@@ -170,6 +170,7 @@ impl RewardSpec {
             Self::Regex(_) => "regex",
             Self::Answer(_) => "answer",
             Self::Command(_) => "cmd",
+            Self::Serve(_) => "serve",
         };
         format!("{kind}{index}")
     }
@@ -197,6 +198,8 @@ pub enum RewardFn {
     Regex(regex::Regex),
     Answer(String),
     Command(String),
+    /// Started at its first use (not for `--plan`), stopped when dropped.
+    Serve(String, Option<Box<RewardServer>>),
 }
 
 impl RewardFn {
@@ -222,6 +225,7 @@ impl RewardFn {
             ),
             RewardSpec::Answer(f) => Self::Answer(f.clone()),
             RewardSpec::Command(c) => Self::Command(c.clone()),
+            RewardSpec::Serve(c) => Self::Serve(c.clone(), None),
         })
     }
 
@@ -269,6 +273,13 @@ impl RewardFn {
                 })
                 .collect(),
             Self::Command(cmd) => run_command(cmd, items),
+            Self::Serve(cmd, server) => {
+                let server = match server {
+                    Some(s) => s,
+                    None => server.insert(Box::new(RewardServer::start(cmd)?)),
+                };
+                server.score(items)
+            }
         }
     }
 }
@@ -376,84 +387,6 @@ pub fn same_answer(a: &str, b: &str) -> bool {
         (Some(x), Some(y)) => (x - y).abs() <= 1e-6 * y.abs().max(1.0),
         _ => norm(a) == norm(b),
     }
-}
-
-/// Runs `sh -c cmd` with one JSON object per completion on its standard input
-/// (`{"prompt", "completion", "stopped", "record"}`) and reads one reward per line from its
-/// standard output (`null`, `nan` or an empty line: cannot score).
-fn run_command(cmd: &str, items: &[Scored]) -> Result<Vec<f64>> {
-    let fail = |what: String| Error::usage(format!("--reward cmd:{cmd}: {what}"));
-    let mut input = Vec::new();
-    for s in items {
-        let line = json!({
-            "prompt": s.prompt,
-            "completion": s.completion,
-            "stopped": s.stopped,
-            "record": s.record,
-        });
-        serde_json::to_writer(&mut input, &line).expect("JSON to memory");
-        input.push(b'\n');
-    }
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| fail(format!("cannot start: {e}")))?;
-    // Write from a thread: a command that answers line by line would otherwise deadlock
-    // against a full pipe.
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    let writer = std::thread::spawn(move || stdin.write_all(&input));
-    let out = child
-        .wait_with_output()
-        .map_err(|e| fail(format!("cannot read its output: {e}")))?;
-    let wrote = writer.join().expect("writer thread");
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last = err
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("");
-        return Err(fail(format!(
-            "exited with {} ({})",
-            out.status,
-            last.trim()
-        )));
-    }
-    // A command that answers without reading everything (a constant reward) is fine.
-    if let Err(e) = wrote {
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            return Err(fail(format!("cannot write its input: {e}")));
-        }
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut lines: Vec<&str> = text.lines().collect();
-    while lines.len() > items.len() && lines.last().is_some_and(|l| l.trim().is_empty()) {
-        lines.pop();
-    }
-    if lines.len() != items.len() {
-        return Err(fail(format!(
-            "printed {} lines for {} completions; expected one reward per line",
-            lines.len(),
-            items.len()
-        )));
-    }
-    lines
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let t = l.trim();
-            match t {
-                "" | "null" | "None" | "nan" | "NaN" => Ok(f64::NAN),
-                _ => t
-                    .parse::<f64>()
-                    .map_err(|_| fail(format!("line {}: {t:?} is not a number (or null)", i + 1))),
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]
