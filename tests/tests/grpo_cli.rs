@@ -249,6 +249,69 @@ fn a_reward_server_is_started_once_and_answers_every_completion() {
     assert_eq!(rewards(&log, "reward").len(), 3);
 }
 
+/// The other loss types and the high-entropy mask run end to end and log TRL's metrics:
+/// CISPO its capped fraction, SAPO no clip ratios, LUSPO (sequence ratios) GRPO's.
+#[test]
+fn every_loss_type_and_the_entropy_mask_train() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prompts(tmp.path(), 4);
+    let cases: &[(&[&str], &str, bool)] = &[
+        (
+            &["--loss-type", "cispo", "--epsilon-high", "5"],
+            "cispo_clip_ratio",
+            true,
+        ),
+        (&["--loss-type", "sapo"], "sapo", false),
+        (
+            &[
+                "--loss-type",
+                "luspo",
+                "--importance-sampling-level",
+                "sequence",
+            ],
+            "clip_ratio_region",
+            true,
+        ),
+        (
+            &["--top-entropy-quantile", "0.2"],
+            "clip_ratio_region",
+            true,
+        ),
+    ];
+    for (k, &(opts, key, present)) in cases.iter().enumerate() {
+        let mut args = vec![
+            "--reward",
+            "regex: the",
+            "--num-generations",
+            "4",
+            "--batch",
+            "2",
+            "--steps",
+            "2",
+            "--num-iterations",
+            "2",
+            "--eval-prompts",
+            "0",
+        ];
+        args.extend_from_slice(opts);
+        let (log, _) = grpo(&data, &tmp.path().join(format!("out{k}")), &args);
+        let step: Vec<&Value> = log.iter().filter(|v| v.get("loss").is_some()).collect();
+        assert_eq!(step.len(), 2, "{opts:?}");
+        for v in &step {
+            assert!(v["loss"].as_f64().unwrap().is_finite(), "{opts:?}: {v}");
+            assert_eq!(v.get(key).is_some(), present, "{opts:?}: {v}");
+        }
+        if !present {
+            assert!(step[0].get("clip_ratio_region").is_none(), "{}", step[0]);
+        }
+        assert!(tmp
+            .path()
+            .join(format!("out{k}"))
+            .join("adapter_model.safetensors")
+            .is_file());
+    }
+}
+
 #[test]
 fn grpo_resume_continues_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -382,6 +445,10 @@ fn grpo_fails_cleanly() {
     assert_clean_error(
         &go(&["--reward", "regex:a", "--loss-type", "ppo"]),
         "--loss-type",
+    );
+    assert_clean_error(
+        &go(&["--reward", "regex:a", "--top-entropy-quantile", "0"]),
+        "--top-entropy-quantile",
     );
     assert_clean_error(
         &go(&["--reward", "regex:a", "--method", "ia3"]),

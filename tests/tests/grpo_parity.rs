@@ -217,7 +217,7 @@ fn losses_and_gradients_of_every_case_match_trl() {
         .collect();
     let adv = floats(&r["advantages"]["group"]["advantages"]);
     let cases = r["loss_cases"].as_object().unwrap();
-    assert_eq!(cases.len(), 8);
+    assert_eq!(cases.len(), 12);
     for (case, c) in cases {
         let cfg = &c["config"];
         let loss_type = LossType::parse(cfg["loss_type"].as_str().unwrap()).unwrap();
@@ -235,6 +235,9 @@ fn losses_and_gradients_of_every_case_match_trl() {
             kl_ratio: cfg["use_bias_correction_kl"].as_bool().unwrap(),
             level,
             max_completion_len: max_len,
+            sapo_temperature_pos: cfg["sapo_temperature_pos"].as_f64().unwrap(),
+            sapo_temperature_neg: cfg["sapo_temperature_neg"].as_f64().unwrap(),
+            top_entropy_quantile: cfg["top_entropy_quantile"].as_f64().unwrap(),
         };
         let mask_truncated = cfg["mask_truncated_completions"].as_bool().unwrap();
         let old = c["old_per_token_logps"]
@@ -302,11 +305,17 @@ fn losses_and_gradients_of_every_case_match_trl() {
             RatioLevel::Token => obj.out.tokens,
             RatioLevel::Sequence => obj.out.completions,
         } as f64;
-        for (ours, key) in [
-            (obj.out.low_clipped, "clip_ratio/low_mean"),
-            (obj.out.high_clipped, "clip_ratio/high_mean"),
-            (obj.out.region_clipped, "clip_ratio/region_mean"),
-        ] {
+        // TRL logs CISPO's capped fraction instead of the clip ratios, and nothing for SAPO
+        let clip_metrics: &[(f64, &str)] = match loss_type {
+            LossType::Cispo => &[(obj.out.high_clipped, "cispo_clip_ratio")],
+            LossType::Sapo => &[],
+            _ => &[
+                (obj.out.low_clipped, "clip_ratio/low_mean"),
+                (obj.out.high_clipped, "clip_ratio/high_mean"),
+                (obj.out.region_clipped, "clip_ratio/region_mean"),
+            ],
+        };
+        for &(ours, key) in clip_metrics {
             let w = m[key].as_f64().unwrap();
             assert!(
                 (ours / count - w).abs() < 1e-6,

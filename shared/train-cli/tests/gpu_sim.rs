@@ -930,6 +930,9 @@ fn grpo_objective_on_the_simulated_gpu_matches_the_cpu() {
             kl_ratio: true,
             level: RatioLevel::Token,
             max_completion_len: 8,
+            sapo_temperature_pos: 1.0,
+            sapo_temperature_neg: 1.05,
+            top_entropy_quantile: 1.0,
         };
         let share = StepShare {
             grad_accum: 1,

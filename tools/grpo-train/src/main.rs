@@ -86,9 +86,21 @@ struct Args {
     /// β: weight of the KL to the reference (0: no reference pass at all)
     #[arg(long, default_value_t = 0.0, value_name = "B")]
     beta: f64,
-    /// grpo, bnpo, dr_grpo or dapo (how token losses are averaged)
+    /// grpo, bnpo, dr_grpo, dapo (how clipped token losses are averaged), cispo (MiniMax-M1:
+    /// the ratio capped at --epsilon-high and detached, no token loses its gradient), sapo (a
+    /// soft gate instead of the clip) or luspo (per-completion sums; use sequence ratios)
     #[arg(long, default_value = "dapo", value_name = "TYPE")]
     loss_type: String,
+    /// SAPO's gate temperature for tokens with a positive advantage
+    #[arg(long, default_value_t = 1.0, value_name = "T")]
+    sapo_temperature_pos: f64,
+    /// SAPO's gate temperature for the other tokens
+    #[arg(long, default_value_t = 1.05, value_name = "T")]
+    sapo_temperature_neg: f64,
+    /// ρ: only the top-ρ fraction of each micro-batch's tokens by entropy keep their policy
+    /// term ("Beyond the 80/20 rule"; 0.2 there; 1 = all)
+    #[arg(long, default_value_t = 1.0, value_name = "RHO")]
+    top_entropy_quantile: f64,
     /// Lower clip: the ratio is kept above 1 − ε
     #[arg(long, default_value_t = 0.2, value_name = "E")]
     epsilon: f64,
@@ -177,7 +189,7 @@ fn main() {
                 "--loss-type",
                 &a.loss_type,
                 LossType::parse,
-                "grpo, bnpo, dr_grpo, dapo",
+                "grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo",
             )?,
             epsilon_low: a.epsilon,
             epsilon_high: eps_high,
@@ -195,7 +207,19 @@ fn main() {
                 "token, sequence",
             )?,
             max_completion_len: a.max_completion_length,
+            sapo_temperature_pos: a.sapo_temperature_pos,
+            sapo_temperature_neg: a.sapo_temperature_neg,
+            top_entropy_quantile: a.top_entropy_quantile,
         };
+        if !(a.top_entropy_quantile > 0.0 && a.top_entropy_quantile <= 1.0) {
+            return Err(Error::usage(format!(
+                "--top-entropy-quantile {}: expected a fraction in (0, 1]",
+                a.top_entropy_quantile
+            )));
+        }
+        if a.sapo_temperature_pos <= 0.0 || a.sapo_temperature_neg <= 0.0 {
+            return Err(Error::usage("SAPO's temperatures must be positive"));
+        }
         let mut train = to_options(&a.train)?;
         if !given("lr") {
             train.optim.lr = 5e-6;

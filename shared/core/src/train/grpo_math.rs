@@ -195,6 +195,15 @@ pub enum LossType {
     DrGrpo,
     /// Sum over tokens / the tokens of the whole optimizer step (DAPO; TRL's default).
     Dapo,
+    /// CISPO (MiniMax-M1): −min(ratio, ε_high)·A·log p with the clipped ratio detached, so no
+    /// token loses its gradient; normalised as DAPO.
+    Cispo,
+    /// SAPO: a soft gate σ(τ(ratio − 1))·4/τ instead of the clip (τ by the advantage's sign);
+    /// normalised as GRPO.
+    Sapo,
+    /// LUSPO: GRPO's clipped surrogate summed over each completion's tokens, then averaged over
+    /// completions (no per-length mean; meant for sequence-level ratios).
+    Luspo,
 }
 
 impl LossType {
@@ -204,6 +213,9 @@ impl LossType {
             "bnpo" => Some(Self::Bnpo),
             "dr_grpo" | "dr-grpo" => Some(Self::DrGrpo),
             "dapo" => Some(Self::Dapo),
+            "cispo" => Some(Self::Cispo),
+            "sapo" => Some(Self::Sapo),
+            "luspo" => Some(Self::Luspo),
             _ => None,
         }
     }
@@ -214,6 +226,9 @@ impl LossType {
             Self::Bnpo => "bnpo",
             Self::DrGrpo => "dr_grpo",
             Self::Dapo => "dapo",
+            Self::Cispo => "cispo",
+            Self::Sapo => "sapo",
+            Self::Luspo => "luspo",
         }
     }
 }
@@ -243,6 +258,26 @@ pub struct GrpoLoss {
     pub level: RatioLevel,
     /// The completion length limit (Dr. GRPO's constant).
     pub max_completion_len: usize,
+    /// SAPO's gate temperatures for positive and for other advantages.
+    pub sapo_temperature_pos: f64,
+    pub sapo_temperature_neg: f64,
+    /// ρ of "Beyond the 80/20 rule": only the micro-batch's top-ρ quantile of tokens by
+    /// entropy keep their policy term (1: all).
+    pub top_entropy_quantile: f64,
+}
+
+/// The tokens whose entropy reaches the (1 − ρ) quantile of `entropies` (torch.quantile's
+/// linear interpolation), as TRL's `get_high_entropy_mask`: with ρ = 1 all of them.
+pub fn high_entropy(entropies: &[f64], rho: f64) -> Vec<bool> {
+    if rho >= 1.0 || entropies.is_empty() {
+        return vec![true; entropies.len()];
+    }
+    let mut sorted = entropies.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let pos = (1.0 - rho) * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    let threshold = sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64);
+    entropies.iter().map(|&e| e >= threshold).collect()
 }
 
 /// One completion's tokens as the loss sees them.
@@ -256,6 +291,9 @@ pub struct CompletionTokens<'a> {
     pub ref_logp: Option<&'a [f64]>,
     /// Which tokens count.
     pub mask: &'a [bool],
+    /// Of the counted tokens, those whose policy term counts (`--top-entropy-quantile`: the
+    /// high-entropy ones; None: all). The KL term and the normalisation still use `mask`.
+    pub policy_mask: Option<&'a [bool]>,
     pub advantage: f64,
 }
 
@@ -325,19 +363,35 @@ pub fn grpo_loss(cfg: &GrpoLoss, seqs: &[CompletionTokens], share: StepShare) ->
         let n_i = s.mask.iter().filter(|&&m| m).count();
         // d loss / d per_token_loss[t] for a counted token
         let weight = match cfg.loss_type {
-            LossType::Grpo => 1.0 / (n_i.max(1) as f64 * n_seq.max(1) as f64 * ga),
+            LossType::Grpo | LossType::Sapo => 1.0 / (n_i.max(1) as f64 * n_seq.max(1) as f64 * ga),
             LossType::Bnpo => 1.0 / (micro_tokens.max(1) as f64 * ga),
             LossType::DrGrpo => 1.0 / ((n_seq * cfg.max_completion_len).max(1) as f64 * ga),
-            LossType::Dapo => 1.0 / share.step_tokens.max(1) as f64,
+            LossType::Dapo | LossType::Cispo => 1.0 / share.step_tokens.max(1) as f64,
+            LossType::Luspo => 1.0 / (n_seq.max(1) as f64 * ga),
         };
+        let policy = |t: usize| s.policy_mask.is_none_or(|m| m[t]);
+        // counted tokens whose policy term counts
+        let m_i = (0..len).filter(|&t| s.mask[t] && policy(t)).count();
         let a = s.advantage;
         let log_ratio: Vec<f64> = match s.old_logp {
             Some(old) => s.logp.iter().zip(old).map(|(p, o)| p - o).collect(),
             None => vec![0.0; len],
         };
-        // the clipped surrogate at one log-ratio: (loss, d loss / d log-ratio, clip flags)
+        // the policy term at one log-ratio: (loss, d loss / d log-ratio, clip flags); CISPO's
+        // is linear in log p instead (its ratio is detached): see `cispo` below
         let surrogate = |lr: f64| {
             let raw = lr.exp();
+            if cfg.loss_type == LossType::Sapo {
+                let tau = if a > 0.0 {
+                    cfg.sapo_temperature_pos
+                } else {
+                    cfg.sapo_temperature_neg
+                };
+                let sig = 1.0 / (1.0 + (-tau * (raw - 1.0)).exp());
+                let loss = -sig * 4.0 / tau * a;
+                let dlr = -4.0 * sig * (1.0 - sig) * raw * a;
+                return (loss, dlr, false, false);
+            }
             let (c1, d1) = match cfg.delta {
                 Some(d) if raw > d => (d, 0.0),
                 _ => (raw, raw),
@@ -357,28 +411,61 @@ pub fn grpo_loss(cfg: &GrpoLoss, seqs: &[CompletionTokens], share: StepShare) ->
             let high = c1 > hi && a > 0.0;
             (loss, dlr, low, high)
         };
+        // CISPO at one ratio: the detached weight −min(ratio, ε_high)·A of log p, and whether
+        // it was clipped (TRL's cispo_clip_ratio)
+        let cispo = |lr: f64| {
+            let raw = lr.exp();
+            (
+                -raw.min(cfg.epsilon_high) * a,
+                raw > cfg.epsilon_high && a > 0.0,
+            )
+        };
         let mut g = vec![0.0; len];
         let mut seq_loss = 0.0;
-        match cfg.level {
-            RatioLevel::Token => {
+        match (cfg.loss_type, cfg.level) {
+            (LossType::Cispo, level) => {
+                let seq_lr = mean_log_ratio(&log_ratio, s.mask);
+                for t in 0..len {
+                    if !s.mask[t] {
+                        continue;
+                    }
+                    let (w, clipped) = cispo(match level {
+                        RatioLevel::Token => log_ratio[t],
+                        RatioLevel::Sequence => seq_lr,
+                    });
+                    if policy(t) {
+                        seq_loss += w * s.logp[t] * weight;
+                        g[t] += w * weight;
+                    }
+                    if level == RatioLevel::Token {
+                        out.high_clipped += f64::from(u8::from(clipped));
+                    }
+                }
+                if level == RatioLevel::Sequence {
+                    out.high_clipped += f64::from(u8::from(cispo(seq_lr).1));
+                }
+            }
+            (_, RatioLevel::Token) => {
                 for t in 0..len {
                     if !s.mask[t] {
                         continue;
                     }
                     let (l, dlr, low, high) = surrogate(log_ratio[t]);
-                    seq_loss += l * weight;
-                    g[t] += dlr * weight;
+                    if policy(t) {
+                        seq_loss += l * weight;
+                        g[t] += dlr * weight;
+                    }
                     out.low_clipped += f64::from(u8::from(low));
                     out.high_clipped += f64::from(u8::from(high));
                     out.region_clipped += f64::from(u8::from(low || high));
                 }
             }
-            RatioLevel::Sequence => {
+            (_, RatioLevel::Sequence) => {
                 let (l, dlr, low, high) = surrogate(mean_log_ratio(&log_ratio, s.mask));
-                // the same loss on every counted token
-                seq_loss += l * weight * n_i as f64;
+                // the same loss on every counted token (whose policy term counts)
+                seq_loss += l * weight * m_i as f64;
                 for (gt, _) in g.iter_mut().zip(s.mask).filter(|(_, &m)| m) {
-                    *gt += dlr * weight * n_i as f64 / n_i.max(1) as f64;
+                    *gt += dlr * weight * m_i as f64 / n_i.max(1) as f64;
                 }
                 out.low_clipped += f64::from(u8::from(low));
                 out.high_clipped += f64::from(u8::from(high));
@@ -439,6 +526,9 @@ mod tests {
             kl_ratio: true,
             level: RatioLevel::Token,
             max_completion_len: 4,
+            sapo_temperature_pos: 1.0,
+            sapo_temperature_neg: 1.05,
+            top_entropy_quantile: 1.0,
         }
     }
 
@@ -486,6 +576,7 @@ mod tests {
             old_logp: None,
             ref_logp: None,
             mask: &mask,
+            policy_mask: None,
             advantage: 2.0,
         };
         let share = StepShare {
@@ -505,12 +596,18 @@ mod tests {
         let old = vec![-1.3, -0.5, -2.1, -0.9];
         let reference = vec![-1.1, -0.9, -1.7, -0.2];
         let mask = [true, true, true, false];
+        // the high-entropy tokens' policy terms (the second counted token's is off)
+        let high = [true, false, true, false];
         for level in [RatioLevel::Token, RatioLevel::Sequence] {
-            for lt in [
-                LossType::Grpo,
-                LossType::Bnpo,
-                LossType::DrGrpo,
-                LossType::Dapo,
+            for (lt, policy) in [
+                (LossType::Grpo, None),
+                (LossType::Bnpo, None),
+                (LossType::DrGrpo, None),
+                (LossType::Dapo, None),
+                (LossType::Sapo, None),
+                (LossType::Luspo, None),
+                (LossType::Grpo, Some(&high[..])),
+                (LossType::Sapo, Some(&high[..])),
             ] {
                 for adv in [1.3, -0.8] {
                     let mut c = cfg(lt);
@@ -528,6 +625,7 @@ mod tests {
                             old_logp: Some(&old),
                             ref_logp: Some(&reference),
                             mask: &mask,
+                            policy_mask: policy,
                             advantage: adv,
                         };
                         grpo_loss(&c, &[s], share)
@@ -542,12 +640,57 @@ mod tests {
                         let fd = (run(&p).loss - run(&m).loss) / (2.0 * h);
                         assert!(
                             (fd - base.grad[0][t]).abs() < 1e-6,
-                            "{lt:?} {level:?} adv {adv} token {t}: {fd} vs {}",
+                            "{lt:?} {level:?} {policy:?} adv {adv} token {t}: {fd} vs {}",
                             base.grad[0][t]
                         );
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn high_entropy_tokens_are_the_top_quantile() {
+        let e = [0.5, 2.0, 1.0, 3.0, 0.1];
+        assert_eq!(high_entropy(&e, 1.0), vec![true; 5]);
+        // sorted 0.1 0.5 1 2 3; the 0.6 quantile sits at 2.4 → between 1 and 2: 1.4
+        assert_eq!(high_entropy(&e, 0.4), vec![false, true, false, true, false]);
+        // exactly on a value: that token stays
+        assert_eq!(high_entropy(&e, 0.5), vec![false, true, true, true, false]);
+    }
+
+    /// CISPO's weight is detached: the gradient of each counted token's log p is
+    /// −min(ratio, ε_high)·A / (step tokens), clipped or not, and its loss is that times log p.
+    #[test]
+    fn cispo_keeps_every_tokens_gradient_with_a_capped_weight() {
+        let logp = vec![-1.0, -0.7, -2.0];
+        let old = vec![-1.3, -0.5, -2.5]; // ratios e^0.3, e^-0.2, e^0.5
+        let mask = [true, true, true];
+        let mut c = cfg(LossType::Cispo);
+        c.epsilon_high = 1.4;
+        let share = StepShare {
+            grad_accum: 1,
+            step_tokens: 4,
+        };
+        let s = CompletionTokens {
+            logp: &logp,
+            old_logp: Some(&old),
+            ref_logp: None,
+            mask: &mask,
+            policy_mask: None,
+            advantage: 2.0,
+        };
+        let o = grpo_loss(&c, &[s], share);
+        let w: Vec<f64> = [0.3f64, -0.2, 0.5]
+            .iter()
+            .map(|lr| -lr.exp().min(1.4) * 2.0 / 4.0)
+            .collect();
+        for (t, (g, w)) in o.grad[0].iter().zip(&w).enumerate() {
+            assert!((g - w).abs() < 1e-12, "token {t}");
+        }
+        let loss: f64 = w.iter().zip(&logp).map(|(w, l)| w * l).sum();
+        assert!((o.loss - loss).abs() < 1e-12);
+        // e^0.5 > 1.4 with A > 0: one clipped token
+        assert_eq!(o.high_clipped, 1.0);
     }
 }

@@ -7,7 +7,9 @@
 //! `--mask-truncated`) are not even run through the head.
 
 use super::engine::{Objective, ObjectiveCtx, StepStats};
-use super::grpo_math::{grpo_loss, CompletionTokens, GrpoLoss, LossOutput, StepShare};
+use super::grpo_math::{
+    grpo_loss, high_entropy, CompletionTokens, GrpoLoss, LossOutput, StepShare,
+};
 use super::params::TrainState;
 use super::policy_head;
 use crate::error::{Error, Result};
@@ -94,15 +96,31 @@ impl Objective for GrpoObjective {
         for (&(k, t), &v) in at.iter().zip(&flat) {
             logp[k][t] = v;
         }
+        // --top-entropy-quantile: the policy term of the micro-batch's high-entropy tokens only
+        let policy_mask: Option<Vec<Vec<bool>>> =
+            (self.loss.top_entropy_quantile < 1.0).then(|| {
+                let high = high_entropy(&entropy, self.loss.top_entropy_quantile);
+                let mut m: Vec<Vec<bool>> = self
+                    .seqs
+                    .iter()
+                    .map(|s| vec![false; s.mask.len()])
+                    .collect();
+                for (&(k, t), &h) in at.iter().zip(&high) {
+                    m[k][t] = h;
+                }
+                m
+            });
         let tokens: Vec<CompletionTokens> = self
             .seqs
             .iter()
             .zip(&logp)
-            .map(|(s, lp)| CompletionTokens {
+            .enumerate()
+            .map(|(k, (s, lp))| CompletionTokens {
                 logp: lp,
                 old_logp: s.old_logp.as_deref(),
                 ref_logp: s.ref_logp.as_deref(),
                 mask: &s.mask,
+                policy_mask: policy_mask.as_ref().map(|m| m[k].as_slice()),
                 advantage: s.advantage,
             })
             .collect();

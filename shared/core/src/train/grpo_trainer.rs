@@ -12,7 +12,7 @@ use super::backend::Backend;
 use super::checkpoint;
 use super::engine::{Batch, Engine};
 use super::grpo_math::{
-    advantages, nanmean, nanstd, Aggregation, GrpoLoss, RewardScale, StepShare,
+    advantages, nanmean, nanstd, Aggregation, GrpoLoss, LossType, RewardScale, StepShare,
 };
 use super::grpo_objective::{GrpoObjective, GrpoSeq};
 use super::lora;
@@ -873,10 +873,19 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
             "entropy".into(),
             json!(up.entropy_sum / (up.tokens_counted / o.iterations).max(1) as f64),
         );
+        // TRL's clip metrics: CISPO's capped fraction instead, none for SAPO's soft gate
         let cc = up.clip_count.max(1) as f64;
-        rec.insert("clip_ratio_low".into(), json!(up.low / cc));
-        rec.insert("clip_ratio_high".into(), json!(up.high / cc));
-        rec.insert("clip_ratio_region".into(), json!(up.region / cc));
+        match o.loss.loss_type {
+            LossType::Cispo => {
+                rec.insert("cispo_clip_ratio".into(), json!(up.high / cc));
+            }
+            LossType::Sapo => {}
+            _ => {
+                rec.insert("clip_ratio_low".into(), json!(up.low / cc));
+                rec.insert("clip_ratio_high".into(), json!(up.high / cc));
+                rec.insert("clip_ratio_region".into(), json!(up.region / cc));
+            }
+        }
         rec.insert("response_length".into(), json!(len_mean));
         rec.insert(
             "truncated_fraction".into(),

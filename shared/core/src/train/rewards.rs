@@ -157,9 +157,11 @@ impl RewardSpec {
             "answer" => Self::Answer(arg.to_string()),
             "cmd" => Self::Command(arg.to_string()),
             "serve" => Self::Serve(arg.to_string()),
-            _ => return Err(Error::usage(format!(
+            _ => {
+                return Err(Error::usage(format!(
                 "--reward {s}: unknown kind {kind:?}; expected model, regex, answer, cmd or serve"
-            ))),
+            )))
+            }
         })
     }
 
@@ -392,6 +394,7 @@ pub fn same_answer(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn final_answers_are_found_where_solutions_put_them() {
