@@ -250,7 +250,8 @@ fn a_reward_server_is_started_once_and_answers_every_completion() {
 }
 
 /// The other loss types and the high-entropy mask run end to end and log TRL's metrics:
-/// CISPO its capped fraction, SAPO no clip ratios, LUSPO (sequence ratios) GRPO's.
+/// CISPO its capped fraction, SAPO no clip ratios, LUSPO (sequence ratios) GRPO's, VESPO its
+/// mean weight; the off-policy sequence mask.
 #[test]
 fn every_loss_type_and_the_entropy_mask_train() {
     let tmp = tempfile::tempdir().unwrap();
@@ -274,6 +275,12 @@ fn every_loss_type_and_the_entropy_mask_train() {
         ),
         (
             &["--top-entropy-quantile", "0.2"],
+            "clip_ratio_region",
+            true,
+        ),
+        (&["--loss-type", "vespo"], "vespo_phi_mean", true),
+        (
+            &["--off-policy-mask-threshold", "0.01"],
             "clip_ratio_region",
             true,
         ),

@@ -8,7 +8,7 @@ use peftkit_core::model::Model;
 use peftkit_core::rng::Rng;
 use peftkit_core::train::engine::{Batch, Engine};
 use peftkit_core::train::grpo_math::{
-    advantages, Aggregation, GrpoLoss, LossType, RatioLevel, RewardScale, StepShare,
+    advantages, Aggregation, GrpoLoss, LossType, RatioLevel, RewardScale, StepShare, Vespo,
 };
 use peftkit_core::train::grpo_objective::{GrpoObjective, GrpoSeq};
 use peftkit_core::train::lora;
@@ -217,7 +217,7 @@ fn losses_and_gradients_of_every_case_match_trl() {
         .collect();
     let adv = floats(&r["advantages"]["group"]["advantages"]);
     let cases = r["loss_cases"].as_object().unwrap();
-    assert_eq!(cases.len(), 12);
+    assert_eq!(cases.len(), 14);
     for (case, c) in cases {
         let cfg = &c["config"];
         let loss_type = LossType::parse(cfg["loss_type"].as_str().unwrap()).unwrap();
@@ -238,6 +238,13 @@ fn losses_and_gradients_of_every_case_match_trl() {
             sapo_temperature_pos: cfg["sapo_temperature_pos"].as_f64().unwrap(),
             sapo_temperature_neg: cfg["sapo_temperature_neg"].as_f64().unwrap(),
             top_entropy_quantile: cfg["top_entropy_quantile"].as_f64().unwrap(),
+            vespo: Vespo {
+                k_pos: cfg["vespo_k_pos"].as_f64().unwrap(),
+                lambda_pos: cfg["vespo_lambda_pos"].as_f64().unwrap(),
+                k_neg: cfg["vespo_k_neg"].as_f64().unwrap(),
+                lambda_neg: cfg["vespo_lambda_neg"].as_f64().unwrap(),
+            },
+            off_policy_threshold: cfg["off_policy_mask_threshold"].as_f64(),
         };
         let mask_truncated = cfg["mask_truncated_completions"].as_bool().unwrap();
         let old = c["old_per_token_logps"]
@@ -305,23 +312,22 @@ fn losses_and_gradients_of_every_case_match_trl() {
             RatioLevel::Token => obj.out.tokens,
             RatioLevel::Sequence => obj.out.completions,
         } as f64;
-        // TRL logs CISPO's capped fraction instead of the clip ratios, and nothing for SAPO
+        // TRL logs CISPO's capped fraction instead of the clip ratios, VESPO's mean φ over
+        // the completions, and nothing for SAPO
+        let completions = obj.out.completions as f64;
         let clip_metrics: &[(f64, &str)] = match loss_type {
-            LossType::Cispo => &[(obj.out.high_clipped, "cispo_clip_ratio")],
+            LossType::Cispo => &[(obj.out.high_clipped / count, "cispo_clip_ratio")],
             LossType::Sapo => &[],
+            LossType::Vespo => &[(obj.out.phi_sum / completions, "vespo/phi_seq_mean")],
             _ => &[
-                (obj.out.low_clipped, "clip_ratio/low_mean"),
-                (obj.out.high_clipped, "clip_ratio/high_mean"),
-                (obj.out.region_clipped, "clip_ratio/region_mean"),
+                (obj.out.low_clipped / count, "clip_ratio/low_mean"),
+                (obj.out.high_clipped / count, "clip_ratio/high_mean"),
+                (obj.out.region_clipped / count, "clip_ratio/region_mean"),
             ],
         };
         for &(ours, key) in clip_metrics {
             let w = m[key].as_f64().unwrap();
-            assert!(
-                (ours / count - w).abs() < 1e-6,
-                "{case}: {key} {} vs {w}",
-                ours / count
-            );
+            assert!((ours - w).abs() < 1e-6, "{case}: {key} {ours} vs {w}");
         }
         check_grads(&state, c["grads_file"].as_str().unwrap(), case);
     }

@@ -933,6 +933,8 @@ fn grpo_objective_on_the_simulated_gpu_matches_the_cpu() {
             sapo_temperature_pos: 1.0,
             sapo_temperature_neg: 1.05,
             top_entropy_quantile: 1.0,
+            vespo: Default::default(),
+            off_policy_threshold: None,
         };
         let share = StepShare {
             grad_accum: 1,

@@ -3,7 +3,9 @@
 //! expression, the record's reference answer, or any command), no value model.
 
 use clap::{CommandFactory, FromArgMatches, Parser};
-use peftkit_core::train::grpo_math::{Aggregation, GrpoLoss, LossType, RatioLevel, RewardScale};
+use peftkit_core::train::grpo_math::{
+    Aggregation, GrpoLoss, LossType, RatioLevel, RewardScale, Vespo,
+};
 use peftkit_core::train::grpo_trainer::{self, GrpoOptions};
 use peftkit_core::train::rewards::RewardSpec;
 use peftkit_core::{cli, kernels, Error};
@@ -88,7 +90,8 @@ struct Args {
     beta: f64,
     /// grpo, bnpo, dr_grpo, dapo (how clipped token losses are averaged), cispo (MiniMax-M1:
     /// the ratio capped at --epsilon-high and detached, no token loses its gradient), sapo (a
-    /// soft gate instead of the clip) or luspo (per-completion sums; use sequence ratios)
+    /// soft gate instead of the clip), luspo (per-completion sums; use sequence ratios) or
+    /// vespo (a detached gamma weight of each completion's whole ratio)
     #[arg(long, default_value = "dapo", value_name = "TYPE")]
     loss_type: String,
     /// SAPO's gate temperature for tokens with a positive advantage
@@ -97,6 +100,13 @@ struct Args {
     /// SAPO's gate temperature for the other tokens
     #[arg(long, default_value_t = 1.05, value_name = "T")]
     sapo_temperature_neg: f64,
+    /// VESPO's gamma weight φ(w) = e^λ·w^k·e^(−λw): k and λ for A ≥ 0, then for A < 0
+    #[arg(long, value_name = "K,L,K,L", value_delimiter = ',', num_args = 4, default_values_t = [2.0, 3.0, 3.0, 2.0])]
+    vespo_k_lambda: Vec<f64>,
+    /// DeepSeek-V3.2's off-policy sequence mask: completions with a negative advantage whose
+    /// mean log p_old − log p exceeds this lose their policy term (needs --num-iterations > 1)
+    #[arg(long, value_name = "D")]
+    off_policy_mask_threshold: Option<f64>,
     /// ρ: only the top-ρ fraction of each micro-batch's tokens by entropy keep their policy
     /// term ("Beyond the 80/20 rule"; 0.2 there; 1 = all)
     #[arg(long, default_value_t = 1.0, value_name = "RHO")]
@@ -189,7 +199,7 @@ fn main() {
                 "--loss-type",
                 &a.loss_type,
                 LossType::parse,
-                "grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo",
+                "grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo",
             )?,
             epsilon_low: a.epsilon,
             epsilon_high: eps_high,
@@ -210,6 +220,13 @@ fn main() {
             sapo_temperature_pos: a.sapo_temperature_pos,
             sapo_temperature_neg: a.sapo_temperature_neg,
             top_entropy_quantile: a.top_entropy_quantile,
+            vespo: Vespo {
+                k_pos: a.vespo_k_lambda[0],
+                lambda_pos: a.vespo_k_lambda[1],
+                k_neg: a.vespo_k_lambda[2],
+                lambda_neg: a.vespo_k_lambda[3],
+            },
+            off_policy_threshold: a.off_policy_mask_threshold,
         };
         if !(a.top_entropy_quantile > 0.0 && a.top_entropy_quantile <= 1.0) {
             return Err(Error::usage(format!(

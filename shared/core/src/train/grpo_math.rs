@@ -204,6 +204,57 @@ pub enum LossType {
     /// LUSPO: GRPO's clipped surrogate summed over each completion's tokens, then averaged over
     /// completions (no per-length mean; meant for sequence-level ratios).
     Luspo,
+    /// VESPO: −φ(w)·A·log p with φ a detached gamma weight of the completion's whole ratio
+    /// w = Π ρ_t (φ(1) = 1); normalised as DAPO.
+    Vespo,
+}
+
+/// VESPO's gamma weight φ(w) = e^λ·w^k·e^{−λw}, with (k, λ) by the advantage's sign.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Vespo {
+    pub k_pos: f64,
+    pub lambda_pos: f64,
+    pub k_neg: f64,
+    pub lambda_neg: f64,
+}
+
+impl Default for Vespo {
+    /// TRL's defaults.
+    fn default() -> Self {
+        Self {
+            k_pos: 2.0,
+            lambda_pos: 3.0,
+            k_neg: 3.0,
+            lambda_neg: 2.0,
+        }
+    }
+}
+
+impl Vespo {
+    /// φ of a completion from its per-token log-ratios (TRL `get_gamma_weights`: each clamped to
+    /// ±20, summed over the counted tokens, log w clamped to [ln 1e-8, 20]); 0 where it
+    /// overflows.
+    pub fn weight(&self, log_ratio: &[f64], mask: &[bool], advantage: f64) -> f64 {
+        let seq: f64 = log_ratio
+            .iter()
+            .zip(mask)
+            .filter(|(_, &m)| m)
+            .map(|(l, _)| l.clamp(-20.0, 20.0))
+            .sum();
+        let log_w = seq.clamp(1e-8f64.ln(), 20.0);
+        let (k, lambda) = if advantage >= 0.0 {
+            (self.k_pos, self.lambda_pos)
+        } else {
+            (self.k_neg, self.lambda_neg)
+        };
+        let lambda = lambda.max(1e-4);
+        let phi = (lambda + k * log_w - lambda * log_w.exp()).exp();
+        if phi.is_finite() {
+            phi
+        } else {
+            0.0
+        }
+    }
 }
 
 impl LossType {
@@ -216,6 +267,7 @@ impl LossType {
             "cispo" => Some(Self::Cispo),
             "sapo" => Some(Self::Sapo),
             "luspo" => Some(Self::Luspo),
+            "vespo" => Some(Self::Vespo),
             _ => None,
         }
     }
@@ -229,6 +281,7 @@ impl LossType {
             Self::Cispo => "cispo",
             Self::Sapo => "sapo",
             Self::Luspo => "luspo",
+            Self::Vespo => "vespo",
         }
     }
 }
@@ -264,6 +317,10 @@ pub struct GrpoLoss {
     /// ρ of "Beyond the 80/20 rule": only the micro-batch's top-ρ quantile of tokens by
     /// entropy keep their policy term (1: all).
     pub top_entropy_quantile: f64,
+    pub vespo: Vespo,
+    /// DeepSeek-V3.2's off-policy sequence mask: a completion with a negative advantage whose
+    /// mean log p_old − log p over its tokens exceeds this loses its policy term.
+    pub off_policy_threshold: Option<f64>,
 }
 
 /// The tokens whose entropy reaches the (1 − ρ) quantile of `entropies` (torch.quantile's
@@ -321,6 +378,8 @@ pub struct LossOutput {
     /// Counted tokens, and completions (the count of sequence-level clip metrics).
     pub tokens: usize,
     pub completions: usize,
+    /// VESPO: Σ over completions of φ (TRL logs its mean, `vespo/phi_seq_mean`).
+    pub phi_sum: f64,
 }
 
 /// The mean log-ratio over a completion's counted tokens (GSPO's sequence-level ratio).
@@ -366,17 +425,24 @@ pub fn grpo_loss(cfg: &GrpoLoss, seqs: &[CompletionTokens], share: StepShare) ->
             LossType::Grpo | LossType::Sapo => 1.0 / (n_i.max(1) as f64 * n_seq.max(1) as f64 * ga),
             LossType::Bnpo => 1.0 / (micro_tokens.max(1) as f64 * ga),
             LossType::DrGrpo => 1.0 / ((n_seq * cfg.max_completion_len).max(1) as f64 * ga),
-            LossType::Dapo | LossType::Cispo => 1.0 / share.step_tokens.max(1) as f64,
+            LossType::Dapo | LossType::Cispo | LossType::Vespo => {
+                1.0 / share.step_tokens.max(1) as f64
+            }
             LossType::Luspo => 1.0 / (n_seq.max(1) as f64 * ga),
         };
-        let policy = |t: usize| s.policy_mask.is_none_or(|m| m[t]);
-        // counted tokens whose policy term counts
-        let m_i = (0..len).filter(|&t| s.mask[t] && policy(t)).count();
         let a = s.advantage;
         let log_ratio: Vec<f64> = match s.old_logp {
             Some(old) => s.logp.iter().zip(old).map(|(p, o)| p - o).collect(),
             None => vec![0.0; len],
         };
+        // the off-policy mask drops the whole completion's policy term
+        let off_policy = cfg.off_policy_threshold.is_some_and(|d| {
+            let drift: Vec<f64> = log_ratio.iter().map(|l| -l).collect();
+            a < 0.0 && mean_log_ratio(&drift, s.mask) > d
+        });
+        let policy = |t: usize| !off_policy && s.policy_mask.is_none_or(|m| m[t]);
+        // counted tokens whose policy term counts
+        let m_i = (0..len).filter(|&t| s.mask[t] && policy(t)).count();
         // the policy term at one log-ratio: (loss, d loss / d log-ratio, clip flags); CISPO's
         // is linear in log p instead (its ratio is detached): see `cispo` below
         let surrogate = |lr: f64| {
@@ -423,6 +489,16 @@ pub fn grpo_loss(cfg: &GrpoLoss, seqs: &[CompletionTokens], share: StepShare) ->
         let mut g = vec![0.0; len];
         let mut seq_loss = 0.0;
         match (cfg.loss_type, cfg.level) {
+            (LossType::Vespo, _) => {
+                let phi = cfg.vespo.weight(&log_ratio, s.mask, a);
+                out.phi_sum += phi;
+                for (t, gt) in g.iter_mut().enumerate() {
+                    if s.mask[t] && policy(t) {
+                        seq_loss += -phi * a * s.logp[t] * weight;
+                        *gt += -phi * a * weight;
+                    }
+                }
+            }
             (LossType::Cispo, level) => {
                 let seq_lr = mean_log_ratio(&log_ratio, s.mask);
                 for t in 0..len {
@@ -529,6 +605,8 @@ mod tests {
             sapo_temperature_pos: 1.0,
             sapo_temperature_neg: 1.05,
             top_entropy_quantile: 1.0,
+            vespo: Vespo::default(),
+            off_policy_threshold: None,
         }
     }
 

@@ -343,6 +343,8 @@ struct UpdateStats {
     /// the count the clip metrics are over (tokens, or completions for sequence-level ratios)
     clip_count: usize,
     tokens_counted: usize,
+    /// VESPO: Σ φ over the completions of every iteration
+    phi_sum: f64,
     grad_norm: f64,
     updates: usize,
     tokens: u64,
@@ -364,9 +366,11 @@ impl UpdateStats {
             self.clip_count as f64,
             self.tokens_counted as f64,
             self.tokens as f64,
+            self.phi_sum,
         ];
         comm.all_reduce_sum_f64(&mut v)?;
-        let [loss, kl, ent, low, high, region, cc, tc, tokens] = v;
+        let [loss, kl, ent, low, high, region, cc, tc, tokens, phi] = v;
+        self.phi_sum = phi;
         (self.loss, self.kl_sum, self.entropy_sum) = (loss, kl, ent);
         (self.low, self.high, self.region) = (low, high, region);
         self.clip_count = cc as usize;
@@ -458,6 +462,7 @@ fn update(
                     super::grpo_math::RatioLevel::Sequence => out.completions,
                 };
                 st.tokens_counted += out.tokens;
+                st.phi_sum += out.phi_sum;
                 st.tokens += b.ids.iter().map(|s| s.len() as u64).sum::<u64>();
             }
         }
@@ -880,6 +885,12 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
                 rec.insert("cispo_clip_ratio".into(), json!(up.high / cc));
             }
             LossType::Sapo => {}
+            LossType::Vespo => {
+                rec.insert(
+                    "vespo_phi_mean".into(),
+                    json!(up.phi_sum / ro.total as f64 / o.iterations as f64),
+                );
+            }
             _ => {
                 rec.insert("clip_ratio_low".into(), json!(up.low / cc));
                 rec.insert("clip_ratio_high".into(), json!(up.high / cc));
