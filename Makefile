@@ -91,6 +91,7 @@ bench: build model data venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/dpo.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/grpo.sh
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) DTYPE=bf16 bash bench/grpo.sh
+	MODEL=$(MODEL) BIN=$(BIN) bash bench/grpo_dp.sh
 
 bench-methods: build model data venv
 	MODEL=$(MODEL) BIN=$(BIN) VENV=$(VENV) bash bench/methods.sh
