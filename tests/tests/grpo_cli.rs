@@ -279,6 +279,7 @@ fn every_loss_type_and_the_entropy_mask_train() {
             true,
         ),
         (&["--loss-type", "vespo"], "vespo_phi_mean", true),
+        (&["--entropy-coef", "0.01"], "entropy_coef", true),
         (
             &["--off-policy-mask-threshold", "0.01"],
             "clip_ratio_region",

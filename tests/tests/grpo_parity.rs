@@ -217,7 +217,7 @@ fn losses_and_gradients_of_every_case_match_trl() {
         .collect();
     let adv = floats(&r["advantages"]["group"]["advantages"]);
     let cases = r["loss_cases"].as_object().unwrap();
-    assert_eq!(cases.len(), 14);
+    assert_eq!(cases.len(), 15);
     for (case, c) in cases {
         let cfg = &c["config"];
         let loss_type = LossType::parse(cfg["loss_type"].as_str().unwrap()).unwrap();
@@ -244,6 +244,7 @@ fn losses_and_gradients_of_every_case_match_trl() {
                 k_neg: cfg["vespo_k_neg"].as_f64().unwrap(),
                 lambda_neg: cfg["vespo_lambda_neg"].as_f64().unwrap(),
             },
+            entropy_coef: cfg["entropy_coef"].as_f64().unwrap(),
             off_policy_threshold: cfg["off_policy_mask_threshold"].as_f64(),
         };
         let mask_truncated = cfg["mask_truncated_completions"].as_bool().unwrap();

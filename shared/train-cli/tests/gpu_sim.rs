@@ -842,7 +842,7 @@ fn device_optimizer_checkpoints_resume_exactly() {
 
 /// GRPO's objective on the GPU engine (the LM head at the sampling temperature where the hidden
 /// states live, and back): the log-probs, the loss and the gradient's norm of TRL's clipped
-/// case (tests/fixtures/grpo) against the CPU engine.
+/// case (tests/fixtures/grpo) against the CPU engine, without and with the entropy bonus.
 #[test]
 fn grpo_objective_on_the_simulated_gpu_matches_the_cpu() {
     use peftkit_core::gpu::DeviceSpec;
@@ -905,7 +905,10 @@ fn grpo_objective_on_the_simulated_gpu_matches_the_cpu() {
         .enumerate()
         .map(|(i, c)| [prompts[i / 4].clone(), c.clone()].concat())
         .collect();
-    let run = |device: DeviceSpec| {
+    // (device, entropy bonus): the bonus's gradient runs through the cross-entropy kernel;
+    // a large weight (2) makes it dominate the gradient, so that its kernel path is what the
+    // norms compare
+    let run = |device: DeviceSpec, entropy_coef: f64| {
         let mut model = Model::load(&root().join("tests/fixtures/models/llama_gqa")).unwrap();
         let mut state = TrainState::new(model.linears().len());
         peftkit_core::train::lora::load_adapter(&dir.join("adapter_init"), &model, &mut state)
@@ -934,6 +937,7 @@ fn grpo_objective_on_the_simulated_gpu_matches_the_cpu() {
             sapo_temperature_neg: 1.05,
             top_entropy_quantile: 1.0,
             vespo: Default::default(),
+            entropy_coef,
             off_policy_threshold: None,
         };
         let share = StepShare {
@@ -966,23 +970,29 @@ fn grpo_objective_on_the_simulated_gpu_matches_the_cpu() {
             .unwrap();
         (obj.out.loss, obj.logp, norm)
     };
-    let (cl, clp, cn) = run(DeviceSpec::Cpu);
-    let (gl, glp, gn) = run(DeviceSpec::Sim);
-    // bf16 products against f32; the loss is a mean of ±advantage terms of order 1 that
-    // nearly cancel, so its error is absolute
-    assert!(
-        (cl - gl).abs() < 1e-2,
-        "loss {gl} on the simulator, {cl} on the CPU"
-    );
-    for (c, g) in clp.iter().flatten().zip(glp.iter().flatten()) {
+    let mut norms = Vec::new();
+    for coef in [0.0, 2.0] {
+        let (cl, clp, cn) = run(DeviceSpec::Cpu, coef);
+        let (gl, glp, gn) = run(DeviceSpec::Sim, coef);
+        // bf16 products against f32; the loss is a mean of ±advantage terms of order 1 that
+        // nearly cancel, so its error is absolute
         assert!(
-            (c - g).abs() < 5e-2 * c.abs().max(1.0),
-            "log-prob {g} vs {c}"
+            (cl - gl).abs() < 1e-2,
+            "entropy bonus {coef}: loss {gl} on the simulator, {cl} on the CPU"
         );
+        for (c, g) in clp.iter().flatten().zip(glp.iter().flatten()) {
+            assert!(
+                (c - g).abs() < 5e-2 * c.abs().max(1.0),
+                "log-prob {g} vs {c}"
+            );
+        }
+        assert!(cn > 0.0);
+        assert!(
+            (cn - gn).abs() < 5e-2 * cn,
+            "entropy bonus {coef}: gradient norm {gn} on the simulator, {cn} on the CPU"
+        );
+        norms.push(cn);
     }
-    assert!(cn > 0.0);
-    assert!(
-        (cn - gn).abs() < 5e-2 * cn,
-        "gradient norm {gn} on the simulator, {cn} on the CPU"
-    );
+    // the bonus changes the gradient (so the comparison above saw its kernel path)
+    assert!((norms[0] - norms[1]).abs() > 0.1 * norms[0], "{norms:?}");
 }

@@ -107,6 +107,10 @@ struct Args {
     /// mean log p_old − log p exceeds this lose their policy term (needs --num-iterations > 1)
     #[arg(long, value_name = "D")]
     off_policy_mask_threshold: Option<f64>,
+    /// Entropy bonus: the loss minus this times the mean entropy of the tokens the policy term
+    /// acts on (TRL's static entropy_coef; encourages exploration)
+    #[arg(long, default_value_t = 0.0, value_name = "C")]
+    entropy_coef: f64,
     /// ρ: only the top-ρ fraction of each micro-batch's tokens by entropy keep their policy
     /// term ("Beyond the 80/20 rule"; 0.2 there; 1 = all)
     #[arg(long, default_value_t = 1.0, value_name = "RHO")]
@@ -226,6 +230,7 @@ fn main() {
                 k_neg: a.vespo_k_lambda[2],
                 lambda_neg: a.vespo_k_lambda[3],
             },
+            entropy_coef: a.entropy_coef,
             off_policy_threshold: a.off_policy_mask_threshold,
         };
         if !(a.top_entropy_quantile > 0.0 && a.top_entropy_quantile <= 1.0) {

@@ -738,6 +738,7 @@ fn cross_entropy(
                 Arg::P(0),
                 Arg::F(inv_t),
                 Arg::P(if entropy { ge.ptr } else { 0 }),
+                Arg::P(0),
             ],
         )
     };

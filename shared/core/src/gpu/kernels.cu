@@ -493,7 +493,9 @@ extern "C" __global__ void softmax_bwd(const bf16* P, const float* dP, bf16* dS,
 // log-probabilities at the sampling temperature; 1 otherwise): nll[r] = lse(z) − z[target];
 // with `grad`, d(scale·row_scale[r]·nll)/dx = (softmax(z) − onehot)·scale·row_scale[r]·inv_t
 // in bf16 for the hidden-state product (row_scale: per-row loss weights, e.g. DPO's
-// per-sequence coefficients, when given); with `entropy`, the entropy of softmax(z).
+// per-sequence coefficients, when given); with `entropy`, the entropy of softmax(z); with
+// `ent_scale`, the gradient also carries d(scale·ent_scale[r]·H)/dx, H the entropy (GRPO's
+// entropy bonus): −p·(z − lse + H)·scale·ent_scale[r]·inv_t.
 //
 // The kernel is bound by DRAM: one pass for the statistics (online max and rescaled sum), one
 // for the gradient, whose reads of the row hit L2 or, in `cross_entropy_cached`, shared memory. Where V is a multiple of 4 (every
@@ -517,9 +519,18 @@ __device__ __forceinline__ float ce_grad(float z, float m, float inv, bool is_ta
     return (__expf(z - m) * inv - (is_target ? 1.f : 0.f)) * scale;
 }
 
+// ce_grad plus the entropy's term: `ls_h` = log s − H (so z − lse + H = (z − m) − ls_h).
+__device__ __forceinline__ float ce_ent_grad(float z, float m, float inv, bool is_target, float scale, float ec,
+                                             float ls_h) {
+    float zr = z - m;
+    float p = __expf(zr) * inv;
+    return (p - (is_target ? 1.f : 0.f)) * scale - ec * p * (zr - ls_h);
+}
+
 template <bool CACHED>
 __device__ void cross_entropy_row(const float* logits, const int* target, float* nll, bf16* grad, int V, float scale,
-                                  const float* row_scale, float inv_t, float* entropy, float* cache) {
+                                  const float* row_scale, float inv_t, float* entropy, const float* ent_scale,
+                                  float* cache) {
     __shared__ float sh[32];
     long r = blockIdx.x;
     const float* x = logits + r * V;
@@ -560,7 +571,8 @@ __device__ void cross_entropy_row(const float* logits, const int* target, float*
     float lse = m + logf(s);
     int tg = target[r];
     if (threadIdx.x == 0) nll[r] = lse - x[tg] * inv_t;
-    if (entropy) {
+    float h = 0.f;
+    if (entropy || ent_scale) {
         // H = lse − Σ p·z, the sum taken relative to the max for range.
         float pz = 0.f;
         for (int k = threadIdx.x; k < n4; k += step) {
@@ -573,9 +585,29 @@ __device__ void cross_entropy_row(const float* logits, const int* target, float*
             pz += __expf(z) * z;
         }
         pz = block_sum(pz, sh);
-        if (threadIdx.x == 0) entropy[r] = logf(s) - pz / s;
+        h = logf(s) - pz / s;
+        if (entropy && threadIdx.x == 0) entropy[r] = h;
     }
-    if (grad) {
+    if (grad && ent_scale) {
+        // with the entropy bonus's term (the same access pattern as below)
+        float ec = scale * ent_scale[r] * inv_t;
+        if (row_scale) scale *= row_scale[r];
+        scale *= inv_t;
+        float inv = 1.f / s, ls_h = logf(s) - h;
+        bf16* g = grad + r * V;
+        uint2* g4 = reinterpret_cast<uint2*>(g);
+        for (int k = threadIdx.x; k < n4; k += step) {
+            float4 a = src4[k];
+            int e = 4 * k;
+            unsigned lo = pack_bf16(ce_ent_grad(a.x * inv_t, m, inv, e == tg, scale, ec, ls_h),
+                                    ce_ent_grad(a.y * inv_t, m, inv, e + 1 == tg, scale, ec, ls_h));
+            unsigned hi = pack_bf16(ce_ent_grad(a.z * inv_t, m, inv, e + 2 == tg, scale, ec, ls_h),
+                                    ce_ent_grad(a.w * inv_t, m, inv, e + 3 == tg, scale, ec, ls_h));
+            g4[k] = make_uint2(lo, hi);
+        }
+        for (int k = 4 * n4 + threadIdx.x; k < V; k += step)
+            g[k] = f2bf(ce_ent_grad(src[k] * inv_t, m, inv, k == tg, scale, ec, ls_h));
+    } else if (grad) {
         if (row_scale) scale *= row_scale[r];
         scale *= inv_t;
         float inv = 1.f / s;
@@ -596,17 +628,18 @@ __device__ void cross_entropy_row(const float* logits, const int* target, float*
 }
 
 extern "C" __global__ void cross_entropy(const float* logits, const int* target, float* nll, bf16* grad, int V, float scale,
-                                         const float* row_scale, float inv_t, float* entropy) {
-    cross_entropy_row<false>(logits, target, nll, grad, V, scale, row_scale, inv_t, entropy, nullptr);
+                                         const float* row_scale, float inv_t, float* entropy, const float* ent_scale) {
+    cross_entropy_row<false>(logits, target, nll, grad, V, scale, row_scale, inv_t, entropy, ent_scale, nullptr);
 }
 
 // The same with the row cached in shared memory (dynamic, V floats), so it is read from DRAM
 // once: where V·4 bytes fit in a block's shared memory (Hopper: up to 227 KB, a 49152-token
 // vocabulary; Ampere: 163 KB).
 extern "C" __global__ void cross_entropy_cached(const float* logits, const int* target, float* nll, bf16* grad, int V,
-                                                float scale, const float* row_scale, float inv_t, float* entropy) {
+                                                float scale, const float* row_scale, float inv_t, float* entropy,
+                                                const float* ent_scale) {
     EXTERN_SHARED(float, cache);
-    cross_entropy_row<true>(logits, target, nll, grad, V, scale, row_scale, inv_t, entropy, cache);
+    cross_entropy_row<true>(logits, target, nll, grad, V, scale, row_scale, inv_t, entropy, ent_scale, cache);
 }
 
 // dst[i, :] = src[idx[i], :] (bf16) and the reverse scatter of f32 rows.

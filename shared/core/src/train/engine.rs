@@ -68,7 +68,9 @@ pub trait RowsCrossEntropy {
     /// `rows[i] = (row, target)`, logits taken times `inv_temperature` (1 for plain
     /// log-likelihoods): writes row i's negative log-likelihood into `losses[i]`; with `dh`
     /// (`[rows, hidden]`), adds dL/d(hidden) of L = Σ scale(i)·nll_i into it; with
-    /// `entropies`, writes each row's entropy of the (tempered) distribution there.
+    /// `entropies`, writes each row's entropy of the (tempered) distribution there; with
+    /// `dentropy` (and `dh`), L gains Σ dentropy[i]·H_i (GRPO's entropy bonus).
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         rows: &[(usize, u32)],
@@ -77,6 +79,7 @@ pub trait RowsCrossEntropy {
         dh: Option<&mut [f32]>,
         losses: &mut [f64],
         entropies: Option<&mut [f64]>,
+        dentropy: Option<&[f32]>,
     ) -> Result<()>;
 }
 

@@ -318,6 +318,8 @@ pub struct GrpoLoss {
     /// entropy keep their policy term (1: all).
     pub top_entropy_quantile: f64,
     pub vespo: Vespo,
+    /// The entropy bonus's weight (TRL's static `entropy_coef`; 0: none).
+    pub entropy_coef: f64,
     /// DeepSeek-V3.2's off-policy sequence mask: a completion with a negative advantage whose
     /// mean log p_old − log p over its tokens exceeds this loses its policy term.
     pub off_policy_threshold: Option<f64>,
@@ -606,6 +608,7 @@ mod tests {
             sapo_temperature_neg: 1.05,
             top_entropy_quantile: 1.0,
             vespo: Vespo::default(),
+            entropy_coef: 0.0,
             off_policy_threshold: None,
         }
     }

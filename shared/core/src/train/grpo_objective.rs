@@ -129,10 +129,37 @@ impl Objective for GrpoObjective {
                 "internal: GRPO's KL needs the reference log-probs",
             ));
         }
-        let out = grpo_loss(&self.loss, &tokens, self.share);
+        let mut out = grpo_loss(&self.loss, &tokens, self.share);
+        // The entropy bonus (TRL's entropy_coef): − coef · the mean entropy of the tokens the
+        // policy term acts on, per micro-batch, / micro-batches.
+        let coef = self.loss.entropy_coef;
+        let dentropy: Option<Vec<f32>> = (coef != 0.0).then(|| {
+            let on: Vec<bool> = at
+                .iter()
+                .map(|&(k, t)| policy_mask.as_ref().is_none_or(|m| m[k][t]))
+                .collect();
+            let n = on.iter().filter(|&&o| o).count().max(1) as f64;
+            let ga = self.share.grad_accum.max(1) as f64;
+            let sum: f64 = entropy
+                .iter()
+                .zip(&on)
+                .filter(|(_, &o)| o)
+                .map(|(e, _)| e)
+                .sum();
+            out.loss -= coef * sum / n / ga;
+            let d = (-coef / (n * ga)) as f32;
+            on.iter().map(|&o| if o { d } else { 0.0 }).collect()
+        });
         if ctx.backward {
             let dlogp: Vec<f32> = at.iter().map(|&(k, t)| out.grad[k][t] as f32).collect();
-            policy_head::rows_logp_backward(ctx, state, &rows, self.temperature, &dlogp, dh)?;
+            policy_head::rows_logp_backward(
+                ctx,
+                state,
+                &rows,
+                self.temperature,
+                (&dlogp, dentropy.as_deref()),
+                dh,
+            )?;
         }
         let stats = StepStats {
             nll_sum: out.loss,

@@ -902,6 +902,9 @@ fn run_steps(o: &GrpoOptions) -> Result<GrpoSummary> {
             "truncated_fraction".into(),
             json!(ro.stopped.iter().filter(|&&s| !s).count() as f64 / n),
         );
+        if o.loss.entropy_coef != 0.0 {
+            rec.insert("entropy_coef".into(), json!(o.loss.entropy_coef));
+        }
         rec.insert("grad_norm".into(), json!(up.grad_norm));
         rec.insert("optimizer_steps".into(), json!(up.updates));
         rec.insert(

@@ -100,6 +100,24 @@ pub fn cross_entropy_rows(
     vocab: usize,
     rows: &[(usize, u32)],
     scale: &(dyn Fn(usize) -> f32 + Sync),
+    dh: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
+    losses: &mut [f64],
+) {
+    cross_entropy_rows_with_entropy(hidden, h, head, vocab, rows, scale, None, dh, dw, losses)
+}
+
+/// [`cross_entropy_rows`] whose gradient also carries Σ dentropy(i)·H_i, H_i the entropy of
+/// row i's softmax (GRPO's entropy bonus): d H / d z_j = −p_j·(z_j − lse + H) = −p_j·(z_j − E_p[z]).
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_rows_with_entropy(
+    hidden: &[f32],
+    h: usize,
+    head: Head,
+    vocab: usize,
+    rows: &[(usize, u32)],
+    scale: &(dyn Fn(usize) -> f32 + Sync),
+    dentropy: Option<&(dyn Fn(usize) -> f32 + Sync)>,
     mut dh: Option<&mut [f32]>,
     mut dw: Option<&mut [f32]>,
     losses: &mut [f64],
@@ -128,7 +146,19 @@ pub fn cross_entropy_rows(
                 let loss = (lse - row[t as usize]) as f64;
                 if grad {
                     let sc = scale(base + i);
-                    ops::exp_shifted_scaled(row, max, sc / sum);
+                    match dentropy.map(|f| f(base + i)).filter(|&e| e != 0.0) {
+                        Some(ec) => {
+                            let inv = 1.0 / sum as f64;
+                            let p = |z: f32| ((z - max) as f64).exp() * inv;
+                            let mean_z: f64 = row.iter().map(|&z| p(z) * z as f64).sum();
+                            for z in row.iter_mut() {
+                                let pj = p(*z);
+                                let dz = pj * sc as f64 - ec as f64 * pj * (*z as f64 - mean_z);
+                                *z = dz as f32;
+                            }
+                        }
+                        None => ops::exp_shifted_scaled(row, max, sc / sum),
+                    }
                     row[t as usize] -= sc;
                 }
                 loss

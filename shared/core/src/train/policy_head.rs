@@ -44,7 +44,7 @@ pub fn rows_logp(ctx: &ObjectiveCtx, rows: &Rows, temperature: f32) -> Result<Ve
             } else {
                 1.0
             };
-            ce.run(rows, inv_t, &|_| 0.0, None, &mut nll, None)?
+            ce.run(rows, inv_t, &|_| 0.0, None, &mut nll, None, None)?
         }
         None => {
             let t = tempered(ctx, temperature);
@@ -65,13 +65,14 @@ pub fn rows_logp(ctx: &ObjectiveCtx, rows: &Rows, temperature: f32) -> Result<Ve
 }
 
 /// Adds d L / d hidden into `dh` (and d L / d W_head when the head trains) for
-/// L = Σ_i dlogp[i] · log π(target_i) at `temperature`.
+/// L = Σ_i dlogp[i] · log π(target_i) (+ Σ_i dentropy[i] · H_i, the entropy of row i's
+/// distribution) at `temperature`.
 pub fn rows_logp_backward(
     ctx: &ObjectiveCtx,
     state: &mut TrainState,
     rows: &Rows,
     temperature: f32,
-    dlogp: &[f32],
+    (dlogp, dentropy): (&[f32], Option<&[f32]>),
     dh: &mut [f32],
 ) -> Result<()> {
     let m = ctx.model;
@@ -86,20 +87,23 @@ pub fn rows_logp_backward(
         } else {
             1.0
         };
-        return ce.run(rows, inv_t, &scale, Some(dh), &mut nll, None);
+        return ce.run(rows, inv_t, &scale, Some(dh), &mut nll, None, dentropy);
     }
+    let dent = dentropy.map(|d| move |i: usize| d[i]);
+    let dent: Option<&(dyn Fn(usize) -> f32 + Sync)> = dent.as_ref().map(|f| f as _);
     let dw = state.grad_mut(Slot::lm_head(m)).map(|g| &mut g[..]);
     let head = loss::Head::of(m, ctx.head_pack);
     match tempered(ctx, temperature) {
         Some(t) => {
             let mut dht = vec![0f32; dh.len()];
-            loss::cross_entropy_rows(
+            loss::cross_entropy_rows_with_entropy(
                 &t,
                 h,
                 head,
                 m.config.vocab,
                 rows,
                 &scale,
+                dent,
                 Some(&mut dht),
                 dw,
                 &mut nll,
@@ -107,13 +111,14 @@ pub fn rows_logp_backward(
             let inv_t = inv_temperature(temperature);
             dh.iter_mut().zip(&dht).for_each(|(d, g)| *d += g * inv_t);
         }
-        None => loss::cross_entropy_rows(
+        None => loss::cross_entropy_rows_with_entropy(
             ctx.hidden,
             h,
             head,
             m.config.vocab,
             rows,
             &scale,
+            dent,
             Some(dh),
             dw,
             &mut nll,
@@ -137,7 +142,7 @@ pub fn rows_logp_entropy(
             let mut nll = vec![0f64; rows.len()];
             let mut ent = vec![0f64; rows.len()];
             let want = want_entropy.then_some(&mut ent[..]);
-            ce.run(rows, inv_t as f32, &|_| 0.0, None, &mut nll, want)?;
+            ce.run(rows, inv_t as f32, &|_| 0.0, None, &mut nll, want, None)?;
             (nll.iter().map(|l| -l).collect(), ent)
         }
         None => tempered_logp_entropy(ctx, rows, inv_t, want_entropy),

@@ -167,7 +167,14 @@ impl Objective for PpoObjective {
         if ctx.backward && !self.skipped {
             let scale = self.loss_scale;
             let dlogp: Vec<f32> = pg.grad.iter().map(|g| *g as f32 * scale).collect();
-            policy_head::rows_logp_backward(ctx, state, &rows, self.temperature, &dlogp, dh)?;
+            policy_head::rows_logp_backward(
+                ctx,
+                state,
+                &rows,
+                self.temperature,
+                (&dlogp, None),
+                dh,
+            )?;
             let mut gw = vec![0f32; h];
             let mut gb = 0f32;
             for (&(r, _), &g) in rows.iter().zip(&vf.grad) {

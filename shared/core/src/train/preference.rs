@@ -204,7 +204,7 @@ fn sequence_logprobs(
     };
     match ctx.rows_ce {
         // On a device (the GPU engine, which never trains the head).
-        Some(ce) => ce.run(&pairs, 1.0, &scale, dh, &mut nll, None)?,
+        Some(ce) => ce.run(&pairs, 1.0, &scale, dh, &mut nll, None, None)?,
         None => loss::cross_entropy_rows(
             ctx.hidden,
             c.hidden,

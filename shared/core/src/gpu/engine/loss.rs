@@ -20,6 +20,7 @@ impl RowsCrossEntropy for GpuRowsCe<'_> {
         dh: Option<&mut [f32]>,
         losses: &mut [f64],
         entropies: Option<&mut [f64]>,
+        dentropy: Option<&[f32]>,
     ) -> Result<()> {
         let e = self.engine;
         let d = e.model.hidden;
@@ -37,6 +38,7 @@ impl RowsCrossEntropy for GpuRowsCe<'_> {
             row_scale: Some(&scales),
             inv_t: inv_temperature,
             entropy: entropies.is_some(),
+            ent_scale: dentropy,
         };
         let (nll, ent) = e.rows_cross_entropy(self.nf, &ce, dnf.as_ref())?;
         for (l, v) in losses.iter_mut().zip(nll) {
@@ -117,6 +119,7 @@ impl GpuEngine {
             row_scale,
             inv_t,
             entropy,
+            ent_scale,
         } = *ce;
         let n = idx.len();
         if n == 0 {
@@ -127,6 +130,7 @@ impl GpuEngine {
         let gidx = gpu.upload(idx)?;
         let gtgt = gpu.upload(tgt)?;
         let gscale = row_scale.map(|r| gpu.upload(r)).transpose()?;
+        let gent = ent_scale.map(|r| gpu.upload(r)).transpose()?;
         let hb = gpu.uninit_bf16(chunk * d)?;
         let logits = gpu.uninit_f32(chunk * vocab)?;
         let grad = gpu.uninit_bf16(if dnf.is_some() { chunk * vocab } else { 1 })?;
@@ -152,6 +156,7 @@ impl GpuEngine {
                     Arg::P(gscale.as_ref().map_or(0, |g| g.at(c0, 4))),
                     Arg::F(inv_t),
                     Arg::P(if entropy { ent.at(c0, 4) } else { 0 }),
+                    Arg::P(gent.as_ref().map_or(0, |g| g.at(c0, 4))),
                 ],
             )?;
             if let Some(dnf) = dnf {
@@ -197,6 +202,8 @@ pub(super) struct RowsCe<'a> {
     pub(super) row_scale: Option<&'a [f32]>,
     pub(super) inv_t: f32,
     pub(super) entropy: bool,
+    /// d L / d H per row: the gradient carries the entropies' too (GRPO's entropy bonus).
+    pub(super) ent_scale: Option<&'a [f32]>,
 }
 
 impl<'a> RowsCe<'a> {
@@ -209,6 +216,7 @@ impl<'a> RowsCe<'a> {
             row_scale: None,
             inv_t: 1.0,
             entropy: false,
+            ent_scale: None,
         }
     }
 }
